@@ -1,1 +1,329 @@
-//! placeholder
+//! Guest RAM for x86_64 KVM virtual machines.
+//!
+//! This crate does three things and nothing else:
+//!
+//! * [`MemoryLayout`] splits a guest's RAM around the 32-bit MMIO gap: RAM below
+//!   [`MMIO_GAP_START`] (3 GiB), the rest above 4 GiB. Pure arithmetic, no KVM.
+//! * [`create_guest_memory`] maps that layout as a vm-memory [`GuestMemoryMmap`], anonymous and
+//!   `MAP_NORESERVE` (host pages are only taken when the guest touches them), optionally backed
+//!   by huge pages.
+//! * [`register_memory_slots`] (feature `kvm`, on by default) hands the regions to KVM as
+//!   memory slots.
+//!
+//! ```
+//! use vm_memory::{Bytes, GuestAddress};
+//! use vmkit_memory::{create_guest_memory, MemoryConfig, MemoryLayout, MMIO_GAP_END};
+//!
+//! // 4 GiB of RAM: 3 GiB below the MMIO gap, 1 GiB above 4 GiB.
+//! let layout = MemoryLayout::new(4 << 30).unwrap();
+//! assert_eq!(layout.regions().len(), 2);
+//! assert_eq!(layout.regions()[1].0, GuestAddress(MMIO_GAP_END));
+//!
+//! let mem = create_guest_memory(&MemoryConfig::new(64 << 20)).unwrap();
+//! mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+//! assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+//! ```
+#![deny(missing_docs)]
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+#[cfg(feature = "kvm")]
+mod kvm;
+#[cfg(feature = "kvm")]
+pub use kvm::{register_memory_slots, MemorySlots};
+
+/// Start of the 32-bit MMIO gap: no RAM between here and [`MMIO_GAP_END`].
+pub const MMIO_GAP_START: u64 = 0xC000_0000;
+/// End (exclusive) of the 32-bit MMIO gap: 4 GiB, where high RAM starts.
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// Size of a guest page; RAM sizes are multiples of it.
+pub const PAGE_SIZE: u64 = 4096;
+/// The smallest guest this crate lays out: 1 MiB (real mode memory and nothing else).
+pub const MIN_MEMORY: u64 = 1 << 20;
+/// The largest guest RAM: 1 TiB above 4 GiB keeps every address under 41 bits, within the
+/// physical address width of any x86_64 host KVM runs on.
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The requested size is below [`MIN_MEMORY`].
+    #[error("guest memory of {0} bytes is too small: at least {MIN_MEMORY} bytes (1 MiB) are needed")]
+    TooSmall(u64),
+    /// The requested size is above [`MAX_MEMORY`].
+    #[error("guest memory of {0} bytes is too large: at most {MAX_MEMORY} bytes (1 TiB)")]
+    TooLarge(u64),
+    /// The requested size is not a multiple of [`PAGE_SIZE`].
+    #[error("guest memory of {0} bytes is not a multiple of the 4 KiB page size")]
+    Unaligned(u64),
+    /// The size does not fit in the host's address space (`usize`).
+    #[error("guest memory of {0} bytes does not fit in this host's address space")]
+    HostAddressSpace(u64),
+    /// Huge-page backing was asked for with a size that is not a multiple of the huge page.
+    #[error("guest memory region of {size} bytes is not a multiple of the {huge_page} byte huge page")]
+    HugePageUnaligned {
+        /// The region's size.
+        size: u64,
+        /// The huge page size.
+        huge_page: u64,
+    },
+    /// mmap of a region failed (for huge pages: usually too few reserved huge pages).
+    #[error("cannot map {size} bytes of guest memory at {addr:#x}: {source}")]
+    Mmap {
+        /// Guest physical address of the region.
+        addr: u64,
+        /// Size of the region.
+        size: u64,
+        /// What vm-memory reported.
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    /// vm-memory rejected the set of regions.
+    #[error("cannot build guest memory: {0}")]
+    Regions(#[from] vm_memory::GuestRegionCollectionError),
+    /// KVM refused a memory slot.
+    #[cfg(feature = "kvm")]
+    #[error("KVM refused memory slot {slot} at {addr:#x} ({size} bytes): {source}")]
+    SetMemoryRegion {
+        /// Slot number.
+        slot: u32,
+        /// Guest physical address.
+        addr: u64,
+        /// Size in bytes.
+        size: u64,
+        /// The ioctl's error.
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// Result of this crate's functions.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Where a guest's RAM goes in guest physical address space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryLayout {
+    regions: Vec<(GuestAddress, u64)>,
+}
+
+impl MemoryLayout {
+    /// Lays out `size` bytes of RAM: up to [`MMIO_GAP_START`] from address 0, the rest from
+    /// [`MMIO_GAP_END`].
+    pub fn new(size: u64) -> Result<Self> {
+        if size < MIN_MEMORY {
+            return Err(Error::TooSmall(size));
+        }
+        if size > MAX_MEMORY {
+            return Err(Error::TooLarge(size));
+        }
+        if size % PAGE_SIZE != 0 {
+            return Err(Error::Unaligned(size));
+        }
+        if usize::try_from(size).is_err() {
+            return Err(Error::HostAddressSpace(size));
+        }
+        let low = size.min(MMIO_GAP_START);
+        let mut regions = vec![(GuestAddress(0), low)];
+        let high = size - low;
+        if high > 0 {
+            regions.push((GuestAddress(MMIO_GAP_END), high));
+        }
+        Ok(Self { regions })
+    }
+
+    /// The RAM regions as (start, size), in ascending order.
+    pub fn regions(&self) -> &[(GuestAddress, u64)] {
+        &self.regions
+    }
+
+    /// Total RAM in bytes.
+    pub fn size(&self) -> u64 {
+        self.regions.iter().map(|r| r.1).sum()
+    }
+
+    /// The end (exclusive) of RAM below the MMIO gap.
+    pub fn low_ram_end(&self) -> GuestAddress {
+        // `new` always creates the low region first.
+        GuestAddress(self.regions[0].1)
+    }
+
+    /// The end (exclusive) of the highest RAM region.
+    pub fn end(&self) -> GuestAddress {
+        let (start, size) = self.regions[self.regions.len() - 1];
+        GuestAddress(start.0 + size)
+    }
+}
+
+/// Host pages backing guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Ordinary anonymous memory (transparent huge pages may still apply).
+    #[default]
+    Anonymous,
+    /// Anonymous memory from the host's hugetlb pool (`MAP_HUGETLB`, 2 MiB pages). The pool
+    /// must hold enough pages (`/proc/sys/vm/nr_hugepages`).
+    HugePages,
+}
+
+/// How to create guest memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// RAM size in bytes.
+    pub size: u64,
+    /// What backs it.
+    pub backing: Backing,
+}
+
+impl MemoryConfig {
+    /// `size` bytes of anonymous memory.
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            backing: Backing::Anonymous,
+        }
+    }
+}
+
+/// Size of the huge pages used by [`Backing::HugePages`].
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// Maps guest RAM as laid out by [`MemoryLayout::new`].
+pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
+    let layout = MemoryLayout::new(config.size)?;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if config.backing == Backing::HugePages {
+        // No MAP_NORESERVE here: with it, mmap succeeds on an empty hugetlb pool and the first
+        // guest touch dies of SIGBUS. Without it, a short pool is an mmap error up front.
+        flags |= libc::MAP_HUGETLB;
+        for &(_, size) in layout.regions() {
+            if size % HUGE_PAGE_SIZE != 0 {
+                return Err(Error::HugePageUnaligned {
+                    size,
+                    huge_page: HUGE_PAGE_SIZE,
+                });
+            }
+        }
+    } else {
+        flags |= libc::MAP_NORESERVE;
+    }
+    let mut regions = Vec::with_capacity(layout.regions().len());
+    for &(addr, size) in layout.regions() {
+        // `MemoryLayout::new` checked that the total fits in usize.
+        let len = size as usize;
+        let mapping = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(config.backing == Backing::HugePages)
+            .build()
+            .map_err(|source| Error::Mmap {
+                addr: addr.0,
+                size,
+                source,
+            })?;
+        // The layout's regions never wrap around the address space.
+        let region = GuestRegionMmap::new(mapping, addr).ok_or(Error::TooLarge(size))?;
+        regions.push(region);
+    }
+    Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn small_guest_is_one_low_region() {
+        let l = MemoryLayout::new(128 << 20).unwrap();
+        assert_eq!(l.regions(), &[(GuestAddress(0), 128 << 20)]);
+        assert_eq!(l.low_ram_end(), GuestAddress(128 << 20));
+        assert_eq!(l.end(), GuestAddress(128 << 20));
+        assert_eq!(l.size(), 128 << 20);
+    }
+
+    #[test]
+    fn exactly_gap_start_has_no_high_region() {
+        let l = MemoryLayout::new(MMIO_GAP_START).unwrap();
+        assert_eq!(l.regions().len(), 1);
+        assert_eq!(l.low_ram_end(), GuestAddress(MMIO_GAP_START));
+    }
+
+    #[test]
+    fn large_guest_skips_the_gap() {
+        let l = MemoryLayout::new(MMIO_GAP_START + PAGE_SIZE).unwrap();
+        assert_eq!(
+            l.regions(),
+            &[
+                (GuestAddress(0), MMIO_GAP_START),
+                (GuestAddress(MMIO_GAP_END), PAGE_SIZE)
+            ]
+        );
+        assert_eq!(l.end(), GuestAddress(MMIO_GAP_END + PAGE_SIZE));
+        assert_eq!(l.size(), MMIO_GAP_START + PAGE_SIZE);
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        assert!(matches!(MemoryLayout::new(0), Err(Error::TooSmall(0))));
+        assert!(matches!(MemoryLayout::new(MIN_MEMORY - PAGE_SIZE), Err(Error::TooSmall(_))));
+        assert!(matches!(MemoryLayout::new((64 << 20) + 1), Err(Error::Unaligned(_))));
+        assert!(matches!(MemoryLayout::new(MAX_MEMORY + PAGE_SIZE), Err(Error::TooLarge(_))));
+        assert!(matches!(MemoryLayout::new(u64::MAX), Err(Error::TooLarge(_))));
+        // The error text names the problem.
+        let e = MemoryLayout::new(100).unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+    }
+
+    #[test]
+    fn memory_matches_layout_and_is_usable() {
+        let mem = create_guest_memory(&MemoryConfig::new(16 << 20)).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        let r = mem.iter().next().unwrap();
+        assert_eq!(r.start_addr(), GuestAddress(0));
+        assert_eq!(r.len(), 16 << 20);
+        let last = GuestAddress((16 << 20) - 8);
+        mem.write_obj(0x1122_3344_5566_7788u64, last).unwrap();
+        assert_eq!(mem.read_obj::<u64>(last).unwrap(), 0x1122_3344_5566_7788);
+        // One byte past the end is not guest memory.
+        assert!(mem.write_obj(0u8, GuestAddress(16 << 20)).is_err());
+    }
+
+    #[test]
+    fn memory_above_the_gap_is_mapped_there() {
+        // 3 GiB + 2 MiB: MAP_NORESERVE means this costs no host RAM until touched.
+        let mem = create_guest_memory(&MemoryConfig::new(MMIO_GAP_START + (2 << 20))).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        assert!(mem.write_obj(1u8, GuestAddress(MMIO_GAP_START)).is_err());
+        mem.write_obj(7u8, GuestAddress(MMIO_GAP_END)).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(MMIO_GAP_END)).unwrap(), 7);
+    }
+
+    #[test]
+    fn huge_pages_need_aligned_regions() {
+        let cfg = MemoryConfig {
+            size: (2 << 20) + PAGE_SIZE,
+            backing: Backing::HugePages,
+        };
+        assert!(matches!(
+            create_guest_memory(&cfg),
+            Err(Error::HugePageUnaligned { .. })
+        ));
+    }
+
+    #[test]
+    fn huge_pages_map_or_fail_cleanly() {
+        // Whether the host has a hugetlb pool is the host's business; either outcome must be
+        // a mapped region or a clear Mmap error, never a panic.
+        let cfg = MemoryConfig {
+            size: 4 << 20,
+            backing: Backing::HugePages,
+        };
+        match create_guest_memory(&cfg) {
+            Ok(mem) => {
+                mem.write_obj(5u8, GuestAddress(0)).unwrap();
+                assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 5);
+            }
+            Err(Error::Mmap { size, .. }) => assert_eq!(size, 4 << 20),
+            Err(e) => panic!("unexpected error {e}"),
+        }
+    }
+}
