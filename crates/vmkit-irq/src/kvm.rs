@@ -1,0 +1,288 @@
+//! The in-kernel interrupt controllers of KVM (x86_64): PIC, IOAPIC, PIT, GSI routing, irqfd.
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_pit_config, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    KVM_MAX_IRQ_ROUTES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::VmFd;
+
+use crate::{EventFdLine, IOAPIC_PINS};
+
+/// Errors of the KVM side of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `KVM_CREATE_IRQCHIP` failed (it must come before the first vCPU is created).
+    #[error("cannot create the in-kernel irqchip (create it before any vCPU): {0}")]
+    CreateIrqchip(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_PIT2` failed.
+    #[error("cannot create the in-kernel PIT: {0}")]
+    CreatePit(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_GSI_ROUTING` failed.
+    #[error("cannot set the GSI routing table: {0}")]
+    SetRouting(#[source] kvm_ioctls::Error),
+    /// More routes than KVM accepts.
+    #[error("too many GSI routes: {0} (KVM takes at most {KVM_MAX_IRQ_ROUTES})")]
+    TooManyRoutes(usize),
+    /// A GSI already has a route of another kind.
+    #[error("GSI {0} is already routed")]
+    GsiInUse(u32),
+    /// `KVM_IRQFD` failed.
+    #[error("cannot register an irqfd for GSI {gsi}: {source}")]
+    Irqfd {
+        /// The GSI.
+        gsi: u32,
+        /// The ioctl's error.
+        source: kvm_ioctls::Error,
+    },
+    /// Creating an eventfd failed.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Result of the KVM functions.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// What to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IrqchipConfig {
+    /// Create the in-kernel i8254 PIT (ports 0x40–0x43, GSI 0). Guests calibrate clocks on it.
+    pub pit: bool,
+}
+
+impl Default for IrqchipConfig {
+    fn default() -> Self {
+        Self { pit: true }
+    }
+}
+
+/// The in-kernel PIC + IOAPIC (+ PIT) of a VM, with the PC's legacy GSI routing.
+#[derive(Debug)]
+pub struct Irqchip {
+    routing: GsiRouting,
+}
+
+impl Irqchip {
+    /// Creates the irqchip (and the PIT) in `vm` and installs the legacy routing table.
+    ///
+    /// Call before creating vCPUs: KVM attaches each vCPU's LAPIC to the irqchip at creation.
+    pub fn new(vm: &VmFd, config: IrqchipConfig) -> Result<Self> {
+        vm.create_irq_chip().map_err(Error::CreateIrqchip)?;
+        if config.pit {
+            let pit = kvm_pit_config {
+                // The speaker port (0x61) is emulated as a dummy in the kernel.
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm.create_pit2(pit).map_err(Error::CreatePit)?;
+        }
+        let routing = GsiRouting::legacy();
+        routing.apply(vm)?;
+        Ok(Self { routing })
+    }
+
+    /// The routing table as installed.
+    pub fn routing(&self) -> &GsiRouting {
+        &self.routing
+    }
+
+    /// Adds an MSI route for `gsi` and installs the updated table.
+    pub fn set_msi_route(&mut self, vm: &VmFd, gsi: u32, msi: MsiMessage) -> Result<()> {
+        self.routing.set_msi(gsi, msi)?;
+        self.routing.apply(vm)
+    }
+
+    /// Creates an interrupt line for `gsi`: an eventfd registered as a KVM irqfd, so a device
+    /// raising it injects the interrupt in the kernel without a VMM exit.
+    pub fn line(&self, vm: &VmFd, gsi: u32) -> Result<EventFdLine> {
+        let line = EventFdLine::new().map_err(Error::EventFd)?;
+        vm.register_irqfd(line.eventfd(), gsi)
+            .map_err(|source| Error::Irqfd { gsi, source })?;
+        Ok(line)
+    }
+}
+
+/// An MSI message: what a device writes, where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiMessage {
+    /// The 64-bit message address.
+    pub address: u64,
+    /// The message data.
+    pub data: u32,
+}
+
+/// A GSI routing table (`KVM_SET_GSI_ROUTING`), kept in the VMM because KVM only takes whole
+/// tables.
+#[derive(Debug, Clone)]
+pub struct GsiRouting {
+    entries: Vec<kvm_irq_routing_entry>,
+}
+
+fn irqchip_entry(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip.irqchip = chip;
+    e.u.irqchip.pin = pin;
+    e
+}
+
+impl GsiRouting {
+    /// The PC's legacy table: GSIs 0–15 to the two PICs (but GSI 2, the cascade) and GSIs
+    /// 0–23 to the IOAPIC, with GSI 0 (the PIT) on IOAPIC pin 2 — the wiring a MADT interrupt
+    /// source override "ISA IRQ 0 → GSI 2" describes, as on real PCs and in QEMU.
+    pub fn legacy() -> Self {
+        let mut entries = Vec::with_capacity(40);
+        for gsi in 0..16u32 {
+            if gsi == 2 {
+                continue;
+            }
+            let chip = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            entries.push(irqchip_entry(gsi, chip, gsi % 8));
+        }
+        for gsi in 0..IOAPIC_PINS {
+            match gsi {
+                0 => entries.push(irqchip_entry(0, KVM_IRQCHIP_IOAPIC, 2)),
+                2 => {}
+                _ => entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
+            }
+        }
+        Self { entries }
+    }
+
+    /// Routes `gsi` to an MSI message, replacing an earlier MSI route for it. A GSI routed to
+    /// an irqchip pin cannot become an MSI.
+    pub fn set_msi(&mut self, gsi: u32, msi: MsiMessage) -> Result<()> {
+        if self
+            .entries
+            .iter()
+            .any(|e| e.gsi == gsi && e.type_ != KVM_IRQ_ROUTING_MSI)
+        {
+            return Err(Error::GsiInUse(gsi));
+        }
+        self.entries.retain(|e| e.gsi != gsi);
+        if self.entries.len() >= KVM_MAX_IRQ_ROUTES {
+            return Err(Error::TooManyRoutes(self.entries.len() + 1));
+        }
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_MSI,
+            ..Default::default()
+        };
+        e.u.msi.address_lo = msi.address as u32;
+        e.u.msi.address_hi = (msi.address >> 32) as u32;
+        e.u.msi.data = msi.data;
+        self.entries.push(e);
+        Ok(())
+    }
+
+    /// Removes the MSI route of `gsi`, if any.
+    pub fn remove_msi(&mut self, gsi: u32) {
+        self.entries
+            .retain(|e| !(e.gsi == gsi && e.type_ == KVM_IRQ_ROUTING_MSI));
+    }
+
+    /// The (irqchip, pin) routes of `gsi`.
+    pub fn irqchip_pins(&self, gsi: u32) -> Vec<(u32, u32)> {
+        self.entries
+            .iter()
+            .filter(|e| e.gsi == gsi && e.type_ == KVM_IRQ_ROUTING_IRQCHIP)
+            // SAFETY: entries of type KVM_IRQ_ROUTING_IRQCHIP are only ever built by
+            // `irqchip_entry`, which initialises the `irqchip` member of the union.
+            .map(|e| unsafe { (e.u.irqchip.irqchip, e.u.irqchip.pin) })
+            .collect()
+    }
+
+    /// The MSI message of `gsi`, if it has one.
+    pub fn msi(&self, gsi: u32) -> Option<MsiMessage> {
+        self.entries
+            .iter()
+            .find(|e| e.gsi == gsi && e.type_ == KVM_IRQ_ROUTING_MSI)
+            // SAFETY: entries of type KVM_IRQ_ROUTING_MSI are only ever built by `set_msi`,
+            // which initialises the `msi` member of the union.
+            .map(|e| unsafe {
+                MsiMessage {
+                    address: u64::from(e.u.msi.address_lo) | (u64::from(e.u.msi.address_hi) << 32),
+                    data: e.u.msi.data,
+                }
+            })
+    }
+
+    /// Number of routes.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Installs the table in `vm`.
+    pub fn apply(&self, vm: &VmFd) -> Result<()> {
+        let table = KvmIrqRouting::from_entries(&self.entries)
+            .map_err(|_| Error::TooManyRoutes(self.entries.len()))?;
+        vm.set_gsi_routing(&table).map_err(Error::SetRouting)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_table_wires_the_pit_to_pin_2() {
+        let r = GsiRouting::legacy();
+        assert_eq!(r.irqchip_pins(0), vec![(KVM_IRQCHIP_PIC_MASTER, 0), (KVM_IRQCHIP_IOAPIC, 2)]);
+        assert!(r.irqchip_pins(2).is_empty());
+        assert_eq!(r.irqchip_pins(4), vec![(KVM_IRQCHIP_PIC_MASTER, 4), (KVM_IRQCHIP_IOAPIC, 4)]);
+        assert_eq!(r.irqchip_pins(9), vec![(KVM_IRQCHIP_PIC_SLAVE, 1), (KVM_IRQCHIP_IOAPIC, 9)]);
+        assert_eq!(r.irqchip_pins(23), vec![(KVM_IRQCHIP_IOAPIC, 23)]);
+        assert!(r.irqchip_pins(24).is_empty());
+        // 15 PIC routes + 23 IOAPIC routes.
+        assert_eq!(r.len(), 38);
+    }
+
+    #[test]
+    fn msi_routes_replace_but_never_steal_pins() {
+        let mut r = GsiRouting::legacy();
+        let m1 = MsiMessage { address: 0xfee0_0000, data: 0x4041 };
+        let m2 = MsiMessage { address: 0x1_fee0_1000, data: 0x22 };
+        assert!(matches!(r.set_msi(4, m1), Err(Error::GsiInUse(4))));
+        r.set_msi(24, m1).unwrap();
+        r.set_msi(24, m2).unwrap();
+        assert_eq!(r.msi(24), Some(m2));
+        assert_eq!(r.len(), 39);
+        r.remove_msi(24);
+        assert_eq!(r.msi(24), None);
+        assert_eq!(r.len(), 38);
+    }
+
+    fn vm() -> Option<VmFd> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("no /dev/kvm: KVM part not exercised");
+            return None;
+        }
+        let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm exists but cannot be opened");
+        Some(kvm.create_vm().expect("KVM_CREATE_VM"))
+    }
+
+    #[test]
+    fn irqchip_routes_and_irqfd_on_kvm() {
+        let Some(vm) = vm() else { return };
+        let mut chip = Irqchip::new(&vm, IrqchipConfig::default()).unwrap();
+        chip.set_msi_route(&vm, 30, MsiMessage { address: 0xfee0_0000, data: 0x30 })
+            .unwrap();
+        let line = chip.line(&vm, 4).unwrap();
+        crate::InterruptLine::trigger(&line).unwrap();
+        // A second irqchip in the same VM is refused with a clear error.
+        let e = Irqchip::new(&vm, IrqchipConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("irqchip"), "{e}");
+    }
+}
