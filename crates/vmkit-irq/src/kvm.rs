@@ -239,10 +239,19 @@ mod tests {
     #[test]
     fn legacy_table_wires_the_pit_to_pin_2() {
         let r = GsiRouting::legacy();
-        assert_eq!(r.irqchip_pins(0), vec![(KVM_IRQCHIP_PIC_MASTER, 0), (KVM_IRQCHIP_IOAPIC, 2)]);
+        assert_eq!(
+            r.irqchip_pins(0),
+            vec![(KVM_IRQCHIP_PIC_MASTER, 0), (KVM_IRQCHIP_IOAPIC, 2)]
+        );
         assert!(r.irqchip_pins(2).is_empty());
-        assert_eq!(r.irqchip_pins(4), vec![(KVM_IRQCHIP_PIC_MASTER, 4), (KVM_IRQCHIP_IOAPIC, 4)]);
-        assert_eq!(r.irqchip_pins(9), vec![(KVM_IRQCHIP_PIC_SLAVE, 1), (KVM_IRQCHIP_IOAPIC, 9)]);
+        assert_eq!(
+            r.irqchip_pins(4),
+            vec![(KVM_IRQCHIP_PIC_MASTER, 4), (KVM_IRQCHIP_IOAPIC, 4)]
+        );
+        assert_eq!(
+            r.irqchip_pins(9),
+            vec![(KVM_IRQCHIP_PIC_SLAVE, 1), (KVM_IRQCHIP_IOAPIC, 9)]
+        );
         assert_eq!(r.irqchip_pins(23), vec![(KVM_IRQCHIP_IOAPIC, 23)]);
         assert!(r.irqchip_pins(24).is_empty());
         // 15 PIC routes + 23 IOAPIC routes.
@@ -252,8 +261,14 @@ mod tests {
     #[test]
     fn msi_routes_replace_but_never_steal_pins() {
         let mut r = GsiRouting::legacy();
-        let m1 = MsiMessage { address: 0xfee0_0000, data: 0x4041 };
-        let m2 = MsiMessage { address: 0x1_fee0_1000, data: 0x22 };
+        let m1 = MsiMessage {
+            address: 0xfee0_0000,
+            data: 0x4041,
+        };
+        let m2 = MsiMessage {
+            address: 0x1_fee0_1000,
+            data: 0x22,
+        };
         assert!(matches!(r.set_msi(4, m1), Err(Error::GsiInUse(4))));
         r.set_msi(24, m1).unwrap();
         r.set_msi(24, m2).unwrap();
@@ -277,8 +292,15 @@ mod tests {
     fn irqchip_routes_and_irqfd_on_kvm() {
         let Some(vm) = vm() else { return };
         let mut chip = Irqchip::new(&vm, IrqchipConfig::default()).unwrap();
-        chip.set_msi_route(&vm, 30, MsiMessage { address: 0xfee0_0000, data: 0x30 })
-            .unwrap();
+        chip.set_msi_route(
+            &vm,
+            30,
+            MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x30,
+            },
+        )
+        .unwrap();
         let line = chip.line(&vm, 4).unwrap();
         crate::InterruptLine::trigger(&line).unwrap();
         // A second irqchip in the same VM is refused with a clear error.

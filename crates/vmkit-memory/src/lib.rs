@@ -49,7 +49,9 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The requested size is below [`MIN_MEMORY`].
-    #[error("guest memory of {0} bytes is too small: at least {MIN_MEMORY} bytes (1 MiB) are needed")]
+    #[error(
+        "guest memory of {0} bytes is too small: at least {MIN_MEMORY} bytes (1 MiB) are needed"
+    )]
     TooSmall(u64),
     /// The requested size is above [`MAX_MEMORY`].
     #[error("guest memory of {0} bytes is too large: at most {MAX_MEMORY} bytes (1 TiB)")]
@@ -61,7 +63,9 @@ pub enum Error {
     #[error("guest memory of {0} bytes does not fit in this host's address space")]
     HostAddressSpace(u64),
     /// Huge-page backing was asked for with a size that is not a multiple of the huge page.
-    #[error("guest memory region of {size} bytes is not a multiple of the {huge_page} byte huge page")]
+    #[error(
+        "guest memory region of {size} bytes is not a multiple of the {huge_page} byte huge page"
+    )]
     HugePageUnaligned {
         /// The region's size.
         size: u64,
@@ -264,10 +268,22 @@ mod tests {
     #[test]
     fn bad_sizes_are_errors() {
         assert!(matches!(MemoryLayout::new(0), Err(Error::TooSmall(0))));
-        assert!(matches!(MemoryLayout::new(MIN_MEMORY - PAGE_SIZE), Err(Error::TooSmall(_))));
-        assert!(matches!(MemoryLayout::new((64 << 20) + 1), Err(Error::Unaligned(_))));
-        assert!(matches!(MemoryLayout::new(MAX_MEMORY + PAGE_SIZE), Err(Error::TooLarge(_))));
-        assert!(matches!(MemoryLayout::new(u64::MAX), Err(Error::TooLarge(_))));
+        assert!(matches!(
+            MemoryLayout::new(MIN_MEMORY - PAGE_SIZE),
+            Err(Error::TooSmall(_))
+        ));
+        assert!(matches!(
+            MemoryLayout::new((64 << 20) + 1),
+            Err(Error::Unaligned(_))
+        ));
+        assert!(matches!(
+            MemoryLayout::new(MAX_MEMORY + PAGE_SIZE),
+            Err(Error::TooLarge(_))
+        ));
+        assert!(matches!(
+            MemoryLayout::new(u64::MAX),
+            Err(Error::TooLarge(_))
+        ));
         // The error text names the problem.
         let e = MemoryLayout::new(100).unwrap_err().to_string();
         assert!(e.contains("too small"), "{e}");

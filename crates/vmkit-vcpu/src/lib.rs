@@ -1,1 +1,136 @@
-//! placeholder
+//! x86_64 vCPUs for KVM virtual machines: setup and a run loop that can be stopped.
+//!
+//! * [`CpuidTemplate`]: KVM's supported CPUID, specialised per vCPU with a coherent topology
+//!   (APIC ID = vCPU index, one package of N cores, leaves 1, 4, 0xB/0x1F) and caller
+//!   [`CpuidMask`]s to hide features.
+//! * [`setup_entry`] with an [`EntryState`]: 64-bit long mode for Linux bzImage/ELF (GDT,
+//!   identity page tables, `rsi` = zero page) or 32-bit protected mode for PVH (`ebx` =
+//!   `hvm_start_info`); [`setup_msrs`], [`setup_fpu`], [`setup_lint`] (LINT0 ExtINT, LINT1 NMI).
+//! * [`Vcpu::run`]: dispatches port and MMIO exits to a [`VcpuExitHandler`] (the VMM's buses;
+//!   this crate knows no bus), returns a [`VcpuStop`] on reset, power-off or stop, and counts
+//!   exits in [`VcpuStats`].
+//! * Stopping without races: [`VcpuControl::stop`] then [`kick`]: the kick signal makes an
+//!   ongoing `KVM_RUN` return, and sets `immediate_exit` so one about to start returns at once.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use kvm_ioctls::Kvm;
+//! use vm_memory::GuestAddress;
+//! use vmkit_vcpu::{
+//!     install_kick_handler, setup_entry, CpuidConfig, CpuidTemplate, EntryState, Vcpu,
+//!     VcpuControl, VcpuExitHandler,
+//! };
+//!
+//! struct NoDevices;
+//! impl VcpuExitHandler for NoDevices {
+//!     fn pio_read(&self, _: u16, data: &mut [u8]) { data.fill(0xff) }
+//!     fn pio_write(&self, _: u16, _: &[u8]) {}
+//!     fn mmio_read(&self, _: u64, data: &mut [u8]) { data.fill(0xff) }
+//!     fn mmio_write(&self, _: u64, _: &[u8]) {}
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+//! let kvm = Kvm::new()?;
+//! let vm = kvm.create_vm()?;
+//! // ... memory slots, irqchip, kernel ...
+//! let template = CpuidTemplate::from_kvm(&kvm)?;
+//! let cfg = CpuidConfig { num_cpus: 1, masks: vec![] };
+//! let mut vcpu = Vcpu::new(vm.create_vcpu(0)?, 0);
+//! vcpu.fd().set_cpuid2(&template.for_vcpu(0, &cfg)?)?;
+//! setup_entry(vcpu.fd(), &mem, EntryState::Pvh {
+//!     entry: GuestAddress(0x10_0000),
+//!     start_info: GuestAddress(0x6000),
+//! })?;
+//! install_kick_handler()?;
+//! let control = VcpuControl::new();
+//! let stop = vcpu.run(&NoDevices, &control)?;
+//! # Ok(()) }
+//! ```
+#![deny(missing_docs)]
+
+mod boot;
+mod cpuid;
+mod run;
+
+pub use boot::{
+    setup_entry, setup_fpu, setup_lint, setup_msrs, EntryState, BOOT_STACK, GDT_ADDR, IDT_ADDR,
+    PML4_ADDR,
+};
+pub use cpuid::{CpuidConfig, CpuidMask, CpuidReg, CpuidTemplate};
+pub use run::{
+    install_kick_handler, kick, kick_signal, Vcpu, VcpuControl, VcpuExitHandler, VcpuStats,
+    VcpuStop,
+};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `KVM_GET_SUPPORTED_CPUID` failed.
+    #[error("cannot read KVM's supported CPUID: {0}")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// More CPUID entries than KVM takes.
+    #[error("too many CPUID entries")]
+    TooManyCpuidEntries,
+    /// A vCPU index or count that makes no topology.
+    #[error("no CPU topology for vCPU {index} of {num_cpus} (1 to 255 vCPUs)")]
+    BadTopology {
+        /// The vCPU index.
+        index: u32,
+        /// The vCPU count.
+        num_cpus: u32,
+    },
+    /// Writing setup structures to guest memory failed (memory too small).
+    #[error("cannot write the {0} to guest memory")]
+    GuestMemory(&'static str),
+    /// Getting or setting special registers failed.
+    #[error("cannot set special registers: {0}")]
+    Sregs(#[source] kvm_ioctls::Error),
+    /// Setting general registers failed.
+    #[error("cannot set registers: {0}")]
+    Regs(#[source] kvm_ioctls::Error),
+    /// Setting MSRs failed.
+    #[error("cannot set boot MSRs{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Msrs(#[source] Option<kvm_ioctls::Error>),
+    /// KVM refused one MSR.
+    #[error("KVM refused to set MSR {0:#x}")]
+    MsrRefused(u32),
+    /// Setting the FPU state failed.
+    #[error("cannot set the FPU state: {0}")]
+    Fpu(#[source] kvm_ioctls::Error),
+    /// Getting or setting the LAPIC state failed.
+    #[error("cannot set up the local APIC: {0}")]
+    Lapic(#[source] kvm_ioctls::Error),
+    /// Installing or sending the kick signal failed.
+    #[error("kick signal: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// `KVM_RUN` failed.
+    #[error("KVM_RUN failed: {0}")]
+    Run(#[source] kvm_ioctls::Error),
+    /// KVM could not emulate what the guest did.
+    #[error("vCPU {vcpu}: KVM internal error, suberror {suberror}, data {data:x?}")]
+    InternalError {
+        /// The vCPU.
+        vcpu: u32,
+        /// KVM's suberror code (1: emulation failure).
+        suberror: u32,
+        /// KVM's extra data.
+        data: Vec<u64>,
+    },
+    /// The hardware refused to enter the guest.
+    #[error("vCPU {vcpu}: VM entry failed, hardware reason {reason:#x} on host CPU {cpu}")]
+    FailEntry {
+        /// The vCPU.
+        vcpu: u32,
+        /// Hardware entry failure reason.
+        reason: u64,
+        /// Host CPU.
+        cpu: u32,
+    },
+    /// An exit this run loop does not handle.
+    #[error("unexpected vCPU exit: {0}")]
+    UnexpectedExit(String),
+}
+
+/// Result of this crate's functions.
+pub type Result<T> = std::result::Result<T, Error>;
