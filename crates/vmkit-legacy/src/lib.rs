@@ -1,1 +1,116 @@
-//! placeholder
+//! Legacy PC devices for KVM VMMs, as vm-device PIO devices that know nothing of KVM.
+//!
+//! | device | ports | built on |
+//! |---|---|---|
+//! | [`Serial`]: 16550A UART | [`COM1_PORT`] + [`SERIAL_PORT_COUNT`] | vm-superio `Serial` |
+//! | [`I8042`]: keyboard controller, reset line only | [`I8042_PORT`] + [`I8042_PORT_COUNT`] | vm-superio `I8042Device` |
+//! | [`AcpiSleep`]: hardware-reduced ACPI sleep control/status and reset registers | [`ACPI_SLEEP_PORT`] + [`ACPI_SLEEP_PORT_COUNT`] | — |
+//! | [`DebugPort`]: POST port, write counter and timestamps | [`DEBUG_PORT`] + [`DEBUG_PORT_COUNT`] | — |
+//!
+//! Each implements vm-device's [`MutDevicePio`](vm_device::MutDevicePio): register it as
+//! `Arc<Mutex<Device>>` on the PIO bus. [`DebugPort`] also implements
+//! [`DevicePio`](vm_device::DevicePio) with atomics; register it as `Arc<DebugPort>`.
+//! Interrupts go out through an [`InterruptLine`](vmkit_irq::InterruptLine), power-off and
+//! reset requests through an [`ExitNotifier`]. Accesses that are not one byte, or fall
+//! outside a device's ports, are ignored (reads return `0xFF`): nothing a guest does
+//! panics.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use vmkit_bus::{pio_range, IoBus};
+//! use vmkit_irq::CountingLine;
+//! use vmkit_legacy::*;
+//!
+//! let exit = Arc::new(EventFdExit::new()?);
+//! let com1_irq = Arc::new(CountingLine::new()); // an irqfd-backed line in a VMM
+//! let serial = Arc::new(Mutex::new(Serial::new(com1_irq, Vec::new())));
+//! let debug = Arc::new(DebugPort::new());
+//!
+//! let mut bus = IoBus::new();
+//! bus.register_pio(pio_range(COM1_PORT, SERIAL_PORT_COUNT)?, serial.clone())?;
+//! bus.register_pio(pio_range(I8042_PORT, I8042_PORT_COUNT)?, Arc::new(Mutex::new(I8042::new(exit.clone()))))?;
+//! bus.register_pio(
+//!     pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?,
+//!     Arc::new(Mutex::new(AcpiSleep::new(exit.clone(), AcpiSleepConfig::default()))),
+//! )?;
+//! bus.register_pio(pio_range(DEBUG_PORT, DEBUG_PORT_COUNT)?, debug.clone())?;
+//!
+//! // What a guest does:
+//! for b in b"ok\n" {
+//!     assert!(bus.pio_write(COM1_PORT, &[*b]).is_handled());
+//! }
+//! assert!(bus.pio_write(DEBUG_PORT, &[0x42]).is_handled());
+//! assert!(bus.pio_write(ACPI_SLEEP_PORT, &[0x34]).is_handled()); // SLP_EN | SLP_TYP=5
+//!
+//! assert_eq!(serial.lock().unwrap().writer().as_slice(), b"ok\n");
+//! assert_eq!(debug.stats().writes, 1);
+//! assert_eq!(exit.eventfd().read()?, 1);
+//! assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
+//!
+//! // Host input for the guest; keep what was not taken for later.
+//! let taken = serial.lock().unwrap().enqueue_input(b"root\n");
+//! assert_eq!(taken, 5);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+
+mod acpi;
+mod debug_port;
+mod error;
+mod exit;
+mod i8042;
+mod serial;
+
+pub use acpi::{
+    AcpiSleep, AcpiSleepConfig, ACPI_SLEEP_PORT_COUNT, RESET_OFFSET, SLEEP_CONTROL_OFFSET,
+    SLEEP_STATUS_OFFSET, WAK_STS,
+};
+pub use debug_port::{DebugPort, DebugPortStats, DEBUG_PORT_COUNT};
+pub use error::{Error, Result};
+pub use exit::{EventFdExit, ExitNotifier, ExitReason, ExitTrigger};
+pub use i8042::{I8042, I8042_PORT_COUNT};
+pub use serial::{
+    InterruptTrigger, Serial, SerialConfig, SerialStats, SERIAL_FIFO_SIZE, SERIAL_PORT_COUNT,
+};
+
+/// Base port of COM1.
+pub const COM1_PORT: u16 = 0x3F8;
+/// GSI of COM1 (ISA IRQ 4).
+pub const COM1_GSI: u32 = 4;
+/// Base port of the i8042 (data port; the command/status port is `I8042_PORT + 4`).
+pub const I8042_PORT: u16 = 0x60;
+/// Base port of the ACPI sleep registers: sleep control at `+0`, sleep status at `+1`,
+/// reset at `+2`. The FADT's `SLEEP_CONTROL_REG`, `SLEEP_STATUS_REG` and `RESET_REG` must
+/// point there.
+pub const ACPI_SLEEP_PORT: u16 = 0x600;
+/// The debug (POST) port.
+pub const DEBUG_PORT: u16 = 0x80;
+
+#[cfg(test)]
+mod test_util {
+    use std::sync::{Arc, Mutex};
+
+    use crate::{ExitNotifier, ExitReason};
+
+    /// An exit notifier that records what it is told.
+    #[derive(Default)]
+    pub struct Recorder(Mutex<Vec<ExitReason>>);
+
+    impl Recorder {
+        pub fn new() -> Arc<Self> {
+            Arc::new(Self::default())
+        }
+
+        pub fn reasons(&self) -> Vec<ExitReason> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl ExitNotifier for Recorder {
+        fn notify_exit(&self, reason: ExitReason) {
+            self.0.lock().unwrap().push(reason);
+        }
+    }
+}
