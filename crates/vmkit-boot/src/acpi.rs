@@ -1,0 +1,475 @@
+//! ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) for a hardware-reduced x86_64 guest, built with
+//! `acpi_tables` and written into guest memory at [`ACPI_START`].
+
+use acpi_tables::aml::{
+    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope, IO,
+    ZERO,
+};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, AmlSink};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use zerocopy::little_endian::{U16, U32};
+use zerocopy::{Immutable, IntoBytes};
+
+use crate::error::{Error, Result};
+use crate::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+
+/// OEM ID of every table.
+pub const OEM_ID: [u8; 6] = *b"VMKIT ";
+/// OEM table ID of every table.
+pub const OEM_TABLE_ID: [u8; 8] = *b"VMKIT   ";
+/// OEM revision of every table.
+pub const OEM_REVISION: u32 = 1;
+
+/// FADT `IAPC_BOOT_ARCH`: legacy devices (ISA) present.
+pub const IAPC_LEGACY_DEVICES: u16 = 1 << 0;
+/// FADT `IAPC_BOOT_ARCH`: an 8042 keyboard controller is present.
+pub const IAPC_8042: u16 = 1 << 1;
+/// FADT `IAPC_BOOT_ARCH`: VGA is not present.
+pub const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+/// FADT `IAPC_BOOT_ARCH`: MSI is not supported.
+pub const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
+/// FADT `IAPC_BOOT_ARCH`: there is no CMOS RTC.
+pub const IAPC_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+/// MADT flag: the system also has dual 8259 PICs.
+const MADT_PCAT_COMPAT: u32 = 1;
+/// Offset of the MADT flags field.
+const MADT_FLAGS_OFFSET: usize = 40;
+/// Offset of the checksum byte in a table header.
+const CHECKSUM_OFFSET: usize = 9;
+/// Tables are 16-byte aligned.
+const TABLE_ALIGN: u64 = 16;
+
+/// Interrupt trigger mode of a device interrupt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IrqTrigger {
+    /// Edge-triggered, active high.
+    #[default]
+    Edge,
+    /// Level-triggered, active high.
+    Level,
+}
+
+/// A device with one 32-bit MMIO range and one interrupt, described in the DSDT as
+/// `Device (Mxxx) { _HID, _UID, _CRS { Memory32Fixed, Interrupt } }` inside `\_SB`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MmioDevice {
+    /// `_HID`: an EISA ID (`"PNP0501"`, 3 letters + 4 hex digits) or an ACPI ID
+    /// (`"LNRO0005"`, 4 letters or digits + 4 hex digits).
+    pub hid: String,
+    /// `_UID`.
+    pub uid: u32,
+    /// Base of the MMIO range.
+    pub base: u32,
+    /// Length of the MMIO range (non-zero; the range must end below 4 GiB).
+    pub len: u32,
+    /// Global system interrupt.
+    pub gsi: u32,
+    /// Trigger mode of the interrupt.
+    pub trigger: IrqTrigger,
+}
+
+impl MmioDevice {
+    /// A virtio-mmio device (`_HID "LNRO0005"`, as Linux's virtio_mmio driver matches).
+    pub fn virtio_mmio(uid: u32, base: u32, len: u32, gsi: u32, trigger: IrqTrigger) -> Self {
+        MmioDevice {
+            hid: "LNRO0005".into(),
+            uid,
+            base,
+            len,
+            gsi,
+            trigger,
+        }
+    }
+}
+
+/// A device added to the DSDT.
+pub enum DsdtDevice {
+    /// An MMIO device; named `M000`, `M001`, … in order of appearance in
+    /// [`AcpiConfig::devices`].
+    Mmio(MmioDevice),
+    /// Arbitrary AML, emitted inside `Scope (\_SB)`.
+    Custom(Box<dyn Aml>),
+}
+
+impl DsdtDevice {
+    /// A virtio-mmio device; see [`MmioDevice::virtio_mmio`].
+    pub fn virtio_mmio(uid: u32, base: u32, len: u32, gsi: u32, trigger: IrqTrigger) -> Self {
+        DsdtDevice::Mmio(MmioDevice::virtio_mmio(uid, base, len, gsi, trigger))
+    }
+}
+
+impl std::fmt::Debug for DsdtDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DsdtDevice::Mmio(d) => f.debug_tuple("Mmio").field(d).finish(),
+            DsdtDevice::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+/// What the ACPI tables describe.
+#[derive(Debug)]
+pub struct AcpiConfig {
+    /// Number of vCPUs (1 to 255); the MADT gets one enabled local APIC per vCPU with
+    /// APIC ID and processor UID = vCPU index.
+    pub num_cpus: u32,
+    /// IOAPIC ID (default 0).
+    pub ioapic_id: u8,
+    /// IOAPIC MMIO address (default 0xFEC0_0000); its GSI base is 0.
+    pub ioapic_addr: u32,
+    /// Set the MADT PCAT_COMPAT flag (the VM has dual 8259 PICs, as KVM's in-kernel
+    /// irqchip does). Default true.
+    pub pcat_compat: bool,
+    /// I/O port of the hardware-reduced sleep control register (default 0x600).
+    pub sleep_control_port: u16,
+    /// I/O port of the hardware-reduced sleep status register (default 0x601).
+    pub sleep_status_port: u16,
+    /// I/O port of the reset register (default 0x602).
+    pub reset_port: u16,
+    /// Value to write to the reset register (default 0x01).
+    pub reset_value: u8,
+    /// FADT `IAPC_BOOT_ARCH` flags (default [`IAPC_VGA_NOT_PRESENT`] |
+    /// [`IAPC_CMOS_RTC_NOT_PRESENT`]: no VGA, no RTC, no 8042 to probe).
+    pub iapc_boot_arch: u16,
+    /// Describe COM1 (`PNP0501`, I/O 0x3F8–0x3FF, IRQ 4) in the DSDT. Default true.
+    pub com1: bool,
+    /// Further DSDT devices.
+    pub devices: Vec<DsdtDevice>,
+}
+
+impl Default for AcpiConfig {
+    fn default() -> Self {
+        AcpiConfig {
+            num_cpus: 1,
+            ioapic_id: 0,
+            ioapic_addr: IOAPIC_ADDR,
+            pcat_compat: true,
+            sleep_control_port: 0x600,
+            sleep_status_port: 0x601,
+            reset_port: 0x602,
+            reset_value: 0x01,
+            iapc_boot_arch: IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT,
+            com1: true,
+            devices: Vec::new(),
+        }
+    }
+}
+
+/// MADT Interrupt Source Override (type 2).
+#[repr(C, packed)]
+#[derive(Clone, Copy, IntoBytes, Immutable)]
+struct InterruptSourceOverride {
+    r#type: u8,
+    length: u8,
+    bus: u8,
+    source: u8,
+    gsi: U32,
+    flags: U16,
+}
+
+impl Aml for InterruptSourceOverride {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(self.as_bytes());
+    }
+}
+
+/// MADT Local APIC NMI (type 4).
+#[repr(C, packed)]
+#[derive(Clone, Copy, IntoBytes, Immutable)]
+struct LocalApicNmi {
+    r#type: u8,
+    length: u8,
+    processor_uid: u8,
+    flags: U16,
+    lint: u8,
+}
+
+impl Aml for LocalApicNmi {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(self.as_bytes());
+    }
+}
+
+/// Already-encoded AML.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+fn to_bytes(aml: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    aml.to_aml_bytes(&mut v);
+    v
+}
+
+fn fix_checksum(table: &mut [u8]) {
+    table[CHECKSUM_OFFSET] = 0;
+    let sum = table.iter().fold(0u8, |acc, b| acc.wrapping_add(*b));
+    table[CHECKSUM_OFFSET] = 0u8.wrapping_sub(sum);
+}
+
+fn align_up(v: u64) -> u64 {
+    (v + TABLE_ALIGN - 1) & !(TABLE_ALIGN - 1)
+}
+
+fn io_gas(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+fn build_madt(cfg: &AcpiConfig) -> Result<Vec<u8>> {
+    if cfg.num_cpus == 0 || cfg.num_cpus > 255 {
+        return Err(Error::InvalidCpuCount(cfg.num_cpus));
+    }
+    let mut madt = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(LAPIC_ADDR),
+    );
+    for i in 0..cfg.num_cpus {
+        // At most 255, checked above.
+        let id = i as u8;
+        madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
+    }
+    madt.add_structure(IoApic::new(cfg.ioapic_id, cfg.ioapic_addr, 0));
+    // ISA IRQ 0 (PIT) is wired to GSI 2, as on a PC; flags 0 = conforms to the ISA bus.
+    madt.add_structure(InterruptSourceOverride {
+        r#type: 2,
+        length: 10,
+        bus: 0,
+        source: 0,
+        gsi: 2.into(),
+        flags: 0.into(),
+    });
+    // LINT1 of every processor (UID 0xFF) is the NMI, edge-triggered, active high.
+    madt.add_structure(LocalApicNmi {
+        r#type: 4,
+        length: 6,
+        processor_uid: 0xFF,
+        flags: 0x0005.into(),
+        lint: 1,
+    });
+    let mut bytes = to_bytes(&madt);
+    if cfg.pcat_compat {
+        bytes[MADT_FLAGS_OFFSET..MADT_FLAGS_OFFSET + 4]
+            .copy_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+        fix_checksum(&mut bytes);
+    }
+    Ok(bytes)
+}
+
+fn is_hex(c: u8) -> bool {
+    c.is_ascii_digit() || (b'A'..=b'F').contains(&c)
+}
+
+/// `_HID` object for an EISA ID (encoded as an integer) or an ACPI ID (a string).
+fn hid_aml(hid: &str) -> Result<Box<dyn Aml>> {
+    let b = hid.as_bytes();
+    let eisa = b.len() == 7
+        && b[..3].iter().all(u8::is_ascii_uppercase)
+        && b[3..].iter().all(|&c| is_hex(c));
+    let acpi = b.len() == 8
+        && b[..4]
+            .iter()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        && b[4..].iter().all(|&c| is_hex(c));
+    if eisa {
+        Ok(Box::new(EISAName::new(hid)))
+    } else if acpi {
+        Ok(Box::new(hid.to_string()))
+    } else {
+        Err(Error::InvalidAcpiDevice(format!(
+            "_HID {hid:?} is neither an EISA ID (like \"PNP0501\") nor an ACPI ID (like \
+             \"LNRO0005\")"
+        )))
+    }
+}
+
+fn mmio_device_aml(index: usize, dev: &MmioDevice) -> Result<Vec<u8>> {
+    if index >= 0x1000 {
+        return Err(Error::InvalidAcpiDevice(
+            "more than 4096 MMIO devices".into(),
+        ));
+    }
+    if dev.len == 0 || dev.base.checked_add(dev.len - 1).is_none() {
+        return Err(Error::InvalidAcpiDevice(format!(
+            "MMIO range at {:#x} of {:#x} bytes is empty or crosses 4 GiB",
+            dev.base, dev.len
+        )));
+    }
+    let name = format!("M{index:03X}");
+    let hid = hid_aml(&dev.hid)?;
+    let mem = Memory32Fixed::new(true, dev.base, dev.len);
+    let irq = Interrupt::new(true, dev.trigger == IrqTrigger::Edge, false, false, dev.gsi);
+    let crs = ResourceTemplate::new(vec![&mem, &irq]);
+    let hid_name = Name::new("_HID".into(), hid.as_ref());
+    let uid_name = Name::new("_UID".into(), &dev.uid);
+    let crs_name = Name::new("_CRS".into(), &crs);
+    let device = Device::new(Path::new(&name), vec![&hid_name, &uid_name, &crs_name]);
+    Ok(to_bytes(&device))
+}
+
+fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>> {
+    let mut sb_children: Vec<Box<dyn Aml>> = Vec::new();
+    if cfg.com1 {
+        let io = IO::new(0x3F8, 0x3F8, 0, 8);
+        let irq = Interrupt::new(true, true, false, false, 4);
+        let crs = ResourceTemplate::new(vec![&io, &irq]);
+        let hid = EISAName::new("PNP0501");
+        let hid_name = Name::new("_HID".into(), &hid);
+        let uid_name = Name::new("_UID".into(), &ZERO);
+        let crs_name = Name::new("_CRS".into(), &crs);
+        let com1 = Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
+        sb_children.push(Box::new(RawAml(to_bytes(&com1))));
+    }
+    let mut mmio_index = 0;
+    for dev in &cfg.devices {
+        match dev {
+            DsdtDevice::Mmio(d) => {
+                sb_children.push(Box::new(RawAml(mmio_device_aml(mmio_index, d)?)));
+                mmio_index += 1;
+            }
+            DsdtDevice::Custom(aml) => sb_children.push(Box::new(RawAml(to_bytes(aml.as_ref())))),
+        }
+    }
+    let sb = Scope::new(
+        "\\_SB_".into(),
+        sb_children.iter().map(|c| c.as_ref()).collect(),
+    );
+    // \_S5_: SLP_TYPa = 5, SLP_TYPb = 0, reserved, reserved.
+    let s5 = Name::new("_S5_".into(), &Package::new(vec![&5u8, &0u8, &0u8, &0u8]));
+
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&to_bytes(&s5));
+    dsdt.append_slice(&to_bytes(&sb));
+    Ok(dsdt.as_slice().to_vec())
+}
+
+fn build_fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup);
+    fadt.reset_reg = io_gas(cfg.reset_port);
+    fadt.reset_value = cfg.reset_value;
+    fadt.sleep_control_reg = io_gas(cfg.sleep_control_port);
+    fadt.sleep_status_reg = io_gas(cfg.sleep_status_port);
+    fadt.iapc_boot_arch = cfg.iapc_boot_arch.into();
+    to_bytes(&fadt.finalize())
+}
+
+/// One ACPI table with its guest address, as [`build_acpi_tables`] lays them out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcpiTable {
+    /// Signature (`"RSD PTR "` is shortened to `"RSDP"`).
+    pub signature: [u8; 4],
+    /// Guest address.
+    pub addr: GuestAddress,
+    /// The table bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Builds RSDP, XSDT, FADT, MADT and DSDT laid out from [`ACPI_START`] (RSDP first, every
+/// table 16-byte aligned) without writing them; [`create_acpi_tables`] writes them.
+pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<Vec<AcpiTable>> {
+    let madt = build_madt(cfg)?;
+    let dsdt = build_dsdt(cfg)?;
+
+    let rsdp_addr = ACPI_START;
+    let xsdt_addr = align_up(rsdp_addr + Rsdp::len() as u64);
+    let xsdt_len = 36 + 2 * 8;
+    let fadt_addr = align_up(xsdt_addr + xsdt_len);
+    let madt_addr = align_up(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
+    let dsdt_addr = align_up(madt_addr + madt.len() as u64);
+
+    let fadt = build_fadt(cfg, dsdt_addr);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
+
+    Ok(vec![
+        AcpiTable {
+            signature: *b"RSDP",
+            addr: GuestAddress(rsdp_addr),
+            bytes: to_bytes(&rsdp),
+        },
+        AcpiTable {
+            signature: *b"XSDT",
+            addr: GuestAddress(xsdt_addr),
+            bytes: to_bytes(&xsdt),
+        },
+        AcpiTable {
+            signature: *b"FACP",
+            addr: GuestAddress(fadt_addr),
+            bytes: fadt,
+        },
+        AcpiTable {
+            signature: *b"APIC",
+            addr: GuestAddress(madt_addr),
+            bytes: madt,
+        },
+        AcpiTable {
+            signature: *b"DSDT",
+            addr: GuestAddress(dsdt_addr),
+            bytes: dsdt,
+        },
+    ])
+}
+
+/// Builds the ACPI tables and writes them into guest memory in [0xE_0000, 0x10_0000);
+/// returns the address of the RSDP (0xE_0000), to pass as [`crate::BootConfig::rsdp`].
+pub fn create_acpi_tables<M: GuestMemoryBackend>(
+    mem: &M,
+    cfg: &AcpiConfig,
+) -> Result<GuestAddress> {
+    let tables = build_acpi_tables(cfg)?;
+    let end = tables
+        .iter()
+        .map(|t| t.addr.0 + t.bytes.len() as u64)
+        .max()
+        .unwrap_or(ACPI_START);
+    // `end - ACPI_START` is below 4 GiB here: it is checked against ACPI_END first.
+    if end > ACPI_END
+        || !GuestMemoryBackend::check_range(
+            mem,
+            GuestAddress(ACPI_START),
+            (end - ACPI_START) as usize,
+        )
+    {
+        return Err(Error::AcpiTablesDoNotFit {
+            start: ACPI_START,
+            end,
+            limit: ACPI_END,
+        });
+    }
+    for t in &tables {
+        mem.write_slice(&t.bytes, t.addr)
+            .map_err(|source| Error::GuestMemory {
+                context: "writing ACPI tables",
+                source,
+            })?;
+    }
+    Ok(GuestAddress(ACPI_START))
+}
+
+#[cfg(test)]
+mod tests;
