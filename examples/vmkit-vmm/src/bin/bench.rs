@@ -1,0 +1,283 @@
+//! `vmkit-bench`: start-up, footprint and PIO-exit figures of `vmkit` on the PVH test guest.
+//!
+//! ```text
+//! vmkit-bench [--runs N] [--pio N]
+//! ```
+//! It reports; it asserts nothing about time. Build the test guest and `vmkit` (release) first;
+//! `scripts/bench.sh` does both and runs this.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use kvm_ioctls::{Kvm, VcpuExit};
+use vm_memory::GuestMemoryMmap;
+use vmkit_boot::{BootConfig, EntryPoint};
+use vmkit_irq::{Irqchip, IrqchipConfig};
+use vmkit_vcpu::{setup_entry, setup_fpu, setup_lint, CpuidConfig, CpuidTemplate, EntryState};
+
+struct Run {
+    ready_ms: f64,
+    exit_ms: f64,
+    setup_ms: Option<f64>,
+    setup_cpu_ms: Option<f64>,
+    total_cpu_ms: f64,
+    max_rss_kib: u64,
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Runs `vmkit` once; times the ready line and the exit, reads its rusage.
+fn run_vmkit(vmkit: &Path, guest: &Path, memory: &str, cmdline: &str) -> Result<Run, String> {
+    let t0 = monotonic_ns();
+    let start = Instant::now();
+    let mut child = Command::new(vmkit)
+        .args([
+            "--kernel",
+            guest.to_str().unwrap_or_default(),
+            "--memory",
+            memory,
+        ])
+        .args(["--cmdline", cmdline, "--stats"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", vmkit.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut ready_ms = None;
+    let mut lines = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if ready_ms.is_none() && line.contains("vmkit-test-guest: ready") {
+            ready_ms = Some(start.elapsed().as_secs_f64() * 1e3);
+        }
+        lines.push(line);
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut stderr);
+    }
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid for wait4 to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child and writes into locals we own.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+    let exit_ms = start.elapsed().as_secs_f64() * 1e3;
+    if r != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
+        return Err(format!(
+            "vmkit failed (status {status}): {stderr}\n{}",
+            lines.join("\n")
+        ));
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 * 1e3 + t.tv_usec as f64 / 1e3;
+    let (mut setup_ms, mut setup_cpu_ms) = (None, None);
+    for l in stderr.lines() {
+        if let Some(rest) = l.strip_prefix("vmkit: entering guest at monotonic_ns=") {
+            let mut it = rest.split(" cpu_us=");
+            let ns: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let cpu: u64 = it.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            setup_ms = Some(ns.saturating_sub(t0) as f64 / 1e6);
+            setup_cpu_ms = Some(cpu as f64 / 1e3);
+        }
+    }
+    Ok(Run {
+        ready_ms: ready_ms.ok_or_else(|| format!("no ready line:\n{}", lines.join("\n")))?,
+        exit_ms,
+        setup_ms,
+        setup_cpu_ms,
+        total_cpu_ms: tv(ru.ru_utime) + tv(ru.ru_stime),
+        max_rss_kib: ru.ru_maxrss as u64,
+    })
+}
+
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let med = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (v[0], med, v[v.len() - 1])
+}
+
+/// The guest's `bench pio:` line: ns per exit as the guest measured it.
+fn guest_pio_ns(out: &str) -> Option<f64> {
+    out.lines()
+        .find_map(|l| l.strip_prefix("bench pio: "))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|l| l.strip_suffix(" ns/exit"))
+        .and_then(|n| n.parse().ok())
+}
+
+/// The same guest and command line under a bare kvm-ioctls loop: no bus, no devices, a
+/// `match` on the exit. Setup reuses the vmkit crates (it is not what is measured).
+fn bare_loop(guest: &Path, cmdline: &str) -> Result<(String, f64), String> {
+    let kvm = Kvm::new().map_err(|e| e.to_string())?;
+    let vm = kvm.create_vm().map_err(|e| e.to_string())?;
+    let mem: GuestMemoryMmap =
+        vmkit_memory::create_guest_memory(&vmkit_memory::MemoryConfig::new(128 << 20))
+            .map_err(|e| e.to_string())?;
+    let _slots = vmkit_memory::register_memory_slots(&vm, &mem).map_err(|e| e.to_string())?;
+    let _chip = Irqchip::new(&vm, IrqchipConfig::default()).map_err(|e| e.to_string())?;
+    let mut vcpu = vm.create_vcpu(0).map_err(|e| e.to_string())?;
+    let cpuid = CpuidTemplate::from_kvm(&kvm)
+        .and_then(|t| {
+            t.for_vcpu(
+                0,
+                &CpuidConfig {
+                    num_cpus: 1,
+                    masks: vec![],
+                },
+            )
+        })
+        .map_err(|e| e.to_string())?;
+    vcpu.set_cpuid2(&cpuid).map_err(|e| e.to_string())?;
+    setup_fpu(&vcpu).map_err(|e| e.to_string())?;
+    setup_lint(&vcpu).map_err(|e| e.to_string())?;
+    let rsdp = vmkit_boot::create_acpi_tables(&mem, &vmkit_boot::AcpiConfig::default())
+        .map_err(|e| e.to_string())?;
+    let mut kernel = std::fs::File::open(guest).map_err(|e| e.to_string())?;
+    let loaded = vmkit_boot::load(
+        &mem,
+        &mut kernel,
+        BootConfig {
+            cmdline,
+            rsdp: Some(rsdp),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let EntryPoint::Pvh { entry, start_info } = loaded.entry else {
+        return Err("the test guest is not PVH".into());
+    };
+    setup_entry(&vcpu, &mem, EntryState::Pvh { entry, start_info }).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let start = Instant::now();
+    let mut exits = 0u64;
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(0x80, _)) => exits += 1,
+            Ok(VcpuExit::IoOut(0x3f8, d)) => out.push(d[0]),
+            Ok(VcpuExit::IoIn(0x3fd, d)) => d[0] = 0x60, // THR empty
+            Ok(VcpuExit::IoOut(0x600, _)) | Ok(VcpuExit::IoOut(0x64, _)) => break,
+            Ok(VcpuExit::IoIn(_, d)) => d.fill(0xff),
+            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::Hlt) => break,
+            Ok(_) => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(format!("KVM_RUN: {e}")),
+        }
+    }
+    let wall = start.elapsed().as_secs_f64() * 1e9 / exits.max(1) as f64;
+    Ok((String::from_utf8_lossy(&out).into_owned(), wall))
+}
+
+fn main() {
+    let mut runs = 20usize;
+    let mut pio = 1_000_000u64;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let v = args.next().and_then(|v| v.parse::<u64>().ok());
+        match (a.as_str(), v) {
+            ("--runs", Some(n)) if n > 0 => runs = n as usize,
+            ("--pio", Some(n)) if n > 0 => pio = n,
+            _ => {
+                eprintln!("usage: vmkit-bench [--runs N] [--pio N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let exe = std::env::current_exe().expect("current exe");
+    let vmkit = exe.with_file_name("vmkit");
+    let guest =
+        root.join("examples/test-guest/target/x86_64-unknown-linux-gnu/release/vmkit-test-guest");
+    if !guest.exists() || !vmkit.exists() {
+        eprintln!("build first: cargo build --release -p vmkit-vmm; (cd examples/test-guest && cargo build --release)");
+        std::process::exit(1);
+    }
+    let fail = |e: String| -> ! {
+        eprintln!("vmkit-bench: {e}");
+        std::process::exit(1)
+    };
+
+    println!("## Start-up ({runs} runs, 1 vCPU, 128 MiB, guest `exit=poweroff`)\n");
+    let mut rs = Vec::new();
+    for _ in 0..runs {
+        rs.push(run_vmkit(&vmkit, &guest, "128M", "exit=poweroff").unwrap_or_else(|e| fail(e)));
+    }
+    let row = |name: &str, v: Vec<f64>| {
+        let (min, med, max) = stats(v);
+        println!("| {name} | {min:.2} | {med:.2} | {max:.2} |");
+    };
+    println!("| figure | min | median | max |\n|---|---|---|---|");
+    row(
+        "process start → entering the guest (ms)",
+        rs.iter().filter_map(|r| r.setup_ms).collect(),
+    );
+    row(
+        "VMM CPU time until guest entry (ms)",
+        rs.iter().filter_map(|r| r.setup_cpu_ms).collect(),
+    );
+    row(
+        "process start → guest ready line (ms)",
+        rs.iter().map(|r| r.ready_ms).collect(),
+    );
+    row(
+        "process start → process exit (ms)",
+        rs.iter().map(|r| r.exit_ms).collect(),
+    );
+    row(
+        "VMM CPU time, whole run (ms)",
+        rs.iter().map(|r| r.total_cpu_ms).collect(),
+    );
+
+    println!("\n## Footprint (peak RSS of the vmkit process, guest `exit=poweroff`)\n");
+    println!("| guest memory | peak RSS (MiB), median of 5 |\n|---|---|");
+    for mem in ["128M", "1G"] {
+        let v = (0..5)
+            .map(|_| {
+                run_vmkit(&vmkit, &guest, mem, "exit=poweroff")
+                    .map(|r| r.max_rss_kib as f64 / 1024.0)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_or_else(|e| fail(e));
+        println!("| {mem} | {:.2} |", stats(v).1);
+    }
+
+    println!("\n## PIO exit round trip ({pio} `out 0x80, al` at guest CPL3)\n");
+    let cmd = format!("bench=pio:{pio}");
+    let out = Command::new(&vmkit)
+        .args([
+            "--kernel",
+            guest.to_str().unwrap_or_default(),
+            "--cmdline",
+            &cmd,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| fail(e.to_string()));
+    let vm_out = String::from_utf8_lossy(&out.stdout).into_owned();
+    let ours = guest_pio_ns(&vm_out).unwrap_or_else(|| fail(format!("no bench line:\n{vm_out}")));
+    let (bare_out, bare_wall) = bare_loop(&guest, &cmd).unwrap_or_else(|e| fail(e));
+    let bare =
+        guest_pio_ns(&bare_out).unwrap_or_else(|| fail(format!("no bench line:\n{bare_out}")));
+    println!("| loop | ns per exit (guest TSC) |\n|---|---|");
+    println!("| vmkit: vCPU run loop → IoBus → DebugPort | {ours:.0} |");
+    println!("| bare kvm-ioctls loop (`match` on the exit) | {bare:.0} |");
+    println!(
+        "\nvmkit / bare = {:.3} (bare loop host wall time per exit: {bare_wall:.0} ns)",
+        ours / bare
+    );
+}

@@ -1,0 +1,131 @@
+//! The command line and the configuration it becomes.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// The reference VMM of vmkit: boots a Linux kernel (bzImage or ELF) or a PVH kernel.
+#[derive(Debug, Parser)]
+#[command(name = "vmkit", version, about)]
+pub struct Args {
+    /// Kernel image: bzImage, ELF vmlinux, or an ELF with a PVH note (the format is detected).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk loaded next to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub cpus: u32,
+    /// Guest RAM, e.g. 512M or 2G (K, M, G, T: powers of 1024).
+    #[arg(long, default_value = "128M", value_parser = parse_size, value_name = "SIZE")]
+    pub memory: u64,
+    /// Where COM1 goes: stdio, file=PATH or off.
+    #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "WHERE")]
+    pub serial: SerialOutput,
+    /// Boot an ELF vmlinux through its 64-bit Linux entry even when it has a PVH note.
+    #[arg(long)]
+    pub no_pvh: bool,
+    /// Print each vCPU's exit counters to stderr when the VM ends.
+    #[arg(long)]
+    pub stats: bool,
+}
+
+/// Where the serial port's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The VMM's stdout, and stdin to the guest.
+    Stdio,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Nowhere: the port exists, output is dropped.
+    Off,
+}
+
+/// Parses `stdio`, `file=PATH` or `off`.
+pub fn parse_serial(s: &str) -> Result<SerialOutput, String> {
+    match s {
+        "stdio" => Ok(SerialOutput::Stdio),
+        "off" => Ok(SerialOutput::Off),
+        _ => match s.strip_prefix("file=") {
+            Some("") => Err("file= needs a path".into()),
+            Some(p) => Ok(SerialOutput::File(PathBuf::from(p))),
+            None => Err(format!("'{s}' is not one of stdio, file=PATH, off")),
+        },
+    }
+}
+
+/// Parses a size such as `512M`, `2G`, `1048576` or `64MiB`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    if digits == 0 {
+        return Err(format!("'{s}' is not a size (examples: 512M, 2G)"));
+    }
+    let (num, suffix) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| format!("'{s}' is too large"))?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => {
+            return Err(format!(
+                "'{s}' has an unknown unit '{suffix}' (use K, M, G or T)"
+            ))
+        }
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        for bad in [
+            "",
+            "M",
+            "12Q",
+            "1.5G",
+            "-1G",
+            "99999999999999999999",
+            "17179869184G",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn serial() {
+        assert_eq!(parse_serial("stdio"), Ok(SerialOutput::Stdio));
+        assert_eq!(parse_serial("off"), Ok(SerialOutput::Off));
+        assert_eq!(
+            parse_serial("file=/tmp/x"),
+            Ok(SerialOutput::File("/tmp/x".into()))
+        );
+        assert!(parse_serial("file=").is_err());
+        assert!(parse_serial("pty").is_err());
+    }
+
+    #[test]
+    fn command_line() {
+        let a = Args::try_parse_from(["vmkit", "--kernel", "k", "--cpus", "4", "--memory", "1G"])
+            .unwrap();
+        assert_eq!((a.cpus, a.memory), (4, 1 << 30));
+        assert!(Args::try_parse_from(["vmkit"]).is_err());
+        assert!(Args::try_parse_from(["vmkit", "--kernel", "k", "--memory", "lots"]).is_err());
+    }
+}

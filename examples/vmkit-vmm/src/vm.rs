@@ -1,0 +1,370 @@
+//! Building and running one VM, top to bottom:
+//! config → memory → irqchip → vCPUs → buses → devices → kernel and ACPI → run.
+//!
+//! (KVM wants the irqchip before the first vCPU, so it comes first of the two.)
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmkit_boot::{BootConfig, EntryPoint, ProtocolChoice};
+use vmkit_bus::{pio_range, IoBus};
+use vmkit_irq::{InterruptLine, Irqchip, IrqchipConfig};
+use vmkit_legacy::{
+    AcpiSleep, AcpiSleepConfig, DebugPort, ExitNotifier, Serial, SerialConfig, ACPI_SLEEP_PORT,
+    ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT, I8042, I8042_PORT,
+    I8042_PORT_COUNT, SERIAL_PORT_COUNT,
+};
+use vmkit_memory::{create_guest_memory, register_memory_slots, MemoryConfig};
+use vmkit_vcpu::{
+    install_kick_handler, kick, setup_entry, setup_fpu, setup_lint, setup_msrs, CpuidConfig,
+    CpuidTemplate, EntryState, Vcpu, VcpuControl, VcpuExitHandler, VcpuStop,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{Args, SerialOutput};
+use crate::event_loop::{ExitWatcher, StdinToSerial};
+use crate::exit::{VmEnd, VmExit};
+
+/// The highest vCPU count: APIC IDs are one byte in the xAPIC MADT entries we write.
+const MAX_CPUS: u32 = 254;
+
+/// The serial port as the VMM holds it: output to stdout, a file, or nowhere.
+pub type GuestSerial = Serial<Box<dyn Write + Send>>;
+
+/// What can go wrong before the guest runs. Each variant is one line for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable nested virtualization)")]
+    NoKvm,
+    #[error("cannot open /dev/kvm: {0} (the user needs read-write access, e.g. membership of group kvm)")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    #[error("cannot create a VM: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("--cpus {0}: at least 1 vCPU is needed")]
+    NoCpus(u32),
+    #[error("--cpus {asked}: this host's KVM allows at most {max}")]
+    TooManyCpus { asked: u32, max: u32 },
+    #[error("--memory {asked} bytes is more than this host's {host} bytes of RAM")]
+    MemoryAboveHost { asked: u64, host: u64 },
+    #[error("--memory: {0}")]
+    Memory(#[from] vmkit_memory::Error),
+    #[error("{0}")]
+    Irq(#[from] vmkit_irq::Error),
+    #[error("cannot create vCPU {index}: {source}")]
+    CreateVcpu {
+        index: u32,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set up vCPU {index}: {source}")]
+    SetupVcpu {
+        index: u32,
+        source: vmkit_vcpu::Error,
+    },
+    #[error("{0}")]
+    Vcpu(#[from] vmkit_vcpu::Error),
+    #[error("cannot read the MSR list: {0}")]
+    MsrList(#[source] kvm_ioctls::Error),
+    #[error("{0}")]
+    Bus(#[from] vmkit_bus::Error),
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Boot(#[from] vmkit_boot::Error),
+    #[error("event loop: {0}")]
+    EventLoop(String),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|source| Error::Open {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The buses as the vCPUs see them.
+struct Buses(IoBus);
+
+impl VcpuExitHandler for Buses {
+    #[inline]
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        let _ = self.0.pio_read(port, data);
+    }
+    #[inline]
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        let _ = self.0.pio_write(port, data);
+    }
+    #[inline]
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        let _ = self.0.mmio_read(addr, data);
+    }
+    #[inline]
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        let _ = self.0.mmio_write(addr, data);
+    }
+}
+
+fn open_kvm() -> Result<Kvm, Error> {
+    if !Path::new("/dev/kvm").exists() {
+        return Err(Error::NoKvm);
+    }
+    Kvm::new().map_err(Error::KvmOpen)
+}
+
+fn host_ram() -> u64 {
+    // SAFETY: sysconf only reads system configuration.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn cpu_time_us() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value for getrusage to overwrite.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes into the rusage we own.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn check_cpus(kvm: &Kvm, cpus: u32) -> Result<(), Error> {
+    if cpus == 0 {
+        return Err(Error::NoCpus(cpus));
+    }
+    let max = (kvm.get_max_vcpus() as u32).min(MAX_CPUS);
+    if cpus > max {
+        return Err(Error::TooManyCpus { asked: cpus, max });
+    }
+    Ok(())
+}
+
+/// Creates and sets up every vCPU; only the boot vCPU gets an entry state, later.
+fn create_vcpus(kvm: &Kvm, vm: &VmFd, cpus: u32) -> Result<Vec<Vcpu>, Error> {
+    let template = CpuidTemplate::from_kvm(kvm)?;
+    let cpuid_cfg = CpuidConfig {
+        num_cpus: cpus,
+        masks: Vec::new(),
+    };
+    let msr_list = kvm.get_msr_index_list().map_err(Error::MsrList)?;
+    (0..cpus)
+        .map(|index| {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(|source| Error::CreateVcpu { index, source })?;
+            let setup = |fd: &kvm_ioctls::VcpuFd| -> Result<(), vmkit_vcpu::Error> {
+                let cpuid = template.for_vcpu(index, &cpuid_cfg)?;
+                fd.set_cpuid2(&cpuid)
+                    .map_err(vmkit_vcpu::Error::SupportedCpuid)?;
+                setup_msrs(fd, msr_list.as_slice())?;
+                setup_fpu(fd)?;
+                setup_lint(fd)
+            };
+            setup(&fd).map_err(|source| Error::SetupVcpu { index, source })?;
+            Ok(Vcpu::new(fd, index))
+        })
+        .collect()
+}
+
+fn serial_output(spec: &SerialOutput) -> Result<Box<dyn Write + Send>, Error> {
+    Ok(match spec {
+        SerialOutput::Stdio => Box::new(std::io::stdout()),
+        SerialOutput::Off => Box::new(std::io::sink()),
+        SerialOutput::File(p) => Box::new(File::create(p).map_err(|source| Error::Open {
+            what: "serial output file",
+            path: p.display().to_string(),
+            source,
+        })?),
+    })
+}
+
+/// Boots the VM described by `args` and runs it to its end.
+pub fn run(args: &Args) -> Result<VmEnd, Error> {
+    // Inputs first: a missing file is reported before anything is created.
+    let mut kernel = open("kernel", &args.kernel)?;
+    let mut initrd = args
+        .initramfs
+        .as_deref()
+        .map(|p| open("initramfs", p))
+        .transpose()?;
+
+    // KVM and guest memory.
+    let kvm = open_kvm()?;
+    check_cpus(&kvm, args.cpus)?;
+    let host = host_ram();
+    if args.memory > host {
+        return Err(Error::MemoryAboveHost {
+            asked: args.memory,
+            host,
+        });
+    }
+    let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+    let mem: GuestMemoryMmap = create_guest_memory(&MemoryConfig::new(args.memory))?;
+    let _slots = register_memory_slots(&vm, &mem)?;
+
+    // Interrupt controller, then vCPUs.
+    let irqchip = Irqchip::new(&vm, IrqchipConfig::default())?;
+    let mut vcpus = create_vcpus(&kvm, &vm, args.cpus)?;
+
+    // Buses and devices.
+    let exit = Arc::new(VmExit::new().map_err(Error::EventFd)?);
+    let notifier: Arc<dyn ExitNotifier> = exit.clone();
+    let mut bus = IoBus::new();
+    let com1_irq: Arc<dyn InterruptLine> = Arc::new(irqchip.line(&vm, COM1_GSI)?);
+    // With stdio, the UART tells the stdin forwarder when the guest has drained its FIFO.
+    let input_drained = match args.serial {
+        SerialOutput::Stdio => Some(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
+        _ => None,
+    };
+    let serial = Arc::new(Mutex::new(GuestSerial::with_config(SerialConfig {
+        interrupt: com1_irq,
+        out: serial_output(&args.serial)?,
+        input_drained: input_drained
+            .as_ref()
+            .map(EventFd::try_clone)
+            .transpose()
+            .map_err(Error::EventFd)?,
+    })));
+    bus.register_pio(pio_range(COM1_PORT, SERIAL_PORT_COUNT)?, serial.clone())?;
+    bus.register_pio(
+        pio_range(I8042_PORT, I8042_PORT_COUNT)?,
+        Arc::new(Mutex::new(I8042::new(notifier.clone()))),
+    )?;
+    bus.register_pio(
+        pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?,
+        Arc::new(Mutex::new(AcpiSleep::new(
+            notifier,
+            AcpiSleepConfig::default(),
+        ))),
+    )?;
+    let debug_port = Arc::new(DebugPort::new());
+    bus.register_pio(pio_range(DEBUG_PORT, DEBUG_PORT_COUNT)?, debug_port.clone())?;
+
+    // Kernel, boot parameters and ACPI tables.
+    let acpi = vmkit_boot::AcpiConfig {
+        num_cpus: args.cpus,
+        ..Default::default()
+    };
+    let rsdp = vmkit_boot::create_acpi_tables(&mem, &acpi)?;
+    let loaded = vmkit_boot::load(
+        &mem,
+        &mut kernel,
+        BootConfig {
+            cmdline: &args.cmdline,
+            initrd: initrd.as_mut(),
+            protocol: if args.no_pvh {
+                ProtocolChoice::Linux64
+            } else {
+                ProtocolChoice::Auto
+            },
+            rsdp: Some(rsdp),
+        },
+    )?;
+    let entry = match loaded.entry {
+        EntryPoint::Linux64 { entry, boot_params } => EntryState::Linux64 { entry, boot_params },
+        EntryPoint::Pvh { entry, start_info } => EntryState::Pvh { entry, start_info },
+    };
+    setup_entry(vcpus[0].fd(), &mem, entry)?;
+
+    // Run: one thread per vCPU, this thread runs the event loop.
+    install_kick_handler()?;
+    if args.stats {
+        // For the start-up benchmark: when setup ended (CLOCK_MONOTONIC, comparable with the
+        // parent's clock) and how much CPU the VMM used until then.
+        eprintln!(
+            "vmkit: entering guest at monotonic_ns={} cpu_us={}",
+            monotonic_ns(),
+            cpu_time_us()
+        );
+    }
+    let buses = Arc::new(Buses(bus));
+    let control = VcpuControl::new();
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for mut vcpu in vcpus.drain(..) {
+        let (buses, control, exit) = (buses.clone(), control.clone(), exit.clone());
+        let t = thread::Builder::new()
+            .name(format!("vcpu{}", vcpu.index()))
+            .spawn(move || {
+                match vcpu.run(&*buses, &control) {
+                    Ok(VcpuStop::Stopped) => {}
+                    Ok(VcpuStop::Reset) => exit.end(VmEnd::Reset),
+                    Ok(VcpuStop::PowerOff) => exit.end(VmEnd::PowerOff),
+                    Ok(VcpuStop::Crash) => exit.end(VmEnd::Failed("the guest crashed".into())),
+                    Ok(VcpuStop::Halted) => {
+                        exit.end(VmEnd::Failed(format!("vCPU {} halted", vcpu.index())))
+                    }
+                    Err(e) => exit.end(VmEnd::Failed(e.to_string())),
+                }
+                vcpu.stats()
+            })
+            .map_err(Error::Thread)?;
+        threads.push(t);
+    }
+
+    let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+    if let Some(drained) = input_drained {
+        events.add_subscriber(Arc::new(Mutex::new(StdinToSerial::new(
+            serial.clone(),
+            drained,
+        ))));
+    }
+    let end = loop {
+        if let Some(end) = exit.reason() {
+            break end;
+        }
+        if let Err(e) = events.run() {
+            let msg = format!("event loop: {e:?}");
+            exit.end(VmEnd::Failed(msg));
+        }
+    };
+
+    // Stop every vCPU and collect its counters.
+    control.stop();
+    for t in &threads {
+        // A thread that already returned cannot be signalled; that is fine.
+        let _ = kick(t);
+    }
+    for (i, t) in threads.into_iter().enumerate() {
+        let stats = t.join();
+        if args.stats {
+            if let Ok(s) = stats {
+                eprintln!(
+                    "vmkit: vcpu{i}: {} pio exits, {} mmio exits, {} interrupted",
+                    s.pio_exits, s.mmio_exits, s.interrupted
+                );
+            }
+        }
+    }
+    if args.stats {
+        let d = debug_port.stats();
+        eprintln!("vmkit: debug port: {} writes", d.writes);
+    }
+    let _ = std::io::stdout().flush();
+    Ok(end)
+}

@@ -1,0 +1,127 @@
+//! Boot the PVH test guest in `vmkit` and check what it reports about the machine.
+
+mod common;
+
+use common::{boot_guest, have_kvm};
+
+fn lines_with<'a>(out: &'a str, prefix: &str) -> Vec<&'a str> {
+    out.lines().filter(|l| l.starts_with(prefix)).collect()
+}
+
+fn check_smp_boot(cpus: u32) {
+    if !have_kvm() {
+        return;
+    }
+    let (code, out, err) = boot_guest(cpus, "128M", "test=smp exit=poweroff");
+    let ctx = format!("stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(code, Some(0), "exit status\n{ctx}");
+    assert_eq!(out.lines().next(), Some("vmkit-test-guest: ready"), "{ctx}");
+    assert!(out.contains("cmdline: test=smp exit=poweroff"), "{ctx}");
+    assert!(out.contains(&format!("cpus: {cpus} (madt)")), "{ctx}");
+    assert!(out.contains("ioapic: 0xfec00000 gsi 0"), "{ctx}");
+    for i in 0..cpus {
+        assert!(
+            out.contains(&format!("cpu {i}: apic {i} online")),
+            "cpu {i} did not report\n{ctx}"
+        );
+    }
+    assert!(out.contains(&format!("smp: {cpus}/{cpus} online")), "{ctx}");
+    assert!(out.contains("test smp: ok"), "{ctx}");
+    assert!(out.contains("exit: poweroff"), "{ctx}");
+}
+
+#[test]
+fn boots_with_1_vcpu() {
+    check_smp_boot(1);
+}
+
+#[test]
+fn boots_with_2_vcpus() {
+    check_smp_boot(2);
+}
+
+#[test]
+fn boots_with_4_vcpus() {
+    check_smp_boot(4);
+}
+
+#[test]
+fn memory_map_matches_the_configured_ram() {
+    if !have_kvm() {
+        return;
+    }
+    let (code, out, err) = boot_guest(1, "256M", "exit=poweroff");
+    let ctx = format!("stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(code, Some(0), "{ctx}");
+    let map = lines_with(&out, "memmap: ");
+    assert!(
+        map.contains(&"memmap: 0x0000000000000000-0x000000000009fbff ram"),
+        "low RAM entry\n{ctx}"
+    );
+    assert!(
+        map.contains(&"memmap: 0x0000000000100000-0x000000000fffffff ram"),
+        "RAM from 1 MiB to 256 MiB\n{ctx}"
+    );
+    // All RAM but the legacy hole [0x9fc00, 0x100000): 256 MiB - 385 KiB, rounded down.
+    assert!(out.contains("memory: 255 MiB ram"), "{ctx}");
+}
+
+#[test]
+fn memory_above_4g_is_reported_above_the_gap() {
+    if !have_kvm() {
+        return;
+    }
+    let (code, out, err) = boot_guest(1, "3200M", "exit=poweroff");
+    let ctx = format!("stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(code, Some(0), "{ctx}");
+    assert!(
+        out.contains("memmap: 0x0000000100000000-0x0000000107ffffff ram"),
+        "RAM above 4 GiB: 3200M - 3072M = 128 MiB\n{ctx}"
+    );
+}
+
+#[test]
+fn timer_and_serial_interrupts_arrive() {
+    if !have_kvm() {
+        return;
+    }
+    let (code, out, err) = boot_guest(2, "128M", "test=timer,serial-irq");
+    let ctx = format!("stdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(code, Some(0), "{ctx}");
+    assert!(out.contains("test timer: ok"), "{ctx}");
+    assert!(out.contains("test serial-irq: ok"), "{ctx}");
+}
+
+#[test]
+fn reset_ends_the_vmm_with_status_0() {
+    if !have_kvm() {
+        return;
+    }
+    let (code, out, err) = boot_guest(1, "128M", "exit=reset");
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("exit: reset"), "{out}");
+}
+
+#[test]
+fn pio_bench_goes_through_the_bus() {
+    if !have_kvm() {
+        return;
+    }
+    let guest = common::test_guest();
+    let out = common::vmkit(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cmdline",
+            "bench=pio:2000",
+            "--stats",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("bench pio: 2000 exits"), "{stdout}");
+    // The debug port saw every write (and nothing else writes it in this run).
+    assert!(stderr.contains("debug port: 2000 writes"), "{stderr}");
+}

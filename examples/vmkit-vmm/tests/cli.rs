@@ -1,0 +1,162 @@
+//! Every command-line failure is one clear line on stderr and a non-zero status.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{have_kvm, vmkit};
+
+fn fails_with(args: &[&str], needle: &str) {
+    let out = vmkit(args, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{args:?} succeeded");
+    assert!(
+        out.status.code().is_some(),
+        "{args:?} died of a signal: {err}"
+    );
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: expected one line, got:\n{err}");
+    assert!(lines[0].starts_with("vmkit: "), "{err}");
+    assert!(
+        lines[0].contains(needle),
+        "{args:?}: {err:?} does not say {needle:?}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_kernel_file() {
+    fails_with(
+        &["--kernel", "/nonexistent/vmlinux"],
+        "cannot open kernel /nonexistent/vmlinux",
+    );
+}
+
+#[test]
+fn kernel_that_is_not_a_kernel() {
+    if !have_kvm() {
+        return;
+    }
+    let f = std::env::temp_dir().join(format!("vmkit-not-a-kernel-{}", std::process::id()));
+    std::fs::write(&f, vec![0x5au8; 8192]).unwrap();
+    fails_with(&["--kernel", f.to_str().unwrap()], "not a kernel");
+    let _ = std::fs::remove_file(&f);
+}
+
+#[test]
+fn unreadable_initramfs() {
+    let guest = common::test_guest();
+    fails_with(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--initramfs",
+            "/nonexistent/initrd",
+        ],
+        "cannot open initramfs /nonexistent/initrd",
+    );
+}
+
+#[test]
+fn memory_too_small_for_the_image() {
+    if !have_kvm() {
+        return;
+    }
+    let guest = common::test_guest();
+    // 1 MiB holds no kernel loaded at 1 MiB.
+    fails_with(
+        &["--kernel", guest.to_str().unwrap(), "--memory", "1M"],
+        "memory",
+    );
+}
+
+#[test]
+fn memory_larger_than_the_host() {
+    if !have_kvm() {
+        return;
+    }
+    let guest = common::test_guest();
+    fails_with(
+        &["--kernel", guest.to_str().unwrap(), "--memory", "900G"],
+        "more than this host's",
+    );
+}
+
+#[test]
+fn zero_cpus() {
+    if !have_kvm() {
+        return;
+    }
+    let guest = common::test_guest();
+    fails_with(
+        &["--kernel", guest.to_str().unwrap(), "--cpus", "0"],
+        "at least 1 vCPU",
+    );
+}
+
+#[test]
+fn too_many_cpus() {
+    if !have_kvm() {
+        return;
+    }
+    let guest = common::test_guest();
+    fails_with(
+        &["--kernel", guest.to_str().unwrap(), "--cpus", "100000"],
+        "allows at most",
+    );
+}
+
+#[test]
+fn malformed_sizes() {
+    for bad in ["lots", "12Q", "1.5G", ""] {
+        fails_with(&["--kernel", "k", "--memory", bad], "--memory");
+    }
+}
+
+#[test]
+fn malformed_serial() {
+    fails_with(&["--kernel", "k", "--serial", "tty"], "--serial");
+}
+
+#[test]
+fn missing_kernel_flag() {
+    fails_with(&[], "--kernel");
+}
+
+#[test]
+fn no_permission_on_dev_kvm() {
+    // Needs root to drop to an unprivileged user, and a /dev/kvm that user cannot open.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root || !have_kvm() {
+        eprintln!("not root or no KVM: permission test not run");
+        return;
+    }
+    let meta = std::fs::metadata("/dev/kvm").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    if meta.permissions().mode() & 0o006 != 0 {
+        eprintln!("/dev/kvm is world-accessible here: permission test not run");
+        return;
+    }
+    let guest = common::test_guest();
+    let kernel = std::env::temp_dir().join(format!("vmkit-perm-guest-{}", std::process::id()));
+    std::fs::copy(&guest, &kernel).unwrap();
+    std::fs::set_permissions(&kernel, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(env!("CARGO_BIN_EXE_vmkit"))
+        .args(["--kernel", kernel.to_str().unwrap()])
+        .output()
+        .expect("setpriv (util-linux)");
+    let _ = std::fs::remove_file(&kernel);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot open /dev/kvm") && err.contains("ermission"),
+        "{err}"
+    );
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Runs every check and test of the workspace: formatting, clippy, docs, unit and integration
+# tests (the KVM ones wherever /dev/kvm exists), and the test guest's build.
+# Installs what the tests need when it is missing and we are root: iasl (acpica-tools), for
+# the ACPI table test that checks our tables with an independent disassembler.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v iasl >/dev/null || need_apt+=(acpica-tools)
+command -v setpriv >/dev/null || need_apt+=(util-linux)
+command -v xz >/dev/null || need_apt+=(xz-utils)
+command -v zstd >/dev/null || need_apt+=(zstd)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "==> installing ${need_apt[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  else
+    echo "missing: ${need_apt[*]} (install them, e.g. sudo apt-get install ${need_apt[*]})" >&2
+    exit 1
+  fi
+fi
+
+echo "==> cargo fmt --check" >&2
+cargo fmt --all -- --check
+(cd examples/test-guest && cargo fmt -- --check)
+echo "==> cargo clippy" >&2
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "==> cargo doc" >&2
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+echo "==> test guest build" >&2
+(cd examples/test-guest && cargo build --release --quiet)
+echo "==> cargo test" >&2
+cargo test --workspace
