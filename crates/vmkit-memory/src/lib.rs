@@ -73,8 +73,11 @@ pub enum Error {
         huge_page: u64,
     },
     /// mmap of a region failed (for huge pages: usually too few reserved huge pages).
-    #[error("cannot map {size} bytes of guest memory at {addr:#x}: {source}")]
+    #[error("cannot map {size} bytes of guest memory at {addr:#x}{}: {source}",
+        if *.huge_pages { " from the hugetlb pool (is /proc/sys/vm/nr_hugepages large enough?)" } else { "" })]
     Mmap {
+        /// Whether huge pages were asked for.
+        huge_pages: bool,
         /// Guest physical address of the region.
         addr: u64,
         /// Size of the region.
@@ -219,6 +222,7 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
             .with_hugetlbfs(config.backing == Backing::HugePages)
             .build()
             .map_err(|source| Error::Mmap {
+                huge_pages: config.backing == Backing::HugePages,
                 addr: addr.0,
                 size,
                 source,

@@ -23,6 +23,10 @@ pub struct Args {
     /// Guest RAM, e.g. 512M or 2G (K, M, G, T: powers of 1024).
     #[arg(long, default_value = "128M", value_parser = parse_size, value_name = "SIZE")]
     pub memory: u64,
+    /// Back guest RAM with 2 MiB pages from the host's hugetlb pool
+    /// (`/proc/sys/vm/nr_hugepages` must hold enough).
+    #[arg(long)]
+    pub hugepages: bool,
     /// Where COM1 goes: stdio, file=PATH or off.
     #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "WHERE")]
     pub serial: SerialOutput,

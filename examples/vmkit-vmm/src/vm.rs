@@ -20,7 +20,7 @@ use vmkit_legacy::{
     ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT, I8042, I8042_PORT,
     I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
-use vmkit_memory::{create_guest_memory, register_memory_slots, MemoryConfig};
+use vmkit_memory::{create_guest_memory, register_memory_slots, Backing, MemoryConfig};
 use vmkit_vcpu::{
     install_kick_handler, kick, setup_entry, setup_fpu, setup_lint, setup_msrs, CpuidConfig,
     CpuidTemplate, EntryState, Vcpu, VcpuControl, VcpuExitHandler, VcpuStop,
@@ -223,7 +223,14 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
         });
     }
     let vm = kvm.create_vm().map_err(Error::CreateVm)?;
-    let mem: GuestMemoryMmap = create_guest_memory(&MemoryConfig::new(args.memory))?;
+    let mem: GuestMemoryMmap = create_guest_memory(&MemoryConfig {
+        size: args.memory,
+        backing: if args.hugepages {
+            Backing::HugePages
+        } else {
+            Backing::Anonymous
+        },
+    })?;
     let _slots = register_memory_slots(&vm, &mem)?;
 
     // Interrupt controller, then vCPUs.

@@ -160,3 +160,35 @@ fn no_permission_on_dev_kvm() {
         "{err}"
     );
 }
+
+#[test]
+fn hugepages_boot_or_say_why_not() {
+    if !have_kvm() {
+        return;
+    }
+    let guest = common::test_guest();
+    let pool: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    let args = [
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--hugepages",
+        "--cmdline",
+        "exit=poweroff",
+    ];
+    if pool >= 32 {
+        let out = vmkit(&args, Duration::from_secs(60));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        fails_with(&args, "nr_hugepages");
+    }
+}
