@@ -6,19 +6,26 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The Debian kernel the loader tests check against is fetched with apt-get download (see
+# crates/vmkit-boot/tests/fetch-debian-kernel.sh) into ~/.cache/vmkit, once per machine.
 need_apt=()
 command -v iasl >/dev/null || need_apt+=(acpica-tools)
 command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v xz >/dev/null || need_apt+=(xz-utils)
 command -v zstd >/dev/null || need_apt+=(zstd)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then
-    echo "==> installing ${need_apt[*]}" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-  else
-    echo "missing: ${need_apt[*]} (install them, e.g. sudo apt-get install ${need_apt[*]})" >&2
-    exit 1
+command -v lz4 >/dev/null || need_apt+=(lz4)
+kernel_cache="${VMKIT_CACHE_DIR:-$HOME/.cache/vmkit}/debian-kernel/vmlinux"
+if [ "$(id -u)" = 0 ]; then
+  if [ ${#need_apt[@]} -gt 0 ] || [ ! -s "$kernel_cache" ]; then
+    echo "==> apt-get update${need_apt[*]:+, installing ${need_apt[*]}}" >&2
+    apt-get update -qq
+    if [ ${#need_apt[@]} -gt 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    fi
   fi
+elif [ ${#need_apt[@]} -gt 0 ]; then
+  echo "missing: ${need_apt[*]} (install them, e.g. sudo apt-get install ${need_apt[*]})" >&2
+  exit 1
 fi
 
 echo "==> cargo fmt --check" >&2
