@@ -37,5 +37,7 @@ echo "==> cargo doc" >&2
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "==> test guest build" >&2
 (cd examples/test-guest && cargo build --release --quiet)
+echo "==> cargo package (every library crate packages and builds on its own)" >&2
+cargo package --workspace --quiet --allow-dirty >/dev/null
 echo "==> cargo test" >&2
 cargo test --workspace

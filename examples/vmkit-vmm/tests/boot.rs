@@ -125,3 +125,22 @@ fn pio_bench_goes_through_the_bus() {
     // The debug port saw every write (and nothing else writes it in this run).
     assert!(stderr.contains("debug port: 2000 writes"), "{stderr}");
 }
+
+#[test]
+fn the_guide_s_minimal_vmm_boots_the_guest() {
+    if !have_kvm() {
+        return;
+    }
+    let minimal = env!("CARGO_BIN_EXE_vmkit-minimal");
+    let guest = common::test_guest();
+    let out = std::process::Command::new(minimal)
+        .args([guest.to_str().unwrap(), "test=smp"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("smp: 2/2 online"), "{stdout}");
+    assert!(stderr.contains("guest ended: Some(PowerOff)"), "{stderr}");
+}
