@@ -36,23 +36,72 @@ fn monotonic_ns() -> u64 {
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Runs `vmkit` once; times the ready line and the exit, reads its rusage.
-fn run_vmkit(vmkit: &Path, guest: &Path, memory: &str, cmdline: &str) -> Result<Run, String> {
+/// The two VMMs, booting the same guest.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Vmkit,
+    Qemu,
+}
+
+impl Vmm {
+    fn name(self) -> &'static str {
+        match self {
+            Vmm::Vmkit => "vmkit",
+            Vmm::Qemu => "QEMU microvm",
+        }
+    }
+
+    fn command(self, vmkit: &Path, guest: &Path, memory: &str, cmdline: &str) -> Command {
+        let guest = guest.to_str().unwrap_or_default();
+        match self {
+            Vmm::Vmkit => {
+                let mut c = Command::new(vmkit);
+                c.args([
+                    "--kernel",
+                    guest,
+                    "--memory",
+                    memory,
+                    "--cmdline",
+                    cmdline,
+                    "--stats",
+                ]);
+                c
+            }
+            Vmm::Qemu => {
+                let mut c = Command::new("qemu-system-x86_64");
+                c.args([
+                    "-M",
+                    "microvm",
+                    "-enable-kvm",
+                    "-cpu",
+                    "host,-arch-capabilities",
+                ])
+                .args(["-m", memory, "-smp", "1", "-nodefaults", "-no-user-config"])
+                .args(["-nographic", "-serial", "stdio", "-no-reboot"])
+                .args(["-kernel", guest, "-append", cmdline]);
+                c
+            }
+        }
+    }
+}
+
+/// Runs a VMM once; times the ready line and the exit, reads its rusage.
+fn run_vmm(
+    vmm: Vmm,
+    vmkit: &Path,
+    guest: &Path,
+    memory: &str,
+    cmdline: &str,
+) -> Result<Run, String> {
     let t0 = monotonic_ns();
     let start = Instant::now();
-    let mut child = Command::new(vmkit)
-        .args([
-            "--kernel",
-            guest.to_str().unwrap_or_default(),
-            "--memory",
-            memory,
-        ])
-        .args(["--cmdline", cmdline, "--stats"])
+    let mut child = vmm
+        .command(vmkit, guest, memory, cmdline)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("spawn {}: {e}", vmkit.display()))?;
+        .map_err(|e| format!("spawn {}: {e}", vmm.name()))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let mut ready_ms = None;
     let mut lines = Vec::new();
@@ -77,7 +126,8 @@ fn run_vmkit(vmkit: &Path, guest: &Path, memory: &str, cmdline: &str) -> Result<
     let exit_ms = start.elapsed().as_secs_f64() * 1e3;
     if r != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
         return Err(format!(
-            "vmkit failed (status {status}): {stderr}\n{}",
+            "{} failed (status {status}): {stderr}\n{}",
+            vmm.name(),
             lines.join("\n")
         ));
     }
@@ -212,72 +262,142 @@ fn main() {
         std::process::exit(1)
     };
 
-    println!("## Start-up ({runs} runs, 1 vCPU, 128 MiB, guest `exit=poweroff`)\n");
-    let mut rs = Vec::new();
-    for _ in 0..runs {
-        rs.push(run_vmkit(&vmkit, &guest, "128M", "exit=poweroff").unwrap_or_else(|e| fail(e)));
-    }
-    let row = |name: &str, v: Vec<f64>| {
-        let (min, med, max) = stats(v);
-        println!("| {name} | {min:.2} | {med:.2} | {max:.2} |");
-    };
-    println!("| figure | min | median | max |\n|---|---|---|---|");
-    row(
-        "process start → entering the guest (ms)",
-        rs.iter().filter_map(|r| r.setup_ms).collect(),
-    );
-    row(
-        "VMM CPU time until guest entry (ms)",
-        rs.iter().filter_map(|r| r.setup_cpu_ms).collect(),
-    );
-    row(
-        "process start → guest ready line (ms)",
-        rs.iter().map(|r| r.ready_ms).collect(),
-    );
-    row(
-        "process start → process exit (ms)",
-        rs.iter().map(|r| r.exit_ms).collect(),
-    );
-    row(
-        "VMM CPU time, whole run (ms)",
-        rs.iter().map(|r| r.total_cpu_ms).collect(),
-    );
-
-    println!("\n## Footprint (peak RSS of the vmkit process, guest `exit=poweroff`)\n");
-    println!("| guest memory | peak RSS (MiB), median of 5 |\n|---|---|");
-    for mem in ["128M", "1G"] {
-        let v = (0..5)
-            .map(|_| {
-                run_vmkit(&vmkit, &guest, mem, "exit=poweroff")
-                    .map(|r| r.max_rss_kib as f64 / 1024.0)
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap_or_else(|e| fail(e));
-        println!("| {mem} | {:.2} |", stats(v).1);
-    }
-
-    println!("\n## PIO exit round trip ({pio} `out 0x80, al` at guest CPL3)\n");
-    let cmd = format!("bench=pio:{pio}");
-    let out = Command::new(&vmkit)
-        .args([
-            "--kernel",
-            guest.to_str().unwrap_or_default(),
-            "--cmdline",
-            &cmd,
-        ])
-        .stdin(Stdio::null())
+    let have_qemu = Command::new("qemu-system-x86_64")
+        .arg("--version")
         .output()
-        .unwrap_or_else(|e| fail(e.to_string()));
-    let vm_out = String::from_utf8_lossy(&out.stdout).into_owned();
-    let ours = guest_pio_ns(&vm_out).unwrap_or_else(|| fail(format!("no bench line:\n{vm_out}")));
+        .is_ok_and(|o| o.status.success());
+    let vmms: Vec<Vmm> = if have_qemu {
+        vec![Vmm::Vmkit, Vmm::Qemu]
+    } else {
+        eprintln!("vmkit-bench: qemu-system-x86_64 not found: QEMU columns left out");
+        vec![Vmm::Vmkit]
+    };
+
+    println!(
+        "## Start-up ({runs} runs each, alternating, 1 vCPU, 128 MiB, guest `exit=poweroff`)\n"
+    );
+    let mut rs: Vec<Vec<Run>> = vmms.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (i, &vmm) in vmms.iter().enumerate() {
+            let r =
+                run_vmm(vmm, &vmkit, &guest, "128M", "exit=poweroff").unwrap_or_else(|e| fail(e));
+            rs[i].push(r);
+        }
+    }
+    let cell = |v: Vec<f64>| -> (String, f64) {
+        if v.is_empty() {
+            return ("–".into(), f64::NAN);
+        }
+        let (min, med, max) = stats(v);
+        (format!("{med:.2} ({min:.2}–{max:.2})"), med)
+    };
+    let header = vmms
+        .iter()
+        .map(|v| v.name())
+        .collect::<Vec<_>>()
+        .join(" | ");
+    let ratio_col = vmms.len() > 1;
+    println!(
+        "| median (min–max), ms | {header} |{}",
+        if ratio_col { " vmkit / QEMU |" } else { "" }
+    );
+    println!(
+        "|---|{}",
+        "---|".repeat(vmms.len() + usize::from(ratio_col))
+    );
+    let row = |name: &str, f: &dyn Fn(&Run) -> Option<f64>| {
+        let cells: Vec<(String, f64)> = rs
+            .iter()
+            .map(|runs| cell(runs.iter().filter_map(f).collect()))
+            .collect();
+        let text = cells
+            .iter()
+            .map(|c| c.0.clone())
+            .collect::<Vec<_>>()
+            .join(" | ");
+        let ratio = if ratio_col && cells[1].1.is_finite() && cells[0].1.is_finite() {
+            format!(" {:.2} |", cells[0].1 / cells[1].1)
+        } else if ratio_col {
+            " – |".into()
+        } else {
+            String::new()
+        };
+        println!("| {name} | {text} |{ratio}");
+    };
+    row("process start → entering the guest", &|r| r.setup_ms);
+    row("VMM CPU time until guest entry", &|r| r.setup_cpu_ms);
+    row("process start → guest ready line", &|r| Some(r.ready_ms));
+    row("process start → process exit", &|r| Some(r.exit_ms));
+    row("VMM CPU time, whole run", &|r| Some(r.total_cpu_ms));
+
+    println!("\n## Footprint (peak RSS of the VMM process, guest `exit=poweroff`, median of 5)\n");
+    println!(
+        "| guest memory | {} |{}",
+        vmms.iter()
+            .map(|v| format!("{} (MiB)", v.name()))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        if ratio_col { " vmkit / QEMU |" } else { "" }
+    );
+    println!(
+        "|---|{}",
+        "---|".repeat(vmms.len() + usize::from(ratio_col))
+    );
+    for mem in ["128M", "1G"] {
+        let meds: Vec<f64> = vmms
+            .iter()
+            .map(|&vmm| {
+                let v = (0..5)
+                    .map(|_| {
+                        run_vmm(vmm, &vmkit, &guest, mem, "exit=poweroff")
+                            .map(|r| r.max_rss_kib as f64 / 1024.0)
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .unwrap_or_else(|e| fail(e));
+                stats(v).1
+            })
+            .collect();
+        let text = meds
+            .iter()
+            .map(|m| format!("{m:.2}"))
+            .collect::<Vec<_>>()
+            .join(" | ");
+        let ratio = if ratio_col {
+            format!(" {:.2} |", meds[0] / meds[1])
+        } else {
+            String::new()
+        };
+        println!("| {mem} | {text} |{ratio}");
+    }
+
+    println!("\n## PIO exit round trip ({pio} `out 0x80, al` at guest CPL3, ns per exit by the guest's TSC)\n");
+    let cmd = format!("bench=pio:{pio}");
+    let pio_of = |vmm: Vmm| -> f64 {
+        let out = vmm
+            .command(&vmkit, &guest, "128M", &cmd)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| fail(e.to_string()));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        guest_pio_ns(&text)
+            .unwrap_or_else(|| fail(format!("{}: no bench line:\n{text}", vmm.name())))
+    };
+    let ours = pio_of(Vmm::Vmkit);
     let (bare_out, bare_wall) = bare_loop(&guest, &cmd).unwrap_or_else(|e| fail(e));
     let bare =
         guest_pio_ns(&bare_out).unwrap_or_else(|| fail(format!("no bench line:\n{bare_out}")));
-    println!("| loop | ns per exit (guest TSC) |\n|---|---|");
-    println!("| vmkit: vCPU run loop → IoBus → DebugPort | {ours:.0} |");
-    println!("| bare kvm-ioctls loop (`match` on the exit) | {bare:.0} |");
+    println!("| loop | ns per exit | relative to the bare loop |\n|---|---|---|");
+    println!("| bare kvm-ioctls loop (`match` on the exit, no bus) | {bare:.0} | 1.000 |");
     println!(
-        "\nvmkit / bare = {:.3} (bare loop host wall time per exit: {bare_wall:.0} ns)",
+        "| vmkit: `Vcpu::run` → `IoBus` → `DebugPort` | {ours:.0} | {:.3} |",
         ours / bare
     );
+    if have_qemu {
+        let q = pio_of(Vmm::Qemu);
+        println!(
+            "| QEMU microvm (unassigned port) | {q:.0} | {:.3} |",
+            q / bare
+        );
+    }
+    println!("\nBare loop, host wall time per exit: {bare_wall:.0} ns.");
 }
