@@ -361,13 +361,19 @@ fn load_elf<M: GuestMemoryBackend>(
                 "truncated ELF program headers".into(),
             ));
         }
-        if phdr.p_type != PT_LOAD || phdr.p_memsz == 0 {
+        if phdr.p_type != PT_LOAD {
             continue;
         }
+        // Checked before skipping empty segments: linux-loader copies `p_filesz` bytes of
+        // every PT_LOAD segment, whatever its `p_memsz`, so a segment with file bytes and
+        // `p_memsz == 0` must be refused, not skipped unchecked.
         if phdr.p_filesz > phdr.p_memsz {
             return Err(Error::UnsupportedKernel(
                 "ELF segment with p_filesz larger than p_memsz".into(),
             ));
+        }
+        if phdr.p_memsz == 0 {
+            continue;
         }
         let seg_end = phdr
             .p_paddr
