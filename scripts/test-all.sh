@@ -39,8 +39,8 @@ echo "==> test guest build" >&2
 (cd examples/test-guest && cargo build --release --quiet)
 echo "==> cargo package (every library crate packages and builds on its own)" >&2
 cargo package --workspace --quiet --allow-dirty >/dev/null
-echo "==> cargo test" >&2
-cargo test --workspace
 echo "==> fuzz smoke (every fuzz target, reproducers replayed, ${VMKIT_FUZZ_SECS:-10} s each)" >&2
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
 fuzz/smoke.sh "${VMKIT_FUZZ_SECS:-10}"
+echo "==> cargo test (last, so its summary closes the output)" >&2
+cargo test --workspace
