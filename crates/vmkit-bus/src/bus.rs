@@ -565,44 +565,4 @@ mod tests {
         }
         assert_eq!(log(&dev).len(), 400);
     }
-
-    /// Rough cost of a PIO dispatch to a lock-free device among a PC's worth of ranges.
-    /// `cargo test -p vmkit-bus --release -- --ignored --nocapture dispatch_cost`
-    #[test]
-    #[ignore = "timing, run in release by hand"]
-    fn dispatch_cost() {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        struct Counter(AtomicU64);
-        impl DevicePio for Counter {
-            fn pio_read(&self, _: PioAddress, _: PioAddressOffset, data: &mut [u8]) {
-                data.fill(0);
-            }
-            fn pio_write(&self, _: PioAddress, _: PioAddressOffset, _: &[u8]) {
-                self.0.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        let mut bus = IoBus::new();
-        for (base, len) in [
-            (0x60, 5),
-            (0x3F8, 8),
-            (0x600, 3),
-            (0x2F8, 8),
-            (0x40, 4),
-            (0x70, 2),
-        ] {
-            bus.register_pio(pio_range(base, len).unwrap(), Recorder::new(0))
-                .unwrap();
-        }
-        let dev = Arc::new(Counter(AtomicU64::new(0)));
-        bus.register_pio(pio_range(0x80, 1).unwrap(), dev.clone())
-            .unwrap();
-        const N: u64 = 10_000_000;
-        let t = std::time::Instant::now();
-        for i in 0..N {
-            let _ = std::hint::black_box(&bus).pio_write(0x80, &[i as u8]);
-        }
-        let per = t.elapsed().as_nanos() as f64 / N as f64;
-        assert_eq!(dev.0.load(Ordering::Relaxed), N);
-        println!("PIO write dispatch: {per:.1} ns");
-    }
 }
