@@ -3,6 +3,7 @@
 //! Reading order: [`config`] (the command line) → [`vm`] (memory, irqchip, vCPUs, buses,
 //! devices, kernel, run) → [`exit`] (how it ends).
 
+mod clock;
 mod config;
 mod event_loop;
 mod exit;

@@ -3,6 +3,7 @@
 //!
 //! (KVM wants the irqchip before the first vCPU, so it comes first of the two.)
 
+use crate::clock::monotonic_ns;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -131,16 +132,6 @@ fn host_ram() -> u64 {
     // SAFETY: as above.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn cpu_time_us() -> u64 {

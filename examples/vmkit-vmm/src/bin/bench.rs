@@ -6,6 +6,9 @@
 //! It reports; it asserts nothing about time. Build the test guest and `vmkit` (release) first;
 //! `scripts/bench.sh` does both and runs this.
 
+#[path = "../clock.rs"]
+mod clock;
+use clock::monotonic_ns;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -24,16 +27,6 @@ struct Run {
     setup_cpu_ms: Option<f64>,
     total_cpu_ms: f64,
     max_rss_kib: u64,
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The two VMMs, booting the same guest.
