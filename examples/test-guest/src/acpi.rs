@@ -9,6 +9,9 @@ use crate::arch::{outb, outl, outw};
 use crate::boot::MAX_CPUS;
 use crate::phys::{self, Le};
 
+/// Largest number of IOAPICs kept from the MADT.
+pub const MAX_IOAPICS: usize = 8;
+
 const HEADER_LEN: usize = 36;
 /// Refuse absurd table lengths (a corrupt header must not make us read 4 GiB).
 const TABLE_MAX: usize = 1 << 20;
@@ -108,6 +111,9 @@ pub struct Acpi {
     pub lapic_addr: u64,
     /// First IOAPIC: (MMIO address, GSI base).
     pub ioapic: Option<(u32, u32)>,
+    /// Every IOAPIC (up to `MAX_IOAPICS`), in MADT order: (address, GSI base).
+    pub ioapics: [(u32, u32); MAX_IOAPICS],
+    pub ioapic_count: usize,
     /// GSI of ISA IRQ 4 (COM1), after interrupt source overrides.
     pub com1_gsi: u32,
     /// FADT SLEEP_CONTROL_REG (hardware-reduced ACPI).
@@ -180,6 +186,8 @@ impl Acpi {
             madt_found: false,
             lapic_addr: 0xfee0_0000,
             ioapic: None,
+            ioapics: [(0, 0); MAX_IOAPICS],
+            ioapic_count: 0,
             com1_gsi: 4,
             sleep_control: None,
             pm1a_control: None,
@@ -235,9 +243,16 @@ impl Acpi {
                 (0, 8..) if flags_enabled(4) => self.add_cpu(u32::from(e[3])),
                 // Processor local x2APIC.
                 (9, 16..) if flags_enabled(8) => self.add_cpu(e.u32_at(4).unwrap_or(0)),
-                // The first IOAPIC.
-                (1, 12..) if self.ioapic.is_none() => {
-                    self.ioapic = Some((e.u32_at(4).unwrap_or(0), e.u32_at(8).unwrap_or(0)));
+                // IOAPICs: the first one is reported, all are kept.
+                (1, 12..) => {
+                    let entry = (e.u32_at(4).unwrap_or(0), e.u32_at(8).unwrap_or(0));
+                    if self.ioapic.is_none() {
+                        self.ioapic = Some(entry);
+                    }
+                    if self.ioapic_count < MAX_IOAPICS {
+                        self.ioapics[self.ioapic_count] = entry;
+                        self.ioapic_count += 1;
+                    }
                 }
                 // Interrupt source override for ISA IRQ 4.
                 (2, 10..) if e[3] == 4 => self.com1_gsi = e.u32_at(4).unwrap_or(4),
@@ -247,6 +262,16 @@ impl Acpi {
             }
             off += len;
         }
+    }
+
+    /// The IOAPIC whose GSI range starts closest below `gsi`: (address, GSI
+    /// base). Whether it has a pin for `gsi` is for the caller to check.
+    pub fn ioapic_for(&self, gsi: u32) -> Option<(u32, u32)> {
+        self.ioapics[..self.ioapic_count]
+            .iter()
+            .copied()
+            .filter(|&(_, base)| base <= gsi)
+            .max_by_key(|&(_, base)| base)
     }
 
     fn add_cpu(&mut self, apic_id: u32) {

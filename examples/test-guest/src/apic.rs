@@ -103,6 +103,21 @@ impl IoApic {
         }
     }
 
+    fn read(&self, index: u32) -> u32 {
+        // SAFETY: as for `write`; reading IOWIN has no side effects.
+        unsafe {
+            mmio_write32(self.base, index);
+            mmio_read32(self.base + 0x10)
+        }
+    }
+
+    /// Whether this IOAPIC has a pin for `gsi` (IOAPICVER bits 23:16 hold
+    /// the highest redirection entry).
+    pub fn serves(&self, gsi: u32) -> bool {
+        let pins = ((self.read(1) >> 16) & 0xff) + 1;
+        gsi.checked_sub(self.gsi_base).is_some_and(|p| p < pins)
+    }
+
     /// Programs the redirection entry of `gsi`: fixed delivery, physical
     /// destination `apic_id`, edge, active high; masked when `masked`.
     /// Returns false when `gsi` is not served by this IOAPIC.

@@ -23,6 +23,8 @@ pub const TRAMPOLINE_ADDR: u64 = 0x8000;
 pub const VECTOR_TIMER: u8 = 0x20;
 /// IOAPIC-routed COM1 interrupt.
 pub const VECTOR_SERIAL: u8 = 0x24;
+/// IOAPIC-routed virtio-mmio device interrupt (`test=virtio-irq`).
+pub const VECTOR_VIRTIO: u8 = 0x25;
 /// LAPIC spurious-interrupt vector.
 pub const VECTOR_SPURIOUS: u8 = 0xff;
 
@@ -35,11 +37,14 @@ mod raw {
         pub static exc_stub_table: [u64; 32];
         pub fn irq_timer();
         pub fn irq_serial();
+        pub fn irq_virtio();
         pub fn irq_spurious();
         pub fn cpl3_halt() -> !;
         pub static mut idt: [[u64; 2]; 256];
         pub static timer_ticks: AtomicU64;
         pub static serial_irqs: AtomicU64;
+        pub static virtio_irqs: AtomicU64;
+        pub static mut boot_pdpt: [u64; 512];
         pub static lapic_eoi_addr: AtomicU64;
         pub static ap_online: AtomicU32;
         pub static ap_apic_ids: [AtomicU32; MAX_CPUS];
@@ -61,6 +66,11 @@ pub fn irq_timer() -> u64 {
 /// COM1 interrupt stub.
 pub fn irq_serial() -> u64 {
     raw::irq_serial as *const () as u64
+}
+/// virtio-mmio interrupt stub (counts and EOIs; the device is acknowledged
+/// from CPL3).
+pub fn irq_virtio() -> u64 {
+    raw::irq_virtio as *const () as u64
 }
 /// Spurious-interrupt stub (no EOI).
 pub fn irq_spurious() -> u64 {
@@ -89,6 +99,18 @@ pub fn timer_ticks() -> &'static AtomicU64 {
 pub fn serial_irqs() -> &'static AtomicU64 {
     // SAFETY: an 8-aligned quad in .data, only accessed atomically.
     unsafe { &raw::serial_irqs }
+}
+
+/// virtio-mmio interrupts seen.
+pub fn virtio_irqs() -> &'static AtomicU64 {
+    // SAFETY: an 8-aligned quad in .data, only accessed atomically.
+    unsafe { &raw::virtio_irqs }
+}
+
+/// The page-directory-pointer table of the identity mapping (entries 0-3
+/// cover 0-4 GiB; the rest are free for MMIO above 4 GiB, see `virtio.rs`).
+pub fn boot_pdpt() -> *mut u64 {
+    core::ptr::addr_of_mut!(raw::boot_pdpt).cast()
 }
 
 /// Where the interrupt stubs write 0 for an EOI.
@@ -334,6 +356,15 @@ irq_serial:
     pop %rax
     iretq
 
+    .global irq_virtio
+irq_virtio:
+    push %rax
+    lock incq virtio_irqs
+    mov lapic_eoi_addr, %rax
+    movl $0, (%rax)
+    pop %rax
+    iretq
+
     .global irq_spurious
 irq_spurious:
     iretq
@@ -413,6 +444,7 @@ ap_park:
 boot_pml4:
     .quad boot_pdpt + 0x7            /* P | RW | US */
     .fill 511, 8, 0
+    .global boot_pdpt
 boot_pdpt:
     .quad boot_pd + 0x0007
     .quad boot_pd + 0x1007
@@ -476,6 +508,8 @@ lapic_eoi_addr:     .quad 0xFEE000B0
 timer_ticks:        .quad 0
     .global serial_irqs
 serial_irqs:        .quad 0
+    .global virtio_irqs
+virtio_irqs:        .quad 0
 exc_nesting:        .long 0
 ap_next_index:      .long 1
     .global ap_online

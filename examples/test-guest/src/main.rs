@@ -1,6 +1,7 @@
 //! vmkit-test-guest: a `no_std` PVH kernel that reports what it finds and
 //! exercises the VMM (SMP start-up, LAPIC timer, IOAPIC-routed COM1
-//! interrupts, port-I/O exit cost), then powers off.
+//! interrupts, port-I/O exit cost, virtio-mmio devices through the
+//! `virtio-drivers` crate), then powers off.
 //!
 //! Only the boot stub, interrupt stubs and AP start-up run at CPL0 (which the
 //! host emulates); everything in Rust runs at CPL3 with IOPL=3 on a
@@ -11,12 +12,15 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(clippy::undocumented_unsafe_blocks)]
 
+extern crate alloc;
+
 mod acpi;
 mod apic;
 mod arch;
 mod bench;
 mod boot;
 mod cmdline;
+mod heap;
 mod idt;
 mod mem;
 mod phys;
@@ -26,10 +30,11 @@ mod serial;
 mod smp;
 mod tests;
 mod time;
+mod virtio;
 
 use acpi::{Acpi, RsdpSource};
 use apic::Lapic;
-use cmdline::Config;
+use cmdline::{Config, Want};
 use core::sync::atomic::Ordering;
 use pvh::StartInfo;
 use time::TscSource;
@@ -95,6 +100,8 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         }
     );
 
+    let devices = virtio::discover(cfg.virtio_mmio());
+
     if cfg.test_timer {
         tests::timer(&lapic);
     }
@@ -108,10 +115,30 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
             println!("test smp: FAIL {}/{}", online, cpus);
         }
     }
+    let has_rng = devices.has(virtio_drivers::transport::DeviceType::EntropySource);
+    let has_console = devices.has(virtio_drivers::transport::DeviceType::Console);
+    if wanted(cfg.test_virtio_rng, has_rng) {
+        virtio::rng(&devices);
+    }
+    if wanted(cfg.test_virtio_console, has_console) {
+        virtio::console(&devices);
+    }
+    if wanted(cfg.test_virtio_irq, has_rng) {
+        virtio::irq(&devices, acpi.as_ref(), bsp_apic_id);
+    }
     if let Some(n) = cfg.bench_pio {
         bench::pio(n);
     }
     power::exit(cfg.exit, acpi.as_ref())
+}
+
+/// Whether a virtio test runs: when named, or under `all` with its device.
+fn wanted(want: Want, present: bool) -> bool {
+    match want {
+        Want::No => false,
+        Want::Named => true,
+        Want::IfPresent => present,
+    }
 }
 
 fn print_memmap(info: &StartInfo) {
@@ -176,6 +203,18 @@ pub extern "C" fn guest_exception_report(vector: u64, rip: u64, err: u64, cr2: u
     if vector == 14 {
         println!("guest: page fault address 0x{:x}", cr2);
     }
+    arch::halt_forever()
+}
+
+/// liballoc (prebuilt with unwinding) refers to the personality routine; with
+/// `panic = "abort"` it is never called.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}
+
+/// Likewise for the landing pads of prebuilt liballoc code (`format!`): no
+/// unwinding ever starts, so this is unreachable; halt if it is not.
+#[no_mangle]
+pub extern "C" fn _Unwind_Resume() -> ! {
     arch::halt_forever()
 }
 
