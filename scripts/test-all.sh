@@ -32,7 +32,7 @@ echo "==> cargo fmt --check" >&2
 cargo fmt --all -- --check
 (cd examples/test-guest && cargo fmt -- --check)
 echo "==> cargo clippy" >&2
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 echo "==> cargo doc" >&2
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "==> test guest build" >&2
@@ -43,4 +43,4 @@ echo "==> fuzz smoke (every fuzz target, reproducers replayed, ${VMKIT_FUZZ_SECS
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
 fuzz/smoke.sh "${VMKIT_FUZZ_SECS:-10}"
 echo "==> cargo test (last, so its summary closes the output)" >&2
-cargo test --workspace
+cargo test --workspace --all-features

@@ -122,7 +122,7 @@ impl MemoryLayout {
         if size > MAX_MEMORY {
             return Err(Error::TooLarge(size));
         }
-        if size % PAGE_SIZE != 0 {
+        if !size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Unaligned(size));
         }
         if usize::try_from(size).is_err() {

@@ -1,0 +1,276 @@
+//! virtio-rng (virtio 1.2 §5.4) for [vmkit-virtio] transports: the device fills the
+//! driver's device-writable buffers with bytes from the host kernel's `getrandom(2)`.
+//!
+//! - device ID 4, one request queue, no device-specific features, no config space;
+//! - at most [`RngConfig::max_bytes_per_chain`] bytes per request (64 KiB by default), so
+//!   a guest cannot make the VMM's event thread generate gigabytes at once;
+//! - descriptor directions are checked: a driver-readable descriptor in a chain gets
+//!   nothing written into it (and counts 0 in the used length); a malformed chain (loop,
+//!   longer than the queue, bad indirect table) or a buffer outside guest memory is
+//!   returned with a used length of 0 and nothing written.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use vmkit_virtio::{MmioTransport, VirtioDevice, MMIO_SIZE};
+//! use vmkit_virtio_rng::{Rng, RngConfig};
+//! # use vm_memory::{GuestAddress, GuestMemoryMmap};
+//! # let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+//! # let line = Arc::new(vmkit_irq::CountingLine::new());
+//!
+//! let rng = Arc::new(Mutex::new(Rng::new(RngConfig::default())?));
+//! let transport = MmioTransport::new(rng.clone(), memory, line)?;
+//! assert_eq!(rng.lock().unwrap().device_type(), 4);
+//! // The VMM registers `Arc::new(Mutex::new(transport))` on its MMIO bus for MMIO_SIZE
+//! // bytes, the QueueNotify ioeventfd, and the queue event handler on its event manager:
+//! let _handler = transport.queue_event_handler()?;
+//! # let _ = MMIO_SIZE;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! [vmkit-virtio]: https://crates.io/crates/vmkit-virtio
+#![deny(missing_docs)]
+
+use std::io;
+
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmkit_virtio::{chain_descriptors, ActivateContext, ActivateError, Descriptor, VirtioDevice};
+
+/// The virtio device ID of an entropy device.
+pub const RNG_DEVICE_TYPE: u32 = 4;
+/// The size of the request queue.
+pub const RNG_QUEUE_SIZE: u16 = 256;
+/// The default bound of one request, in bytes.
+pub const DEFAULT_MAX_BYTES_PER_CHAIN: u32 = 64 * 1024;
+
+/// Errors of [`Rng::new`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The per-request bound is 0: the device could never serve a request.
+    #[error("max_bytes_per_chain must be at least 1")]
+    ZeroLimit,
+}
+
+/// Configuration of an [`Rng`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RngConfig {
+    /// At most this many bytes are written per descriptor chain (request).
+    pub max_bytes_per_chain: u32,
+}
+
+impl Default for RngConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes_per_chain: DEFAULT_MAX_BYTES_PER_CHAIN,
+        }
+    }
+}
+
+/// Counters of an [`Rng`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RngStats {
+    /// Requests (descriptor chains) served.
+    pub requests: u64,
+    /// Bytes written to the guest.
+    pub bytes: u64,
+    /// Chains refused (malformed, or a buffer outside guest memory).
+    pub bad_chains: u64,
+    /// Driver-readable descriptors met in chains (skipped).
+    pub readable_descriptors: u64,
+    /// `getrandom` failures (the request got what was filled before).
+    pub entropy_errors: u64,
+}
+
+/// The virtio-rng device. Put it on a transport as `Arc<Mutex<Rng>>`.
+#[derive(Debug)]
+pub struct Rng {
+    config: RngConfig,
+    active: Option<ActivateContext>,
+    buffer: Vec<u8>,
+    stats: RngStats,
+}
+
+impl Rng {
+    /// A device bounded as `config` says.
+    pub fn new(config: RngConfig) -> Result<Self, Error> {
+        if config.max_bytes_per_chain == 0 {
+            return Err(Error::ZeroLimit);
+        }
+        Ok(Self {
+            config,
+            active: None,
+            buffer: Vec::new(),
+            stats: RngStats::default(),
+        })
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> RngStats {
+        self.stats
+    }
+
+    /// Whether the driver has activated the device.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+/// Fills `buf` from `getrandom(2)`; returns how many bytes were filled.
+fn fill_random(buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a valid, writable buffer of `rest.len()` bytes, and getrandom
+        // writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        // `n` is non-negative and at most `rest.len()`.
+        filled += n as usize;
+    }
+    Ok(filled)
+}
+
+/// Serves one request; returns the used length.
+fn serve(
+    mem: &GuestMemoryMmap,
+    descs: &[Descriptor],
+    limit: u32,
+    buffer: &mut Vec<u8>,
+    stats: &mut RngStats,
+) -> u32 {
+    let mut written: u32 = 0;
+    for d in descs {
+        if !d.is_write_only() {
+            // The driver's data: never written, counts nothing.
+            stats.readable_descriptors += 1;
+            continue;
+        }
+        let room = limit.saturating_sub(written);
+        let n = d.len().min(room);
+        if n == 0 {
+            break;
+        }
+        // `n` is at most 64 KiB by default and at most the u32 limit; usize holds it.
+        buffer.resize(n as usize, 0);
+        let got = match fill_random(buffer) {
+            Ok(got) => got,
+            Err(_) => {
+                stats.entropy_errors += 1;
+                break;
+            }
+        };
+        // The buffer was checked to lie inside guest memory by `chain_descriptors`.
+        if mem.write_slice(&buffer[..got], d.addr()).is_err() {
+            break;
+        }
+        // `got <= n`, a u32.
+        written += got as u32;
+    }
+    written
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        RNG_DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[RNG_QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        0
+    }
+
+    fn ack_features(&mut self, _features: u64) {}
+
+    fn read_config(&self, _offset: u64, _data: &mut [u8]) {
+        // No configuration space: reads are zeros.
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, context: ActivateContext) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        if context.queue(0).is_none() {
+            return Err(ActivateError::MissingQueue(0));
+        }
+        self.active = Some(context);
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: u16) {
+        let limit = self.config.max_bytes_per_chain;
+        let (buffer, stats) = (&mut self.buffer, &mut self.stats);
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        // Errors put the device in DEVICE_NEEDS_RESET; nothing more to do here.
+        let _ = ctx.process_queue(index, |mem, chain| {
+            stats.requests += 1;
+            match chain_descriptors(chain) {
+                Ok(descs) => {
+                    let n = serve(mem, &descs, limit, buffer, stats);
+                    stats.bytes += u64::from(n);
+                    n
+                }
+                Err(_) => {
+                    stats.bad_chains += 1;
+                    0
+                }
+            }
+        });
+    }
+
+    fn reset(&mut self) -> Option<ActivateContext> {
+        self.active.take()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_limit_refused() {
+        assert!(matches!(
+            Rng::new(RngConfig {
+                max_bytes_per_chain: 0
+            }),
+            Err(Error::ZeroLimit)
+        ));
+    }
+
+    #[test]
+    fn getrandom_fills_and_varies() {
+        let mut a = [0u8; 4096];
+        let mut b = [0u8; 4096];
+        assert_eq!(fill_random(&mut a).unwrap(), 4096);
+        assert_eq!(fill_random(&mut b).unwrap(), 4096);
+        assert_ne!(a, b);
+        assert_eq!(fill_random(&mut []).unwrap(), 0);
+    }
+
+    #[test]
+    fn identity() {
+        let mut rng = Rng::new(RngConfig::default()).unwrap();
+        assert_eq!(rng.device_type(), 4);
+        assert_eq!(rng.queue_max_sizes(), &[256]);
+        assert_eq!(rng.device_features(), 0);
+        let mut cfg = [0u8; 4];
+        rng.read_config(0, &mut cfg);
+        assert_eq!(cfg, [0; 4]);
+        rng.write_config(0, &[1, 2, 3, 4]);
+        assert!(!rng.is_active());
+        assert!(rng.reset().is_none());
+    }
+}
