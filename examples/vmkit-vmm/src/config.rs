@@ -30,6 +30,9 @@ pub struct Args {
     /// Where COM1 goes: stdio, file=PATH or off.
     #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "WHERE")]
     pub serial: SerialOutput,
+    /// Add a virtio-rng device (entropy from the host's getrandom) on virtio-mmio.
+    #[arg(long)]
+    pub rng: bool,
     /// Boot an ELF vmlinux through its 64-bit Linux entry even when it has a PVH note.
     #[arg(long)]
     pub no_pvh: bool,

@@ -1,12 +1,13 @@
 //! `vmkit`: the reference VMM composed from the vmkit crates.
 //!
 //! Reading order: [`config`] (the command line) → [`vm`] (memory, irqchip, vCPUs, buses,
-//! devices, kernel, run) → [`exit`] (how it ends).
+//! devices, kernel, run) → [`virtio`] (how a virtio device is wired) → [`exit`] (how it ends).
 
 mod clock;
 mod config;
 mod event_loop;
 mod exit;
+mod virtio;
 mod vm;
 
 use std::process::ExitCode;

@@ -1,5 +1,6 @@
 //! Building and running one VM, top to bottom:
-//! config → memory → irqchip → vCPUs → buses → devices → kernel and ACPI → run.
+//! config → memory → irqchip → vCPUs → buses → devices (legacy, then virtio) → kernel and
+//! ACPI → run.
 //!
 //! (KVM wants the irqchip before the first vCPU, so it comes first of the two.)
 
@@ -31,6 +32,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{Args, SerialOutput};
 use crate::event_loop::{ExitWatcher, StdinToSerial};
 use crate::exit::{VmEnd, VmExit};
+use crate::virtio::VirtioMmio;
+use vmkit_virtio_rng::{Rng, RngConfig};
 
 /// The highest vCPU count: APIC IDs are one byte in the xAPIC MADT entries we write.
 const MAX_CPUS: u32 = 254;
@@ -85,6 +88,15 @@ pub enum Error {
     EventLoop(String),
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    #[error("{0}")]
+    Virtio(#[from] vmkit_virtio::Error),
+    #[error("virtio-rng: {0}")]
+    Rng(#[from] vmkit_virtio_rng::Error),
+    #[error("cannot register an ioeventfd at {addr:#x}: {source}")]
+    IoEvent {
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
 }
@@ -261,18 +273,28 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
     )?;
     let debug_port = Arc::new(DebugPort::new());
     bus.register_pio(pio_range(DEBUG_PORT, DEBUG_PORT_COUNT)?, debug_port.clone())?;
+    let mut virtio = VirtioMmio::new()?;
+    if args.rng {
+        let rng = Rng::new(RngConfig::default())?;
+        virtio.add(&vm, &irqchip, &mem, &mut bus, Arc::new(Mutex::new(rng)))?;
+    }
 
     // Kernel, boot parameters and ACPI tables.
     let acpi = vmkit_boot::AcpiConfig {
         num_cpus: args.cpus,
+        devices: virtio.dsdt_devices(),
         ..Default::default()
+    };
+    let cmdline = match virtio.cmdline() {
+        extra if extra.is_empty() => args.cmdline.clone(),
+        extra => format!("{} {extra}", args.cmdline),
     };
     let rsdp = vmkit_boot::create_acpi_tables(&mem, &acpi)?;
     let loaded = vmkit_boot::load(
         &mem,
         &mut kernel,
         BootConfig {
-            cmdline: &args.cmdline,
+            cmdline: &cmdline,
             initrd: initrd.as_mut(),
             protocol: if args.no_pvh {
                 ProtocolChoice::Linux64
@@ -326,6 +348,9 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
     let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+    for handler in virtio.handlers.drain(..) {
+        events.add_subscriber(Arc::new(Mutex::new(handler)));
+    }
     if let Some(drained) = input_drained {
         events.add_subscriber(Arc::new(Mutex::new(StdinToSerial::new(
             serial.clone(),
