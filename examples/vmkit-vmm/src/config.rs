@@ -33,6 +33,10 @@ pub struct Args {
     /// Add a virtio-rng device (entropy from the host's getrandom) on virtio-mmio.
     #[arg(long)]
     pub rng: bool,
+    /// A virtio-console (the guest's hvc0) on virtio-mmio: stdio, file=PATH, pty or off. With
+    /// stdio, host stdin goes to the console rather than to the serial port.
+    #[arg(long, default_value = "off", value_parser = parse_console, value_name = "WHERE")]
+    pub console: ConsoleOutput,
     /// Boot an ELF vmlinux through its 64-bit Linux entry even when it has a PVH note.
     #[arg(long)]
     pub no_pvh: bool,
@@ -50,6 +54,33 @@ pub enum SerialOutput {
     File(PathBuf),
     /// Nowhere: the port exists, output is dropped.
     Off,
+}
+
+/// Where the virtio-console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleOutput {
+    /// No console device.
+    Off,
+    /// The VMM's stdout, and stdin to the guest.
+    Stdio,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// A new pseudo-terminal; its path is printed on stderr.
+    Pty,
+}
+
+/// Parses `stdio`, `file=PATH`, `pty` or `off`.
+pub fn parse_console(s: &str) -> Result<ConsoleOutput, String> {
+    match s {
+        "pty" => Ok(ConsoleOutput::Pty),
+        _ => parse_serial(s)
+            .map(|o| match o {
+                SerialOutput::Stdio => ConsoleOutput::Stdio,
+                SerialOutput::File(p) => ConsoleOutput::File(p),
+                SerialOutput::Off => ConsoleOutput::Off,
+            })
+            .map_err(|_| format!("'{s}' is not one of stdio, file=PATH, pty, off")),
+    }
 }
 
 /// Parses `stdio`, `file=PATH` or `off`.
@@ -125,6 +156,19 @@ mod tests {
         );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("pty").is_err());
+    }
+
+    #[test]
+    fn console() {
+        assert_eq!(parse_console("pty"), Ok(ConsoleOutput::Pty));
+        assert_eq!(parse_console("off"), Ok(ConsoleOutput::Off));
+        assert_eq!(parse_console("stdio"), Ok(ConsoleOutput::Stdio));
+        assert_eq!(
+            parse_console("file=/tmp/c"),
+            Ok(ConsoleOutput::File("/tmp/c".into()))
+        );
+        assert!(parse_console("tty").is_err());
+        assert!(parse_console("file=").is_err());
     }
 
     #[test]

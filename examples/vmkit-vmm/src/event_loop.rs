@@ -102,3 +102,45 @@ impl MutEventSubscriber for ExitWatcher {
         }
     }
 }
+
+/// Feeds a host file descriptor (stdin or a pty master) to the virtio-console.
+///
+/// Input the console's buffer cannot take is dropped, as a UART drops an overrun: the host side
+/// of a console has no flow control here.
+pub struct InputToConsole<F: std::os::fd::AsFd + Read> {
+    source: F,
+    input: vmkit_virtio_console::ConsoleInput,
+}
+
+impl<F: std::os::fd::AsFd + Read> InputToConsole<F> {
+    pub fn new(source: F, input: vmkit_virtio_console::ConsoleInput) -> Self {
+        Self { source, input }
+    }
+}
+
+impl<F: std::os::fd::AsFd + Read> MutEventSubscriber for InputToConsole<F> {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 4096];
+        let n = if events.event_set().contains(EventSet::IN) {
+            match self.source.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => 0,
+            }
+        } else {
+            0
+        };
+        if n == 0 {
+            let fd = self.source.as_fd().as_raw_fd();
+            let _ = ops.remove(Events::empty_raw(fd));
+            return;
+        }
+        self.input.push(&buf[..n]);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let fd = self.source.as_fd().as_raw_fd();
+        // A source epoll refuses (a regular file, /dev/null) simply gives no input.
+        let _ = ops.add(Events::new_raw(fd, EventSet::IN));
+    }
+}

@@ -29,10 +29,12 @@ use vmkit_vcpu::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{Args, SerialOutput};
-use crate::event_loop::{ExitWatcher, StdinToSerial};
+use crate::config::{Args, ConsoleOutput, SerialOutput};
+use crate::event_loop::{ExitWatcher, InputToConsole, StdinToSerial};
 use crate::exit::{VmEnd, VmExit};
 use crate::virtio::VirtioMmio;
+use std::os::fd::AsFd;
+use vmkit_virtio_console::{Console, ConsoleConfig, Pty};
 use vmkit_virtio_rng::{Rng, RngConfig};
 
 /// The highest vCPU count: APIC IDs are one byte in the xAPIC MADT entries we write.
@@ -90,6 +92,10 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("{0}")]
     Virtio(#[from] vmkit_virtio::Error),
+    #[error("virtio-console: {0}")]
+    Console(#[source] std::io::Error),
+    #[error("virtio-console: {0}")]
+    ConsoleConfig(#[from] vmkit_virtio_console::Error),
     #[error("virtio-rng: {0}")]
     Rng(#[from] vmkit_virtio_rng::Error),
     #[error("cannot register an ioeventfd at {addr:#x}: {source}")]
@@ -193,6 +199,41 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, cpus: u32) -> Result<Vec<Vcpu>, Error> {
         .collect()
 }
 
+/// The console's output sink, the file its input comes from (if any), and the pty behind
+/// both (if any), which must live as long as the VM: it keeps the slave side open so the
+/// master never reports a hang-up while nobody is attached.
+type ConsoleEnds = (Box<dyn Write + Send>, Option<File>, Option<Pty>);
+
+fn console_sink(spec: &ConsoleOutput) -> Result<Option<ConsoleEnds>, Error> {
+    Ok(match spec {
+        ConsoleOutput::Off => None,
+        ConsoleOutput::Stdio => {
+            // A duplicate of fd 0, so the event loop owns what it polls.
+            let stdin = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .map(File::from)
+                .map_err(Error::Console)?;
+            Some((Box::new(std::io::stdout()), Some(stdin), None))
+        }
+        ConsoleOutput::File(p) => {
+            let f = File::create(p).map_err(|source| Error::Open {
+                what: "console output file",
+                path: p.display().to_string(),
+                source,
+            })?;
+            Some((Box::new(f), None, None))
+        }
+        ConsoleOutput::Pty => {
+            let pty = Pty::open().map_err(Error::Console)?;
+            eprintln!("vmkit: virtio-console on {}", pty.path().display());
+            let out = pty.output().map_err(Error::Console)?;
+            let input = pty.master().try_clone().map_err(Error::Console)?;
+            Some((Box::new(out), Some(input), Some(pty)))
+        }
+    })
+}
+
 fn serial_output(spec: &SerialOutput) -> Result<Box<dyn Write + Send>, Error> {
     Ok(match spec {
         SerialOutput::Stdio => Box::new(std::io::stdout()),
@@ -278,6 +319,17 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
         let rng = Rng::new(RngConfig::default())?;
         virtio.add(&vm, &irqchip, &mem, &mut bus, Arc::new(Mutex::new(rng)))?;
     }
+    let mut _console_pty = None;
+    let console_input = match console_sink(&args.console)? {
+        Some((sink, source, pty)) => {
+            _console_pty = pty;
+            let console = Console::new(ConsoleConfig::new(sink))?;
+            let input = console.input();
+            virtio.add(&vm, &irqchip, &mem, &mut bus, Arc::new(Mutex::new(console)))?;
+            source.map(|s| (s, input))
+        }
+        None => None,
+    };
 
     // Kernel, boot parameters and ACPI tables.
     let acpi = vmkit_boot::AcpiConfig {
@@ -351,7 +403,11 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
     for handler in virtio.handlers.drain(..) {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
-    if let Some(drained) = input_drained {
+    if let Some((source, input)) = console_input {
+        events.add_subscriber(Arc::new(Mutex::new(InputToConsole::new(source, input))));
+    }
+    // stdin feeds the serial port unless the console has it.
+    if let Some(drained) = input_drained.filter(|_| args.console != ConsoleOutput::Stdio) {
         events.add_subscriber(Arc::new(Mutex::new(StdinToSerial::new(
             serial.clone(),
             drained,

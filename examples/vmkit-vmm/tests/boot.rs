@@ -197,3 +197,61 @@ fn virtio_rng_over_mmio_serves_the_guest_driver() {
         "{mmio_exits} MMIO exits: notifications reached the VMM\n{ctx}"
     );
 }
+
+#[test]
+fn virtio_console_output_to_a_file_and_stdin_to_the_guest() {
+    if !have_kvm() {
+        return;
+    }
+    use std::io::Write;
+    let guest = common::test_guest();
+    let file = std::env::temp_dir().join(format!("vmkit-console-{}", std::process::id()));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit"))
+        .args(["--kernel", guest.to_str().unwrap(), "--rng"])
+        .arg(format!("--console=file={}", file.display()))
+        .args(["--cmdline", "test=virtio-console,virtio-rng"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    // Two devices, two windows, two GSIs, in the order they were added.
+    assert!(
+        stdout.contains("virtio: mmio 0xd0000000 size 0x1000 irq 5: rng"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("virtio: mmio 0xd0001000 size 0x1000 irq 6: console"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("test virtio-console: ok"), "{stdout}");
+    assert!(stdout.contains("test virtio-rng: ok"), "{stdout}");
+    let written = std::fs::read_to_string(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(written, "hello from the virtio console\n");
+
+    // --console stdio: host stdin reaches the guest's console driver.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit"))
+        .args(["--kernel", guest.to_str().unwrap(), "--console", "stdio"])
+        .args(["--cmdline", "test=virtio-console"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"ping from host\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("hello from the virtio console"), "{stdout}");
+    assert!(
+        stdout.contains("virtio-console: received 15 bytes"),
+        "{stdout}"
+    );
+}
