@@ -1,6 +1,6 @@
 //! Just enough ACPI: find the RSDP, walk the XSDT/RSDT, and read the MADT
-//! (CPUs, IOAPIC, IRQ overrides), the FADT (sleep, PM1 and reset registers)
-//! and the `_S5_` package of the DSDT.
+//! (CPUs, IOAPIC, IRQ overrides), the FADT (sleep, PM1 and reset registers),
+//! the `_S5_` package of the DSDT and the MCFG (PCI ECAM of segment 0).
 //!
 //! Every table is checksummed and every field read is bounded by the table's
 //! own length; tables that fail are ignored.
@@ -125,6 +125,32 @@ pub struct Acpi {
     /// SLP_TYP for S5 from the DSDT (5 when not found).
     pub s5_type: u8,
     pub s5_found: bool,
+    /// The ECAM window of PCI segment 0 (see `Mcfg`): from the MCFG, else
+    /// from the DSDT's `_CBA`.
+    pub mcfg: Option<Mcfg>,
+    /// `_CBA` of the DSDT (the first one: segment 0's host bridge).
+    pub cba: Option<u64>,
+}
+
+/// Where the ECAM window came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EcamSource {
+    /// An MCFG allocation for segment 0, with its bus range.
+    Mcfg,
+    /// The host bridge's `_CBA` in the DSDT (no MCFG): the bus range is not
+    /// read from `_CRS`, only bus 0 is assumed.
+    Cba,
+}
+
+/// An MCFG allocation for PCI segment 0: the ECAM base (the address of bus
+/// 0's configuration space, as the PCI Firmware spec defines it) and the bus
+/// range it decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mcfg {
+    pub base: u64,
+    pub bus_start: u8,
+    pub bus_end: u8,
+    pub source: EcamSource,
 }
 
 /// Reads and validates the table at `addr`: returns its bytes (exactly its
@@ -194,6 +220,8 @@ impl Acpi {
             reset: None,
             s5_type: 5,
             s5_found: false,
+            mcfg: None,
+            cba: None,
         };
         let r = phys::bytes(rsdp, 36)?;
         let xsdt = if r[15] >= 2 {
@@ -215,8 +243,18 @@ impl Acpi {
             match &t[..4] {
                 b"APIC" => acpi.parse_madt(t),
                 b"FACP" => acpi.parse_fadt(t),
+                b"MCFG" => acpi.parse_mcfg(t),
                 _ => {}
             }
+        }
+        // No MCFG (QEMU's microvm has none): the host bridge's `_CBA`.
+        if acpi.mcfg.is_none() {
+            acpi.mcfg = acpi.cba.map(|base| Mcfg {
+                base,
+                bus_start: 0,
+                bus_end: 0,
+                source: EcamSource::Cba,
+            });
         }
         Some(acpi)
     }
@@ -274,6 +312,29 @@ impl Acpi {
             .max_by_key(|&(_, base)| base)
     }
 
+    /// MCFG: 8 reserved bytes after the header, then 16-byte allocations
+    /// (base u64, segment u16, start bus u8, end bus u8, reserved u32); the
+    /// first one for segment 0 with start <= end is kept.
+    fn parse_mcfg(&mut self, t: &[u8]) {
+        if self.mcfg.is_some() {
+            return;
+        }
+        let Some(entries) = t.get(HEADER_LEN + 8..) else {
+            return;
+        };
+        self.mcfg = entries.chunks_exact(16).find_map(|e| {
+            let base = e.u64_at(0)?;
+            let segment = u16::from(e.u8_at(8)?) | u16::from(e.u8_at(9)?) << 8;
+            let (bus_start, bus_end) = (e.u8_at(10)?, e.u8_at(11)?);
+            (segment == 0 && base != 0 && bus_start <= bus_end).then_some(Mcfg {
+                base,
+                bus_start,
+                bus_end,
+                source: EcamSource::Mcfg,
+            })
+        });
+    }
+
     fn add_cpu(&mut self, apic_id: u32) {
         if self.cpu_count < MAX_CPUS {
             self.cpu_ids[self.cpu_count] = apic_id;
@@ -310,8 +371,32 @@ impl Acpi {
                 self.s5_type = typ;
                 self.s5_found = true;
             }
+            self.cba = cba_base(&dsdt[HEADER_LEN..]);
         }
     }
+}
+
+/// Finds the first `_CBA` in AML, as `Name(_CBA, n)` or as
+/// `Method(_CBA) { Return (n) }` (QEMU's GPEX), and returns `n`.
+fn cba_base(aml: &[u8]) -> Option<u64> {
+    let pos = aml.windows(4).position(|w| w == b"_CBA")?;
+    let mut i = pos + 4;
+    // A method: flags byte, then ReturnOp.
+    if aml.u8_at(i + 1)? == 0xa4 && aml.u8_at(i)? & 0xf0 == 0 {
+        i += 2;
+    }
+    let int = |len: usize| -> Option<u64> {
+        let b = aml.get(i + 1..i + 1 + len)?;
+        Some(b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x)))
+    };
+    match aml.u8_at(i)? {
+        0x0a => int(1),
+        0x0b => int(2),
+        0x0c => int(4),
+        0x0e => int(8),
+        _ => None,
+    }
+    .filter(|&b| b != 0)
 }
 
 /// Finds `Name(_S5_, Package(){ typ, ... })` in AML and returns `typ`.

@@ -21,7 +21,8 @@ pub fn inb(port: u16) -> u8 {
 #[inline(always)]
 pub fn outb(port: u16, value: u8) {
     // SAFETY: IOPL=3 makes `out` legal at CPL3; the devices we touch (UART, PIT,
-    // PIC, ACPI, debug port) have no DMA, so no Rust-visible memory changes.
+    // PIC, ACPI, debug port, PCI configuration ports) do not write memory that
+    // Rust owns (virtio DMA goes to buffers handed over through raw pointers).
     unsafe {
         asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
     };
@@ -43,6 +44,17 @@ pub fn outl(port: u16, value: u32) {
     unsafe {
         asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
     };
+}
+
+/// Reads a 32-bit word from an I/O port.
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as for `inb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
+    value
 }
 
 /// Reads the time-stamp counter.

@@ -25,6 +25,11 @@ pub const VECTOR_TIMER: u8 = 0x20;
 pub const VECTOR_SERIAL: u8 = 0x24;
 /// IOAPIC-routed virtio-mmio device interrupt (`test=virtio-irq`).
 pub const VECTOR_VIRTIO: u8 = 0x25;
+/// First MSI-X vector of `test=virtio-irq` on virtio-pci (table entry n
+/// gets `VECTOR_MSIX + n`).
+pub const VECTOR_MSIX: u8 = 0x26;
+/// Number of MSI-X vectors with a handler (`VECTOR_MSIX..VECTOR_MSIX + 4`).
+pub const MSIX_VECTORS: usize = 4;
 /// LAPIC spurious-interrupt vector.
 pub const VECTOR_SPURIOUS: u8 = 0xff;
 
@@ -38,6 +43,9 @@ mod raw {
         pub fn irq_timer();
         pub fn irq_serial();
         pub fn irq_virtio();
+        pub static irq_msix_table: [u64; super::MSIX_VECTORS];
+        pub static msix_irqs: [AtomicU64; super::MSIX_VECTORS];
+        pub static msix_cpu_irqs: [AtomicU64; MAX_CPUS];
         pub fn irq_spurious();
         pub fn cpl3_halt() -> !;
         pub static mut idt: [[u64; 2]; 256];
@@ -72,6 +80,25 @@ pub fn irq_serial() -> u64 {
 pub fn irq_virtio() -> u64 {
     raw::irq_virtio as *const () as u64
 }
+/// MSI-X stub `n` (vector `VECTOR_MSIX + n`): counts per vector and per
+/// APIC ID of the CPU that took it, EOIs.
+pub fn irq_msix(n: usize) -> u64 {
+    // SAFETY: an immutable table of MSIX_VECTORS addresses assembled below.
+    unsafe { raw::irq_msix_table[n % MSIX_VECTORS] }
+}
+
+/// MSI-X interrupts seen, per vector (index n = `VECTOR_MSIX + n`).
+pub fn msix_irqs() -> &'static [AtomicU64; MSIX_VECTORS] {
+    // SAFETY: an 8-aligned array in .data, only accessed atomically.
+    unsafe { &raw::msix_irqs }
+}
+
+/// MSI-X interrupts seen, per APIC ID of the CPU that took them (ID & 63).
+pub fn msix_cpu_irqs() -> &'static [AtomicU64; MAX_CPUS] {
+    // SAFETY: an 8-aligned array in .data, only accessed atomically.
+    unsafe { &raw::msix_cpu_irqs }
+}
+
 /// Spurious-interrupt stub (no EOI).
 pub fn irq_spurious() -> u64 {
     raw::irq_spurious as *const () as u64
@@ -365,6 +392,28 @@ irq_virtio:
     pop %rax
     iretq
 
+/* MSI-X: count per vector and per APIC ID (LAPIC ID register, 0x90 below
+ * EOI), EOI. Runs on whichever CPU the message names: the BSP (from CPL3,
+ * on RSP0) or an AP (parked at CPL0 with IF=1, on its own stack). */
+    .macro MSIX_STUB n
+irq_msix_\n:
+    push %rax
+    push %rcx
+    lock incq msix_irqs + 8 * \n
+    mov lapic_eoi_addr, %rax
+    mov -0x90(%rax), %ecx
+    shr $24, %ecx
+    and $(MAX_CPUS - 1), %ecx
+    lock incq msix_cpu_irqs(,%rcx,8)
+    movl $0, (%rax)
+    pop %rcx
+    pop %rax
+    iretq
+    .endm
+    .irp n, 0,1,2,3
+    MSIX_STUB \n
+    .endr
+
     .global irq_spurious
 irq_spurious:
     iretq
@@ -432,10 +481,19 @@ ap_long_entry:
     pop %rax
     mov %ebx, ap_apic_ids(,%rax,4)
     lock incl ap_online
-ap_park:
-    cli
+    /* Park able to take interrupts (MSI-X aimed at this CPU): the LAPIC
+     * software-enabled (SVR, 0x40 above EOI: spurious 0xFF), IF=1. Only
+     * what names this APIC arrives: its LVTs are masked from reset and the
+     * IOAPIC entries name the BSP. */
+    mov lapic_eoi_addr, %rax
+    movl $0x1ff, 0x40(%rax)
+    sti
 2:  hlt
     jmp 2b
+ap_park:                             /* no stack: never takes interrupts */
+    cli
+3:  hlt
+    jmp 3b
 
 /* ---- data ---- */
     .section .data.pagetables, "aw", @progbits
@@ -510,6 +568,10 @@ timer_ticks:        .quad 0
 serial_irqs:        .quad 0
     .global virtio_irqs
 virtio_irqs:        .quad 0
+    .global msix_irqs
+msix_irqs:          .fill 4, 8, 0
+    .global msix_cpu_irqs
+msix_cpu_irqs:      .fill MAX_CPUS, 8, 0
 exc_nesting:        .long 0
 ap_next_index:      .long 1
     .global ap_online
@@ -524,6 +586,9 @@ exc_stub_table:
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad exc_stub_\n
     .endr
+    .global irq_msix_table
+irq_msix_table:
+    .quad irq_msix_0, irq_msix_1, irq_msix_2, irq_msix_3
 
     .section .bss.boot, "aw", @nobits
     .balign 4096

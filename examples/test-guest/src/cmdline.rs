@@ -1,8 +1,9 @@
 //! The guest command line: space-separated `key=value` pairs.
 //!
-//! `test=smp,timer,serial-irq,virtio-rng,virtio-console,virtio-irq,all`,
-//! `bench=pio:N`, `exit=poweroff|reset|halt`, and any number of
-//! `virtio_mmio.device=SIZE@ADDR[:IRQ[:ID]]` (the form Linux parses).
+//! `test=smp,timer,serial-irq,virtio-rng,virtio-console,virtio-irq,pci,all`,
+//! `bench=pio:N`, `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, and
+//! any number of `virtio_mmio.device=SIZE@ADDR[:IRQ[:ID]]` (the form Linux
+//! parses).
 
 use crate::println;
 
@@ -15,6 +16,19 @@ pub enum Exit {
     Reset,
     /// `cli; hlt` forever.
     Halt,
+}
+
+/// Which PCI configuration access mechanism to use for bus 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PciMode {
+    /// ECAM when the MCFG describes one for bus 0, else port CAM if present.
+    Auto,
+    /// ECAM from the MCFG only.
+    Ecam,
+    /// Ports 0xCF8/0xCFC only.
+    Cam,
+    /// No PCI scan.
+    Off,
 }
 
 /// Largest number of `virtio_mmio.device=` entries kept.
@@ -57,6 +71,10 @@ pub struct Config {
     pub test_virtio_rng: Want,
     pub test_virtio_console: Want,
     pub test_virtio_irq: Want,
+    /// `test=pci`: bus 0 through port CAM and ECAM must look the same
+    /// (not part of `all`).
+    pub test_pci: bool,
+    pub pci: PciMode,
     /// The `virtio_mmio.device=` entries, in command-line order.
     pub virtio_mmio: [MmioDevice; VIRTIO_MMIO_MAX],
     pub virtio_mmio_count: usize,
@@ -75,6 +93,8 @@ impl Config {
             test_virtio_rng: Want::No,
             test_virtio_console: Want::No,
             test_virtio_irq: Want::No,
+            test_pci: false,
+            pci: PciMode::Auto,
             virtio_mmio: [MmioDevice::default(); VIRTIO_MMIO_MAX],
             virtio_mmio_count: 0,
             bench_pio: None,
@@ -92,6 +112,7 @@ impl Config {
                             "virtio-rng" => cfg.test_virtio_rng = Want::Named,
                             "virtio-console" => cfg.test_virtio_console = Want::Named,
                             "virtio-irq" => cfg.test_virtio_irq = Want::Named,
+                            "pci" => cfg.test_pci = true,
                             "all" => {
                                 cfg.test_smp = true;
                                 cfg.test_timer = true;
@@ -116,6 +137,13 @@ impl Config {
                     "reset" => cfg.exit = Exit::Reset,
                     "halt" => cfg.exit = Exit::Halt,
                     other => println!("cmdline: bad value exit={}", other),
+                },
+                "pci" => match value {
+                    "auto" => cfg.pci = PciMode::Auto,
+                    "ecam" => cfg.pci = PciMode::Ecam,
+                    "cam" => cfg.pci = PciMode::Cam,
+                    "off" => cfg.pci = PciMode::Off,
+                    other => println!("cmdline: bad value pci={}", other),
                 },
                 "virtio_mmio.device" => match parse_mmio_device(value) {
                     Some(dev) if cfg.virtio_mmio_count < VIRTIO_MMIO_MAX => {

@@ -5,7 +5,9 @@
 //! an exception would triple-fault, so `main` calls it right after the ready
 //! line.
 
-use crate::boot::{self, VECTOR_SERIAL, VECTOR_SPURIOUS, VECTOR_TIMER, VECTOR_VIRTIO};
+use crate::boot::{
+    self, MSIX_VECTORS, VECTOR_MSIX, VECTOR_SERIAL, VECTOR_SPURIOUS, VECTOR_TIMER, VECTOR_VIRTIO,
+};
 
 const KERNEL_CS: u64 = 0x08;
 /// Present, DPL0, 64-bit interrupt gate (clears IF).
@@ -31,5 +33,8 @@ pub fn init() {
     set(VECTOR_TIMER, boot::irq_timer(), GATE_KERNEL);
     set(VECTOR_SERIAL, boot::irq_serial(), GATE_KERNEL);
     set(VECTOR_VIRTIO, boot::irq_virtio(), GATE_KERNEL);
+    for n in 0..MSIX_VECTORS {
+        set(VECTOR_MSIX + n as u8, boot::irq_msix(n), GATE_KERNEL);
+    }
     set(VECTOR_SPURIOUS, boot::irq_spurious(), GATE_KERNEL);
 }

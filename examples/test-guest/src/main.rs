@@ -1,7 +1,8 @@
 //! vmkit-test-guest: a `no_std` PVH kernel that reports what it finds and
 //! exercises the VMM (SMP start-up, LAPIC timer, IOAPIC-routed COM1
-//! interrupts, port-I/O exit cost, virtio-mmio devices through the
-//! `virtio-drivers` crate), then powers off.
+//! interrupts, port-I/O exit cost, PCI bus 0 through port CAM and ECAM,
+//! virtio-mmio and virtio-pci devices through the `virtio-drivers` crate),
+//! then powers off.
 //!
 //! Only the boot stub, interrupt stubs and AP start-up run at CPL0 (which the
 //! host emulates); everything in Rust runs at CPL3 with IOPL=3 on a
@@ -23,6 +24,7 @@ mod cmdline;
 mod heap;
 mod idt;
 mod mem;
+mod pci;
 mod phys;
 mod power;
 mod pvh;
@@ -88,7 +90,7 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     let bsp_apic_id = lapic.id();
     let (tsc_khz, tsc_source) = time::init();
 
-    let online = smp_report(acpi.as_ref(), &lapic, bsp_apic_id, cpus);
+    let (online, ap) = smp_report(acpi.as_ref(), &lapic, bsp_apic_id, cpus);
 
     println!(
         "tsc: {} MHz ({})",
@@ -100,7 +102,11 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         }
     );
 
-    let devices = virtio::discover(cfg.virtio_mmio());
+    let mut devices = virtio::discover(cfg.virtio_mmio());
+    let mcfg = acpi.as_ref().and_then(|a| a.mcfg);
+    if let Some(cam) = pci::choose(cfg.pci, mcfg) {
+        virtio::discover_pci(&mut devices, cam, mcfg.map(|m| m.base));
+    }
 
     if cfg.test_timer {
         tests::timer(&lapic);
@@ -115,6 +121,9 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
             println!("test smp: FAIL {}/{}", online, cpus);
         }
     }
+    if cfg.test_pci {
+        pci::test_cam_ecam(mcfg);
+    }
     let has_rng = devices.has(virtio_drivers::transport::DeviceType::EntropySource);
     let has_console = devices.has(virtio_drivers::transport::DeviceType::Console);
     if wanted(cfg.test_virtio_rng, has_rng) {
@@ -124,7 +133,7 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         virtio::console(&devices);
     }
     if wanted(cfg.test_virtio_irq, has_rng) {
-        virtio::irq(&devices, acpi.as_ref(), bsp_apic_id);
+        virtio::irq(&devices, acpi.as_ref(), bsp_apic_id, ap);
     }
     if let Some(n) = cfg.bench_pio {
         bench::pio(n);
@@ -172,25 +181,35 @@ fn print_memmap(info: &StartInfo) {
 }
 
 /// Brings up the APs (when there are any) and prints one line per CPU;
-/// returns how many CPUs are online.
-fn smp_report(acpi: Option<&Acpi>, lapic: &Lapic, bsp_apic_id: u32, cpus: usize) -> usize {
+/// returns how many CPUs are online and the APIC ID of the first online AP
+/// (below 256, so an xAPIC MSI can name it).
+fn smp_report(
+    acpi: Option<&Acpi>,
+    lapic: &Lapic,
+    bsp_apic_id: u32,
+    cpus: usize,
+) -> (usize, Option<u32>) {
     let Some(acpi) = acpi.filter(|a| a.madt_found && a.cpu_count > 1) else {
         println!("cpu 0: apic {} online", bsp_apic_id);
         println!("smp: 1/{} online", cpus);
-        return 1;
+        return (1, None);
     };
     let smp = smp::start_aps(acpi, lapic, bsp_apic_id);
     let mut online = 0;
+    let mut ap = None;
     for (index, &id) in acpi.cpu_ids[..acpi.cpu_count].iter().enumerate() {
         if smp.is_online(id) {
             online += 1;
+            if id != bsp_apic_id && id < 0xff {
+                ap.get_or_insert(id);
+            }
             println!("cpu {}: apic {} online", index, id);
         } else {
             println!("cpu {}: apic {} offline", index, id);
         }
     }
     println!("smp: {}/{} online", online, cpus);
-    online
+    (online, ap)
 }
 
 /// Reached at CPL3 (IF=0, own stack) from the CPL0 exception stubs.
