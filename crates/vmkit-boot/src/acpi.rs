@@ -1,15 +1,17 @@
-//! ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) for a hardware-reduced x86_64 guest, built with
-//! `acpi_tables` and written into guest memory at [`ACPI_START`].
+//! ACPI tables (RSDP, XSDT, FADT, MADT, DSDT, and MCFG with a PCI host bridge) for a
+//! hardware-reduced x86_64 guest, built with `acpi_tables` and written into guest memory at
+//! [`ACPI_START`].
 
 use acpi_tables::aml::{
-    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope, IO,
-    ZERO,
+    AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt,
+    Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope, IO, ZERO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -91,11 +93,57 @@ impl MmioDevice {
     }
 }
 
+/// A PCI host bridge with ECAM: described in the DSDT as `Device (PCIn)` (`_HID
+/// EISAID("PNP0A08")`, `_CID EISAID("PNP0A03")`, `_SEG`, `_BBN`, `_UID`, `_CRS` with the bus
+/// range, the 0xCF8–0xCFF configuration ports and the memory window(s) for BARs), with a
+/// `PNP0C02` motherboard-resources device reserving the ECAM window (Linux uses ECAM only
+/// when it is reserved there or in E820), and in an MCFG table in the XSDT.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PciHostBridge {
+    /// `_UID` (and the `n` of `PCIn`, 0–9).
+    pub uid: u8,
+    /// PCI segment (`_SEG`, MCFG segment group).
+    pub segment: u16,
+    /// First bus number (`_BBN`, MCFG start bus).
+    pub bus_start: u8,
+    /// Last bus number (MCFG end bus).
+    pub bus_end: u8,
+    /// Guest physical address of the ECAM window for `bus_start` (1 MiB per bus, 1 MiB
+    /// aligned; below 4 GiB for the `PNP0C02` reservation).
+    pub ecam_base: u64,
+    /// The 32-bit memory window BARs are placed in: `(base, length)`.
+    pub mmio32: (u32, u32),
+    /// An optional 64-bit memory window: `(base, length)`.
+    pub mmio64: Option<(u64, u64)>,
+}
+
+impl PciHostBridge {
+    /// Segment 0, bus 0 only, `_UID` 0.
+    pub fn bus0(ecam_base: u64, mmio32: (u32, u32)) -> Self {
+        Self {
+            uid: 0,
+            segment: 0,
+            bus_start: 0,
+            bus_end: 0,
+            ecam_base,
+            mmio32,
+            mmio64: None,
+        }
+    }
+
+    /// The ECAM window's size: 1 MiB per bus.
+    pub fn ecam_size(&self) -> u64 {
+        (u64::from(self.bus_end.saturating_sub(self.bus_start)) + 1) << 20
+    }
+}
+
 /// A device added to the DSDT.
 pub enum DsdtDevice {
     /// An MMIO device; named `M000`, `M001`, … in order of appearance in
     /// [`AcpiConfig::devices`].
     Mmio(MmioDevice),
+    /// A PCI host bridge (and its MCFG entry).
+    PciHostBridge(PciHostBridge),
     /// Arbitrary AML, emitted inside `Scope (\_SB)`.
     Custom(Box<dyn Aml>),
 }
@@ -111,6 +159,7 @@ impl std::fmt::Debug for DsdtDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DsdtDevice::Mmio(d) => f.debug_tuple("Mmio").field(d).finish(),
+            DsdtDevice::PciHostBridge(d) => f.debug_tuple("PciHostBridge").field(d).finish(),
             DsdtDevice::Custom(_) => f.write_str("Custom(..)"),
         }
     }
@@ -327,6 +376,113 @@ fn mmio_device_aml(index: usize, dev: &MmioDevice) -> Result<Vec<u8>> {
     Ok(to_bytes(&device))
 }
 
+fn check_pci(b: &PciHostBridge) -> Result<()> {
+    let bad = |why: &str| Err(Error::InvalidAcpiDevice(format!("PCI host bridge: {why}")));
+    if b.uid > 9 {
+        return bad("_UID above 9");
+    }
+    if b.bus_end < b.bus_start {
+        return bad("bus range is empty");
+    }
+    if !b.ecam_base.is_multiple_of(1 << 20)
+        || b.ecam_base
+            .checked_add(b.ecam_size())
+            .is_none_or(|e| e > 1 << 32)
+    {
+        return bad("ECAM window not 1 MiB aligned or not below 4 GiB");
+    }
+    if b.mmio32.1 == 0 || b.mmio32.0.checked_add(b.mmio32.1 - 1).is_none() {
+        return bad("32-bit window empty or crossing 4 GiB");
+    }
+    if let Some((base, len)) = b.mmio64 {
+        if len == 0 || base.checked_add(len - 1).is_none() {
+            return bad("64-bit window empty or wrapping");
+        }
+    }
+    Ok(())
+}
+
+fn pci_host_bridge_aml(b: &PciHostBridge) -> Result<Vec<u8>> {
+    check_pci(b)?;
+    let bus = AmlAddressSpace::<u16>::new_bus_number(b.bus_start.into(), b.bus_end.into());
+    let cf8 = IO::new(0xCF8, 0xCF8, 1, 8);
+    let (base32, len32) = b.mmio32;
+    let mem32 = AmlAddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        base32,
+        base32 + (len32 - 1),
+        None,
+    );
+    let mem64 = b.mmio64.map(|(base, len)| {
+        AmlAddressSpace::<u64>::new_memory(
+            AddressSpaceCacheable::NotCacheable,
+            true,
+            base,
+            base + (len - 1),
+            None,
+        )
+    });
+    let mut resources: Vec<&dyn Aml> = vec![&bus, &cf8, &mem32];
+    if let Some(m) = &mem64 {
+        resources.push(m);
+    }
+    let crs = ResourceTemplate::new(resources);
+    let hid = EISAName::new("PNP0A08");
+    let cid = EISAName::new("PNP0A03");
+    let uid = u32::from(b.uid);
+    let seg = u32::from(b.segment);
+    let bbn = u32::from(b.bus_start);
+    let names = [
+        Name::new("_HID".into(), &hid),
+        Name::new("_CID".into(), &cid),
+        Name::new("_UID".into(), &uid),
+        Name::new("_SEG".into(), &seg),
+        Name::new("_BBN".into(), &bbn),
+        Name::new("_CRS".into(), &crs),
+    ];
+    let children: Vec<&dyn Aml> = names.iter().map(|n| n as &dyn Aml).collect();
+    let name = format!("PCI{}", b.uid);
+    let mut out = to_bytes(&Device::new(Path::new(&name), children));
+
+    // The ECAM window as motherboard resources.
+    let ecam = Memory32Fixed::new(false, b.ecam_base as u32, b.ecam_size() as u32);
+    let res_crs = ResourceTemplate::new(vec![&ecam]);
+    let res_hid = EISAName::new("PNP0C02");
+    let res_uid = uid;
+    let res_name = format!("PRS{}", b.uid);
+    let res_names = [
+        Name::new("_HID".into(), &res_hid),
+        Name::new("_UID".into(), &res_uid),
+        Name::new("_CRS".into(), &res_crs),
+    ];
+    let res = Device::new(
+        Path::new(&res_name),
+        res_names.iter().map(|n| n as &dyn Aml).collect(),
+    );
+    out.extend(to_bytes(&res));
+    Ok(out)
+}
+
+fn build_mcfg(cfg: &AcpiConfig) -> Option<Vec<u8>> {
+    let bridges: Vec<&PciHostBridge> = cfg
+        .devices
+        .iter()
+        .filter_map(|d| match d {
+            DsdtDevice::PciHostBridge(b) => Some(b),
+            _ => None,
+        })
+        .collect();
+    if bridges.is_empty() {
+        return None;
+    }
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for b in bridges {
+        mcfg.add_ecam(b.ecam_base, b.segment, b.bus_start, b.bus_end);
+    }
+    Some(to_bytes(&mcfg))
+}
+
 fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>> {
     let mut sb_children: Vec<Box<dyn Aml>> = Vec::new();
     if cfg.com1 {
@@ -346,6 +502,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>> {
             DsdtDevice::Mmio(d) => {
                 sb_children.push(Box::new(RawAml(mmio_device_aml(mmio_index, d)?)));
                 mmio_index += 1;
+            }
+            DsdtDevice::PciHostBridge(b) => {
+                sb_children.push(Box::new(RawAml(pci_host_bridge_aml(b)?)))
             }
             DsdtDevice::Custom(aml) => sb_children.push(Box::new(RawAml(to_bytes(aml.as_ref())))),
         }
@@ -387,26 +546,33 @@ pub struct AcpiTable {
     pub bytes: Vec<u8>,
 }
 
-/// Builds RSDP, XSDT, FADT, MADT and DSDT laid out from [`ACPI_START`] (RSDP first, every
-/// table 16-byte aligned) without writing them; [`create_acpi_tables`] writes them.
+/// Builds RSDP, XSDT, FADT, MADT and DSDT, and an MCFG when [`AcpiConfig::devices`] has a
+/// [`DsdtDevice::PciHostBridge`], laid out from [`ACPI_START`] (RSDP first, every table
+/// 16-byte aligned, MCFG last) without writing them; [`create_acpi_tables`] writes them.
 pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<Vec<AcpiTable>> {
     let madt = build_madt(cfg)?;
     let dsdt = build_dsdt(cfg)?;
+    let mcfg = build_mcfg(cfg);
 
     let rsdp_addr = ACPI_START;
     let xsdt_addr = align_up(rsdp_addr + Rsdp::len() as u64);
-    let xsdt_len = 36 + 2 * 8;
+    let xsdt_len = 36 + if mcfg.is_some() { 3 } else { 2 } * 8;
     let fadt_addr = align_up(xsdt_addr + xsdt_len);
     let madt_addr = align_up(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
     let dsdt_addr = align_up(madt_addr + madt.len() as u64);
+
+    let mcfg_addr = align_up(dsdt_addr + dsdt.len() as u64);
 
     let fadt = build_fadt(cfg, dsdt_addr);
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if mcfg.is_some() {
+        xsdt.add_entry(mcfg_addr);
+    }
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
 
-    Ok(vec![
+    let mut tables = vec![
         AcpiTable {
             signature: *b"RSDP",
             addr: GuestAddress(rsdp_addr),
@@ -432,7 +598,15 @@ pub fn build_acpi_tables(cfg: &AcpiConfig) -> Result<Vec<AcpiTable>> {
             addr: GuestAddress(dsdt_addr),
             bytes: dsdt,
         },
-    ])
+    ];
+    if let Some(bytes) = mcfg {
+        tables.push(AcpiTable {
+            signature: *b"MCFG",
+            addr: GuestAddress(mcfg_addr),
+            bytes,
+        });
+    }
+    Ok(tables)
 }
 
 /// Builds the ACPI tables and writes them into guest memory in [0xE_0000, 0x10_0000);

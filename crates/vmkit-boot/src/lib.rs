@@ -11,12 +11,16 @@
 //!
 //! ```
 //! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-//! use vmkit_boot::{create_acpi_tables, AcpiConfig, DsdtDevice, IrqTrigger};
+//! use vmkit_boot::{create_acpi_tables, AcpiConfig, DsdtDevice, IrqTrigger, PciHostBridge};
 //!
 //! let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 128 << 20)])?;
 //! let cfg = AcpiConfig {
 //!     num_cpus: 2,
-//!     devices: vec![DsdtDevice::virtio_mmio(0, 0xD000_0000, 0x1000, 5, IrqTrigger::Edge)],
+//!     devices: vec![
+//!         DsdtDevice::virtio_mmio(0, 0xD000_0000, 0x1000, 5, IrqTrigger::Edge),
+//!         // ECAM at 0xE000_0000 (bus 0, in the MCFG), BARs in 0xC000_0000..0xD000_0000.
+//!         DsdtDevice::PciHostBridge(PciHostBridge::bus0(0xE000_0000, (0xC000_0000, 0x1000_0000))),
+//!     ],
 //!     ..AcpiConfig::default()
 //! };
 //! let rsdp = create_acpi_tables(&mem, &cfg)?;
@@ -41,7 +45,7 @@ mod loader;
 
 pub use acpi::{
     build_acpi_tables, create_acpi_tables, AcpiConfig, AcpiTable, DsdtDevice, IrqTrigger,
-    MmioDevice,
+    MmioDevice, PciHostBridge,
 };
 pub use e820::{memory_map, MemoryMapEntry, MemoryType};
 pub use error::{Error, Result};

@@ -54,6 +54,14 @@ pub enum Error {
     /// Raising an interrupt failed.
     #[error("failed to raise an interrupt: {0}")]
     Interrupt(#[source] io::Error),
+    /// A device type beyond what a PCI device ID can hold.
+    #[cfg(feature = "pci")]
+    #[error("virtio-pci: device type {0} has no PCI device ID (0x1040 + type)")]
+    DeviceTypeOutOfRange(u32),
+    /// Building the PCI function failed.
+    #[cfg(feature = "pci")]
+    #[error("virtio-pci: {0}")]
+    Pci(#[source] vmkit_pci::Error),
 }
 
 /// A `Result` with this crate's [`Error`].

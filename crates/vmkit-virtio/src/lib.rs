@@ -1,6 +1,6 @@
 //! The virtio core of vmkit: a transport-independent device model, the queue plumbing on
-//! [virtio-queue], the glue that runs a device from its queue notifications, and the
-//! virtio-mmio transport.
+//! [virtio-queue], the glue that runs a device from its queue notifications, the
+//! virtio-mmio transport, and (feature `pci`) the virtio-pci transport.
 //!
 //! | piece | what it is |
 //! |---|---|
@@ -11,7 +11,8 @@
 //! | [`QueueEventHandler`] | an event-manager subscriber calling `process_queue` when a queue's eventfd fires |
 //! | [`MmioTransport`] | virtio-mmio version 2 as a vm-device [`MutDeviceMmio`](vm_device::MutDeviceMmio), with the status and feature negotiation state machine |
 //! | [`MmioInterrupt`] | InterruptStatus/ACK and ConfigGeneration over one [`InterruptLine`](vmkit_irq::InterruptLine) |
-//! | `test_utils` (feature `test-utils`) | guest memory, a recording interrupt, mock-ring contexts, and a harness running virtio-drivers' drivers against a device in-process |
+//! | `pci::VirtioPciDevice` (feature `pci`) | virtio-pci modern as a `vmkit_pci::PciDevice`: common/notify/ISR/device capabilities in one 64-bit BAR, MSI-X vector per queue plus config, the same state machine as `MmioTransport` |
+//! | `test_utils` (feature `test-utils`) | guest memory, a recording interrupt, mock-ring contexts, and a harness running virtio-drivers' drivers against a device in-process (on virtio-pci too, with `pci`) |
 //!
 //! Devices depend on this crate, virtio-queue, virtio-bindings and vm-memory only; they never
 //! see KVM, the bus or the VMM.
@@ -91,11 +92,14 @@
 //! [virtio-queue]: https://crates.io/crates/virtio-queue
 #![deny(missing_docs)]
 
+mod common;
 mod device;
 mod error;
 mod events;
 mod interrupt;
 mod mmio;
+#[cfg(feature = "pci")]
+pub mod pci;
 mod queue;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;

@@ -3,24 +3,26 @@
 use std::fmt;
 use std::sync::{Arc, Mutex};
 
-use virtio_bindings::virtio_config::{
-    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
-    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
-};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmkit_irq::InterruptLine;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::{
-    ActivateContext, ActiveQueue, NeedsReset, VirtioDevice, FEATURE_RING_EVENT_IDX,
-    FEATURE_VERSION_1, RING_FEATURES,
-};
-use crate::events::{lock_device, QueueEventHandler};
+use crate::common::{QueueArea, VirtioState};
+#[cfg(test)]
+use crate::common::{S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET};
+use crate::device::VirtioDevice;
+#[cfg(test)]
+use crate::device::{ActivateContext, FEATURE_VERSION_1};
+use crate::events::QueueEventHandler;
 use crate::interrupt::{MmioInterrupt, VirtioInterrupt};
-use crate::{ActivateError, Error, Result};
+use crate::Result;
+#[cfg(test)]
+use crate::{ActivateError, Error};
+#[cfg(test)]
+use vm_memory::GuestAddress;
 
 /// "virt" in little endian: the MagicValue register.
 pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
@@ -93,53 +95,6 @@ pub mod regs {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-/// The largest queue the spec allows.
-const MAX_QUEUE_SIZE: u16 = 32768;
-
-const S_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
-const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
-const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
-const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
-const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
-const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
-
-// Which queue fields hold a value the device refused (bitmask of a slot's `invalid`).
-const BAD_SIZE: u8 = 1;
-const BAD_DESC: u8 = 2;
-const BAD_DRIVER: u8 = 4;
-const BAD_DEVICE: u8 = 8;
-
-/// A queue as the transport keeps it while the driver configures it.
-#[derive(Debug)]
-struct QueueSlot {
-    queue: Queue,
-    /// The QueueReady register.
-    ready: bool,
-    /// Fields the driver wrote invalid values to (`BAD_*`).
-    invalid: u8,
-    /// Handed to the device at activation.
-    active: bool,
-    /// The descriptor, driver and device area registers as written.
-    addrs: [u64; 3],
-}
-
-impl QueueSlot {
-    fn new(max_size: u16) -> Result<Self> {
-        // The sizes were validated in `MmioTransport::new`.
-        let queue = Queue::new(max_size).map_err(|_| Error::InvalidQueueMaxSize {
-            index: 0,
-            size: max_size,
-        })?;
-        Ok(Self {
-            queue,
-            ready: false,
-            invalid: 0,
-            active: false,
-            addrs: [0; 3],
-        })
-    }
-}
-
 /// An eventfd to register with KVM for a queue's notifications: `KVM_IOEVENTFD` at
 /// `addr`, 4 bytes, with `datamatch`.
 #[derive(Debug)]
@@ -163,34 +118,21 @@ pub struct QueueNotifier<'a> {
 /// [`CONFIG_SPACE_OFFSET`] takes 1-, 2- and 4-byte accesses, and 8-byte ones as two 4-byte
 /// halves. Nothing a guest writes panics the VMM.
 pub struct MmioTransport {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    memory: GuestMemoryMmap,
+    state: VirtioState,
     interrupt: Arc<MmioInterrupt>,
-    device_type: u32,
     vendor_id: u32,
-    max_sizes: Vec<u16>,
-    offered: u64,
-    slots: Vec<QueueSlot>,
-    notifiers: Vec<EventFd>,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
-    status: u32,
-    activated: bool,
-    needs_reset: NeedsReset,
 }
 
 impl fmt::Debug for MmioTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MmioTransport")
-            .field("device_type", &self.device_type)
+            .field("device_type", &self.state.device_type)
             .field("status", &format_args!("{:#x}", self.status()))
             .field(
                 "driver_features",
-                &format_args!("{:#x}", self.driver_features),
+                &format_args!("{:#x}", self.state.driver_features),
             )
-            .field("activated", &self.activated)
+            .field("activated", &self.state.activated)
             .finish_non_exhaustive()
     }
 }
@@ -206,45 +148,10 @@ impl MmioTransport {
         memory: GuestMemoryMmap,
         line: Arc<dyn InterruptLine>,
     ) -> Result<Self> {
-        let (device_type, max_sizes, offered) = {
-            let d = lock_device(&device);
-            let offered =
-                d.device_features() | FEATURE_VERSION_1 | (d.ring_features() & RING_FEATURES);
-            (d.device_type(), d.queue_max_sizes().to_vec(), offered)
-        };
-        if max_sizes.len() > usize::from(u16::MAX) {
-            return Err(Error::TooManyQueues(max_sizes.len()));
-        }
-        for (index, &size) in max_sizes.iter().enumerate() {
-            if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
-                return Err(Error::InvalidQueueMaxSize { index, size });
-            }
-        }
-        let slots = max_sizes
-            .iter()
-            .map(|&s| QueueSlot::new(s))
-            .collect::<Result<Vec<_>>>()?;
-        let notifiers = max_sizes
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd))
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            device,
-            memory,
+            state: VirtioState::new("virtio-mmio", device, memory)?,
             interrupt: Arc::new(MmioInterrupt::new(line)),
-            device_type,
             vendor_id: 0,
-            max_sizes,
-            offered,
-            slots,
-            notifiers,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            queue_sel: 0,
-            status: 0,
-            activated: false,
-            needs_reset: NeedsReset::new(),
         })
     }
 
@@ -256,7 +163,7 @@ impl MmioTransport {
 
     /// The device.
     pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
-        &self.device
+        &self.state.device
     }
 
     /// The interrupt (InterruptStatus and ConfigGeneration live there).
@@ -266,26 +173,22 @@ impl MmioTransport {
 
     /// The Status register as the driver reads it (`DEVICE_NEEDS_RESET` included).
     pub fn status(&self) -> u32 {
-        if self.needs_reset.is_set() {
-            self.status | S_NEEDS_RESET
-        } else {
-            self.status
-        }
+        self.state.status()
     }
 
     /// Whether the device is running (the driver set `DRIVER_OK` and it activated).
     pub fn is_activated(&self) -> bool {
-        self.activated
+        self.state.activated
     }
 
     /// The features offered to the driver: the device's, `VERSION_1` and the ring features.
     pub fn offered_features(&self) -> u64 {
-        self.offered
+        self.state.offered
     }
 
     /// The features the driver wrote (accepted once `FEATURES_OK` reads back set).
     pub fn driver_features(&self) -> u64 {
-        self.driver_features
+        self.state.driver_features
     }
 
     /// The QueueNotify ioeventfds to register with KVM for a device at `base`: one per queue,
@@ -295,7 +198,8 @@ impl MmioTransport {
         let Some(addr) = base.checked_add(QUEUE_NOTIFY_OFFSET) else {
             return Vec::new();
         };
-        self.notifiers
+        self.state
+            .notifiers
             .iter()
             .enumerate()
             .filter_map(|(i, fd)| {
@@ -313,113 +217,32 @@ impl MmioTransport {
     /// The glue to add to the VMM's event manager: it watches clones of the queue
     /// notifiers and runs [`VirtioDevice::process_queue`].
     pub fn queue_event_handler(&self) -> Result<QueueEventHandler> {
-        let notifiers = self
-            .notifiers
-            .iter()
-            .enumerate()
-            .filter_map(|(i, fd)| Some((u16::try_from(i).ok()?, fd)))
-            .map(|(i, fd)| Ok((i, fd.try_clone().map_err(Error::EventFd)?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(QueueEventHandler::new(self.device.clone(), notifiers))
-    }
-
-    fn selected(&mut self) -> Option<&mut QueueSlot> {
-        self.slots.get_mut(usize::try_from(self.queue_sel).ok()?)
-    }
-
-    /// The selected queue, if the driver may still configure it: before `DRIVER_OK` and
-    /// while the queue is not ready (virtio 1.2 §4.2.2.3).
-    fn configurable(&mut self) -> Option<&mut QueueSlot> {
-        if self.status & S_DRIVER_OK != 0 || self.activated {
-            log::debug!("virtio-mmio: queue configuration after DRIVER_OK ignored");
-            return None;
-        }
-        self.selected().filter(|s| !s.ready)
-    }
-
-    fn set_queue_address(&mut self, offset: u64, value: u32) {
-        let Some(slot) = self.configurable() else {
-            return;
-        };
-        let (field, which) = match offset {
-            regs::QUEUE_DESC_LOW | regs::QUEUE_DESC_HIGH => (BAD_DESC, 0),
-            regs::QUEUE_DRIVER_LOW | regs::QUEUE_DRIVER_HIGH => (BAD_DRIVER, 1),
-            _ => (BAD_DEVICE, 2),
-        };
-        let low = matches!(
-            offset,
-            regs::QUEUE_DESC_LOW | regs::QUEUE_DRIVER_LOW | regs::QUEUE_DEVICE_LOW
-        );
-        // The registers hold what the driver wrote; the queue takes the address only when it
-        // is valid, and the queue cannot go live while a register holds an invalid one.
-        let current = slot.addrs[which];
-        let addr = if low {
-            (current & !0xFFFF_FFFF) | u64::from(value)
-        } else {
-            (current & 0xFFFF_FFFF) | (u64::from(value) << 32)
-        };
-        slot.addrs[which] = addr;
-        let q = &mut slot.queue;
-        let ok = match which {
-            0 => q.try_set_desc_table_address(GuestAddress(addr)).is_ok(),
-            1 => q.try_set_avail_ring_address(GuestAddress(addr)).is_ok(),
-            _ => q.try_set_used_ring_address(GuestAddress(addr)).is_ok(),
-        };
-        if ok {
-            slot.invalid &= !field;
-        } else {
-            log::warn!("virtio-mmio: misaligned queue address {addr:#x}");
-            slot.invalid |= field;
-        }
+        self.state.queue_event_handler()
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
+        let s = &mut self.state;
         match offset {
-            regs::DEVICE_FEATURES_SEL => self.device_features_sel = value,
-            regs::DRIVER_FEATURES => {
-                // Only between DRIVER and FEATURES_OK (virtio 1.2 §3.1.1).
-                if self.status & S_DRIVER == 0 || self.status & S_FEATURES_OK != 0 {
-                    log::debug!("virtio-mmio: DriverFeatures write outside negotiation ignored");
-                    return;
-                }
-                let shift = match self.driver_features_sel {
-                    0 => 0,
-                    1 => 32,
-                    // Feature bits past 63 do not exist; the driver must write 0 there.
-                    _ => return,
-                };
-                let mask = 0xFFFF_FFFF_u64 << shift;
-                self.driver_features = (self.driver_features & !mask) | (u64::from(value) << shift);
-            }
-            regs::DRIVER_FEATURES_SEL => self.driver_features_sel = value,
-            regs::QUEUE_SEL => self.queue_sel = value,
-            regs::QUEUE_NUM => {
-                let Some(slot) = self.configurable() else {
-                    return;
-                };
-                // 0, not a power of two or above QueueNumMax: refused, and the queue cannot
-                // be made live until the driver writes a valid size.
-                match u16::try_from(value)
-                    .ok()
-                    .map(|v| slot.queue.try_set_size(v))
-                {
-                    Some(Ok(())) => slot.invalid &= !BAD_SIZE,
-                    _ => {
-                        log::warn!("virtio-mmio: invalid queue size {value}");
-                        slot.invalid |= BAD_SIZE;
-                    }
-                }
-            }
-            regs::QUEUE_READY => self.write_queue_ready(value),
-            regs::QUEUE_NOTIFY => self.notify(value),
+            regs::DEVICE_FEATURES_SEL => s.device_features_sel = value,
+            regs::DRIVER_FEATURES => s.write_driver_features(value),
+            regs::DRIVER_FEATURES_SEL => s.driver_features_sel = value,
+            regs::QUEUE_SEL => s.queue_sel = value,
+            regs::QUEUE_NUM => s.write_queue_size(value),
+            regs::QUEUE_READY => s.write_queue_ready(value),
+            regs::QUEUE_NOTIFY => s.notify(value),
             regs::INTERRUPT_ACK => self.interrupt.ack(value),
-            regs::STATUS => self.write_status(value),
-            regs::QUEUE_DESC_LOW
-            | regs::QUEUE_DESC_HIGH
-            | regs::QUEUE_DRIVER_LOW
-            | regs::QUEUE_DRIVER_HIGH
-            | regs::QUEUE_DEVICE_LOW
-            | regs::QUEUE_DEVICE_HIGH => self.set_queue_address(offset, value),
+            regs::STATUS => {
+                let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+                if s.write_status(value, &interrupt) {
+                    self.reset();
+                }
+            }
+            regs::QUEUE_DESC_LOW => s.write_queue_address_half(QueueArea::Desc, false, value),
+            regs::QUEUE_DESC_HIGH => s.write_queue_address_half(QueueArea::Desc, true, value),
+            regs::QUEUE_DRIVER_LOW => s.write_queue_address_half(QueueArea::Driver, false, value),
+            regs::QUEUE_DRIVER_HIGH => s.write_queue_address_half(QueueArea::Driver, true, value),
+            regs::QUEUE_DEVICE_LOW => s.write_queue_address_half(QueueArea::Device, false, value),
+            regs::QUEUE_DEVICE_HIGH => s.write_queue_address_half(QueueArea::Device, true, value),
             regs::SHM_SEL => {}
             _ => log::debug!(
                 "virtio-mmio: write to read-only or unknown register {offset:#x} ignored"
@@ -427,165 +250,11 @@ impl MmioTransport {
         }
     }
 
-    fn write_queue_ready(&mut self, value: u32) {
-        let running = self.status & S_DRIVER_OK != 0 || self.activated;
-        let Some(slot) = self.selected() else {
-            return;
-        };
-        match value {
-            // Before DRIVER_OK this takes the queue back for configuration. After it (without
-            // VIRTIO_F_RING_RESET, which is not offered) the device keeps using the queue until
-            // the driver resets it; the register reads back 0 so a driver tearing down before
-            // its reset (as virtio-drivers does) does not wait forever.
-            0 => {
-                if running {
-                    log::debug!("virtio-mmio: QueueReady=0 while running; takes effect at reset");
-                }
-                slot.ready = false;
-            }
-            1 if !running => slot.ready = true,
-            _ => log::debug!("virtio-mmio: QueueReady={value} ignored"),
-        }
-    }
-
-    fn notify(&mut self, value: u32) {
-        // With VIRTIO_F_NOTIFICATION_DATA (not offered) the value would carry more; here it is
-        // the queue index. A notification for a queue the device does not run is ignored.
-        let Some(slot) = usize::try_from(value).ok().and_then(|i| self.slots.get(i)) else {
-            log::debug!("virtio-mmio: notify for queue {value} out of range ignored");
-            return;
-        };
-        if !slot.active {
-            log::debug!("virtio-mmio: notify for inactive queue {value} ignored");
-            return;
-        }
-        if let Some(fd) = usize::try_from(value)
-            .ok()
-            .and_then(|i| self.notifiers.get(i))
-        {
-            // Fails only when the counter would overflow: a notification is pending anyway.
-            let _ = fd.write(1);
-        }
-    }
-
-    fn write_status(&mut self, value: u32) {
-        if value == 0 {
-            self.reset();
-            return;
-        }
-        // DEVICE_NEEDS_RESET belongs to the device; a driver writing back what it read
-        // carries it along.
-        let value = value & !S_NEEDS_RESET;
-        if self.status & !value != 0 {
-            log::warn!(
-                "virtio-mmio: status {value:#x} clears bits of {:#x}; ignored",
-                self.status
-            );
-            return;
-        }
-        let new = value & !self.status;
-        let mut status = self.status | (new & (S_ACKNOWLEDGE | S_DRIVER | S_FAILED));
-
-        if new & S_FEATURES_OK != 0 {
-            let unoffered = self.driver_features & !self.offered;
-            if status & S_DRIVER == 0 {
-                log::warn!("virtio-mmio: FEATURES_OK before DRIVER refused");
-            } else if unoffered != 0 {
-                log::warn!("virtio-mmio: driver accepted features {unoffered:#x} not offered; FEATURES_OK refused");
-            } else if self.driver_features & FEATURE_VERSION_1 == 0 {
-                log::warn!("virtio-mmio: driver without VIRTIO_F_VERSION_1; FEATURES_OK refused");
-            } else {
-                lock_device(&self.device).ack_features(self.driver_features);
-                status |= S_FEATURES_OK;
-            }
-        }
-
-        if new & S_DRIVER_OK != 0 {
-            if status & S_FEATURES_OK == 0 {
-                log::warn!("virtio-mmio: DRIVER_OK without FEATURES_OK; device needs reset");
-                self.needs_reset.set();
-            } else {
-                match self.activate() {
-                    Ok(()) => {
-                        self.activated = true;
-                        status |= S_DRIVER_OK;
-                    }
-                    Err(e) => {
-                        log::warn!("virtio-mmio: activation failed: {e}; device needs reset");
-                        self.needs_reset.set();
-                    }
-                }
-            }
-        }
-        self.status = status;
-    }
-
-    fn activate(&mut self) -> std::result::Result<(), ActivateError> {
-        let event_idx = self.driver_features & FEATURE_RING_EVENT_IDX != 0;
-        // Validate every ready queue before giving any away.
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if !slot.ready {
-                continue;
-            }
-            let index = u16::try_from(i).unwrap_or(u16::MAX);
-            slot.queue.set_ready(true);
-            slot.queue.set_event_idx(event_idx);
-            if slot.invalid != 0 || !slot.queue.is_valid(&self.memory) {
-                return Err(ActivateError::MissingQueue(index));
-            }
-        }
-        let mut queues = Vec::new();
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if !slot.ready {
-                continue;
-            }
-            let index = u16::try_from(i).unwrap_or(u16::MAX);
-            let notifier = self.notifiers[i].try_clone().map_err(ActivateError::Io)?;
-            let fresh = Queue::new(slot.queue.max_size())
-                .map_err(|_| ActivateError::MissingQueue(index))?;
-            let queue = std::mem::replace(&mut slot.queue, fresh);
-            slot.active = true;
-            queues.push(ActiveQueue {
-                index,
-                queue,
-                notifier,
-            });
-        }
-        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        let context = ActivateContext::new(
-            self.memory.clone(),
-            self.driver_features,
-            queues,
-            interrupt,
-            self.needs_reset.clone(),
-        );
-        lock_device(&self.device).activate(context)
-    }
-
     /// Device reset (the driver wrote 0 to Status): the device gives back its context;
     /// queues, features, selectors, interrupt status and `DEVICE_NEEDS_RESET` are cleared;
     /// ConfigGeneration moves on (the device's configuration is back to its defaults).
     pub fn reset(&mut self) {
-        let _ = lock_device(&self.device).reset();
-        for (slot, &max) in self.slots.iter_mut().zip(&self.max_sizes) {
-            slot.queue.reset();
-            debug_assert_eq!(slot.queue.max_size(), max);
-            slot.ready = false;
-            slot.invalid = 0;
-            slot.active = false;
-            slot.addrs = [0; 3];
-        }
-        for fd in &self.notifiers {
-            // Drop notifications of the old session.
-            let _ = fd.read();
-        }
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.driver_features = 0;
-        self.queue_sel = 0;
-        self.status = 0;
-        self.activated = false;
-        self.needs_reset = NeedsReset::new();
+        self.state.reset();
         self.interrupt.clear();
         self.interrupt.bump_config_generation();
     }
@@ -594,15 +263,14 @@ impl MmioTransport {
         match offset {
             regs::MAGIC_VALUE => MMIO_MAGIC_VALUE,
             regs::VERSION => MMIO_VERSION,
-            regs::DEVICE_ID => self.device_type,
+            regs::DEVICE_ID => self.state.device_type,
             regs::VENDOR_ID => self.vendor_id,
-            regs::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.offered as u32,
-                1 => (self.offered >> 32) as u32,
-                _ => 0,
-            },
-            regs::QUEUE_NUM_MAX => self.selected().map_or(0, |s| u32::from(s.queue.max_size())),
-            regs::QUEUE_READY => self.selected().map_or(0, |s| u32::from(s.ready)),
+            regs::DEVICE_FEATURES => self.state.device_features_window(),
+            regs::QUEUE_NUM_MAX => self
+                .state
+                .selected_ref()
+                .map_or(0, |s| u32::from(s.queue.max_size())),
+            regs::QUEUE_READY => self.state.selected_ref().map_or(0, |s| u32::from(s.ready)),
             regs::INTERRUPT_STATUS => self.interrupt.status(),
             regs::STATUS => self.status(),
             // No shared memory regions: a length and base of -1.
@@ -613,32 +281,17 @@ impl MmioTransport {
             _ => 0,
         }
     }
-
-    fn config_access_ok(offset: u64, len: usize) -> bool {
-        match len {
-            1 => true,
-            2 => offset.is_multiple_of(2),
-            4 | 8 => offset.is_multiple_of(4),
-            _ => false,
-        }
-    }
 }
 
 impl MutDeviceMmio for MmioTransport {
     fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
         if let Some(config) = offset.checked_sub(CONFIG_SPACE_OFFSET) {
-            if !Self::config_access_ok(config, data.len()) {
+            if !VirtioState::config_access_ok(config, data.len()) {
                 data.fill(0xFF);
                 return;
             }
-            data.fill(0);
-            let device = lock_device(&self.device);
             // An 8-byte access is two 32-bit ones (virtio 1.2 §4.2.2.2).
-            for (i, chunk) in data.chunks_mut(4).enumerate() {
-                if let Some(at) = config.checked_add(4 * i as u64) {
-                    device.read_config(at, chunk);
-                }
-            }
+            self.state.read_config(config, data);
             return;
         }
         if data.len() != 4 || !offset.is_multiple_of(4) {
@@ -655,14 +308,8 @@ impl MutDeviceMmio for MmioTransport {
 
     fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
         if let Some(config) = offset.checked_sub(CONFIG_SPACE_OFFSET) {
-            if !Self::config_access_ok(config, data.len()) {
-                return;
-            }
-            let mut device = lock_device(&self.device);
-            for (i, chunk) in data.chunks(4).enumerate() {
-                if let Some(at) = config.checked_add(4 * i as u64) {
-                    device.write_config(at, chunk);
-                }
+            if VirtioState::config_access_ok(config, data.len()) {
+                self.state.write_config(config, data);
             }
             return;
         }

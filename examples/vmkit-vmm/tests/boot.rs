@@ -206,7 +206,7 @@ fn virtio_console_output_to_a_file_and_stdin_to_the_guest() {
     use std::io::Write;
     let guest = common::test_guest();
     let file = std::env::temp_dir().join(format!("vmkit-console-{}", std::process::id()));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit"))
         .args(["--kernel", guest.to_str().unwrap(), "--rng"])
         .arg(format!("--console=file={}", file.display()))
         .args(["--cmdline", "test=virtio-console,virtio-rng"])

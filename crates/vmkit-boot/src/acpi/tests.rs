@@ -498,3 +498,114 @@ fn iasl_disassembly() {
         );
     }
 }
+
+fn pci_config() -> AcpiConfig {
+    AcpiConfig {
+        num_cpus: 2,
+        devices: vec![DsdtDevice::PciHostBridge(PciHostBridge {
+            mmio64: Some((0x80_0000_0000, 0x40_0000_0000)),
+            ..PciHostBridge::bus0(0xE000_0000, (0xC000_0000, 0x2000_0000))
+        })],
+        ..AcpiConfig::default()
+    }
+}
+
+#[test]
+fn mcfg_in_the_xsdt_only_with_a_host_bridge() {
+    let plain = build_acpi_tables(&test_config()).unwrap();
+    assert!(plain.iter().all(|t| &t.signature != b"MCFG"));
+    let tables = build_acpi_tables(&pci_config()).unwrap();
+    let get = |sig: &[u8; 4]| tables.iter().find(|t| &t.signature == sig).unwrap();
+    let xsdt = &get(b"XSDT").bytes;
+    assert_eq!(xsdt.len(), 36 + 3 * 8);
+    assert_eq!(u64_at(xsdt, 36 + 16), get(b"MCFG").addr.0);
+    let mcfg = &get(b"MCFG").bytes;
+    check_header(mcfg, b"MCFG", 1);
+    assert_eq!(mcfg.len(), 44 + 16);
+    assert_eq!(u64_at(mcfg, 44), 0xE000_0000);
+    assert_eq!(u16_at(mcfg, 52), 0, "segment");
+    assert_eq!((mcfg[54], mcfg[55]), (0, 0), "buses 0-0");
+    // Tables do not overlap and stay 16-byte aligned.
+    let mut spans: Vec<(u64, u64)> = tables
+        .iter()
+        .map(|t| (t.addr.0, t.addr.0 + t.bytes.len() as u64))
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0);
+        assert_eq!(w[1].0 % 16, 0);
+    }
+}
+
+#[test]
+fn bad_host_bridges_are_refused() {
+    for b in [
+        PciHostBridge::bus0(0xE008_0000, (0xC000_0000, 0x1000)),
+        PciHostBridge::bus0(0xFFF0_0000 + (1 << 20), (0xC000_0000, 0x1000)),
+        PciHostBridge::bus0(0xE000_0000, (0xC000_0000, 0)),
+        PciHostBridge::bus0(0xE000_0000, (0xF000_0000, 0x2000_0000)),
+        PciHostBridge {
+            bus_start: 1,
+            ..PciHostBridge::bus0(0xE000_0000, (0xC000_0000, 0x1000))
+        },
+        PciHostBridge {
+            uid: 10,
+            ..PciHostBridge::bus0(0xE000_0000, (0xC000_0000, 0x1000))
+        },
+    ] {
+        let cfg = AcpiConfig {
+            devices: vec![DsdtDevice::PciHostBridge(b.clone())],
+            ..AcpiConfig::default()
+        };
+        assert!(
+            matches!(build_acpi_tables(&cfg), Err(Error::InvalidAcpiDevice(_))),
+            "{b:?}"
+        );
+    }
+}
+
+#[test]
+fn iasl_disassembly_of_mcfg_and_pci_host_bridge() {
+    let dir = ScratchDir::new("iasl-pci");
+    let tables = build_acpi_tables(&pci_config()).unwrap();
+    let get = |sig: &[u8; 4]| &tables.iter().find(|t| &t.signature == sig).unwrap().bytes;
+
+    let mcfg = squash(&iasl_disassemble(&dir, "mcfg", get(b"MCFG")));
+    for want in [
+        "Signature : \"MCFG\" [Memory Mapped Configuration",
+        "Base Address : 00000000E0000000",
+        "Segment Group Number : 0000",
+        "Start Bus Number : 00",
+        "End Bus Number : 00",
+    ] {
+        assert!(
+            mcfg.contains(want),
+            "MCFG disassembly lacks {want:?}:\n{mcfg}"
+        );
+    }
+    let xsdt = squash(&iasl_disassemble(&dir, "xsdt", get(b"XSDT")));
+    assert!(xsdt.contains("ACPI Table Address 2 :"), "{xsdt}");
+
+    let dsdt = squash(&iasl_disassemble(&dir, "dsdt", get(b"DSDT")));
+    for text in [&mcfg, &xsdt, &dsdt] {
+        assert!(!text.contains("Incorrect checksum"), "{text}");
+        assert!(!text.contains("Invalid"), "{text}");
+    }
+    for want in [
+        "Device (PCI0)",
+        "Name (_HID, EisaId (\"PNP0A08\")",
+        "Name (_CID, EisaId (\"PNP0A03\")",
+        "Name (_UID, Zero)",
+        "Name (_SEG, Zero)",
+        "Name (_BBN, Zero)",
+        "WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0x0000, 0x0000, 0x0000, 0x0000, 0x0001,",
+        "IO (Decode16, 0x0CF8, 0x0CF8, 0x01, 0x08, )",
+        "DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, 0x00000000, 0xC0000000, 0xDFFFFFFF, 0x00000000, 0x20000000,",
+        "QWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable, ReadWrite, 0x0000000000000000, 0x0000008000000000, 0x000000BFFFFFFFFF, 0x0000000000000000, 0x0000004000000000,",
+        "Device (PRS0)",
+        "Name (_HID, EisaId (\"PNP0C02\")",
+        "Memory32Fixed (ReadOnly, 0xE0000000, 0x00100000, )",
+    ] {
+        assert!(dsdt.contains(want), "DSDT disassembly lacks {want:?}:\n{dsdt}");
+    }
+}

@@ -16,6 +16,8 @@ struct HalState {
     used: Vec<bool>,
     /// Bounce buffers handed out by `share`: guest address → pages.
     bounces: BTreeMap<u64, usize>,
+    /// Stand-ins for MMIO mappings (see `mmio_phys_to_virt`), freed with the state.
+    scratch: Vec<Box<[u64]>>,
 }
 
 thread_local! {
@@ -96,6 +98,7 @@ impl GuestHal {
                 pages,
                 used: vec![false; pages],
                 bounces: BTreeMap::new(),
+                scratch: Vec::new(),
             });
         });
     }
@@ -119,7 +122,9 @@ impl GuestHal {
 // overlaps (the page map marks them used until `dma_dealloc`), with the host address the
 // guest memory mapping gives for them, valid while the harness (which owns a clone of the
 // mapping) lives; `share` returns a guest address whose memory holds the buffer's content
-// (the buffer itself, or a bounce copy) for the device to access until `unshare`.
+// (the buffer itself, or a bounce copy) for the device to access until `unshare`;
+// `mmio_phys_to_virt` returns heap memory of at least `size` bytes that lives as long as
+// the harness.
 unsafe impl Hal for GuestHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
         STATE.with(|s| {
@@ -154,9 +159,21 @@ unsafe impl Hal for GuestHal {
         0
     }
 
-    unsafe fn mmio_phys_to_virt(_paddr: PhysAddr, _size: usize) -> NonNull<u8> {
-        // The harness transport does not map MMIO: it calls the transport's handlers.
-        NonNull::dangling()
+    unsafe fn mmio_phys_to_virt(_paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        // The harness transports do not map MMIO: they call the transport's handlers. A
+        // driver that maps registers anyway (virtio-drivers' `PciTransport::new`, which the
+        // PCI harness runs to check our capabilities parse) gets zeroed scratch memory,
+        // 8-byte aligned and valid while the harness lives, that no device sees.
+        STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            let Some(state) = s.as_mut() else {
+                return NonNull::dangling();
+            };
+            let mut buf = vec![0u64; size.div_ceil(8).max(1)].into_boxed_slice();
+            let ptr = NonNull::from(&mut buf[0]).cast::<u8>();
+            state.scratch.push(buf);
+            ptr
+        })
     }
 
     unsafe fn share(buffer: NonNull<[u8]>, direction: BufferDirection) -> PhysAddr {

@@ -6,6 +6,8 @@
 
 mod hal;
 mod harness;
+#[cfg(feature = "pci")]
+mod pci;
 
 use std::io;
 use std::sync::{Arc, Mutex};
@@ -19,6 +21,11 @@ use crate::{ActivateContext, ActiveQueue, InterruptReason, NeedsReset, VirtioInt
 
 pub use hal::GuestHal;
 pub use harness::{Harness, HarnessTransport, HARNESS_DMA_BASE, HARNESS_MMIO_BASE};
+#[cfg(feature = "pci")]
+pub use pci::{
+    CamKind, HarnessCam, PciHarness, PciHarnessTransport, HARNESS_ECAM_BASE, HARNESS_PCI_SLOT,
+    HARNESS_PCI_WINDOW,
+};
 
 /// Guest memory of `size` bytes at guest address 0, one anonymous mapping.
 ///

@@ -1,0 +1,500 @@
+//! The transport-independent part of a virtio transport: device status and feature
+//! negotiation (virtio 1.2 §3.1, §2.1–2.2), the queue configuration the driver writes and its
+//! validation, activation, notifications and reset. `MmioTransport` and the virtio-pci
+//! transport are register layouts over this.
+
+use std::sync::{Arc, Mutex};
+
+use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::device::{
+    ActivateContext, ActiveQueue, NeedsReset, VirtioDevice, FEATURE_RING_EVENT_IDX,
+    FEATURE_VERSION_1, RING_FEATURES,
+};
+use crate::events::{lock_device, QueueEventHandler};
+use crate::interrupt::VirtioInterrupt;
+use crate::{ActivateError, Error, Result};
+
+/// The largest queue the spec allows.
+pub(crate) const MAX_QUEUE_SIZE: u16 = 32768;
+
+pub(crate) const S_ACKNOWLEDGE: u32 = VIRTIO_CONFIG_S_ACKNOWLEDGE;
+pub(crate) const S_DRIVER: u32 = VIRTIO_CONFIG_S_DRIVER;
+pub(crate) const S_DRIVER_OK: u32 = VIRTIO_CONFIG_S_DRIVER_OK;
+pub(crate) const S_FEATURES_OK: u32 = VIRTIO_CONFIG_S_FEATURES_OK;
+pub(crate) const S_NEEDS_RESET: u32 = VIRTIO_CONFIG_S_NEEDS_RESET;
+pub(crate) const S_FAILED: u32 = VIRTIO_CONFIG_S_FAILED;
+
+// Which queue fields hold a value the device refused (bitmask of a slot's `invalid`).
+const BAD_SIZE: u8 = 1;
+const BAD_DESC: u8 = 2;
+const BAD_DRIVER: u8 = 4;
+const BAD_DEVICE: u8 = 8;
+
+/// The three queue areas, as the driver addresses them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum QueueArea {
+    /// The descriptor table.
+    Desc = 0,
+    /// The driver (available) ring.
+    Driver = 1,
+    /// The device (used) ring.
+    Device = 2,
+}
+
+/// A queue as the transport keeps it while the driver configures it.
+#[derive(Debug)]
+pub(crate) struct QueueSlot {
+    pub(crate) queue: Queue,
+    /// The QueueReady / queue_enable register.
+    pub(crate) ready: bool,
+    /// Fields the driver wrote invalid values to (`BAD_*`).
+    invalid: u8,
+    /// Handed to the device at activation.
+    pub(crate) active: bool,
+    /// The descriptor, driver and device area registers as written.
+    pub(crate) addrs: [u64; 3],
+}
+
+impl QueueSlot {
+    fn new(max_size: u16) -> Result<Self> {
+        let queue = Queue::new(max_size).map_err(|_| Error::InvalidQueueMaxSize {
+            index: 0,
+            size: max_size,
+        })?;
+        Ok(Self {
+            queue,
+            ready: false,
+            invalid: 0,
+            active: false,
+            addrs: [0; 3],
+        })
+    }
+}
+
+/// The state every virtio transport keeps, and the rules the driver meets.
+pub(crate) struct VirtioState {
+    /// "virtio-mmio" or "virtio-pci", for log messages.
+    name: &'static str,
+    pub(crate) device: Arc<Mutex<dyn VirtioDevice>>,
+    memory: GuestMemoryMmap,
+    pub(crate) device_type: u32,
+    max_sizes: Vec<u16>,
+    pub(crate) offered: u64,
+    pub(crate) slots: Vec<QueueSlot>,
+    pub(crate) notifiers: Vec<EventFd>,
+    pub(crate) device_features_sel: u32,
+    pub(crate) driver_features_sel: u32,
+    pub(crate) driver_features: u64,
+    pub(crate) queue_sel: u32,
+    status: u32,
+    pub(crate) activated: bool,
+    needs_reset: NeedsReset,
+}
+
+impl VirtioState {
+    /// Validates the device's queue sizes; one non-blocking eventfd per queue.
+    pub(crate) fn new(
+        name: &'static str,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        memory: GuestMemoryMmap,
+    ) -> Result<Self> {
+        let (device_type, max_sizes, offered) = {
+            let d = lock_device(&device);
+            let offered =
+                d.device_features() | FEATURE_VERSION_1 | (d.ring_features() & RING_FEATURES);
+            (d.device_type(), d.queue_max_sizes().to_vec(), offered)
+        };
+        if max_sizes.len() > usize::from(u16::MAX) {
+            return Err(Error::TooManyQueues(max_sizes.len()));
+        }
+        for (index, &size) in max_sizes.iter().enumerate() {
+            if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
+                return Err(Error::InvalidQueueMaxSize { index, size });
+            }
+        }
+        let slots = max_sizes
+            .iter()
+            .map(|&s| QueueSlot::new(s))
+            .collect::<Result<Vec<_>>>()?;
+        let notifiers = max_sizes
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            name,
+            device,
+            memory,
+            device_type,
+            max_sizes,
+            offered,
+            slots,
+            notifiers,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            queue_sel: 0,
+            status: 0,
+            activated: false,
+            needs_reset: NeedsReset::new(),
+        })
+    }
+
+    /// The status as the driver reads it (`DEVICE_NEEDS_RESET` included).
+    pub(crate) fn status(&self) -> u32 {
+        if self.needs_reset.is_set() {
+            self.status | S_NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    /// The queue count.
+    #[cfg_attr(not(feature = "pci"), allow(dead_code))]
+    pub(crate) fn num_queues(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// The 32 offered feature bits the device features selector points at.
+    pub(crate) fn device_features_window(&self) -> u32 {
+        match self.device_features_sel {
+            0 => self.offered as u32,
+            1 => (self.offered >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// A handler over clones of the notifiers.
+    pub(crate) fn queue_event_handler(&self) -> Result<QueueEventHandler> {
+        let notifiers = self
+            .notifiers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, fd)| Some((u16::try_from(i).ok()?, fd)))
+            .map(|(i, fd)| Ok((i, fd.try_clone().map_err(Error::EventFd)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(QueueEventHandler::new(self.device.clone(), notifiers))
+    }
+
+    pub(crate) fn selected(&mut self) -> Option<&mut QueueSlot> {
+        self.slots.get_mut(usize::try_from(self.queue_sel).ok()?)
+    }
+
+    pub(crate) fn selected_ref(&self) -> Option<&QueueSlot> {
+        self.slots.get(usize::try_from(self.queue_sel).ok()?)
+    }
+
+    /// The selected queue, if the driver may still configure it: before `DRIVER_OK` and
+    /// while the queue is not ready (virtio 1.2 §4.2.2.3, §4.1.4.3.2).
+    fn configurable(&mut self) -> Option<&mut QueueSlot> {
+        if self.status & S_DRIVER_OK != 0 || self.activated {
+            log::debug!("{}: queue configuration after DRIVER_OK ignored", self.name);
+            return None;
+        }
+        self.selected().filter(|s| !s.ready)
+    }
+
+    /// The driver features register for the selected window (only between `DRIVER` and
+    /// `FEATURES_OK`, virtio 1.2 §3.1.1).
+    pub(crate) fn write_driver_features(&mut self, value: u32) {
+        if self.status & S_DRIVER == 0 || self.status & S_FEATURES_OK != 0 {
+            log::debug!(
+                "{}: driver features write outside negotiation ignored",
+                self.name
+            );
+            return;
+        }
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            // Feature bits past 63 do not exist; the driver must write 0 there.
+            _ => return,
+        };
+        let mask = 0xFFFF_FFFF_u64 << shift;
+        self.driver_features = (self.driver_features & !mask) | (u64::from(value) << shift);
+    }
+
+    /// The driver features window it reads back.
+    #[cfg_attr(not(feature = "pci"), allow(dead_code))]
+    pub(crate) fn driver_features_window(&self) -> u32 {
+        match self.driver_features_sel {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// Sets the selected queue's size: 0, not a power of two or above the maximum is
+    /// refused, and the queue cannot be made live until the driver writes a valid size.
+    pub(crate) fn write_queue_size(&mut self, value: u32) {
+        let name = self.name;
+        let Some(slot) = self.configurable() else {
+            return;
+        };
+        match u16::try_from(value)
+            .ok()
+            .map(|v| slot.queue.try_set_size(v))
+        {
+            Some(Ok(())) => slot.invalid &= !BAD_SIZE,
+            _ => {
+                log::warn!("{name}: invalid queue size {value}");
+                slot.invalid |= BAD_SIZE;
+            }
+        }
+    }
+
+    /// Sets the low or high half of a queue area address (virtio-mmio's registers).
+    pub(crate) fn write_queue_address_half(&mut self, area: QueueArea, high: bool, value: u32) {
+        let Some(current) = self.selected_ref().map(|s| s.addrs[area as usize]) else {
+            return;
+        };
+        let addr = if high {
+            (current & 0xFFFF_FFFF) | (u64::from(value) << 32)
+        } else {
+            (current & !0xFFFF_FFFF) | u64::from(value)
+        };
+        self.write_queue_address(area, addr);
+    }
+
+    /// Sets a queue area address. The registers hold what the driver wrote; the queue
+    /// takes the address only when it is valid, and the queue cannot go live while a
+    /// register holds an invalid one.
+    pub(crate) fn write_queue_address(&mut self, area: QueueArea, addr: u64) {
+        let name = self.name;
+        let Some(slot) = self.configurable() else {
+            return;
+        };
+        let field = match area {
+            QueueArea::Desc => BAD_DESC,
+            QueueArea::Driver => BAD_DRIVER,
+            QueueArea::Device => BAD_DEVICE,
+        };
+        slot.addrs[area as usize] = addr;
+        let q = &mut slot.queue;
+        let ok = match area {
+            QueueArea::Desc => q.try_set_desc_table_address(GuestAddress(addr)).is_ok(),
+            QueueArea::Driver => q.try_set_avail_ring_address(GuestAddress(addr)).is_ok(),
+            QueueArea::Device => q.try_set_used_ring_address(GuestAddress(addr)).is_ok(),
+        };
+        if ok {
+            slot.invalid &= !field;
+        } else {
+            log::warn!("{name}: misaligned queue address {addr:#x}");
+            slot.invalid |= field;
+        }
+    }
+
+    /// QueueReady / queue_enable.
+    pub(crate) fn write_queue_ready(&mut self, value: u32) {
+        let running = self.status & S_DRIVER_OK != 0 || self.activated;
+        let name = self.name;
+        let Some(slot) = self.selected() else {
+            return;
+        };
+        match value {
+            // Before DRIVER_OK this takes the queue back for configuration. After it (without
+            // VIRTIO_F_RING_RESET, which is not offered) the device keeps using the queue until
+            // the driver resets it; the register reads back 0 so a driver tearing down before
+            // its reset (as virtio-drivers does) does not wait forever.
+            0 => {
+                if running {
+                    log::debug!("{name}: queue ready = 0 while running; takes effect at reset");
+                }
+                slot.ready = false;
+            }
+            1 if !running => slot.ready = true,
+            _ => log::debug!("{name}: queue ready = {value} ignored"),
+        }
+    }
+
+    /// A notification of queue `index`: signals its eventfd if the device runs it.
+    pub(crate) fn notify(&self, index: u32) {
+        // With VIRTIO_F_NOTIFICATION_DATA (not offered) the value would carry more; here it is
+        // the queue index. A notification for a queue the device does not run is ignored.
+        let Some(i) = usize::try_from(index).ok() else {
+            return;
+        };
+        let Some(slot) = self.slots.get(i) else {
+            log::debug!(
+                "{}: notify for queue {index} out of range ignored",
+                self.name
+            );
+            return;
+        };
+        if !slot.active {
+            log::debug!("{}: notify for inactive queue {index} ignored", self.name);
+            return;
+        }
+        if let Some(fd) = self.notifiers.get(i) {
+            // Fails only when the counter would overflow: a notification is pending anyway.
+            let _ = fd.write(1);
+        }
+    }
+
+    /// A status write. `0` is a reset, which the transport handles (it has interrupt state
+    /// of its own to clear): this returns `true` and does nothing else.
+    pub(crate) fn write_status(
+        &mut self,
+        value: u32,
+        interrupt: &Arc<dyn VirtioInterrupt>,
+    ) -> bool {
+        if value == 0 {
+            return true;
+        }
+        // DEVICE_NEEDS_RESET belongs to the device; a driver writing back what it read
+        // carries it along.
+        let value = value & !S_NEEDS_RESET;
+        if self.status & !value != 0 {
+            log::warn!(
+                "{}: status {value:#x} clears bits of {:#x}; ignored",
+                self.name,
+                self.status
+            );
+            return false;
+        }
+        let new = value & !self.status;
+        let mut status = self.status | (new & (S_ACKNOWLEDGE | S_DRIVER | S_FAILED));
+        let name = self.name;
+
+        if new & S_FEATURES_OK != 0 {
+            let unoffered = self.driver_features & !self.offered;
+            if status & S_DRIVER == 0 {
+                log::warn!("{name}: FEATURES_OK before DRIVER refused");
+            } else if unoffered != 0 {
+                log::warn!("{name}: driver accepted features {unoffered:#x} not offered; FEATURES_OK refused");
+            } else if self.driver_features & FEATURE_VERSION_1 == 0 {
+                log::warn!("{name}: driver without VIRTIO_F_VERSION_1; FEATURES_OK refused");
+            } else {
+                lock_device(&self.device).ack_features(self.driver_features);
+                status |= S_FEATURES_OK;
+            }
+        }
+
+        if new & S_DRIVER_OK != 0 {
+            if status & S_FEATURES_OK == 0 {
+                log::warn!("{name}: DRIVER_OK without FEATURES_OK; device needs reset");
+                self.needs_reset.set();
+            } else {
+                match self.activate(interrupt) {
+                    Ok(()) => {
+                        self.activated = true;
+                        status |= S_DRIVER_OK;
+                    }
+                    Err(e) => {
+                        log::warn!("{name}: activation failed: {e}; device needs reset");
+                        self.needs_reset.set();
+                    }
+                }
+            }
+        }
+        self.status = status;
+        false
+    }
+
+    fn activate(
+        &mut self,
+        interrupt: &Arc<dyn VirtioInterrupt>,
+    ) -> std::result::Result<(), ActivateError> {
+        let event_idx = self.driver_features & FEATURE_RING_EVENT_IDX != 0;
+        // Validate every ready queue before giving any away.
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if !slot.ready {
+                continue;
+            }
+            let index = u16::try_from(i).unwrap_or(u16::MAX);
+            slot.queue.set_ready(true);
+            slot.queue.set_event_idx(event_idx);
+            if slot.invalid != 0 || !slot.queue.is_valid(&self.memory) {
+                return Err(ActivateError::MissingQueue(index));
+            }
+        }
+        let mut queues = Vec::new();
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if !slot.ready {
+                continue;
+            }
+            let index = u16::try_from(i).unwrap_or(u16::MAX);
+            let notifier = self.notifiers[i].try_clone().map_err(ActivateError::Io)?;
+            let fresh = Queue::new(slot.queue.max_size())
+                .map_err(|_| ActivateError::MissingQueue(index))?;
+            let queue = std::mem::replace(&mut slot.queue, fresh);
+            slot.active = true;
+            queues.push(ActiveQueue {
+                index,
+                queue,
+                notifier,
+            });
+        }
+        let context = ActivateContext::new(
+            self.memory.clone(),
+            self.driver_features,
+            queues,
+            interrupt.clone(),
+            self.needs_reset.clone(),
+        );
+        lock_device(&self.device).activate(context)
+    }
+
+    /// Device reset: the device gives back its context; queues, features, selectors and
+    /// `DEVICE_NEEDS_RESET` are cleared, pending notifications dropped.
+    pub(crate) fn reset(&mut self) {
+        let _ = lock_device(&self.device).reset();
+        for (slot, &max) in self.slots.iter_mut().zip(&self.max_sizes) {
+            slot.queue.reset();
+            debug_assert_eq!(slot.queue.max_size(), max);
+            slot.ready = false;
+            slot.invalid = 0;
+            slot.active = false;
+            slot.addrs = [0; 3];
+        }
+        for fd in &self.notifiers {
+            // Drop notifications of the old session.
+            let _ = fd.read();
+        }
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.queue_sel = 0;
+        self.status = 0;
+        self.activated = false;
+        self.needs_reset = NeedsReset::new();
+    }
+
+    /// Configuration space read, 1/2/4 bytes (8 as two 4-byte halves), `data` zero-filled.
+    pub(crate) fn read_config(&self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let device = lock_device(&self.device);
+        for (i, chunk) in data.chunks_mut(4).enumerate() {
+            if let Some(at) = offset.checked_add(4 * i as u64) {
+                device.read_config(at, chunk);
+            }
+        }
+    }
+
+    /// Configuration space write, as [`read_config`](Self::read_config).
+    pub(crate) fn write_config(&self, offset: u64, data: &[u8]) {
+        let mut device = lock_device(&self.device);
+        for (i, chunk) in data.chunks(4).enumerate() {
+            if let Some(at) = offset.checked_add(4 * i as u64) {
+                device.write_config(at, chunk);
+            }
+        }
+    }
+
+    /// Whether a device configuration access of `len` bytes at `offset` is one the
+    /// transports take: 1 byte anywhere, 2 bytes even, 4 and 8 bytes 4-aligned.
+    pub(crate) fn config_access_ok(offset: u64, len: usize) -> bool {
+        match len {
+            1 => true,
+            2 => offset.is_multiple_of(2),
+            4 | 8 => offset.is_multiple_of(4),
+            _ => false,
+        }
+    }
+}
