@@ -92,6 +92,12 @@ impl Irqchip {
         self.routing.apply(vm)
     }
 
+    /// Removes the MSI route of `gsi` (if any) and installs the updated table.
+    pub fn remove_msi_route(&mut self, vm: &VmFd, gsi: u32) -> Result<()> {
+        self.routing.remove_msi(gsi);
+        self.routing.apply(vm)
+    }
+
     /// Creates an interrupt line for `gsi`: an eventfd registered as a KVM irqfd, so a device
     /// raising it injects the interrupt in the kernel without a VMM exit.
     pub fn line(&self, vm: &VmFd, gsi: u32) -> Result<EventFdLine> {
@@ -301,6 +307,9 @@ mod tests {
             },
         )
         .unwrap();
+        assert!(chip.routing().msi(30).is_some());
+        chip.remove_msi_route(&vm, 30).unwrap();
+        assert!(chip.routing().msi(30).is_none());
         let line = chip.line(&vm, 4).unwrap();
         crate::InterruptLine::trigger(&line).unwrap();
         // A second irqchip in the same VM is refused with a clear error.

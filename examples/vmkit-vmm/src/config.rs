@@ -37,6 +37,10 @@ pub struct Args {
     /// stdio, host stdin goes to the console rather than to the serial port.
     #[arg(long, default_value = "off", value_parser = parse_console, value_name = "WHERE")]
     pub console: ConsoleOutput,
+    /// The transport of the virtio devices: mmio (virtio-mmio windows on the command line and in
+    /// the DSDT) or pci (virtio-pci functions on PCI bus 0, MSI-X, ECAM in the MCFG).
+    #[arg(long, value_enum, default_value_t = Transport::Mmio)]
+    pub transport: Transport,
     /// Boot an ELF vmlinux through its 64-bit Linux entry even when it has a PVH note.
     #[arg(long)]
     pub no_pvh: bool,
@@ -54,6 +58,15 @@ pub enum SerialOutput {
     File(PathBuf),
     /// Nowhere: the port exists, output is dropped.
     Off,
+}
+
+/// The transport of the virtio devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// virtio-mmio.
+    Mmio,
+    /// virtio-pci (modern) with MSI-X.
+    Pci,
 }
 
 /// Where the virtio-console goes.

@@ -7,6 +7,7 @@ mod clock;
 mod config;
 mod event_loop;
 mod exit;
+mod pci;
 mod virtio;
 mod vm;
 

@@ -29,11 +29,14 @@ use vmkit_vcpu::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{Args, ConsoleOutput, SerialOutput};
+use crate::config::{Args, ConsoleOutput, SerialOutput, Transport};
 use crate::event_loop::{ExitWatcher, InputToConsole, StdinToSerial};
 use crate::exit::{VmEnd, VmExit};
+use crate::pci::VirtioPci;
 use crate::virtio::VirtioMmio;
 use std::os::fd::AsFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmkit_virtio::VirtioDevice;
 use vmkit_virtio_console::{Console, ConsoleConfig, Pty};
 use vmkit_virtio_rng::{Rng, RngConfig};
 
@@ -92,6 +95,8 @@ pub enum Error {
     EventFd(#[source] std::io::Error),
     #[error("{0}")]
     Virtio(#[from] vmkit_virtio::Error),
+    #[error("PCI: {0}")]
+    Pci(#[from] vmkit_pci::Error),
     #[error("virtio-console: {0}")]
     Console(#[source] std::io::Error),
     #[error("virtio-console: {0}")]
@@ -105,6 +110,10 @@ pub enum Error {
     },
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, Error> {
@@ -266,7 +275,7 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
             host,
         });
     }
-    let vm = kvm.create_vm().map_err(Error::CreateVm)?;
+    let vm = Arc::new(kvm.create_vm().map_err(Error::CreateVm)?);
     let mem: GuestMemoryMmap = create_guest_memory(&MemoryConfig {
         size: args.memory,
         backing: if args.hugepages {
@@ -278,14 +287,14 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
     let _slots = register_memory_slots(&vm, &mem)?;
 
     // Interrupt controller, then vCPUs.
-    let irqchip = Irqchip::new(&vm, IrqchipConfig::default())?;
+    let irqchip = Arc::new(Mutex::new(Irqchip::new(&vm, IrqchipConfig::default())?));
     let mut vcpus = create_vcpus(&kvm, &vm, args.cpus)?;
 
     // Buses and devices.
     let exit = Arc::new(VmExit::new().map_err(Error::EventFd)?);
     let notifier: Arc<dyn ExitNotifier> = exit.clone();
     let mut bus = IoBus::new();
-    let com1_irq: Arc<dyn InterruptLine> = Arc::new(irqchip.line(&vm, COM1_GSI)?);
+    let com1_irq: Arc<dyn InterruptLine> = Arc::new(lock(&irqchip).line(&vm, COM1_GSI)?);
     // With stdio, the UART tells the stdin forwarder when the guest has drained its FIFO.
     let input_drained = match args.serial {
         SerialOutput::Stdio => Some(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
@@ -314,10 +323,10 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
     )?;
     let debug_port = Arc::new(DebugPort::new());
     bus.register_pio(pio_range(DEBUG_PORT, DEBUG_PORT_COUNT)?, debug_port.clone())?;
-    let mut virtio = VirtioMmio::new()?;
+    // Virtio devices, then their transport.
+    let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
     if args.rng {
-        let rng = Rng::new(RngConfig::default())?;
-        virtio.add(&vm, &irqchip, &mem, &mut bus, Arc::new(Mutex::new(rng)))?;
+        devices.push(Arc::new(Mutex::new(Rng::new(RngConfig::default())?)));
     }
     let mut _console_pty = None;
     let console_input = match console_sink(&args.console)? {
@@ -325,19 +334,47 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
             _console_pty = pty;
             let console = Console::new(ConsoleConfig::new(sink))?;
             let input = console.input();
-            virtio.add(&vm, &irqchip, &mem, &mut bus, Arc::new(Mutex::new(console)))?;
+            devices.push(Arc::new(Mutex::new(console)));
             source.map(|s| (s, input))
         }
         None => None,
+    };
+    let (virtio_handlers, dsdt_devices, virtio_cmdline) = match args.transport {
+        Transport::Mmio => {
+            let mut mmio = VirtioMmio::new()?;
+            for device in devices {
+                mmio.add(&vm, &lock(&irqchip), &mem, &mut bus, device)?;
+            }
+            (
+                mmio.handlers.split_off(0),
+                mmio.dsdt_devices(),
+                mmio.cmdline(),
+            )
+        }
+        Transport::Pci => {
+            // BARs may cover neither RAM nor another device's window.
+            let mut forbidden: Vec<_> = mem
+                .iter()
+                .map(|r| r.start_addr().0..=r.last_addr().0)
+                .collect();
+            forbidden.push(crate::virtio::MMIO_WINDOW.start..=crate::virtio::MMIO_WINDOW.end - 1);
+            forbidden.push(0xFEC0_0000..=0xFFFF_FFFF);
+            let mut pci = VirtioPci::new(vm.clone(), irqchip.clone(), &mut bus, forbidden)?;
+            for device in devices {
+                pci.add(&mem, device)?;
+            }
+            let host_bridge = pci.dsdt_device();
+            (pci.handlers, vec![host_bridge], String::new())
+        }
     };
 
     // Kernel, boot parameters and ACPI tables.
     let acpi = vmkit_boot::AcpiConfig {
         num_cpus: args.cpus,
-        devices: virtio.dsdt_devices(),
+        devices: dsdt_devices,
         ..Default::default()
     };
-    let cmdline = match virtio.cmdline() {
+    let cmdline = match virtio_cmdline {
         extra if extra.is_empty() => args.cmdline.clone(),
         extra => format!("{} {extra}", args.cmdline),
     };
@@ -400,7 +437,7 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
     let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| Error::EventLoop(format!("{e:?}")))?;
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
-    for handler in virtio.handlers.drain(..) {
+    for handler in virtio_handlers {
         events.add_subscriber(Arc::new(Mutex::new(handler)));
     }
     if let Some((source, input)) = console_input {

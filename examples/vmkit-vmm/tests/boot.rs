@@ -255,3 +255,68 @@ fn virtio_console_output_to_a_file_and_stdin_to_the_guest() {
         "{stdout}"
     );
 }
+
+#[test]
+fn virtio_pci_devices_with_msix_on_two_vcpus() {
+    if !have_kvm() {
+        return;
+    }
+    let guest = common::test_guest();
+    let file = std::env::temp_dir().join(format!("vmkit-pci-console-{}", std::process::id()));
+    let out = common::vmkit(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--rng",
+            &format!("--console=file={}", file.display()),
+            "--transport",
+            "pci",
+            "--cmdline",
+            "test=all,pci",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ctx = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{ctx}");
+    // Found through the MCFG, and port CAM and ECAM show the guest the same functions.
+    assert!(
+        stdout.contains("pci: ecam 0xe0000000 buses 0-0 (mcfg)"),
+        "{ctx}"
+    );
+    assert!(
+        stdout.contains("pci: 00:00.0 8086:0d57 class 0600"),
+        "host bridge\n{ctx}"
+    );
+    assert!(
+        stdout.contains("pci: 00:01.0 1af4:1044"),
+        "virtio-rng (0x1040 + 4)\n{ctx}"
+    );
+    assert!(
+        stdout.contains("pci: 00:02.0 1af4:1043"),
+        "virtio-console (0x1040 + 3)\n{ctx}"
+    );
+    assert!(stdout.contains("test pci-cam-ecam: ok"), "{ctx}");
+    // BARs assigned by the VMM, kept by the guest.
+    assert!(
+        stdout.contains("pci: 00:01.0 bar 0 0xc0000000 size 0x8000 mem64 (vmm)"),
+        "{ctx}"
+    );
+    assert!(stdout.contains("virtio: 0 mmio devices"), "{ctx}");
+    assert!(stdout.contains("test virtio-rng: ok (pci)"), "{ctx}");
+    assert!(
+        stdout.contains("virtio-rng: reset and reuse ok (pci 00:01.0)"),
+        "{ctx}"
+    );
+    assert!(stdout.contains("test virtio-console: ok (pci)"), "{ctx}");
+    // Per-queue MSI-X, re-targeted to the second vCPU mid-test.
+    assert!(stdout.contains("virtio-irq: 8 msi-x interrupts"), "{ctx}");
+    assert!(stdout.contains("virtio-irq: apic 1 took"), "{ctx}");
+    assert!(stdout.contains("test virtio-irq: ok (pci)"), "{ctx}");
+    let written = std::fs::read_to_string(&file).unwrap_or_default();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(written, "hello from the virtio console\n");
+}
