@@ -475,7 +475,8 @@ fn main() {
     println!(
         "\n1 MiB is 256 requests of 4 KiB, one in flight. Exits per request are the vCPU exits \
          to the VMM (MMIO + PIO) of a run with the test minus a run without it, over 256; they \
-         include two device initialisations. Queue notifications go through ioeventfds and \
+         include two device initialisations and the test's own serial lines (~100 bytes at two \
+         PIO exits each, ~0.8 per request on their own). Queue notifications go through ioeventfds and \
          interrupts through irqfds on both transports; what remains on PCI is the driver's \
          (virtio-drivers 0.13 reads `queue_notify_off` on every notify)."
     );
