@@ -13,8 +13,9 @@ use vmkit_virtio::{cmdline_entry, MmioTransport, QueueEventHandler, VirtioDevice
 
 use crate::vm::Error;
 
-/// Where device MMIO windows go: above the RAM gap's start, below the IOAPIC.
-pub const MMIO_WINDOW: std::ops::Range<u64> = 0xD000_0000..0xFEC0_0000;
+/// Where virtio-mmio windows go: between the PCI BAR window (0xC000_0000) and the PCI ECAM
+/// (0xE000_0000); room for 65536 devices of 4 KiB.
+pub const MMIO_WINDOW: std::ops::Range<u64> = 0xD000_0000..0xE000_0000;
 /// IOAPIC pins free for devices (0–4 are the PC's, COM1 is 4).
 pub const DEVICE_GSIS: std::ops::RangeInclusive<u32> = 5..=23;
 

@@ -320,3 +320,38 @@ fn virtio_pci_devices_with_msix_on_two_vcpus() {
     let _ = std::fs::remove_file(&file);
     assert_eq!(written, "hello from the virtio console\n");
 }
+
+#[test]
+fn virtio_pci_console_reads_host_stdin() {
+    if !have_kvm() {
+        return;
+    }
+    use std::io::Write;
+    let guest = common::test_guest();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit"))
+        .args(["--kernel", guest.to_str().unwrap(), "--console", "stdio"])
+        .args(["--transport", "pci", "--cmdline", "test=virtio-console"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"ping from host\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("virtio: pci 00:01.0 console (modern)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("hello from the virtio console"), "{stdout}");
+    assert!(
+        stdout.contains("virtio-console: received 15 bytes (pci"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("test virtio-console: ok (pci)"), "{stdout}");
+}
