@@ -38,6 +38,11 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "==> test guest build" >&2
 (cd examples/test-guest && cargo build --release --quiet)
 echo "==> cargo package (every library crate packages and builds on its own)" >&2
+# cargo unpacks the packaged crates from a temporary local registry into
+# $CARGO_HOME/registry/src/-<hash>/ and reuses what it unpacked before when the version has not
+# changed: drop those copies so the check builds today's sources, not an older run's.
+cargo_home="${CARGO_HOME:-$HOME/.cargo}"
+rm -rf "$cargo_home"/registry/src/-*/vmkit-* "$cargo_home"/registry/cache/-*/vmkit-*
 cargo package --workspace --quiet --allow-dirty >/dev/null
 echo "==> fuzz smoke (every fuzz target, reproducers replayed, ${VMKIT_FUZZ_SECS:-10} s each)" >&2
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
