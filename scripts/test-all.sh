@@ -38,12 +38,13 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "==> test guest build" >&2
 (cd examples/test-guest && cargo build --release --quiet)
 echo "==> cargo package (every library crate packages and builds on its own)" >&2
-# cargo unpacks the packaged crates from a temporary local registry into
-# $CARGO_HOME/registry/src/-<hash>/ and reuses what it unpacked before when the version has not
-# changed: drop those copies so the check builds today's sources, not an older run's.
+# cargo treats the packaged crates as registry crates: it reuses what it unpacked into
+# $CARGO_HOME/registry/src/-<hash>/ and what it compiled for them when the version has not
+# changed. Drop both, so the check builds today's sources rather than an older run's.
 cargo_home="${CARGO_HOME:-$HOME/.cargo}"
-rm -rf "$cargo_home"/registry/src/-*/vmkit-* "$cargo_home"/registry/cache/-*/vmkit-*
-cargo package --workspace --quiet --allow-dirty >/dev/null
+rm -rf "$cargo_home"/registry/src/-*/vmkit-* "$cargo_home"/registry/cache/-*/vmkit-* \
+  target/package target/package-verify
+cargo package --workspace --quiet --allow-dirty --target-dir target/package-verify >/dev/null
 echo "==> fuzz smoke (every fuzz target, reproducers replayed, ${VMKIT_FUZZ_SECS:-10} s each)" >&2
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
 fuzz/smoke.sh "${VMKIT_FUZZ_SECS:-10}"
