@@ -1,9 +1,11 @@
 //! The guest command line: space-separated `key=value` pairs.
 //!
-//! `test=smp,timer,serial-irq,virtio-rng,virtio-console,virtio-irq,pci,all`,
-//! `bench=pio:N`, `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, and
-//! any number of `virtio_mmio.device=SIZE@ADDR[:IRQ[:ID]]` (the form Linux
-//! parses).
+//! `test=smp,timer,serial-irq,virtio-rng,virtio-console,virtio-irq,pci,all`
+//! (and the virtio-blk tests `blk-verify[:MiB]`, `blk-inflight`, `blk-ro`,
+//! `blk-discard`, `blk-serial`), `bench=pio:N`,
+//! `bench=blk-rand4k|blk-seq128k:QD:SECONDS`, `blk-write-flush=SECTOR:HEX32`,
+//! `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, and any number of
+//! `virtio_mmio.device=SIZE@ADDR[:IRQ[:ID]]` (the form Linux parses).
 
 use crate::println;
 
@@ -62,6 +64,50 @@ impl Want {
     }
 }
 
+/// A virtio-blk benchmark workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlkWorkload {
+    /// 4 KiB reads at random 4 KiB-aligned offsets.
+    Rand4k,
+    /// 128 KiB reads, sequential, wrapping at the end of the disk.
+    Seq128k,
+}
+
+/// One `bench=blk-...:QD:SECONDS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlkBench {
+    pub workload: BlkWorkload,
+    /// Requests kept in flight (1 to `BLK_BENCH_MAX_QD`).
+    pub qd: usize,
+    pub seconds: u64,
+}
+
+/// Largest benchmark queue depth (the benchmark's own queue of 128
+/// descriptors, 3 per request).
+pub const BLK_BENCH_MAX_QD: usize = 42;
+/// Largest number of `bench=blk-...` entries kept.
+pub const BLK_BENCH_MAX: usize = 8;
+/// `blk-verify`'s size when named without one, and under `all`.
+pub const BLK_VERIFY_MIB: u64 = 64;
+pub const BLK_VERIFY_ALL_MIB: u64 = 16;
+
+/// The virtio-blk part of the command line.
+#[derive(Clone, Copy, Debug)]
+pub struct BlkConfig {
+    pub verify: Want,
+    /// MiB written and checked by `blk-verify`.
+    pub verify_mib: u64,
+    pub inflight: Want,
+    /// `blk-ro`: runs on read-only devices (under `all` in place of the
+    /// writing tests).
+    pub ro: Want,
+    pub discard: Want,
+    pub serial: Want,
+    /// `blk-write-flush=SECTOR:HEX32`.
+    pub write_flush: Option<(u64, u32)>,
+    pub benches: [Option<BlkBench>; BLK_BENCH_MAX],
+}
+
 /// What the command line asks for.
 #[derive(Clone, Copy, Debug)]
 pub struct Config {
@@ -80,6 +126,7 @@ pub struct Config {
     pub virtio_mmio_count: usize,
     /// Number of `out 0x80` writes to time, if any.
     pub bench_pio: Option<u64>,
+    pub blk: BlkConfig,
     pub exit: Exit,
 }
 
@@ -98,6 +145,16 @@ impl Config {
             virtio_mmio: [MmioDevice::default(); VIRTIO_MMIO_MAX],
             virtio_mmio_count: 0,
             bench_pio: None,
+            blk: BlkConfig {
+                verify: Want::No,
+                verify_mib: BLK_VERIFY_ALL_MIB,
+                inflight: Want::No,
+                ro: Want::No,
+                discard: Want::No,
+                serial: Want::No,
+                write_flush: None,
+                benches: [None; BLK_BENCH_MAX],
+            },
             exit: Exit::Poweroff,
         };
         for word in cmdline.split_ascii_whitespace() {
@@ -113,6 +170,27 @@ impl Config {
                             "virtio-console" => cfg.test_virtio_console = Want::Named,
                             "virtio-irq" => cfg.test_virtio_irq = Want::Named,
                             "pci" => cfg.test_pci = true,
+                            "blk-inflight" => cfg.blk.inflight = Want::Named,
+                            "blk-ro" => cfg.blk.ro = Want::Named,
+                            "blk-discard" => cfg.blk.discard = Want::Named,
+                            "blk-serial" => cfg.blk.serial = Want::Named,
+                            "blk-verify" => {
+                                cfg.blk.verify = Want::Named;
+                                cfg.blk.verify_mib = BLK_VERIFY_MIB;
+                            }
+                            _ if name.starts_with("blk-verify:") => {
+                                match name["blk-verify:".len()..]
+                                    .parse::<u64>()
+                                    .ok()
+                                    .filter(|&m| (1..=1 << 20).contains(&m))
+                                {
+                                    Some(mib) => {
+                                        cfg.blk.verify = Want::Named;
+                                        cfg.blk.verify_mib = mib;
+                                    }
+                                    None => println!("cmdline: bad value test={}", name),
+                                }
+                            }
                             "all" => {
                                 cfg.test_smp = true;
                                 cfg.test_timer = true;
@@ -120,8 +198,24 @@ impl Config {
                                 cfg.test_virtio_rng.upgrade(Want::IfPresent);
                                 cfg.test_virtio_console.upgrade(Want::IfPresent);
                                 cfg.test_virtio_irq.upgrade(Want::IfPresent);
+                                cfg.blk.verify.upgrade(Want::IfPresent);
+                                cfg.blk.inflight.upgrade(Want::IfPresent);
+                                cfg.blk.ro.upgrade(Want::IfPresent);
+                                cfg.blk.discard.upgrade(Want::IfPresent);
+                                cfg.blk.serial.upgrade(Want::IfPresent);
                             }
                             other => println!("cmdline: unknown test {}", other),
+                        }
+                    }
+                }
+                "bench" if value.starts_with("blk-") => {
+                    for item in value.split(',') {
+                        match parse_blk_bench(item) {
+                            Some(b) => match cfg.blk.benches.iter_mut().find(|s| s.is_none()) {
+                                Some(slot) => *slot = Some(b),
+                                None => println!("cmdline: too many bench={}", item),
+                            },
+                            None => println!("cmdline: bad value bench={}", item),
                         }
                     }
                 }
@@ -131,6 +225,10 @@ impl Config {
                 {
                     Some(n) => cfg.bench_pio = Some(n),
                     None => println!("cmdline: bad value bench={}", value),
+                },
+                "blk-write-flush" => match parse_write_flush(value) {
+                    Some(wf) => cfg.blk.write_flush = Some(wf),
+                    None => println!("cmdline: bad value blk-write-flush={}", value),
                 },
                 "exit" => match value {
                     "poweroff" => cfg.exit = Exit::Poweroff,
@@ -163,6 +261,49 @@ impl Config {
     pub fn virtio_mmio(&self) -> &[MmioDevice] {
         &self.virtio_mmio[..self.virtio_mmio_count]
     }
+}
+
+/// Parses `blk-rand4k:QD:SECONDS` / `blk-seq128k:QD:SECONDS`.
+fn parse_blk_bench(item: &str) -> Option<BlkBench> {
+    let mut fields = item.split(':');
+    let workload = match fields.next()? {
+        "blk-rand4k" => BlkWorkload::Rand4k,
+        "blk-seq128k" => BlkWorkload::Seq128k,
+        _ => return None,
+    };
+    let qd = fields
+        .next()?
+        .parse::<usize>()
+        .ok()
+        .filter(|q| (1..=BLK_BENCH_MAX_QD).contains(q))?;
+    let seconds = fields
+        .next()?
+        .parse::<u64>()
+        .ok()
+        .filter(|s| (1..=3600).contains(s))?;
+    if fields.next().is_some() {
+        return None;
+    }
+    Some(BlkBench {
+        workload,
+        qd,
+        seconds,
+    })
+}
+
+/// Parses `SECTOR:HEX32` (SECTOR decimal, the value hex with or without
+/// `0x`).
+fn parse_write_flush(value: &str) -> Option<(u64, u32)> {
+    let (sector, hex) = value.split_once(':')?;
+    let sector = sector.parse::<u64>().ok()?;
+    let hex = hex
+        .strip_prefix("0x")
+        .or_else(|| hex.strip_prefix("0X"))
+        .unwrap_or(hex);
+    if hex.is_empty() || hex.len() > 8 {
+        return None;
+    }
+    Some((sector, u32::from_str_radix(hex, 16).ok()?))
 }
 
 /// Parses a leading unsigned integer the way C's `strtoull(s, _, 0)` does

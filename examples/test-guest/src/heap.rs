@@ -5,7 +5,12 @@
 //!
 //! Freeing the most recent allocation moves the bump pointer back, and the
 //! whole heap is reclaimed once nothing is live, which covers how the
-//! drivers use it (set up, request, tear down, set up again).
+//! drivers use it (set up, request, tear down, set up again). Small blocks
+//! (up to 2 KiB) come in power-of-two size classes with a free list each:
+//! virtio-drivers allocates an indirect descriptor list per request and
+//! frees it when the request completes, in completion order, so with many
+//! requests in flight (virtio-blk) a pure bump heap would never get them
+//! back.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
@@ -23,6 +28,9 @@ unsafe impl Sync for Region {}
 
 static REGION: Region = Region(UnsafeCell::new([0; HEAP_SIZE]));
 
+/// Size classes: 16 << i bytes for i < CLASSES (16 B to 2 KiB).
+const CLASSES: usize = 8;
+
 /// The global allocator. Only the BSP runs Rust code (the APs halt at CPL0),
 /// so the atomics are for soundness, not for contention.
 pub struct Bump {
@@ -30,28 +38,36 @@ pub struct Bump {
     next: AtomicUsize,
     /// Live allocations.
     live: AtomicUsize,
+    /// Per size class, the address of the first free block (0: none); each
+    /// free block holds the address of the next.
+    free: [AtomicUsize; CLASSES],
 }
 
 #[global_allocator]
 static HEAP: Bump = Bump {
     next: AtomicUsize::new(0),
     live: AtomicUsize::new(0),
+    free: [const { AtomicUsize::new(0) }; CLASSES],
 };
+
+/// The size class of `layout` (block size = alignment = `16 << class`),
+/// if it is small enough for one.
+fn class(layout: Layout) -> Option<usize> {
+    let size = layout.size().max(layout.align()).max(16);
+    (size <= 16 << (CLASSES - 1)).then(|| (size.next_power_of_two() / 16).trailing_zeros() as usize)
+}
 
 fn base() -> usize {
     REGION.0.get() as usize
 }
 
-// SAFETY: `alloc` returns disjoint, suitably aligned ranges inside REGION
-// (or null when it is exhausted); `dealloc` only moves the bump pointer back
-// over the range being freed when it is the last one handed out, or to zero
-// when nothing is live, so no live allocation is ever handed out again.
-unsafe impl GlobalAlloc for Bump {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+impl Bump {
+    /// Bump allocation of `size` bytes aligned to `align`.
+    fn bump(&self, size: usize, align: usize) -> *mut u8 {
         let mut next = self.next.load(Ordering::Relaxed);
         loop {
-            let start = (base() + next).next_multiple_of(layout.align()) - base();
-            let Some(end) = start.checked_add(layout.size()).filter(|&e| e <= HEAP_SIZE) else {
+            let start = (base() + next).next_multiple_of(align) - base();
+            let Some(end) = start.checked_add(size).filter(|&e| e <= HEAP_SIZE) else {
                 return core::ptr::null_mut();
             };
             match self
@@ -66,8 +82,43 @@ unsafe impl GlobalAlloc for Bump {
             }
         }
     }
+}
+
+// SAFETY: `alloc` returns disjoint, suitably aligned ranges inside REGION
+// (or null when it is exhausted): a size-class block is either fresh from the
+// bump pointer (aligned to its size) or one that `dealloc` put on its free
+// list, i.e. no longer live. `dealloc` only moves the bump pointer back over
+// the range being freed when it is the last one handed out, or to zero (all
+// free lists emptied) when nothing is live, so no live allocation is ever
+// handed out again.
+unsafe impl GlobalAlloc for Bump {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let Some(c) = class(layout) else {
+            return self.bump(layout.size(), layout.align());
+        };
+        let head = self.free[c].load(Ordering::Relaxed);
+        if head != 0 {
+            // SAFETY: a free block of this class (at least 16 bytes, aligned)
+            // whose first word `dealloc` wrote.
+            let next = unsafe { (head as *const usize).read() };
+            self.free[c].store(next, Ordering::Relaxed);
+            self.live.fetch_add(1, Ordering::Relaxed);
+            return head as *mut u8;
+        }
+        self.bump(16 << c, 16 << c)
+    }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if let Some(c) = class(layout) {
+            // SAFETY: the block (16 << c bytes, aligned) is ours again; its
+            // first word links it into the free list.
+            unsafe { (ptr as *mut usize).write(self.free[c].load(Ordering::Relaxed)) };
+            self.free[c].store(ptr as usize, Ordering::Relaxed);
+            if self.live.fetch_sub(1, Ordering::Relaxed) == 1 {
+                self.reset();
+            }
+            return;
+        }
         let start = ptr as usize - base();
         // The last allocation: give its bytes back (alignment padding stays).
         let _ = self.next.compare_exchange(
@@ -77,8 +128,17 @@ unsafe impl GlobalAlloc for Bump {
             Ordering::Relaxed,
         );
         if self.live.fetch_sub(1, Ordering::Relaxed) == 1 {
-            // Nothing is live: start over (only the BSP allocates).
-            self.next.store(0, Ordering::Relaxed);
+            self.reset();
         }
+    }
+}
+
+impl Bump {
+    /// Nothing is live: start over (only the BSP allocates).
+    fn reset(&self) {
+        for f in &self.free {
+            f.store(0, Ordering::Relaxed);
+        }
+        self.next.store(0, Ordering::Relaxed);
     }
 }

@@ -19,6 +19,7 @@ mod acpi;
 mod apic;
 mod arch;
 mod bench;
+mod blk;
 mod boot;
 mod cmdline;
 mod heap;
@@ -107,6 +108,8 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     if let Some(cam) = pci::choose(cfg.pci, mcfg) {
         virtio::discover_pci(&mut devices, cam, mcfg.map(|m| m.base));
     }
+    let blks = blk::identify(&devices);
+    let ram = blk::free_ram(info.memmap());
 
     if cfg.test_timer {
         tests::timer(&lapic);
@@ -135,8 +138,13 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     if wanted(cfg.test_virtio_irq, has_rng) {
         virtio::irq(&devices, acpi.as_ref(), bsp_apic_id, ap);
     }
+    blk::tests(&devices, &blks, &cfg.blk, ram);
     if let Some(n) = cfg.bench_pio {
         bench::pio(n);
+    }
+    blk::benches(&devices, &blks, &cfg.blk, ram);
+    if let Some(wf) = cfg.blk.write_flush {
+        blk::write_flush(&devices, &blks, wf, ram);
     }
     power::exit(cfg.exit, acpi.as_ref())
 }

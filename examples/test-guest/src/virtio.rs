@@ -162,7 +162,7 @@ pub struct Device {
 
 /// The two transports, for grouping test output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Bus {
+pub(crate) enum Bus {
     Mmio,
     Pci,
 }
@@ -170,7 +170,7 @@ enum Bus {
 impl Bus {
     /// Suffix of the `test ...:` lines: none for mmio (the lines from
     /// before virtio-pci existed), ` (pci)` for pci.
-    fn suffix(self) -> &'static str {
+    pub(crate) fn suffix(self) -> &'static str {
         match self {
             Bus::Mmio => "",
             Bus::Pci => " (pci)",
@@ -179,7 +179,7 @@ impl Bus {
 }
 
 impl Device {
-    fn bus(&self) -> Bus {
+    pub(crate) fn bus(&self) -> Bus {
         match self.at {
             Location::Mmio(_) => Bus::Mmio,
             Location::Pci(_) => Bus::Pci,
@@ -187,7 +187,7 @@ impl Device {
     }
 
     /// Suffix of a device's detail lines: none for mmio, ` (pci 00:01.0)`.
-    fn tag(&self) -> String {
+    pub(crate) fn tag(&self) -> String {
         match self.at {
             Location::Mmio(_) => String::new(),
             Location::Pci(df) => format!(" (pci {})", df),
@@ -232,7 +232,7 @@ pub struct Devices {
 }
 
 impl Devices {
-    fn iter(&self) -> impl Iterator<Item = &Device> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &Device> + '_ {
         self.list.iter()
     }
 
@@ -241,7 +241,7 @@ impl Devices {
         self.iter().any(|d| d.kind == kind)
     }
 
-    fn transport(&self, dev: &Device) -> Result<SomeTransport<'static>, String> {
+    pub(crate) fn transport(&self, dev: &Device) -> Result<SomeTransport<'static>, String> {
         match dev.at {
             Location::Mmio(mmio) => open(&mmio).map(SomeTransport::from),
             Location::Pci(df) => self.pci_transport(df).map(SomeTransport::from),
