@@ -179,7 +179,13 @@ impl VirtioState {
             .filter_map(|(i, fd)| Some((u16::try_from(i).ok()?, fd)))
             .map(|(i, fd)| Ok((i, fd.try_clone().map_err(Error::EventFd)?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(QueueEventHandler::new(self.device.clone(), notifiers))
+        let device_events = lock_device(&self.device)
+            .device_events()
+            .map_err(Error::EventFd)?;
+        Ok(
+            QueueEventHandler::new(self.device.clone(), notifiers)
+                .with_device_events(device_events),
+        )
     }
 
     pub(crate) fn selected(&mut self) -> Option<&mut QueueSlot> {

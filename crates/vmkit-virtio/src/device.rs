@@ -74,6 +74,22 @@ pub trait VirtioDevice: Send {
         let _ = index;
     }
 
+    /// Eventfds the device owns and wants the VMM's event loop to watch besides the queue
+    /// notifiers (an I/O completion eventfd, say), each with a token the device chooses.
+    /// [`QueueEventHandler`](crate::QueueEventHandler) asks once, when the transport builds
+    /// it, so the fds must live as long as the device (across resets), and calls
+    /// [`process_device_event`](Self::process_device_event) with the token when one fires.
+    /// Default: none.
+    fn device_events(&self) -> std::io::Result<Vec<(u16, EventFd)>> {
+        Ok(Vec::new())
+    }
+
+    /// Handles a readable [`device_events`](Self::device_events) fd, after the handler
+    /// consumed its counter. Default: nothing.
+    fn process_device_event(&mut self, token: u16) {
+        let _ = token;
+    }
+
     /// Returns the device to its state before activation (negotiated features forgotten),
     /// giving back the context it was activated with, if any.
     fn reset(&mut self) -> Option<ActivateContext>;

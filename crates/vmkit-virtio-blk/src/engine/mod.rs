@@ -1,0 +1,178 @@
+//! The I/O engines behind one trait: [`SyncEngine`] (`preadv`/`pwritev` on the event
+//! thread) and [`IoUringEngine`] (many requests in flight, batched submission, completions
+//! through an eventfd).
+//!
+//! Engines take requests in guest addresses ([`BlockOp`]) and resolve them against the
+//! guest memory they were [attached](BlockEngine::attach) to, straight into iovecs that
+//! point at the guest's buffers: no bounce copies, and no way for a caller to hand an
+//! engine a host pointer.
+
+mod sync;
+mod uring;
+
+use std::fmt;
+use std::io;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::request::Segment;
+
+pub use sync::SyncEngine;
+pub use uring::{IoUringEngine, MAX_IN_FLIGHT};
+
+/// Linux's `UIO_MAXIOV`: at most this many iovecs per `preadv`/`pwritev`/`IORING_OP_READV`.
+pub(crate) const IOV_MAX: usize = 1024;
+
+/// One operation on the disk, in guest addresses and byte offsets (already checked against
+/// the capacity and guest memory by the request parser).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlockOp {
+    /// Read at `offset` into the guest buffers `data`.
+    Read {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Guest buffers, in order.
+        data: Vec<Segment>,
+    },
+    /// Write the guest buffers `data` at `offset`; with `sync`, `fdatasync` before the
+    /// write counts as done (write-through, when the driver did not negotiate FLUSH).
+    Write {
+        /// Byte offset in the image.
+        offset: u64,
+        /// Guest buffers, in order.
+        data: Vec<Segment>,
+        /// Make it durable before completing.
+        sync: bool,
+    },
+    /// `fdatasync`.
+    Flush,
+    /// Punch holes: `(offset, length)` in bytes.
+    Discard {
+        /// The ranges.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Make ranges read as zeros.
+    WriteZeroes {
+        /// The ranges, `(offset, length, unmap)`: bytes, and whether the driver allows
+        /// deallocating the range.
+        ranges: Vec<(u64, u64, bool)>,
+        /// Make it durable before completing (write-through).
+        sync: bool,
+    },
+}
+
+/// A finished operation: the token it was submitted with and how it went.
+#[derive(Debug)]
+pub struct Completion {
+    /// The caller's token.
+    pub token: u64,
+    /// The outcome.
+    pub result: io::Result<()>,
+}
+
+/// A disk backend. The device calls, from its (single) event thread:
+/// [`attach`](Self::attach) at activation, [`submit`](Self::submit) for each request of a
+/// queue kick and [`commit`](Self::commit) once after them, [`reap`](Self::reap) when the
+/// [`completion_fd`](Self::completion_fd) fires, and [`detach`](Self::detach) at reset.
+pub trait BlockEngine: Send + fmt::Debug {
+    /// Starts serving requests on this guest memory (a clone is kept while attached).
+    fn attach(&mut self, memory: GuestMemoryMmap);
+
+    /// Waits for every operation in flight (their completions are dropped: the driver
+    /// reset the device) and lets go of the guest memory.
+    fn detach(&mut self);
+
+    /// Whether another operation can be submitted now (an engine bounds what it has in
+    /// flight; the device stops taking requests from the rings until completions free room).
+    fn can_submit(&self) -> bool;
+
+    /// Starts `op`. `Some(result)` when it finished already (always, for the synchronous
+    /// engine), `None` when it is in flight and [`reap`](Self::reap) will return it with
+    /// `token`.
+    fn submit(&mut self, op: BlockOp, token: u64) -> Option<io::Result<()>>;
+
+    /// Hands what [`submit`](Self::submit) queued to the kernel (one system call for a
+    /// whole queue kick).
+    fn commit(&mut self) -> io::Result<()>;
+
+    /// Moves finished operations into `out`, without blocking.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+
+    /// Operations in flight.
+    fn in_flight(&self) -> usize;
+
+    /// An eventfd that becomes readable when completions are ready (`None` for engines
+    /// that complete in [`submit`](Self::submit)).
+    fn completion_fd(&self) -> Option<&EventFd>;
+}
+
+/// A list of iovecs pointing into guest memory.
+///
+/// `libc::iovec` holds raw pointers and so is neither `Send` nor `Sync`; these point into
+/// guest memory, which is shared between threads anyway (`GuestMemoryMmap` is `Send` and
+/// `Sync`), and are only dereferenced by the kernel.
+#[derive(Debug, Default)]
+pub(crate) struct IoVecs(pub(crate) Vec<libc::iovec>);
+
+// SAFETY: see the type's documentation: the pointers are plain addresses into the guest's
+// shared mapping; moving the list to another thread does not create aliasing Rust
+// references, and only the kernel reads or writes through them.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    /// The iovecs of `segments` in `memory`. Each segment must be inside guest memory (the
+    /// parser checked it; a segment that is not yields `EFAULT`). A segment crossing from
+    /// one guest memory region into the next becomes several iovecs.
+    ///
+    /// The pointers stay valid as long as `memory` (or any clone of it) lives: vm-memory
+    /// unmaps a region only when the last `Arc` of it, held by every clone of the
+    /// collection, is dropped. Engines keep their clone until nothing is in flight.
+    pub(crate) fn resolve(memory: &GuestMemoryMmap, segments: &[Segment]) -> io::Result<Self> {
+        let mut iov = Vec::with_capacity(segments.len());
+        for s in segments {
+            for slice in GuestMemoryBackend::get_slices(memory, s.addr, s.len as usize) {
+                let slice = slice.map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+                iov.push(libc::iovec {
+                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: slice.len(),
+                });
+            }
+        }
+        Ok(Self(iov))
+    }
+
+    /// `(address, length)` of each iovec (for the `O_DIRECT` alignment check).
+    pub(crate) fn shapes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.0.iter().map(|v| (v.iov_base as usize, v.iov_len))
+    }
+
+    /// The total length.
+    pub(crate) fn total(&self) -> u64 {
+        self.0.iter().map(|v| v.iov_len as u64).sum()
+    }
+
+    /// Drops the first `n` bytes: consumed iovecs are skipped (`start` moves), the first
+    /// remaining one is shortened in place.
+    pub(crate) fn advance(&mut self, start: &mut usize, mut n: usize) {
+        while n > 0 && *start < self.0.len() {
+            let v = &mut self.0[*start];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                *start += 1;
+            } else {
+                // Still inside the same guest buffer.
+                v.iov_base = (v.iov_base as usize + n) as *mut libc::c_void;
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+        // Skip empty iovecs so a transfer never starts with nothing to move.
+        while *start < self.0.len() && self.0[*start].iov_len == 0 {
+            *start += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

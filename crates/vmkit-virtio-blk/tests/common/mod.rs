@@ -1,0 +1,121 @@
+//! What the integration tests share: temporary images, a device on one, and an event
+//! thread that processes io_uring completions as a VMM's event loop would.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use event_manager::{EventManager, SubscriberOps};
+use vmkit_virtio::{QueueEventHandler, VirtioDevice};
+use vmkit_virtio_blk::{Block, BlockConfig, EngineKind};
+
+/// A file in the temporary directory, removed on drop.
+pub struct TempImage(pub PathBuf);
+
+impl TempImage {
+    /// An image of `size` bytes of zeros (sparse).
+    pub fn new(size: u64) -> Self {
+        let img = Self::path();
+        File::create(&img.0).unwrap().set_len(size).unwrap();
+        img
+    }
+
+    /// A fresh path, nothing created.
+    pub fn path() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        Self(std::env::temp_dir().join(format!(
+            "vmkit-blk-test-{}-{}.img",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        )))
+    }
+
+    /// An image filled with `byte`.
+    pub fn filled(size: u64, byte: u8) -> Self {
+        let img = Self::path();
+        let mut f = File::create(&img.0).unwrap();
+        f.write_all(&vec![byte; size as usize]).unwrap();
+        img
+    }
+
+    pub fn read_at(&self, offset: u64, len: usize) -> Vec<u8> {
+        let mut f = File::open(&self.0).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        let mut buf = vec![0u8; len];
+        f.read_exact(&mut buf).unwrap();
+        buf
+    }
+}
+
+impl Drop for TempImage {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub const ENGINES: [EngineKind; 2] = [EngineKind::Sync, EngineKind::IoUring];
+
+/// A device on `img`, configured by `f`.
+pub fn block(
+    img: &TempImage,
+    engine: EngineKind,
+    f: impl FnOnce(&mut BlockConfig),
+) -> Arc<Mutex<Block>> {
+    let mut config = BlockConfig::new(&img.0);
+    config.engine = engine;
+    f(&mut config);
+    Arc::new(Mutex::new(Block::new(config).unwrap()))
+}
+
+/// The VMM's event thread, for completions: an event manager running a
+/// `QueueEventHandler` that watches only the device's own eventfds
+/// (`VirtioDevice::device_events`) — what the transport's handler also does in a VMM.
+pub struct Pump {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Pump {
+    pub fn start(dev: &Arc<Mutex<Block>>) -> Self {
+        let events = dev.lock().unwrap().device_events().unwrap();
+        let device: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+        let handler = QueueEventHandler::new(device, Vec::new()).with_device_events(events);
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut em = EventManager::<QueueEventHandler>::new().unwrap();
+            em.add_subscriber(handler);
+            while !s.load(Ordering::SeqCst) {
+                em.run_with_timeout(10).unwrap();
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+/// The byte at `i` of sector `sector` in test pattern `seed`.
+pub fn pattern(seed: u8, sector: u64, i: usize) -> u8 {
+    (sector.wrapping_mul(31) as u8) ^ (i as u8).wrapping_mul(7) ^ seed ^ ((i >> 8) as u8)
+}
+
+pub fn sectors(seed: u8, first: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| pattern(seed, first + (i / 512) as u64, i % 512))
+        .collect()
+}
