@@ -37,6 +37,10 @@ pub struct Args {
     /// stdio, host stdin goes to the console rather than to the serial port.
     #[arg(long, default_value = "off", value_parser = parse_console, value_name = "WHERE")]
     pub console: ConsoleOutput,
+    /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring]
+    /// [,serial=ID][,queues=N]. Repeatable.
+    #[arg(long, value_parser = parse_disk, value_name = "SPEC")]
+    pub disk: Vec<DiskSpec>,
     /// The transport of the virtio devices: mmio (virtio-mmio windows on the command line and in
     /// the DSDT) or pci (virtio-pci functions on PCI bus 0, MSI-X, ECAM in the MCFG).
     #[arg(long, value_enum, default_value_t = Transport::Mmio)]
@@ -58,6 +62,85 @@ pub enum SerialOutput {
     File(PathBuf),
     /// Nowhere: the port exists, output is dropped.
     Off,
+}
+
+/// The I/O engine of a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskEngine {
+    /// preadv/pwritev on the VMM's event thread.
+    Sync,
+    /// io_uring: many requests in flight, completions through an eventfd.
+    IoUring,
+}
+
+/// One `--disk`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image file.
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub readonly: bool,
+    /// Bypass the host page cache (O_DIRECT).
+    pub direct: bool,
+    /// The I/O engine.
+    pub engine: DiskEngine,
+    /// The id GET_ID returns (at most 20 bytes).
+    pub serial: Option<String>,
+    /// Request queues; `None`: one per vCPU.
+    pub queues: Option<u16>,
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={v}: use on or off")),
+    }
+}
+
+/// Parses `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N]`.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    let mut spec = DiskSpec {
+        path: PathBuf::new(),
+        readonly: false,
+        direct: false,
+        engine: DiskEngine::Sync,
+        serial: None,
+        queues: None,
+    };
+    for item in s.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}' is not key=value"))?;
+        match k {
+            "path" if !v.is_empty() => spec.path = PathBuf::from(v),
+            "readonly" => spec.readonly = on_off(k, v)?,
+            "direct" => spec.direct = on_off(k, v)?,
+            "engine" => {
+                spec.engine = match v {
+                    "sync" => DiskEngine::Sync,
+                    "io_uring" => DiskEngine::IoUring,
+                    _ => return Err(format!("engine={v}: use sync or io_uring")),
+                }
+            }
+            "serial" if v.len() <= 20 && v.bytes().all(|b| b.is_ascii_graphic()) => {
+                spec.serial = Some(v.to_string())
+            }
+            "serial" => return Err(format!("serial={v}: at most 20 printable ASCII characters")),
+            "queues" => {
+                let n: u16 = v.parse().map_err(|_| format!("queues={v}: not a number"))?;
+                if n == 0 || n > 64 {
+                    return Err(format!("queues={v}: use 1 to 64"));
+                }
+                spec.queues = Some(n);
+            }
+            _ => return Err(format!("unknown or empty disk option '{item}'")),
+        }
+    }
+    if spec.path.as_os_str().is_empty() {
+        return Err("path=FILE is required".into());
+    }
+    Ok(spec)
 }
 
 /// The transport of the virtio devices.
@@ -169,6 +252,35 @@ mod tests {
         );
         assert!(parse_serial("file=").is_err());
         assert!(parse_serial("pty").is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d = parse_disk("path=/d.img").unwrap();
+        assert_eq!(d.path, PathBuf::from("/d.img"));
+        assert!(!d.readonly && !d.direct && d.serial.is_none() && d.queues.is_none());
+        assert_eq!(d.engine, DiskEngine::Sync);
+        let d = parse_disk("path=a,readonly=on,direct=on,engine=io_uring,serial=disk0,queues=2")
+            .unwrap();
+        assert!(d.readonly && d.direct);
+        assert_eq!(
+            (d.engine, d.serial.as_deref(), d.queues),
+            (DiskEngine::IoUring, Some("disk0"), Some(2))
+        );
+        for bad in [
+            "",
+            "readonly=on",
+            "path=",
+            "path=a,readonly=maybe",
+            "path=a,engine=aio",
+            "path=a,queues=0",
+            "path=a,queues=x",
+            "path=a,serial=123456789012345678901",
+            "path=a,colour=red",
+            "path=a,direct",
+        ] {
+            assert!(parse_disk(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use vmkit_vcpu::{
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{Args, ConsoleOutput, SerialOutput, Transport};
+use crate::config::{Args, ConsoleOutput, DiskEngine, DiskSpec, SerialOutput, Transport};
 use crate::event_loop::{ExitWatcher, InputToConsole, StdinToSerial};
 use crate::exit::{VmEnd, VmExit};
 use crate::pci::VirtioPci;
@@ -37,6 +37,7 @@ use crate::virtio::VirtioMmio;
 use std::os::fd::AsFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmkit_virtio::VirtioDevice;
+use vmkit_virtio_blk::{Block, BlockConfig, EngineKind};
 use vmkit_virtio_console::{Console, ConsoleConfig, Pty};
 use vmkit_virtio_rng::{Rng, RngConfig};
 
@@ -101,6 +102,11 @@ pub enum Error {
     Console(#[source] std::io::Error),
     #[error("virtio-console: {0}")]
     ConsoleConfig(#[from] vmkit_virtio_console::Error),
+    #[error("--disk {path}: {source}")]
+    Disk {
+        path: String,
+        source: vmkit_virtio_blk::Error,
+    },
     #[error("virtio-rng: {0}")]
     Rng(#[from] vmkit_virtio_rng::Error),
     #[error("cannot register an ioeventfd at {addr:#x}: {source}")]
@@ -206,6 +212,24 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, cpus: u32) -> Result<Vec<Vcpu>, Error> {
             Ok(Vcpu::new(fd, index))
         })
         .collect()
+}
+
+/// Opens a `--disk` as a virtio-blk device: one request queue per vCPU unless told otherwise.
+fn open_disk(spec: &DiskSpec, cpus: u32) -> Result<Block, Error> {
+    let mut config = BlockConfig::new(spec.path.clone());
+    config.read_only = spec.readonly;
+    config.direct = spec.direct;
+    config.engine = match spec.engine {
+        DiskEngine::Sync => EngineKind::Sync,
+        DiskEngine::IoUring => EngineKind::IoUring,
+    };
+    config.serial = spec.serial.clone().unwrap_or_default();
+    // `--cpus` is checked against KVM's limit (at most 254) before devices are made.
+    config.queues = spec.queues.unwrap_or(cpus.clamp(1, 64) as u16);
+    Block::new(config).map_err(|source| Error::Disk {
+        path: spec.path.display().to_string(),
+        source,
+    })
 }
 
 /// The console's output sink, the file its input comes from (if any), and the pty behind
@@ -325,6 +349,9 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
     bus.register_pio(pio_range(DEBUG_PORT, DEBUG_PORT_COUNT)?, debug_port.clone())?;
     // Virtio devices, then their transport.
     let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
+    for disk in &args.disk {
+        devices.push(Arc::new(Mutex::new(open_disk(disk, args.cpus)?)));
+    }
     if args.rng {
         devices.push(Arc::new(Mutex::new(Rng::new(RngConfig::default())?)));
     }
