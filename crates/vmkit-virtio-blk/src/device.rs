@@ -4,6 +4,7 @@
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -106,6 +107,8 @@ struct Core {
     touched: Vec<bool>,
     completions: Vec<Completion>,
     stats: BlockStats,
+    /// How long to watch a queue after serving it (zero: not at all).
+    poll: Duration,
 }
 
 /// The virtio-blk device. Put it on a transport as `Arc<Mutex<Block>>`.
@@ -173,6 +176,7 @@ impl Block {
                 touched: vec![false; queues],
                 completions: Vec::new(),
                 stats: BlockStats::default(),
+                poll: Duration::from_micros(u64::from(config.poll_us)),
             },
             disk,
             queue_sizes: vec![config.queue_size; queues],
@@ -279,8 +283,43 @@ impl Block {
         let Some(ctx) = self.active.as_mut() else {
             return 0;
         };
-        let done = self.core.run(ctx, index, &limits);
+        let mut done = self.core.run(ctx, index, &limits);
         self.core.interrupt(ctx);
+        if self.core.poll.is_zero() || ctx.needs_reset() {
+            return done;
+        }
+        // Watch the ring for a while with notifications suppressed: a driver that submits
+        // again within `poll` does so without a VM exit. Completions of the engine are
+        // taken meanwhile, so polling never delays them.
+        let mut deadline = Instant::now() + self.core.poll;
+        loop {
+            if self.core.suppress_notifications(ctx, index).is_err() {
+                break;
+            }
+            let mut work = false;
+            while Instant::now() < deadline {
+                if self.core.engine.in_flight() > 0 {
+                    let n = self.core.reap(ctx);
+                    if n > 0 {
+                        done += n;
+                        self.core.interrupt(ctx);
+                    }
+                }
+                if self.core.avail_pending(ctx, index) {
+                    work = true;
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            // Serve what arrived; `run` ends by re-enabling notifications and checking the
+            // ring once more, so nothing is missed when polling stops.
+            done += self.core.run(ctx, index, &limits);
+            self.core.interrupt(ctx);
+            if !work || ctx.needs_reset() {
+                break;
+            }
+            deadline = Instant::now() + self.core.poll;
+        }
         done
     }
 }
@@ -297,6 +336,47 @@ enum RingError {
 }
 
 impl Core {
+    /// Asks the driver not to notify queue `index`: with EVENT_IDX, `avail_event` is put
+    /// just behind the next entry (the driver notifies only when it crosses it); without,
+    /// the used ring's NO_NOTIFY flag. `take_requests` undoes this when it re-enables them.
+    fn suppress_notifications(
+        &self,
+        ctx: &mut ActivateContext,
+        index: u16,
+    ) -> Result<(), RingError> {
+        let Some((mem, aq)) = ctx.memory_and_queue(index) else {
+            return Ok(());
+        };
+        let q = &mut aq.queue;
+        if !q.event_idx_enabled() {
+            q.disable_notification(mem)?;
+            return Ok(());
+        }
+        // The used ring was validated at activation: header, size elements, avail_event.
+        let addr = q
+            .used_ring()
+            .checked_add(4 + 8 * u64::from(q.size()))
+            .ok_or(RingError::Unreadable)?;
+        mem.store(
+            q.next_avail().wrapping_sub(1).to_le(),
+            GuestAddress(addr),
+            Ordering::Release,
+        )
+        .map_err(|_| RingError::Unreadable)?;
+        Ok(())
+    }
+
+    /// Whether the driver has made entries available on queue `index` that are not taken.
+    fn avail_pending(&self, ctx: &mut ActivateContext, index: u16) -> bool {
+        let Some((mem, aq)) = ctx.memory_and_queue(index) else {
+            return false;
+        };
+        let next = aq.queue.next_avail();
+        aq.queue
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != next)
+    }
+
     /// Whether queue `index` may take another request: the engine has room and the queue
     /// has fewer than its size in flight.
     fn has_room(&self, ctx: &ActivateContext, index: u16) -> bool {

@@ -38,7 +38,7 @@ pub struct Args {
     #[arg(long, default_value = "off", value_parser = parse_console, value_name = "WHERE")]
     pub console: ConsoleOutput,
     /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring]
-    /// [,serial=ID][,queues=N]. Repeatable.
+    /// [,serial=ID][,queues=N][,poll_us=N]. Repeatable.
     #[arg(long, value_parser = parse_disk, value_name = "SPEC")]
     pub disk: Vec<DiskSpec>,
     /// The transport of the virtio devices: mmio (virtio-mmio windows on the command line and in
@@ -88,6 +88,8 @@ pub struct DiskSpec {
     pub serial: Option<String>,
     /// Request queues; `None`: one per vCPU.
     pub queues: Option<u16>,
+    /// Microseconds to keep polling a queue after serving it (0: off).
+    pub poll_us: u32,
 }
 
 fn on_off(key: &str, v: &str) -> Result<bool, String> {
@@ -98,7 +100,11 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
     }
 }
 
-/// Parses `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N]`.
+/// How long a disk queue is polled after a kick by default (see docs/benchmarks.md).
+pub const DEFAULT_POLL_US: u32 = 50;
+
+/// Parses `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N]
+/// [,poll_us=N]`.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     let mut spec = DiskSpec {
         path: PathBuf::new(),
@@ -107,6 +113,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         engine: DiskEngine::Sync,
         serial: None,
         queues: None,
+        poll_us: DEFAULT_POLL_US,
     };
     for item in s.split(',') {
         let (k, v) = item
@@ -133,6 +140,13 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
                     return Err(format!("queues={v}: use 1 to 64"));
                 }
                 spec.queues = Some(n);
+            }
+            "poll_us" => {
+                spec.poll_us = v
+                    .parse()
+                    .ok()
+                    .filter(|n| *n <= 1000)
+                    .ok_or_else(|| format!("poll_us={v}: use 0 to 1000"))?;
             }
             _ => return Err(format!("unknown or empty disk option '{item}'")),
         }
@@ -259,6 +273,8 @@ mod tests {
         let d = parse_disk("path=/d.img").unwrap();
         assert_eq!(d.path, PathBuf::from("/d.img"));
         assert!(!d.readonly && !d.direct && d.serial.is_none() && d.queues.is_none());
+        assert_eq!(d.poll_us, DEFAULT_POLL_US);
+        assert_eq!(parse_disk("path=a,poll_us=0").unwrap().poll_us, 0);
         assert_eq!(d.engine, DiskEngine::Sync);
         let d = parse_disk("path=a,readonly=on,direct=on,engine=io_uring,serial=disk0,queues=2")
             .unwrap();
@@ -278,6 +294,8 @@ mod tests {
             "path=a,serial=123456789012345678901",
             "path=a,colour=red",
             "path=a,direct",
+            "path=a,poll_us=5000",
+            "path=a,poll_us=-1",
         ] {
             assert!(parse_disk(bad).is_err(), "{bad}");
         }

@@ -224,6 +224,7 @@ fn open_disk(spec: &DiskSpec, cpus: u32) -> Result<Block, Error> {
         DiskEngine::IoUring => EngineKind::IoUring,
     };
     config.serial = spec.serial.clone().unwrap_or_default();
+    config.poll_us = spec.poll_us;
     // `--cpus` is checked against KVM's limit (at most 254) before devices are made.
     config.queues = spec.queues.unwrap_or(cpus.clamp(1, 64) as u16);
     Block::new(config).map_err(|source| Error::Disk {
