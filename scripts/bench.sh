@@ -1,21 +1,44 @@
 #!/usr/bin/env bash
-# Start-up, footprint and PIO-exit figures of vmkit on the PVH test guest (see
-# docs/benchmarks.md). Reports numbers; asserts nothing. Arguments go to vmkit-bench
-# (--runs N, --pio N).
+# Every headline figure of vmkit beside QEMU on the same PVH test guest, in one run: start-up,
+# footprint, start rate, exit cost, virtio-rng, virtio-blk (with host fio as the ceiling).
+# Reports numbers; asserts nothing on time. With --write, the output and its SVG charts replace
+# the "Latest run" part of docs/benchmarks.md (docs/bench/*.svg). Other arguments go to
+# vmkit-bench (--runs N, --pio N, --blk-secs N).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # QEMU from Debian is the peer every figure is compared against, on the same guest.
-if ! command -v qemu-system-x86_64 >/dev/null && [ "$(id -u)" = 0 ]; then
-  echo "==> installing qemu-system-x86" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-system-x86 >/dev/null
+# fio is the host ceiling for the block figures.
+need=()
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v fio >/dev/null || need+=(fio)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
+  echo "==> installing ${need[*]}" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+write=0
+if [ "${1:-}" = "--write" ]; then
+  write=1
+  shift
 fi
 cargo build --release --quiet -p vmkit-vmm
 (cd examples/test-guest && cargo build --release --quiet)
-echo "# vmkit benchmarks"
-echo
+report() {
 echo "- host: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
 echo "- vmkit $(git describe --always --dirty 2>/dev/null || echo unknown), $(rustc --version)"
 echo "- $(qemu-system-x86_64 --version 2>/dev/null | head -n1 || echo 'QEMU: not installed')"
 echo "- command: \`scripts/bench.sh $*\`"
 echo
-exec target/release/vmkit-bench "$@"
+target/release/vmkit-bench "$@"
+}
+if [ "$write" = 1 ]; then
+  out=$(mktemp)
+  trap 'rm -f "$out"' EXIT
+  report "$@" --svg-dir docs/bench > "$out"
+  intro=$(sed '/^## Latest run/,$d' docs/benchmarks.md)
+  { printf '%s\n\n## Latest run (%s)\n\n' "$intro" "$(date -u +%Y-%m-%d)"; cat "$out"; } > docs/benchmarks.md
+  echo "wrote docs/benchmarks.md and docs/bench/*.svg" >&2
+else
+  echo "# vmkit benchmarks"
+  echo
+  report "$@"
+fi

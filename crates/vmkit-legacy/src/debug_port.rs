@@ -2,8 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use vm_device::bus::{PioAddress, PioAddressOffset};
-use vm_device::{DevicePio, MutDevicePio};
+use vm_device::bus::{MmioAddress, PioAddress, PioAddressOffset};
+use vm_device::{DeviceMmio, DevicePio, MutDevicePio};
 
 /// Number of ports of the debug port (one: 0x80).
 pub const DEBUG_PORT_COUNT: u16 = 1;
@@ -166,6 +166,26 @@ impl DevicePio for DebugPort {
     }
 }
 
+/// On the MMIO bus (e.g. a 4 KiB page for an MMIO-exit benchmark) a write of any width at
+/// offset 0 is one write, recorded with its first byte; reads at offset 0 return the last
+/// value in the first byte and `0xFF` in the others.
+impl DeviceMmio for DebugPort {
+    #[inline]
+    fn mmio_read(&self, _base: MmioAddress, offset: u64, data: &mut [u8]) {
+        data.fill(0xFF);
+        if let (Some(b), 0) = (data.first_mut(), offset) {
+            *b = self.last_value.load(Ordering::Relaxed);
+        }
+    }
+
+    #[inline]
+    fn mmio_write(&self, _base: MmioAddress, offset: u64, data: &[u8]) {
+        if let (Some(&value), 0) = (data.first(), offset) {
+            self.record(value);
+        }
+    }
+}
+
 impl MutDevicePio for DebugPort {
     fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         self.read(offset, data);
@@ -182,6 +202,24 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     const BASE: PioAddress = PioAddress(0x80);
+
+    #[test]
+    fn mmio_writes_of_any_width_count_once_at_offset_0() {
+        let d = DebugPort::new();
+        let base = MmioAddress(0xD0F0_0000);
+        d.mmio_write(base, 0, &0x1234_5678u32.to_le_bytes());
+        d.mmio_write(base, 0, &[9]);
+        d.mmio_write(base, 4, &[7, 7, 7, 7]); // not offset 0: ignored
+        d.mmio_write(base, 0, &[]); // empty: ignored
+        let st = d.stats();
+        assert_eq!(st.writes, 2);
+        assert_eq!(st.last_value, Some(9));
+        let mut r = [0u8; 4];
+        d.mmio_read(base, 0, &mut r);
+        assert_eq!(r, [9, 0xFF, 0xFF, 0xFF]);
+        d.mmio_read(base, 8, &mut r);
+        assert_eq!(r, [0xFF; 4]);
+    }
 
     #[test]
     fn counts_writes_keeps_last_value_and_times() {

@@ -37,8 +37,8 @@ pub struct Args {
     /// stdio, host stdin goes to the console rather than to the serial port.
     #[arg(long, default_value = "off", value_parser = parse_console, value_name = "WHERE")]
     pub console: ConsoleOutput,
-    /// A virtio-blk disk: path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring]
-    /// [,serial=ID][,queues=N][,poll_us=N]. Repeatable.
+    /// A virtio-blk disk (repeatable):
+    /// `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`.
     #[arg(long, value_parser = parse_disk, value_name = "SPEC")]
     pub disk: Vec<DiskSpec>,
     /// The transport of the virtio devices: mmio (virtio-mmio windows on the command line and in
@@ -103,8 +103,8 @@ fn on_off(key: &str, v: &str) -> Result<bool, String> {
 /// How long a disk queue is polled after a kick by default (see docs/benchmarks.md).
 pub const DEFAULT_POLL_US: u32 = 50;
 
-/// Parses `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N]
-/// [,poll_us=N]`.
+/// Parses
+/// `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     let mut spec = DiskSpec {
         path: PathBuf::new(),

@@ -13,9 +13,11 @@ use vmkit_virtio::{cmdline_entry, MmioTransport, QueueEventHandler, VirtioDevice
 
 use crate::vm::Error;
 
-/// Where virtio-mmio windows go: between the PCI BAR window (0xC000_0000) and the PCI ECAM
-/// (0xE000_0000); room for 65536 devices of 4 KiB.
-pub const MMIO_WINDOW: std::ops::Range<u64> = 0xD000_0000..0xE000_0000;
+/// Where virtio-mmio windows go: after the PCI BAR window (0xC000_0000), below the debug
+/// MMIO page (0xD0F0_0000); room for 3840 devices of 4 KiB.
+pub const MMIO_WINDOW: std::ops::Range<u64> = 0xD000_0000..DEBUG_MMIO;
+/// The debug MMIO page: writes are counted (the MMIO-exit benchmark writes here).
+pub const DEBUG_MMIO: u64 = 0xD0F0_0000;
 /// IOAPIC pins free for devices (0–4 are the PC's, COM1 is 4).
 pub const DEVICE_GSIS: std::ops::RangeInclusive<u32> = 5..=23;
 

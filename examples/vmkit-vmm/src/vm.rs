@@ -348,6 +348,10 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
     )?;
     let debug_port = Arc::new(DebugPort::new());
     bus.register_pio(pio_range(DEBUG_PORT, DEBUG_PORT_COUNT)?, debug_port.clone())?;
+    bus.register_mmio(
+        vmkit_bus::mmio_range(crate::virtio::DEBUG_MMIO, 0x1000)?,
+        debug_port.clone(),
+    )?;
     // Virtio devices, then their transport.
     let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
     for disk in &args.disk {
@@ -507,7 +511,10 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
     }
     if args.stats {
         let d = debug_port.stats();
-        eprintln!("vmkit: debug port: {} writes", d.writes);
+        eprintln!(
+            "vmkit: debug port: {} writes (port 0x80 and MMIO page 0xd0f00000)",
+            d.writes
+        );
     }
     let _ = std::io::stdout().flush();
     Ok(end)

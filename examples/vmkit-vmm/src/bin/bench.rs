@@ -18,6 +18,9 @@ use kvm_ioctls::{Kvm, VcpuExit};
 use vm_memory::GuestMemoryMmap;
 use vmkit_boot::{BootConfig, EntryPoint};
 use vmkit_irq::{Irqchip, IrqchipConfig};
+/// The debug MMIO page of `vmkit` (see `src/virtio.rs`).
+const DEBUG_MMIO: u64 = 0xD0F0_0000;
+
 use vmkit_vcpu::{setup_entry, setup_fpu, setup_lint, CpuidConfig, CpuidTemplate, EntryState};
 
 struct Run {
@@ -157,15 +160,6 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[0], med, v[v.len() - 1])
 }
 
-/// The guest's `bench pio:` line: ns per exit as the guest measured it.
-fn guest_pio_ns(out: &str) -> Option<f64> {
-    out.lines()
-        .find_map(|l| l.strip_prefix("bench pio: "))
-        .and_then(|l| l.split(", ").nth(1))
-        .and_then(|l| l.strip_suffix(" ns/exit"))
-        .and_then(|n| n.parse().ok())
-}
-
 /// The same guest and command line under a bare kvm-ioctls loop: no bus, no devices, a
 /// `match` on the exit. Setup reuses the vmkit crates (it is not what is measured).
 fn bare_loop(guest: &Path, cmdline: &str) -> Result<(String, f64), String> {
@@ -214,6 +208,8 @@ fn bare_loop(guest: &Path, cmdline: &str) -> Result<(String, f64), String> {
     loop {
         match vcpu.run() {
             Ok(VcpuExit::IoOut(0x80, _)) => exits += 1,
+            Ok(VcpuExit::MmioWrite(DEBUG_MMIO, _)) => exits += 1,
+            Ok(VcpuExit::MmioRead(_, d)) => d.fill(0xff),
             Ok(VcpuExit::IoOut(0x3f8, d)) => out.push(d[0]),
             Ok(VcpuExit::IoIn(0x3fd, d)) => d[0] = 0x60, // THR empty
             Ok(VcpuExit::IoOut(0x600, _)) | Ok(VcpuExit::IoOut(0x64, _)) => break,
@@ -233,15 +229,21 @@ fn main() {
     let mut pio = 1_000_000u64;
     let rng_runs = 5usize;
     let mut blk_secs = 2u64;
+    let mut svg_dir: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        let v = args.next().and_then(|v| v.parse::<u64>().ok());
+        let raw = args.next();
+        if a == "--svg-dir" {
+            svg_dir = raw.map(PathBuf::from);
+            continue;
+        }
+        let v = raw.and_then(|v| v.parse::<u64>().ok());
         match (a.as_str(), v) {
             ("--runs", Some(n)) if n > 0 => runs = n as usize,
             ("--pio", Some(n)) if n > 0 => pio = n,
             ("--blk-secs", Some(n)) if n > 0 => blk_secs = n,
             _ => {
-                eprintln!("usage: vmkit-bench [--runs N] [--pio N] [--blk-secs N]");
+                eprintln!("usage: vmkit-bench [--runs N] [--pio N] [--blk-secs N] [--svg-dir DIR]");
                 std::process::exit(2);
             }
         }
@@ -264,6 +266,7 @@ fn main() {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
+    let mut charts: Vec<Chart> = Vec::new();
     let vmms: Vec<Vmm> = if have_qemu {
         vec![Vmm::Vmkit, Vmm::Qemu]
     } else {
@@ -327,6 +330,21 @@ fn main() {
     row("process start → guest ready line", &|r| Some(r.ready_ms));
     row("process start → process exit", &|r| Some(r.exit_ms));
     row("VMM CPU time, whole run", &|r| Some(r.total_cpu_ms));
+    let med = |runs: &Vec<Run>, f: &dyn Fn(&Run) -> f64| stats(runs.iter().map(f).collect()).1;
+    charts.push(Chart::new(
+        "process start to guest ready line (ms, lower is better)",
+        vmms.iter()
+            .zip(&rs)
+            .map(|(v, r)| (v.name().to_string(), med(r, &|r| r.ready_ms)))
+            .collect(),
+    ));
+    charts.push(Chart::new(
+        "process start to exit (ms, lower is better)",
+        vmms.iter()
+            .zip(&rs)
+            .map(|(v, r)| (v.name().to_string(), med(r, &|r| r.exit_ms)))
+            .collect(),
+    ));
 
     println!("\n## Footprint (peak RSS of the VMM process, guest `exit=poweroff`, median of 5)\n");
     println!(
@@ -366,7 +384,16 @@ fn main() {
             String::new()
         };
         println!("| {mem} | {text} |{ratio}");
+        charts.push(Chart::new(
+            &format!("peak RSS with a {mem} guest (MiB, lower is better)"),
+            vmms.iter()
+                .map(|v| v.name().to_string())
+                .zip(meds.iter().copied())
+                .collect(),
+        ));
     }
+
+    start_rate(&vmkit, &guest, &vmms, &mut charts).unwrap_or_else(|e| fail(e));
 
     println!(
         "\n## virtio devices: rng throughput and exits, boot with rng + console \
@@ -468,6 +495,14 @@ fn main() {
             rates.push(rate_of(&String::from_utf8_lossy(&out.stdout), "QEMU"));
         }
         let q = stats(rates).1;
+        charts.push(Chart::new(
+            "virtio-rng through the guest driver (KiB/s, higher is better)",
+            vec![
+                ("vmkit virtio-mmio".into(), rng_by_transport[0]),
+                ("vmkit virtio-pci".into(), rng_by_transport[1]),
+                ("QEMU virtio-mmio".into(), q),
+            ],
+        ));
         println!("| QEMU microvm, virtio-mmio | {q:.0} | – | – | – |");
         println!(
             "\nvmkit virtio-mmio / QEMU virtio-mmio rng throughput = {:.2}",
@@ -483,38 +518,72 @@ fn main() {
          (virtio-drivers 0.13 reads `queue_notify_off` on every notify)."
     );
 
-    blk_bench(&vmkit, &guest, blk_secs, have_qemu).unwrap_or_else(|e| fail(e));
+    blk_bench(&vmkit, &guest, blk_secs, have_qemu, &mut charts).unwrap_or_else(|e| fail(e));
 
-    println!("\n## PIO exit round trip ({pio} `out 0x80, al` at guest CPL3, ns per exit by the guest's TSC)\n");
-    let cmd = format!("bench=pio:{pio}");
-    let pio_of = |vmm: Vmm| -> f64 {
-        let out = vmm
-            .command(&vmkit, &guest, "128M", &cmd)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| fail(e.to_string()));
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        guest_pio_ns(&text)
-            .unwrap_or_else(|| fail(format!("{}: no bench line:\n{text}", vmm.name())))
-    };
-    let ours = pio_of(Vmm::Vmkit);
-    let (bare_out, bare_wall) = bare_loop(&guest, &cmd).unwrap_or_else(|e| fail(e));
-    let bare =
-        guest_pio_ns(&bare_out).unwrap_or_else(|| fail(format!("no bench line:\n{bare_out}")));
-    println!("| loop | ns per exit | relative to the bare loop |\n|---|---|---|");
-    println!("| bare kvm-ioctls loop (`match` on the exit, no bus) | {bare:.0} | 1.000 |");
     println!(
-        "| vmkit: `Vcpu::run` → `IoBus` → `DebugPort` | {ours:.0} | {:.3} |",
-        ours / bare
+        "\n## Exit cost: {pio} port writes and {pio} MMIO writes at guest CPL3 \
+         (ns per exit by the guest's TSC)\n"
     );
-    if have_qemu {
-        let q = pio_of(Vmm::Qemu);
-        println!(
-            "| QEMU microvm (unassigned port) | {q:.0} | {:.3} |",
-            q / bare
-        );
+    println!(
+        "| exit | bare kvm-ioctls loop | vmkit (`Vcpu::run` → `IoBus` → `DebugPort`) | vmkit / bare |{}",
+        if have_qemu { " QEMU microvm | QEMU / bare |" } else { "" }
+    );
+    println!(
+        "|---|---|---|---|{}",
+        if have_qemu { "---|---|" } else { "" }
+    );
+    for kind in ["pio", "mmio"] {
+        let cmd = match kind {
+            "pio" => format!("bench=pio:{pio}"),
+            _ => format!("bench=mmio:{pio}:0x{DEBUG_MMIO:x}"),
+        };
+        let line = |text: &str| -> Option<f64> {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("bench {kind}: ")))
+                .and_then(|l| l.split(", ").nth(1))
+                .and_then(|l| l.strip_suffix(" ns/exit"))
+                .and_then(|n| n.parse().ok())
+        };
+        let of = |vmm: Vmm| -> f64 {
+            let out = vmm
+                .command(&vmkit, &guest, "128M", &cmd)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| fail(e.to_string()));
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            line(&text).unwrap_or_else(|| fail(format!("{}: no {kind} line:\n{text}", vmm.name())))
+        };
+        let ours = of(Vmm::Vmkit);
+        let (bare_out, _) = bare_loop(&guest, &cmd).unwrap_or_else(|e| fail(e));
+        let bare =
+            line(&bare_out).unwrap_or_else(|| fail(format!("bare: no {kind} line:\n{bare_out}")));
+        let q = if have_qemu {
+            let q = of(Vmm::Qemu);
+            format!(" {q:.0} | {:.3} |", q / bare)
+        } else {
+            String::new()
+        };
+        println!("| {kind} | {bare:.0} | {ours:.0} | {:.3} |{q}", ours / bare);
+        charts.push(Chart::new(
+            &format!("{kind} exit round trip (ns, lower is better)"),
+            vec![("bare loop".into(), bare), ("vmkit".into(), ours)],
+        ));
     }
-    println!("\nBare loop, host wall time per exit: {bare_wall:.0} ns.");
+    println!(
+        "\nThe bare loop runs the same guest under a `match` on `VcpuExit` with no bus and no \
+         device; QEMU's port 0x80 and MMIO page 0x{DEBUG_MMIO:x} are unassigned (still an exit \
+         to QEMU)."
+    );
+    if let Some(dir) = svg_dir {
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(format!("{}: {e}", dir.display())));
+        println!("\n## Charts\n");
+        for (i, c) in charts.iter().enumerate() {
+            let name = format!("chart-{i:02}.svg");
+            std::fs::write(dir.join(&name), c.svg())
+                .unwrap_or_else(|e| fail(format!("{name}: {e}")));
+            println!("![{}](bench/{name})\n", c.title);
+        }
+    }
 }
 
 /// The four block workloads of the test guest, in the order it runs them.
@@ -655,7 +724,13 @@ fn fio(
     Ok((iops, bw / 1024.0))
 }
 
-fn blk_bench(vmkit: &Path, guest: &Path, secs: u64, have_qemu: bool) -> Result<(), String> {
+fn blk_bench(
+    vmkit: &Path,
+    guest: &Path,
+    secs: u64,
+    have_qemu: bool,
+    charts: &mut Vec<Chart>,
+) -> Result<(), String> {
     let img = bench_image()?;
     let have_fio = Command::new("fio")
         .arg("--version")
@@ -751,6 +826,13 @@ fn blk_bench(vmkit: &Path, guest: &Path, secs: u64, have_qemu: bool) -> Result<(
                 cells.push(format!("{iops:.0} ({mbs:.0})"));
             }
             println!("| {label} | {} |", cells.join(" | "));
+            charts.push(Chart::new(
+                &format!(
+                    "virtio-blk {label}, {} (req/s, higher is better)",
+                    if direct { "O_DIRECT" } else { "page cache" }
+                ),
+                configs.iter().map(|c| (c.0.clone(), c.1 .0[w].0)).collect(),
+            ));
         }
         println!(
             "\n| per request, whole boot | {header} |\n|---|{}",
@@ -785,5 +867,139 @@ fn blk_bench(vmkit: &Path, guest: &Path, secs: u64, have_qemu: bool) -> Result<(
          device is busy. CPU per request includes the VMM's boot (a few ms) and the guest's \
          kernel-mode emulation on this host."
     );
+    Ok(())
+}
+
+/// A horizontal bar chart, written as a small standalone SVG.
+struct Chart {
+    title: String,
+    bars: Vec<(String, f64)>,
+}
+
+impl Chart {
+    fn new(title: &str, bars: Vec<(String, f64)>) -> Self {
+        Self {
+            title: title.to_string(),
+            bars,
+        }
+    }
+
+    fn svg(&self) -> String {
+        let esc = |t: &str| {
+            t.replace('&', "&amp;")
+                .replace('<', "&lt;")
+                .replace('>', "&gt;")
+        };
+        let (w, label_w, bar_h, top) = (720.0, 220.0, 26.0, 40.0);
+        let h = top + bar_h * self.bars.len() as f64 + 16.0;
+        let max = self
+            .bars
+            .iter()
+            .map(|b| b.1)
+            .fold(0.0_f64, f64::max)
+            .max(f64::MIN_POSITIVE);
+        let colours = [
+            "#2b6cb0", "#c05621", "#2f855a", "#6b46c1", "#b7791f", "#4a5568",
+        ];
+        let mut out = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" \
+             font-family=\"sans-serif\" font-size=\"13\">\n\
+             <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+             <text x=\"10\" y=\"22\" font-size=\"15\" font-weight=\"bold\">{}</text>\n",
+            esc(&self.title)
+        );
+        for (i, (label, v)) in self.bars.iter().enumerate() {
+            let y = top + bar_h * i as f64;
+            let len = (w - label_w - 110.0) * v / max;
+            out.push_str(&format!(
+                "<text x=\"10\" y=\"{:.1}\">{}</text>\n\
+                 <rect x=\"{label_w}\" y=\"{:.1}\" width=\"{len:.1}\" height=\"{:.1}\" fill=\"{}\"/>\n\
+                 <text x=\"{:.1}\" y=\"{:.1}\">{}</text>\n",
+                y + 17.0,
+                esc(label),
+                y + 4.0,
+                bar_h - 8.0,
+                colours[i % colours.len()],
+                label_w + len + 6.0,
+                y + 17.0,
+                if *v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") }
+            ));
+        }
+        out.push_str("</svg>\n");
+        out
+    }
+}
+
+/// Starts `n` VMs of `vmm` at once (128 MiB each); time until every one printed its ready line,
+/// and whether all exited with status 0.
+fn start_many(vmm: Vmm, vmkit: &Path, guest: &Path, n: usize) -> Result<(f64, f64), String> {
+    let start = Instant::now();
+    let mut children = Vec::with_capacity(n);
+    for _ in 0..n {
+        let child = vmm
+            .command(vmkit, guest, "128M", "exit=poweroff")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", vmm.name()))?;
+        children.push(child);
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut waiters = Vec::new();
+    for mut child in children {
+        let tx = tx.clone();
+        waiters.push(std::thread::spawn(move || -> Result<(), String> {
+            let stdout = child.stdout.take().ok_or("no stdout")?;
+            let mut lines = BufReader::new(stdout).lines();
+            let ready = lines.any(|l| l.is_ok_and(|l| l.contains("vmkit-test-guest: ready")));
+            let _ = tx.send(ready);
+            for _ in lines {}
+            let status = child.wait().map_err(|e| e.to_string())?;
+            if !ready || !status.success() {
+                return Err(format!("a VM failed (ready: {ready}, {status})"));
+            }
+            Ok(())
+        }));
+    }
+    drop(tx);
+    let mut ready = 0;
+    for r in rx.iter() {
+        if r {
+            ready += 1;
+        }
+        if ready == n {
+            break;
+        }
+    }
+    let all_ready = start.elapsed().as_secs_f64() * 1e3;
+    for w in waiters {
+        w.join().map_err(|_| "waiter panicked".to_string())??;
+    }
+    Ok((all_ready, start.elapsed().as_secs_f64() * 1e3))
+}
+
+fn start_rate(
+    vmkit: &Path,
+    guest: &Path,
+    vmms: &[Vmm],
+    charts: &mut Vec<Chart>,
+) -> Result<(), String> {
+    println!(
+        "\n## Start rate (VMs started at once, 128 MiB and 1 vCPU each, guest `exit=poweroff`)\n"
+    );
+    println!("| VMs | VMM | all ready (ms) | all exited, status 0 (ms) |\n|---|---|---|---|");
+    for n in [20usize, 50] {
+        let mut bars = Vec::new();
+        for &vmm in vmms {
+            let (ready, exited) = start_many(vmm, vmkit, guest, n)?;
+            println!("| {n} | {} | {ready:.0} | {exited:.0} |", vmm.name());
+            bars.push((vmm.name().to_string(), ready));
+        }
+        charts.push(Chart::new(
+            &format!("{n} VMs at once: all ready (ms, lower is better)"),
+            bars,
+        ));
+    }
     Ok(())
 }
