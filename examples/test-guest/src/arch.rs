@@ -133,3 +133,19 @@ pub unsafe fn mmio_write32(addr: u64, value: u32) {
     // SAFETY: the caller guarantees the address is a mapped device register.
     unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
 }
+
+/// Writes a 32-bit MMIO register with one `mov dword ptr [reg], eax`
+/// (`bench=mmio`: the same instruction for every write, never unrolled into
+/// other registers).
+///
+/// # Safety
+/// `addr` must be a mapped device register whose write has no effect on
+/// memory that Rust code owns.
+#[inline(always)]
+pub unsafe fn mmio_store32_eax(addr: u64, value: u32) {
+    // SAFETY: the caller guarantees the address is a mapped device register.
+    unsafe {
+        asm!("mov dword ptr [{addr}], eax", addr = in(reg) addr, in("eax") value,
+            options(nostack, preserves_flags))
+    }
+}

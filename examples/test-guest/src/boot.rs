@@ -52,6 +52,7 @@ mod raw {
         pub static timer_ticks: AtomicU64;
         pub static serial_irqs: AtomicU64;
         pub static virtio_irqs: AtomicU64;
+        pub static mut boot_pml4: [u64; 512];
         pub static mut boot_pdpt: [u64; 512];
         pub static lapic_eoi_addr: AtomicU64;
         pub static ap_online: AtomicU32;
@@ -138,6 +139,12 @@ pub fn virtio_irqs() -> &'static AtomicU64 {
 /// cover 0-4 GiB; the rest are free for MMIO above 4 GiB, see `virtio.rs`).
 pub fn boot_pdpt() -> *mut u64 {
     core::ptr::addr_of_mut!(raw::boot_pdpt).cast()
+}
+
+/// The PML4 (entry 0 is the identity mapping's PDPT; entry 1 is free for
+/// `bench=mmio`'s alias window, see `bench.rs`).
+pub fn boot_pml4() -> *mut u64 {
+    core::ptr::addr_of_mut!(raw::boot_pml4).cast()
 }
 
 /// Where the interrupt stubs write 0 for an EOI.

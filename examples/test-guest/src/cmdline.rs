@@ -2,8 +2,9 @@
 //!
 //! `test=smp,timer,serial-irq,virtio-rng,virtio-console,virtio-irq,pci,all`
 //! (and the virtio-blk tests `blk-verify[:MiB]`, `blk-inflight`, `blk-ro`,
-//! `blk-discard`, `blk-serial`), `bench=pio:N`,
-//! `bench=blk-rand4k|blk-seq128k:QD:SECONDS`, `blk-write-flush=SECTOR:HEX32`,
+//! `blk-discard`, `blk-serial`), `bench=pio:N`, `bench=mmio:N[:ADDR]`,
+//! `bench=blk-rand4k|blk-seq128k:QD:SECONDS` (comma-separated, repeatable),
+//! `blk-write-flush=SECTOR:HEX32`,
 //! `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, and any number of
 //! `virtio_mmio.device=SIZE@ADDR[:IRQ[:ID]]` (the form Linux parses).
 
@@ -63,6 +64,21 @@ impl Want {
         }
     }
 }
+
+/// One VM-exit benchmark, timed at CPL3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitBench {
+    /// `bench=pio:N`: N byte writes `out 0x80, al`.
+    Pio(u64),
+    /// `bench=mmio:N[:ADDR]`: N 32-bit writes to guest-physical `addr`.
+    Mmio { n: u64, addr: u64 },
+}
+
+/// `bench=mmio`'s address when none is given (a sink device in vmkit's
+/// VMM; unassigned in QEMU's microvm, where writes still exit to QEMU).
+pub const MMIO_BENCH_ADDR: u64 = 0xd0f0_0000;
+/// Largest number of `bench=pio`/`bench=mmio` entries kept.
+pub const EXIT_BENCH_MAX: usize = 8;
 
 /// A virtio-blk benchmark workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,8 +140,8 @@ pub struct Config {
     /// The `virtio_mmio.device=` entries, in command-line order.
     pub virtio_mmio: [MmioDevice; VIRTIO_MMIO_MAX],
     pub virtio_mmio_count: usize,
-    /// Number of `out 0x80` writes to time, if any.
-    pub bench_pio: Option<u64>,
+    /// `bench=pio`/`bench=mmio` entries, in command-line order.
+    pub exit_benches: [Option<ExitBench>; EXIT_BENCH_MAX],
     pub blk: BlkConfig,
     pub exit: Exit,
 }
@@ -144,7 +160,7 @@ impl Config {
             pci: PciMode::Auto,
             virtio_mmio: [MmioDevice::default(); VIRTIO_MMIO_MAX],
             virtio_mmio_count: 0,
-            bench_pio: None,
+            exit_benches: [None; EXIT_BENCH_MAX],
             blk: BlkConfig {
                 verify: Want::No,
                 verify_mib: BLK_VERIFY_ALL_MIB,
@@ -208,24 +224,20 @@ impl Config {
                         }
                     }
                 }
-                "bench" if value.starts_with("blk-") => {
+                "bench" => {
                     for item in value.split(',') {
-                        match parse_blk_bench(item) {
-                            Some(b) => match cfg.blk.benches.iter_mut().find(|s| s.is_none()) {
-                                Some(slot) => *slot = Some(b),
-                                None => println!("cmdline: too many bench={}", item),
-                            },
+                        let added = if item.starts_with("blk-") {
+                            parse_blk_bench(item).map(|b| push(&mut cfg.blk.benches, b))
+                        } else {
+                            parse_exit_bench(item).map(|b| push(&mut cfg.exit_benches, b))
+                        };
+                        match added {
+                            Some(true) => {}
+                            Some(false) => println!("cmdline: too many bench={}", item),
                             None => println!("cmdline: bad value bench={}", item),
                         }
                     }
                 }
-                "bench" => match value
-                    .strip_prefix("pio:")
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    Some(n) => cfg.bench_pio = Some(n),
-                    None => println!("cmdline: bad value bench={}", value),
-                },
                 "blk-write-flush" => match parse_write_flush(value) {
                     Some(wf) => cfg.blk.write_flush = Some(wf),
                     None => println!("cmdline: bad value blk-write-flush={}", value),
@@ -261,6 +273,57 @@ impl Config {
     pub fn virtio_mmio(&self) -> &[MmioDevice] {
         &self.virtio_mmio[..self.virtio_mmio_count]
     }
+
+    /// The `bench=pio`/`bench=mmio` entries, in command-line order.
+    pub fn exit_benches(&self) -> impl Iterator<Item = ExitBench> + '_ {
+        self.exit_benches.iter().flatten().copied()
+    }
+}
+
+/// Puts `item` in the first free slot; false when there is none.
+fn push<T>(slots: &mut [Option<T>], item: T) -> bool {
+    match slots.iter_mut().find(|s| s.is_none()) {
+        Some(slot) => {
+            *slot = Some(item);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Parses `pio:N` / `mmio:N[:ADDR]` (N decimal, ADDR hex with or without
+/// `0x`, at most 16 digits). The address is checked when the benchmark runs.
+fn parse_exit_bench(item: &str) -> Option<ExitBench> {
+    let mut fields = item.split(':');
+    let kind = fields.next()?;
+    let n = fields.next()?.parse::<u64>().ok()?;
+    let bench = match kind {
+        "pio" => ExitBench::Pio(n),
+        "mmio" => ExitBench::Mmio {
+            n,
+            addr: match fields.next() {
+                Some(hex) => parse_hex64(hex)?,
+                None => MMIO_BENCH_ADDR,
+            },
+        },
+        _ => return None,
+    };
+    if fields.next().is_some() {
+        return None;
+    }
+    Some(bench)
+}
+
+/// Parses 1 to 16 hex digits, with or without `0x`.
+fn parse_hex64(s: &str) -> Option<u64> {
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    if hex.is_empty() || hex.len() > 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
 }
 
 /// Parses `blk-rand4k:QD:SECONDS` / `blk-seq128k:QD:SECONDS`.

@@ -1,6 +1,6 @@
 //! vmkit-test-guest: a `no_std` PVH kernel that reports what it finds and
 //! exercises the VMM (SMP start-up, LAPIC timer, IOAPIC-routed COM1
-//! interrupts, port-I/O exit cost, PCI bus 0 through port CAM and ECAM,
+//! interrupts, port-I/O and MMIO exit cost, PCI bus 0 through port CAM and ECAM,
 //! virtio-mmio and virtio-pci devices through the `virtio-drivers` crate),
 //! then powers off.
 //!
@@ -139,9 +139,7 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         virtio::irq(&devices, acpi.as_ref(), bsp_apic_id, ap);
     }
     blk::tests(&devices, &blks, &cfg.blk, ram);
-    if let Some(n) = cfg.bench_pio {
-        bench::pio(n);
-    }
+    bench::exits(cfg.exit_benches(), info.memmap());
     blk::benches(&devices, &blks, &cfg.blk, ram);
     if let Some(wf) = cfg.blk.write_flush {
         blk::write_flush(&devices, &blks, wf, ram);
