@@ -113,7 +113,7 @@ fn pio_bench_goes_through_the_bus() {
             "--kernel",
             guest.to_str().unwrap(),
             "--cmdline",
-            "bench=pio:2000",
+            "bench=pio:2000,mmio:1000:0xd0f00000",
             "--stats",
         ],
         std::time::Duration::from_secs(60),
@@ -122,8 +122,9 @@ fn pio_bench_goes_through_the_bus() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("bench pio: 2000 exits"), "{stdout}");
-    // The debug port saw every write (and nothing else writes it in this run).
-    assert!(stderr.contains("debug port: 2000 writes"), "{stderr}");
+    assert!(stdout.contains("bench mmio: 1000 exits"), "{stdout}");
+    // The debug device saw every write, port and MMIO page (nothing else writes them here).
+    assert!(stderr.contains("debug port: 3000 writes"), "{stderr}");
 }
 
 #[test]
