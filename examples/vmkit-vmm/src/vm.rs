@@ -176,6 +176,36 @@ fn cpu_time_us() -> u64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// How much of guest RAM is resident in this process (from /proc/self/smaps), so that the
+/// footprint benchmark can tell the VMM's own memory from the guest's.
+fn guest_resident_kib(mem: &GuestMemoryMmap) -> Option<u64> {
+    let starts: Vec<u64> = mem.iter().map(|r| r.get_mmap().as_ptr() as u64).collect();
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut total = 0;
+    let mut in_guest = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((start, _)) = range.split_once('-') {
+                if let Ok(start) = u64::from_str_radix(start, 16) {
+                    in_guest = starts.contains(&start);
+                    continue;
+                }
+            }
+        }
+        if in_guest {
+            if let Some(kb) = line.strip_prefix("Rss:") {
+                total += kb
+                    .trim()
+                    .trim_end_matches(" kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()?;
+            }
+        }
+    }
+    Some(total)
+}
+
 fn check_cpus(kvm: &Kvm, cpus: u32) -> Result<(), Error> {
     if cpus == 0 {
         return Err(Error::NoCpus(cpus));
@@ -515,6 +545,9 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
             "vmkit: debug port: {} writes (port 0x80 and MMIO page 0xd0f00000)",
             d.writes
         );
+        if let Some(kib) = guest_resident_kib(&mem) {
+            eprintln!("vmkit: guest memory resident: {kib} KiB");
+        }
     }
     let _ = std::io::stdout().flush();
     Ok(end)

@@ -30,6 +30,8 @@ struct Run {
     setup_cpu_ms: Option<f64>,
     total_cpu_ms: f64,
     max_rss_kib: u64,
+    /// vmkit only: guest RAM resident at exit.
+    guest_kib: Option<u64>,
 }
 
 /// The two VMMs, booting the same guest.
@@ -147,6 +149,12 @@ fn run_vmm(
         setup_cpu_ms,
         total_cpu_ms: tv(ru.ru_utime) + tv(ru.ru_stime),
         max_rss_kib: ru.ru_maxrss as u64,
+        guest_kib: stderr.lines().find_map(|l| {
+            l.strip_prefix("vmkit: guest memory resident: ")?
+                .strip_suffix(" KiB")?
+                .parse()
+                .ok()
+        }),
     })
 }
 
@@ -359,6 +367,17 @@ fn main() {
         "|---|{}",
         "---|".repeat(vmms.len() + usize::from(ratio_col))
     );
+    let mut own = Vec::new();
+    for mem in ["128M", "1G"] {
+        let v = (0..5)
+            .map(|_| {
+                run_vmm(Vmm::Vmkit, &vmkit, &guest, mem, "exit=poweroff", &[])
+                    .map(|r| (r.max_rss_kib as f64 - r.guest_kib.unwrap_or(0) as f64) / 1024.0)
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap_or_else(|e| fail(e));
+        own.push((mem, stats(v).1));
+    }
     for mem in ["128M", "1G"] {
         let meds: Vec<f64> = vmms
             .iter()
@@ -391,6 +410,13 @@ fn main() {
                 .zip(meds.iter().copied())
                 .collect(),
         ));
+    }
+    println!();
+    for (mem, v) in own {
+        println!(
+            "vmkit's own memory with a {mem} guest (peak RSS minus the guest RAM resident at \
+             exit): {v:.2} MiB"
+        );
     }
 
     start_rate(&vmkit, &guest, &vmms, &mut charts).unwrap_or_else(|e| fail(e));
@@ -995,6 +1021,9 @@ fn start_rate(
             let (ready, exited) = start_many(vmm, vmkit, guest, n)?;
             println!("| {n} | {} | {ready:.0} | {exited:.0} |", vmm.name());
             bars.push((vmm.name().to_string(), ready));
+        }
+        if bars.len() == 2 {
+            println!("| {n} | vmkit / QEMU | {:.2} | |", bars[0].1 / bars[1].1);
         }
         charts.push(Chart::new(
             &format!("{n} VMs at once: all ready (ms, lower is better)"),
