@@ -30,7 +30,7 @@ const DEFAULT_MEMORY: usize = 16 << 20;
 /// ```
 /// # use std::sync::{Arc, Mutex};
 /// # use vmkit_virtio::test_utils::{GuestHal, Harness};
-/// # fn device() -> Arc<Mutex<dyn vmkit_virtio::VirtioDevice>> { unimplemented!() }
+/// # fn device() -> Arc<Mutex<dyn vmkit_virtio::VirtioDevice>> { panic!("your device") }
 /// # fn no_run() {
 /// let harness = Harness::new(device());
 /// let mut rng = virtio_drivers::device::rng::VirtIORng::<GuestHal, _>::new(harness.transport())
