@@ -292,7 +292,12 @@ impl Block {
         // again within `poll` does so without a VM exit. Completions of the engine are
         // taken meanwhile, so polling never delays them.
         let mut deadline = Instant::now() + self.core.poll;
+        // A driver that never stops submitting must not keep the event thread here: after
+        // this many rounds it goes back to its event loop (notifications are on again, so
+        // the next request simply arrives as a notification).
+        let mut rounds = 0u32;
         loop {
+            rounds += 1;
             if self.core.suppress_notifications(ctx, index).is_err() {
                 break;
             }
@@ -315,7 +320,7 @@ impl Block {
             // ring once more, so nothing is missed when polling stops.
             done += self.core.run(ctx, index, &limits);
             self.core.interrupt(ctx);
-            if !work || ctx.needs_reset() {
+            if !work || ctx.needs_reset() || rounds >= MAX_POLL_ROUNDS {
                 break;
             }
             deadline = Instant::now() + self.core.poll;
@@ -323,6 +328,9 @@ impl Block {
         done
     }
 }
+
+/// Polling rounds per kick before the event thread returns to its other work.
+const MAX_POLL_ROUNDS: u32 = 256;
 
 /// A ring the driver corrupted.
 #[derive(Debug, thiserror::Error)]
