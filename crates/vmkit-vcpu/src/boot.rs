@@ -240,6 +240,21 @@ pub fn setup_lint(vcpu: &VcpuFd) -> Result<()> {
     vcpu.set_lapic(&lapic).map_err(Error::Lapic)
 }
 
+/// Clears the CR4 bits that enable features `template` hides (after [`setup_entry`]), so that
+/// control registers and CPUID agree. Does nothing (no ioctl) when no such bit is set.
+pub fn restrict_cr4(vcpu: &VcpuFd, template: crate::CpuTemplate) -> Result<()> {
+    let clear = template.cr4_clear();
+    if clear == 0 {
+        return Ok(());
+    }
+    let mut sregs = vcpu.get_sregs().map_err(Error::Sregs)?;
+    if sregs.cr4 & clear != 0 {
+        sregs.cr4 &= !clear;
+        vcpu.set_sregs(&sregs).map_err(Error::Sregs)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,7 +2,9 @@
 //!
 //! * [`CpuidTemplate`]: KVM's supported CPUID, specialised per vCPU with a coherent topology
 //!   (APIC ID = vCPU index, one package of N cores, leaves 1, 4, 0xB/0x1F) and caller
-//!   [`CpuidMask`]s to hide features.
+//!   [`CpuidMask`]s to hide features; [`CpuTemplate`]s are named sets of them, with the CR4
+//!   bits to keep clear ([`restrict_cr4`]) and a `clearcpuid=` fallback for hosts whose KVM
+//!   does not honour a mask ([`CpuTemplate::linux_clearcpuid`]).
 //! * [`setup_entry`] with an [`EntryState`]: 64-bit long mode for Linux bzImage/ELF (GDT,
 //!   identity page tables, `rsi` = zero page) or 32-bit protected mode for PVH (`ebx` =
 //!   `hvm_start_info`); [`setup_msrs`], [`setup_fpu`], [`setup_lint`] (LINT0 ExtINT, LINT1 NMI).
@@ -52,15 +54,20 @@
 mod boot;
 mod cpuid;
 mod run;
+mod template;
 
 pub use boot::{
-    setup_entry, setup_fpu, setup_lint, setup_msrs, EntryState, BOOT_STACK, GDT_ADDR, IDT_ADDR,
-    PML4_ADDR,
+    restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs, EntryState, BOOT_STACK, GDT_ADDR,
+    IDT_ADDR, PML4_ADDR,
 };
 pub use cpuid::{CpuidConfig, CpuidMask, CpuidReg, CpuidTemplate};
 pub use run::{
     install_kick_handler, kick, kick_signal, Vcpu, VcpuControl, VcpuExitHandler, VcpuStats,
     VcpuStop,
+};
+pub use template::{
+    CpuTemplate, UnknownTemplate, CPU_TEMPLATES, CR4_FSGSBASE, CR4_OSXSAVE, CR4_PCIDE, CR4_PKE,
+    CR4_SMAP,
 };
 
 /// Errors of this crate.

@@ -188,3 +188,43 @@ fn triple_fault_is_a_reset() {
         Err(e) => assert!(matches!(e, Error::InternalError { .. }), "{e}"),
     }
 }
+
+#[test]
+fn pvm_template_reaches_the_vcpu_and_keeps_cr4_consistent() {
+    if !have_kvm() {
+        return;
+    }
+    let kvm = Kvm::new().expect("open /dev/kvm");
+    let vm = kvm.create_vm().unwrap();
+    let mem = vmkit_memory::create_guest_memory(&vmkit_memory::MemoryConfig::new(2 << 20)).unwrap();
+    let fd = vm.create_vcpu(0).unwrap();
+    let template = CpuidTemplate::from_kvm(&kvm).unwrap();
+    let cfg = CpuidConfig {
+        num_cpus: 1,
+        masks: CpuTemplate::Pvm.masks(),
+    };
+    fd.set_cpuid2(&template.for_vcpu(0, &cfg).unwrap()).unwrap();
+    // Every hidden bit is either hidden in what the vCPU reports, or named for clearcpuid=.
+    let effective = fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let visible = CpuTemplate::Pvm.still_visible(effective.as_slice());
+    let clear = CpuTemplate::Pvm.linux_clearcpuid(effective.as_slice());
+    assert_eq!(visible.is_empty(), clear.is_none(), "{visible:?} {clear:?}");
+    eprintln!("visible despite the template on this host: {visible:?}");
+    setup_entry(
+        &fd,
+        &mem,
+        EntryState::Linux64 {
+            entry: GuestAddress(0x1000),
+            boot_params: GuestAddress(0x7000),
+        },
+    )
+    .unwrap();
+    restrict_cr4(&fd, CpuTemplate::Pvm).unwrap();
+    let cr4 = fd.get_sregs().unwrap().cr4;
+    assert_eq!(cr4 & CpuTemplate::Pvm.cr4_clear(), 0, "cr4 {cr4:#x}");
+    assert_ne!(
+        cr4 & (1 << 5),
+        0,
+        "PAE stays for the 64-bit entry: cr4 {cr4:#x}"
+    );
+}
