@@ -45,6 +45,16 @@ pub struct Args {
     /// the DSDT) or pci (virtio-pci functions on PCI bus 0, MSI-X, ECAM in the MCFG).
     #[arg(long, value_enum, default_value_t = Transport::Mmio)]
     pub transport: Transport,
+    /// Do not add `virtio_mmio.device=` entries to the kernel command line: the guest finds its
+    /// virtio-mmio devices through the DSDT alone (kernels with ACPI). Without this flag both
+    /// are given, which kernels without ACPI need.
+    #[arg(long)]
+    pub no_mmio_cmdline: bool,
+    /// The CPU model the guest sees: host (all KVM supports) or pvm (hides what a software
+    /// emulator of guest kernel mode, like the kvm_pvm module's, rejects: XSAVE, AVX, CX16,
+    /// PCID, FSGSBASE, SMAP, PKU, RDPID, RDRAND, POPCNT, ERMS, ...; see docs/linux-guest.md).
+    #[arg(long, default_value = "host", value_name = "NAME")]
+    pub cpu_template: vmkit_vcpu::CpuTemplate,
     /// Boot an ELF vmlinux through its 64-bit Linux entry even when it has a PVH note.
     #[arg(long)]
     pub no_pvh: bool,

@@ -24,8 +24,9 @@ use vmkit_legacy::{
 };
 use vmkit_memory::{create_guest_memory, register_memory_slots, Backing, MemoryConfig};
 use vmkit_vcpu::{
-    install_kick_handler, kick, setup_entry, setup_fpu, setup_lint, setup_msrs, CpuidConfig,
-    CpuidTemplate, EntryState, Vcpu, VcpuControl, VcpuExitHandler, VcpuStop,
+    install_kick_handler, kick, restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs,
+    CpuTemplate, CpuidConfig, CpuidTemplate, EntryState, Vcpu, VcpuControl, VcpuExitHandler,
+    VcpuStop,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -217,15 +218,22 @@ fn check_cpus(kvm: &Kvm, cpus: u32) -> Result<(), Error> {
     Ok(())
 }
 
-/// Creates and sets up every vCPU; only the boot vCPU gets an entry state, later.
-fn create_vcpus(kvm: &Kvm, vm: &VmFd, cpus: u32) -> Result<Vec<Vcpu>, Error> {
+/// Creates and sets up every vCPU; only the boot vCPU gets an entry state, later. Also returns
+/// Linux's `clearcpuid=` for features the template hides but this host's KVM still shows
+/// (read back with KVM_GET_CPUID2: kvm_pvm passes host bits outside its supported set through).
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    cpus: u32,
+    cpu_template: CpuTemplate,
+) -> Result<(Vec<Vcpu>, Option<String>), Error> {
     let template = CpuidTemplate::from_kvm(kvm)?;
     let cpuid_cfg = CpuidConfig {
         num_cpus: cpus,
-        masks: Vec::new(),
+        masks: cpu_template.masks(),
     };
     let msr_list = kvm.get_msr_index_list().map_err(Error::MsrList)?;
-    (0..cpus)
+    let vcpus = (0..cpus)
         .map(|index| {
             let fd = vm
                 .create_vcpu(u64::from(index))
@@ -241,7 +249,25 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, cpus: u32) -> Result<Vec<Vcpu>, Error> {
             setup(&fd).map_err(|source| Error::SetupVcpu { index, source })?;
             Ok(Vcpu::new(fd, index))
         })
-        .collect()
+        .collect::<Result<Vec<_>, Error>>()?;
+    let mut clearcpuid = None;
+    if cpu_template != CpuTemplate::Host {
+        let effective = vcpus[0]
+            .fd()
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::SetupVcpu {
+                index: 0,
+                source: vmkit_vcpu::Error::SupportedCpuid(e),
+            })?;
+        clearcpuid = cpu_template.linux_clearcpuid(effective.as_slice());
+        if clearcpuid.is_some() {
+            eprintln!(
+                "vmkit: this host's KVM does not hide {} from CPUID; the kernel is told with clearcpuid=",
+                cpu_template.still_visible(effective.as_slice()).join(",")
+            );
+        }
+    }
+    Ok((vcpus, clearcpuid))
 }
 
 /// Opens a `--disk` as a virtio-blk device: one request queue per vCPU unless told otherwise.
@@ -343,7 +369,7 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
 
     // Interrupt controller, then vCPUs.
     let irqchip = Arc::new(Mutex::new(Irqchip::new(&vm, IrqchipConfig::default())?));
-    let mut vcpus = create_vcpus(&kvm, &vm, args.cpus)?;
+    let (mut vcpus, clearcpuid) = create_vcpus(&kvm, &vm, args.cpus, args.cpu_template)?;
 
     // Buses and devices.
     let exit = Arc::new(VmExit::new().map_err(Error::EventFd)?);
@@ -410,7 +436,11 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
             (
                 mmio.handlers.split_off(0),
                 mmio.dsdt_devices(),
-                mmio.cmdline(),
+                if args.no_mmio_cmdline {
+                    String::new()
+                } else {
+                    mmio.cmdline()
+                },
             )
         }
         Transport::Pci => {
@@ -436,10 +466,13 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
         devices: dsdt_devices,
         ..Default::default()
     };
-    let cmdline = match virtio_cmdline {
-        extra if extra.is_empty() => args.cmdline.clone(),
-        extra => format!("{} {extra}", args.cmdline),
-    };
+    let mut cmdline = args.cmdline.clone();
+    for extra in [clearcpuid.unwrap_or_default(), virtio_cmdline] {
+        if !extra.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&extra);
+        }
+    }
     let rsdp = vmkit_boot::create_acpi_tables(&mem, &acpi)?;
     let loaded = vmkit_boot::load(
         &mem,
@@ -460,6 +493,7 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
         EntryPoint::Pvh { entry, start_info } => EntryState::Pvh { entry, start_info },
     };
     setup_entry(vcpus[0].fd(), &mem, entry)?;
+    restrict_cr4(vcpus[0].fd(), args.cpu_template)?;
 
     // Run: one thread per vCPU, this thread runs the event loop.
     install_kick_handler()?;

@@ -356,3 +356,41 @@ fn virtio_pci_console_reads_host_stdin() {
     );
     assert!(stdout.contains("test virtio-console: ok (pci)"), "{stdout}");
 }
+
+#[test]
+fn no_mmio_cmdline_leaves_the_devices_to_the_dsdt_and_pvm_template_boots() {
+    if !have_kvm() {
+        return;
+    }
+    let guest = common::test_guest();
+    let out = common::vmkit(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--rng",
+            "--no-mmio-cmdline",
+            "--cpu-template",
+            "pvm",
+            "--cmdline",
+            "test=smp",
+        ],
+        std::time::Duration::from_secs(60),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let ctx = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{ctx}");
+    let cmdline = stdout
+        .lines()
+        .find(|l| l.starts_with("cmdline: "))
+        .expect("the guest prints its command line");
+    assert!(cmdline.starts_with("cmdline: test=smp"), "{ctx}");
+    assert!(!cmdline.contains("virtio_mmio.device="), "{ctx}");
+    // What the template could not hide on this host is named for Linux, and only then.
+    assert_eq!(
+        cmdline.contains("clearcpuid="),
+        stderr.contains("does not hide"),
+        "{ctx}"
+    );
+    assert!(stdout.contains("test smp: ok"), "{ctx}");
+}

@@ -192,3 +192,11 @@ fn hugepages_boot_or_say_why_not() {
         fails_with(&args, "nr_hugepages");
     }
 }
+
+#[test]
+fn unknown_cpu_template() {
+    fails_with(
+        &["--kernel", "k", "--cpu-template", "t2"],
+        "unknown CPU template 't2' (known: host, pvm)",
+    );
+}
