@@ -50,7 +50,7 @@ cargo package --workspace --quiet --allow-dirty --target-dir target/package-veri
 echo "==> fuzz smoke (every fuzz target, reproducers replayed, ${VMKIT_FUZZ_SECS:-10} s each)" >&2
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
 fuzz/smoke.sh "${VMKIT_FUZZ_SECS:-10}"
-echo "==> minimal Linux guest (examples/linux-guest: built once per machine, ~6 min cold, cached in ~/.cache/vmkit)" >&2
+echo "==> minimal Linux guest (examples/linux-guest: built once per machine, ~5 min cold, cached in ~/.cache/vmkit)" >&2
 t0=$(date +%s)
 examples/linux-guest/build.sh
 echo "    linux guest ready in $(( $(date +%s) - t0 )) s" >&2

@@ -76,6 +76,9 @@ pub enum Error {
     /// `KVM_GET_SUPPORTED_CPUID` failed.
     #[error("cannot read KVM's supported CPUID: {0}")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// `KVM_SET_CPUID2` or `KVM_GET_CPUID2` on a vCPU failed.
+    #[error("cannot set or read the vCPU's CPUID: {0}")]
+    VcpuCpuid(#[source] kvm_ioctls::Error),
     /// More CPUID entries than KVM takes.
     #[error("too many CPUID entries")]
     TooManyCpuidEntries,

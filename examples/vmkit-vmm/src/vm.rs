@@ -241,7 +241,7 @@ fn create_vcpus(
             let setup = |fd: &kvm_ioctls::VcpuFd| -> Result<(), vmkit_vcpu::Error> {
                 let cpuid = template.for_vcpu(index, &cpuid_cfg)?;
                 fd.set_cpuid2(&cpuid)
-                    .map_err(vmkit_vcpu::Error::SupportedCpuid)?;
+                    .map_err(vmkit_vcpu::Error::VcpuCpuid)?;
                 setup_msrs(fd, msr_list.as_slice())?;
                 setup_fpu(fd)?;
                 setup_lint(fd)
@@ -257,7 +257,7 @@ fn create_vcpus(
             .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::SetupVcpu {
                 index: 0,
-                source: vmkit_vcpu::Error::SupportedCpuid(e),
+                source: vmkit_vcpu::Error::VcpuCpuid(e),
             })?;
         clearcpuid = cpu_template.linux_clearcpuid(effective.as_slice());
         if clearcpuid.is_some() {

@@ -9,7 +9,7 @@
 //! MCFG, MSI-X). Each boot takes 20-40 s on hosts whose KVM emulates guest kernel mode.
 //!
 //! Behind the `linux-guest-tests` feature (`scripts/test-all.sh` turns it on): the first run on
-//! a machine builds the kernels, about 12 minutes on 2 cores.
+//! a machine builds the kernels, about 5 minutes on 2 cores.
 
 mod common;
 
