@@ -43,21 +43,33 @@ now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 # Runs "$@" with stdout read line by line; prints
 # "<ready ms> <exit ms> <uptime at /init s> <uptime at the end of /init's tests s> <ok>"
-# where ok is the number of "VMKIT-RESULT <dev> ok" lines (3 when everything passed).
+# where ok is the number of "VMKIT-RESULT <dev> ok" lines (3 when everything passed). A VMM that
+# has not exited 20 s after the guest's last line (its reset did not end it) is killed and its
+# exit time shows as "hung".
 measure() {
-  local t0 ready=- line up=- fin=- ok=0 log="$work/log"
+  local t0 ready=- line up=- fin=- ok=0 log="$work/log" fifo="$work/fifo" pid end
   (cat "$work/pattern"; head -c $((1048576 - 65536)) /dev/zero) >"$work/disk.img"
+  rm -f "$fifo" "$work/killed"
+  mkfifo "$fifo"
   t0=$(now_ms)
+  timeout 600 "$@" >"$fifo" 2>>"$log" &
+  pid=$!
   while IFS= read -r line; do
     echo "$line" >>"$log"
     case "$line" in
       VMKIT-LINUX-READY*) ready=$(( $(now_ms) - t0 )) ;;
       VMKIT-LINUX-UPTIME*) up="${line##*init=}" ;;
-      VMKIT-LINUX-DONE*) fin="${line##*uptime=}" ;;
+      VMKIT-LINUX-DONE*)
+        fin="${line##*uptime=}"
+        (sleep 20; kill -0 "$pid" 2>/dev/null && touch "$work/killed" && kill "$pid") >/dev/null 2>&1 &
+        ;;
       "VMKIT-RESULT "*" ok"*) ok=$((ok + 1)) ;;
     esac
-  done < <(timeout 600 "$@" 2>>"$log")
-  echo "$ready $(( $(now_ms) - t0 )) $up $fin $ok"
+  done <"$fifo"
+  wait "$pid" || true
+  end=$(( $(now_ms) - t0 ))
+  [ -e "$work/killed" ] && end=hung
+  echo "$ready $end $up $fin $ok"
 }
 
 # The command line vmkit gave the guest (with its clearcpuid=, without virtio_mmio.device=):
