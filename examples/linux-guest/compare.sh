@@ -36,7 +36,7 @@ trap 'rm -rf "$work"' EXIT
 # The host-side image: a 64 KiB pattern, then zeros (1 MiB).
 head -c 65536 /dev/urandom >"$work/pattern"
 sha="$(sha256sum "$work/pattern" | cut -d' ' -f1)"
-base="console=ttyS0 panic=-1 mitigations=off tsc=reliable no_timer_check lpj=5000000 rodata=off quiet"
+base="console=ttyS0 panic=-1 tsc=reliable no_timer_check lpj=5000000 rodata=off quiet"
 tests="vmkit_test=blk,rng,console vmkit_blk_sha=$sha vmkit_token=compare"
 
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }

@@ -114,7 +114,7 @@ impl Drop for Scratch {
 
 /// The kernel command line without device hints: the CPU template hides what the host's
 /// emulator rejects, so no clearcpuid=/noxsave/nopcid is needed.
-const CMDLINE: &str = "console=ttyS0 panic=-1 mitigations=off tsc=reliable \
+const CMDLINE: &str = "console=ttyS0 panic=-1 tsc=reliable \
                        no_timer_check lpj=5000000 rodata=off quiet";
 
 /// Boots `kernel` with blk, rng and console on `transport`, checks every result line, the exit
