@@ -164,10 +164,11 @@ fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+    /// A CPUID entry with the given registers (EAX, EBX, ECX, EDX).
+    pub(crate) fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
             function,
             index,
@@ -179,7 +180,8 @@ mod tests {
         }
     }
 
-    fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
+    /// The entry of leaf `f`, sub-leaf `i`.
+    pub(crate) fn find(c: &CpuId, f: u32, i: u32) -> kvm_cpuid_entry2 {
         *c.as_slice()
             .iter()
             .find(|e| e.function == f && e.index == i)

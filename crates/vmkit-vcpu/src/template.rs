@@ -232,19 +232,8 @@ impl FromStr for CpuTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpuid::tests::{entry, find};
     use crate::{CpuidConfig, CpuidTemplate};
-
-    fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax: regs[0],
-            ebx: regs[1],
-            ecx: regs[2],
-            edx: regs[3],
-            ..Default::default()
-        }
-    }
 
     #[test]
     fn names_round_trip() {
@@ -279,13 +268,7 @@ mod tests {
             masks: CpuTemplate::Pvm.masks(),
         };
         let c = t.for_vcpu(0, &cfg).unwrap();
-        let find = |f: u32, i: u32| {
-            *c.as_slice()
-                .iter()
-                .find(|e| e.function == f && e.index == i)
-                .unwrap()
-        };
-        let l1 = find(0x1, 0);
+        let l1 = find(&c, 0x1, 0);
         for bit in [13, 17, 23, 26, 27, 28, 30] {
             assert_eq!(l1.ecx & (1 << bit), 0, "leaf 1 ecx bit {bit}");
         }
@@ -298,7 +281,7 @@ mod tests {
             all & !(1 << 28),
             "leaf 1 edx keeps all but HTT (1 vCPU)"
         );
-        let l7 = find(0x7, 0);
+        let l7 = find(&c, 0x7, 0);
         for bit in [0, 5, 9, 10, 16, 18, 20, 31] {
             assert_eq!(l7.ebx & (1 << bit), 0, "leaf 7 ebx bit {bit}");
         }
@@ -306,8 +289,8 @@ mod tests {
         assert_eq!(l7.ecx & ((1 << 3) | (1 << 22)), 0);
         assert_eq!(l7.edx & (1 << 4), 0);
         // Only sub-leaf 0 of leaf 7 carries these bits.
-        assert_eq!(find(0x7, 1).ebx, all);
-        assert_eq!(find(0xd, 1).eax & 0b1011, 0);
+        assert_eq!(find(&c, 0x7, 1).ebx, all);
+        assert_eq!(find(&c, 0xd, 1).eax & 0b1011, 0);
         assert_eq!(
             CpuTemplate::Pvm.hidden_features().len(),
             PVM_HIDDEN.len(),
