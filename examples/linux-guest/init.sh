@@ -12,6 +12,16 @@
 # Everything here runs under an emulated guest kernel on kvm_pvm hosts (about 1 us per kernel
 # instruction), so the I/O is kept to KiB, and echo/read/case (shell built-ins) are preferred to
 # commands that fork and exec.
+# On hosts whose KVM emulates guest kernel mode (kvm_pvm), user code runs natively: its CPUID
+# and XGETBV show the host's AVX/AVX-512 and XCR0 whatever the VMM's CPU template says, while
+# the kernel, with XSAVE hidden, saves only the SSE registers on a context switch. glibc
+# (busybox-static is built on it) would pick AVX2/EVEX string functions and one process could
+# clobber another's upper vector registers (a guest `grep` once died of SIGSEGV). Tell glibc
+# not to use them, once, before anything else runs. Harmless on hardware KVM.
+if [ -z "$GLIBC_TUNABLES" ]; then
+  export GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load
+  exec /bin/sh /init
+fi
 echo "VMKIT-LINUX-READY"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -74,6 +84,8 @@ for d in /sys/bus/virtio/devices/*; do
   drv=$(ls -l "$d/driver" 2>/dev/null)
   echo "VMKIT-BOUND ${d##*/} device=$(cat "$d/device") at=$(readlink -f "$d") driver=${drv##*/}"
 done
+# The interrupts each device raised, and through what (IO-APIC pin or PCI MSI-X vector).
+grep virtio /proc/interrupts | sed 's/^ */VMKIT-IRQ /'
 dmesg | grep -E 'virtio|vda|hvc|pci 0000|PCI|ACPI: bus|PCI Root' | grep -v -e 'ommand line' -e vmkit_ | sed 's/^/VMKIT-DMESG /'
 read up idle </proc/uptime
 echo "VMKIT-LINUX-DONE uptime=$up"

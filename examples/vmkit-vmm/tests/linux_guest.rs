@@ -192,6 +192,10 @@ fn boot_and_check(
         );
     }
     assert!(text.contains("VMKIT-LINUX-DONE"), "serial:\n{text}");
+    assert!(
+        !text.contains("Segmentation fault") && !text.contains("Illegal instruction"),
+        "a guest process crashed; serial:\n{text}"
+    );
     // The 8 KiB the guest wrote (and flushed) are in the image, at the right place only.
     let image = fs::read(&s.disk).unwrap();
     assert_eq!(image.len(), DISK_SIZE);
@@ -227,6 +231,16 @@ fn boot_and_check(
     text
 }
 
+/// The interrupt counts of the guest's `/proc/interrupts` lines that name a virtio device and
+/// `chip` (e.g. "IO-APIC", "PCI-MSI"): one entry per line (the guest has one CPU).
+fn irq_counts(text: &str, chip: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("VMKIT-IRQ "))
+        .filter(|l| l.contains(chip))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .collect()
+}
+
 /// How many virtio devices sit under a sysfs parent whose path contains `parent`: where the
 /// guest found them (command line, DSDT, PCI bus).
 fn bound_under(text: &str, parent: &str) -> usize {
@@ -248,6 +262,11 @@ fn mmio_kernel_drives_virtio_mmio_devices_from_the_command_line() {
     assert!(exists(k));
     let text = boot_and_check("mmio", k, "mmio", "k", &[]);
     assert_eq!(bound_under(&text, "/virtio-mmio."), 3, "{text}");
+    // Without ACPI or an MP table the kernel runs the interrupts through the PIC (virtual
+    // wire): one PIC line per device; blk and rng requests completed through interrupts.
+    let irqs = irq_counts(&text, "XT-PIC");
+    assert_eq!(irqs.len(), 3, "{text}");
+    assert!(irqs.iter().filter(|&&n| n > 0).count() >= 2, "{text}");
 }
 
 #[test]
@@ -264,6 +283,9 @@ fn acpi_kernel_finds_virtio_mmio_devices_through_the_dsdt() {
         "command-line hints were given: {text}"
     );
     assert_eq!(bound_under(&text, "/LNRO0005:"), 3, "{text}");
+    let irqs = irq_counts(&text, "IO-APIC");
+    assert_eq!(irqs.len(), 3, "{text}");
+    assert!(irqs.iter().filter(|&&n| n > 0).count() >= 2, "{text}");
 }
 
 #[test]
@@ -279,4 +301,10 @@ fn acpi_kernel_drives_virtio_pci_devices() {
         "{text}"
     );
     assert_eq!(bound_under(&text, "/pci0000:00/0000:00:"), 3, "{text}");
+    // MSI-X: a config vector and queue vectors per device, no IOAPIC pin.
+    let msi = irq_counts(&text, "PCI-MSI");
+    assert!(msi.len() >= 6, "{text}");
+    assert!(msi.iter().filter(|&&n| n > 0).count() >= 2, "{text}");
+    let pins = irq_counts(&text, "IO-APIC");
+    assert!(pins.is_empty(), "virtio on IOAPIC pins: {pins:?}\n{text}");
 }
