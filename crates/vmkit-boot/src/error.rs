@@ -101,6 +101,9 @@ pub enum Error {
     /// The number of vCPUs cannot be described by xAPIC MADT entries.
     #[error("{0} vCPUs cannot be described in the MADT: 1 to 255 are supported")]
     InvalidCpuCount(u32),
+    /// The MP table cannot be built or written.
+    #[error("invalid MP table: {0}")]
+    InvalidMpTable(String),
     /// A DSDT device description is invalid.
     #[error("invalid DSDT device: {0}")]
     InvalidAcpiDevice(String),

@@ -5,7 +5,8 @@
 //! memory, parses the PVH note and writes the zero page / `hvm_start_info`; `acpi_tables`
 //! encodes the tables and the AML. This crate adds format detection, validation with clear
 //! errors, the guest memory layout (see [`layout`] and `docs/architecture.md`), the E820 /
-//! PVH memory map, initrd placement, and the content of the ACPI tables.
+//! PVH memory map, initrd placement, the content of the ACPI tables, and an MP table
+//! ([`create_mptable`]) for kernels without ACPI.
 //!
 //! # Example
 //!
@@ -42,6 +43,7 @@ pub mod e820;
 mod error;
 pub mod layout;
 mod loader;
+pub mod mptable;
 
 pub use acpi::{
     build_acpi_tables, create_acpi_tables, AcpiConfig, AcpiTable, DsdtDevice, IrqTrigger,
@@ -50,6 +52,7 @@ pub use acpi::{
 pub use e820::{memory_map, MemoryMapEntry, MemoryType};
 pub use error::{Error, Result};
 pub use loader::{load, BootConfig, EntryPoint, KernelFormat, LoadedKernel, ProtocolChoice};
+pub use mptable::{create_mptable, MpTableConfig};
 
 /// Re-exported so that callers can build custom DSDT devices ([`DsdtDevice::Custom`]) with
 /// the same `acpi_tables` version.
