@@ -474,6 +474,14 @@ pub fn run(args: &Args) -> Result<VmEnd, Error> {
         }
     }
     let rsdp = vmkit_boot::create_acpi_tables(&mem, &acpi)?;
+    // The same machine for kernels without ACPI: CPUs, IOAPIC, ISA wiring.
+    vmkit_boot::create_mptable(
+        &mem,
+        &vmkit_boot::MpTableConfig {
+            num_cpus: args.cpus,
+            ..Default::default()
+        },
+    )?;
     let loaded = vmkit_boot::load(
         &mem,
         &mut kernel,
