@@ -153,14 +153,6 @@ impl CpuTemplate {
         }
     }
 
-    /// The names of the features this template hides (for logs and docs).
-    pub fn hidden_features(self) -> Vec<&'static str> {
-        match self {
-            CpuTemplate::Host => Vec::new(),
-            CpuTemplate::Pvm => PVM_HIDDEN.iter().map(|f| f.name).collect(),
-        }
-    }
-
     /// The features this template hides that `effective` (the CPUID a vCPU reports with
     /// `KVM_GET_CPUID2` after `KVM_SET_CPUID2`) still shows. Empty on hardware-assisted KVM;
     /// on kvm_pvm hosts, CPUID bits outside KVM's supported set come from the host CPU and
@@ -291,11 +283,6 @@ mod tests {
         // Only sub-leaf 0 of leaf 7 carries these bits.
         assert_eq!(find(&c, 0x7, 1).ebx, all);
         assert_eq!(find(&c, 0xd, 1).eax & 0b1011, 0);
-        assert_eq!(
-            CpuTemplate::Pvm.hidden_features().len(),
-            PVM_HIDDEN.len(),
-            "one name per hidden bit"
-        );
     }
 
     #[test]
