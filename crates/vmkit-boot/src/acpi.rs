@@ -21,7 +21,8 @@ use zerocopy::little_endian::{U16, U32};
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::error::{Error, Result};
-use crate::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::layout::{ACPI_END, ACPI_START};
+use crate::{IOAPIC_ADDR32 as IOAPIC_ADDR, LAPIC_ADDR32 as LAPIC_ADDR};
 
 /// OEM ID of every table.
 pub const OEM_ID: [u8; 6] = *b"VMKIT ";

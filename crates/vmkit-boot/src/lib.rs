@@ -4,7 +4,7 @@
 //! The heavy lifting is done by rust-vmm crates: `linux-loader` reads the images into guest
 //! memory, parses the PVH note and writes the zero page / `hvm_start_info`; `acpi_tables`
 //! encodes the tables and the AML. This crate adds format detection, validation with clear
-//! errors, the guest memory layout (see [`layout`] and `docs/architecture.md`), the E820 /
+//! errors, placement by the one guest address map (`vmkit_memory::layout`), the E820 /
 //! PVH memory map, initrd placement, the content of the ACPI tables, and an MP table
 //! ([`create_mptable`]) for kernels without ACPI.
 //!
@@ -41,7 +41,6 @@
 pub mod acpi;
 pub mod e820;
 mod error;
-pub mod layout;
 mod loader;
 pub mod mptable;
 
@@ -53,6 +52,15 @@ pub use e820::{memory_map, MemoryMapEntry, MemoryType};
 pub use error::{Error, Result};
 pub use loader::{load, BootConfig, EntryPoint, KernelFormat, LoadedKernel, ProtocolChoice};
 pub use mptable::{create_mptable, MpTableConfig};
+
+use vmkit_memory::layout;
+
+/// The IOAPIC and local APIC addresses as the 32-bit fields of the ACPI and MP tables hold
+/// them.
+const IOAPIC_ADDR32: u32 = layout::IOAPIC_ADDR as u32;
+const LAPIC_ADDR32: u32 = layout::LAPIC_ADDR as u32;
+const _: () =
+    assert!(layout::LAPIC_ADDR <= u32::MAX as u64 && layout::IOAPIC_ADDR <= u32::MAX as u64);
 
 /// Re-exported so that callers can build custom DSDT devices ([`DsdtDevice::Custom`]) with
 /// the same `acpi_tables` version.

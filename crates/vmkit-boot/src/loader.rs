@@ -130,7 +130,7 @@ pub struct LoadedKernel {
 /// memory, with its command line, initrd and boot parameters (zero page with E820 map, or
 /// PVH `hvm_start_info` with module list and memory map).
 ///
-/// Addresses used: see [`crate::layout`]. The initrd goes page-aligned at the top of the RAM
+/// Addresses used: see [`vmkit_memory::layout`]. The initrd goes page-aligned at the top of the RAM
 /// region holding 1 MiB, below 0xC000_0000 (and `initrd_addr_max` for a bzImage).
 ///
 /// `GuestMemoryBackend` is vm-memory 0.18's name for the physical guest memory trait

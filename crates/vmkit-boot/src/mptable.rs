@@ -12,8 +12,9 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::layout::{ACPI_START, EBDA_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::layout::{ACPI_START, EBDA_START};
 use crate::{Error, Result};
+use crate::{IOAPIC_ADDR32 as IOAPIC_ADDR, LAPIC_ADDR32 as LAPIC_ADDR};
 
 /// Where the MP floating pointer goes: the start of the last KiB of base memory, one of the
 /// places a kernel searches. The configuration table follows it.

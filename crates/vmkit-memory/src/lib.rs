@@ -1,9 +1,13 @@
 //! Guest RAM for x86_64 KVM virtual machines.
 //!
-//! This crate does three things and nothing else:
+//! This crate does four things and nothing else:
 //!
+//! * [`layout`] is the guest physical address map: every fixed address a vmkit crate or VMM
+//!   uses (boot data, the MMIO gap and the device windows in it, interrupt assignments),
+//!   checked to be disjoint. Every other vmkit crate takes its addresses from here.
 //! * [`MemoryLayout`] splits a guest's RAM around the 32-bit MMIO gap: RAM below
-//!   [`MMIO_GAP_START`] (3 GiB), the rest above 4 GiB. Pure arithmetic, no KVM.
+//!   [`MMIO_GAP_START`](layout::MMIO_GAP_START) (3 GiB), the rest above 4 GiB. Pure
+//!   arithmetic, no KVM.
 //! * [`create_guest_memory`] maps that layout as a vm-memory [`GuestMemoryMmap`], anonymous and
 //!   `MAP_NORESERVE` (host pages are only taken when the guest touches them), optionally backed
 //!   by huge pages.
@@ -12,7 +16,8 @@
 //!
 //! ```
 //! use vm_memory::{Bytes, GuestAddress};
-//! use vmkit_memory::{create_guest_memory, MemoryConfig, MemoryLayout, MMIO_GAP_END};
+//! use vmkit_memory::layout::MMIO_GAP_END;
+//! use vmkit_memory::{create_guest_memory, MemoryConfig, MemoryLayout};
 //!
 //! // 4 GiB of RAM: 3 GiB below the MMIO gap, 1 GiB above 4 GiB.
 //! let layout = MemoryLayout::new(4 << 30).unwrap();
@@ -33,12 +38,8 @@ mod kvm;
 #[cfg(feature = "kvm")]
 pub use kvm::{register_memory_slots, MemorySlots};
 
-/// Start of the 32-bit MMIO gap: no RAM between here and [`MMIO_GAP_END`].
-pub const MMIO_GAP_START: u64 = 0xC000_0000;
-/// End (exclusive) of the 32-bit MMIO gap: 4 GiB, where high RAM starts.
-pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
-/// Size of a guest page; RAM sizes are multiples of it.
-pub const PAGE_SIZE: u64 = 4096;
+pub mod layout;
+use layout::{MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
 /// The smallest guest this crate lays out: 1 MiB (real mode memory and nothing else).
 pub const MIN_MEMORY: u64 = 1 << 20;
 /// The largest guest RAM: 1 TiB above 4 GiB keeps every address under 41 bits, within the
@@ -56,7 +57,7 @@ pub enum Error {
     /// The requested size is above [`MAX_MEMORY`].
     #[error("guest memory of {0} bytes is too large: at most {MAX_MEMORY} bytes (1 TiB)")]
     TooLarge(u64),
-    /// The requested size is not a multiple of [`PAGE_SIZE`].
+    /// The requested size is not a multiple of [`PAGE_SIZE`](layout::PAGE_SIZE).
     #[error("guest memory of {0} bytes is not a multiple of the 4 KiB page size")]
     Unaligned(u64),
     /// The size does not fit in the host's address space (`usize`).
@@ -114,7 +115,7 @@ pub struct MemoryLayout {
 
 impl MemoryLayout {
     /// Lays out `size` bytes of RAM: up to [`MMIO_GAP_START`] from address 0, the rest from
-    /// [`MMIO_GAP_END`].
+    /// [`MMIO_GAP_END`] (both in [`layout`]).
     pub fn new(size: u64) -> Result<Self> {
         if size < MIN_MEMORY {
             return Err(Error::TooSmall(size));

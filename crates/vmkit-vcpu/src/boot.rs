@@ -6,35 +6,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::{Error, Result};
 
-/// Where the GDT for the entry state is written.
-pub const GDT_ADDR: u64 = 0x500;
-/// Where the (empty) IDT for 64-bit entry is written.
-pub const IDT_ADDR: u64 = 0x520;
-/// PML4 of the identity page tables for 64-bit entry; the PDPT and PD follow at +4 KiB and
-/// +8 KiB.
-pub const PML4_ADDR: u64 = 0x9000;
-/// Initial stack pointer for 64-bit Linux entry (below the page tables, as in the boot
-/// protocol's examples).
-pub const BOOT_STACK: u64 = 0x8ff0;
-
-/// How the vCPU enters the guest.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EntryState {
-    /// Linux 64-bit boot protocol: long mode, identity-mapped first GiB, `rsi` = zero page.
-    Linux64 {
-        /// `startup_64` (for a bzImage: load address + 0x200).
-        entry: GuestAddress,
-        /// The zero page (`struct boot_params`).
-        boot_params: GuestAddress,
-    },
-    /// PVH: 32-bit protected mode, paging off, `ebx` = `hvm_start_info`.
-    Pvh {
-        /// The PVH entry from the ELF note.
-        entry: GuestAddress,
-        /// The `hvm_start_info` structure.
-        start_info: GuestAddress,
-    },
-}
+use vmkit_boot::EntryPoint;
+use vmkit_memory::layout::{BOOT_STACK, GDT_ADDR, GDT_SIZE, IDT_ADDR, PAGE_SIZE, PML4_ADDR};
 
 const CR0_PE: u64 = 1;
 const CR0_ET: u64 = 1 << 4;
@@ -77,7 +50,8 @@ fn segment(entry: u64, index: u16) -> kvm_segment {
     }
 }
 
-fn write_gdt<M: GuestMemoryBackend>(mem: &M, gdt: &[u64]) -> Result<()> {
+fn write_gdt<M: GuestMemoryBackend>(mem: &M, gdt: &[u64; 4]) -> Result<()> {
+    const _: () = assert!(std::mem::size_of::<[u64; 4]>() as u64 <= GDT_SIZE);
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))
             .map_err(|_| Error::GuestMemory("GDT"))?;
@@ -87,8 +61,8 @@ fn write_gdt<M: GuestMemoryBackend>(mem: &M, gdt: &[u64]) -> Result<()> {
 
 /// Identity-maps the first GiB with 2 MiB pages at [`PML4_ADDR`].
 fn write_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<()> {
-    let pdpt = PML4_ADDR + 0x1000;
-    let pd = PML4_ADDR + 0x2000;
+    let pdpt = PML4_ADDR + PAGE_SIZE;
+    let pd = PML4_ADDR + 2 * PAGE_SIZE;
     let err = |_| Error::GuestMemory("page tables");
     // Present | writable.
     mem.write_obj(pdpt | 0x3, GuestAddress(PML4_ADDR))
@@ -103,14 +77,14 @@ fn write_page_tables<M: GuestMemoryBackend>(mem: &M) -> Result<()> {
 }
 
 /// Sets registers, segments and (for 64-bit entry) page tables for the boot vCPU.
-pub fn setup_entry<M: GuestMemoryBackend>(vcpu: &VcpuFd, mem: &M, state: EntryState) -> Result<()> {
+pub fn setup_entry<M: GuestMemoryBackend>(vcpu: &VcpuFd, mem: &M, entry: EntryPoint) -> Result<()> {
     let mut sregs = vcpu.get_sregs().map_err(Error::Sregs)?;
     let mut regs = kvm_regs {
         rflags: 0x2,
         ..Default::default()
     };
-    match state {
-        EntryState::Linux64 { entry, boot_params } => {
+    match entry {
+        EntryPoint::Linux64 { entry, boot_params } => {
             let gdt = [
                 gdt_entry(0, 0, 0),
                 gdt_entry(0xa09b, 0, 0xfffff), // 64-bit code
@@ -133,7 +107,7 @@ pub fn setup_entry<M: GuestMemoryBackend>(vcpu: &VcpuFd, mem: &M, state: EntrySt
             regs.rbp = BOOT_STACK;
             regs.rsi = boot_params.0;
         }
-        EntryState::Pvh { entry, start_info } => {
+        EntryPoint::Pvh { entry, start_info } => {
             let gdt = [
                 gdt_entry(0, 0, 0),
                 gdt_entry(0xc09b, 0, 0xfffff), // 32-bit code

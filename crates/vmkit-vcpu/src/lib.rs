@@ -5,7 +5,8 @@
 //!   [`CpuidMask`]s to hide features; [`CpuTemplate`]s are named sets of them, with the CR4
 //!   bits to keep clear ([`restrict_cr4`]) and a `clearcpuid=` fallback for hosts whose KVM
 //!   does not honour a mask ([`CpuTemplate::linux_clearcpuid`]).
-//! * [`setup_entry`] with an [`EntryState`]: 64-bit long mode for Linux bzImage/ELF (GDT,
+//! * [`setup_entry`] with the loader's [`EntryPoint`](vmkit_boot::EntryPoint), at the
+//!   addresses of the one guest address map (`vmkit_memory::layout`): 64-bit long mode for Linux bzImage/ELF (GDT,
 //!   identity page tables, `rsi` = zero page) or 32-bit protected mode for PVH (`ebx` =
 //!   `hvm_start_info`); [`setup_msrs`], [`setup_fpu`], [`setup_lint`] (LINT0 ExtINT, LINT1 NMI).
 //! * [`Vcpu::run`]: dispatches port and MMIO exits to a [`VcpuExitHandler`] (the VMM's buses;
@@ -19,9 +20,10 @@
 //! use kvm_ioctls::Kvm;
 //! use vm_memory::GuestAddress;
 //! use vmkit_vcpu::{
-//!     install_kick_handler, setup_entry, CpuidConfig, CpuidTemplate, EntryState, Vcpu,
-//!     VcpuControl, VcpuExitHandler,
+//!     install_kick_handler, setup_entry, CpuidConfig, CpuidTemplate, Vcpu, VcpuControl,
+//!     VcpuExitHandler,
 //! };
+//! use vmkit_boot::EntryPoint;
 //!
 //! struct NoDevices;
 //! impl VcpuExitHandler for NoDevices {
@@ -40,7 +42,7 @@
 //! let cfg = CpuidConfig { num_cpus: 1, masks: vec![] };
 //! let mut vcpu = Vcpu::new(vm.create_vcpu(0)?, 0);
 //! vcpu.fd().set_cpuid2(&template.for_vcpu(0, &cfg)?)?;
-//! setup_entry(vcpu.fd(), &mem, EntryState::Pvh {
+//! setup_entry(vcpu.fd(), &mem, EntryPoint::Pvh {
 //!     entry: GuestAddress(0x10_0000),
 //!     start_info: GuestAddress(0x6000),
 //! })?;
@@ -56,10 +58,7 @@ mod cpuid;
 mod run;
 mod template;
 
-pub use boot::{
-    restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs, EntryState, BOOT_STACK, GDT_ADDR,
-    IDT_ADDR, PML4_ADDR,
-};
+pub use boot::{restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs};
 pub use cpuid::{CpuidConfig, CpuidMask, CpuidReg, CpuidTemplate};
 pub use run::{
     install_kick_handler, kick, kick_signal, Vcpu, VcpuControl, VcpuExitHandler, VcpuStats,

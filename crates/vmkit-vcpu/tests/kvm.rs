@@ -79,7 +79,7 @@ fn vm_with_code(code: &[u8]) -> (kvm_ioctls::VmFd, Vcpu, GuestMemoryMmap) {
     setup_entry(
         &fd,
         &mem,
-        EntryState::Pvh {
+        vmkit_boot::EntryPoint::Pvh {
             entry: GuestAddress(0x1000),
             start_info: GuestAddress(0x6000),
         },
@@ -250,7 +250,7 @@ fn pvm_template_reaches_the_vcpu_and_keeps_cr4_consistent() {
     setup_entry(
         &fd,
         &mem,
-        EntryState::Linux64 {
+        vmkit_boot::EntryPoint::Linux64 {
             entry: GuestAddress(0x1000),
             boot_params: GuestAddress(0x7000),
         },
