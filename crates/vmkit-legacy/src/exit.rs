@@ -1,55 +1,67 @@
-//! How devices tell the VMM the guest wants to power off or reset.
+//! How a VM ends: the one reason type every exit path reports (devices, vCPUs, the VMM),
+//! and the notifier that collects the first one.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Mutex;
 
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::error::{Error, Result};
 
-/// Why the guest asked to leave.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Why the VM ends.
+///
+/// Devices report the guest's own requests ([`PowerOff`](Self::PowerOff),
+/// [`Reset`](Self::Reset)); a VMM maps what its vCPUs report (KVM system events, errors)
+/// to the others, once, where it runs them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ExitReason {
-    /// ACPI S5 (soft off).
+    /// The guest powered off (ACPI S5, or a KVM power-off event).
     PowerOff,
-    /// A platform reset (i8042 pulse of the reset line, ACPI reset register).
+    /// The guest reset the machine (i8042 pulse of the reset line, ACPI reset register,
+    /// triple fault).
     Reset,
+    /// The guest reported a crash (a KVM crash event).
+    Crash,
+    /// The VM cannot go on: a vCPU or the VMM failed; the message says how.
+    Failed(String),
 }
 
-/// Receives the guest's power-off and reset requests.
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::PowerOff => f.write_str("power-off"),
+            ExitReason::Reset => f.write_str("reset"),
+            ExitReason::Crash => f.write_str("the guest crashed"),
+            ExitReason::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl ExitReason {
+    /// Whether the guest asked for this end itself (power-off or reset), as opposed to a
+    /// crash or a failure.
+    pub fn is_guest_request(&self) -> bool {
+        matches!(self, ExitReason::PowerOff | ExitReason::Reset)
+    }
+}
+
+/// Receives the reasons a VM ends.
 ///
-/// Called on the vCPU thread that made the request, while the device's lock is held: it
-/// must be quick and must not touch the device or the bus, nor wait for vCPUs. Record
-/// the reason and wake the VMM's event loop (what [`EventFdExit`] does), and let the loop
-/// stop the vCPUs. The guest keeps running until then (Linux typically tries the next
+/// Devices call it on the vCPU thread that made the request, while the device's lock is
+/// held: it must be quick and must not touch the device or the bus, nor wait for vCPUs.
+/// Record the reason and wake the VMM's event loop (what [`EventFdExit`] does), and let the
+/// loop stop the vCPUs. The guest keeps running until then (Linux typically tries the next
 /// reboot method), so a notifier may be called several times.
 ///
 /// Implemented for closures `Fn(ExitReason) + Send + Sync`.
 pub trait ExitNotifier: Send + Sync {
-    /// The guest asked for `reason`.
+    /// The VM should end for `reason`.
     fn notify_exit(&self, reason: ExitReason);
 }
 
 impl<F: Fn(ExitReason) + Send + Sync> ExitNotifier for F {
     fn notify_exit(&self, reason: ExitReason) {
         self(reason)
-    }
-}
-
-const NO_REASON: u8 = 0;
-
-fn encode(reason: ExitReason) -> u8 {
-    match reason {
-        ExitReason::PowerOff => 1,
-        ExitReason::Reset => 2,
-    }
-}
-
-fn decode(v: u8) -> Option<ExitReason> {
-    match v {
-        1 => Some(ExitReason::PowerOff),
-        2 => Some(ExitReason::Reset),
-        _ => None,
     }
 }
 
@@ -60,7 +72,7 @@ fn decode(v: u8) -> Option<ExitReason> {
 #[derive(Debug)]
 pub struct EventFdExit {
     fd: EventFd,
-    reason: AtomicU8,
+    reason: Mutex<Option<ExitReason>>,
 }
 
 impl EventFdExit {
@@ -72,7 +84,7 @@ impl EventFdExit {
     pub fn new() -> Result<Self> {
         Ok(Self {
             fd: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
-            reason: AtomicU8::new(NO_REASON),
+            reason: Mutex::new(None),
         })
     }
 
@@ -81,26 +93,25 @@ impl EventFdExit {
         &self.fd
     }
 
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<ExitReason>> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The first reason notified since creation or the last [`take_reason`](Self::take_reason).
     pub fn reason(&self) -> Option<ExitReason> {
-        decode(self.reason.load(Ordering::Acquire))
+        self.slot().clone()
     }
 
     /// Returns the recorded reason and clears it (for a VMM that resets the VM and runs on).
     pub fn take_reason(&self) -> Option<ExitReason> {
-        decode(self.reason.swap(NO_REASON, Ordering::AcqRel))
+        self.slot().take()
     }
 }
 
 impl ExitNotifier for EventFdExit {
     fn notify_exit(&self, reason: ExitReason) {
-        // The first request wins: it is the one the VMM acts on.
-        let _ = self.reason.compare_exchange(
-            NO_REASON,
-            encode(reason),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        // The first reason wins: it is the one the VMM acts on.
+        self.slot().get_or_insert(reason);
         // Fails only when the counter would overflow, i.e. the VMM already has a wakeup
         // pending: nothing is lost.
         let _ = self.fd.write(1);
@@ -133,7 +144,7 @@ impl Trigger for ExitTrigger {
     type E = std::convert::Infallible;
 
     fn trigger(&self) -> std::result::Result<(), Self::E> {
-        self.notifier.notify_exit(self.reason);
+        self.notifier.notify_exit(self.reason.clone());
         Ok(())
     }
 }
@@ -155,6 +166,12 @@ mod tests {
         assert_eq!(exit.reason(), None);
         exit.notify_exit(ExitReason::PowerOff);
         assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
+        exit.notify_exit(ExitReason::Failed("vCPU 1: KVM_RUN failed".into()));
+        assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
+        assert_eq!(exit.take_reason(), Some(ExitReason::PowerOff));
+        exit.notify_exit(ExitReason::Failed("vCPU 1: KVM_RUN failed".into()));
+        assert_eq!(exit.reason().unwrap().to_string(), "vCPU 1: KVM_RUN failed");
+        assert!(!exit.reason().unwrap().is_guest_request());
     }
 
     #[test]
