@@ -24,7 +24,7 @@ impl DevicePio for Counter {
 }
 
 fn main() {
-    let mut bus = IoBus::new();
+    let bus = IoBus::new();
     for (base, len) in [
         (0x60, 5),
         (0x3F8, 8),

@@ -3,8 +3,9 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::RangeInclusive;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use vm_device::bus::BusManager;
 use vm_device::bus::{self as vmd_bus, MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
@@ -66,12 +67,19 @@ pub fn mmio_range(base: u64, len: u64) -> Result<MmioRange> {
 /// The PIO and MMIO buses of a VM: vm-device's [`IoManager`] with errors that name the
 /// ranges involved and dispatch that reports unmapped accesses instead of failing.
 ///
-/// Register the devices with `&mut self` while building the VM, then share the bus
-/// between the vCPU threads as an `Arc<IoBus>`: dispatch takes `&self` and takes no lock
-/// of its own (the lookup is a `BTreeMap` range search in vm-device, with no allocation);
-/// the only locks on the path are the devices' own (the `Mutex` of a `MutDevicePio`).
+/// Share it between the vCPU threads and whoever moves devices as an `Arc<IoBus>`: both
+/// dispatch and (de)registration take `&self`. Dispatch looks the range up under a read
+/// lock (a `BTreeMap` range search in vm-device, no allocation), takes a reference to the
+/// device and lets go of the lock before calling it, so a device may itself register or
+/// deregister ranges (a PCI function whose BAR the guest moves) while being called. The only
+/// lock held while a device runs is the device's own (the `Mutex` of a `MutDevicePio`).
 #[derive(Default)]
 pub struct IoBus {
+    inner: RwLock<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
     io: IoManager,
     // Registered ranges, base -> last. Only read on registration, to name the range a new
     // one overlaps (vm-device's error does not say which); dispatch never touches them.
@@ -89,9 +97,10 @@ impl fmt::Debug for IoBus {
                     .finish()
             }
         }
+        let inner = self.read();
         f.debug_struct("IoBus")
-            .field("pio", &Ranges(&self.pio_ranges))
-            .field("mmio", &Ranges(&self.mmio_ranges))
+            .field("pio", &Ranges(&inner.pio_ranges))
+            .field("mmio", &Ranges(&inner.mmio_ranges))
             .finish()
     }
 }
@@ -113,6 +122,16 @@ impl IoBus {
         Self::default()
     }
 
+    // A device panicking while the bus was locked cannot leave the maps half-updated (every
+    // update is one insert or remove), so a poisoned lock is taken over.
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Registers `device` for the ports of `range`.
     ///
     /// The device sees accesses as `(base of range, offset into range, data)`. Ranges are
@@ -121,13 +140,16 @@ impl IoBus {
     /// # Errors
     ///
     /// [`Error::Overlap`] naming the registered range if `range` shares a port with it.
-    pub fn register_pio(&mut self, range: PioRange, device: PioDevice) -> Result<()> {
+    pub fn register_pio(&self, range: PioRange, device: PioDevice) -> Result<()> {
         let (base, last) = (u64::from(range.base().0), u64::from(range.last().0));
-        check_free(BusKind::Pio, &self.pio_ranges, base, last)?;
-        self.io
+        let mut inner = self.write();
+        check_free(BusKind::Pio, &inner.pio_ranges, base, last)?;
+        let inner = &mut *inner;
+        inner
+            .io
             .register_pio(range, device)
-            .map_err(|e| refused(BusKind::Pio, &self.pio_ranges, base, last, e))?;
-        self.pio_ranges.insert(base, last);
+            .map_err(|e| refused(BusKind::Pio, &inner.pio_ranges, base, last, e))?;
+        inner.pio_ranges.insert(base, last);
         Ok(())
     }
 
@@ -136,39 +158,70 @@ impl IoBus {
     /// # Errors
     ///
     /// [`Error::Overlap`] naming the registered range if `range` shares an address with it.
-    pub fn register_mmio(&mut self, range: MmioRange, device: MmioDevice) -> Result<()> {
+    pub fn register_mmio(&self, range: MmioRange, device: MmioDevice) -> Result<()> {
         let (base, last) = (range.base().0, range.last().0);
-        check_free(BusKind::Mmio, &self.mmio_ranges, base, last)?;
-        self.io
+        let mut inner = self.write();
+        check_free(BusKind::Mmio, &inner.mmio_ranges, base, last)?;
+        let inner = &mut *inner;
+        inner
+            .io
             .register_mmio(range, device)
-            .map_err(|e| refused(BusKind::Mmio, &self.mmio_ranges, base, last, e))?;
-        self.mmio_ranges.insert(base, last);
+            .map_err(|e| refused(BusKind::Mmio, &inner.mmio_ranges, base, last, e))?;
+        inner.mmio_ranges.insert(base, last);
         Ok(())
     }
 
     /// Removes the device whose range contains `port`, returning the range and the device.
-    pub fn deregister_pio(&mut self, port: u16) -> Option<(PioRange, PioDevice)> {
-        let (range, device) = self.io.deregister_pio(PioAddress(port))?;
-        self.pio_ranges.remove(&u64::from(range.base().0));
+    pub fn deregister_pio(&self, port: u16) -> Option<(PioRange, PioDevice)> {
+        let mut inner = self.write();
+        let (range, device) = inner.io.deregister_pio(PioAddress(port))?;
+        inner.pio_ranges.remove(&u64::from(range.base().0));
         Some((range, device))
     }
 
     /// Removes the device whose range contains `addr`, returning the range and the device.
-    pub fn deregister_mmio(&mut self, addr: u64) -> Option<(MmioRange, MmioDevice)> {
-        let (range, device) = self.io.deregister_mmio(MmioAddress(addr))?;
-        self.mmio_ranges.remove(&range.base().0);
+    pub fn deregister_mmio(&self, addr: u64) -> Option<(MmioRange, MmioDevice)> {
+        let mut inner = self.write();
+        let (range, device) = inner.io.deregister_mmio(MmioAddress(addr))?;
+        inner.mmio_ranges.remove(&range.base().0);
         Some((range, device))
     }
 
     /// The registered PIO ranges (inclusive), in address order.
-    pub fn pio_ranges(&self) -> impl Iterator<Item = RangeInclusive<u16>> + '_ {
+    pub fn pio_ranges(&self) -> Vec<RangeInclusive<u16>> {
         // The map only holds ranges built from u16 ports.
-        self.pio_ranges.iter().map(|(&b, &l)| b as u16..=l as u16)
+        self.read()
+            .pio_ranges
+            .iter()
+            .map(|(&b, &l)| b as u16..=l as u16)
+            .collect()
     }
 
     /// The registered MMIO ranges (inclusive), in address order.
-    pub fn mmio_ranges(&self) -> impl Iterator<Item = RangeInclusive<u64>> + '_ {
-        self.mmio_ranges.iter().map(|(&b, &l)| b..=l)
+    pub fn mmio_ranges(&self) -> Vec<RangeInclusive<u64>> {
+        self.read()
+            .mmio_ranges
+            .iter()
+            .map(|(&b, &l)| b..=l)
+            .collect()
+    }
+
+    /// The PIO device whose range covers all of `port..port + len`, with its range's base.
+    #[inline]
+    fn pio_target(&self, port: u16, len: usize) -> Option<(PioAddress, PioDevice)> {
+        let inner = self.read();
+        let bus = BusManager::<PioAddress>::bus(&inner.io);
+        let (range, device) = bus.check_access(PioAddress(port), len).ok()?;
+        Some((range.base(), device.clone()))
+    }
+
+    /// The MMIO device whose range covers all of `addr..addr + len`, with its range's base.
+    #[inline]
+    fn mmio_target(&self, addr: u64, len: usize) -> Option<(MmioAddress, MmioDevice)> {
+        let inner = self.read();
+        let bus = BusManager::<MmioAddress>::bus(&inner.io);
+        let (range, device) = bus.check_access(MmioAddress(addr), len).ok()?;
+        Some((range.base(), device.clone()))
     }
 
     /// Dispatches a guest read of `data.len()` bytes from `port`.
@@ -177,18 +230,24 @@ impl IoBus {
     /// returns on a PC.
     #[inline]
     pub fn pio_read(&self, port: u16, data: &mut [u8]) -> Access {
-        match PioManager::pio_read(&self.io, PioAddress(port), data) {
-            Ok(()) => Access::Handled,
-            Err(_) => unmapped_read(data),
+        match self.pio_target(port, data.len()) {
+            Some((base, device)) => {
+                device.pio_read(base, port - base.0, data);
+                Access::Handled
+            }
+            None => unmapped_read(data),
         }
     }
 
     /// Dispatches a guest write of `data` to `port`.
     #[inline]
     pub fn pio_write(&self, port: u16, data: &[u8]) -> Access {
-        match PioManager::pio_write(&self.io, PioAddress(port), data) {
-            Ok(()) => Access::Handled,
-            Err(_) => Access::Unmapped,
+        match self.pio_target(port, data.len()) {
+            Some((base, device)) => {
+                device.pio_write(base, port - base.0, data);
+                Access::Handled
+            }
+            None => Access::Unmapped,
         }
     }
 
@@ -198,18 +257,24 @@ impl IoBus {
     /// reads).
     #[inline]
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> Access {
-        match MmioManager::mmio_read(&self.io, MmioAddress(addr), data) {
-            Ok(()) => Access::Handled,
-            Err(_) => unmapped_read(data),
+        match self.mmio_target(addr, data.len()) {
+            Some((base, device)) => {
+                device.mmio_read(base, addr - base.0, data);
+                Access::Handled
+            }
+            None => unmapped_read(data),
         }
     }
 
     /// Dispatches a guest write of `data` at `addr`.
     #[inline]
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> Access {
-        match MmioManager::mmio_write(&self.io, MmioAddress(addr), data) {
-            Ok(()) => Access::Handled,
-            Err(_) => Access::Unmapped,
+        match self.mmio_target(addr, data.len()) {
+            Some((base, device)) => {
+                device.mmio_write(base, addr - base.0, data);
+                Access::Handled
+            }
+            None => Access::Unmapped,
         }
     }
 }
@@ -312,6 +377,64 @@ mod tests {
         dev.lock().unwrap().log.clone()
     }
 
+    /// A device that moves its own range on a write: what a PCI function does when the
+    /// guest reprograms its BAR through a register of that very BAR's device.
+    struct Mover {
+        bus: std::sync::Weak<IoBus>,
+        writes: std::sync::atomic::AtomicU64,
+    }
+
+    impl vm_device::DeviceMmio for Mover {
+        fn mmio_read(&self, _: MmioAddress, _: MmioAddressOffset, data: &mut [u8]) {
+            data.fill(7);
+        }
+        fn mmio_write(&self, base: MmioAddress, _: MmioAddressOffset, data: &[u8]) {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let Some(bus) = self.bus.upgrade() else {
+                return;
+            };
+            let new = u64::from(data[0]) << 12;
+            let (_, me) = bus.deregister_mmio(base.0).expect("registered");
+            bus.register_mmio(mmio_range(new, 0x1000).unwrap(), me)
+                .expect("free");
+        }
+    }
+
+    #[test]
+    fn a_device_can_move_its_own_range_while_being_called() {
+        let bus = Arc::new(IoBus::new());
+        let mover = Arc::new(Mover {
+            bus: Arc::downgrade(&bus),
+            writes: Default::default(),
+        });
+        bus.register_mmio(mmio_range(0x1000, 0x1000).unwrap(), mover.clone())
+            .unwrap();
+        // Called at 0x1000, it moves itself to 0x5000 (no deadlock on the bus lock).
+        assert!(bus.mmio_write(0x1004, &[5]).is_handled());
+        assert_eq!(bus.mmio_ranges(), vec![0x5000..=0x5FFF]);
+        let mut b = [0u8];
+        assert_eq!(bus.mmio_read(0x1004, &mut b), Access::Unmapped);
+        assert!(bus.mmio_read(0x5004, &mut b).is_handled());
+        assert_eq!(b, [7]);
+        // And from several threads at once, each move lands (no lost registration).
+        let threads: Vec<_> = (0..2)
+            .map(|t| {
+                let bus = bus.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        let mut b = [0u8];
+                        let _ = bus.mmio_read(0x5000 + t, &mut b);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(mover.writes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn bus_is_send_sync() {
         fn check<T: Send + Sync>() {}
@@ -321,7 +444,7 @@ mod tests {
 
     #[test]
     fn pio_overlap_rejected_both_directions_adjacent_accepted() {
-        let mut bus = IoBus::new();
+        let bus = IoBus::new();
         bus.register_pio(pio_range(0x3F8, 8).unwrap(), Recorder::new(1))
             .unwrap();
 
@@ -363,14 +486,14 @@ mod tests {
         bus.register_pio(pio_range(0x400, 1).unwrap(), Recorder::new(4))
             .unwrap();
         assert_eq!(
-            bus.pio_ranges().collect::<Vec<_>>(),
+            bus.pio_ranges(),
             vec![0x3F0..=0x3F7, 0x3F8..=0x3FF, 0x400..=0x400]
         );
     }
 
     #[test]
     fn mmio_overlap_rejected_both_directions_adjacent_accepted() {
-        let mut bus = IoBus::new();
+        let bus = IoBus::new();
         bus.register_mmio(mmio_range(0xD000_0000, 0x1000).unwrap(), Recorder::new(1))
             .unwrap();
         for (base, len) in [(0xCFFF_F000, 0x1001), (0xD000_0FFF, 0x1000), (0, u64::MAX)] {
@@ -390,7 +513,7 @@ mod tests {
             .unwrap();
         bus.register_mmio(mmio_range(0xD000_1000, 0x1000).unwrap(), Recorder::new(4))
             .unwrap();
-        assert_eq!(bus.mmio_ranges().count(), 3);
+        assert_eq!(bus.mmio_ranges().len(), 3);
     }
 
     #[test]
@@ -411,7 +534,7 @@ mod tests {
 
     #[test]
     fn pio_dispatch_reaches_the_right_device_with_offset() {
-        let mut bus = IoBus::new();
+        let bus = IoBus::new();
         let com1 = Recorder::new(1);
         let next = Recorder::new(2);
         bus.register_pio(pio_range(0x3F8, 8).unwrap(), com1.clone())
@@ -442,7 +565,7 @@ mod tests {
 
     #[test]
     fn mmio_dispatch_reaches_the_right_device_with_offset() {
-        let mut bus = IoBus::new();
+        let bus = IoBus::new();
         let a = Recorder::new(1);
         let b = Recorder::new(2);
         bus.register_mmio(mmio_range(0xD000_0000, 0x1000).unwrap(), a.clone())
@@ -470,7 +593,7 @@ mod tests {
 
     #[test]
     fn unmapped_access_reported_and_reads_float_high() {
-        let mut bus = IoBus::new();
+        let bus = IoBus::new();
         let dev = Recorder::new(1);
         bus.register_pio(pio_range(0x3F8, 8).unwrap(), dev.clone())
             .unwrap();
@@ -497,7 +620,7 @@ mod tests {
     fn access_spanning_a_range_boundary_is_unmapped() {
         // vm-device's `check_access`: the whole access must fit in one registered range;
         // it is never split across ranges, not even adjacent ones of the same device.
-        let mut bus = IoBus::new();
+        let bus = IoBus::new();
         let a = Recorder::new(1);
         let b = Recorder::new(2);
         bus.register_pio(pio_range(0x10, 4).unwrap(), a.clone())
@@ -525,7 +648,7 @@ mod tests {
 
     #[test]
     fn deregister_frees_the_range() {
-        let mut bus = IoBus::new();
+        let bus = IoBus::new();
         bus.register_pio(pio_range(0x60, 5).unwrap(), Recorder::new(1))
             .unwrap();
         let (range, _dev) = bus.deregister_pio(0x62).unwrap();
@@ -538,14 +661,14 @@ mod tests {
         bus.register_mmio(mmio_range(0xD000_0000, 0x1000).unwrap(), Recorder::new(1))
             .unwrap();
         assert!(bus.deregister_mmio(0xD000_0FFF).is_some());
-        assert_eq!(bus.mmio_ranges().count(), 0);
+        assert_eq!(bus.mmio_ranges().len(), 0);
         bus.register_mmio(mmio_range(0xD000_0000, 0x2000).unwrap(), Recorder::new(1))
             .unwrap();
     }
 
     #[test]
     fn shared_between_threads() {
-        let mut bus = IoBus::new();
+        let bus = IoBus::new();
         let dev = Recorder::new(7);
         bus.register_pio(pio_range(0x80, 1).unwrap(), dev.clone())
             .unwrap();

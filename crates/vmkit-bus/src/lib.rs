@@ -4,8 +4,10 @@
 //! - [`IoBus`]: vm-device's `IoManager` (a `BTreeMap` of ranges per bus, overlap-checked on
 //!   registration) with errors that name the range a new one overlaps, and dispatch that
 //!   reports an access no device handles as [`Access::Unmapped`] (reads float to `0xFF`)
-//!   instead of an error. Register while building the VM; share as `Arc<IoBus>` with the
-//!   vCPU threads: dispatch is `&self`, lock-free and allocation-free.
+//!   instead of an error. Share it as `Arc<IoBus>` between the vCPU threads and whatever
+//!   moves devices at run time (PCI BARs): dispatch and registration are both `&self`;
+//!   dispatch holds the bus's read lock only for the range lookup, never while a device
+//!   runs, and allocates nothing.
 //! - [`MmioAllocator`]: device MMIO ranges of a size and alignment from a window.
 //! - [`GsiAllocator`]: interrupt lines (GSIs) from a range.
 //!
@@ -42,7 +44,7 @@
 //! }
 //!
 //! # fn main() -> Result<(), vmkit_bus::Error> {
-//! let mut bus = IoBus::new();
+//! let bus = IoBus::new();
 //! let mut mmio = MmioAllocator::new(0xD000_0000..0xFEC0_0000)?;
 //! let mut gsis = GsiAllocator::new(5..=23)?;
 //!
