@@ -7,7 +7,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 
-use crate::{EventFdLine, IOAPIC_PINS};
+use crate::{EventFdLine, MsiMessage, IOAPIC_PINS};
 
 /// Errors of the KVM side of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -106,15 +106,6 @@ impl Irqchip {
             .map_err(|source| Error::Irqfd { gsi, source })?;
         Ok(line)
     }
-}
-
-/// An MSI message: what a device writes, where.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MsiMessage {
-    /// The 64-bit message address.
-    pub address: u64,
-    /// The message data.
-    pub data: u32,
 }
 
 /// A GSI routing table (`KVM_SET_GSI_ROUTING`), kept in the VMM because KVM only takes whole
