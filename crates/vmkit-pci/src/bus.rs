@@ -1,12 +1,13 @@
-//! The root bus: devices, configuration access through ports and ECAM, BAR routing and
-//! validated relocation.
+//! The root bus: devices, configuration access through ports and ECAM, and BARs mapped on
+//! the VM's bus where their registers say, when the place is acceptable.
 
 use std::fmt;
 use std::ops::RangeInclusive;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
-use vm_device::{MutDeviceMmio, MutDevicePio};
+use vm_device::{DeviceMmio, MutDeviceMmio, MutDevicePio};
+use vmkit_bus::{mmio_range, pio_range, IoBus};
 
 use crate::config::{
     offsets, ConfigSpace, PciBar, PciIds, COMMAND_MEMORY_SPACE, CONFIG_SPACE_SIZE,
@@ -42,10 +43,6 @@ pub trait PciDevice: Send {
     /// BAR `index` (0–5) as defined and as its registers hold it now; `None` for an
     /// undefined BAR or the upper half of a 64-bit one.
     fn bar(&self, index: usize) -> Option<PciBar>;
-
-    /// Sets BAR `index`'s registers to `address`: the bus calls it to undo a move it
-    /// refused.
-    fn set_bar_address(&mut self, index: usize, address: u64);
 
     /// The bus mapped BAR `index` at `new` (`None`: unmapped), having had it at `old`. The
     /// default does nothing; a device that gives out absolute addresses (ioeventfds) may
@@ -113,42 +110,26 @@ impl BarValidator for ForbiddenRanges {
     }
 }
 
-/// A change of a BAR's mapping, as the bus reports it.
+/// A change of a BAR's mapping, as the bus reports it: the BAR is now mapped at `new`
+/// (`None`: unmapped — memory decoding off, or its register holds an address the bus
+/// refuses), having been at `old`. Accesses go there already; absolute-address resources
+/// (KVM ioeventfds on the device's notify registers) must move.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BarEvent {
-    /// The BAR is now mapped at `new` (`None`: unmapped, memory decoding off), having been
-    /// at `old`. Accesses are routed there already; absolute-address resources (KVM
-    /// ioeventfds on the device's notify registers) must move.
-    Moved {
-        /// The function.
-        bdf: Bdf,
-        /// The BAR.
-        bar: PciBar,
-        /// Its previous mapping.
-        old: Option<u64>,
-        /// Its new mapping.
-        new: Option<u64>,
-    },
-    /// The guest tried to put the BAR at `refused`; the bus kept the old mapping `kept` and
-    /// set the BAR registers back to it (if it had one).
-    Refused {
-        /// The function.
-        bdf: Bdf,
-        /// The BAR (with the refused address).
-        bar: PciBar,
-        /// Where the guest wanted it.
-        refused: u64,
-        /// Where it stays.
-        kept: Option<u64>,
-        /// Why.
-        reason: String,
-    },
+pub struct BarEvent {
+    /// The function.
+    pub bdf: Bdf,
+    /// The BAR, with the address its registers hold.
+    pub bar: PciBar,
+    /// Its previous mapping.
+    pub old: Option<u64>,
+    /// Its new mapping.
+    pub new: Option<u64>,
 }
 
 /// Told about every [`BarEvent`] (from the vCPU thread that made the configuration write,
 /// with no bus lock held).
 pub trait BarObserver: Send + Sync {
-    /// A BAR moved or a move was refused.
+    /// A BAR moved, appeared or disappeared.
     fn bar_event(&self, event: &BarEvent);
 }
 
@@ -156,7 +137,7 @@ pub trait BarObserver: Send + Sync {
 type SharedDevice = Arc<Mutex<dyn PciDevice>>;
 
 struct Slot {
-    device: Arc<Mutex<dyn PciDevice>>,
+    device: SharedDevice,
     /// Where each memory BAR is mapped now.
     mapped: [Option<PciBar>; 6],
 }
@@ -170,13 +151,19 @@ struct Inner {
 
 /// PCI bus 0: a host bridge at 00.0 and up to 31 devices (function 0 each).
 ///
-/// Share it (`Arc<PciBus>`) between its access handlers, which the VMM registers on its
-/// buses: [`PciConfigIo`] at ports 0xCF8–0xCFF, [`PciConfigMmio`] (ECAM) over a 1 MiB
-/// window, and [`PciBarWindow`] over the memory window the BARs live in. BARs move inside
-/// that window as the guest programs them; the bus routes accesses to wherever they are,
-/// so the VMM's bus never changes at run time.
+/// The bus decodes on the VM's one [`IoBus`]: [`register_config_access`](Self::register_config_access)
+/// puts [`PciConfigIo`] at ports 0xCF8–0xCFF and [`PciConfigMmio`] (ECAM) over 1 MiB there,
+/// and each BAR, once mapped, is registered there as a range of its own that reaches the
+/// device directly. BARs follow their registers: when the guest turns memory decoding on
+/// or writes a BAR, the bus deregisters the old range and registers the new one (vm-device's
+/// register/deregister), if the new place is inside the bus's window, clear of every other
+/// BAR and allowed by the [`BarValidator`]; otherwise the BAR is unmapped until the guest
+/// writes an acceptable address. The registers always keep what the guest wrote (a size
+/// mask left by BAR sizing included): the bus never rewrites them.
 pub struct PciBus {
     inner: Mutex<Inner>,
+    // Weak: the IoBus holds the bus's configuration mechanisms, which hold the bus.
+    io: Weak<IoBus>,
 }
 
 impl fmt::Debug for PciBus {
@@ -223,7 +210,6 @@ impl PciDevice for HostBridge {
     fn bar(&self, _index: usize) -> Option<PciBar> {
         None
     }
-    fn set_bar_address(&mut self, _index: usize, _address: u64) {}
     fn read_bar(&mut self, _index: usize, _offset: u64, data: &mut [u8]) {
         data.fill(0xFF);
     }
@@ -240,11 +226,69 @@ fn config_access_ok(offset: u64, len: usize, limit: usize) -> bool {
         && offset.saturating_add(len as u64) <= limit as u64
 }
 
+/// Why the bus does not map a BAR where its registers point.
+fn refusal(inner: &Inner, slot_index: usize, bar: &PciBar) -> Option<String> {
+    let Some(range) = bar.range() else {
+        return Some("the range wraps".into());
+    };
+    if range.start() < inner.window.start() || range.end() > inner.window.end() {
+        return Some(format!(
+            "outside the PCI window {:#x}..={:#x}",
+            inner.window.start(),
+            inner.window.end()
+        ));
+    }
+    for (i, slot) in inner.slots.iter().enumerate() {
+        let Some(slot) = slot else { continue };
+        for other in slot.mapped.iter().flatten() {
+            if i == slot_index && other.index == bar.index {
+                continue;
+            }
+            if let Some(r) = other.range() {
+                if r.start() <= range.end() && range.start() <= r.end() {
+                    return Some(format!("overlaps BAR {} of device {i:02x}", other.index));
+                }
+            }
+        }
+    }
+    inner.validator.check(&range).err()
+}
+
+/// Whether a BAR's registers hold its own size mask (all ones written to size it).
+fn holds_size_mask(bar: &PciBar) -> bool {
+    let mask = !(bar.size - 1);
+    match bar.kind {
+        crate::BarKind::Memory64 { .. } => bar.address == mask,
+        _ => bar.address == mask & 0xFFFF_FFFF,
+    }
+}
+
+/// A mapped memory BAR as a device on the [`IoBus`]: accesses go straight to the function.
+/// The bus registers it for exactly the BAR's size, so every access it sees fits the BAR.
+struct BarMmio {
+    device: SharedDevice,
+    index: usize,
+}
+
+impl DeviceMmio for BarMmio {
+    fn mmio_read(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        lock_dev(&self.device).read_bar(self.index, offset, data);
+    }
+
+    fn mmio_write(&self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        lock_dev(&self.device).write_bar(self.index, offset, data);
+    }
+}
+
 impl PciBus {
-    /// Bus 0 with the host bridge at 00.0. BARs may be mapped only inside `window` (the
-    /// memory window the DSDT's host bridge `_CRS` gives the guest), and only where
-    /// `validator` agrees.
-    pub fn new(window: RangeInclusive<u64>, validator: Arc<dyn BarValidator>) -> Result<Self> {
+    /// Bus 0 with the host bridge at 00.0, decoding on `io`. BARs may be mapped only inside
+    /// `window` (the memory window the DSDT's host bridge `_CRS` gives the guest), and only
+    /// where `validator` agrees (RAM and the VMM's fixed devices are its business).
+    pub fn new(
+        io: &Arc<IoBus>,
+        window: RangeInclusive<u64>,
+        validator: Arc<dyn BarValidator>,
+    ) -> Result<Self> {
         if window.is_empty() {
             return Err(Error::InvalidWindow {
                 base: *window.start(),
@@ -263,14 +307,31 @@ impl PciBus {
                 validator,
                 observer: None,
             }),
+            io: Arc::downgrade(io),
         })
+    }
+
+    /// Registers the two configuration mechanisms of the bus on its [`IoBus`]: [`PciConfigIo`]
+    /// at [`PCI_CONFIG_IO_PORT`] and [`PciConfigMmio`] (ECAM, [`ECAM_BUS_SIZE`] bytes for
+    /// bus 0) at `ecam_base`.
+    pub fn register_config_access(self: &Arc<Self>, ecam_base: u64) -> Result<()> {
+        let io = self.io.upgrade().ok_or(Error::NoIoBus)?;
+        io.register_pio(
+            pio_range(PCI_CONFIG_IO_PORT, PCI_CONFIG_IO_PORT_SIZE)?,
+            Arc::new(Mutex::new(PciConfigIo::new(self.clone()))),
+        )?;
+        io.register_mmio(
+            mmio_range(ecam_base, ECAM_BUS_SIZE)?,
+            Arc::new(Mutex::new(PciConfigMmio::new(self.clone()))),
+        )?;
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sets who hears about BAR moves and refusals.
+    /// Sets who hears about BAR moves.
     pub fn set_observer(&self, observer: Arc<dyn BarObserver>) {
         self.lock().observer = Some(observer);
     }
@@ -367,9 +428,9 @@ impl PciBus {
         }
     }
 
-    /// A configuration write to function `bdf` at `offset`; then maps, moves or unmaps
-    /// the function's BARs as its command and BAR registers now say, refusing places
-    /// outside the window, over another BAR or refused by the validator.
+    /// A configuration write to function `bdf` at `offset` (any width the function takes);
+    /// then maps, moves or unmaps the function's BARs as its command and BAR registers now
+    /// say.
     pub fn config_write(&self, bdf: Bdf, offset: u16, data: &[u8]) {
         if bdf.bus != 0
             || bdf.function != 0
@@ -388,153 +449,91 @@ impl PciBus {
             let bars: Vec<PciBar> = (0..6).filter_map(|i| d.bar(i)).collect();
             (bars, u16::from_le_bytes(b))
         };
-        // A write of all ones to a BAR register is sizing: the mapping stays where it is.
-        let sizing = data.iter().all(|b| *b == 0xFF) && data.len() == 4;
-        let events = self.update_mappings(bdf, &dev, &bars, command, offset, sizing);
-        let observer = self.lock().observer.clone();
+        let (events, observer) = self.update_mappings(bdf, &dev, &bars, command);
         for event in &events {
-            match event {
-                BarEvent::Moved { bar, old, new, .. } => {
-                    log::debug!("pci {bdf}: BAR {} {old:x?} -> {new:x?}", bar.index);
-                    lock_dev(&dev).bar_moved(bar.index, *old, *new);
-                }
-                BarEvent::Refused {
-                    bar,
-                    refused,
-                    reason,
-                    ..
-                } => {
-                    log::warn!(
-                        "pci {bdf}: BAR {} move to {refused:#x} refused: {reason}",
-                        bar.index
-                    );
-                }
-            }
+            log::debug!(
+                "pci {bdf}: BAR {} {:x?} -> {:x?}",
+                event.bar.index,
+                event.old,
+                event.new
+            );
+            lock_dev(&dev).bar_moved(event.bar.index, event.old, event.new);
             if let Some(o) = &observer {
                 o.bar_event(event);
             }
         }
     }
 
+    /// Brings the mappings of `bdf`'s memory BARs in line with its registers, on this bus's
+    /// table and on the IoBus. Returns what moved, and the observer to tell.
     fn update_mappings(
         &self,
         bdf: Bdf,
-        dev: &Arc<Mutex<dyn PciDevice>>,
+        dev: &SharedDevice,
         bars: &[PciBar],
         command: u16,
-        offset: u16,
-        sizing: bool,
-    ) -> Vec<BarEvent> {
-        let mut events = Vec::new();
+    ) -> (Vec<BarEvent>, Option<Arc<dyn BarObserver>>) {
+        let io = self.io.upgrade();
         let mut inner = self.lock();
         let slot_index = usize::from(bdf.device);
+        let mut events = Vec::new();
         for bar in bars.iter().filter(|b| b.kind.is_memory()) {
-            let Some(slot) = inner.slots[slot_index].as_ref() else {
+            let Some(current) = inner.slots[slot_index].as_ref().map(|s| s.mapped[bar.index])
+            else {
                 break;
             };
-            let current = slot.mapped[bar.index];
-            let bar_reg = offsets::BAR0 + 4 * bar.index as u16;
-            let wide = !matches!(bar.kind, crate::BarKind::Memory32 { .. });
-            let touched = offset >= bar_reg && offset < bar_reg + if wide { 8 } else { 4 };
-            if touched && sizing {
-                continue;
-            }
-            let wanted = (command & COMMAND_MEMORY_SPACE != 0 && bar.address != 0).then_some(*bar);
+            let decoding = command & COMMAND_MEMORY_SPACE != 0 && bar.address != 0;
+            let mut wanted = decoding.then_some(*bar);
             if wanted.map(|b| b.address) == current.map(|b| b.address) {
                 continue;
             }
-            if let Some(new) = wanted {
-                if let Err(reason) = Self::check(&inner, slot_index, &new) {
-                    let kept = current.map(|b| b.address);
-                    if let Some(old) = kept {
-                        lock_dev(dev).set_bar_address(bar.index, old);
-                    }
-                    events.push(BarEvent::Refused {
-                        bdf,
-                        bar: *bar,
-                        refused: bar.address,
-                        kept,
-                        reason,
-                    });
-                    continue;
+            if let Some(why) = wanted.and_then(|b| refusal(&inner, slot_index, &b)) {
+                if holds_size_mask(bar) {
+                    log::debug!("pci {bdf}: BAR {} holds its size mask: unmapped", bar.index);
+                } else {
+                    log::warn!(
+                        "pci {bdf}: BAR {} at {:#x} not mapped: {why}",
+                        bar.index,
+                        bar.address
+                    );
                 }
+                wanted = None;
+            }
+            if let Some(io) = &io {
+                if let Some(old) = current {
+                    io.deregister_mmio(old.address);
+                }
+                wanted = wanted.filter(|b| register_bar(io, dev, b, bdf));
+            }
+            if wanted.map(|b| b.address) == current.map(|b| b.address) {
+                continue;
             }
             if let Some(slot) = inner.slots[slot_index].as_mut() {
                 slot.mapped[bar.index] = wanted;
             }
-            events.push(BarEvent::Moved {
+            events.push(BarEvent {
                 bdf,
                 bar: *bar,
                 old: current.map(|b| b.address),
                 new: wanted.map(|b| b.address),
             });
         }
-        events
+        (events, inner.observer.clone())
     }
+}
 
-    fn check(inner: &Inner, slot_index: usize, bar: &PciBar) -> std::result::Result<(), String> {
-        let range = bar.range().ok_or_else(|| "the range wraps".to_string())?;
-        if range.start() < inner.window.start() || range.end() > inner.window.end() {
-            return Err(format!(
-                "outside the PCI window {:#x}..={:#x}",
-                inner.window.start(),
-                inner.window.end()
-            ));
+/// Registers BAR `bar` of `dev` on `io`; false (logged) if the IoBus refuses the range.
+fn register_bar(io: &IoBus, dev: &SharedDevice, bar: &PciBar, bdf: Bdf) -> bool {
+    let device = Arc::new(BarMmio {
+        device: dev.clone(),
+        index: bar.index,
+    });
+    match mmio_range(bar.address, bar.size).and_then(|r| io.register_mmio(r, device)) {
+        Ok(()) => true,
+        Err(e) => {
+            log::warn!("pci {bdf}: BAR {} not mapped: {e}", bar.index);
+            false
         }
-        for (i, slot) in inner.slots.iter().enumerate() {
-            let Some(slot) = slot else { continue };
-            for other in slot.mapped.iter().flatten() {
-                if i == slot_index && other.index == bar.index {
-                    continue;
-                }
-                if let Some(r) = other.range() {
-                    if r.start() <= range.end() && range.start() <= r.end() {
-                        return Err(format!("overlaps BAR {} of device {i:02x}", other.index));
-                    }
-                }
-            }
-        }
-        inner.validator.check(&range)
-    }
-
-    /// The device and BAR mapped at `addr`, with the offset inside the BAR.
-    fn route(&self, addr: u64) -> Option<(SharedDevice, usize, u64)> {
-        let inner = self.lock();
-        for slot in inner.slots.iter().flatten() {
-            for bar in slot.mapped.iter().flatten() {
-                if addr >= bar.address && addr - bar.address < bar.size {
-                    return Some((slot.device.clone(), bar.index, addr - bar.address));
-                }
-            }
-        }
-        None
-    }
-
-    /// A memory read at guest physical `addr`, routed to the BAR mapped there (all ones
-    /// if none, or if the access crosses the BAR's end).
-    pub fn bar_read(&self, addr: u64, data: &mut [u8]) {
-        match self.route(addr) {
-            Some((dev, index, offset)) if Self::fits(&dev, index, offset, data.len()) => {
-                lock_dev(&dev).read_bar(index, offset, data)
-            }
-            _ => data.fill(0xFF),
-        }
-    }
-
-    /// A memory write at guest physical `addr`, routed to the BAR mapped there (dropped if
-    /// none).
-    pub fn bar_write(&self, addr: u64, data: &[u8]) {
-        if let Some((dev, index, offset)) = self.route(addr) {
-            if Self::fits(&dev, index, offset, data.len()) {
-                lock_dev(&dev).write_bar(index, offset, data);
-            }
-        }
-    }
-
-    fn fits(dev: &Arc<Mutex<dyn PciDevice>>, index: usize, offset: u64, len: usize) -> bool {
-        lock_dev(dev)
-            .bar(index)
-            .is_some_and(|b| offset.saturating_add(len as u64) <= b.size)
     }
 }
 
@@ -641,35 +640,6 @@ impl MutDeviceMmio for PciConfigMmio {
     fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
         if let Some((bdf, reg)) = Self::decode(offset) {
             self.bus.config_write(bdf, reg, data);
-        }
-    }
-}
-
-/// The memory window BARs live in, as one MMIO device: accesses go to whichever BAR is
-/// mapped at the address now. Register it over [`PciBus::window`].
-#[derive(Debug)]
-pub struct PciBarWindow {
-    bus: Arc<PciBus>,
-}
-
-impl PciBarWindow {
-    /// The BAR window of `bus`.
-    pub fn new(bus: Arc<PciBus>) -> Self {
-        Self { bus }
-    }
-}
-
-impl MutDeviceMmio for PciBarWindow {
-    fn mmio_read(&mut self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
-        match base.0.checked_add(offset) {
-            Some(addr) => self.bus.bar_read(addr, data),
-            None => data.fill(0xFF),
-        }
-    }
-
-    fn mmio_write(&mut self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
-        if let Some(addr) = base.0.checked_add(offset) {
-            self.bus.bar_write(addr, data);
         }
     }
 }

@@ -27,6 +27,12 @@ pub enum Error {
     /// An MSI-X table needs 1 to 2048 vectors.
     #[error("an MSI-X table has 1 to 2048 vectors, not {0}")]
     InvalidVectorCount(usize),
+    /// The IoBus the PCI bus decodes on is gone.
+    #[error("the VM's IoBus no longer exists")]
+    NoIoBus,
+    /// Registering on the IoBus failed (an overlap with another device, say).
+    #[error("{0}")]
+    Bus(#[from] vmkit_bus::Error),
     /// The ECAM or BAR window is empty, misaligned or wraps around.
     #[error("invalid window {base:#x}+{size:#x}")]
     InvalidWindow {

@@ -1,9 +1,11 @@
-//! MSI-X: the capability, the vector table and the pending bit array, and the sink the
-//! vectors are delivered through.
+//! MSI-X: the capability, the vector table and the pending bit array. Vectors are delivered
+//! through vmkit-irq's [`MsiVectorSink`] (KVM MSI routes in a VMM, a recorder in tests).
 
 use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use vmkit_irq::{MsiMessage, MsiVectorSink};
 
 use crate::config::{ConfigSpace, CAP_ID_MSIX};
 use crate::{Error, Result};
@@ -18,39 +20,6 @@ pub const MSIX_CONTROL_ENABLE: u16 = 1 << 15;
 pub const MSIX_CONTROL_FUNCTION_MASK: u16 = 1 << 14;
 /// Vector control: the entry is masked.
 pub const MSIX_VECTOR_MASKED: u32 = 1;
-
-/// An MSI message: the address and data a device writes to interrupt a CPU.
-///
-/// The same as `vmkit_irq::MsiMessage`, without the dependency on KVM.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct MsixMessage {
-    /// The 64-bit message address.
-    pub address: u64,
-    /// The message data.
-    pub data: u32,
-}
-
-/// Where MSI-X vectors go: the VMM implements it with vmkit-irq (one GSI per vector from
-/// `MsiGsiAllocator`, `Irqchip::set_msi_route` and an irqfd per GSI); tests record.
-pub trait MsiVectorSink: Send + Sync {
-    /// Vector `vector`'s route changed: `message` is `None` while MSI-X is disabled (remove
-    /// the route), and `masked` says whether the vector is masked (entry or function mask).
-    /// The table never calls [`trigger`](Self::trigger) for a masked vector: it keeps the
-    /// pending bit and triggers when the vector is unmasked.
-    fn update(&self, vector: u16, message: Option<MsixMessage>, masked: bool) -> io::Result<()>;
-
-    /// Sends vector `vector` (its last [`update`](Self::update)d message).
-    fn trigger(&self, vector: u16) -> io::Result<()>;
-}
-
-impl<T: MsiVectorSink + ?Sized> MsiVectorSink for Arc<T> {
-    fn update(&self, vector: u16, message: Option<MsixMessage>, masked: bool) -> io::Result<()> {
-        (**self).update(vector, message, masked)
-    }
-    fn trigger(&self, vector: u16) -> io::Result<()> {
-        (**self).trigger(vector)
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Entry {
@@ -73,8 +42,8 @@ impl Default for Entry {
 }
 
 impl Entry {
-    fn message(&self) -> MsixMessage {
-        MsixMessage {
+    fn message(&self) -> MsiMessage {
+        MsiMessage {
             address: (u64::from(self.addr_hi) << 32) | u64::from(self.addr_lo),
             data: self.data,
         }
@@ -95,7 +64,7 @@ impl State {
     fn masked(&self, v: usize) -> bool {
         self.function_mask || self.entries[v].masked()
     }
-    fn route(&self, v: usize) -> (Option<MsixMessage>, bool) {
+    fn route(&self, v: usize) -> (Option<MsiMessage>, bool) {
         let msg = self.enabled.then(|| self.entries[v].message());
         (msg, self.masked(v))
     }
@@ -104,7 +73,7 @@ impl State {
 /// What the sink must hear after a state change: routes to update, vectors to deliver.
 #[derive(Default)]
 struct Effects {
-    updates: Vec<(u16, Option<MsixMessage>, bool)>,
+    updates: Vec<(u16, Option<MsiMessage>, bool)>,
     triggers: Vec<u16>,
 }
 
@@ -366,6 +335,13 @@ impl MsixTable {
         }
     }
 
+    /// Drops every pending message (the device was reset: what it signalled before must not
+    /// reach the new driver session). Table entries, masks and the enable bit stay: they
+    /// belong to the PCI function, which was not reset.
+    pub fn clear_pending(&self) {
+        self.lock().pending.fill(false);
+    }
+
     /// Returns the table to its reset state (all masked, nothing pending, disabled), telling
     /// the sink if MSI-X was enabled.
     pub fn reset(&self) {
@@ -387,67 +363,11 @@ impl MsixTable {
     }
 }
 
-/// A sink that records what it is told, for tests.
-#[derive(Debug, Default)]
-pub struct RecordingSink {
-    events: Mutex<Vec<SinkEvent>>,
-}
-
-/// What a [`RecordingSink`] was told.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SinkEvent {
-    /// [`MsiVectorSink::update`].
-    Update(u16, Option<MsixMessage>, bool),
-    /// [`MsiVectorSink::trigger`].
-    Trigger(u16),
-}
-
-impl RecordingSink {
-    /// A sink that has heard nothing.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// Everything it heard, in order, and forgets it.
-    pub fn take(&self) -> Vec<SinkEvent> {
-        std::mem::take(&mut *self.events.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-
-    /// The vectors triggered so far (without forgetting).
-    pub fn triggers(&self) -> Vec<u16> {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .filter_map(|e| match e {
-                SinkEvent::Trigger(v) => Some(*v),
-                SinkEvent::Update(..) => None,
-            })
-            .collect()
-    }
-}
-
-impl MsiVectorSink for RecordingSink {
-    fn update(&self, vector: u16, message: Option<MsixMessage>, masked: bool) -> io::Result<()> {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(SinkEvent::Update(vector, message, masked));
-        Ok(())
-    }
-    fn trigger(&self, vector: u16) -> io::Result<()> {
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(SinkEvent::Trigger(vector));
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::PciIds;
+    use vmkit_irq::{RecordingSink, SinkEvent};
 
     fn w(t: &MsixTable, off: u64, v: u32) {
         t.write_table(off, &v.to_le_bytes());
@@ -496,7 +416,7 @@ mod tests {
         assert_eq!(ev.len(), 2);
         assert_eq!(
             ev[0],
-            SinkEvent::Update(0, Some(MsixMessage::default()), true)
+            SinkEvent::Update(0, Some(MsiMessage::default()), true)
         );
         // Entries come out of reset masked: pending.
         assert!(t.trigger(1).unwrap());
@@ -514,7 +434,7 @@ mod tests {
         assert_eq!(ev.last().copied(), Some(SinkEvent::Trigger(1)), "{ev:?}");
         assert!(ev.contains(&SinkEvent::Update(
             1,
-            Some(MsixMessage {
+            Some(MsiMessage {
                 address: 0xFEE0_0000,
                 data: 0x41
             }),

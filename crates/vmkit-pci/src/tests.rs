@@ -4,10 +4,13 @@ use std::sync::{Arc, Mutex};
 
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::{MutDeviceMmio, MutDevicePio};
+use vmkit_bus::{mmio_range, IoBus};
+use vmkit_irq::RecordingSink;
 
 use crate::*;
 
 const WINDOW: std::ops::RangeInclusive<u64> = 0xC000_0000..=0xDFFF_FFFF;
+const ECAM: u64 = 0xE000_0000;
 
 struct Dev {
     config: ConfigSpace,
@@ -24,9 +27,6 @@ impl PciDevice for Dev {
     }
     fn bar(&self, index: usize) -> Option<PciBar> {
         self.config.bar(index)
-    }
-    fn set_bar_address(&mut self, index: usize, address: u64) {
-        self.config.set_bar_address(index, address)
     }
     fn bar_moved(&mut self, index: usize, old: Option<u64>, new: Option<u64>) {
         self.moves.push((index, old, new));
@@ -85,19 +85,21 @@ struct Rig {
     bus: Arc<PciBus>,
     io: PciConfigIo,
     ecam: PciConfigMmio,
-    window: PciBarWindow,
+    vm_bus: Arc<IoBus>,
     events: Arc<Events>,
 }
 
 fn rig() -> Rig {
     let validator = ForbiddenRanges(vec![0xD800_0000..=0xDFFF_FFFF]); // "RAM" for the test
-    let bus = Arc::new(PciBus::new(WINDOW, Arc::new(validator)).unwrap());
+    let vm_bus = Arc::new(IoBus::new());
+    let bus = Arc::new(PciBus::new(&vm_bus, WINDOW, Arc::new(validator)).unwrap());
+    bus.register_config_access(ECAM).unwrap();
     let events = Arc::new(Events::default());
     bus.set_observer(events.clone());
     Rig {
         io: PciConfigIo::new(bus.clone()),
         ecam: PciConfigMmio::new(bus.clone()),
-        window: PciBarWindow::new(bus.clone()),
+        vm_bus,
         bus,
         events,
     }
@@ -135,16 +137,11 @@ impl Rig {
     }
     fn mem_read(&mut self, addr: u64) -> u32 {
         let mut b = [0u8; 4];
-        self.window
-            .mmio_read(MmioAddress(*WINDOW.start()), addr - WINDOW.start(), &mut b);
+        let _ = self.vm_bus.mmio_read(addr, &mut b);
         u32::from_le_bytes(b)
     }
     fn mem_write(&mut self, addr: u64, v: u32) {
-        self.window.mmio_write(
-            MmioAddress(*WINDOW.start()),
-            addr - WINDOW.start(),
-            &v.to_le_bytes(),
-        );
+        let _ = self.vm_bus.mmio_write(addr, &v.to_le_bytes());
     }
     fn events(&self) -> Vec<BarEvent> {
         std::mem::take(&mut *self.events.0.lock().unwrap())
@@ -235,14 +232,12 @@ fn decoding_maps_and_relocation_moves() {
     r.ecam_write(1, 0x04, u32::from(COMMAND_MEMORY_SPACE));
     let ev = r.events();
     assert_eq!(ev.len(), 2);
-    assert!(matches!(
-        ev[0],
-        BarEvent::Moved {
-            old: None,
-            new: Some(0xC000_0000),
-            ..
-        }
-    ));
+    assert_eq!((ev[0].old, ev[0].new), (None, Some(0xC000_0000)));
+    // Both BARs are ranges of their own on the VM's bus, beside the ECAM.
+    assert_eq!(
+        r.vm_bus.mmio_ranges(),
+        vec![0xC000_0000..=0xC000_0FFF, 0xC001_0000..=0xC001_0FFF, ECAM..=ECAM + 0xF_FFFF]
+    );
     r.mem_write(0xC000_0008, 0x1234_5678);
     r.mem_write(0xC001_0000, 0xAA);
     assert_eq!(r.mem_read(0xC000_0008), 0x1234_5678);
@@ -252,14 +247,7 @@ fn decoding_maps_and_relocation_moves() {
     r.ecam_write(1, 0x10, 0xC100_0000);
     let ev = r.events();
     assert_eq!(ev.len(), 1);
-    assert!(matches!(
-        ev[0],
-        BarEvent::Moved {
-            old: Some(0xC000_0000),
-            new: Some(0xC100_0000),
-            ..
-        }
-    ));
+    assert_eq!((ev[0].old, ev[0].new), (Some(0xC000_0000), Some(0xC100_0000)));
     assert_eq!(r.mem_read(0xC100_0008), 0x1234_5678);
     assert_eq!(r.mem_read(0xC000_0008), u32::MAX);
     assert_eq!(
@@ -277,23 +265,75 @@ fn decoding_maps_and_relocation_moves() {
     assert_eq!(r.bus.bar_mapping(1, 1).unwrap().address, 0xC200_0000);
     assert_eq!(r.mem_read(0xC200_0000), 0xAA);
 
-    // Sizing with decoding on keeps the mapping.
+    // Sizing with decoding on: while the register holds the size mask the BAR is not
+    // mapped (it decodes where its register says, and the bus refuses that place); the
+    // mask reads back as written, and restoring the address maps it again.
     r.events();
     r.ecam_write(1, 0x10, u32::MAX);
     assert_eq!(r.ecam(1, 0x10, 4), 0xFFFF_F000);
-    assert_eq!(r.mem_read(0xC100_0008), 0x1234_5678);
+    assert_eq!(r.mem_read(0xC100_0008), u32::MAX);
+    let ev = r.events();
+    assert_eq!((ev.len(), ev[0].old, ev[0].new), (1, Some(0xC100_0000), None));
     r.ecam_write(1, 0x10, 0xC100_0000);
-    assert!(r.events().is_empty());
+    assert_eq!(r.mem_read(0xC100_0008), 0x1234_5678);
+    assert_eq!(r.events().len(), 1);
 }
 
 #[test]
-fn bar_moves_onto_ram_or_another_device_are_refused() {
+fn sizing_writes_of_any_width() {
+    let mut r = rig();
+    r.bus
+        .add_device(dev(0x1044, 0xC000_0000, 0xC001_0000))
+        .unwrap();
+    // Two-byte and one-byte writes of all ones size the BAR as a four-byte one does.
+    for pieces in [vec![(0u16, 2usize), (2, 2)], vec![(0, 1), (1, 1), (2, 1), (3, 1)]] {
+        for (at, len) in &pieces {
+            r.port_write(1, 0x10 + at, &[0xFF; 4][..*len]);
+        }
+        assert_eq!(r.ecam(1, 0x10, 4), 0xFFFF_F000, "{pieces:?}");
+        assert_eq!(r.port(1, 0x12, 2), 0xFFFF, "{pieces:?}");
+        r.ecam_write(1, 0x10, 0xC000_0000);
+    }
+    // The 64-bit BAR, high half sized with 2-byte writes.
+    r.port_write(1, 0x14, &[0xFF; 4]);
+    r.port_write(1, 0x18, &[0xFF; 2]);
+    r.port_write(1, 0x1A, &[0xFF; 2]);
+    assert_eq!(
+        (r.ecam(1, 0x14, 4), r.ecam(1, 0x18, 4)),
+        (0xFFFF_F00C, 0xFFFF_FFFF)
+    );
+    // With decoding on, the same dance leaves the BAR where the guest finally put it.
+    r.ecam_write(1, 0x14, 0xC001_0000);
+    r.ecam_write(1, 0x18, 0);
+    r.bus.enable_decoding(1);
+    r.mem_write(0xC000_0000, 0x55);
+    for (at, len) in [(0u16, 2usize), (2, 2)] {
+        r.port_write(1, 0x10 + at, &[0xFF; 4][..len]);
+    }
+    assert_eq!(r.ecam(1, 0x10, 4), 0xFFFF_F000);
+    r.port_write(1, 0x10, &0xC000u16.to_le_bytes()[..]);
+    r.port_write(1, 0x12, &0xC000u16.to_le_bytes()[..]);
+    assert_eq!(r.ecam(1, 0x10, 4), 0xC000_C000 & 0xFFFF_F000);
+    assert_eq!(r.bus.bar_mapping(1, 0).map(|b| b.address), Some(0xC000_C000));
+    r.ecam_write(1, 0x10, 0xC000_0000);
+    assert_eq!(r.mem_read(0xC000_0000), 0x55);
+}
+
+#[test]
+fn bar_moves_onto_ram_or_another_device_are_not_mapped() {
     let mut r = rig();
     r.bus
         .add_device(dev(0x1044, 0xC000_0000, 0xC001_0000))
         .unwrap();
     r.bus
         .add_device(dev(0x1041, 0xC002_0000, 0xC003_0000))
+        .unwrap();
+    // A device that is not on PCI, inside the window: the VM's bus refuses the overlap.
+    r.vm_bus
+        .register_mmio(
+            mmio_range(0xC800_0000, 0x1000).unwrap(),
+            Arc::new(Mutex::new(Scratch)),
+        )
         .unwrap();
     r.bus.enable_decoding(1);
     r.bus.enable_decoding(2);
@@ -302,40 +342,33 @@ fn bar_moves_onto_ram_or_another_device_are_refused() {
         (0xD800_0000u32, "validator"), // "RAM"
         (0xC002_0000, "other device"), // 02.0's BAR 0
         (0xC001_0000, "own other BAR"),
+        (0xC800_0000, "a device on the VM's bus"),
         (0x1000_0000, "outside window"),
         (0xFFFF_E000, "outside window, high"),
     ] {
         r.ecam_write(1, 0x10, target);
         let ev = r.events();
-        assert!(
-            matches!(
-                &ev[..],
-                [BarEvent::Refused {
-                    kept: Some(0xC000_0000),
-                    ..
-                }]
-            ),
-            "{why}: {ev:?}"
-        );
-        assert_eq!(r.ecam(1, 0x10, 4), 0xC000_0000, "{why}: register reverted");
+        assert_eq!(ev.len(), 1, "{why}: {ev:?}");
+        assert_eq!((ev[0].old, ev[0].new), (Some(0xC000_0000), None), "{why}");
+        // The register keeps what the guest wrote; nothing answers there or at the old place.
+        assert_eq!(r.ecam(1, 0x10, 4), target, "{why}: register as written");
+        assert!(r.bus.bar_mapping(1, 0).is_none(), "{why}");
+        assert_eq!(r.mem_read(0xC000_0000), u32::MAX, "{why}");
+        // Back to a good place: mapped again.
+        r.ecam_write(1, 0x10, 0xC000_0000);
+        assert_eq!(r.events()[0].new, Some(0xC000_0000), "{why}");
         assert_eq!(r.bus.bar_mapping(1, 0).unwrap().address, 0xC000_0000);
     }
-    // A BAR placed on RAM before decoding is turned on never maps.
-    r.ecam_write(2, 0x04, 0);
-    r.events();
-    r.ecam_write(2, 0x10, 0xD800_0000);
-    r.ecam_write(2, 0x04, u32::from(COMMAND_MEMORY_SPACE));
-    let ev = r.events();
-    assert!(ev.iter().any(|e| matches!(
-        e,
-        BarEvent::Refused {
-            kept: None,
-            refused: 0xD800_0000,
-            ..
-        }
-    )));
-    assert!(r.bus.bar_mapping(2, 0).is_none());
     assert_eq!(r.mem_read(0xC003_0000), 0, "02.0's BAR 1 still mapped");
+}
+
+/// An MMIO device that answers zeros.
+struct Scratch;
+impl MutDeviceMmio for Scratch {
+    fn mmio_read(&mut self, _: MmioAddress, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn mmio_write(&mut self, _: MmioAddress, _: u64, _: &[u8]) {}
 }
 
 #[test]
@@ -403,15 +436,14 @@ fn hostile_accesses_never_panic() {
     }
     // The device is unharmed.
     assert_eq!(r.ecam(1, 0, 4), 0x1044_1AF4);
-    // BAR window: crossing a BAR's end, unmapped holes, wrapping.
+    // BARs on the VM's bus: crossing a BAR's end, unmapped holes, wrapping.
     let mut d = [0u8; 8];
-    r.window.mmio_read(MmioAddress(0xC000_0000), 0xFFC, &mut d);
+    assert!(!r.vm_bus.mmio_read(0xC000_0FFC, &mut d).is_handled());
     assert_eq!(d, [0xFF; 8]);
-    r.window.mmio_write(MmioAddress(0xC000_0000), 0xFFC, &d);
-    r.window
-        .mmio_read(MmioAddress(0xC000_0000), 0x10_0000, &mut d);
-    r.window.mmio_read(MmioAddress(u64::MAX), 1, &mut d);
-    r.window.mmio_write(MmioAddress(u64::MAX), 1, &d);
+    assert!(!r.vm_bus.mmio_write(0xC000_0FFC, &d).is_handled());
+    assert!(!r.vm_bus.mmio_read(0xC010_0000, &mut d).is_handled());
+    assert!(!r.vm_bus.mmio_read(u64::MAX, &mut d).is_handled());
+    assert!(!r.vm_bus.mmio_write(u64::MAX, &d).is_handled());
     // Adding devices: full bus, taken slots.
     assert_eq!(
         r.bus.add_device_at(0, dev(1, 0, 0)).unwrap_err(),
