@@ -10,15 +10,16 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{
-    ActivateContext, ActiveQueue, NeedsReset, VirtioDevice, FEATURE_RING_EVENT_IDX,
-    FEATURE_VERSION_1, RING_FEATURES,
+    ActivateContext, NeedsReset, VirtioDevice, FEATURE_RING_EVENT_IDX, FEATURE_VERSION_1,
+    RING_FEATURES,
 };
 use crate::events::{lock_device, QueueEventHandler};
 use crate::interrupt::VirtioInterrupt;
+use crate::queue::{QueueWatch, VirtioMemory};
 use crate::{ActivateError, Error, Result};
 
 /// The largest queue the spec allows.
@@ -79,16 +80,18 @@ impl QueueSlot {
 }
 
 /// The state every virtio transport keeps, and the rules the driver meets.
-pub(crate) struct VirtioState {
+pub(crate) struct VirtioState<M: VirtioMemory> {
     /// "virtio-mmio" or "virtio-pci", for log messages.
     name: &'static str,
-    pub(crate) device: Arc<Mutex<dyn VirtioDevice>>,
-    memory: GuestMemoryMmap,
+    pub(crate) device: Arc<Mutex<dyn VirtioDevice<M>>>,
+    memory: M,
     pub(crate) device_type: u32,
     max_sizes: Vec<u16>,
     pub(crate) offered: u64,
     pub(crate) slots: Vec<QueueSlot>,
     pub(crate) notifiers: Vec<EventFd>,
+    /// Shared with the queue event handler: polling, and where each active ring is.
+    watches: Vec<Arc<QueueWatch>>,
     pub(crate) device_features_sel: u32,
     pub(crate) driver_features_sel: u32,
     pub(crate) driver_features: u64,
@@ -96,14 +99,20 @@ pub(crate) struct VirtioState {
     status: u32,
     pub(crate) activated: bool,
     needs_reset: NeedsReset,
+    /// Whether the device may access guest memory (virtio-pci: the command register's bus
+    /// master bit; always on virtio-mmio).
+    dma_allowed: bool,
+    /// `DRIVER_OK` was written while DMA was not allowed: the device starts when it is.
+    activation_pending: bool,
 }
 
-impl VirtioState {
+impl<M: VirtioMemory> VirtioState<M> {
     /// Validates the device's queue sizes; one non-blocking eventfd per queue.
     pub(crate) fn new(
         name: &'static str,
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        memory: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice<M>>>,
+        memory: M,
+        dma_allowed: bool,
     ) -> Result<Self> {
         let (device_type, max_sizes, offered) = {
             let d = lock_device(&device);
@@ -127,6 +136,10 @@ impl VirtioState {
             .iter()
             .map(|_| EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd))
             .collect::<Result<Vec<_>>>()?;
+        let watches = max_sizes
+            .iter()
+            .map(|_| Arc::new(QueueWatch::default()))
+            .collect();
         Ok(Self {
             name,
             device,
@@ -136,6 +149,7 @@ impl VirtioState {
             offered,
             slots,
             notifiers,
+            watches,
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -143,6 +157,8 @@ impl VirtioState {
             status: 0,
             activated: false,
             needs_reset: NeedsReset::new(),
+            dma_allowed,
+            activation_pending: false,
         })
     }
 
@@ -171,19 +187,23 @@ impl VirtioState {
     }
 
     /// A handler over clones of the notifiers.
-    pub(crate) fn queue_event_handler(&self) -> Result<QueueEventHandler> {
+    pub(crate) fn queue_event_handler(&self) -> Result<QueueEventHandler<M>> {
         let notifiers = self
             .notifiers
             .iter()
+            .zip(&self.watches)
             .enumerate()
-            .filter_map(|(i, fd)| Some((u16::try_from(i).ok()?, fd)))
-            .map(|(i, fd)| Ok((i, fd.try_clone().map_err(Error::EventFd)?)))
+            .filter_map(|(i, fds)| Some((u16::try_from(i).ok()?, fds)))
+            .map(|(i, (fd, watch))| {
+                let fd = fd.try_clone().map_err(Error::EventFd)?;
+                Ok((i, fd, watch.clone()))
+            })
             .collect::<Result<Vec<_>>>()?;
         let device_events = lock_device(&self.device)
             .device_events()
             .map_err(Error::EventFd)?;
         Ok(
-            QueueEventHandler::new(self.device.clone(), notifiers)
+            QueueEventHandler::with_watches(self.device.clone(), self.memory.clone(), notifiers)
                 .with_device_events(device_events),
         )
     }
@@ -365,42 +385,107 @@ impl VirtioState {
             return false;
         }
         let new = value & !self.status;
+        self.log_merged_steps(new);
         let mut status = self.status | (new & (S_ACKNOWLEDGE | S_DRIVER | S_FAILED));
-        let name = self.name;
-
-        if new & S_FEATURES_OK != 0 {
-            let unoffered = self.driver_features & !self.offered;
-            if status & S_DRIVER == 0 {
-                log::warn!("{name}: FEATURES_OK before DRIVER refused");
-            } else if unoffered != 0 {
-                log::warn!("{name}: driver accepted features {unoffered:#x} not offered; FEATURES_OK refused");
-            } else if self.driver_features & FEATURE_VERSION_1 == 0 {
-                log::warn!("{name}: driver without VIRTIO_F_VERSION_1; FEATURES_OK refused");
-            } else {
-                lock_device(&self.device).ack_features(self.driver_features);
-                status |= S_FEATURES_OK;
-            }
+        if new & S_FEATURES_OK != 0 && self.accept_features(status) {
+            status |= S_FEATURES_OK;
         }
-
-        if new & S_DRIVER_OK != 0 {
-            if status & S_FEATURES_OK == 0 {
-                log::warn!("{name}: DRIVER_OK without FEATURES_OK; device needs reset");
-                self.needs_reset.set();
-            } else {
-                match self.activate(interrupt) {
-                    Ok(()) => {
-                        self.activated = true;
-                        status |= S_DRIVER_OK;
-                    }
-                    Err(e) => {
-                        log::warn!("{name}: activation failed: {e}; device needs reset");
-                        self.needs_reset.set();
-                    }
-                }
-            }
+        if new & S_DRIVER_OK != 0 && self.driver_ok(status, interrupt) {
+            status |= S_DRIVER_OK;
         }
         self.status = status;
         false
+    }
+
+    /// The spec has the driver set one step per write (ACKNOWLEDGE, DRIVER, FEATURES_OK,
+    /// then DRIVER_OK, virtio 1.2 §3.1.1) and re-read FEATURES_OK. Several steps in one write
+    /// are accepted, as QEMU does (virtio-drivers 0.13 writes ACKNOWLEDGE | DRIVER at once),
+    /// and noted here.
+    fn log_merged_steps(&self, new: u32) {
+        let steps = new & (S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+        if steps.count_ones() > 1 {
+            log::debug!(
+                "{}: merged status write: steps {steps:#x} in one write (from {:#x}); accepted",
+                self.name,
+                self.status
+            );
+        }
+    }
+
+    /// FEATURES_OK: the driver's features must have been offered and include VERSION_1.
+    fn accept_features(&mut self, status: u32) -> bool {
+        let name = self.name;
+        let unoffered = self.driver_features & !self.offered;
+        if status & S_DRIVER == 0 {
+            log::warn!("{name}: FEATURES_OK before DRIVER refused");
+        } else if unoffered != 0 {
+            log::warn!(
+                "{name}: driver accepted features {unoffered:#x} not offered; FEATURES_OK refused"
+            );
+        } else if self.driver_features & FEATURE_VERSION_1 == 0 {
+            log::warn!("{name}: driver without VIRTIO_F_VERSION_1; FEATURES_OK refused");
+        } else {
+            lock_device(&self.device).ack_features(self.driver_features);
+            return true;
+        }
+        false
+    }
+
+    /// DRIVER_OK: activates the device (or, while DMA is not allowed, when it becomes so).
+    /// Returns whether the bit is accepted.
+    fn driver_ok(&mut self, status: u32, interrupt: &Arc<dyn VirtioInterrupt>) -> bool {
+        let name = self.name;
+        if status & S_FEATURES_OK == 0 {
+            log::warn!("{name}: DRIVER_OK without FEATURES_OK; device needs reset");
+            self.needs_reset.set();
+            return false;
+        }
+        if !self.dma_allowed {
+            log::debug!(
+                "{name}: DRIVER_OK with bus mastering off: the device starts when it is on"
+            );
+            self.activation_pending = true;
+            return true;
+        }
+        self.start(interrupt)
+    }
+
+    /// Activates the device; a failure puts it in DEVICE_NEEDS_RESET. Returns whether it
+    /// started.
+    fn start(&mut self, interrupt: &Arc<dyn VirtioInterrupt>) -> bool {
+        match self.activate(interrupt) {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                log::warn!("{}: activation failed: {e}; device needs reset", self.name);
+                self.needs_reset.set();
+            }
+        }
+        self.activated
+    }
+
+    /// Whether the device may access guest memory (virtio-pci: bus mastering). Turned on,
+    /// it starts a device whose driver already set DRIVER_OK; turned off under a running
+    /// device, it stops the device (nothing may touch guest memory any more) and sets
+    /// DEVICE_NEEDS_RESET: the driver must reset it to use it again.
+    #[cfg_attr(not(feature = "pci"), allow(dead_code))]
+    pub(crate) fn set_dma_allowed(&mut self, allowed: bool, interrupt: &Arc<dyn VirtioInterrupt>) {
+        if allowed == self.dma_allowed {
+            return;
+        }
+        self.dma_allowed = allowed;
+        if allowed && std::mem::take(&mut self.activation_pending) {
+            if !self.start(interrupt) {
+                self.status &= !S_DRIVER_OK;
+            }
+        } else if !allowed && self.activated {
+            log::warn!(
+                "{}: bus mastering turned off under a running device: stopped, needs reset",
+                self.name
+            );
+            self.stop_device();
+            self.activated = false;
+            self.needs_reset.set();
+        }
     }
 
     fn activate(
@@ -431,13 +516,9 @@ impl VirtioState {
                 .map_err(|_| ActivateError::MissingQueue(index))?;
             let queue = std::mem::replace(&mut slot.queue, fresh);
             slot.active = true;
-            queues.push(ActiveQueue {
-                index,
-                queue,
-                notifier,
-            });
+            queues.push((index, queue, notifier, self.watches[i].clone()));
         }
-        let context = ActivateContext::new(
+        let context = ActivateContext::with_watches(
             self.memory.clone(),
             self.driver_features,
             queues,
@@ -447,10 +528,23 @@ impl VirtioState {
         lock_device(&self.device).activate(context)
     }
 
+    /// Takes the device's context back (it waits for what it has in flight) and forgets
+    /// where its rings were.
+    fn stop_device(&mut self) {
+        drop(lock_device(&self.device).reset());
+        for w in &self.watches {
+            w.deactivate();
+        }
+        for slot in &mut self.slots {
+            slot.active = false;
+        }
+    }
+
     /// Device reset: the device gives back its context; queues, features, selectors and
     /// `DEVICE_NEEDS_RESET` are cleared, pending notifications dropped.
     pub(crate) fn reset(&mut self) {
-        let _ = lock_device(&self.device).reset();
+        self.stop_device();
+        self.activation_pending = false;
         for (slot, &max) in self.slots.iter_mut().zip(&self.max_sizes) {
             slot.queue.reset();
             debug_assert_eq!(slot.queue.max_size(), max);
@@ -492,15 +586,15 @@ impl VirtioState {
             }
         }
     }
+}
 
-    /// Whether a device configuration access of `len` bytes at `offset` is one the
-    /// transports take: 1 byte anywhere, 2 bytes even, 4 and 8 bytes 4-aligned.
-    pub(crate) fn config_access_ok(offset: u64, len: usize) -> bool {
-        match len {
-            1 => true,
-            2 => offset.is_multiple_of(2),
-            4 | 8 => offset.is_multiple_of(4),
-            _ => false,
-        }
+/// Whether a device configuration access of `len` bytes at `offset` is one the
+/// transports take: 1 byte anywhere, 2 bytes even, 4 and 8 bytes 4-aligned.
+pub(crate) fn config_access_ok(offset: u64, len: usize) -> bool {
+    match len {
+        1 => true,
+        2 => offset.is_multiple_of(2),
+        4 | 8 => offset.is_multiple_of(4),
+        _ => false,
     }
 }

@@ -9,6 +9,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::interrupt::{InterruptReason, VirtioInterrupt};
+use crate::queue::{ActiveQueue, QueueParts, QueueWatch, VirtioMemory};
 use crate::ActivateError;
 
 /// `VIRTIO_F_RING_INDIRECT_DESC` (bit 28) as a mask.
@@ -22,19 +23,21 @@ pub const FEATURE_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F
 /// descriptors and event-index notification suppression.
 pub const RING_FEATURES: u64 = FEATURE_RING_INDIRECT_DESC | FEATURE_RING_EVENT_IDX;
 
-/// A virtio device, independent of the transport (virtio-mmio, virtio-pci) it sits on.
+/// A virtio device, independent of the transport (virtio-mmio, virtio-pci) it sits on, and
+/// generic over the guest memory type `M` as virtio-queue is (default: `GuestMemoryMmap`
+/// without a dirty bitmap; any [`VirtioMemory`] works, a bitmap-tracking one included).
 ///
-/// The transport owns the device as `Arc<Mutex<dyn VirtioDevice>>`, runs the status and
+/// The transport owns the device as `Arc<Mutex<dyn VirtioDevice<M>>>`, runs the status and
 /// feature negotiation, keeps the queue configuration the driver writes and, when the
 /// driver sets `DRIVER_OK`, hands the device an [`ActivateContext`]: guest memory, the
-/// ready queues, one notifier per queue and an interrupt. The device never sees the
-/// transport, the bus or KVM.
+/// ready queues (each an [`ActiveQueue`], the virtqueue protocol), and an interrupt. The
+/// device never sees the transport, the bus or KVM.
 ///
-/// Queue notifications reach [`process_queue`](Self::process_queue) through
-/// [`QueueEventHandler`](crate::QueueEventHandler), an event-manager subscriber: a device
-/// that keeps its context and implements `process_queue` with
-/// [`ActivateContext::process_queue`] needs no event loop of its own.
-pub trait VirtioDevice: Send {
+/// Queue notifications reach [`process_queue`](Self::process_queue) through the
+/// transport's [`QueueEventHandler`](crate::QueueEventHandler), an event-manager subscriber,
+/// which holds the device's lock only while it calls the device (it polls a queue, when the
+/// device asked for it with [`ActiveQueue::set_poll`], without it).
+pub trait VirtioDevice<M: VirtioMemory = GuestMemoryMmap>: Send {
     /// The virtio device ID (1 net, 2 block, 3 console, 4 entropy…).
     fn device_type(&self) -> u32;
 
@@ -65,19 +68,21 @@ pub trait VirtioDevice: Send {
 
     /// Starts the device with what the driver set up. On error the transport sets
     /// `DEVICE_NEEDS_RESET` and the device stays inactive.
-    fn activate(&mut self, context: ActivateContext) -> Result<(), ActivateError>;
+    fn activate(&mut self, context: ActivateContext<M>) -> Result<(), ActivateError>;
 
-    /// Handles a notification of queue `index` (the driver made buffers available). Called by
-    /// [`QueueEventHandler`](crate::QueueEventHandler) and test harnesses; a device that
-    /// polls its notifiers itself may leave the default, which does nothing.
+    /// Handles a notification of queue `index` (the driver made buffers available), with
+    /// the queue's [`pop`](ActiveQueue::pop), [`complete`](ActiveQueue::complete) and
+    /// [`signal_used`](ActiveQueue::signal_used). A device that polls its notifiers itself
+    /// may leave the default, which does nothing.
     fn process_queue(&mut self, index: u16) {
         let _ = index;
     }
 
     /// Eventfds the device owns and wants the VMM's event loop to watch besides the queue
     /// notifiers (an I/O completion eventfd, say), each with a token the device chooses.
-    /// [`QueueEventHandler`](crate::QueueEventHandler) asks once, when the transport builds
-    /// it, so the fds must live as long as the device (across resets), and calls
+    /// The transport asks once, when it builds its
+    /// [`QueueEventHandler`](crate::QueueEventHandler), so the fds must live as long as the
+    /// device (across resets); the handler calls
     /// [`process_device_event`](Self::process_device_event) with the token when one fires.
     /// Default: none.
     fn device_events(&self) -> std::io::Result<Vec<(u16, EventFd)>> {
@@ -91,14 +96,16 @@ pub trait VirtioDevice: Send {
     }
 
     /// Returns the device to its state before activation (negotiated features forgotten),
-    /// giving back the context it was activated with, if any.
-    fn reset(&mut self) -> Option<ActivateContext>;
+    /// giving back the context it was activated with, if any. Nothing may touch guest
+    /// memory after it returns.
+    fn reset(&mut self) -> Option<ActivateContext<M>>;
 }
 
 /// The `DEVICE_NEEDS_RESET` state shared between a transport and an activated device.
 ///
-/// The device sets it (through [`ActivateContext::set_needs_reset`]) when the driver broke
-/// the queue rules; the transport shows it in its status register.
+/// The device's queues set it (through [`ActiveQueue`]'s methods, or
+/// [`ActivateContext::set_needs_reset`]) when the driver broke the queue rules; the transport
+/// shows it in its status register.
 #[derive(Clone, Debug, Default)]
 pub struct NeedsReset(Arc<AtomicBool>);
 
@@ -119,33 +126,20 @@ impl NeedsReset {
     }
 }
 
-/// A queue the driver made ready, as the device gets it at activation.
-#[derive(Debug)]
-pub struct ActiveQueue {
-    /// The queue's index on the transport.
-    pub index: u16,
-    /// The virtio-queue split ring, configured and validated against guest memory,
-    /// with `EVENT_IDX` set as negotiated.
-    pub queue: Queue,
-    /// Signalled when the driver notifies this queue (a KVM ioeventfd in a VMM). The
-    /// generic [`QueueEventHandler`](crate::QueueEventHandler) watches a clone of it;
-    /// a device running its own I/O thread may poll it instead.
-    pub notifier: EventFd,
-}
-
 /// What a device gets when the driver sets `DRIVER_OK`.
 ///
-/// A device keeps it (typically as `Option<ActivateContext>`) until
+/// A device keeps it (typically as `Option<ActivateContext<M>>`) until
 /// [`VirtioDevice::reset`] gives it back.
-pub struct ActivateContext {
-    memory: GuestMemoryMmap,
+pub struct ActivateContext<M: VirtioMemory = GuestMemoryMmap> {
+    memory: M,
     features: u64,
-    queues: Vec<ActiveQueue>,
+    /// The ready queues, by index (`None`: not made ready by the driver).
+    queues: Vec<Option<ActiveQueue<M>>>,
     interrupt: Arc<dyn VirtioInterrupt>,
     needs_reset: NeedsReset,
 }
 
-impl fmt::Debug for ActivateContext {
+impl<M: VirtioMemory> fmt::Debug for ActivateContext<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ActivateContext")
             .field("features", &format_args!("{:#x}", self.features))
@@ -155,26 +149,58 @@ impl fmt::Debug for ActivateContext {
     }
 }
 
-impl ActivateContext {
-    /// A context (transports build it; so do device unit tests).
+impl<M: VirtioMemory> ActivateContext<M> {
+    /// A context over `queues`, `(index, queue, notifier)` each (device unit tests build
+    /// one this way; `test_utils::activate_context` does it over mock rings).
     pub fn new(
-        memory: GuestMemoryMmap,
+        memory: M,
         features: u64,
-        queues: Vec<ActiveQueue>,
+        queues: Vec<(u16, Queue, EventFd)>,
         interrupt: Arc<dyn VirtioInterrupt>,
         needs_reset: NeedsReset,
     ) -> Self {
+        let queues = queues
+            .into_iter()
+            .map(|(index, queue, notifier)| {
+                (index, queue, notifier, Arc::new(QueueWatch::default()))
+            })
+            .collect();
+        Self::with_watches(memory, features, queues, interrupt, needs_reset)
+    }
+
+    /// As [`new`](Self::new), with the transport's watch of each queue.
+    pub(crate) fn with_watches(
+        memory: M,
+        features: u64,
+        queues: Vec<(u16, Queue, EventFd, Arc<QueueWatch>)>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        needs_reset: NeedsReset,
+    ) -> Self {
+        let mut by_index: Vec<Option<ActiveQueue<M>>> = Vec::new();
+        for (index, queue, notifier, watch) in queues {
+            let i = usize::from(index);
+            if by_index.len() <= i {
+                by_index.resize_with(i + 1, || None);
+            }
+            let parts = QueueParts {
+                memory: memory.clone(),
+                interrupt: interrupt.clone(),
+                needs_reset: needs_reset.clone(),
+                watch,
+            };
+            by_index[i] = Some(ActiveQueue::new(index, queue, notifier, parts));
+        }
         Self {
             memory,
             features,
-            queues,
+            queues: by_index,
             interrupt,
             needs_reset,
         }
     }
 
     /// Guest memory.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &M {
         &self.memory
     }
 
@@ -189,24 +215,23 @@ impl ActivateContext {
     }
 
     /// The ready queues, in index order.
-    pub fn queues(&self) -> &[ActiveQueue] {
-        &self.queues
+    pub fn queues(&self) -> impl Iterator<Item = &ActiveQueue<M>> {
+        self.queues.iter().flatten()
+    }
+
+    /// The ready queues, in index order, mutably.
+    pub fn queues_mut(&mut self) -> impl Iterator<Item = &mut ActiveQueue<M>> {
+        self.queues.iter_mut().flatten()
     }
 
     /// The ready queue with this index.
-    pub fn queue(&self, index: u16) -> Option<&ActiveQueue> {
-        self.queues.iter().find(|q| q.index == index)
+    pub fn queue(&self, index: u16) -> Option<&ActiveQueue<M>> {
+        self.queues.get(usize::from(index))?.as_ref()
     }
 
     /// The ready queue with this index, mutably.
-    pub fn queue_mut(&mut self, index: u16) -> Option<&mut ActiveQueue> {
-        self.queues.iter_mut().find(|q| q.index == index)
-    }
-
-    /// Memory and a queue at once (for devices that drive virtio-queue themselves).
-    pub fn memory_and_queue(&mut self, index: u16) -> Option<(&GuestMemoryMmap, &mut ActiveQueue)> {
-        let q = self.queues.iter_mut().find(|q| q.index == index)?;
-        Some((&self.memory, q))
+    pub fn queue_mut(&mut self, index: u16) -> Option<&mut ActiveQueue<M>> {
+        self.queues.get_mut(usize::from(index))?.as_mut()
     }
 
     /// The interrupt.
@@ -221,7 +246,8 @@ impl ActivateContext {
 
     /// Enters `DEVICE_NEEDS_RESET` and notifies the driver with a configuration change
     /// interrupt, as the spec asks of a device that met a driver error it cannot recover
-    /// from. Processing should stop until the driver resets the device.
+    /// from. Processing should stop until the driver resets the device (the queues do
+    /// nothing more).
     pub fn set_needs_reset(&self) {
         if !self.needs_reset.is_set() {
             self.needs_reset.set();
@@ -234,17 +260,5 @@ impl ActivateContext {
     /// Whether the device is in `DEVICE_NEEDS_RESET`.
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.is_set()
-    }
-
-    pub(crate) fn parts_mut(
-        &mut self,
-        index: u16,
-    ) -> Option<(
-        &GuestMemoryMmap,
-        &mut ActiveQueue,
-        &Arc<dyn VirtioInterrupt>,
-    )> {
-        let q = self.queues.iter_mut().find(|q| q.index == index)?;
-        Some((&self.memory, q, &self.interrupt))
     }
 }

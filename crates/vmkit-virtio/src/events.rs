@@ -1,20 +1,39 @@
-//! The glue that runs an activated device from its queue notifiers.
+//! The glue that runs an activated device from its queue notifiers, and polls a queue after
+//! a notification when the device asked for it.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::VirtioDevice;
+use crate::queue::{read_avail_idx, QueueWatch, VirtioMemory};
 
 /// Locks a device, recovering it if a previous holder panicked (a device bug must not take
 /// the transport down with it).
-pub(crate) fn lock_device<'a>(
-    device: &'a Mutex<dyn VirtioDevice + 'static>,
-) -> MutexGuard<'a, dyn VirtioDevice + 'static> {
+pub(crate) fn lock_device<'a, M: VirtioMemory>(
+    device: &'a Mutex<dyn VirtioDevice<M> + 'static>,
+) -> MutexGuard<'a, dyn VirtioDevice<M> + 'static> {
     device.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Polling rounds after one notification before the event thread goes back to its other
+/// work (notifications are on again then, so the next request simply arrives as one): a
+/// driver that never stops submitting cannot hold the thread.
+pub const MAX_POLL_ROUNDS: u32 = 256;
+
+/// The epoll data of a device event: this bit plus the device's token (queue notifiers
+/// carry their index, below it).
+const DEVICE_EVENT: u32 = 1 << 16;
+
+struct WatchedQueue {
+    index: u16,
+    notifier: EventFd,
+    watch: Arc<QueueWatch>,
 }
 
 /// An event-manager subscriber that watches a device's queue notifiers and calls
@@ -22,26 +41,31 @@ pub(crate) fn lock_device<'a>(
 /// ([`VirtioDevice::device_events`], e.g. I/O completions) calling
 /// [`VirtioDevice::process_device_event`].
 ///
-/// Get one from the transport ([`MmioTransport::queue_event_handler`](crate::MmioTransport::queue_event_handler))
-/// and add it to the VMM's `EventManager` once, at start-up: the notifiers live as long as
-/// the transport, across device resets and re-activations (a notification for a queue the
+/// When a queue has a polling window ([`ActiveQueue::set_poll`](crate::ActiveQueue::set_poll)),
+/// a notification starts a poll: the handler keeps the driver's notifications suppressed and
+/// watches the available ring for the window, *without the device's lock*, serving new
+/// chains (and the device's events) as they come, up to [`MAX_POLL_ROUNDS`] windows; then it
+/// turns notifications back on through one last `process_queue`. A vCPU reading the device's
+/// registers meanwhile waits for one `process_queue` at most.
+///
+/// Get one from the transport
+/// ([`MmioTransport::queue_event_handler`](crate::MmioTransport::queue_event_handler)) and
+/// add it to the VMM's `EventManager` once, at start-up: the notifiers live as long as the
+/// transport, across device resets and re-activations (a notification for a queue the
 /// device has not activated is a no-op in the device).
-pub struct QueueEventHandler {
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    notifiers: Vec<(u16, EventFd)>,
+pub struct QueueEventHandler<M: VirtioMemory = GuestMemoryMmap> {
+    device: Arc<Mutex<dyn VirtioDevice<M>>>,
+    memory: M,
+    queues: Vec<WatchedQueue>,
     device_events: Vec<(u16, EventFd)>,
 }
 
-/// The epoll data of a device event: this bit plus the device's token (queue notifiers
-/// carry their index, below it).
-const DEVICE_EVENT: u32 = 1 << 16;
-
-impl fmt::Debug for QueueEventHandler {
+impl<M: VirtioMemory> fmt::Debug for QueueEventHandler<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QueueEventHandler")
             .field(
                 "queues",
-                &self.notifiers.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+                &self.queues.iter().map(|q| q.index).collect::<Vec<_>>(),
             )
             .field(
                 "device_events",
@@ -55,12 +79,37 @@ impl fmt::Debug for QueueEventHandler {
     }
 }
 
-impl QueueEventHandler {
-    /// A handler calling `device` for each `(queue index, notifier)` pair.
-    pub fn new(device: Arc<Mutex<dyn VirtioDevice>>, notifiers: Vec<(u16, EventFd)>) -> Self {
+impl<M: VirtioMemory> QueueEventHandler<M> {
+    /// A handler calling `device` for each `(queue index, notifier)` pair (no polling: the
+    /// transports' handlers poll).
+    pub fn new(
+        device: Arc<Mutex<dyn VirtioDevice<M>>>,
+        memory: M,
+        notifiers: Vec<(u16, EventFd)>,
+    ) -> Self {
+        let notifiers = notifiers
+            .into_iter()
+            .map(|(i, fd)| (i, fd, Arc::new(QueueWatch::default())))
+            .collect();
+        Self::with_watches(device, memory, notifiers)
+    }
+
+    pub(crate) fn with_watches(
+        device: Arc<Mutex<dyn VirtioDevice<M>>>,
+        memory: M,
+        notifiers: Vec<(u16, EventFd, Arc<QueueWatch>)>,
+    ) -> Self {
         Self {
             device,
-            notifiers,
+            memory,
+            queues: notifiers
+                .into_iter()
+                .map(|(index, notifier, watch)| WatchedQueue {
+                    index,
+                    notifier,
+                    watch,
+                })
+                .collect(),
             device_events: Vec::new(),
         }
     }
@@ -70,6 +119,10 @@ impl QueueEventHandler {
     pub fn with_device_events(mut self, events: Vec<(u16, EventFd)>) -> Self {
         self.device_events = events;
         self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, dyn VirtioDevice<M> + 'static> {
+        lock_device(&self.device)
     }
 
     /// Consumes a pending signal of the device event `token` (if any) and runs the
@@ -82,28 +135,75 @@ impl QueueEventHandler {
         if fd.read().is_err() {
             return false;
         }
-        lock_device(&self.device).process_device_event(token);
+        self.lock().process_device_event(token);
         true
+    }
+
+    /// Serves every device event that is pending, without blocking.
+    fn poll_device_events(&mut self) {
+        for i in 0..self.device_events.len() {
+            let token = self.device_events[i].0;
+            if self.device_events[i].1.read().is_ok() {
+                self.lock().process_device_event(token);
+            }
+        }
     }
 
     /// Consumes a pending notification of queue `index` (if any) and runs the device's
-    /// queue processing. Returns whether a notification was pending.
+    /// queue processing, polling the queue afterwards if it has a polling window. Returns
+    /// whether a notification was pending.
     pub fn handle(&mut self, index: u16) -> bool {
-        let Some((_, fd)) = self.notifiers.iter().find(|(i, _)| *i == index) else {
+        let Some(q) = self.queues.iter().position(|q| q.index == index) else {
             return false;
         };
         // Non-blocking: `Err(WouldBlock)` when nothing is pending.
-        if fd.read().is_err() {
+        if self.queues[q].notifier.read().is_err() {
             return false;
         }
-        lock_device(&self.device).process_queue(index);
+        let watch = self.queues[q].watch.clone();
+        match watch.avail_ring().filter(|_| !watch.poll().is_zero()) {
+            Some(avail_ring) => self.poll_queue(index, &watch, avail_ring),
+            None => self.lock().process_queue(index),
+        }
         true
     }
 
-    /// Runs [`handle`](Self::handle) for every queue; returns how many had a pending
-    /// notification. For tests and for VMMs that poll instead of using event-manager.
+    /// Serves queue `index`, then watches its available ring for the polling window with
+    /// notifications suppressed, serving what arrives; ends with notifications on.
+    fn poll_queue(&mut self, index: u16, watch: &QueueWatch, avail_ring: vm_memory::GuestAddress) {
+        watch.set_polling(true);
+        // What the device has been given the chance to see: anything past it is new.
+        let mut seen = read_avail_idx(&self.memory, avail_ring);
+        self.lock().process_queue(index);
+        for _ in 0..MAX_POLL_ROUNDS {
+            let deadline = Instant::now() + watch.poll();
+            let mut arrived = false;
+            while Instant::now() < deadline && seen.is_some() {
+                self.poll_device_events();
+                let now = read_avail_idx(&self.memory, avail_ring);
+                if now != seen {
+                    seen = now;
+                    arrived = true;
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            if !arrived {
+                break;
+            }
+            self.lock().process_queue(index);
+        }
+        watch.set_polling(false);
+        // Notifications back on, and the ring checked once more, by the device's own pop.
+        self.lock().process_queue(index);
+    }
+
+    /// Runs [`handle`](Self::handle) for every queue and
+    /// [`handle_device_event`](Self::handle_device_event) for every device event; returns
+    /// how many had a signal pending. For tests and for VMMs that poll instead of using
+    /// event-manager.
     pub fn poll(&mut self) -> usize {
-        let indices: Vec<u16> = self.notifiers.iter().map(|(i, _)| *i).collect();
+        let indices: Vec<u16> = self.queues.iter().map(|q| q.index).collect();
         let tokens: Vec<u16> = self.device_events.iter().map(|(t, _)| *t).collect();
         indices.into_iter().filter(|i| self.handle(*i)).count()
             + tokens
@@ -113,7 +213,7 @@ impl QueueEventHandler {
     }
 }
 
-impl MutEventSubscriber for QueueEventHandler {
+impl<M: VirtioMemory> MutEventSubscriber for QueueEventHandler<M> {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         // The queue index (or DEVICE_EVENT | token) travels in the epoll data.
         let data = events.data();
@@ -130,9 +230,13 @@ impl MutEventSubscriber for QueueEventHandler {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (index, fd) in &self.notifiers {
-            if let Err(e) = ops.add(Events::with_data(fd, u32::from(*index), EventSet::IN)) {
-                log::error!("virtio: cannot watch the notifier of queue {index}: {e}");
+        for q in &self.queues {
+            let data = u32::from(q.index);
+            if let Err(e) = ops.add(Events::with_data(&q.notifier, data, EventSet::IN)) {
+                log::error!(
+                    "virtio: cannot watch the notifier of queue {}: {e}",
+                    q.index
+                );
             }
         }
         for (token, fd) in &self.device_events {
@@ -141,5 +245,131 @@ impl MutEventSubscriber for QueueEventHandler {
                 log::error!("virtio: cannot watch device event {token}: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use virtio_queue::desc::split::Descriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::*;
+    use crate::device::NeedsReset;
+    use crate::interrupt::{InterruptReason, VirtioInterrupt};
+    use crate::{ActivateContext, ActivateError};
+
+    struct NoIrq;
+    impl VirtioInterrupt for NoIrq {
+        fn trigger(&self, _: InterruptReason) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Completes every chain; counts the chains and the calls.
+    struct Counter {
+        ctx: Option<ActivateContext>,
+        chains: Arc<AtomicUsize>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl VirtioDevice for Counter {
+        fn device_type(&self) -> u32 {
+            4
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16]
+        }
+        fn device_features(&self) -> u64 {
+            0
+        }
+        fn ack_features(&mut self, _: u64) {}
+        fn read_config(&self, _: u64, _: &mut [u8]) {}
+        fn write_config(&mut self, _: u64, _: &[u8]) {}
+        fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+            self.ctx = Some(ctx);
+            Ok(())
+        }
+        fn process_queue(&mut self, index: u16) {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let Some(q) = self.ctx.as_mut().and_then(|c| c.queue_mut(index)) else {
+                return;
+            };
+            while let Ok(Some(chain)) = q.pop() {
+                let head = chain.head();
+                let _ = q.complete(head, 0);
+                self.chains.fetch_add(1, Ordering::SeqCst);
+            }
+            let _ = q.signal_used();
+        }
+        fn reset(&mut self) -> Option<ActivateContext> {
+            self.ctx.take()
+        }
+    }
+
+    fn add_chain(vq: &MockSplitQueue<GuestMemoryMmap>, n: u16) {
+        let d = RawDescriptor::from(Descriptor::new(0x8000, 16, 0, 0));
+        vq.add_desc_chains(&[d], n).unwrap();
+    }
+
+    #[test]
+    fn a_poll_serves_chains_without_notifications_and_without_holding_the_device() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(0x1000))
+            .unwrap();
+        let used_flags = GuestAddress(0x1000);
+        let watch = Arc::new(QueueWatch::default());
+        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut ctx = ActivateContext::with_watches(
+            mem.clone(),
+            0,
+            vec![(0, queue, notifier.try_clone().unwrap(), watch.clone())],
+            Arc::new(NoIrq),
+            NeedsReset::new(),
+        );
+        ctx.queue_mut(0)
+            .unwrap()
+            .set_poll(Duration::from_millis(200));
+        let (chains, calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Counter {
+            ctx: Some(ctx),
+            chains: chains.clone(),
+            calls: calls.clone(),
+        }));
+        let mut handler = QueueEventHandler::with_watches(
+            device.clone(),
+            mem.clone(),
+            vec![(0, notifier.try_clone().unwrap(), watch)],
+        );
+        // One notified chain; the handler then polls on the event thread.
+        add_chain(&vq, 0);
+        notifier.write(1).unwrap();
+        let event_thread = std::thread::spawn(move || handler.handle(0));
+        while chains.load(Ordering::SeqCst) < 1 {
+            std::thread::yield_now();
+        }
+        // While it polls: notifications are off, and the device's lock is free.
+        assert_eq!(mem.read_obj::<u16>(used_flags).unwrap(), 1, "NO_NOTIFY");
+        drop(device.lock().unwrap());
+        // A chain added without a notification is served by the poll.
+        add_chain(&vq, 1);
+        while chains.load(Ordering::SeqCst) < 2 {
+            std::thread::yield_now();
+        }
+        assert!(event_thread.join().unwrap());
+        // The poll ended (200 ms without new chains) with notifications back on.
+        assert_eq!(mem.read_obj::<u16>(used_flags).unwrap(), 0);
+        assert_eq!(chains.load(Ordering::SeqCst), 2);
+        assert!(calls.load(Ordering::SeqCst) >= 3, "notified, polled, final");
+        assert!(notifier.read().is_err(), "no notification was needed");
     }
 }

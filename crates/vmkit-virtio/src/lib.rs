@@ -1,17 +1,18 @@
-//! The virtio core of vmkit: a transport-independent device model, the queue plumbing on
-//! [virtio-queue], the glue that runs a device from its queue notifications, the
-//! virtio-mmio transport, and (feature `pci`) the virtio-pci transport.
+//! The virtio core of vmkit: a transport-independent device model, the virtqueue protocol
+//! written once on [virtio-queue], the glue that runs a device from its queue notifications
+//! (polling included), the virtio-mmio transport, and (feature `pci`) the virtio-pci
+//! transport. Everything is generic over the guest memory type, as virtio-queue is.
 //!
 //! | piece | what it is |
 //! |---|---|
 //! | [`VirtioDevice`] | what a device implements: type, queue sizes, features, config space, activate, `process_queue`, reset |
-//! | [`ActivateContext`] | what a device gets at `DRIVER_OK`: guest memory, the ready [`Queue`](virtio_queue::Queue)s with one notifier [`EventFd`](vmm_sys_util::eventfd::EventFd) each, a [`VirtioInterrupt`], the negotiated features |
-//! | [`ActivateContext::process_queue`] | the notification-suppression loop (`EVENT_IDX` both ways, `VRING_AVAIL_F_NO_INTERRUPT`), used ring, interrupt, `DEVICE_NEEDS_RESET` on a corrupt ring |
-//! | [`chain_descriptors`] | a descriptor chain (indirect tables followed) checked for loops, over-long chains and buffers outside RAM |
-//! | [`QueueEventHandler`] | an event-manager subscriber calling `process_queue` when a queue's eventfd fires |
+//! | [`ActivateContext`] | what a device gets at `DRIVER_OK`: guest memory, the ready queues, an interrupt, the negotiated features |
+//! | [`ActiveQueue`] | the virtqueue protocol, once: [`pop`](ActiveQueue::pop) (checked chains, the notification-suppression loop), [`complete`](ActiveQueue::complete), [`signal_used`](ActiveQueue::signal_used) (`EVENT_IDX` / `NO_INTERRUPT`), [`set_poll`](ActiveQueue::set_poll); a corrupt ring sets `DEVICE_NEEDS_RESET` |
+//! | [`Chain`] | a popped chain: head, checked descriptors (indirect tables followed; loops, over-long chains and buffers outside RAM refused) |
+//! | [`QueueEventHandler`] | an event-manager subscriber calling `process_queue` when a queue's eventfd fires, and polling a queue without the device's lock when the device asked for it |
 //! | [`MmioTransport`] | virtio-mmio version 2 as a vm-device [`MutDeviceMmio`](vm_device::MutDeviceMmio), with the status and feature negotiation state machine |
 //! | [`MmioInterrupt`] | InterruptStatus/ACK and ConfigGeneration over one [`InterruptLine`](vmkit_irq::InterruptLine) |
-//! | `pci::VirtioPciDevice` (feature `pci`) | virtio-pci modern as a `vmkit_pci::PciDevice`: common/notify/ISR/device capabilities in one 64-bit BAR, MSI-X vector per queue plus config, the same state machine as `MmioTransport` |
+//! | `pci::PciTransport` (feature `pci`) | virtio-pci modern as a `vmkit_pci::PciDevice`: common/notify/ISR/device capabilities in one 64-bit BAR, MSI-X vector per queue plus config, the same state machine as `MmioTransport`, DMA only while bus mastering is on |
 //! | `test_utils` (feature `test-utils`) | guest memory, a recording interrupt, mock-ring contexts, and a harness running virtio-drivers' drivers against a device in-process (on virtio-pci too, with `pci`) |
 //!
 //! Devices depend on this crate, virtio-queue, virtio-bindings and vm-memory only; they never
@@ -25,48 +26,49 @@
 //! use vmkit_bus::{mmio_range, IoBus};
 //! use vmkit_irq::CountingLine;
 //! use vmkit_virtio::{
-//!     chain_descriptors, cmdline_entry, ActivateContext, ActivateError, MmioTransport,
-//!     VirtioDevice, MMIO_MAGIC_VALUE, MMIO_SIZE, QUEUE_NOTIFY_OFFSET,
+//!     ActivateContext, ActivateError, MmioTransport, VirtioDevice, VirtioMemory,
+//!     MMIO_MAGIC_VALUE, MMIO_SIZE, QUEUE_NOTIFY_OFFSET,
 //! };
 //!
-//! /// A device that zero-fills whatever the driver offers on its one queue.
-//! #[derive(Default)]
-//! struct Zeroes(Option<ActivateContext>);
+//! /// A device that zero-fills whatever the driver offers on its one queue, on any memory.
+//! struct Zeroes<M: VirtioMemory>(Option<ActivateContext<M>>);
 //!
-//! impl VirtioDevice for Zeroes {
+//! impl<M: VirtioMemory> VirtioDevice<M> for Zeroes<M> {
 //!     fn device_type(&self) -> u32 { 4 }
 //!     fn queue_max_sizes(&self) -> &[u16] { &[64] }
 //!     fn device_features(&self) -> u64 { 0 }
 //!     fn ack_features(&mut self, _features: u64) {}
 //!     fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
 //!     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-//!     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+//!     fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
 //!         self.0 = Some(ctx);
 //!         Ok(())
 //!     }
 //!     fn process_queue(&mut self, index: u16) {
-//!         let Some(ctx) = self.0.as_mut() else { return };
-//!         let _ = ctx.process_queue(index, |mem, chain| {
-//!             let Ok(descs) = chain_descriptors(chain) else { return 0 };
+//!         let Some(q) = self.0.as_mut().and_then(|c| c.queue_mut(index)) else { return };
+//!         // Every chain, checked; a corrupt ring ends the loop with the device needing reset.
+//!         while let Ok(Some(chain)) = q.pop() {
 //!             let mut used = 0;
-//!             for d in descs.iter().filter(|d| d.is_write_only()) {
+//!             for d in chain.descriptors().unwrap_or_default() {
 //!                 let zeros = vec![0u8; d.len() as usize];
-//!                 if mem.write_slice(&zeros, d.addr()).is_ok() {
+//!                 if d.is_write_only() && chain.memory().write_slice(&zeros, d.addr()).is_ok() {
 //!                     used += d.len();
 //!                 }
 //!             }
-//!             used
-//!         });
+//!             let head = chain.head();
+//!             let _ = q.complete(head, used);
+//!         }
+//!         let _ = q.signal_used(); // if the driver's suppression rules allow
 //!     }
-//!     fn reset(&mut self) -> Option<ActivateContext> { self.0.take() }
+//!     fn reset(&mut self) -> Option<ActivateContext<M>> { self.0.take() }
 //! }
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+//! let memory: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
 //! let irq = Arc::new(CountingLine::new()); // an irqfd-backed EventFdLine in a VMM
-//! let transport = MmioTransport::new(Arc::new(Mutex::new(Zeroes::default())), memory, irq)?;
+//! let transport = MmioTransport::new(Arc::new(Mutex::new(Zeroes(None))), memory, irq)?;
 //!
-//! // What the VMM wires: queue notifications as ioeventfds…
+//! // What the VMM wires (vmkit-kvm does all of it): queue notifications as ioeventfds…
 //! let base = 0xD000_0000;
 //! for n in transport.queue_notifiers(base) {
 //!     assert_eq!((n.addr, n.datamatch), (base + QUEUE_NOTIFY_OFFSET, u32::from(n.queue)));
@@ -76,9 +78,8 @@
 //! let mut events = event_manager::EventManager::new()?;
 //! event_manager::SubscriberOps::add_subscriber(&mut events, transport.queue_event_handler()?);
 //! // …the registers on its MMIO bus, and the device on the kernel command line or in the DSDT.
-//! let mut bus = IoBus::new();
+//! let bus = IoBus::new();
 //! bus.register_mmio(mmio_range(base, MMIO_SIZE)?, Arc::new(Mutex::new(transport)))?;
-//! assert_eq!(cmdline_entry(base, 5), "virtio_mmio.device=4K@0xd0000000:5");
 //!
 //! // What a guest sees.
 //! let mut magic = [0u8; 4];
@@ -105,18 +106,18 @@ mod queue;
 pub mod test_utils;
 
 pub use device::{
-    ActivateContext, ActiveQueue, NeedsReset, VirtioDevice, FEATURE_RING_EVENT_IDX,
-    FEATURE_RING_INDIRECT_DESC, FEATURE_VERSION_1, RING_FEATURES,
+    ActivateContext, NeedsReset, VirtioDevice, FEATURE_RING_EVENT_IDX, FEATURE_RING_INDIRECT_DESC,
+    FEATURE_VERSION_1, RING_FEATURES,
 };
 pub use error::{ActivateError, Error, Result};
-pub use events::QueueEventHandler;
+pub use events::{QueueEventHandler, MAX_POLL_ROUNDS};
 pub use interrupt::{
     InterruptReason, MmioInterrupt, VirtioInterrupt, INTERRUPT_STATUS_CONFIG,
     INTERRUPT_STATUS_USED_RING,
 };
 pub use mmio::{
-    cmdline_entry, regs, MmioTransport, QueueNotifier, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE,
-    MMIO_SIZE, MMIO_VERSION, QUEUE_NOTIFY_OFFSET,
+    regs, MmioNotifier, MmioTransport, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE, MMIO_SIZE,
+    MMIO_VERSION, QUEUE_NOTIFY_OFFSET,
 };
-pub use queue::{chain_descriptors, needs_interrupt, ChainError, QueueRun};
+pub use queue::{chain_descriptors, ActiveQueue, Chain, ChainError, VirtioMemory};
 pub use virtio_queue::desc::split::Descriptor;

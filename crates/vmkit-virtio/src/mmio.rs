@@ -10,7 +10,7 @@ use vm_memory::GuestMemoryMmap;
 use vmkit_irq::InterruptLine;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::common::{QueueArea, VirtioState};
+use crate::common::{config_access_ok, QueueArea, VirtioState};
 #[cfg(test)]
 use crate::common::{S_ACKNOWLEDGE, S_DRIVER, S_DRIVER_OK, S_FAILED, S_FEATURES_OK, S_NEEDS_RESET};
 use crate::device::VirtioDevice;
@@ -18,6 +18,7 @@ use crate::device::VirtioDevice;
 use crate::device::{ActivateContext, FEATURE_VERSION_1};
 use crate::events::QueueEventHandler;
 use crate::interrupt::{MmioInterrupt, VirtioInterrupt};
+use crate::queue::VirtioMemory;
 use crate::Result;
 #[cfg(test)]
 use crate::{ActivateError, Error};
@@ -98,7 +99,7 @@ pub mod regs {
 /// An eventfd to register with KVM for a queue's notifications: `KVM_IOEVENTFD` at
 /// `addr`, 4 bytes, with `datamatch`.
 #[derive(Debug)]
-pub struct QueueNotifier<'a> {
+pub struct MmioNotifier<'a> {
     /// The queue index.
     pub queue: u16,
     /// The guest physical address of QueueNotify.
@@ -117,13 +118,13 @@ pub struct QueueNotifier<'a> {
 /// accesses are ignored (reads return `0xFF` bytes); the configuration space from
 /// [`CONFIG_SPACE_OFFSET`] takes 1-, 2- and 4-byte accesses, and 8-byte ones as two 4-byte
 /// halves. Nothing a guest writes panics the VMM.
-pub struct MmioTransport {
-    state: VirtioState,
+pub struct MmioTransport<M: VirtioMemory = GuestMemoryMmap> {
+    state: VirtioState<M>,
     interrupt: Arc<MmioInterrupt>,
     vendor_id: u32,
 }
 
-impl fmt::Debug for MmioTransport {
+impl<M: VirtioMemory> fmt::Debug for MmioTransport<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MmioTransport")
             .field("device_type", &self.state.device_type)
@@ -137,19 +138,19 @@ impl fmt::Debug for MmioTransport {
     }
 }
 
-impl MmioTransport {
+impl<M: VirtioMemory> MmioTransport<M> {
     /// Puts `device` on virtio-mmio, with DMA to `memory` and its interrupt on `line` (an
     /// irqfd-backed line in a VMM).
     ///
     /// Creates one non-blocking eventfd per queue for notifications (see
     /// [`queue_notifiers`](Self::queue_notifiers)).
     pub fn new(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        memory: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice<M>>>,
+        memory: M,
         line: Arc<dyn InterruptLine>,
     ) -> Result<Self> {
         Ok(Self {
-            state: VirtioState::new("virtio-mmio", device, memory)?,
+            state: VirtioState::new("virtio-mmio", device, memory, true)?,
             interrupt: Arc::new(MmioInterrupt::new(line)),
             vendor_id: 0,
         })
@@ -162,7 +163,7 @@ impl MmioTransport {
     }
 
     /// The device.
-    pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
+    pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice<M>>> {
         &self.state.device
     }
 
@@ -194,7 +195,7 @@ impl MmioTransport {
     /// The QueueNotify ioeventfds to register with KVM for a device at `base`: one per queue,
     /// at `base + 0x50`, 4 bytes, datamatch = queue index. Until registered (or when KVM
     /// lets a write through), a QueueNotify write signals the same eventfd from the MMIO exit.
-    pub fn queue_notifiers(&self, base: u64) -> Vec<QueueNotifier<'_>> {
+    pub fn queue_notifiers(&self, base: u64) -> Vec<MmioNotifier<'_>> {
         let Some(addr) = base.checked_add(QUEUE_NOTIFY_OFFSET) else {
             return Vec::new();
         };
@@ -204,7 +205,7 @@ impl MmioTransport {
             .enumerate()
             .filter_map(|(i, fd)| {
                 let queue = u16::try_from(i).ok()?;
-                Some(QueueNotifier {
+                Some(MmioNotifier {
                     queue,
                     addr,
                     datamatch: u32::from(queue),
@@ -216,7 +217,7 @@ impl MmioTransport {
 
     /// The glue to add to the VMM's event manager: it watches clones of the queue
     /// notifiers and runs [`VirtioDevice::process_queue`].
-    pub fn queue_event_handler(&self) -> Result<QueueEventHandler> {
+    pub fn queue_event_handler(&self) -> Result<QueueEventHandler<M>> {
         self.state.queue_event_handler()
     }
 
@@ -283,10 +284,10 @@ impl MmioTransport {
     }
 }
 
-impl MutDeviceMmio for MmioTransport {
+impl<M: VirtioMemory> MutDeviceMmio for MmioTransport<M> {
     fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
         if let Some(config) = offset.checked_sub(CONFIG_SPACE_OFFSET) {
-            if !VirtioState::config_access_ok(config, data.len()) {
+            if !config_access_ok(config, data.len()) {
                 data.fill(0xFF);
                 return;
             }
@@ -308,7 +309,7 @@ impl MutDeviceMmio for MmioTransport {
 
     fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
         if let Some(config) = offset.checked_sub(CONFIG_SPACE_OFFSET) {
-            if VirtioState::config_access_ok(config, data.len()) {
+            if config_access_ok(config, data.len()) {
                 self.state.write_config(config, data);
             }
             return;
@@ -325,13 +326,6 @@ impl MutDeviceMmio for MmioTransport {
         }
         self.write_register(offset, u32::from_le_bytes(bytes));
     }
-}
-
-/// The kernel command-line entry that tells Linux about a virtio-mmio device when there is
-/// no ACPI (or alongside it, for guests that parse only the command line):
-/// `virtio_mmio.device=4K@0xd0000000:5`.
-pub fn cmdline_entry(base: u64, gsi: u32) -> String {
-    format!("virtio_mmio.device=4K@{base:#x}:{gsi}")
 }
 
 #[cfg(test)]
@@ -562,13 +556,13 @@ mod tests {
         assert_eq!(t.driver_ok(), ACK | DRV | FOK | DOK);
         let dev = t.dev.lock().unwrap();
         let ctx = dev.active.as_ref().unwrap();
-        assert_eq!(ctx.queues().len(), 1);
-        let q = &ctx.queue(0).unwrap().queue;
+        assert_eq!(ctx.queues().count(), 1);
+        let q = ctx.queue(0).unwrap().state();
         assert_eq!(
-            (q.size(), q.desc_table(), q.avail_ring(), q.used_ring()),
+            (q.size, q.desc_table, q.avail_ring, q.used_ring),
             (16, 0x1000, 0x2000, 0x3000)
         );
-        assert!(!q.event_idx_enabled());
+        assert!(!q.event_idx_enabled);
         assert_eq!(ctx.features(), FEATURE_VERSION_1 | 1);
     }
 
@@ -668,8 +662,8 @@ mod tests {
         {
             let dev = t.dev.lock().unwrap();
             let ctx = dev.active.as_ref().unwrap();
-            assert_eq!(ctx.queue(0).unwrap().queue.desc_table(), 0x1000);
-            assert_eq!(ctx.queue(0).unwrap().queue.size(), 16);
+            assert_eq!(ctx.queue(0).unwrap().state().desc_table, 0x1000);
+            assert_eq!(ctx.queue(0).unwrap().size(), 16);
         }
         // After DRIVER_OK nothing changes, and QueueReady=1 is ignored.
         t.w(regs::QUEUE_SEL, 1);
@@ -686,7 +680,7 @@ mod tests {
                 .as_ref()
                 .unwrap()
                 .queues()
-                .len(),
+                .count(),
             2
         );
     }
@@ -925,13 +919,5 @@ mod tests {
             .unwrap_err();
             assert!(matches!(err, Error::InvalidQueueMaxSize { .. }), "{err}");
         }
-    }
-
-    #[test]
-    fn cmdline() {
-        assert_eq!(
-            cmdline_entry(0xD000_0000, 5),
-            "virtio_mmio.device=4K@0xd0000000:5"
-        );
     }
 }

@@ -8,8 +8,10 @@
 //! ```
 //! use std::sync::{Arc, Mutex};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
-//! use vmkit_pci::{BarEvent, BarObserver, ForbiddenRanges, PciBus, RecordingSink};
-//! use vmkit_virtio::pci::{VirtioPciDevice, VIRTIO_PCI_BAR};
+//! use vmkit_bus::IoBus;
+//! use vmkit_irq::RecordingSink;
+//! use vmkit_pci::{BarEvent, BarObserver, ForbiddenRanges, PciBus};
+//! use vmkit_virtio::pci::{PciTransport, VIRTIO_PCI_BAR};
 //! use vmkit_virtio::{ActivateContext, ActivateError, VirtioDevice};
 //!
 //! struct Nothing;
@@ -24,24 +26,24 @@
 //!     fn reset(&mut self) -> Option<ActivateContext> { None }
 //! }
 //!
-//! /// Moves the notify ioeventfds when the guest moves BAR 0.
+//! /// Moves the notify ioeventfds when the guest moves BAR 0 (vmkit-kvm's PCI platform
+//! /// does this with KVM).
 //! struct MoveIoeventfds;
 //! impl BarObserver for MoveIoeventfds {
 //!     fn bar_event(&self, event: &BarEvent) {
-//!         if let BarEvent::Moved { bar, old, new, .. } = event {
-//!             if bar.index == VIRTIO_PCI_BAR {
-//!                 // unregister at `old`, register `transport.queue_notifiers(new)`
-//!                 let _ = (old, new);
-//!             }
+//!         if event.bar.index == VIRTIO_PCI_BAR {
+//!             // unregister at `event.old`, register `transport.queue_notifiers(new)`
+//!             let _ = (event.old, event.new);
 //!         }
 //!     }
 //! }
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
-//! let sink = RecordingSink::new(); // the VMM's KVM MSI routes + irqfds
-//! let transport = VirtioPciDevice::new(Arc::new(Mutex::new(Nothing)), memory, sink, 0xC000_0000)?;
-//! assert_eq!(transport.bar_size(), 0x8000);
+//! let memory: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)])?;
+//! let sink = RecordingSink::new(); // the VMM's KVM MSI routes + irqfds (vmkit_irq::KvmMsiSink)
+//! // The BAR's size is known before the transport is built: place it, then build.
+//! assert_eq!(PciTransport::bar_size_for(1), 0x8000);
+//! let transport = PciTransport::new(Arc::new(Mutex::new(Nothing)), memory, sink, 0xC000_0000)?;
 //! for n in transport.queue_notifiers(0xC000_0000) {
 //!     assert_eq!(n.addr, 0xC000_3000 + 4 * u64::from(n.queue));
 //!     // vm.register_ioevent(n.eventfd, &IoEventAddress::Mmio(n.addr), NoDatamatch)?;
@@ -49,7 +51,8 @@
 //! let handler = transport.queue_event_handler()?; // onto the VMM's event manager
 //! # drop(handler);
 //!
-//! let pci = PciBus::new(0xC000_0000..=0xDFFF_FFFF, Arc::new(ForbiddenRanges(vec![0..=0xBFFF_FFFF])))?;
+//! let vm_bus = Arc::new(IoBus::new());
+//! let pci = PciBus::new(&vm_bus, 0xC000_0000..=0xDFFF_FFFF, Arc::new(ForbiddenRanges(vec![0..=0xBFFF_FFFF])))?;
 //! pci.set_observer(Arc::new(MoveIoeventfds));
 //! let bdf = pci.add_device(Arc::new(Mutex::new(transport)))?;
 //! assert_eq!((bdf.device, bdf.function), (1, 0));
@@ -63,18 +66,19 @@ use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use vm_memory::GuestMemoryMmap;
-use vmkit_irq::InterruptLine;
+use vmkit_irq::{InterruptLine, MsiVectorSink};
 use vmkit_pci::{
-    BarKind, ConfigSpace, MsiVectorSink, MsixTable, PciBar, PciDevice, PciIds, CAP_ID_VENDOR,
+    BarKind, ConfigSpace, MsixTable, PciBar, PciDevice, PciIds, CAP_ID_VENDOR, COMMAND_BUS_MASTER,
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::common::{QueueArea, VirtioState};
+use crate::common::{config_access_ok, QueueArea, VirtioState};
 use crate::device::VirtioDevice;
 use crate::events::QueueEventHandler;
 use crate::interrupt::{
     InterruptReason, VirtioInterrupt, INTERRUPT_STATUS_CONFIG, INTERRUPT_STATUS_USED_RING,
 };
+use crate::queue::VirtioMemory;
 use crate::{Error, Result};
 
 /// The PCI vendor ID of virtio devices.
@@ -93,7 +97,7 @@ pub const VIRTIO_PCI_BAR: usize = 0;
 pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
 
 /// Where the structures sit in the BAR.
-pub mod layout {
+pub mod bar_offsets {
     /// Common configuration (§4.1.4.3).
     pub const COMMON_CFG_OFFSET: u64 = 0x0000;
     /// Size of the common configuration structure (up to `queue_device`).
@@ -151,7 +155,7 @@ const CAP_DEVICE_CFG: u8 = 4;
 
 /// The virtio-pci interrupt: MSI-X vectors per reason when MSI-X is enabled, else the ISR
 /// status byte and an optional INTx line.
-pub struct VirtioPciInterrupt {
+pub struct PciInterrupt {
     isr: AtomicU32,
     generation: AtomicU32,
     msix: Arc<MsixTable>,
@@ -160,16 +164,16 @@ pub struct VirtioPciInterrupt {
     intx: OnceLock<Arc<dyn InterruptLine>>,
 }
 
-impl fmt::Debug for VirtioPciInterrupt {
+impl fmt::Debug for PciInterrupt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VirtioPciInterrupt")
+        f.debug_struct("PciInterrupt")
             .field("isr", &self.isr.load(Ordering::SeqCst))
             .field("config_vector", &self.config_vector())
             .finish_non_exhaustive()
     }
 }
 
-impl VirtioPciInterrupt {
+impl PciInterrupt {
     fn new(msix: Arc<MsixTable>, queues: usize) -> Self {
         Self {
             isr: AtomicU32::new(0),
@@ -229,7 +233,7 @@ impl VirtioPciInterrupt {
     }
 }
 
-impl VirtioInterrupt for VirtioPciInterrupt {
+impl VirtioInterrupt for PciInterrupt {
     fn trigger(&self, reason: InterruptReason) -> io::Result<()> {
         let vector = match reason {
             InterruptReason::Config => {
@@ -261,7 +265,7 @@ impl VirtioInterrupt for VirtioPciInterrupt {
 /// (2 from Linux and virtio-drivers) at `addr`, no datamatch (each queue has its own
 /// address) — `register_ioevent(eventfd, &IoEventAddress::Mmio(addr), NoDatamatch)`.
 #[derive(Debug)]
-pub struct PciQueueNotifier<'a> {
+pub struct PciNotifier<'a> {
     /// The queue index.
     pub queue: u16,
     /// The guest physical address of the queue's notify register.
@@ -272,26 +276,26 @@ pub struct PciQueueNotifier<'a> {
 
 /// A virtio device on virtio-pci (modern, virtio 1.x only).
 ///
-/// Add it to a [`vmkit_pci::PciBus`] as `Arc<Mutex<VirtioPciDevice>>`. Its BAR 0 (64-bit
+/// Add it to a [`vmkit_pci::PciBus`] as `Arc<Mutex<PciTransport>>`. Its BAR 0 (64-bit
 /// memory, not prefetchable, [`bar_size`](Self::bar_size) bytes) holds the common
 /// configuration at 0, ISR at 0x1000, device configuration at 0x2000, notify registers at
 /// 0x3000 (4 bytes a queue), then the MSI-X table and PBA. Common configuration fields take
 /// their natural width only (64-bit fields also as two 32-bit halves); other accesses read
 /// all ones and are ignored. The status, feature and queue rules are those of
 /// [`MmioTransport`](crate::MmioTransport).
-pub struct VirtioPciDevice {
-    state: VirtioState,
+pub struct PciTransport<M: VirtioMemory = GuestMemoryMmap> {
+    state: VirtioState<M>,
     config: ConfigSpace,
-    interrupt: Arc<VirtioPciInterrupt>,
+    interrupt: Arc<PciInterrupt>,
     msix_cap: u16,
     bar_size: u64,
     table_offset: u64,
     pba_offset: u64,
 }
 
-impl fmt::Debug for VirtioPciDevice {
+impl<M: VirtioMemory> fmt::Debug for PciTransport<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VirtioPciDevice")
+        f.debug_struct("PciTransport")
             .field("device_type", &self.state.device_type)
             .field("status", &format_args!("{:#x}", self.state.status()))
             .field("activated", &self.state.activated)
@@ -320,17 +324,44 @@ fn virtio_cap(cfg_type: u8, offset: u64, length: u64, extra: Option<u32>) -> Vec
     body
 }
 
-impl VirtioPciDevice {
+/// Where the MSI-X table and PBA go in BAR 0, and the BAR's size, for `queues` queues.
+fn bar_plan(queues: usize) -> (u64, u64, u64) {
+    let vectors = queues as u64 + 1;
+    let notify_size =
+        (queues.max(1) as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)).next_multiple_of(0x1000);
+    let table_offset = bar_offsets::NOTIFY_OFFSET + notify_size;
+    let table_size = vectors * vmkit_pci::MSIX_ENTRY_SIZE;
+    let pba_offset = table_offset + table_size.next_multiple_of(0x1000);
+    let pba_size = vectors.div_ceil(64) * 8;
+    let bar_size = (pba_offset + pba_size.next_multiple_of(0x1000)).next_power_of_two();
+    (table_offset, pba_offset, bar_size)
+}
+
+impl PciTransport {
+    /// The size of BAR 0 of a transport for a device with `queues` queues (a power of two),
+    /// known before the transport is built, so a VMM can place the BAR first.
+    pub fn bar_size_for(queues: usize) -> u64 {
+        bar_plan(queues).2
+    }
+}
+
+impl<M: VirtioMemory> PciTransport<M> {
     /// Puts `device` on virtio-pci with DMA to `memory`, its MSI-X vectors delivered
-    /// through `sink`, and BAR 0 at `bar_address` (aligned to [`bar_size`](Self::bar_size);
-    /// 0 leaves it for the guest to assign). One non-blocking eventfd per queue.
+    /// through `sink`, and BAR 0 at `bar_address` (aligned to
+    /// [`bar_size_for`](PciTransport::bar_size_for); 0 leaves it for the guest to assign).
+    /// One non-blocking eventfd per queue.
+    ///
+    /// The device may access guest memory only while the command register's bus master
+    /// bit is set: a driver setting `DRIVER_OK` before it starts the device when it sets the
+    /// bit, and a driver clearing it under a running device stops the device, which then
+    /// needs a reset.
     pub fn new(
-        device: Arc<Mutex<dyn VirtioDevice>>,
-        memory: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice<M>>>,
+        memory: M,
         sink: Arc<dyn MsiVectorSink>,
         bar_address: u64,
     ) -> Result<Self> {
-        let state = VirtioState::new("virtio-pci", device, memory)?;
+        let state = VirtioState::new("virtio-pci", device, memory, false)?;
         let queues = state.num_queues();
         let vectors = queues + 1;
         let device_id = u16::try_from(state.device_type)
@@ -338,12 +369,7 @@ impl VirtioPciDevice {
             .and_then(|t| VIRTIO_PCI_DEVICE_ID_BASE.checked_add(t))
             .ok_or(Error::DeviceTypeOutOfRange(state.device_type))?;
         let msix = Arc::new(MsixTable::new(vectors, sink).map_err(Error::Pci)?);
-
-        let notify_size =
-            (queues.max(1) as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)).next_multiple_of(0x1000);
-        let table_offset = layout::NOTIFY_OFFSET + notify_size;
-        let pba_offset = table_offset + msix.table_size().next_multiple_of(0x1000);
-        let bar_size = (pba_offset + msix.pba_size().next_multiple_of(0x1000)).next_power_of_two();
+        let (table_offset, pba_offset, bar_size) = bar_plan(queues);
 
         let mut config = ConfigSpace::new(PciIds {
             vendor_id: VIRTIO_PCI_VENDOR_ID,
@@ -366,21 +392,21 @@ impl VirtioPciDevice {
         for (cfg_type, offset, length, extra) in [
             (
                 CAP_COMMON_CFG,
-                layout::COMMON_CFG_OFFSET,
-                layout::COMMON_CFG_SIZE,
+                bar_offsets::COMMON_CFG_OFFSET,
+                bar_offsets::COMMON_CFG_SIZE,
                 None,
             ),
             (
                 CAP_NOTIFY_CFG,
-                layout::NOTIFY_OFFSET,
+                bar_offsets::NOTIFY_OFFSET,
                 queues.max(1) as u64 * u64::from(NOTIFY_OFF_MULTIPLIER),
                 Some(NOTIFY_OFF_MULTIPLIER),
             ),
-            (CAP_ISR_CFG, layout::ISR_OFFSET, 1, None),
+            (CAP_ISR_CFG, bar_offsets::ISR_OFFSET, 1, None),
             (
                 CAP_DEVICE_CFG,
-                layout::DEVICE_CFG_OFFSET,
-                layout::DEVICE_CFG_SIZE,
+                bar_offsets::DEVICE_CFG_OFFSET,
+                bar_offsets::DEVICE_CFG_SIZE,
                 None,
             ),
         ] {
@@ -397,7 +423,7 @@ impl VirtioPciDevice {
                 pba_offset as u32,
             )
             .map_err(Error::Pci)?;
-        let interrupt = Arc::new(VirtioPciInterrupt::new(msix, queues));
+        let interrupt = Arc::new(PciInterrupt::new(msix, queues));
         Ok(Self {
             state,
             config,
@@ -428,12 +454,12 @@ impl VirtioPciDevice {
     }
 
     /// The device.
-    pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice>> {
+    pub fn device(&self) -> &Arc<Mutex<dyn VirtioDevice<M>>> {
         &self.state.device
     }
 
     /// The interrupt (MSI-X vectors, ISR, configuration generation).
-    pub fn interrupt(&self) -> &Arc<VirtioPciInterrupt> {
+    pub fn interrupt(&self) -> &Arc<PciInterrupt> {
         &self.interrupt
     }
 
@@ -459,7 +485,7 @@ impl VirtioPciDevice {
 
     /// The notify ioeventfds for BAR 0 at `bar_base`: queue `n` at
     /// `bar_base + 0x3000 + 4n`. Re-register them when the bus reports BAR 0 moved.
-    pub fn queue_notifiers(&self, bar_base: u64) -> Vec<PciQueueNotifier<'_>> {
+    pub fn queue_notifiers(&self, bar_base: u64) -> Vec<PciNotifier<'_>> {
         self.state
             .notifiers
             .iter()
@@ -467,9 +493,9 @@ impl VirtioPciDevice {
             .filter_map(|(i, fd)| {
                 let queue = u16::try_from(i).ok()?;
                 let addr = bar_base
-                    .checked_add(layout::NOTIFY_OFFSET)?
+                    .checked_add(bar_offsets::NOTIFY_OFFSET)?
                     .checked_add(u64::from(queue) * u64::from(NOTIFY_OFF_MULTIPLIER))?;
-                Some(PciQueueNotifier {
+                Some(PciNotifier {
                     queue,
                     addr,
                     eventfd: fd,
@@ -479,15 +505,17 @@ impl VirtioPciDevice {
     }
 
     /// The glue to add to the VMM's event manager.
-    pub fn queue_event_handler(&self) -> Result<QueueEventHandler> {
+    pub fn queue_event_handler(&self) -> Result<QueueEventHandler<M>> {
         self.state.queue_event_handler()
     }
 
     /// Device reset (the driver wrote 0 to `device_status`): as virtio-mmio's, plus the
-    /// MSI-X vector assignments back to `NO_VECTOR` (the MSI-X table, PCI state, stays).
+    /// MSI-X vector assignments back to `NO_VECTOR` and pending MSI-X messages dropped (the
+    /// MSI-X table, PCI state, stays).
     pub fn reset(&mut self) {
         self.state.reset();
         self.interrupt.reset();
+        self.interrupt.msix.clear_pending();
     }
 
     fn read_common(&mut self, offset: u64, data: &mut [u8]) {
@@ -596,7 +624,7 @@ fn within(offset: u64, start: u64, size: u64) -> Option<u64> {
     offset.checked_sub(start).filter(|o| *o < size)
 }
 
-impl PciDevice for VirtioPciDevice {
+impl<M: VirtioMemory> PciDevice for PciTransport<M> {
     fn read_config(&mut self, offset: u16, data: &mut [u8]) {
         self.config.read(offset, data);
     }
@@ -605,14 +633,13 @@ impl PciDevice for VirtioPciDevice {
         self.config.write(offset, data);
         let control = self.config.read_u16(self.msix_cap + 2);
         self.interrupt.msix.set_control(control);
+        let bus_master = self.config.command() & COMMAND_BUS_MASTER != 0;
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        self.state.set_dma_allowed(bus_master, &interrupt);
     }
 
     fn bar(&self, index: usize) -> Option<PciBar> {
         self.config.bar(index)
-    }
-
-    fn set_bar_address(&mut self, index: usize, address: u64) {
-        self.config.set_bar_address(index, address);
     }
 
     fn read_bar(&mut self, index: usize, offset: u64, data: &mut [u8]) {
@@ -621,12 +648,20 @@ impl PciDevice for VirtioPciDevice {
             return;
         }
         let msix = self.interrupt.msix.clone();
-        if let Some(o) = within(offset, layout::COMMON_CFG_OFFSET, layout::COMMON_CFG_SIZE) {
+        if let Some(o) = within(
+            offset,
+            bar_offsets::COMMON_CFG_OFFSET,
+            bar_offsets::COMMON_CFG_SIZE,
+        ) {
             self.read_common(o, data);
-        } else if offset == layout::ISR_OFFSET && data.len() == 1 {
+        } else if offset == bar_offsets::ISR_OFFSET && data.len() == 1 {
             data[0] = self.interrupt.take_isr();
-        } else if let Some(o) = within(offset, layout::DEVICE_CFG_OFFSET, layout::DEVICE_CFG_SIZE) {
-            if VirtioState::config_access_ok(o, data.len()) {
+        } else if let Some(o) = within(
+            offset,
+            bar_offsets::DEVICE_CFG_OFFSET,
+            bar_offsets::DEVICE_CFG_SIZE,
+        ) {
+            if config_access_ok(o, data.len()) {
                 self.state.read_config(o, data);
             } else {
                 data.fill(0xFF);
@@ -647,13 +682,21 @@ impl PciDevice for VirtioPciDevice {
         }
         let msix = self.interrupt.msix.clone();
         let notify_size = self.state.num_queues() as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
-        if let Some(o) = within(offset, layout::COMMON_CFG_OFFSET, layout::COMMON_CFG_SIZE) {
+        if let Some(o) = within(
+            offset,
+            bar_offsets::COMMON_CFG_OFFSET,
+            bar_offsets::COMMON_CFG_SIZE,
+        ) {
             self.write_common(o, data);
-        } else if let Some(o) = within(offset, layout::DEVICE_CFG_OFFSET, layout::DEVICE_CFG_SIZE) {
-            if VirtioState::config_access_ok(o, data.len()) {
+        } else if let Some(o) = within(
+            offset,
+            bar_offsets::DEVICE_CFG_OFFSET,
+            bar_offsets::DEVICE_CFG_SIZE,
+        ) {
+            if config_access_ok(o, data.len()) {
                 self.state.write_config(o, data);
             }
-        } else if let Some(o) = within(offset, layout::NOTIFY_OFFSET, notify_size) {
+        } else if let Some(o) = within(offset, bar_offsets::NOTIFY_OFFSET, notify_size) {
             // What an ioeventfd would catch: the queue is the address, whatever the value.
             if o.is_multiple_of(u64::from(NOTIFY_OFF_MULTIPLIER)) && matches!(data.len(), 1 | 2 | 4)
             {
@@ -676,7 +719,8 @@ mod tests {
     use crate::device::{ActivateContext, FEATURE_VERSION_1};
     use crate::ActivateError;
     use vm_memory::GuestAddress;
-    use vmkit_pci::{RecordingSink, MSIX_CONTROL_ENABLE};
+    use vmkit_irq::RecordingSink;
+    use vmkit_pci::MSIX_CONTROL_ENABLE;
 
     const ACK: u8 = S_ACKNOWLEDGE as u8;
     const DRV: u8 = S_DRIVER as u8;
@@ -727,20 +771,32 @@ mod tests {
     }
 
     struct T {
-        pci: VirtioPciDevice,
+        pci: PciTransport,
         dev: Arc<Mutex<Probe>>,
         sink: Arc<RecordingSink>,
     }
 
+    /// A transport as a driver finds it after enabling the function: memory decoding and
+    /// bus mastering on.
     fn transport() -> T {
+        let mut t = transport_without_bus_master();
+        t.command(vmkit_pci::COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER);
+        t
+    }
+
+    fn transport_without_bus_master() -> T {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap();
         let dev = Arc::new(Mutex::new(Probe::default()));
         let sink = RecordingSink::new();
-        let pci = VirtioPciDevice::new(dev.clone(), mem, sink.clone(), 0xC000_0000).unwrap();
+        let pci = PciTransport::new(dev.clone(), mem, sink.clone(), 0xC000_0000).unwrap();
         T { pci, dev, sink }
     }
 
     impl T {
+        fn command(&mut self, bits: u16) {
+            self.pci
+                .write_config(vmkit_pci::offsets::COMMAND, &bits.to_le_bytes());
+        }
         fn r(&mut self, off: u64, len: usize) -> u64 {
             let mut b = [0u8; 8];
             self.pci.read_bar(0, off, &mut b[..len]);
@@ -841,7 +897,7 @@ mod tests {
                 .as_ref()
                 .unwrap()
                 .queues()
-                .len(),
+                .count(),
             1
         );
         // Locked after DRIVER_OK.
@@ -885,16 +941,16 @@ mod tests {
             .iter()
             .map(|n| n.eventfd.try_clone().unwrap())
             .collect();
-        t.w(layout::NOTIFY_OFFSET, 2, 0);
+        t.w(bar_offsets::NOTIFY_OFFSET, 2, 0);
         assert!(fds[0].read().is_err(), "before activation");
         t.negotiate();
         t.queue(0, 16, 0x1000, 0x2000, 0x3000);
         t.w(DEVICE_STATUS, 1, u64::from(ACK | DRV | FOK | DOK));
-        t.w(layout::NOTIFY_OFFSET, 2, 0);
+        t.w(bar_offsets::NOTIFY_OFFSET, 2, 0);
         assert_eq!(fds[0].read().unwrap(), 1);
-        t.w(layout::NOTIFY_OFFSET + 4, 2, 1); // queue 1 not ready
-        t.w(layout::NOTIFY_OFFSET + 8, 2, 2); // past the notify region
-        t.w(layout::NOTIFY_OFFSET + 2, 2, 0); // misaligned
+        t.w(bar_offsets::NOTIFY_OFFSET + 4, 2, 1); // queue 1 not ready
+        t.w(bar_offsets::NOTIFY_OFFSET + 8, 2, 2); // past the notify region
+        t.w(bar_offsets::NOTIFY_OFFSET + 2, 2, 0); // misaligned
         assert!(fds[0].read().is_err());
         assert!(fds[1].read().is_err());
     }
@@ -924,10 +980,10 @@ mod tests {
         t.w(DEVICE_FEATURE, 4, 0);
         t.w(CONFIG_GENERATION, 1, 9);
         t.w(QUEUE_NOTIFY_OFF, 2, 9);
-        t.w(layout::ISR_OFFSET, 1, 3);
+        t.w(bar_offsets::ISR_OFFSET, 1, 3);
         assert_eq!(t.r(NUM_QUEUES, 2), 2);
         assert_eq!(t.r(QUEUE_NOTIFY_OFF, 2), 0);
-        assert_eq!(t.r(layout::ISR_OFFSET, 1), 0);
+        assert_eq!(t.r(bar_offsets::ISR_OFFSET, 1), 0);
         // Anywhere in the BAR, any width, other BARs: no panic.
         for off in [
             0u64,
@@ -951,9 +1007,12 @@ mod tests {
         }
         // Device config window: widths as on virtio-mmio.
         t.dev.lock().unwrap().config = [1, 2, 3, 4, 5, 6, 7, 8];
-        assert_eq!(t.r(layout::DEVICE_CFG_OFFSET + 2, 2), 0x0403);
-        assert_eq!(t.r(layout::DEVICE_CFG_OFFSET, 8), 0x0807_0605_0403_0201);
-        assert_eq!(t.r(layout::DEVICE_CFG_OFFSET + 1, 2), 0xFFFF);
+        assert_eq!(t.r(bar_offsets::DEVICE_CFG_OFFSET + 2, 2), 0x0403);
+        assert_eq!(
+            t.r(bar_offsets::DEVICE_CFG_OFFSET, 8),
+            0x0807_0605_0403_0201
+        );
+        assert_eq!(t.r(bar_offsets::DEVICE_CFG_OFFSET + 1, 2), 0xFFFF);
     }
 
     #[test]
@@ -964,8 +1023,8 @@ mod tests {
         irq.trigger(InterruptReason::Queue(0)).unwrap();
         irq.trigger(InterruptReason::Config).unwrap();
         assert_eq!(t.r(CONFIG_GENERATION, 1), 1);
-        assert_eq!(t.r(layout::ISR_OFFSET, 1), 3);
-        assert_eq!(t.r(layout::ISR_OFFSET, 1), 0);
+        assert_eq!(t.r(bar_offsets::ISR_OFFSET, 1), 3);
+        assert_eq!(t.r(bar_offsets::ISR_OFFSET, 1), 0);
         // MSI-X on: config → msix_config, queue → its vector; entries unmasked.
         let cap = t.pci.msix_capability();
         t.pci
@@ -986,7 +1045,7 @@ mod tests {
         irq.trigger(InterruptReason::Queue(9)).unwrap(); // no such queue: nothing
         assert_eq!(t.sink.triggers(), vec![2, 0]);
         assert_eq!(
-            t.r(layout::ISR_OFFSET, 1),
+            t.r(bar_offsets::ISR_OFFSET, 1),
             2,
             "config bit set even with MSI-X"
         );
@@ -996,5 +1055,58 @@ mod tests {
         t.w(QUEUE_SELECT, 2, 1);
         assert_eq!(t.r(QUEUE_MSIX_VECTOR, 2), 0xFFFF);
         assert_eq!(t.dev.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn no_dma_while_bus_mastering_is_off() {
+        // DRIVER_OK before bus mastering: accepted, the device starts when it comes on.
+        let mut t = transport_without_bus_master();
+        t.negotiate();
+        t.queue(0, 16, 0x1000, 0x2000, 0x3000);
+        t.w(DEVICE_STATUS, 1, u64::from(ACK | DRV | FOK | DOK));
+        assert_eq!(t.status(), ACK | DRV | FOK | DOK);
+        assert!(!t.pci.is_activated());
+        assert!(t.dev.lock().unwrap().active.is_none(), "no context, no DMA");
+        t.command(COMMAND_BUS_MASTER);
+        assert!(t.pci.is_activated());
+        assert!(t.dev.lock().unwrap().active.is_some());
+        // Turned off under the running device: stopped (context taken back), needs reset.
+        t.command(0);
+        assert!(!t.pci.is_activated());
+        assert!(t.dev.lock().unwrap().active.is_none());
+        assert_eq!(t.dev.lock().unwrap().resets, 1);
+        assert_ne!(t.status() & S_NEEDS_RESET as u8, 0);
+        // Turning it on again does not restart it; a reset and a new session do.
+        t.command(COMMAND_BUS_MASTER);
+        assert!(!t.pci.is_activated());
+        t.w(DEVICE_STATUS, 1, 0);
+        assert_eq!(t.status(), 0);
+        t.negotiate();
+        t.queue(0, 16, 0x1000, 0x2000, 0x3000);
+        t.w(DEVICE_STATUS, 1, u64::from(ACK | DRV | FOK | DOK));
+        assert!(t.pci.is_activated());
+    }
+
+    #[test]
+    fn reset_drops_pending_msix_messages() {
+        let mut t = transport();
+        let cap = t.pci.msix_capability();
+        t.pci
+            .write_config(cap + 2, &MSIX_CONTROL_ENABLE.to_le_bytes());
+        t.negotiate();
+        t.w(QUEUE_SELECT, 2, 0);
+        t.w(QUEUE_MSIX_VECTOR, 2, 1);
+        t.queue(0, 16, 0x1000, 0x2000, 0x3000);
+        t.w(DEVICE_STATUS, 1, u64::from(ACK | DRV | FOK | DOK));
+        // Vector 1 is still masked (entries come out of reset masked): the message waits.
+        t.pci
+            .interrupt()
+            .trigger(InterruptReason::Queue(0))
+            .unwrap();
+        assert!(t.pci.interrupt().msix().is_pending(1));
+        t.w(DEVICE_STATUS, 1, 0);
+        assert!(!t.pci.interrupt().msix().is_pending(1), "dropped at reset");
+        assert!(t.pci.interrupt().msix().enabled(), "PCI state stays");
+        assert!(t.sink.triggers().is_empty());
     }
 }

@@ -1,30 +1,36 @@
-//! Queue plumbing on virtio-queue: the processing loop with notification suppression, and
-//! descriptor chain validation.
+//! The virtqueue protocol, written once: taking available chains (checked), returning them
+//! in the used ring, interrupting the driver when the suppression rules allow, and leaving
+//! notifications off while the queue is polled.
 
-use std::ops::Deref;
-use std::sync::atomic::{fence, Ordering};
+use std::fmt;
+use std::num::Wrapping;
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::device::ActivateContext;
+use crate::device::NeedsReset;
 use crate::interrupt::{InterruptReason, VirtioInterrupt};
 use crate::{Error, Result};
+
+/// The guest memory types the virtio stack works on: any vm-memory [`GuestMemory`] that is a
+/// cheap handle (`Clone`) shared between threads — `GuestMemoryMmap`, with or without a
+/// dirty-page bitmap, and others.
+pub trait VirtioMemory: GuestMemory + Clone + Send + Sync + 'static {}
+
+impl<T: GuestMemory + Clone + Send + Sync + 'static> VirtioMemory for T {}
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`: without `EVENT_IDX`, the driver's hint that it does not
 /// want used-buffer interrupts.
 const VRING_AVAIL_F_NO_INTERRUPT: u16 =
     virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
-
-/// What one [`ActivateContext::process_queue`] call did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct QueueRun {
-    /// Descriptor chains taken from the available ring and returned in the used ring.
-    pub chains: usize,
-    /// Whether the driver was interrupted (the suppression rules allowed it).
-    pub interrupted: bool,
-}
+/// Size of the used ring's header (flags, idx) and of one used element.
+const USED_HEADER: u64 = 4;
+const USED_ELEMENT: u64 = 8;
 
 /// Why a descriptor chain is unusable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -54,23 +60,39 @@ pub fn chain_descriptors<M>(
     chain: DescriptorChain<M>,
 ) -> std::result::Result<Vec<Descriptor>, ChainError>
 where
-    M: Clone + Deref,
+    M: Clone + std::ops::Deref,
     M::Target: GuestMemory,
 {
-    let mem_check = chain.clone();
-    let mem = mem_check.memory();
-    let descs: Vec<Descriptor> = chain.collect();
-    match descs.last() {
+    let mut out = Vec::new();
+    collect_chain(chain, &mut out)?;
+    Ok(out)
+}
+
+/// [`chain_descriptors`] into a reused vector.
+fn collect_chain<M>(
+    chain: DescriptorChain<M>,
+    out: &mut Vec<Descriptor>,
+) -> std::result::Result<(), ChainError>
+where
+    M: Clone + std::ops::Deref,
+    M::Target: GuestMemory,
+{
+    out.clear();
+    let for_memory = chain.clone();
+    let mem = for_memory.memory();
+    out.extend(chain);
+    match out.last() {
         None => return Err(ChainError::Malformed),
         Some(last) if last.has_next() => return Err(ChainError::Malformed),
         Some(_) => {}
     }
-    for d in &descs {
+    for d in out.iter() {
+        let outside = ChainError::OutsideMemory {
+            addr: d.addr().raw_value(),
+            len: d.len(),
+        };
         let Ok(len) = usize::try_from(d.len()) else {
-            return Err(ChainError::OutsideMemory {
-                addr: d.addr().raw_value(),
-                len: d.len(),
-            });
+            return Err(outside);
         };
         let access = if d.is_write_only() {
             Permissions::Write
@@ -78,446 +100,414 @@ where
             Permissions::Read
         };
         if len > 0 && !GuestMemory::check_range(mem, d.addr(), len, access) {
-            return Err(ChainError::OutsideMemory {
-                addr: d.addr().raw_value(),
-                len: d.len(),
-            });
+            return Err(outside);
         }
     }
-    Ok(descs)
+    Ok(())
 }
 
-/// Whether the driver wants an interrupt for what was just added to the used ring.
+/// A descriptor chain taken from the available ring by [`ActiveQueue::pop`].
 ///
-/// With `EVENT_IDX`, virtio-queue's `needs_notification` (the `used_event` rule); without
-/// it, the `VRING_AVAIL_F_NO_INTERRUPT` flag of the available ring, which virtio-queue
-/// does not read.
-pub fn needs_interrupt(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-) -> std::result::Result<bool, virtio_queue::Error> {
-    if queue.event_idx_enabled() {
-        return queue.needs_notification(mem);
-    }
-    // Order the used ring writes before reading the driver's flags.
-    fence(Ordering::SeqCst);
-    let flags: u16 = mem
-        .load(GuestAddress(queue.avail_ring()), Ordering::Acquire)
-        .map_err(virtio_queue::Error::GuestMemory)?;
-    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+/// Return it with [`ActiveQueue::complete`] (its [`head`](Self::head) and how many bytes the
+/// device wrote into its buffers), now or later: a device may hold many in flight.
+pub struct Chain<'a, M> {
+    head: u16,
+    descriptors: std::result::Result<&'a [Descriptor], ChainError>,
+    memory: &'a M,
 }
 
-impl ActivateContext {
-    /// Serves every available chain of queue `index` with `handle`, which returns how many
-    /// bytes it wrote into the chain's device-writable buffers (the used length).
-    ///
-    /// The loop is virtio's notification-suppression loop: driver notifications are
-    /// disabled while chains are taken (with `EVENT_IDX`, `avail_event` is moved past what
-    /// was seen), re-enabled, and the ring is checked once more so a chain made available
-    /// in between is not missed. The driver is then interrupted once, if the suppression
-    /// rules (`used_event` or `VRING_AVAIL_F_NO_INTERRUPT`) allow.
-    ///
-    /// A corrupt ring (available index running ahead by more than the queue size, a head
-    /// index outside the queue, ring memory that cannot be accessed) puts the device in
-    /// `DEVICE_NEEDS_RESET` and returns the error; so does a failure to interrupt. Check
-    /// each chain's buffers with [`chain_descriptors`].
-    pub fn process_queue<F>(&mut self, index: u16, mut handle: F) -> Result<QueueRun>
-    where
-        F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
-    {
-        if self.needs_reset() {
-            return Ok(QueueRun::default());
-        }
-        let Some((mem, q, interrupt)) = self.parts_mut(index) else {
-            return Err(Error::NoSuchQueue(index));
-        };
-        let result = run_queue(mem, &mut q.queue, index, interrupt.as_ref(), &mut handle);
-        if let Err(e) = &result {
-            log::warn!("virtio: queue {index}: {e}; device needs reset");
-            self.set_needs_reset();
-        }
-        result
+impl<M> fmt::Debug for Chain<'_, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Chain")
+            .field("head", &self.head)
+            .field("descriptors", &self.descriptors)
+            .finish_non_exhaustive()
     }
 }
 
-fn run_queue<F>(
-    mem: &GuestMemoryMmap,
-    queue: &mut Queue,
+impl<'a, M> Chain<'a, M> {
+    /// The head index, which identifies the chain in the used ring.
+    pub fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// The chain's descriptors (indirect tables followed), or why the chain is unusable: a
+    /// loop, an over-long chain, a bad index, a buffer outside guest memory. Every buffer
+    /// given lies inside guest memory, device-writable ones in writable memory. A device
+    /// completes an unusable chain with length 0 (or an error status it can place).
+    pub fn descriptors(&self) -> std::result::Result<&'a [Descriptor], ChainError> {
+        self.descriptors
+    }
+
+    /// Guest memory, to read and write the chain's buffers.
+    pub fn memory(&self) -> &'a M {
+        self.memory
+    }
+}
+
+/// What a queue and the [`QueueEventHandler`](crate::QueueEventHandler) watching it share:
+/// whether and how long to poll the queue after a notification, and where its available
+/// ring is, so the handler can watch it without the device's lock.
+#[derive(Debug, Default)]
+pub(crate) struct QueueWatch {
+    /// The polling window in nanoseconds (0: no polling).
+    poll_ns: AtomicU64,
+    /// Set while the handler polls: an empty ring leaves notifications suppressed.
+    polling: AtomicBool,
+    /// The available ring's guest address; 0 while the queue is not active.
+    avail_ring: AtomicU64,
+}
+
+impl QueueWatch {
+    pub(crate) fn poll(&self) -> Duration {
+        Duration::from_nanos(self.poll_ns.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_polling(&self, on: bool) {
+        self.polling.store(on, Ordering::SeqCst);
+    }
+
+    fn polling(&self) -> bool {
+        self.polling.load(Ordering::SeqCst)
+    }
+
+    /// The available ring's address, while the queue is active.
+    pub(crate) fn avail_ring(&self) -> Option<GuestAddress> {
+        match self.avail_ring.load(Ordering::Acquire) {
+            0 => None,
+            a => Some(GuestAddress(a)),
+        }
+    }
+
+    pub(crate) fn activate(&self, avail_ring: u64) {
+        self.avail_ring.store(avail_ring, Ordering::Release);
+    }
+
+    pub(crate) fn deactivate(&self) {
+        self.avail_ring.store(0, Ordering::Release);
+        self.poll_ns.store(0, Ordering::Relaxed);
+        self.polling.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The driver's available index of the queue whose available ring is at `avail_ring`.
+pub(crate) fn read_avail_idx<M: GuestMemory>(mem: &M, avail_ring: GuestAddress) -> Option<u16> {
+    let addr = avail_ring.checked_add(2)?;
+    mem.load::<u16>(addr, Ordering::Acquire)
+        .ok()
+        .map(u16::from_le)
+}
+
+/// A queue the driver made ready, as the device gets it at activation: the one place the
+/// virtqueue protocol lives.
+///
+/// ```text
+/// while let Ok(Some(chain)) = queue.pop() {        // checked chains, suppression loop
+///     let head = chain.head();
+///     let len = serve(chain.memory(), chain.descriptors());
+///     let _ = queue.complete(head, len);            // used ring
+/// }
+/// let _ = queue.signal_used();                      // EVENT_IDX / NO_INTERRUPT rules
+/// ```
+///
+/// [`pop`](Self::pop) runs virtio's notification-suppression loop: driver notifications go
+/// off while chains are taken; when the ring is empty they come back on and the ring is
+/// checked once more, so a chain made available in between is not missed. While the
+/// transport's event handler polls the queue (see [`set_poll`](Self::set_poll)), an empty
+/// ring leaves them off instead. A corrupt ring (the available index running more than a
+/// queue ahead, ring memory that cannot be accessed, a head outside the queue) puts the
+/// device in `DEVICE_NEEDS_RESET` (with a configuration interrupt) and every later call does
+/// nothing.
+pub struct ActiveQueue<M> {
     index: u16,
-    interrupt: &dyn VirtioInterrupt,
-    handle: &mut F,
-) -> Result<QueueRun>
-where
-    F: FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
-{
-    let qerr = |source| Error::Queue { index, source };
-    let mut run = QueueRun::default();
-    loop {
-        queue.disable_notification(mem).map_err(qerr)?;
-        // virtio-queue's iterator refuses (and only logs) an available index running more
-        // than a queue size ahead; check it here to report it.
-        let avail = queue.avail_idx(mem, Ordering::Acquire).map_err(qerr)?;
-        let pending = avail.0.wrapping_sub(queue.next_avail());
-        if pending > queue.size() {
-            return Err(Error::InvalidAvailIndex {
-                index,
-                avail: avail.0,
-                next: queue.next_avail(),
-                size: queue.size(),
-            });
-        }
-        for _ in 0..pending {
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                return Err(Error::AvailRingUnreadable(index));
-            };
-            let head = chain.head_index();
-            let len = handle(mem, chain);
-            queue.add_used(mem, head, len).map_err(qerr)?;
-            run.chains += 1;
-        }
-        if !queue.enable_notification(mem).map_err(qerr)? {
-            break;
-        }
-    }
-    if run.chains > 0 && needs_interrupt(queue, mem).map_err(qerr)? {
-        interrupt
-            .trigger(InterruptReason::Queue(index))
-            .map_err(Error::Interrupt)?;
-        run.interrupted = true;
-    }
-    Ok(run)
+    queue: Queue,
+    notifier: EventFd,
+    memory: M,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    needs_reset: NeedsReset,
+    watch: Arc<QueueWatch>,
+    /// Whether driver notifications are on, as this queue last set them.
+    notifications: bool,
+    /// The available index as last read.
+    avail: Wrapping<u16>,
+    /// Chains were completed since the last [`signal_used`](Self::signal_used).
+    unsignalled: bool,
+    /// The descriptors of the chain last popped.
+    scratch: Vec<Descriptor>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{InterruptReason, NeedsReset};
-    use std::sync::{Arc, Mutex};
-    use virtio_bindings::virtio_ring::{
-        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    };
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
-    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-    const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
-    const MEM: usize = 0x10_0000;
-    const USED: GuestAddress = GuestAddress(0x1000);
-
-    #[derive(Default)]
-    struct Irq(Mutex<Vec<InterruptReason>>);
-    impl VirtioInterrupt for Irq {
-        fn trigger(&self, reason: InterruptReason) -> std::io::Result<()> {
-            self.0.lock().unwrap().push(reason);
-            Ok(())
-        }
+impl<M> fmt::Debug for ActiveQueue<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ActiveQueue")
+            .field("index", &self.index)
+            .field("size", &self.queue.size())
+            .field("next_avail", &self.queue.next_avail())
+            .field("next_used", &self.queue.next_used())
+            .field("event_idx", &self.queue.event_idx_enabled())
+            .finish_non_exhaustive()
     }
-    impl Irq {
-        fn get(&self) -> Vec<InterruptReason> {
-            self.0.lock().unwrap().clone()
-        }
-    }
+}
 
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-    }
+/// What a transport hands a queue at activation besides the ring.
+pub(crate) struct QueueParts<M> {
+    pub(crate) memory: M,
+    pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
+    pub(crate) needs_reset: NeedsReset,
+    pub(crate) watch: Arc<QueueWatch>,
+}
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM)]).unwrap()
-    }
-
-    fn context(
-        mem: &GuestMemoryMmap,
-        vq: &MockSplitQueue<GuestMemoryMmap>,
-        event_idx: bool,
-    ) -> (ActivateContext, Arc<Irq>, NeedsReset) {
-        let mut queue: Queue = vq.create_queue().unwrap();
-        // virtio-queue's mock lays the used ring over the end of the available ring
-        // (`SplitQueueRing::end` counts elements, not bytes): move it out of the way.
-        queue.try_set_used_ring_address(USED).unwrap();
-        queue.set_event_idx(event_idx);
-        let irq = Arc::new(Irq::default());
-        let nr = NeedsReset::new();
-        let ctx = ActivateContext::new(
-            mem.clone(),
-            0,
-            vec![crate::ActiveQueue {
-                index: 0,
-                queue,
-                notifier: EventFd::new(EFD_NONBLOCK).unwrap(),
-            }],
-            irq.clone(),
-            nr.clone(),
-        );
-        (ctx, irq, nr)
-    }
-
-    fn add_simple_chains(vq: &MockSplitQueue<GuestMemoryMmap>, n: u16, first: u16) {
-        for i in 0..n {
-            let d = first + i;
-            vq.add_desc_chains(&[desc(0x8000 + u64::from(d) * 0x100, 0x100, WRITE, 0)], d)
-                .unwrap();
+impl<M: VirtioMemory> ActiveQueue<M> {
+    pub(crate) fn new(index: u16, queue: Queue, notifier: EventFd, parts: QueueParts<M>) -> Self {
+        parts.watch.activate(queue.avail_ring());
+        Self {
+            index,
+            queue,
+            notifier,
+            memory: parts.memory,
+            interrupt: parts.interrupt,
+            needs_reset: parts.needs_reset,
+            watch: parts.watch,
+            notifications: true,
+            avail: Wrapping(0),
+            unsignalled: false,
+            scratch: Vec::new(),
         }
     }
 
-    fn used_idx(mem: &GuestMemoryMmap) -> u16 {
-        mem.read_obj(USED.unchecked_add(2)).unwrap()
+    /// The queue's index on the transport.
+    pub fn index(&self) -> u16 {
+        self.index
     }
 
-    #[test]
-    fn batches_chains_and_interrupts_once() {
-        let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let (mut ctx, irq, _) = context(&m, &vq, false);
-        add_simple_chains(&vq, 3, 0);
-        let mut seen = Vec::new();
-        let run = ctx
-            .process_queue(0, |_, chain| {
-                seen.push(chain.head_index());
-                0x80
-            })
-            .unwrap();
-        assert_eq!(
-            run,
-            QueueRun {
-                chains: 3,
-                interrupted: true
+    /// The queue size the driver chose.
+    pub fn size(&self) -> u16 {
+        self.queue.size()
+    }
+
+    /// Whether `VIRTIO_F_RING_EVENT_IDX` was negotiated.
+    pub fn event_idx(&self) -> bool {
+        self.queue.event_idx_enabled()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &M {
+        &self.memory
+    }
+
+    /// Signalled when the driver notifies this queue (a KVM ioeventfd in a VMM). The
+    /// transport's [`QueueEventHandler`](crate::QueueEventHandler) watches a clone of it; a
+    /// device may signal it itself to have the queue processed on the event thread (new
+    /// host input for a receive queue, say).
+    pub fn notifier(&self) -> &EventFd {
+        &self.notifier
+    }
+
+    /// virtio-queue's state of the ring (addresses, indices), for snapshots.
+    pub fn state(&self) -> virtio_queue::QueueState {
+        self.queue.state()
+    }
+
+    /// Whether the device is in `DEVICE_NEEDS_RESET` (a queue of it met a corrupt ring).
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.is_set()
+    }
+
+    /// After each notification, keep watching the available ring for `window` with the
+    /// driver's notifications suppressed, so a driver that submits again soon does so
+    /// without a VM exit ([`Duration::ZERO`], the default: no polling). The transport's
+    /// event handler polls without the device's lock and calls
+    /// [`VirtioDevice::process_queue`](crate::VirtioDevice::process_queue) for what arrives;
+    /// it costs the event thread up to `window` of spinning per notification (bounded in
+    /// rounds, so a driver that never stops submitting cannot hold it).
+    pub fn set_poll(&mut self, window: Duration) {
+        let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        self.watch.poll_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Puts the device in `DEVICE_NEEDS_RESET` for `error`, once, and returns it.
+    fn fail(&self, error: Error) -> Error {
+        if !self.needs_reset.is_set() {
+            log::warn!("virtio: {error}; device needs reset");
+            self.needs_reset.set();
+            if let Err(e) = self.interrupt.trigger(InterruptReason::Config) {
+                log::warn!("virtio: failed to signal DEVICE_NEEDS_RESET: {e}");
             }
-        );
-        assert_eq!(seen, [0, 1, 2]);
-        assert_eq!(used_idx(&m), 3);
-        let len: u32 = m.read_obj(USED.unchecked_add(4 + 8 * 2 + 4)).unwrap();
-        assert_eq!(len, 0x80);
-        assert_eq!(irq.get(), [InterruptReason::Queue(0)]);
-        // Notifications are re-enabled (used.flags = 0) once the ring is empty.
-        assert_eq!(m.read_obj::<u16>(USED).unwrap(), 0);
-        // Nothing new: no work, no interrupt.
-        assert_eq!(ctx.process_queue(0, |_, _| 0).unwrap(), QueueRun::default());
-        assert_eq!(irq.get().len(), 1);
+        }
+        error
     }
 
-    #[test]
-    fn event_idx_in_both_directions() {
-        let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let (mut ctx, irq, _) = context(&m, &vq, true);
-        let used_event = vq.avail_addr().unchecked_add(4 + 2 * 16);
-        let avail_event = USED.unchecked_add(4 + 8 * 16);
-        // The driver wants an interrupt once entry 5 is used.
-        m.write_obj(5u16, used_event).unwrap();
-        add_simple_chains(&vq, 3, 0);
-        let run = ctx.process_queue(0, |_, _| 1).unwrap();
-        assert_eq!(
-            run,
-            QueueRun {
-                chains: 3,
-                interrupted: false
-            }
-        );
-        // The device asks to be notified at the next new entry.
-        assert_eq!(m.read_obj::<u16>(avail_event).unwrap(), 3);
-        add_simple_chains(&vq, 3, 3);
-        let run = ctx.process_queue(0, |_, _| 1).unwrap();
-        assert_eq!(
-            run,
-            QueueRun {
-                chains: 3,
-                interrupted: true
-            }
-        );
-        assert_eq!(m.read_obj::<u16>(avail_event).unwrap(), 6);
-        assert_eq!(irq.get(), [InterruptReason::Queue(0)]);
-    }
-
-    #[test]
-    fn no_interrupt_flag_without_event_idx() {
-        let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let (mut ctx, irq, _) = context(&m, &vq, false);
-        m.write_obj(1u16, vq.avail_addr()).unwrap(); // VRING_AVAIL_F_NO_INTERRUPT
-        add_simple_chains(&vq, 2, 0);
-        let run = ctx.process_queue(0, |_, _| 1).unwrap();
-        assert_eq!(
-            run,
-            QueueRun {
-                chains: 2,
-                interrupted: false
-            }
-        );
-        assert!(irq.get().is_empty());
-    }
-
-    #[test]
-    fn avail_index_running_ahead_needs_reset() {
-        let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let (mut ctx, irq, nr) = context(&m, &vq, false);
-        m.write_obj(17u16, vq.avail_addr().unchecked_add(2))
-            .unwrap();
-        let mut calls = 0;
-        let err = ctx.process_queue(0, |_, _| {
-            calls += 1;
-            0
-        });
-        assert!(matches!(
-            err,
-            Err(Error::InvalidAvailIndex { avail: 17, .. })
-        ));
-        assert_eq!(calls, 0);
-        assert!(nr.is_set());
-        assert_eq!(irq.get(), [InterruptReason::Config]);
-        // Stopped until reset.
-        assert_eq!(ctx.process_queue(0, |_, _| 0).unwrap(), QueueRun::default());
-    }
-
-    #[test]
-    fn head_index_outside_the_queue_needs_reset() {
-        let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let (mut ctx, _irq, nr) = context(&m, &vq, false);
-        m.write_obj(40u16, vq.avail_addr().unchecked_add(4))
-            .unwrap();
-        m.write_obj(1u16, vq.avail_addr().unchecked_add(2)).unwrap();
-        let err = ctx.process_queue(0, |_, chain| {
-            assert_eq!(chain_descriptors(chain).err(), Some(ChainError::Malformed));
-            0
-        });
-        assert!(matches!(err, Err(Error::Queue { index: 0, .. })), "{err:?}");
-        assert!(nr.is_set());
-    }
-
-    #[test]
-    fn unknown_queue() {
-        let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let (mut ctx, _irq, nr) = context(&m, &vq, false);
-        assert!(matches!(
-            ctx.process_queue(3, |_, _| 0),
-            Err(Error::NoSuchQueue(3))
-        ));
-        assert!(!nr.is_set());
-    }
-
-    #[test]
-    fn rings_outside_memory_need_reset() {
-        let m = mem();
-        let vq = MockSplitQueue::new(&m, 16);
-        let (mut ctx, _irq, nr) = context(&m, &vq, false);
-        ctx.queue_mut(0)
-            .unwrap()
-            .queue
-            .try_set_avail_ring_address(GuestAddress(MEM as u64 + 0x1000))
-            .unwrap();
-        assert!(ctx.process_queue(0, |_, _| 0).is_err());
-        assert!(nr.is_set());
-    }
-
-    #[derive(Debug, PartialEq)]
-    struct D {
-        len: u32,
-        write: bool,
-    }
-
-    fn chain_of(
-        m: &GuestMemoryMmap,
-        descs: &[RawDescriptor],
-    ) -> std::result::Result<Vec<D>, ChainError> {
-        let vq = MockSplitQueue::new(m, 16);
-        vq.add_desc_chains(descs, 0).unwrap();
-        let mut q: Queue = vq.create_queue().unwrap();
-        let chain = q.pop_descriptor_chain(m).unwrap();
-        chain_descriptors(chain).map(|v| {
-            v.iter()
-                .map(|d| D {
-                    len: d.len(),
-                    write: d.is_write_only(),
-                })
-                .collect()
+    fn ring_error(&self, source: virtio_queue::Error) -> Error {
+        self.fail(Error::Queue {
+            index: self.index,
+            source,
         })
     }
 
-    #[test]
-    fn chain_validation() {
-        let m = mem();
-        // A proper chain.
-        let ok = chain_of(&m, &[desc(0x8000, 16, NEXT, 1), desc(0x9000, 64, WRITE, 0)]).unwrap();
-        assert_eq!(ok.len(), 2);
-        assert!(ok[1].write);
-        // A loop: 0 -> 1 -> 0.
-        assert_eq!(
-            chain_of(&m, &[desc(0x8000, 16, NEXT, 1), desc(0x9000, 16, NEXT, 0)]),
-            Err(ChainError::Malformed)
-        );
-        // A self loop.
-        assert_eq!(
-            chain_of(&m, &[desc(0x8000, 16, NEXT, 0)]),
-            Err(ChainError::Malformed)
-        );
-        // A chain longer than the queue: 16 linked descriptors, then one more.
-        let long: Vec<_> = (0..16u16)
-            .map(|i| desc(0x8000, 1, NEXT, (i + 1) % 16))
-            .collect();
-        assert_eq!(chain_of(&m, &long), Err(ChainError::Malformed));
-        // Next index outside the table.
-        assert_eq!(
-            chain_of(&m, &[desc(0x8000, 16, NEXT, 99)]),
-            Err(ChainError::Malformed)
-        );
-        // Buffers outside memory, or crossing its end.
-        assert_eq!(
-            chain_of(&m, &[desc(MEM as u64, 1, WRITE, 0)]),
-            Err(ChainError::OutsideMemory {
-                addr: MEM as u64,
-                len: 1
-            })
-        );
-        assert!(chain_of(&m, &[desc(MEM as u64 - 8, 16, 0, 0)]).is_err());
-        assert!(chain_of(&m, &[desc(u64::MAX - 4, 16, WRITE, 0)]).is_err());
-        // More than 4 GiB in total.
-        assert_eq!(
-            chain_of(
-                &m,
-                &[desc(0x8000, u32::MAX, NEXT, 1), desc(0x9000, 2, 0, 0)]
-            ),
-            Err(ChainError::Malformed)
-        );
+    /// Reads the available index; a driver running more than a queue ahead is an error.
+    fn refresh_avail(&mut self) -> Result<()> {
+        let avail = self
+            .queue
+            .avail_idx(&self.memory, Ordering::Acquire)
+            .map_err(|e| self.ring_error(e))?;
+        let next = self.queue.next_avail();
+        if avail.0.wrapping_sub(next) > self.queue.size() {
+            return Err(self.fail(Error::InvalidAvailIndex {
+                index: self.index,
+                avail: avail.0,
+                next,
+                size: self.queue.size(),
+            }));
+        }
+        self.avail = avail;
+        Ok(())
     }
 
-    #[test]
-    fn indirect_tables() {
-        let m = mem();
-        // A table of two descriptors at 0x20000.
-        m.write_obj(desc(0x8000, 16, NEXT, 1), GuestAddress(0x2_0000))
-            .unwrap();
-        m.write_obj(desc(0x9000, 32, WRITE, 0), GuestAddress(0x2_0010))
-            .unwrap();
-        let d = chain_of(&m, &[desc(0x2_0000, 32, INDIRECT, 0)]).unwrap();
-        assert_eq!(d.len(), 2);
-        assert_eq!(d[1].len, 32);
-        // A loop inside the table.
-        m.write_obj(desc(0x9000, 32, WRITE | NEXT, 0), GuestAddress(0x2_0010))
-            .unwrap();
-        assert_eq!(
-            chain_of(&m, &[desc(0x2_0000, 32, INDIRECT, 0)]),
-            Err(ChainError::Malformed)
-        );
-        // Nested indirect.
-        m.write_obj(desc(0x2_0000, 32, INDIRECT, 0), GuestAddress(0x2_0010))
-            .unwrap();
-        assert_eq!(
-            chain_of(&m, &[desc(0x2_0000, 32, INDIRECT, 0)]),
-            Err(ChainError::Malformed)
-        );
-        // Table length not a multiple of 16, or table outside memory.
-        assert_eq!(
-            chain_of(&m, &[desc(0x2_0000, 24, INDIRECT, 0)]),
-            Err(ChainError::Malformed)
-        );
-        assert_eq!(
-            chain_of(&m, &[desc(MEM as u64, 32, INDIRECT, 0)]),
-            Err(ChainError::Malformed)
-        );
+    /// Leaves driver notifications off while the queue is polled: with `EVENT_IDX`,
+    /// `avail_event` just behind the next entry (the driver only notifies when it crosses
+    /// it); without, the used ring's `NO_NOTIFY` flag.
+    fn suppress(&mut self) -> Result<()> {
+        if !self.queue.event_idx_enabled() {
+            return self
+                .queue
+                .disable_notification(&self.memory)
+                .map_err(|e| self.ring_error(e));
+        }
+        // The used ring was validated at activation: header, `size` elements, avail_event.
+        let offset = USED_HEADER + USED_ELEMENT * u64::from(self.queue.size());
+        let stored = GuestAddress(self.queue.used_ring())
+            .checked_add(offset)
+            .ok_or(virtio_queue::Error::AddressOverflow)
+            .and_then(|at| {
+                let behind = self.queue.next_avail().wrapping_sub(1);
+                self.memory
+                    .store(behind.to_le(), at, Ordering::Release)
+                    .map_err(virtio_queue::Error::GuestMemory)
+            });
+        stored.map_err(|e| self.ring_error(e))
+    }
+
+    /// Moves to the next available chain: `Ok(true)` when there is one to pop, `Ok(false)`
+    /// when the ring is empty (notifications back on, or left off while polling).
+    fn advance(&mut self) -> Result<bool> {
+        loop {
+            if self.notifications {
+                self.queue
+                    .disable_notification(&self.memory)
+                    .map_err(|e| self.ring_error(e))?;
+                self.notifications = false;
+            }
+            if self.avail.0 == self.queue.next_avail() {
+                self.refresh_avail()?;
+            }
+            if self.avail.0 != self.queue.next_avail() {
+                return Ok(true);
+            }
+            if self.watch.polling() {
+                self.suppress()?;
+                return Ok(false);
+            }
+            let more = self
+                .queue
+                .enable_notification(&self.memory)
+                .map_err(|e| self.ring_error(e))?;
+            self.notifications = true;
+            if !more {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// The next available chain, checked, or `None` when the ring is empty (or the device
+    /// needs a reset). The chain borrows the queue: take what you need from it, then
+    /// [`complete`](Self::complete) its head, now or after the I/O.
+    ///
+    /// # Errors
+    ///
+    /// A corrupt ring ([`Error::InvalidAvailIndex`], [`Error::AvailRingUnreadable`],
+    /// [`Error::Queue`]): the device is then in `DEVICE_NEEDS_RESET` already.
+    pub fn pop(&mut self) -> Result<Option<Chain<'_, M>>> {
+        if self.needs_reset.is_set() || !self.advance()? {
+            return Ok(None);
+        }
+        let Some(chain) = self.queue.pop_descriptor_chain(&self.memory) else {
+            return Err(self.fail(Error::AvailRingUnreadable(self.index)));
+        };
+        let head = chain.head_index();
+        let checked = collect_chain(chain, &mut self.scratch);
+        Ok(Some(Chain {
+            head,
+            descriptors: checked.map(|()| self.scratch.as_slice()),
+            memory: &self.memory,
+        }))
+    }
+
+    /// Puts chain `head` in the used ring with `len` bytes written into its buffers.
+    ///
+    /// # Errors
+    ///
+    /// A head outside the queue or a used ring that cannot be written: the device is then
+    /// in `DEVICE_NEEDS_RESET`.
+    pub fn complete(&mut self, head: u16, len: u32) -> Result<()> {
+        if self.needs_reset.is_set() {
+            return Ok(());
+        }
+        self.queue
+            .add_used(&self.memory, head, len)
+            .map_err(|e| self.ring_error(e))?;
+        self.unsignalled = true;
+        Ok(())
+    }
+
+    /// Interrupts the driver for what was completed since the last call, if the driver
+    /// wants it: with `EVENT_IDX`, once the used index passes its `used_event`; without,
+    /// unless it set `VRING_AVAIL_F_NO_INTERRUPT`. Returns whether it interrupted.
+    ///
+    /// # Errors
+    ///
+    /// The ring cannot be read, or the interrupt cannot be raised: the device is then in
+    /// `DEVICE_NEEDS_RESET`.
+    pub fn signal_used(&mut self) -> Result<bool> {
+        if !std::mem::take(&mut self.unsignalled) || self.needs_reset.is_set() {
+            return Ok(false);
+        }
+        if !self.driver_wants_interrupt()? {
+            return Ok(false);
+        }
+        self.interrupt
+            .trigger(InterruptReason::Queue(self.index))
+            .map_err(|e| self.fail(Error::Interrupt(e)))?;
+        Ok(true)
+    }
+
+    fn driver_wants_interrupt(&mut self) -> Result<bool> {
+        if self.queue.event_idx_enabled() {
+            return self
+                .queue
+                .needs_notification(&self.memory)
+                .map_err(|e| self.ring_error(e));
+        }
+        // Order the used ring writes before reading the driver's flags.
+        fence(Ordering::SeqCst);
+        let flags: u16 = self
+            .memory
+            .load(GuestAddress(self.queue.avail_ring()), Ordering::Acquire)
+            .map_err(|e| self.ring_error(virtio_queue::Error::GuestMemory(e)))?;
+        Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+    }
+
+    /// Whether the driver has made chains available that are not taken yet (an atomic read
+    /// of its index; notifications are not touched).
+    pub fn has_available(&self) -> bool {
+        read_avail_idx(&self.memory, GuestAddress(self.queue.avail_ring()))
+            .is_some_and(|avail| avail != self.queue.next_avail())
     }
 }
+
+impl<M> Drop for ActiveQueue<M> {
+    fn drop(&mut self) {
+        self.watch.deactivate();
+    }
+}
+
+#[cfg(test)]
+mod tests;

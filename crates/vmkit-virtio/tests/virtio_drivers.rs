@@ -5,82 +5,18 @@
 
 use std::sync::{Arc, Mutex};
 
+mod common;
+use common::PatternRng;
+
 use virtio_drivers::device::blk::{VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::transport::{DeviceStatus, InterruptStatus, Transport};
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmkit_virtio::test_utils::{GuestHal, Harness};
 use vmkit_virtio::{
-    chain_descriptors, regs, ActivateContext, ActivateError, VirtioDevice, FEATURE_RING_EVENT_IDX,
+    regs, ActivateContext, ActivateError, VirtioDevice, FEATURE_RING_EVENT_IDX,
     FEATURE_RING_INDIRECT_DESC, FEATURE_VERSION_1,
 };
-
-/// A minimal entropy device: fills writable buffers with an incrementing byte pattern.
-#[derive(Default)]
-struct PatternRng {
-    ring_features: Option<u64>,
-    acked: u64,
-    next: u8,
-    active: Option<ActivateContext>,
-    activations: usize,
-}
-
-impl VirtioDevice for PatternRng {
-    fn device_type(&self) -> u32 {
-        4
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16]
-    }
-    fn device_features(&self) -> u64 {
-        0
-    }
-    fn ring_features(&self) -> u64 {
-        self.ring_features.unwrap_or(vmkit_virtio::RING_FEATURES)
-    }
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features;
-    }
-    fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queue(0).is_none() {
-            return Err(ActivateError::MissingQueue(0));
-        }
-        self.activations += 1;
-        self.active = Some(ctx);
-        Ok(())
-    }
-    fn process_queue(&mut self, index: u16) {
-        let next = &mut self.next;
-        let Some(ctx) = self.active.as_mut() else {
-            return;
-        };
-        ctx.process_queue(index, |mem, chain| {
-            let Ok(descs) = chain_descriptors(chain) else {
-                return 0;
-            };
-            let mut written = 0u32;
-            for d in descs.iter().filter(|d| d.is_write_only()) {
-                let bytes: Vec<u8> = (0..d.len())
-                    .map(|_| {
-                        *next = next.wrapping_add(1);
-                        *next
-                    })
-                    .collect();
-                mem.write_slice(&bytes, d.addr()).unwrap();
-                written += d.len();
-            }
-            written
-        })
-        .unwrap();
-    }
-    fn reset(&mut self) -> Option<ActivateContext> {
-        self.acked = 0;
-        self.active.take()
-    }
-}
 
 fn rng_harness(dev: PatternRng) -> (Harness, Arc<Mutex<PatternRng>>) {
     let dev = Arc::new(Mutex::new(dev));
@@ -178,8 +114,8 @@ fn event_idx_fields_follow_the_rings() {
     assert_eq!(h.interrupts(), 20);
     let (used_ring, size, event_idx) = {
         let d = dev.lock().unwrap();
-        let q = &d.active.as_ref().unwrap().queue(0).unwrap().queue;
-        (q.used_ring(), q.size(), q.event_idx_enabled())
+        let q = d.active.as_ref().unwrap().queue(0).unwrap().state();
+        (q.used_ring, q.size, q.event_idx_enabled)
     };
     assert!(event_idx);
     let avail_event: u16 = h
@@ -274,17 +210,19 @@ impl VirtioDevice for RamDisk {
     fn process_queue(&mut self, index: u16) {
         let disk = &mut self.disk;
         let requests = &mut self.requests;
-        let Some(ctx) = self.active.as_mut() else {
+        let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(index)) else {
             return;
         };
-        ctx.process_queue(index, |mem, chain| {
+        while let Some(chain) = q.pop().unwrap() {
             *requests += 1;
-            match chain_descriptors(chain) {
-                Ok(descs) if descs.len() >= 2 => serve_blk(disk, mem, &descs),
+            let len = match chain.descriptors() {
+                Ok(descs) if descs.len() >= 2 => serve_blk(disk, chain.memory(), descs),
                 _ => 0,
-            }
-        })
-        .unwrap();
+            };
+            let head = chain.head();
+            q.complete(head, len).unwrap();
+        }
+        q.signal_used().unwrap();
     }
     fn reset(&mut self) -> Option<ActivateContext> {
         self.active.take()

@@ -4,75 +4,18 @@
 
 use std::sync::{Arc, Mutex};
 
+mod common;
+use common::PatternRng;
+
 use virtio_drivers::device::rng::VirtIORng;
 use virtio_drivers::transport::pci::bus::{BarInfo, Command, DeviceFunction};
 use virtio_drivers::transport::Transport;
-use vm_memory::Bytes;
-use vmkit_pci::{Bdf, SinkEvent, MSIX_CONTROL_ENABLE};
+use vmkit_irq::{MsiMessage, SinkEvent};
+use vmkit_pci::{Bdf, MSIX_CONTROL_ENABLE};
 use vmkit_virtio::pci::{common_cfg, VIRTIO_MSI_NO_VECTOR};
 use vmkit_virtio::test_utils::{
     CamKind, GuestHal, PciHarness, HARNESS_PCI_SLOT, HARNESS_PCI_WINDOW,
 };
-use vmkit_virtio::{chain_descriptors, ActivateContext, ActivateError, VirtioDevice};
-
-/// Fills writable buffers with an incrementing byte pattern.
-#[derive(Default)]
-struct PatternRng {
-    next: u8,
-    active: Option<ActivateContext>,
-    activations: usize,
-}
-
-impl VirtioDevice for PatternRng {
-    fn device_type(&self) -> u32 {
-        4
-    }
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[16]
-    }
-    fn device_features(&self) -> u64 {
-        0
-    }
-    fn ack_features(&mut self, _features: u64) {}
-    fn read_config(&self, _offset: u64, _data: &mut [u8]) {}
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queue(0).is_none() {
-            return Err(ActivateError::MissingQueue(0));
-        }
-        self.activations += 1;
-        self.active = Some(ctx);
-        Ok(())
-    }
-    fn process_queue(&mut self, index: u16) {
-        let next = &mut self.next;
-        let Some(ctx) = self.active.as_mut() else {
-            return;
-        };
-        ctx.process_queue(index, |mem, chain| {
-            let Ok(descs) = chain_descriptors(chain) else {
-                return 0;
-            };
-            let mut written = 0u32;
-            for d in descs.iter().filter(|d| d.is_write_only()) {
-                let bytes: Vec<u8> = (0..d.len())
-                    .map(|_| {
-                        *next = next.wrapping_add(1);
-                        *next
-                    })
-                    .collect();
-                mem.write_slice(&bytes, d.addr()).unwrap();
-                written += d.len();
-            }
-            written
-        })
-        .unwrap();
-    }
-    fn reset(&mut self) -> Option<ActivateContext> {
-        self.next = 0;
-        self.active.take()
-    }
-}
 
 fn harness() -> (PciHarness, Arc<Mutex<PatternRng>>) {
     let dev = Arc::new(Mutex::new(PatternRng::default()));
@@ -155,11 +98,14 @@ fn reset_and_reuse() {
 }
 
 fn w16(h: &PciHarness, field: u64, v: u16) {
-    h.bus().bar_write(BAR + field, &v.to_le_bytes());
+    assert!(h
+        .vm_bus()
+        .mmio_write(BAR + field, &v.to_le_bytes())
+        .is_handled());
 }
 fn r16(h: &PciHarness, field: u64) -> u16 {
     let mut b = [0u8; 2];
-    h.bus().bar_read(BAR + field, &mut b);
+    assert!(h.vm_bus().mmio_read(BAR + field, &mut b).is_handled());
     u16::from_le_bytes(b)
 }
 
@@ -195,19 +141,27 @@ fn msix_vectors_per_queue_and_config() {
     assert!(h.sink().triggers().is_empty());
     let intx_before = h.intx_interrupts();
     let mut pba = [0u8; 8];
-    h.bus().bar_read(BAR + 0x5000, &mut pba);
+    assert!(h.vm_bus().mmio_read(BAR + 0x5000, &mut pba).is_handled());
     assert_eq!(u64::from_le_bytes(pba), 0b10, "vector 1 pending");
     // Program and unmask it: delivered.
-    h.bus()
-        .bar_write(BAR + 0x4010, &0xFEE0_0000u32.to_le_bytes());
-    h.bus().bar_write(BAR + 0x4018, &0x31u32.to_le_bytes());
-    h.bus().bar_write(BAR + 0x401C, &0u32.to_le_bytes());
+    assert!(h
+        .vm_bus()
+        .mmio_write(BAR + 0x4010, &0xFEE0_0000u32.to_le_bytes())
+        .is_handled());
+    assert!(h
+        .vm_bus()
+        .mmio_write(BAR + 0x4018, &0x31u32.to_le_bytes())
+        .is_handled());
+    assert!(h
+        .vm_bus()
+        .mmio_write(BAR + 0x401C, &0u32.to_le_bytes())
+        .is_handled());
     assert_eq!(h.sink().triggers(), vec![1]);
-    h.bus().bar_read(BAR + 0x5000, &mut pba);
+    assert!(h.vm_bus().mmio_read(BAR + 0x5000, &mut pba).is_handled());
     assert_eq!(u64::from_le_bytes(pba), 0);
     assert!(h.sink().take().contains(&SinkEvent::Update(
         1,
-        Some(vmkit_pci::MsixMessage {
+        Some(MsiMessage {
             address: 0xFEE0_0000,
             data: 0x31
         }),
@@ -253,7 +207,10 @@ fn bar_relocation_keeps_the_device_working() {
     assert_eq!(addrs, vec![new_base + 0x3000]);
     // Nothing answers at the old place.
     let mut b = [0u8; 1];
-    h.bus().bar_read(BAR + common_cfg::DEVICE_STATUS, &mut b);
+    assert!(!h
+        .vm_bus()
+        .mmio_read(BAR + common_cfg::DEVICE_STATUS, &mut b)
+        .is_handled());
     assert_eq!(b, [0xFF]);
     let mut rng = VirtIORng::<GuestHal, _>::new(t).unwrap();
     let mut buf = [0u8; 8];

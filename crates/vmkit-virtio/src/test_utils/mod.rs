@@ -17,7 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::{ActivateContext, ActiveQueue, InterruptReason, NeedsReset, VirtioInterrupt};
+use crate::{ActivateContext, InterruptReason, NeedsReset, VirtioInterrupt};
 
 pub use hal::GuestHal;
 pub use harness::{Harness, HarnessTransport, HARNESS_DMA_BASE, HARNESS_MMIO_BASE};
@@ -107,11 +107,7 @@ pub fn activate_context(
     let needs_reset = NeedsReset::new();
     let queues = queues
         .into_iter()
-        .map(|(index, queue)| ActiveQueue {
-            index,
-            queue,
-            notifier: EventFd::new(EFD_NONBLOCK).expect("eventfd"),
-        })
+        .map(|(index, queue)| (index, queue, EventFd::new(EFD_NONBLOCK).expect("eventfd")))
         .collect();
     (
         ActivateContext::new(

@@ -10,20 +10,21 @@ use event_manager::{EventManager, SubscriberOps};
 use virtio_drivers::transport::pci::bus::{
     Command, ConfigurationAccess, DeviceFunction, PciRoot, PCI_CAP_ID_VNDR,
 };
-use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
+use virtio_drivers::transport::pci::{virtio_device_type, PciTransport as DriversPciTransport};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::{Error as DriverError, PhysAddr, PAGE_SIZE};
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::{MutDeviceMmio, MutDevicePio};
 use vm_memory::GuestMemoryMmap;
-use vmkit_irq::CountingLine;
-use vmkit_pci::{AllowAll, PciBus, PciConfigIo, PciConfigMmio, RecordingSink, PCI_CONFIG_IO_PORT};
+use vmkit_bus::IoBus;
+use vmkit_irq::{CountingLine, RecordingSink};
+use vmkit_pci::{AllowAll, PciBus, PciConfigIo, PciConfigMmio, PCI_CONFIG_IO_PORT};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 use super::guest_memory;
 use super::hal::GuestHal;
 use super::harness::HARNESS_DMA_BASE;
-use crate::pci::{common_cfg as cc, VirtioPciDevice};
+use crate::pci::{common_cfg as cc, PciTransport};
 use crate::{QueueEventHandler, VirtioDevice};
 
 /// Where the harness's ECAM window would be (only passed as `base`).
@@ -131,8 +132,9 @@ impl ConfigurationAccess for HarnessCam {
 /// same register accesses through our BAR window instead.
 pub struct PciHarness {
     memory: GuestMemoryMmap,
+    vm_bus: Arc<IoBus>,
     bus: Arc<PciBus>,
-    device: Arc<Mutex<VirtioPciDevice>>,
+    device: Arc<Mutex<PciTransport>>,
     io: Arc<Mutex<PciConfigIo>>,
     ecam: Arc<Mutex<PciConfigMmio>>,
     sink: Arc<RecordingSink>,
@@ -155,7 +157,7 @@ impl PciHarness {
         let memory = guest_memory(DEFAULT_MEMORY);
         let sink = RecordingSink::new();
         let intx = Arc::new(CountingLine::new());
-        let pci = VirtioPciDevice::new(
+        let pci = PciTransport::new(
             device,
             memory.clone(),
             sink.clone(),
@@ -164,7 +166,10 @@ impl PciHarness {
         .expect("failed to build the virtio-pci transport")
         .with_intx(intx.clone());
         let device = Arc::new(Mutex::new(pci));
-        let bus = Arc::new(PciBus::new(HARNESS_PCI_WINDOW, Arc::new(AllowAll)).expect("PCI bus"));
+        let vm_bus = Arc::new(IoBus::new());
+        let bus = Arc::new(
+            PciBus::new(&vm_bus, HARNESS_PCI_WINDOW, Arc::new(AllowAll)).expect("PCI bus"),
+        );
         bus.add_device_at(HARNESS_PCI_SLOT, device.clone())
             .expect("PCI slot");
         let pages = (DEFAULT_MEMORY - HARNESS_DMA_BASE as usize) / PAGE_SIZE;
@@ -173,6 +178,7 @@ impl PciHarness {
             memory,
             io: Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))),
             ecam: Arc::new(Mutex::new(PciConfigMmio::new(bus.clone()))),
+            vm_bus,
             bus,
             device,
             sink,
@@ -209,7 +215,7 @@ impl PciHarness {
         // virtio-drivers' own parser must accept our capabilities and BAR (it maps them
         // through the HAL's scratch memory; its Drop resets that scratch copy only).
         drop(
-            PciTransport::new::<GuestHal, _>(&mut root, df)
+            DriversPciTransport::new::<GuestHal, _>(&mut root, df)
                 .expect("virtio-drivers refused our device"),
         );
         root.set_command(df, Command::MEMORY_SPACE | Command::BUS_MASTER);
@@ -218,19 +224,24 @@ impl PciHarness {
             self.cam(kind),
             df,
             device_type,
-            self.bus.clone(),
+            self.vm_bus.clone(),
             self.device.clone(),
         )
     }
 
     /// Our device.
-    pub fn device(&self) -> MutexGuard<'_, VirtioPciDevice> {
+    pub fn device(&self) -> MutexGuard<'_, PciTransport> {
         self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Our bus.
+    /// Our PCI bus.
     pub fn bus(&self) -> &Arc<PciBus> {
         &self.bus
+    }
+
+    /// The bus the device's BAR is registered on (where a vCPU's accesses would go).
+    pub fn vm_bus(&self) -> &Arc<IoBus> {
+        &self.vm_bus
     }
 
     /// Guest memory.
@@ -273,8 +284,8 @@ pub struct PciHarnessTransport {
     cam: HarnessCam,
     df: DeviceFunction,
     device_type: DeviceType,
-    bus: Arc<PciBus>,
-    device: Arc<Mutex<VirtioPciDevice>>,
+    vm_bus: Arc<IoBus>,
+    device: Arc<Mutex<PciTransport>>,
     events: EventManager<QueueEventHandler>,
     regions: Regions,
     notifications: u64,
@@ -295,8 +306,8 @@ impl PciHarnessTransport {
         cam: HarnessCam,
         df: DeviceFunction,
         device_type: DeviceType,
-        bus: Arc<PciBus>,
-        device: Arc<Mutex<VirtioPciDevice>>,
+        vm_bus: Arc<IoBus>,
+        device: Arc<Mutex<PciTransport>>,
     ) -> Self {
         let handler = device
             .lock()
@@ -310,7 +321,7 @@ impl PciHarnessTransport {
             cam,
             df,
             device_type,
-            bus,
+            vm_bus,
             device,
             events,
             regions: Regions::default(),
@@ -377,11 +388,11 @@ impl PciHarnessTransport {
     }
 
     fn read(&self, addr: u64, data: &mut [u8]) {
-        self.bus.bar_read(addr, data);
+        let _ = self.vm_bus.mmio_read(addr, data);
     }
 
     fn write(&self, addr: u64, data: &[u8]) {
-        self.bus.bar_write(addr, data);
+        let _ = self.vm_bus.mmio_write(addr, data);
     }
 
     fn r<const N: usize>(&self, field: u64) -> [u8; N] {
@@ -441,7 +452,7 @@ impl PciHarnessTransport {
     }
 
     /// Our device.
-    pub fn device(&self) -> MutexGuard<'_, VirtioPciDevice> {
+    pub fn device(&self) -> MutexGuard<'_, PciTransport> {
         self.device.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
