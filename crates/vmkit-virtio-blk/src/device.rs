@@ -2,30 +2,26 @@
 //! available ring through the parser and an engine to the used ring.
 
 use std::io;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
-use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_virtio::{
-    chain_descriptors, needs_interrupt, ActivateContext, ActivateError, InterruptReason,
-    VirtioDevice,
+    ActivateContext, ActivateError, ActiveQueue, Chain, MappedMemory, VirtioDevice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::disk::{Disk, DiskOptions};
-use crate::engine::{BlockEngine, BlockOp, Completion, IoUringEngine, SyncEngine};
+use crate::engine::{mark_dirty, BlockEngine, BlockOp, Completion, IoUringEngine, SyncEngine};
 use crate::request::{
-    self, BadRequest, Limits, RequestKind, ID_BYTES, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP,
+    self, BadRequest, Limits, RequestKind, Segment, ID_BYTES, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP,
 };
 use crate::{
     BlockConfig, EngineKind, Error, BLOCK_DEVICE_TYPE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
-    MAX_QUEUES,
 };
 
 /// The size of the configuration space we expose (through `write_zeroes_may_unmap` and its
@@ -86,12 +82,16 @@ struct Pending {
     ok_len: u32,
     op: Op,
     bytes: u64,
+    /// For reads: the guest buffers the kernel fills, marked dirty when it is done.
+    filled: Vec<Segment>,
 }
 
-/// What the device keeps apart from the activation context (so both can be borrowed).
+/// The requests of a [`Block`] device between the rings and the engine: what is in flight,
+/// which queue waits for room, and the counters. It owns no ring: every method is handed the
+/// queue (or the context) it works on.
 #[derive(Debug)]
-struct Core {
-    engine: Box<dyn BlockEngine>,
+struct Requests<M: MappedMemory> {
+    engine: Box<dyn BlockEngine<M>>,
     read_only: bool,
     capacity: u64,
     seg_max: u32,
@@ -103,22 +103,22 @@ struct Core {
     queue_in_flight: Vec<u32>,
     /// Queues that stopped taking requests because the engine or the queue was full.
     starved: Vec<bool>,
-    /// Queues that put entries in their used ring since their last interrupt check.
-    touched: Vec<bool>,
     completions: Vec<Completion>,
     stats: BlockStats,
-    /// How long to watch a queue after serving it (zero: not at all).
-    poll: Duration,
 }
 
-/// The virtio-blk device. Put it on a transport as `Arc<Mutex<Block>>`.
+/// The virtio-blk device. Put it on a transport as `Arc<Mutex<Block>>`; it works on any
+/// [`MappedMemory`] (`GuestMemoryMmap` by default, with or without a dirty bitmap: pages the
+/// engines fill are marked dirty).
 #[derive(Debug)]
-pub struct Block {
-    core: Core,
+pub struct Block<M: MappedMemory = GuestMemoryMmap> {
+    requests: Requests<M>,
     disk: Arc<Disk>,
     queue_sizes: Vec<u16>,
     block_size: u32,
-    active: Option<ActivateContext>,
+    /// How long the event handler polls a queue after a notification (zero: not at all).
+    poll: Duration,
+    active: Option<ActivateContext<M>>,
 }
 
 fn bit(b: u32) -> u64 {
@@ -126,23 +126,20 @@ fn bit(b: u32) -> u64 {
 }
 
 impl Block {
-    /// Opens and validates the image and sets up the engine. Each unusable disk is a
-    /// distinct [`Error`]: missing, a directory, not a file or block device, not writable
-    /// while `read_only` is off, empty, a size not a multiple of the block size, `O_DIRECT`
-    /// refused; and the configuration is checked (queues, queue size, block size, serial).
+    /// Opens and validates the image and sets up the engine, for `GuestMemoryMmap`. Each
+    /// unusable disk is a distinct [`Error`]: missing, a directory, not a file or block
+    /// device, not writable while `read_only` is off, empty, a size not a multiple of the
+    /// block size, `O_DIRECT` refused; and the configuration is checked (queues, queue size,
+    /// block size, serial).
     pub fn new(config: BlockConfig) -> Result<Self, Error> {
-        if config.queues == 0 || config.queues > MAX_QUEUES {
-            return Err(Error::InvalidQueues(config.queues));
-        }
-        if !config.queue_size.is_power_of_two() || config.queue_size < 4 {
-            return Err(Error::InvalidQueueSize(config.queue_size));
-        }
-        if !config.block_size.is_power_of_two() || !(512..=4096).contains(&config.block_size) {
-            return Err(Error::InvalidBlockSize(config.block_size));
-        }
-        if config.serial.len() > ID_BYTES {
-            return Err(Error::SerialTooLong(config.serial.len()));
-        }
+        Self::for_memory(config)
+    }
+}
+
+impl<M: MappedMemory> Block<M> {
+    /// As [`Block::new`], for guest memory of type `M`.
+    pub fn for_memory(config: BlockConfig) -> Result<Self, Error> {
+        config.check()?;
         let mut serial = [0u8; ID_BYTES];
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
         let disk = Arc::new(Disk::open(
@@ -154,7 +151,7 @@ impl Block {
             },
         )?);
         let slots = u32::from(config.queues) * u32::from(config.queue_size);
-        let engine: Box<dyn BlockEngine> = match config.engine {
+        let engine: Box<dyn BlockEngine<M>> = match config.engine {
             EngineKind::Sync => Box::new(SyncEngine::new(disk.clone())),
             EngineKind::IoUring => {
                 Box::new(IoUringEngine::new(disk.clone(), slots).map_err(Error::IoUring)?)
@@ -162,7 +159,7 @@ impl Block {
         };
         let queues = usize::from(config.queues);
         Ok(Self {
-            core: Core {
+            requests: Requests {
                 engine,
                 read_only: config.read_only,
                 capacity: disk.size() / SECTOR_SIZE,
@@ -173,26 +170,25 @@ impl Block {
                 free: Vec::new(),
                 queue_in_flight: vec![0; queues],
                 starved: vec![false; queues],
-                touched: vec![false; queues],
                 completions: Vec::new(),
                 stats: BlockStats::default(),
-                poll: Duration::from_micros(u64::from(config.poll_us)),
             },
             disk,
             queue_sizes: vec![config.queue_size; queues],
             block_size: config.block_size,
+            poll: Duration::from_micros(u64::from(config.poll_us)),
             active: None,
         })
     }
 
     /// The capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.core.capacity
+        self.requests.capacity
     }
 
     /// Whether the disk is read-only.
     pub fn read_only(&self) -> bool {
-        self.core.read_only
+        self.requests.read_only
     }
 
     /// Whether the data path uses `O_DIRECT`, and its buffer alignment.
@@ -202,7 +198,7 @@ impl Block {
 
     /// The counters.
     pub fn stats(&self) -> BlockStats {
-        self.core.stats
+        self.requests.stats
     }
 
     /// Whether the driver has activated the device.
@@ -212,7 +208,7 @@ impl Block {
 
     /// Requests in flight in the engine.
     pub fn in_flight(&self) -> usize {
-        self.core.engine.in_flight()
+        self.requests.engine.in_flight()
     }
 
     /// The engine's completion eventfd (io_uring), which the VMM's event loop watches —
@@ -220,7 +216,7 @@ impl Block {
     /// `QueueEventHandler`, so a VMM using that handler needs nothing more. When it fires,
     /// read it and call [`process_completions`](Self::process_completions).
     pub fn completion_fd(&self) -> Option<&EventFd> {
-        self.core.engine.completion_fd()
+        self.requests.engine.completion_fd()
     }
 
     /// Completes what the engine finished (status byte, used ring, one interrupt per
@@ -231,24 +227,26 @@ impl Block {
         let Some(ctx) = self.active.as_mut() else {
             return 0;
         };
-        let core = &mut self.core;
-        let mut done = core.reap(ctx);
+        let r = &mut self.requests;
+        let mut done = r.reap(ctx);
         // Queues that stopped for lack of room take requests again.
-        for q in 0..core.starved.len() {
-            if core.starved[q] && core.has_room(ctx, q as u16) {
-                done += core.run(ctx, q as u16, &limits);
+        for qi in 0..r.starved.len() {
+            let index = qi as u16;
+            if r.is_starved(index) && ctx.queue(index).is_some_and(|q| r.has_room(q)) {
+                done += r.run(ctx, index, &limits);
             }
         }
-        core.interrupt(ctx);
+        signal_all(ctx);
         done
     }
 
     fn limits(&self) -> Limits {
+        let r = &self.requests;
         Limits {
-            capacity: self.core.capacity,
-            seg_max: self.core.seg_max,
-            discard: self.core.acked & bit(VIRTIO_BLK_F_DISCARD) != 0,
-            write_zeroes: self.core.acked & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
+            capacity: r.capacity,
+            seg_max: r.seg_max,
+            discard: r.acked & bit(VIRTIO_BLK_F_DISCARD) != 0,
+            write_zeroes: r.acked & bit(VIRTIO_BLK_F_WRITE_ZEROES) != 0,
             max_discard_sectors: MAX_DISCARD_SECTORS,
             max_discard_seg: MAX_DISCARD_SEGMENTS,
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
@@ -257,14 +255,15 @@ impl Block {
     }
 
     fn config_space(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        let r = &self.requests;
         let mut c = [0u8; CONFIG_SPACE_SIZE];
-        c[0..8].copy_from_slice(&self.core.capacity.to_le_bytes());
+        c[0..8].copy_from_slice(&r.capacity.to_le_bytes());
         // size_max (8) not offered; seg_max:
-        c[12..16].copy_from_slice(&self.core.seg_max.to_le_bytes());
+        c[12..16].copy_from_slice(&r.seg_max.to_le_bytes());
         // geometry (16..20) not offered; blk_size:
         c[20..24].copy_from_slice(&self.block_size.to_le_bytes());
         // topology (24..32) not offered; writeback: 1 when the driver negotiated FLUSH.
-        c[32] = u8::from(self.core.acked & bit(VIRTIO_BLK_F_FLUSH) != 0);
+        c[32] = u8::from(r.acked & bit(VIRTIO_BLK_F_FLUSH) != 0);
         c[34..36].copy_from_slice(&(self.queue_sizes.len() as u16).to_le_bytes());
         c[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
         c[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
@@ -275,219 +274,97 @@ impl Block {
         c[56] = 1; // write_zeroes_may_unmap
         c
     }
+}
 
-    /// Takes requests from queue `index` until it is empty (or the engine is full),
-    /// submits them in one batch, completes what is done. Returns requests completed.
-    fn run_queue(&mut self, index: u16) -> usize {
-        let limits = self.limits();
-        let Some(ctx) = self.active.as_mut() else {
-            return 0;
-        };
-        let mut done = self.core.run(ctx, index, &limits);
-        self.core.interrupt(ctx);
-        if self.core.poll.is_zero() || ctx.needs_reset() {
-            return done;
-        }
-        // Watch the ring for a while with notifications suppressed: a driver that submits
-        // again within `poll` does so without a VM exit. Completions of the engine are
-        // taken meanwhile, so polling never delays them.
-        let mut deadline = Instant::now() + self.core.poll;
-        // A driver that never stops submitting must not keep the event thread here: after
-        // this many rounds it goes back to its event loop (notifications are on again, so
-        // the next request simply arrives as a notification).
-        let mut rounds = 0u32;
-        loop {
-            rounds += 1;
-            if self.core.suppress_notifications(ctx, index).is_err() {
-                break;
-            }
-            let mut work = false;
-            while Instant::now() < deadline {
-                if self.core.engine.in_flight() > 0 {
-                    let n = self.core.reap(ctx);
-                    if n > 0 {
-                        done += n;
-                        self.core.interrupt(ctx);
-                    }
-                }
-                if self.core.avail_pending(ctx, index) {
-                    work = true;
-                    break;
-                }
-                std::hint::spin_loop();
-            }
-            // Serve what arrived; `run` ends by re-enabling notifications and checking the
-            // ring once more, so nothing is missed when polling stops.
-            done += self.core.run(ctx, index, &limits);
-            self.core.interrupt(ctx);
-            if !work || ctx.needs_reset() || rounds >= MAX_POLL_ROUNDS {
-                break;
-            }
-            deadline = Instant::now() + self.core.poll;
-        }
-        done
+/// Interrupts the driver for every queue that used buffers, as its suppression rules allow.
+fn signal_all<M: MappedMemory>(ctx: &mut ActivateContext<M>) {
+    for q in ctx.queues_mut() {
+        // An error leaves the device in DEVICE_NEEDS_RESET, which the queue already set.
+        let _ = q.signal_used();
     }
 }
 
-/// Polling rounds per kick before the event thread returns to its other work.
-const MAX_POLL_ROUNDS: u32 = 256;
-
-/// A ring the driver corrupted.
-#[derive(Debug, thiserror::Error)]
-enum RingError {
-    #[error("available index {avail} is more than a queue ahead of {next}")]
-    AvailIndex { avail: u16, next: u16 },
-    #[error("the available ring cannot be read")]
-    Unreadable,
-    #[error("{0}")]
-    Queue(#[from] virtio_queue::Error),
-}
-
-impl Core {
-    /// Asks the driver not to notify queue `index`: with EVENT_IDX, `avail_event` is put
-    /// just behind the next entry (the driver notifies only when it crosses it); without,
-    /// the used ring's NO_NOTIFY flag. `take_requests` undoes this when it re-enables them.
-    fn suppress_notifications(
-        &self,
-        ctx: &mut ActivateContext,
-        index: u16,
-    ) -> Result<(), RingError> {
-        let Some((mem, aq)) = ctx.memory_and_queue(index) else {
-            return Ok(());
-        };
-        let q = &mut aq.queue;
-        if !q.event_idx_enabled() {
-            q.disable_notification(mem)?;
-            return Ok(());
-        }
-        // The used ring was validated at activation: header, size elements, avail_event.
-        let addr = q
-            .used_ring()
-            .checked_add(4 + 8 * u64::from(q.size()))
-            .ok_or(RingError::Unreadable)?;
-        mem.store(
-            q.next_avail().wrapping_sub(1).to_le(),
-            GuestAddress(addr),
-            Ordering::Release,
-        )
-        .map_err(|_| RingError::Unreadable)?;
-        Ok(())
-    }
-
-    /// Whether the driver has made entries available on queue `index` that are not taken.
-    fn avail_pending(&self, ctx: &mut ActivateContext, index: u16) -> bool {
-        let Some((mem, aq)) = ctx.memory_and_queue(index) else {
-            return false;
-        };
-        let next = aq.queue.next_avail();
-        aq.queue
-            .avail_idx(mem, Ordering::Acquire)
-            .is_ok_and(|idx| idx.0 != next)
-    }
-
-    /// Whether queue `index` may take another request: the engine has room and the queue
+impl<M: MappedMemory> Requests<M> {
+    /// Whether queue `q` may take another request: the engine has room and the queue
     /// has fewer than its size in flight.
-    fn has_room(&self, ctx: &ActivateContext, index: u16) -> bool {
-        let Some(q) = ctx.queue(index) else {
-            return false;
-        };
-        self.engine.can_submit()
-            && self.queue_in_flight[usize::from(index)] < u32::from(q.queue.size())
+    fn has_room(&self, q: &ActiveQueue<M>) -> bool {
+        let in_flight = self.queue_in_flight.get(usize::from(q.index()));
+        self.engine.can_submit() && in_flight.is_some_and(|n| *n < u32::from(q.size()))
+    }
+
+    fn set_starved(&mut self, index: u16, starved: bool) {
+        if let Some(s) = self.starved.get_mut(usize::from(index)) {
+            *s = starved;
+        }
+    }
+
+    fn is_starved(&self, index: u16) -> bool {
+        self.starved
+            .get(usize::from(index))
+            .copied()
+            .unwrap_or(false)
     }
 
     /// Takes and starts requests of queue `index`, submits them as one batch, completes
     /// what finished; again while the queue stopped for room and room was made. The
     /// caller interrupts. Returns requests completed.
-    fn run(&mut self, ctx: &mut ActivateContext, index: u16, limits: &Limits) -> usize {
+    fn run(&mut self, ctx: &mut ActivateContext<M>, index: u16, limits: &Limits) -> usize {
         let mut done = 0;
         loop {
-            if ctx.needs_reset() {
+            let Some(q) = ctx.queue_mut(index) else {
                 return done;
-            }
-            self.starved[usize::from(index)] = false;
-            if let Err(e) = self.take_requests(ctx, index, limits, &mut done) {
-                log::warn!("virtio-blk: queue {index}: {e}; device needs reset");
-                ctx.set_needs_reset();
-                return done;
-            }
+            };
+            self.set_starved(index, false);
+            done += self.take_requests(q, limits);
             if let Err(e) = self.engine.commit() {
                 log::warn!("virtio-blk: submitting I/O: {e}");
             }
             done += self.reap(ctx);
-            if !(self.starved[usize::from(index)] && self.has_room(ctx, index)) {
+            let room = ctx.queue(index).is_some_and(|q| self.has_room(q));
+            if ctx.needs_reset() || !(self.is_starved(index) && room) {
                 return done;
             }
         }
     }
 
-    fn take_requests(
-        &mut self,
-        ctx: &mut ActivateContext,
-        index: u16,
-        limits: &Limits,
-        done: &mut usize,
-    ) -> Result<(), RingError> {
-        let qi = usize::from(index);
-        let Some((mem, aq)) = ctx.memory_and_queue(index) else {
-            return Ok(());
-        };
-        let queue = &mut aq.queue;
+    /// Pops and starts requests of `q` while there is room; returns how many were answered
+    /// at once. When room runs out the queue is marked starved: completions resume it.
+    fn take_requests(&mut self, q: &mut ActiveQueue<M>, limits: &Limits) -> usize {
+        let mut done = 0;
         loop {
-            queue.disable_notification(mem)?;
-            let avail = queue.avail_idx(mem, Ordering::Acquire)?;
-            let pending = avail.0.wrapping_sub(queue.next_avail());
-            if pending > queue.size() {
-                return Err(RingError::AvailIndex {
-                    avail: avail.0,
-                    next: queue.next_avail(),
-                });
+            // A driver re-offering heads still in flight cannot make us hold more than a
+            // queue's worth.
+            if !self.has_room(q) {
+                self.set_starved(q.index(), true);
+                return done;
             }
-            for _ in 0..pending {
-                // Room for one more? (A driver re-offering heads still in flight cannot
-                // make us hold more than a queue's worth.)
-                if !self.engine.can_submit() || self.queue_in_flight[qi] >= u32::from(queue.size())
-                {
-                    // Notifications stay off: completions resume this queue.
-                    self.starved[qi] = true;
-                    return Ok(());
-                }
-                let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                    return Err(RingError::Unreadable);
-                };
-                let head = chain.head_index();
-                self.stats.requests += 1;
-                if let Some(len) = self.start(mem, chain, index, head, limits) {
-                    queue.add_used(mem, head, len)?;
-                    self.touched[qi] = true;
-                    *done += 1;
-                }
-            }
-            if !queue.enable_notification(mem)? {
-                break;
+            let index = q.index();
+            let Ok(Some(chain)) = q.pop() else {
+                return done;
+            };
+            let head = chain.head();
+            self.stats.requests += 1;
+            if let Some(len) = self.start(&chain, index, limits) {
+                // An error leaves the device in DEVICE_NEEDS_RESET; `pop` then stops.
+                let _ = q.complete(head, len);
+                done += 1;
             }
         }
-        Ok(())
     }
 
     /// Parses and starts one request. `Some(used length)` when it is answered already
     /// (status written), `None` when it is in flight.
-    fn start(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        queue: u16,
-        head: u16,
-        limits: &Limits,
-    ) -> Option<u32> {
+    fn start(&mut self, chain: &Chain<'_, M>, queue: u16, limits: &Limits) -> Option<u32> {
+        let mem = chain.memory();
         let answer = |status: GuestAddress, s: u8| -> u32 {
             // The status byte was checked to be device-writable guest memory.
             u32::from(mem.write_obj(s, status).is_ok())
         };
-        let Ok(descs) = chain_descriptors(chain) else {
+        let Ok(descs) = chain.descriptors() else {
             self.stats.bad_requests += 1;
             return Some(0);
         };
-        let req = match request::parse(mem, &descs, limits) {
+        let req = match request::parse(mem, descs, limits) {
             Ok(r) => r,
             Err(BadRequest { status, error }) => {
                 log::debug!("virtio-blk: bad request: {error}");
@@ -506,11 +383,12 @@ impl Core {
         }
         let ok_len = req.data_written_len().saturating_add(1);
         let writethrough = self.acked & bit(VIRTIO_BLK_F_FLUSH) == 0;
-        let (op, kind, bytes) = match req.kind {
+        let (op, kind, bytes, filled) = match req.kind {
             RequestKind::In { sector, data } => {
                 let bytes = data.iter().map(|s| u64::from(s.len)).sum();
                 let offset = sector * SECTOR_SIZE;
-                (BlockOp::Read { offset, data }, Op::Read, bytes)
+                let filled = data.clone();
+                (BlockOp::Read { offset, data }, Op::Read, bytes, filled)
             }
             RequestKind::Out { sector, data } => {
                 let bytes = data.iter().map(|s| u64::from(s.len)).sum();
@@ -520,9 +398,9 @@ impl Core {
                     data,
                     sync: writethrough,
                 };
-                (op, Op::Write, bytes)
+                (op, Op::Write, bytes, Vec::new())
             }
-            RequestKind::Flush => (BlockOp::Flush, Op::Flush, 0),
+            RequestKind::Flush => (BlockOp::Flush, Op::Flush, 0, Vec::new()),
             RequestKind::GetId { data } => {
                 if request::scatter(mem, &data, &self.serial).is_err() {
                     return Some(answer(status, S_IOERR));
@@ -533,7 +411,7 @@ impl Core {
             }
             RequestKind::Discard { ranges } => {
                 let ranges = ranges.iter().map(|r| r.bytes()).collect();
-                (BlockOp::Discard { ranges }, Op::Discard, 0)
+                (BlockOp::Discard { ranges }, Op::Discard, 0, Vec::new())
             }
             RequestKind::WriteZeroes { ranges } => {
                 let ranges = ranges
@@ -547,7 +425,7 @@ impl Core {
                     ranges,
                     sync: writethrough,
                 };
-                (op, Op::WriteZeroes, 0)
+                (op, Op::WriteZeroes, 0, Vec::new())
             }
             RequestKind::Unsupported { .. } => {
                 self.stats.unsupported += 1;
@@ -556,12 +434,18 @@ impl Core {
         };
         let pending = Pending {
             queue,
-            head,
+            head: chain.head(),
             status,
             ok_len,
             op: kind,
             bytes,
+            filled,
         };
+        self.submit(mem, op, pending)
+    }
+
+    /// Hands `op` to the engine: `Some(used length)` when it finished at once.
+    fn submit(&mut self, mem: &M, op: BlockOp, pending: Pending) -> Option<u32> {
         let slot = match self.free.pop() {
             Some(i) => i,
             None => {
@@ -572,12 +456,13 @@ impl Core {
         match self.engine.submit(op, slot as u64) {
             Some(result) => {
                 self.free.push(slot);
-                let len = self.finish(mem, &pending, result);
-                Some(len)
+                Some(self.finish(mem, &pending, result))
             }
             None => {
+                if let Some(n) = self.queue_in_flight.get_mut(usize::from(pending.queue)) {
+                    *n += 1;
+                }
                 self.pending[slot] = Some(pending);
-                self.queue_in_flight[usize::from(queue)] += 1;
                 let n = self.engine.in_flight() as u64;
                 self.stats.max_in_flight = self.stats.max_in_flight.max(n);
                 None
@@ -585,13 +470,15 @@ impl Core {
         }
     }
 
-    /// Writes the status of a finished request; returns its used length.
-    fn finish(&mut self, mem: &GuestMemoryMmap, p: &Pending, result: io::Result<()>) -> u32 {
+    /// Writes the status of a finished request (and marks what a read filled dirty);
+    /// returns its used length.
+    fn finish(&mut self, mem: &M, p: &Pending, result: io::Result<()>) -> u32 {
         let (status, len) = match result {
             Ok(()) => {
                 let s = &mut self.stats;
                 match p.op {
                     Op::Read => {
+                        mark_dirty(mem, &p.filled);
                         s.reads += 1;
                         s.bytes_read += p.bytes;
                     }
@@ -619,7 +506,7 @@ impl Core {
     }
 
     /// Completes what the engine finished; returns how many.
-    fn reap(&mut self, ctx: &mut ActivateContext) -> usize {
+    fn reap(&mut self, ctx: &mut ActivateContext<M>) -> usize {
         let mut completions = std::mem::take(&mut self.completions);
         self.engine.reap(&mut completions);
         let n = completions.len();
@@ -632,51 +519,22 @@ impl Core {
                 continue;
             };
             self.free.push(c.token as usize);
-            let qi = usize::from(p.queue);
-            self.queue_in_flight[qi] = self.queue_in_flight[qi].saturating_sub(1);
-            let Some((mem, aq)) = ctx.memory_and_queue(p.queue) else {
+            if let Some(n) = self.queue_in_flight.get_mut(usize::from(p.queue)) {
+                *n = n.saturating_sub(1);
+            }
+            let Some(q) = ctx.queue_mut(p.queue) else {
                 continue;
             };
-            let len = self.finish(mem, &p, c.result);
-            if let Err(e) = aq.queue.add_used(mem, p.head, len) {
-                log::warn!("virtio-blk: queue {}: {e}; device needs reset", p.queue);
-                ctx.set_needs_reset();
-                break;
-            }
-            self.touched[qi] = true;
+            let len = self.finish(q.memory(), &p, c.result);
+            // An error leaves the device in DEVICE_NEEDS_RESET; later completes do nothing.
+            let _ = q.complete(p.head, len);
         }
         self.completions = completions;
         n
     }
-
-    /// Interrupts each queue that used buffers, if the driver wants it.
-    fn interrupt(&mut self, ctx: &mut ActivateContext) {
-        for qi in 0..self.touched.len() {
-            if !std::mem::take(&mut self.touched[qi]) {
-                continue;
-            }
-            let index = qi as u16;
-            let interrupt = ctx.interrupt().clone();
-            let Some((mem, aq)) = ctx.memory_and_queue(index) else {
-                continue;
-            };
-            match needs_interrupt(&mut aq.queue, mem) {
-                Ok(true) => {
-                    if let Err(e) = interrupt.trigger(InterruptReason::Queue(index)) {
-                        log::warn!("virtio-blk: interrupt for queue {index}: {e}");
-                    }
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    log::warn!("virtio-blk: queue {index}: {e}; device needs reset");
-                    ctx.set_needs_reset();
-                }
-            }
-        }
-    }
 }
 
-impl VirtioDevice for Block {
+impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
     fn device_type(&self) -> u32 {
         BLOCK_DEVICE_TYPE
     }
@@ -688,7 +546,7 @@ impl VirtioDevice for Block {
     fn device_features(&self) -> u64 {
         let mut f =
             bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | bit(VIRTIO_BLK_F_FLUSH);
-        if self.core.read_only {
+        if self.requests.read_only {
             f |= bit(VIRTIO_BLK_F_RO);
         } else {
             f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
@@ -700,7 +558,7 @@ impl VirtioDevice for Block {
     }
 
     fn ack_features(&mut self, features: u64) {
-        self.core.acked = features;
+        self.requests.acked = features;
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -719,26 +577,32 @@ impl VirtioDevice for Block {
         // Nothing is writable (`writeback` needs CONFIG_WCE, not offered).
     }
 
-    fn activate(&mut self, context: ActivateContext) -> Result<(), ActivateError> {
+    fn activate(&mut self, mut context: ActivateContext<M>) -> Result<(), ActivateError> {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
-        if context.queues().is_empty() {
+        if context.queues().next().is_none() {
             return Err(ActivateError::MissingQueue(0));
         }
-        self.core.engine.attach(context.memory().clone());
+        for q in context.queues_mut() {
+            q.set_poll(self.poll);
+        }
+        self.requests.engine.attach(context.memory().clone());
         self.active = Some(context);
         Ok(())
     }
 
     fn process_queue(&mut self, index: u16) {
-        if usize::from(index) < self.queue_sizes.len() {
-            self.run_queue(index);
-        }
+        let limits = self.limits();
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        self.requests.run(ctx, index, &limits);
+        signal_all(ctx);
     }
 
     fn device_events(&self) -> io::Result<Vec<(u16, EventFd)>> {
-        match self.core.engine.completion_fd() {
+        match self.requests.engine.completion_fd() {
             Some(fd) => Ok(vec![(COMPLETION_EVENT, fd.try_clone()?)]),
             None => Ok(Vec::new()),
         }
@@ -750,15 +614,15 @@ impl VirtioDevice for Block {
         }
     }
 
-    fn reset(&mut self) -> Option<ActivateContext> {
+    fn reset(&mut self) -> Option<ActivateContext<M>> {
         // Nothing may touch guest memory after the reset: wait for what is in flight.
-        self.core.engine.detach();
-        self.core.pending.clear();
-        self.core.free.clear();
-        self.core.queue_in_flight.fill(0);
-        self.core.starved.fill(false);
-        self.core.touched.fill(false);
-        self.core.acked = 0;
+        let r = &mut self.requests;
+        r.engine.detach();
+        r.pending.clear();
+        r.free.clear();
+        r.queue_in_flight.fill(0);
+        r.starved.fill(false);
+        r.acked = 0;
         self.active.take()
     }
 }

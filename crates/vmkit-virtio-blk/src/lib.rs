@@ -71,6 +71,9 @@ pub const BLOCK_DEVICE_TYPE: u32 = 2;
 pub const DEFAULT_QUEUE_SIZE: u16 = 256;
 /// The most queues a device can have.
 pub const MAX_QUEUES: u16 = 256;
+/// The longest polling window [`BlockConfig::poll_us`] takes, in microseconds (a millisecond
+/// of spinning per notification is already more than any measured gain asks for).
+pub const MAX_POLL_US: u32 = 1000;
 /// The most sectors one discard or write-zeroes segment may cover (2 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 /// The most segments one discard or write-zeroes request may carry.
@@ -167,6 +170,30 @@ impl BlockConfig {
             poll_us: 0,
         }
     }
+
+    /// Checks the settings against this crate's limits, without touching the image: 1 to
+    /// [`MAX_QUEUES`] queues, a queue size that is a power of two in 4..=32768, a block
+    /// size that is a power of two in 512..=4096, a serial of at most 20 bytes, polling of
+    /// at most [`MAX_POLL_US`]. [`Block::new`] checks the same; a VMM calls this when it
+    /// parses its configuration, to report a bad value before anything is opened.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.queues == 0 || self.queues > MAX_QUEUES {
+            return Err(Error::InvalidQueues(self.queues));
+        }
+        if !self.queue_size.is_power_of_two() || self.queue_size < 4 {
+            return Err(Error::InvalidQueueSize(self.queue_size));
+        }
+        if !self.block_size.is_power_of_two() || !(512..=4096).contains(&self.block_size) {
+            return Err(Error::InvalidBlockSize(self.block_size));
+        }
+        if self.serial.len() > request::ID_BYTES {
+            return Err(Error::SerialTooLong(self.serial.len()));
+        }
+        if self.poll_us > MAX_POLL_US {
+            return Err(Error::InvalidPoll(self.poll_us));
+        }
+        Ok(())
+    }
 }
 
 /// Errors of [`Block::new`]: a disk that cannot be used, each a clear start-up error.
@@ -235,6 +262,9 @@ pub enum Error {
     /// A serial longer than 20 bytes.
     #[error("serial of {0} bytes; at most 20")]
     SerialTooLong(usize),
+    /// A polling window above [`MAX_POLL_US`].
+    #[error("poll_us={0}: at most {MAX_POLL_US} microseconds")]
+    InvalidPoll(u32),
     /// The io_uring instance (or its eventfd) could not be set up.
     #[error("failed to set up io_uring: {0}")]
     IoUring(#[source] io::Error),

@@ -13,7 +13,7 @@
 //! and possibly sharing its last one with data; the status is the last byte of the last
 //! descriptor, which must be device-writable; the data is everything in between.
 
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use vmkit_virtio::Descriptor;
 
 /// The size of a sector, the unit of `sector` fields and of the capacity.
@@ -281,8 +281,8 @@ struct Piece {
 /// `Ok` for a request the device can execute (or must answer `UNSUPP` for unknown types);
 /// `Err` with the status to answer otherwise. Reads at most the header and the discard
 /// segments from guest memory; writes nothing.
-pub fn parse(
-    mem: &GuestMemoryMmap,
+pub fn parse<M: GuestMemory>(
+    mem: &M,
     descs: &[Descriptor],
     limits: &Limits,
 ) -> Result<Request, BadRequest> {
@@ -476,8 +476,8 @@ pub fn parse(
 }
 
 /// Reads the first `len` bytes of `segments` (which hold at least that many).
-fn gather(
-    mem: &GuestMemoryMmap,
+fn gather<M: GuestMemory>(
+    mem: &M,
     segments: &[Segment],
     len: usize,
 ) -> Result<Vec<u8>, RequestError> {
@@ -497,8 +497,8 @@ fn gather(
 
 /// Writes `bytes` into the start of `segments` (which hold at least that many). For
 /// GET_ID and tests.
-pub(crate) fn scatter(
-    mem: &GuestMemoryMmap,
+pub(crate) fn scatter<M: GuestMemory>(
+    mem: &M,
     segments: &[Segment],
     bytes: &[u8],
 ) -> Result<(), vm_memory::GuestMemoryError> {
@@ -518,6 +518,7 @@ pub(crate) fn scatter(
 mod tests {
     use super::*;
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use vm_memory::GuestMemoryMmap;
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
     const MEM: u64 = 0x10_0000;

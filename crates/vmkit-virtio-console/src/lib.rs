@@ -66,15 +66,10 @@ mod pty;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Write};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmkit_virtio::{
-    chain_descriptors, needs_interrupt, ActivateContext, ActivateError, Descriptor,
-    InterruptReason, VirtioDevice,
-};
+use vmkit_virtio::{ActivateContext, ActivateError, Descriptor, VirtioDevice, VirtioMemory};
 
 pub use input::ConsoleInput;
 use input::{lock, InputState, SharedInput};
@@ -175,17 +170,18 @@ pub struct ConsoleStats {
     pub emergency_bytes: u64,
 }
 
-/// The virtio-console device. Put it on a transport as `Arc<Mutex<Console>>`.
-pub struct Console {
+/// The virtio-console device. Put it on a transport as `Arc<Mutex<Console>>`; it works on
+/// any [`VirtioMemory`] (`GuestMemoryMmap` by default).
+pub struct Console<M: VirtioMemory = GuestMemoryMmap> {
     output: Box<dyn Write + Send>,
     max_tx: u32,
     input: SharedInput,
-    active: Option<ActivateContext>,
+    active: Option<ActivateContext<M>>,
     scratch: Vec<u8>,
     stats: ConsoleStats,
 }
 
-impl fmt::Debug for Console {
+impl<M: VirtioMemory> fmt::Debug for Console<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Console")
             .field("active", &self.active.is_some())
@@ -196,8 +192,15 @@ impl fmt::Debug for Console {
 }
 
 impl Console {
-    /// A console as `config` says.
+    /// A console as `config` says, on `GuestMemoryMmap`.
     pub fn new(config: ConsoleConfig) -> Result<Self, Error> {
+        Self::for_memory(config)
+    }
+}
+
+impl<M: VirtioMemory> Console<M> {
+    /// A console as `config` says, on guest memory of type `M`.
+    pub fn for_memory(config: ConsoleConfig) -> Result<Self, Error> {
         if config.input_capacity == 0 {
             return Err(Error::ZeroInputCapacity);
         }
@@ -257,105 +260,64 @@ impl Console {
         self.active.is_some()
     }
 
+    /// Copies every transmitq chain to the output.
     fn transmit(&mut self) {
         let limit = self.max_tx;
         let (output, scratch, stats) = (&mut self.output, &mut self.scratch, &mut self.stats);
-        let Some(ctx) = self.active.as_mut() else {
+        let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(TRANSMITQ)) else {
             return;
         };
-        // Errors put the device in DEVICE_NEEDS_RESET; nothing more to do here.
-        let _ = ctx.process_queue(TRANSMITQ, |mem, chain| {
+        // A ring error ends the loop with the device in DEVICE_NEEDS_RESET.
+        while let Ok(Some(chain)) = q.pop() {
             stats.tx_chains += 1;
-            match chain_descriptors(chain) {
-                Ok(descs) => send_chain(mem, &descs, limit, output.as_mut(), scratch, stats),
+            match chain.descriptors() {
+                Ok(descs) => send_chain(
+                    chain.memory(),
+                    descs,
+                    limit,
+                    output.as_mut(),
+                    scratch,
+                    stats,
+                ),
                 Err(_) => stats.bad_chains += 1,
             }
+            let head = chain.head();
             // The device writes nothing into transmit buffers.
-            0
-        });
+            let _ = q.complete(head, 0);
+        }
+        let _ = q.signal_used();
         if let Err(e) = output.flush() {
             log::debug!("virtio-console: flushing the output failed: {e}");
         }
     }
 
+    /// Moves buffered input into the receiveq's buffers while there are both. With input
+    /// left and no buffers, the queue's pop leaves driver notifications on, so the guest's
+    /// next buffers bring the device back here.
     fn fill_rx(&mut self) {
         let stats = &mut self.stats;
-        let Some(ctx) = self.active.as_mut() else {
+        let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(RECEIVEQ)) else {
             return;
         };
-        if ctx.needs_reset() {
-            return;
-        }
         let mut input = lock(&self.input);
-        if input.data.is_empty() {
-            return;
+        while !input.data.is_empty() {
+            let Ok(Some(chain)) = q.pop() else {
+                break;
+            };
+            stats.rx_chains += 1;
+            let len = match chain.descriptors() {
+                Ok(descs) => fill_chain(chain.memory(), descs, &mut input.data, stats),
+                Err(_) => {
+                    stats.bad_chains += 1;
+                    0
+                }
+            };
+            stats.rx_bytes += u64::from(len);
+            let head = chain.head();
+            let _ = q.complete(head, len);
         }
-        let Some((mem, q)) = ctx.memory_and_queue(RECEIVEQ) else {
-            return;
-        };
-        let queue = &mut q.queue;
-        let result = (|| -> Result<bool, String> {
-            let mut used = false;
-            'outer: loop {
-                while !input.data.is_empty() {
-                    let avail = queue
-                        .avail_idx(mem, Ordering::Acquire)
-                        .map_err(|e| e.to_string())?;
-                    let pending = avail.0.wrapping_sub(queue.next_avail());
-                    if pending > queue.size() {
-                        return Err(format!(
-                            "available index {} is more than {} ahead of {}",
-                            avail.0,
-                            queue.size(),
-                            queue.next_avail()
-                        ));
-                    }
-                    if pending == 0 {
-                        break;
-                    }
-                    let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                        return Err("the available ring cannot be read".into());
-                    };
-                    let head = chain.head_index();
-                    stats.rx_chains += 1;
-                    let len = match chain_descriptors(chain) {
-                        Ok(descs) => fill_chain(mem, &descs, &mut input.data, stats),
-                        Err(_) => {
-                            stats.bad_chains += 1;
-                            0
-                        }
-                    };
-                    stats.rx_bytes += u64::from(len);
-                    queue.add_used(mem, head, len).map_err(|e| e.to_string())?;
-                    used = true;
-                }
-                if input.data.is_empty() {
-                    break 'outer;
-                }
-                // Input left and no buffers: ask the driver to notify when it adds some,
-                // then look once more in case it did in between.
-                if !queue.enable_notification(mem).map_err(|e| e.to_string())? {
-                    break 'outer;
-                }
-            }
-            Ok(used && needs_interrupt(queue, mem).map_err(|e| e.to_string())?)
-        })();
         drop(input);
-        match result {
-            Ok(true) => {
-                if let Err(e) = ctx.interrupt().trigger(InterruptReason::Queue(RECEIVEQ)) {
-                    log::warn!(
-                        "virtio-console: receiveq interrupt failed: {e}; device needs reset"
-                    );
-                    ctx.set_needs_reset();
-                }
-            }
-            Ok(false) => {}
-            Err(e) => {
-                log::warn!("virtio-console: receiveq: {e}; device needs reset");
-                ctx.set_needs_reset();
-            }
-        }
+        let _ = q.signal_used();
     }
 
     fn emergency_write(&mut self, byte: u8) {
@@ -387,8 +349,8 @@ fn write_sink(sink: &mut dyn Write, buf: &[u8]) -> Result<(), usize> {
 }
 
 /// Copies the device-readable buffers of one transmit chain to the sink, up to `limit`.
-fn send_chain(
-    mem: &GuestMemoryMmap,
+fn send_chain<M: VirtioMemory>(
+    mem: &M,
     descs: &[Descriptor],
     limit: u32,
     sink: &mut dyn Write,
@@ -414,7 +376,7 @@ fn send_chain(
                 break;
             }
             scratch.resize(len as usize, 0);
-            // The buffer was checked to lie inside guest memory by `chain_descriptors`;
+            // The buffer was checked to lie inside guest memory when the chain was popped;
             // `off < n <= d.len()` keeps the address inside it.
             let addr = GuestAddress(d.addr().0 + u64::from(off));
             if mem.read_slice(scratch, addr).is_err() {
@@ -438,8 +400,8 @@ fn send_chain(
 
 /// Moves input into the device-writable buffers of one receive chain; returns the used
 /// length.
-fn fill_chain(
-    mem: &GuestMemoryMmap,
+fn fill_chain<M: VirtioMemory>(
+    mem: &M,
     descs: &[Descriptor],
     input: &mut VecDeque<u8>,
     stats: &mut ConsoleStats,
@@ -463,7 +425,7 @@ fn fill_chain(
             if take == 0 {
                 continue;
             }
-            // Inside the descriptor's buffer, which `chain_descriptors` checked.
+            // Inside the descriptor's buffer, which was checked when the chain was popped.
             let addr = GuestAddress(d.addr().0 + done as u64);
             if mem.write_slice(&piece[..take], addr).is_err() {
                 break;
@@ -480,7 +442,7 @@ fn fill_chain(
     written
 }
 
-impl VirtioDevice for Console {
+impl<M: VirtioMemory> VirtioDevice<M> for Console<M> {
     fn device_type(&self) -> u32 {
         CONSOLE_DEVICE_TYPE
     }
@@ -510,7 +472,7 @@ impl VirtioDevice for Console {
         }
     }
 
-    fn activate(&mut self, context: ActivateContext) -> Result<(), ActivateError> {
+    fn activate(&mut self, context: ActivateContext<M>) -> Result<(), ActivateError> {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
@@ -521,7 +483,7 @@ impl VirtioDevice for Console {
         }
         let kick = context
             .queue(RECEIVEQ)
-            .map(|q| q.notifier.try_clone())
+            .map(|q| q.notifier().try_clone())
             .transpose()
             .map_err(ActivateError::Io)?;
         lock(&self.input).kick = kick;
@@ -539,7 +501,7 @@ impl VirtioDevice for Console {
         }
     }
 
-    fn reset(&mut self) -> Option<ActivateContext> {
+    fn reset(&mut self) -> Option<ActivateContext<M>> {
         // Buffered input stays for the next activation.
         lock(&self.input).kick = None;
         self.active.take()

@@ -291,7 +291,7 @@ fn hostile(
         vec![(RECEIVEQ, rx_queue), (TRANSMITQ, tx_queue)],
         irq.clone(),
     );
-    let rx_notifier = ctx.queue(RECEIVEQ).unwrap().notifier.try_clone().unwrap();
+    let rx_notifier = ctx.queue(RECEIVEQ).unwrap().notifier().try_clone().unwrap();
     let sink = Sink::default();
     let mut cfg = ConsoleConfig::new(Box::new(sink.clone()));
     cfg.max_tx_bytes_per_chain = max_tx;

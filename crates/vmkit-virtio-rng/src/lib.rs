@@ -35,7 +35,7 @@
 use std::io;
 
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmkit_virtio::{chain_descriptors, ActivateContext, ActivateError, Descriptor, VirtioDevice};
+use vmkit_virtio::{ActivateContext, ActivateError, Descriptor, VirtioDevice, VirtioMemory};
 
 /// The virtio device ID of an entropy device.
 pub const RNG_DEVICE_TYPE: u32 = 4;
@@ -82,18 +82,27 @@ pub struct RngStats {
     pub entropy_errors: u64,
 }
 
-/// The virtio-rng device. Put it on a transport as `Arc<Mutex<Rng>>`.
+/// The virtio-rng device. Put it on a transport as `Arc<Mutex<Rng>>`; it works on any
+/// [`VirtioMemory`] (`GuestMemoryMmap` by default).
 #[derive(Debug)]
-pub struct Rng {
+pub struct Rng<M: VirtioMemory = GuestMemoryMmap> {
     config: RngConfig,
-    active: Option<ActivateContext>,
+    active: Option<ActivateContext<M>>,
     buffer: Vec<u8>,
     stats: RngStats,
 }
 
 impl Rng {
-    /// A device bounded as `config` says.
+    /// A device bounded as `config` says, on `GuestMemoryMmap`.
     pub fn new(config: RngConfig) -> Result<Self, Error> {
+        Self::for_memory(config)
+    }
+}
+
+impl<M: VirtioMemory> Rng<M> {
+    /// A device bounded as `config` says, on guest memory of type `M`
+    /// (`Rng::<GuestMemoryMmap<AtomicBitmap>>::for_memory(config)`, say).
+    pub fn for_memory(config: RngConfig) -> Result<Self, Error> {
         if config.max_bytes_per_chain == 0 {
             return Err(Error::ZeroLimit);
         }
@@ -138,8 +147,8 @@ fn fill_random(buf: &mut [u8]) -> io::Result<usize> {
 }
 
 /// Serves one request; returns the used length.
-fn serve(
-    mem: &GuestMemoryMmap,
+fn serve<M: VirtioMemory>(
+    mem: &M,
     descs: &[Descriptor],
     limit: u32,
     buffer: &mut Vec<u8>,
@@ -166,7 +175,7 @@ fn serve(
                 break;
             }
         };
-        // The buffer was checked to lie inside guest memory by `chain_descriptors`.
+        // The buffer was checked to lie inside guest memory when the chain was popped.
         if mem.write_slice(&buffer[..got], d.addr()).is_err() {
             break;
         }
@@ -176,7 +185,7 @@ fn serve(
     written
 }
 
-impl VirtioDevice for Rng {
+impl<M: VirtioMemory> VirtioDevice<M> for Rng<M> {
     fn device_type(&self) -> u32 {
         RNG_DEVICE_TYPE
     }
@@ -197,7 +206,7 @@ impl VirtioDevice for Rng {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, context: ActivateContext) -> Result<(), ActivateError> {
+    fn activate(&mut self, context: ActivateContext<M>) -> Result<(), ActivateError> {
         if self.active.is_some() {
             return Err(ActivateError::AlreadyActive);
         }
@@ -211,27 +220,27 @@ impl VirtioDevice for Rng {
     fn process_queue(&mut self, index: u16) {
         let limit = self.config.max_bytes_per_chain;
         let (buffer, stats) = (&mut self.buffer, &mut self.stats);
-        let Some(ctx) = self.active.as_mut() else {
+        let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(index)) else {
             return;
         };
-        // Errors put the device in DEVICE_NEEDS_RESET; nothing more to do here.
-        let _ = ctx.process_queue(index, |mem, chain| {
+        // A ring error ends the loop with the device in DEVICE_NEEDS_RESET: nothing more to do.
+        while let Ok(Some(chain)) = q.pop() {
             stats.requests += 1;
-            match chain_descriptors(chain) {
-                Ok(descs) => {
-                    let n = serve(mem, &descs, limit, buffer, stats);
-                    stats.bytes += u64::from(n);
-                    n
-                }
+            let n = match chain.descriptors() {
+                Ok(descs) => serve(chain.memory(), descs, limit, buffer, stats),
                 Err(_) => {
                     stats.bad_chains += 1;
                     0
                 }
-            }
-        });
+            };
+            stats.bytes += u64::from(n);
+            let head = chain.head();
+            let _ = q.complete(head, n);
+        }
+        let _ = q.signal_used();
     }
 
-    fn reset(&mut self) -> Option<ActivateContext> {
+    fn reset(&mut self) -> Option<ActivateContext<M>> {
         self.active.take()
     }
 }

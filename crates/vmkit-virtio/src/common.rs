@@ -91,7 +91,7 @@ pub(crate) struct VirtioState<M: VirtioMemory> {
     pub(crate) slots: Vec<QueueSlot>,
     pub(crate) notifiers: Vec<EventFd>,
     /// Shared with the queue event handler: polling, and where each active ring is.
-    watches: Vec<Arc<QueueWatch>>,
+    watches: Vec<Arc<QueueWatch<M>>>,
     pub(crate) device_features_sel: u32,
     pub(crate) driver_features_sel: u32,
     pub(crate) driver_features: u64,
@@ -203,7 +203,7 @@ impl<M: VirtioMemory> VirtioState<M> {
             .device_events()
             .map_err(Error::EventFd)?;
         Ok(
-            QueueEventHandler::with_watches(self.device.clone(), self.memory.clone(), notifiers)
+            QueueEventHandler::with_watches(self.device.clone(), notifiers)
                 .with_device_events(device_events),
         )
     }

@@ -172,7 +172,7 @@ impl<M: VirtioMemory> ActivateContext<M> {
     pub(crate) fn with_watches(
         memory: M,
         features: u64,
-        queues: Vec<(u16, Queue, EventFd, Arc<QueueWatch>)>,
+        queues: Vec<(u16, Queue, EventFd, Arc<QueueWatch<M>>)>,
         interrupt: Arc<dyn VirtioInterrupt>,
         needs_reset: NeedsReset,
     ) -> Self {

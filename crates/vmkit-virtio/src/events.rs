@@ -30,10 +30,10 @@ pub const MAX_POLL_ROUNDS: u32 = 256;
 /// carry their index, below it).
 const DEVICE_EVENT: u32 = 1 << 16;
 
-struct WatchedQueue {
+struct WatchedQueue<M> {
     index: u16,
     notifier: EventFd,
-    watch: Arc<QueueWatch>,
+    watch: Arc<QueueWatch<M>>,
 }
 
 /// An event-manager subscriber that watches a device's queue notifiers and calls
@@ -55,8 +55,7 @@ struct WatchedQueue {
 /// device has not activated is a no-op in the device).
 pub struct QueueEventHandler<M: VirtioMemory = GuestMemoryMmap> {
     device: Arc<Mutex<dyn VirtioDevice<M>>>,
-    memory: M,
-    queues: Vec<WatchedQueue>,
+    queues: Vec<WatchedQueue<M>>,
     device_events: Vec<(u16, EventFd)>,
 }
 
@@ -82,26 +81,20 @@ impl<M: VirtioMemory> fmt::Debug for QueueEventHandler<M> {
 impl<M: VirtioMemory> QueueEventHandler<M> {
     /// A handler calling `device` for each `(queue index, notifier)` pair (no polling: the
     /// transports' handlers poll).
-    pub fn new(
-        device: Arc<Mutex<dyn VirtioDevice<M>>>,
-        memory: M,
-        notifiers: Vec<(u16, EventFd)>,
-    ) -> Self {
+    pub fn new(device: Arc<Mutex<dyn VirtioDevice<M>>>, notifiers: Vec<(u16, EventFd)>) -> Self {
         let notifiers = notifiers
             .into_iter()
             .map(|(i, fd)| (i, fd, Arc::new(QueueWatch::default())))
             .collect();
-        Self::with_watches(device, memory, notifiers)
+        Self::with_watches(device, notifiers)
     }
 
     pub(crate) fn with_watches(
         device: Arc<Mutex<dyn VirtioDevice<M>>>,
-        memory: M,
-        notifiers: Vec<(u16, EventFd, Arc<QueueWatch>)>,
+        notifiers: Vec<(u16, EventFd, Arc<QueueWatch<M>>)>,
     ) -> Self {
         Self {
             device,
-            memory,
             queues: notifiers
                 .into_iter()
                 .map(|(index, notifier, watch)| WatchedQueue {
@@ -161,8 +154,8 @@ impl<M: VirtioMemory> QueueEventHandler<M> {
             return false;
         }
         let watch = self.queues[q].watch.clone();
-        match watch.avail_ring().filter(|_| !watch.poll().is_zero()) {
-            Some(avail_ring) => self.poll_queue(index, &watch, avail_ring),
+        match watch.ring().filter(|_| !watch.poll().is_zero()) {
+            Some((memory, avail_ring)) => self.poll_queue(index, &watch, &memory, avail_ring),
             None => self.lock().process_queue(index),
         }
         true
@@ -170,17 +163,23 @@ impl<M: VirtioMemory> QueueEventHandler<M> {
 
     /// Serves queue `index`, then watches its available ring for the polling window with
     /// notifications suppressed, serving what arrives; ends with notifications on.
-    fn poll_queue(&mut self, index: u16, watch: &QueueWatch, avail_ring: vm_memory::GuestAddress) {
+    fn poll_queue(
+        &mut self,
+        index: u16,
+        watch: &QueueWatch<M>,
+        memory: &M,
+        avail_ring: vm_memory::GuestAddress,
+    ) {
         watch.set_polling(true);
         // What the device has been given the chance to see: anything past it is new.
-        let mut seen = read_avail_idx(&self.memory, avail_ring);
+        let mut seen = read_avail_idx(memory, avail_ring);
         self.lock().process_queue(index);
         for _ in 0..MAX_POLL_ROUNDS {
             let deadline = Instant::now() + watch.poll();
             let mut arrived = false;
             while Instant::now() < deadline && seen.is_some() {
                 self.poll_device_events();
-                let now = read_avail_idx(&self.memory, avail_ring);
+                let now = read_avail_idx(memory, avail_ring);
                 if now != seen {
                     seen = now;
                     arrived = true;
@@ -347,7 +346,6 @@ mod tests {
         }));
         let mut handler = QueueEventHandler::with_watches(
             device.clone(),
-            mem.clone(),
             vec![(0, notifier.try_clone().unwrap(), watch)],
         );
         // One notified chain; the handler then polls on the event thread.
@@ -371,5 +369,58 @@ mod tests {
         assert_eq!(chains.load(Ordering::SeqCst), 2);
         assert!(calls.load(Ordering::SeqCst) >= 3, "notified, polled, final");
         assert!(notifier.read().is_err(), "no notification was needed");
+    }
+
+    #[test]
+    fn a_driver_that_never_stops_cannot_hold_the_event_thread() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(0x1000))
+            .unwrap();
+        let used_idx = GuestAddress(0x1002);
+        let watch = Arc::new(QueueWatch::default());
+        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut ctx = ActivateContext::with_watches(
+            mem.clone(),
+            0,
+            vec![(0, queue, notifier.try_clone().unwrap(), watch.clone())],
+            Arc::new(NoIrq),
+            NeedsReset::new(),
+        );
+        ctx.queue_mut(0).unwrap().set_poll(Duration::from_secs(1));
+        let (chains, calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Counter {
+            ctx: Some(ctx),
+            chains: chains.clone(),
+            calls: calls.clone(),
+        }));
+        let mut handler = QueueEventHandler::with_watches(
+            device,
+            vec![(0, notifier.try_clone().unwrap(), watch)],
+        );
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            // The driver: a new chain as soon as the last one is used, forever.
+            s.spawn(|| {
+                // The same rings as `vq` (the mock is not Sync: one of its own).
+                let vq = MockSplitQueue::new(&mem, 16);
+                let mut n = 0u16;
+                while !stop.load(Ordering::SeqCst) {
+                    if mem.read_obj::<u16>(used_idx).unwrap() == n {
+                        add_chain(&vq, n % 16);
+                        n = n.wrapping_add(1);
+                    }
+                    std::hint::spin_loop();
+                }
+            });
+            notifier.write(1).unwrap();
+            assert!(handler.handle(0), "returns although work never stops");
+            stop.store(true, Ordering::SeqCst);
+        });
+        let calls = calls.load(Ordering::SeqCst);
+        assert!(calls <= MAX_POLL_ROUNDS as usize + 2, "{calls} calls");
+        assert!(chains.load(Ordering::SeqCst) > 16, "the poll served chains");
     }
 }

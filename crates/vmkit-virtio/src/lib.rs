@@ -98,6 +98,7 @@ mod device;
 mod error;
 mod events;
 mod interrupt;
+mod memory;
 mod mmio;
 #[cfg(feature = "pci")]
 pub mod pci;
@@ -115,9 +116,10 @@ pub use interrupt::{
     InterruptReason, MmioInterrupt, VirtioInterrupt, INTERRUPT_STATUS_CONFIG,
     INTERRUPT_STATUS_USED_RING,
 };
+pub use memory::{MappedMemory, VirtioMemory};
 pub use mmio::{
     regs, MmioNotifier, MmioTransport, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE, MMIO_SIZE,
     MMIO_VERSION, QUEUE_NOTIFY_OFFSET,
 };
-pub use queue::{chain_descriptors, ActiveQueue, Chain, ChainError, VirtioMemory};
+pub use queue::{chain_descriptors, ActiveQueue, Chain, ChainError};
 pub use virtio_queue::desc::split::Descriptor;

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use virtio_queue::desc::split::Descriptor;
@@ -15,14 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::NeedsReset;
 use crate::interrupt::{InterruptReason, VirtioInterrupt};
+pub(crate) use crate::memory::VirtioMemory;
 use crate::{Error, Result};
-
-/// The guest memory types the virtio stack works on: any vm-memory [`GuestMemory`] that is a
-/// cheap handle (`Clone`) shared between threads — `GuestMemoryMmap`, with or without a
-/// dirty-page bitmap, and others.
-pub trait VirtioMemory: GuestMemory + Clone + Send + Sync + 'static {}
-
-impl<T: GuestMemory + Clone + Send + Sync + 'static> VirtioMemory for T {}
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`: without `EVENT_IDX`, the driver's hint that it does not
 /// want used-buffer interrupts.
@@ -147,18 +141,29 @@ impl<'a, M> Chain<'a, M> {
 
 /// What a queue and the [`QueueEventHandler`](crate::QueueEventHandler) watching it share:
 /// whether and how long to poll the queue after a notification, and where its available
-/// ring is, so the handler can watch it without the device's lock.
-#[derive(Debug, Default)]
-pub(crate) struct QueueWatch {
+/// ring is (with a handle on guest memory), so the handler can watch it without the
+/// device's lock.
+#[derive(Debug)]
+pub(crate) struct QueueWatch<M> {
     /// The polling window in nanoseconds (0: no polling).
     poll_ns: AtomicU64,
     /// Set while the handler polls: an empty ring leaves notifications suppressed.
     polling: AtomicBool,
-    /// The available ring's guest address; 0 while the queue is not active.
-    avail_ring: AtomicU64,
+    /// Guest memory and the available ring's address, while the queue is active.
+    ring: Mutex<Option<(M, GuestAddress)>>,
 }
 
-impl QueueWatch {
+impl<M> Default for QueueWatch<M> {
+    fn default() -> Self {
+        Self {
+            poll_ns: AtomicU64::new(0),
+            polling: AtomicBool::new(false),
+            ring: Mutex::new(None),
+        }
+    }
+}
+
+impl<M: Clone> QueueWatch<M> {
     pub(crate) fn poll(&self) -> Duration {
         Duration::from_nanos(self.poll_ns.load(Ordering::Relaxed))
     }
@@ -171,20 +176,23 @@ impl QueueWatch {
         self.polling.load(Ordering::SeqCst)
     }
 
-    /// The available ring's address, while the queue is active.
-    pub(crate) fn avail_ring(&self) -> Option<GuestAddress> {
-        match self.avail_ring.load(Ordering::Acquire) {
-            0 => None,
-            a => Some(GuestAddress(a)),
-        }
+    /// Guest memory and the available ring's address, while the queue is active.
+    pub(crate) fn ring(&self) -> Option<(M, GuestAddress)> {
+        self.lock_ring().clone()
     }
 
-    pub(crate) fn activate(&self, avail_ring: u64) {
-        self.avail_ring.store(avail_ring, Ordering::Release);
+    fn activate(&self, memory: M, avail_ring: GuestAddress) {
+        *self.lock_ring() = Some((memory, avail_ring));
+    }
+}
+
+impl<M> QueueWatch<M> {
+    fn lock_ring(&self) -> MutexGuard<'_, Option<(M, GuestAddress)>> {
+        self.ring.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn deactivate(&self) {
-        self.avail_ring.store(0, Ordering::Release);
+        *self.lock_ring() = None;
         self.poll_ns.store(0, Ordering::Relaxed);
         self.polling.store(false, Ordering::SeqCst);
     }
@@ -225,7 +233,7 @@ pub struct ActiveQueue<M> {
     memory: M,
     interrupt: Arc<dyn VirtioInterrupt>,
     needs_reset: NeedsReset,
-    watch: Arc<QueueWatch>,
+    watch: Arc<QueueWatch<M>>,
     /// Whether driver notifications are on, as this queue last set them.
     notifications: bool,
     /// The available index as last read.
@@ -253,12 +261,14 @@ pub(crate) struct QueueParts<M> {
     pub(crate) memory: M,
     pub(crate) interrupt: Arc<dyn VirtioInterrupt>,
     pub(crate) needs_reset: NeedsReset,
-    pub(crate) watch: Arc<QueueWatch>,
+    pub(crate) watch: Arc<QueueWatch<M>>,
 }
 
 impl<M: VirtioMemory> ActiveQueue<M> {
     pub(crate) fn new(index: u16, queue: Queue, notifier: EventFd, parts: QueueParts<M>) -> Self {
-        parts.watch.activate(queue.avail_ring());
+        parts
+            .watch
+            .activate(parts.memory.clone(), GuestAddress(queue.avail_ring()));
         Self {
             index,
             queue,

@@ -13,7 +13,9 @@ mod uring;
 use std::fmt;
 use std::io;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
+use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::request::Segment;
@@ -75,9 +77,9 @@ pub struct Completion {
 /// [`attach`](Self::attach) at activation, [`submit`](Self::submit) for each request of a
 /// queue kick and [`commit`](Self::commit) once after them, [`reap`](Self::reap) when the
 /// [`completion_fd`](Self::completion_fd) fires, and [`detach`](Self::detach) at reset.
-pub trait BlockEngine: Send + fmt::Debug {
+pub trait BlockEngine<M: MappedMemory = GuestMemoryMmap>: Send + fmt::Debug {
     /// Starts serving requests on this guest memory (a clone is kept while attached).
-    fn attach(&mut self, memory: GuestMemoryMmap);
+    fn attach(&mut self, memory: M);
 
     /// Waits for every operation in flight (their completions are dropped: the driver
     /// reset the device) and lets go of the guest memory.
@@ -110,7 +112,7 @@ pub trait BlockEngine: Send + fmt::Debug {
 /// A list of iovecs pointing into guest memory.
 ///
 /// `libc::iovec` holds raw pointers and so is neither `Send` nor `Sync`; these point into
-/// guest memory, which is shared between threads anyway (`GuestMemoryMmap` is `Send` and
+/// guest memory, which is shared between threads anyway ([`MappedMemory`] is `Send` and
 /// `Sync`), and are only dereferenced by the kernel.
 #[derive(Debug, Default)]
 pub(crate) struct IoVecs(pub(crate) Vec<libc::iovec>);
@@ -121,18 +123,25 @@ pub(crate) struct IoVecs(pub(crate) Vec<libc::iovec>);
 unsafe impl Send for IoVecs {}
 
 impl IoVecs {
-    /// The iovecs of `segments` in `memory`. Each segment must be inside guest memory (the
-    /// parser checked it; a segment that is not yields `EFAULT`). A segment crossing from
-    /// one guest memory region into the next becomes several iovecs.
+    /// The iovecs of `segments` in `memory`, for the kernel to read (`access` Read) or
+    /// write (Write). Each segment must be inside guest memory (the parser checked it; a
+    /// segment that is not yields `EFAULT`). A segment crossing from one guest memory
+    /// region into the next becomes several iovecs.
     ///
-    /// The pointers stay valid as long as `memory` (or any clone of it) lives: vm-memory
-    /// unmaps a region only when the last `Arc` of it, held by every clone of the
-    /// collection, is dropped. Engines keep their clone until nothing is in flight.
-    pub(crate) fn resolve(memory: &GuestMemoryMmap, segments: &[Segment]) -> io::Result<Self> {
+    /// The pointers stay valid as long as `memory` (or any clone of it) lives, which
+    /// [`MappedMemory`] guarantees. Engines keep their clone until nothing is in flight.
+    pub(crate) fn resolve<M: MappedMemory>(
+        memory: &M,
+        segments: &[Segment],
+        access: Permissions,
+    ) -> io::Result<Self> {
+        let efault = || io::Error::from_raw_os_error(libc::EFAULT);
         let mut iov = Vec::with_capacity(segments.len());
         for s in segments {
-            for slice in GuestMemoryBackend::get_slices(memory, s.addr, s.len as usize) {
-                let slice = slice.map_err(|_| io::Error::from_raw_os_error(libc::EFAULT))?;
+            let slices = GuestMemory::get_slices(memory, s.addr, s.len as usize, access)
+                .map_err(|_| efault())?;
+            for slice in slices {
+                let slice = slice.map_err(|_| efault())?;
                 iov.push(libc::iovec {
                     iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                     iov_len: slice.len(),
@@ -170,6 +179,20 @@ impl IoVecs {
         // Skip empty iovecs so a transfer never starts with nothing to move.
         while *start < self.0.len() && self.0[*start].iov_len == 0 {
             *start += 1;
+        }
+    }
+}
+
+/// Marks the guest pages of `segments` dirty in `memory`'s bitmap (if it keeps one): for
+/// what the kernel wrote into guest memory through iovecs, which vm-memory cannot see.
+/// Called once the write is done, so a dirty-page scan never misses it.
+pub(crate) fn mark_dirty<M: GuestMemory>(memory: &M, segments: &[Segment]) {
+    for s in segments {
+        let Ok(slices) = memory.get_slices(s.addr, s.len as usize, Permissions::Write) else {
+            continue;
+        };
+        for slice in slices.flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
         }
     }
 }

@@ -4,7 +4,8 @@
 use std::io;
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryMmap, Permissions};
+use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
@@ -13,13 +14,21 @@ use crate::disk::Disk;
 /// `preadv`/`pwritev`/`fdatasync`/`fallocate` on the calling thread. Simple and with the
 /// lowest latency at queue depth 1 from the page cache; a request blocks the event thread
 /// for as long as the host takes.
-#[derive(Debug)]
-pub struct SyncEngine {
+pub struct SyncEngine<M: MappedMemory = GuestMemoryMmap> {
     disk: Arc<Disk>,
-    memory: Option<GuestMemoryMmap>,
+    memory: Option<M>,
 }
 
-impl SyncEngine {
+impl<M: MappedMemory> std::fmt::Debug for SyncEngine<M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncEngine")
+            .field("disk", &self.disk)
+            .field("attached", &self.memory.is_some())
+            .finish()
+    }
+}
+
+impl<M: MappedMemory> SyncEngine<M> {
     /// An engine on `disk`.
     pub fn new(disk: Arc<Disk>) -> Self {
         Self { disk, memory: None }
@@ -31,12 +40,12 @@ impl SyncEngine {
         };
         match op {
             BlockOp::Read { offset, data } => {
-                let mut iov = IoVecs::resolve(memory, &data)?;
+                let mut iov = IoVecs::resolve(memory, &data, Permissions::Write)?;
                 let fd = self.disk.fd_for(offset, iov.shapes());
                 transfer(fd, false, offset, &mut iov)
             }
             BlockOp::Write { offset, data, sync } => {
-                let mut iov = IoVecs::resolve(memory, &data)?;
+                let mut iov = IoVecs::resolve(memory, &data, Permissions::Read)?;
                 let fd = self.disk.fd_for(offset, iov.shapes());
                 transfer(fd, true, offset, &mut iov)?;
                 if sync {
@@ -112,8 +121,8 @@ pub(crate) fn transfer(
     Ok(())
 }
 
-impl BlockEngine for SyncEngine {
-    fn attach(&mut self, memory: GuestMemoryMmap) {
+impl<M: MappedMemory> BlockEngine<M> for SyncEngine<M> {
+    fn attach(&mut self, memory: M) {
         self.memory = Some(memory);
     }
 

@@ -6,7 +6,8 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryMmap, Permissions};
+use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
@@ -45,12 +46,12 @@ struct InFlight {
 /// posted inline at submission, lost wake-ups in our engine tests (a completion arrived
 /// after `commit` without a signal, Linux 6.18), so we pay one spurious wake-up for inline
 /// completions (which the device reaps right after `commit` anyway).
-pub struct IoUringEngine {
+pub struct IoUringEngine<M: MappedMemory = GuestMemoryMmap> {
     // Declared first so it is dropped first, after `Drop` waited for everything in flight.
     ring: IoUring,
     disk: Arc<Disk>,
     eventfd: EventFd,
-    memory: Option<GuestMemoryMmap>,
+    memory: Option<M>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     in_flight: usize,
@@ -59,7 +60,7 @@ pub struct IoUringEngine {
     unsubmitted: usize,
 }
 
-impl std::fmt::Debug for IoUringEngine {
+impl<M: MappedMemory> std::fmt::Debug for IoUringEngine<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IoUringEngine")
             .field("capacity", &self.capacity)
@@ -69,7 +70,7 @@ impl std::fmt::Debug for IoUringEngine {
     }
 }
 
-impl IoUringEngine {
+impl<M: MappedMemory> IoUringEngine<M> {
     /// An engine on `disk` keeping up to `max_in_flight` operations in flight (rounded up
     /// to a power of two, at most [`MAX_IN_FLIGHT`]).
     pub fn new(disk: Arc<Disk>, max_in_flight: u32) -> io::Result<Self> {
@@ -139,7 +140,8 @@ impl IoUringEngine {
             // to) live in `self.slots[slot]` and in `self.memory` until the completion of
             // this entry is reaped: a slot is released only in `complete`, and `Drop` and
             // `detach` wait for every entry in flight before anything is freed. The guest
-            // memory stays mapped while `self.memory` (a clone of it) is held.
+            // memory stays mapped while `self.memory` (a clone of it) is held, which is what
+            // `M: MappedMemory` guarantees.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 self.unsubmitted += 1;
                 return Ok(());
@@ -247,8 +249,8 @@ impl IoUringEngine {
     }
 }
 
-impl BlockEngine for IoUringEngine {
-    fn attach(&mut self, memory: GuestMemoryMmap) {
+impl<M: MappedMemory> BlockEngine<M> for IoUringEngine<M> {
+    fn attach(&mut self, memory: M) {
         self.wait_all();
         self.memory = Some(memory);
     }
@@ -284,7 +286,13 @@ impl BlockEngine for IoUringEngine {
                 return Some(r.and_then(|()| if sync { self.disk.datasync() } else { Ok(()) }));
             }
         };
-        let iov = match IoVecs::resolve(memory, &data) {
+        // The kernel writes guest memory for a read, reads it for a write.
+        let access = if write {
+            Permissions::Read
+        } else {
+            Permissions::Write
+        };
+        let iov = match IoVecs::resolve(memory, &data, access) {
             Ok(iov) => iov,
             Err(e) => return Some(Err(e)),
         };
@@ -350,7 +358,7 @@ impl BlockEngine for IoUringEngine {
     }
 }
 
-impl Drop for IoUringEngine {
+impl<M: MappedMemory> Drop for IoUringEngine<M> {
     fn drop(&mut self) {
         // The kernel may still write guest memory for requests in flight: wait for them
         // before the iovecs and the memory clone are dropped.

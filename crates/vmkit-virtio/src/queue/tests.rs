@@ -42,7 +42,7 @@ struct Rig {
     ctx: ActivateContext,
     irq: Arc<Irq>,
     nr: NeedsReset,
-    watch: Arc<QueueWatch>,
+    watch: Arc<QueueWatch<GuestMemoryMmap>>,
 }
 
 impl Rig {
@@ -168,7 +168,7 @@ fn polling_leaves_notifications_suppressed_until_it_ends() {
         let avail_event = USED.unchecked_add(4 + 8 * 16);
         r.q().set_poll(Duration::from_micros(50));
         assert_eq!(r.watch.poll(), Duration::from_micros(50));
-        assert_eq!(r.watch.avail_ring(), Some(vq.avail_addr()));
+        assert_eq!(r.watch.ring().map(|(_, a)| a), Some(vq.avail_addr()));
         r.watch.set_polling(true);
         add_simple_chains(&vq, 2, 0);
         assert_eq!(serve_all(r.q(), 0).len(), 2);
@@ -193,7 +193,7 @@ fn polling_leaves_notifications_suppressed_until_it_ends() {
     let r = rig(&m, &vq, false);
     let watch = r.watch.clone();
     drop(r);
-    assert_eq!(watch.avail_ring(), None);
+    assert!(watch.ring().is_none());
     assert!(watch.poll().is_zero());
 }
 
