@@ -138,11 +138,7 @@ pub const REGIONS: &[Region] = &[
     ),
     region("EBDA (MP table)", EBDA_START, ACPI_START),
     region("ACPI tables", ACPI_START, ACPI_END),
-    region(
-        "PCI BAR window",
-        PCI_BAR_WINDOW.start,
-        PCI_BAR_WINDOW.end,
-    ),
+    region("PCI BAR window", PCI_BAR_WINDOW.start, PCI_BAR_WINDOW.end),
     region(
         "virtio-mmio windows",
         VIRTIO_MMIO_WINDOW.start,
@@ -184,7 +180,12 @@ mod tests {
             let boot_data = r.range.end <= EBDA_START;
             let legacy_hole = r.range.start >= EBDA_START && r.range.end <= HIGH_MEMORY_START;
             let gap = r.range.start >= MMIO_GAP_START && r.range.end <= MMIO_GAP_END;
-            assert!(boot_data || legacy_hole || gap, "{} {:#x?}", r.name, r.range);
+            assert!(
+                boot_data || legacy_hole || gap,
+                "{} {:#x?}",
+                r.name,
+                r.range
+            );
         }
         // The page tables map 1 GiB with 2 MiB pages: three pages, as reserved.
         assert_eq!(PAGE_TABLES_END - PML4_ADDR, 3 * PAGE_SIZE);
@@ -197,12 +198,20 @@ mod tests {
 
     #[test]
     fn the_gap_keeps_the_platform_devices_out_of_the_windows() {
-        for w in [&PCI_BAR_WINDOW, &VIRTIO_MMIO_WINDOW, &UNASSIGNED_MMIO, &PCI_ECAM] {
+        for w in [
+            &PCI_BAR_WINDOW,
+            &VIRTIO_MMIO_WINDOW,
+            &UNASSIGNED_MMIO,
+            &PCI_ECAM,
+        ] {
             assert!(w.end <= PLATFORM_MMIO.start);
         }
         assert!(*VIRTIO_MMIO_GSIS.start() > 4 && *VIRTIO_MMIO_GSIS.end() < 24);
         // Each virtio-mmio window is 4 KiB, page aligned.
         assert_eq!(VIRTIO_MMIO_WINDOW.start % PAGE_SIZE, 0);
-        assert_eq!((VIRTIO_MMIO_WINDOW.end - VIRTIO_MMIO_WINDOW.start) / PAGE_SIZE, 3840);
+        assert_eq!(
+            (VIRTIO_MMIO_WINDOW.end - VIRTIO_MMIO_WINDOW.start) / PAGE_SIZE,
+            3840
+        );
     }
 }

@@ -164,8 +164,16 @@ impl MemoryLayout {
 /// Host pages backing guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Backing {
-    /// Ordinary anonymous memory (transparent huge pages may still apply).
+    /// Anonymous memory the kernel is asked to back with transparent huge pages
+    /// (`MADV_HUGEPAGE`), as QEMU and Cloud Hypervisor do. Fewer TLB misses for the guest, and
+    /// device I/O into guest buffers crosses far fewer host pages: a 128 KiB `O_DIRECT` read
+    /// into 4 KiB pages is 32 segments for the host's block layer, into a huge page one.
+    /// Host memory is still taken only as the guest touches it, 2 MiB at a time where the
+    /// kernel finds huge pages. Without THP in the host kernel this is plain anonymous memory.
     #[default]
+    TransparentHugePages,
+    /// Ordinary anonymous memory in 4 KiB pages (transparent huge pages only if the host's
+    /// THP setting is `always`): the smallest resident footprint.
     Anonymous,
     /// Anonymous memory from the host's hugetlb pool (`MAP_HUGETLB`, 2 MiB pages). The pool
     /// must hold enough pages (`/proc/sys/vm/nr_hugepages`).
@@ -182,11 +190,11 @@ pub struct MemoryConfig {
 }
 
 impl MemoryConfig {
-    /// `size` bytes of anonymous memory.
+    /// `size` bytes of anonymous memory, with transparent huge pages.
     pub fn new(size: u64) -> Self {
         Self {
             size,
-            backing: Backing::Anonymous,
+            backing: Backing::default(),
         }
     }
 }
@@ -228,11 +236,27 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
                 size,
                 source,
             })?;
+        if config.backing == Backing::TransparentHugePages {
+            advise_huge_pages(mapping.as_ptr(), len);
+        }
         // The layout's regions never wrap around the address space.
         let region = GuestRegionMmap::new(mapping, addr).ok_or(Error::TooLarge(size))?;
         regions.push(region);
     }
     Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+/// Asks the kernel to back `len` bytes at `ptr` with transparent huge pages. Only advice: a
+/// kernel without THP refuses (`EINVAL`), and the memory works as before.
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    // SAFETY: `ptr..ptr + len` is a mapping this process just created and owns (vm-memory's
+    // `MmapRegion`); MADV_HUGEPAGE changes how the kernel backs it, never its contents or
+    // validity, so no Rust reference into it is affected.
+    let r = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        log::debug!("guest memory: no transparent huge pages on this host ({e}); 4 KiB pages");
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +340,31 @@ mod tests {
         assert!(mem.write_obj(1u8, GuestAddress(MMIO_GAP_START)).is_err());
         mem.write_obj(7u8, GuestAddress(MMIO_GAP_END)).unwrap();
         assert_eq!(mem.read_obj::<u8>(GuestAddress(MMIO_GAP_END)).unwrap(), 7);
+    }
+
+    /// The VmFlags line of the mapping that starts at `ptr`, from /proc/self/smaps.
+    fn vm_flags(ptr: *mut u8) -> String {
+        let start = format!("{:x}-", ptr as usize);
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    #[test]
+    fn transparent_huge_pages_are_asked_for_by_default_only() {
+        let thp = create_guest_memory(&MemoryConfig::new(16 << 20)).unwrap();
+        let flags = vm_flags(thp.iter().next().unwrap().as_ptr());
+        assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+        let plain = create_guest_memory(&MemoryConfig {
+            size: 16 << 20,
+            backing: Backing::Anonymous,
+        })
+        .unwrap();
+        let flags = vm_flags(plain.iter().next().unwrap().as_ptr());
+        assert!(!flags.is_empty() && !flags.split_whitespace().any(|f| f == "hg"), "{flags}");
     }
 
     #[test]
