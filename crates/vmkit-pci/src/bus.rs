@@ -478,7 +478,9 @@ impl PciBus {
         let slot_index = usize::from(bdf.device);
         let mut events = Vec::new();
         for bar in bars.iter().filter(|b| b.kind.is_memory()) {
-            let Some(current) = inner.slots[slot_index].as_ref().map(|s| s.mapped[bar.index])
+            let Some(current) = inner.slots[slot_index]
+                .as_ref()
+                .map(|s| s.mapped[bar.index])
             else {
                 break;
             };

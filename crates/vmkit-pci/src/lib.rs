@@ -89,8 +89,8 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use msix::{
-    MsixTable, MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK, MSIX_ENTRY_SIZE,
-    MSIX_MAX_VECTORS, MSIX_VECTOR_MASKED,
+    MsixTable, MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK, MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS,
+    MSIX_VECTOR_MASKED,
 };
 
 #[cfg(test)]

@@ -236,7 +236,11 @@ fn decoding_maps_and_relocation_moves() {
     // Both BARs are ranges of their own on the VM's bus, beside the ECAM.
     assert_eq!(
         r.vm_bus.mmio_ranges(),
-        vec![0xC000_0000..=0xC000_0FFF, 0xC001_0000..=0xC001_0FFF, ECAM..=ECAM + 0xF_FFFF]
+        vec![
+            0xC000_0000..=0xC000_0FFF,
+            0xC001_0000..=0xC001_0FFF,
+            ECAM..=ECAM + 0xF_FFFF
+        ]
     );
     r.mem_write(0xC000_0008, 0x1234_5678);
     r.mem_write(0xC001_0000, 0xAA);
@@ -247,7 +251,10 @@ fn decoding_maps_and_relocation_moves() {
     r.ecam_write(1, 0x10, 0xC100_0000);
     let ev = r.events();
     assert_eq!(ev.len(), 1);
-    assert_eq!((ev[0].old, ev[0].new), (Some(0xC000_0000), Some(0xC100_0000)));
+    assert_eq!(
+        (ev[0].old, ev[0].new),
+        (Some(0xC000_0000), Some(0xC100_0000))
+    );
     assert_eq!(r.mem_read(0xC100_0008), 0x1234_5678);
     assert_eq!(r.mem_read(0xC000_0008), u32::MAX);
     assert_eq!(
@@ -273,7 +280,10 @@ fn decoding_maps_and_relocation_moves() {
     assert_eq!(r.ecam(1, 0x10, 4), 0xFFFF_F000);
     assert_eq!(r.mem_read(0xC100_0008), u32::MAX);
     let ev = r.events();
-    assert_eq!((ev.len(), ev[0].old, ev[0].new), (1, Some(0xC100_0000), None));
+    assert_eq!(
+        (ev.len(), ev[0].old, ev[0].new),
+        (1, Some(0xC100_0000), None)
+    );
     r.ecam_write(1, 0x10, 0xC100_0000);
     assert_eq!(r.mem_read(0xC100_0008), 0x1234_5678);
     assert_eq!(r.events().len(), 1);
@@ -286,7 +296,10 @@ fn sizing_writes_of_any_width() {
         .add_device(dev(0x1044, 0xC000_0000, 0xC001_0000))
         .unwrap();
     // Two-byte and one-byte writes of all ones size the BAR as a four-byte one does.
-    for pieces in [vec![(0u16, 2usize), (2, 2)], vec![(0, 1), (1, 1), (2, 1), (3, 1)]] {
+    for pieces in [
+        vec![(0u16, 2usize), (2, 2)],
+        vec![(0, 1), (1, 1), (2, 1), (3, 1)],
+    ] {
         for (at, len) in &pieces {
             r.port_write(1, 0x10 + at, &[0xFF; 4][..*len]);
         }
@@ -314,7 +327,10 @@ fn sizing_writes_of_any_width() {
     r.port_write(1, 0x10, &0xC000u16.to_le_bytes()[..]);
     r.port_write(1, 0x12, &0xC000u16.to_le_bytes()[..]);
     assert_eq!(r.ecam(1, 0x10, 4), 0xC000_C000 & 0xFFFF_F000);
-    assert_eq!(r.bus.bar_mapping(1, 0).map(|b| b.address), Some(0xC000_C000));
+    assert_eq!(
+        r.bus.bar_mapping(1, 0).map(|b| b.address),
+        Some(0xC000_C000)
+    );
     r.ecam_write(1, 0x10, 0xC000_0000);
     assert_eq!(r.mem_read(0xC000_0000), 0x55);
 }
