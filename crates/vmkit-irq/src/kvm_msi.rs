@@ -91,3 +91,37 @@ impl MsiVectorSink for KvmMsiSink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::IrqchipConfig;
+
+    #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+    fn vectors_become_routes_with_their_own_gsi() {
+        let vm = Arc::new(crate::kvm::tests::vm());
+        let chip = Arc::new(Mutex::new(Irqchip::new(&vm, IrqchipConfig::default()).unwrap()));
+        let gsis = Arc::new(Mutex::new(MsiGsiAllocator::new(4095)));
+        let a = KvmMsiSink::new(vm.clone(), chip.clone(), gsis.clone());
+        let b = KvmMsiSink::new(vm, chip.clone(), gsis);
+        let m = MsiMessage {
+            address: 0xFEE0_0000,
+            data: 0x41,
+        };
+        // Nothing routed, nothing delivered, no GSI spent.
+        a.trigger(0).unwrap();
+        a.update(0, None, true).unwrap();
+        assert_eq!(a.gsi(0), None);
+        a.update(0, Some(m), true).unwrap();
+        b.update(0, Some(m), false).unwrap();
+        // Two functions, two GSIs from the shared allocator, above the IOAPIC pins.
+        assert_eq!((a.gsi(0), b.gsi(0)), (Some(24), Some(25)));
+        assert_eq!(lock(&chip).routing().msi(24), Some(m));
+        a.trigger(0).unwrap();
+        // MSI-X disabled: the route goes, the GSI stays the vector's.
+        a.update(0, None, true).unwrap();
+        assert_eq!(lock(&chip).routing().msi(24), None);
+        assert_eq!(a.gsi(0), Some(24));
+    }
+}
