@@ -364,7 +364,10 @@ mod tests {
         })
         .unwrap();
         let flags = vm_flags(plain.iter().next().unwrap().as_ptr());
-        assert!(!flags.is_empty() && !flags.split_whitespace().any(|f| f == "hg"), "{flags}");
+        assert!(
+            !flags.is_empty() && !flags.split_whitespace().any(|f| f == "hg"),
+            "{flags}"
+        );
     }
 
     #[test]
