@@ -1,0 +1,84 @@
+//! The error type of this crate.
+
+/// What can go wrong while building a VM with this crate. Each variant is one line for a
+/// user, naming what failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `/dev/kvm` does not exist.
+    #[error("/dev/kvm does not exist: this host has no KVM (load kvm_intel or kvm_amd, or enable nested virtualization)")]
+    NoKvm,
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (the user needs read-write access, e.g. membership of group kvm)")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_VM` failed.
+    #[error("cannot create a VM: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// Guest memory could not be created or registered.
+    #[error("guest memory: {0}")]
+    Memory(#[from] vmkit_memory::Error),
+    /// The interrupt controller or a route failed.
+    #[error("{0}")]
+    Irq(#[from] vmkit_irq::Error),
+    /// No vCPU asked for.
+    #[error("at least 1 vCPU is needed")]
+    NoCpus,
+    /// More vCPUs than KVM (or the MADT's one-byte APIC IDs) allows.
+    #[error("{asked} vCPUs: this host's KVM allows at most {max}")]
+    TooManyCpus {
+        /// vCPUs asked for.
+        asked: u32,
+        /// The limit.
+        max: u32,
+    },
+    /// `KVM_GET_MSR_INDEX_LIST` failed.
+    #[error("cannot read the MSR list: {0}")]
+    MsrList(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_VCPU` failed.
+    #[error("cannot create vCPU {index}: {source}")]
+    CreateVcpu {
+        /// The vCPU.
+        index: u32,
+        /// The ioctl's error.
+        source: kvm_ioctls::Error,
+    },
+    /// Setting a vCPU up (CPUID, MSRs, FPU, LAPIC, entry state) failed.
+    #[error("cannot set up vCPU {index}: {source}")]
+    SetupVcpu {
+        /// The vCPU.
+        index: u32,
+        /// What vmkit-vcpu reported.
+        source: vmkit_vcpu::Error,
+    },
+    /// A vCPU thread could not be started.
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The bus refused a range (an overlap), or the window/GSI allocators ran out.
+    #[error("{0}")]
+    Bus(#[from] vmkit_bus::Error),
+    /// A virtio transport could not be built.
+    #[error("{0}")]
+    Virtio(#[from] vmkit_virtio::Error),
+    /// The PCI bus refused a device (full, or a place it cannot use).
+    #[error("PCI: {0}")]
+    Pci(#[from] vmkit_pci::Error),
+    /// `KVM_IOEVENTFD` failed.
+    #[error("cannot register an ioeventfd at {addr:#x}: {source}")]
+    IoEvent {
+        /// The guest address.
+        addr: u64,
+        /// The ioctl's error.
+        source: kvm_ioctls::Error,
+    },
+    /// A legacy-device helper (the exit notifier) could not be set up.
+    #[error("{0}")]
+    Legacy(#[from] vmkit_legacy::Error),
+    /// An eventfd could not be created or cloned.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// The kernel command line refused an entry (too long, bad characters).
+    #[error("kernel command line: {0}")]
+    Cmdline(#[from] linux_loader::cmdline::Error),
+}
+
+/// A `Result` with this crate's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

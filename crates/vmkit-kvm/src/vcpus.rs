@@ -1,0 +1,248 @@
+//! vCPUs: created and set up for a VM, then run one thread each on the VM's bus, and every
+//! way a vCPU stops mapped, here and only here, to the reason the VM ends.
+
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::GuestMemoryBackend;
+use vmkit_boot::EntryPoint;
+use vmkit_bus::IoBus;
+use vmkit_legacy::{ExitNotifier, ExitReason};
+use vmkit_vcpu::{
+    install_kick_handler, kick, restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs,
+    CpuTemplate, CpuidConfig, CpuidTemplate, Vcpu, VcpuControl, VcpuExitHandler, VcpuStats,
+    VcpuStop,
+};
+
+use crate::{Error, Result};
+
+/// The highest vCPU count: APIC IDs are one byte in the xAPIC MADT and MP table entries.
+pub const MAX_VCPUS: u32 = 254;
+
+/// The vCPUs to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuConfig {
+    /// How many (1 to [`MAX_VCPUS`], and no more than KVM allows).
+    pub count: u32,
+    /// The CPU model the guest sees.
+    pub template: CpuTemplate,
+}
+
+/// The VM's bus as the vCPUs see it: port and MMIO exits dispatched on the [`IoBus`].
+/// Accesses where nothing is mapped read all ones and are otherwise ignored.
+#[derive(Debug, Clone)]
+pub struct BusExits(pub Arc<IoBus>);
+
+impl VcpuExitHandler for BusExits {
+    #[inline]
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        let _ = self.0.pio_read(port, data);
+    }
+    #[inline]
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        let _ = self.0.pio_write(port, data);
+    }
+    #[inline]
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        let _ = self.0.mmio_read(addr, data);
+    }
+    #[inline]
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        let _ = self.0.mmio_write(addr, data);
+    }
+}
+
+/// The vCPUs of a VM, set up (CPUID with a coherent topology and the template's masks,
+/// MSRs, FPU, LAPIC LINT pins) and not running yet.
+#[derive(Debug)]
+pub struct Vcpus {
+    vcpus: Vec<Vcpu>,
+    template: CpuTemplate,
+    clearcpuid: Option<String>,
+}
+
+fn check_count(kvm: &Kvm, count: u32) -> Result<()> {
+    if count == 0 {
+        return Err(Error::NoCpus);
+    }
+    let max = u32::try_from(kvm.get_max_vcpus())
+        .unwrap_or(u32::MAX)
+        .min(MAX_VCPUS);
+    if count > max {
+        return Err(Error::TooManyCpus { asked: count, max });
+    }
+    Ok(())
+}
+
+fn setup_one(
+    vm: &VmFd,
+    index: u32,
+    cpuid: &CpuidTemplate,
+    cfg: &CpuidConfig,
+    msrs: &[u32],
+) -> Result<Vcpu> {
+    let fd = vm
+        .create_vcpu(u64::from(index))
+        .map_err(|source| Error::CreateVcpu { index, source })?;
+    let setup = || -> std::result::Result<(), vmkit_vcpu::Error> {
+        fd.set_cpuid2(&cpuid.for_vcpu(index, cfg)?)
+            .map_err(vmkit_vcpu::Error::VcpuCpuid)?;
+        setup_msrs(&fd, msrs)?;
+        setup_fpu(&fd)?;
+        setup_lint(&fd)
+    };
+    setup().map_err(|source| Error::SetupVcpu { index, source })?;
+    Ok(Vcpu::new(fd, index))
+}
+
+impl Vcpus {
+    /// Creates `config.count` vCPUs in `vm` (after its irqchip). Where this host's KVM does
+    /// not hide what the template masks (kvm_pvm passes host bits outside its supported set
+    /// through), vCPU 0's CPUID is read back and [`linux_clearcpuid`](Self::linux_clearcpuid)
+    /// gives Linux's `clearcpuid=` for it.
+    pub fn create(kvm: &Kvm, vm: &VmFd, config: &VcpuConfig) -> Result<Self> {
+        check_count(kvm, config.count)?;
+        let template =
+            CpuidTemplate::from_kvm(kvm).map_err(|source| Error::SetupVcpu { index: 0, source })?;
+        let cfg = CpuidConfig {
+            num_cpus: config.count,
+            masks: config.template.masks(),
+        };
+        let msrs = kvm.get_msr_index_list().map_err(Error::MsrList)?;
+        let vcpus = (0..config.count)
+            .map(|index| setup_one(vm, index, &template, &cfg, msrs.as_slice()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut this = Self {
+            vcpus,
+            template: config.template,
+            clearcpuid: None,
+        };
+        this.read_back_cpuid()?;
+        Ok(this)
+    }
+
+    fn read_back_cpuid(&mut self) -> Result<()> {
+        if self.template == CpuTemplate::Host {
+            return Ok(());
+        }
+        let effective = self.vcpus[0]
+            .fd()
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::SetupVcpu {
+                index: 0,
+                source: vmkit_vcpu::Error::VcpuCpuid(e),
+            })?;
+        self.clearcpuid = self.template.linux_clearcpuid(effective.as_slice());
+        if self.clearcpuid.is_some() {
+            let visible = self.template.still_visible(effective.as_slice()).join(",");
+            log::warn!("this host's KVM does not hide {visible} from CPUID; the kernel is told with clearcpuid=");
+        }
+        Ok(())
+    }
+
+    /// How many.
+    pub fn count(&self) -> u32 {
+        self.vcpus.len() as u32
+    }
+
+    /// Linux's `clearcpuid=…` for features the template hides but this host's KVM still
+    /// shows, if any.
+    pub fn linux_clearcpuid(&self) -> Option<&str> {
+        self.clearcpuid.as_deref()
+    }
+
+    /// Puts the boot vCPU (0) at the kernel's entry point, with the template's CR4 bits
+    /// clear. The others wait for INIT/SIPI.
+    pub fn set_entry<M: GuestMemoryBackend>(&self, memory: &M, entry: EntryPoint) -> Result<()> {
+        let boot = self.vcpus[0].fd();
+        let err = |source| Error::SetupVcpu { index: 0, source };
+        setup_entry(boot, memory, entry).map_err(err)?;
+        restrict_cr4(boot, self.template).map_err(err)
+    }
+
+    /// Starts one thread per vCPU (named `vcpuN`), dispatching exits on `bus`. A vCPU that
+    /// stops by itself reports why to `exit` (see [`exit_reason`]); stop them all with
+    /// [`VcpuThreads::stop`].
+    pub fn start(self, bus: Arc<IoBus>, exit: Arc<dyn ExitNotifier>) -> Result<VcpuThreads> {
+        install_kick_handler().map_err(|source| Error::SetupVcpu { index: 0, source })?;
+        let control = VcpuControl::new();
+        let exits = Arc::new(BusExits(bus));
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for mut vcpu in self.vcpus {
+            let (exits, control, exit) = (exits.clone(), control.clone(), exit.clone());
+            let thread = thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.index()))
+                .spawn(move || {
+                    let stopped = vcpu.run(&*exits, &control);
+                    if let Some(reason) = exit_reason(vcpu.index(), stopped) {
+                        exit.notify_exit(reason);
+                    }
+                    vcpu.stats()
+                })
+                .map_err(Error::Thread)?;
+            threads.push(thread);
+        }
+        Ok(VcpuThreads { control, threads })
+    }
+}
+
+/// Why the VM ends when vCPU `index` stopped as `stopped` (`None`: it was told to stop).
+pub fn exit_reason(
+    index: u32,
+    stopped: std::result::Result<VcpuStop, vmkit_vcpu::Error>,
+) -> Option<ExitReason> {
+    Some(match stopped {
+        Ok(VcpuStop::Stopped) => return None,
+        Ok(VcpuStop::Reset) => ExitReason::Reset,
+        Ok(VcpuStop::PowerOff) => ExitReason::PowerOff,
+        Ok(VcpuStop::Crash) => ExitReason::Crash,
+        Ok(VcpuStop::Halted) => ExitReason::Failed(format!("vCPU {index} halted")),
+        Err(e) => ExitReason::Failed(format!("vCPU {index}: {e}")),
+    })
+}
+
+/// Running vCPU threads.
+#[derive(Debug)]
+pub struct VcpuThreads {
+    control: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<VcpuStats>>,
+}
+
+impl VcpuThreads {
+    /// Stops every vCPU (a kick interrupts one inside `KVM_RUN`) and returns their exit
+    /// counters, in vCPU order (`None` for a thread that panicked).
+    pub fn stop(self) -> Vec<Option<VcpuStats>> {
+        self.control.stop();
+        for t in &self.threads {
+            // A thread that already returned cannot be signalled; that is fine.
+            let _ = kick(t);
+        }
+        self.threads.into_iter().map(|t| t.join().ok()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_vcpu_stop_maps_to_one_exit_reason() {
+        assert_eq!(exit_reason(0, Ok(VcpuStop::Stopped)), None);
+        assert_eq!(exit_reason(0, Ok(VcpuStop::Reset)), Some(ExitReason::Reset));
+        assert_eq!(
+            exit_reason(1, Ok(VcpuStop::PowerOff)),
+            Some(ExitReason::PowerOff)
+        );
+        assert_eq!(exit_reason(1, Ok(VcpuStop::Crash)), Some(ExitReason::Crash));
+        assert_eq!(
+            exit_reason(3, Ok(VcpuStop::Halted)),
+            Some(ExitReason::Failed("vCPU 3 halted".into()))
+        );
+        let e = vmkit_vcpu::Error::UnexpectedExit("Debug".into());
+        let Some(ExitReason::Failed(why)) = exit_reason(2, Err(e)) else {
+            panic!("a vCPU error is a failure");
+        };
+        assert!(why.starts_with("vCPU 2: "), "{why}");
+    }
+}

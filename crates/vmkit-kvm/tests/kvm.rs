@@ -1,0 +1,166 @@
+//! The platform on this host's KVM: a VM that runs code and ends through the exit chain,
+//! virtio-mmio and virtio-pci attachment with their ioeventfds (probed through KVM's own
+//! collision check), BAR moves that take the ioeventfds along. Reported as ignored where
+//! there is no /dev/kvm.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{Bytes, GuestAddress};
+use vmkit_boot::EntryPoint;
+use vmkit_bus::pio_range;
+use vmkit_kvm::{Machine, MachineConfig, MmioPlatform, PciPlatform, VcpuConfig, Vcpus};
+use vmkit_legacy::{ExitReason, I8042, I8042_PORT, I8042_PORT_COUNT};
+use vmkit_memory::layout::{PCI_BAR_WINDOW, PCI_ECAM, VIRTIO_MMIO_WINDOW};
+use vmkit_vcpu::CpuTemplate;
+use vmkit_virtio::{VirtioDevice, MMIO_MAGIC_VALUE};
+use vmkit_virtio_rng::{Rng, RngConfig};
+use vmm_sys_util::eventfd::EventFd;
+
+fn machine() -> Machine {
+    Machine::new(&MachineConfig::new(64 << 20)).expect("a VM on this host's KVM")
+}
+
+fn rng() -> Arc<Mutex<dyn VirtioDevice>> {
+    Arc::new(Mutex::new(Rng::new(RngConfig::default()).unwrap()))
+}
+
+/// Whether an ioeventfd is registered at `addr` (any length, no datamatch): KVM refuses a
+/// second one there with EEXIST. A probe that got in is taken out again.
+fn ioeventfd_at(m: &Machine, addr: u64) -> bool {
+    let probe = EventFd::new(0).unwrap();
+    let at = IoEventAddress::Mmio(addr);
+    match m.vm().register_ioevent(&probe, &at, NoDatamatch) {
+        Ok(()) => {
+            m.vm().unregister_ioevent(&probe, &at, NoDatamatch).unwrap();
+            false
+        }
+        Err(e) => {
+            assert_eq!(e.errno(), libc::EEXIST, "probe at {addr:#x}: {e}");
+            true
+        }
+    }
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_vcpu_runs_and_its_reset_ends_the_vm_through_the_exit_chain() {
+    let m = machine();
+    let vcpus = Vcpus::create(
+        m.kvm(),
+        m.vm(),
+        &VcpuConfig {
+            count: 2,
+            template: CpuTemplate::Host,
+        },
+    )
+    .unwrap();
+    assert_eq!(vcpus.count(), 2);
+    m.bus()
+        .register_pio(
+            pio_range(I8042_PORT, I8042_PORT_COUNT).unwrap(),
+            Arc::new(Mutex::new(I8042::new(m.exit().clone()))),
+        )
+        .unwrap();
+    // 32-bit code at 1 MiB: mov al, 0xFE; out 0x64, al (the i8042's reset pulse); jmp $.
+    let code = [0xB0, 0xFE, 0xE6, 0x64, 0xEB, 0xFE];
+    m.memory()
+        .write_slice(&code, GuestAddress(0x10_0000))
+        .unwrap();
+    vcpus
+        .set_entry(
+            m.memory(),
+            EntryPoint::Pvh {
+                entry: GuestAddress(0x10_0000),
+                start_info: GuestAddress(0x6000),
+            },
+        )
+        .unwrap();
+    let threads = vcpus.start(m.bus().clone(), m.exit().clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while m.exit().reason().is_none() {
+        assert!(Instant::now() < deadline, "the guest never reset");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(m.exit().reason(), Some(ExitReason::Reset));
+    let stats = threads.stop();
+    assert_eq!(stats.len(), 2);
+    let boot = stats[0].expect("vCPU 0 stats");
+    assert!(boot.pio_exits >= 1, "{boot:?}");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn virtio_mmio_devices_get_windows_pins_ioeventfds_and_descriptions() {
+    let m = machine();
+    let mut mmio = MmioPlatform::new(&m).unwrap();
+    let _h0 = mmio.attach(m.memory().clone(), rng()).unwrap();
+    let _h1 = mmio.attach(m.memory().clone(), rng()).unwrap();
+    let base = VIRTIO_MMIO_WINDOW.start;
+    let slots: Vec<_> = mmio.slots().iter().map(|s| (s.base, s.gsi)).collect();
+    assert_eq!(slots, vec![(base, 5), (base + 0x1000, 6)]);
+    // The registers answer on the VM's bus, the notify register is an ioeventfd.
+    let mut magic = [0u8; 4];
+    assert!(m.bus().mmio_read(base, &mut magic).is_handled());
+    assert_eq!(u32::from_le_bytes(magic), MMIO_MAGIC_VALUE);
+    // QueueNotify is an ioeventfd (with the queue index as datamatch: a probe of any length
+    // collides with it).
+    assert!(ioeventfd_at(&m, base + 0x50));
+    assert!(ioeventfd_at(&m, base + 0x1050));
+    assert!(!ioeventfd_at(&m, base + 0x2050), "nothing there");
+    let mut cmdline = Cmdline::new(4096).unwrap();
+    cmdline.insert_str("console=ttyS0").unwrap();
+    mmio.add_to_cmdline(&mut cmdline).unwrap();
+    let text = cmdline.as_cstring().unwrap().into_string().unwrap();
+    assert_eq!(
+        text,
+        "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+    );
+    assert_eq!(mmio.dsdt_devices().len(), 2);
+}
+
+fn ecam_write(m: &Machine, device: u8, reg: u64, value: u32) {
+    let addr = PCI_ECAM.start + (u64::from(device) << 15) + reg;
+    assert!(m.bus().mmio_write(addr, &value.to_le_bytes()).is_handled());
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn virtio_pci_notify_ioeventfds_follow_bar_moves() {
+    let m = machine();
+    let mut pci = PciPlatform::new(&m).unwrap();
+    let (bdf, _h) = pci.attach(m.memory().clone(), rng()).unwrap();
+    let bar = PCI_BAR_WINDOW.start;
+    assert_eq!(pci.bus().bar_mapping(bdf.device, 0).unwrap().address, bar);
+    // Vendor and device ID through the ECAM on the VM's bus.
+    let mut id = [0u8; 4];
+    assert!(m
+        .bus()
+        .mmio_read(PCI_ECAM.start + (u64::from(bdf.device) << 15), &mut id)
+        .is_handled());
+    assert_eq!(u32::from_le_bytes(id), 0x1044_1AF4);
+    // The notify register of queue 0 is an ioeventfd at BAR 0 + 0x3000.
+    assert!(ioeventfd_at(&m, bar + 0x3000));
+    // The guest moves BAR 0 (64-bit: 0x10 and 0x14) with decoding off, as Linux does.
+    let new = bar + 0x10_0000;
+    ecam_write(&m, bdf.device, 0x04, 0x4); // bus master only
+    ecam_write(&m, bdf.device, 0x10, new as u32);
+    ecam_write(&m, bdf.device, 0x14, 0);
+    assert!(
+        !ioeventfd_at(&m, bar + 0x3000),
+        "unregistered while not decoding"
+    );
+    ecam_write(&m, bdf.device, 0x04, 0x6); // memory + bus master
+    assert!(
+        ioeventfd_at(&m, new + 0x3000),
+        "registered at the new place"
+    );
+    assert!(!ioeventfd_at(&m, bar + 0x3000), "not left at the old place");
+    // The registers answer there too.
+    let mut status = [0u8; 1];
+    assert!(m.bus().mmio_read(new + 0x14, &mut status).is_handled());
+    assert_eq!(status, [0]);
+    assert!(!m.bus().mmio_read(bar + 0x14, &mut status).is_handled());
+}
