@@ -15,32 +15,20 @@
 
 extern crate alloc;
 
-mod acpi;
-mod apic;
-mod arch;
 mod bench;
-mod blk;
-mod boot;
+mod cases;
 mod cmdline;
-mod heap;
-mod idt;
-mod mem;
-mod pci;
-mod phys;
-mod power;
-mod pvh;
-mod serial;
-mod smp;
-mod tests;
-mod time;
-mod virtio;
+mod drivers;
+mod platform;
 
-use acpi::{Acpi, RsdpSource};
-use apic::Lapic;
 use cmdline::{Config, Want};
 use core::sync::atomic::Ordering;
-use pvh::StartInfo;
-use time::TscSource;
+use drivers::{blk, pci, virtio};
+use platform::acpi::{Acpi, RsdpSource};
+use platform::apic::Lapic;
+use platform::pvh::StartInfo;
+use platform::time::TscSource;
+use platform::{arch, boot, idt, power, serial, smp, time};
 
 /// Rust entry, at CPL3 (IOPL=3, IF=0), from `long_mode_entry` in boot.rs.
 #[no_mangle]
@@ -112,10 +100,10 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     let ram = blk::free_ram(info.memmap());
 
     if cfg.test_timer {
-        tests::timer(&lapic);
+        cases::timer::timer(&lapic);
     }
     if cfg.test_serial_irq {
-        tests::serial_irq(acpi.as_ref(), bsp_apic_id);
+        cases::timer::serial_irq(acpi.as_ref(), bsp_apic_id);
     }
     if cfg.test_smp {
         if online == cpus {
@@ -139,7 +127,7 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         virtio::irq(&devices, acpi.as_ref(), bsp_apic_id, ap);
     }
     blk::tests(&devices, &blks, &cfg.blk, ram);
-    bench::exits(cfg.exit_benches(), info.memmap());
+    bench::exits::exits(cfg.exit_benches(), info.memmap());
     blk::benches(&devices, &blks, &cfg.blk, ram);
     if let Some(wf) = cfg.blk.write_flush {
         blk::write_flush(&devices, &blks, wf, ram);

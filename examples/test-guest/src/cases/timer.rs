@@ -1,12 +1,12 @@
 //! The interrupt tests: LAPIC timer and COM1 THRE through the IOAPIC.
 
-use crate::acpi::Acpi;
-use crate::apic::{mask_pic, reg, IoApic, Lapic, LVT_MASKED, LVT_PERIODIC};
-use crate::arch::{cli, outb, sti};
-use crate::boot::{self, VECTOR_SERIAL, VECTOR_TIMER};
+use crate::platform::acpi::Acpi;
+use crate::platform::apic::{mask_pic, reg, IoApic, Lapic, LVT_MASKED, LVT_PERIODIC};
+use crate::platform::arch::{cli, outb, sti};
+use crate::platform::boot::{self, VECTOR_SERIAL, VECTOR_TIMER};
 use crate::println;
-use crate::serial;
-use crate::time::{delay_us, wait_until};
+use crate::platform::serial;
+use crate::platform::time::{delay_us, wait_until};
 use core::sync::atomic::Ordering;
 
 /// LAPIC timer, periodic, divide by 16, 2 ms period: wait for 10 ticks.

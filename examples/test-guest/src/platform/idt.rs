@@ -5,7 +5,7 @@
 //! an exception would triple-fault, so `main` calls it right after the ready
 //! line.
 
-use crate::boot::{
+use crate::platform::boot::{
     self, MSIX_VECTORS, VECTOR_MSIX, VECTOR_SERIAL, VECTOR_SPURIOUS, VECTOR_TIMER, VECTOR_VIRTIO,
 };
 

@@ -5,9 +5,9 @@
 //! Every table is checksummed and every field read is bounded by the table's
 //! own length; tables that fail are ignored.
 
-use crate::arch::{outb, outl, outw};
-use crate::boot::MAX_CPUS;
-use crate::phys::{self, Le};
+use crate::platform::arch::{outb, outl, outw};
+use crate::platform::boot::MAX_CPUS;
+use crate::platform::phys::{self, Le};
 
 /// Largest number of IOAPICs kept from the MADT.
 pub const MAX_IOAPICS: usize = 8;

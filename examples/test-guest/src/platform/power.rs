@@ -1,10 +1,10 @@
 //! Ending the guest: ACPI S5, reset, or halt.
 
-use crate::acpi::Acpi;
-use crate::arch::{halt_forever, outb};
+use crate::platform::acpi::Acpi;
+use crate::platform::arch::{halt_forever, outb};
 use crate::cmdline::Exit;
 use crate::println;
-use crate::time::delay_us;
+use crate::platform::time::delay_us;
 
 /// Leaves the way `exit` asks; prints `exit: failed` and halts if the VM
 /// is still running ~100 ms later.

@@ -1,6 +1,6 @@
 //! The PVH `hvm_start_info` structure (Xen `arch-x86/hvm/start_info.h`).
 
-use crate::phys::{self, Le};
+use crate::platform::phys::{self, Le};
 
 const MAGIC: u32 = 0x336e_c578;
 /// Largest command line kept.

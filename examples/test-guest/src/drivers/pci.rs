@@ -4,11 +4,11 @@
 //! of bus 0, BAR checks (and assignment when the VMM left a BAR at 0), and
 //! `test=pci` (both mechanisms must show the same bus).
 
-use crate::acpi::{EcamSource, Mcfg};
-use crate::arch::{inl, outb, outl};
+use crate::platform::acpi::{EcamSource, Mcfg};
+use crate::platform::arch::{inl, outb, outl};
 use crate::cmdline::PciMode;
 use crate::println;
-use crate::virtio::map_mmio;
+use crate::drivers::virtio::map_mmio;
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;

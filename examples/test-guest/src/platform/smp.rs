@@ -5,10 +5,10 @@
 //! tables, takes a CPU index and a stack, records its APIC ID in
 //! `ap_apic_ids[index]`, bumps `ap_online` and halts with interrupts off.
 
-use crate::acpi::Acpi;
-use crate::apic::Lapic;
-use crate::boot::{self, MAX_CPUS, TRAMPOLINE_ADDR};
-use crate::time::{delay_us, wait_until};
+use crate::platform::acpi::Acpi;
+use crate::platform::apic::Lapic;
+use crate::platform::boot::{self, MAX_CPUS, TRAMPOLINE_ADDR};
+use crate::platform::time::{delay_us, wait_until};
 use core::sync::atomic::Ordering;
 
 const ICR_INIT: u32 = 0x0000_4500; // INIT, level assert

@@ -1,6 +1,6 @@
 //! TSC frequency (CPUID or PIT calibration) and TSC-based delays.
 
-use crate::arch::{cpuid, inb, outb, pause, rdtsc};
+use crate::platform::arch::{cpuid, inb, outb, pause, rdtsc};
 use core::sync::atomic::{AtomicU64, Ordering};
 
 /// How the TSC frequency was found.
@@ -73,7 +73,7 @@ fn calibrate_with_pit() -> u64 {
         ((hi << 8) | lo, tsc)
     }
 
-    crate::apic::mask_pic();
+    crate::platform::apic::mask_pic();
     outb(0x43, 0x30); // channel 0, lobyte/hibyte, mode 0 (count down once)
     outb(0x40, 0xff);
     outb(0x40, 0xff);

@@ -4,7 +4,7 @@
 //! from IIR bits 7:6) THRE means the whole 16-byte FIFO is empty, so one LSR
 //! read covers up to 16 bytes: about one VM exit per byte.
 
-use crate::arch::{inb, outb, pause};
+use crate::platform::arch::{inb, outb, pause};
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -89,5 +89,5 @@ pub fn print_line(args: fmt::Arguments<'_>) {
 /// Prints one line on COM1.
 #[macro_export]
 macro_rules! println {
-    ($($arg:tt)*) => { $crate::serial::print_line(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::platform::serial::print_line(format_args!($($arg)*)) };
 }

@@ -110,7 +110,7 @@ pub fn pause() {
 
 /// Halts this CPU forever (`cli; hlt` at CPL0).
 pub fn halt_forever() -> ! {
-    crate::boot::halt_forever()
+    crate::platform::boot::halt_forever()
 }
 
 /// Reads a 32-bit MMIO register.

@@ -1,7 +1,7 @@
 //! Local APIC (xAPIC, MMIO) and IOAPIC access from CPL3.
 
-use crate::arch::{mmio_read32, mmio_write32, pause};
-use crate::boot::VECTOR_SPURIOUS;
+use crate::platform::arch::{mmio_read32, mmio_write32, pause};
+use crate::platform::boot::VECTOR_SPURIOUS;
 
 /// Register offsets of the local APIC.
 pub mod reg {
@@ -134,6 +134,6 @@ impl IoApic {
 
 /// Masks every line of both legacy 8259 PICs.
 pub fn mask_pic() {
-    crate::arch::outb(0x21, 0xff);
-    crate::arch::outb(0xa1, 0xff);
+    crate::platform::arch::outb(0x21, 0xff);
+    crate::platform::arch::outb(0xa1, 0xff);
 }

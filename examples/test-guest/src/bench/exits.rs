@@ -1,12 +1,12 @@
 //! `bench=pio:N` and `bench=mmio:N[:ADDR]`: the cost of a port-I/O and of an
 //! MMIO-write VM exit, timed at CPL3.
 
-use crate::arch::{mmio_store32_eax, outb, rdtsc};
-use crate::boot;
+use crate::platform::arch::{mmio_store32_eax, outb, rdtsc};
+use crate::platform::boot;
 use crate::cmdline::ExitBench;
 use crate::println;
-use crate::pvh::MemEntry;
-use crate::time::cycles_to_ns;
+use crate::platform::pvh::MemEntry;
+use crate::platform::time::cycles_to_ns;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 

@@ -8,14 +8,14 @@
 //! and, for MSI-X, the table and the common-config vector fields that
 //! virtio-drivers does not program.
 
-use crate::acpi::Acpi;
-use crate::apic::{mask_pic, IoApic};
-use crate::arch::{cli, rdtsc, sti};
-use crate::boot::{self, MSIX_VECTORS, VECTOR_MSIX, VECTOR_VIRTIO};
+use crate::platform::acpi::Acpi;
+use crate::platform::apic::{mask_pic, IoApic};
+use crate::platform::arch::{cli, rdtsc, sti};
+use crate::platform::boot::{self, MSIX_VECTORS, VECTOR_MSIX, VECTOR_VIRTIO};
 use crate::cmdline::MmioDevice;
-use crate::pci::{self, BarWindow, Cam};
+use crate::drivers::pci::{self, BarWindow, Cam};
 use crate::println;
-use crate::time::{cycles_to_ns, wait_until};
+use crate::platform::time::{cycles_to_ns, wait_until};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;

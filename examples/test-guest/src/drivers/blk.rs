@@ -13,12 +13,12 @@
 //! depth 32 with 128 KiB requests needs 4 MiB. Everything runs at CPL3 and
 //! polls the used ring (no interrupts).
 
-use crate::arch::{pause, rdtsc};
+use crate::platform::arch::{pause, rdtsc};
 use crate::cmdline::{BlkBench, BlkConfig, BlkWorkload, Want};
 use crate::println;
-use crate::pvh::MemEntry;
-use crate::time::{cycles_to_ns, us_to_cycles};
-use crate::virtio::{Device, Devices, GuestHal};
+use crate::platform::pvh::MemEntry;
+use crate::platform::time::{cycles_to_ns, us_to_cycles};
+use crate::drivers::virtio::{Device, Devices, GuestHal};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -1071,7 +1071,7 @@ pub fn write_flush(
             println!("blk-write-flush: no FLUSH feature (write-through device)");
         }
         println!("blk-flushed: {}", sector);
-        crate::arch::halt_forever()
+        crate::platform::arch::halt_forever()
     })();
     if let Err(why) = r {
         println!("blk-write-flush: FAIL {}{}", why, info.dev.tag());

@@ -1,0 +1,3 @@
+//! The tests.
+
+pub mod timer;
