@@ -1,113 +1,45 @@
-//! PCI bus 0: configuration access through ports 0xCF8/0xCFC ("port CAM")
-//! or ECAM (the MCFG's window), both as virtio-drivers `ConfigurationAccess`
-//! implementations so its `PciRoot` and `PciTransport` run on them; the scan
-//! of bus 0, BAR checks (and assignment when the VMM left a BAR at 0), and
-//! `test=pci` (both mechanisms must show the same bus).
+//! PCI bus 0: choosing the configuration access mechanism (and mapping an
+//! ECAM window), the scan of bus 0, and BAR checks (and assignment when the
+//! VMM left a BAR at 0). The access itself is `platform::pci::Cam`.
 
+use crate::drivers::mmio::map_mmio;
 use crate::platform::acpi::{EcamSource, Mcfg};
-use crate::platform::arch::{inl, outb, outl};
-use crate::cmdline::PciMode;
+use crate::platform::pci::{port_cam_present, Cam};
 use crate::println;
-use crate::drivers::virtio::map_mmio;
-use alloc::format;
-use alloc::string::String;
 use alloc::vec::Vec;
 use virtio_drivers::transport::pci::bus::{
-    BarInfo, Cam as CamKind, Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo,
-    MemoryBarType, PciRoot,
+    BarInfo, Command, ConfigurationAccess, DeviceFunction, DeviceFunctionInfo, MemoryBarType,
+    PciRoot,
 };
 
-const CONFIG_ADDRESS: u16 = 0xcf8;
-const CONFIG_DATA: u16 = 0xcfc;
-
-/// One configuration access mechanism for bus 0 (and, for ECAM, the buses
-/// its MCFG entry covers). Reads outside what it decodes return all ones,
-/// writes there are dropped, as a master abort would.
+/// Which PCI configuration access mechanism to use for bus 0 (`pci=`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Cam {
-    /// Configuration mechanism #1: ports 0xCF8 (address) and 0xCFC (data),
-    /// 256 bytes per function, from CPL3 (IOPL=3 and the TSS bitmap).
-    Port,
-    /// Memory-mapped ECAM: 4 KiB per function at
-    /// `base + (bus << 20 | device << 15 | function << 12)`.
-    Ecam(Mcfg),
-}
-
-impl Cam {
-    fn ecam_addr(mcfg: &Mcfg, df: DeviceFunction, offset: u8) -> Option<u64> {
-        if df.bus < mcfg.bus_start || df.bus > mcfg.bus_end || !df.valid() {
-            return None;
-        }
-        let off = CamKind::Ecam.cam_offset(df, offset & 0xfc);
-        Some(mcfg.base + u64::from(off))
-    }
-
-    fn port_address(df: DeviceFunction, offset: u8) -> u32 {
-        0x8000_0000
-            | u32::from(df.bus) << 16
-            | u32::from(df.device & 0x1f) << 11
-            | u32::from(df.function & 0x7) << 8
-            | u32::from(offset & 0xfc)
-    }
-}
-
-impl ConfigurationAccess for Cam {
-    fn read_word(&self, df: DeviceFunction, offset: u8) -> u32 {
-        match self {
-            Cam::Port => {
-                outl(CONFIG_ADDRESS, Cam::port_address(df, offset));
-                inl(CONFIG_DATA)
-            }
-            Cam::Ecam(mcfg) => match Cam::ecam_addr(mcfg, df, offset) {
-                // SAFETY: inside the MCFG window, which `open_ecam` mapped
-                // (identity, user, uncached above 4 GiB); device registers
-                // that no Rust object aliases; 4-byte aligned.
-                Some(addr) => unsafe { core::ptr::read_volatile(addr as *const u32) },
-                None => u32::MAX,
-            },
-        }
-    }
-
-    fn write_word(&mut self, df: DeviceFunction, offset: u8, data: u32) {
-        match self {
-            Cam::Port => {
-                outl(CONFIG_ADDRESS, Cam::port_address(df, offset));
-                outl(CONFIG_DATA, data);
-            }
-            Cam::Ecam(mcfg) => {
-                if let Some(addr) = Cam::ecam_addr(mcfg, df, offset) {
-                    // SAFETY: as for `read_word`.
-                    unsafe { core::ptr::write_volatile(addr as *mut u32, data) }
-                }
-            }
-        }
-    }
-
-    unsafe fn unsafe_clone(&self) -> Self {
-        *self
-    }
-}
-
-/// Whether ports 0xCF8/0xCFC implement configuration mechanism #1 (Linux's
-/// `pci_check_type1`: a byte write to 0xCFB, then CONFIG_ADDRESS must hold
-/// 0x80000000 written as a dword; the old value is put back).
-pub fn port_cam_present() -> bool {
-    outb(CONFIG_ADDRESS + 3, 0x01);
-    let saved = inl(CONFIG_ADDRESS);
-    outl(CONFIG_ADDRESS, 0x8000_0000);
-    let present = inl(CONFIG_ADDRESS) == 0x8000_0000;
-    outl(CONFIG_ADDRESS, saved);
-    present
+pub enum PciMode {
+    /// ECAM when the MCFG describes one for bus 0, else port CAM if present.
+    Auto,
+    /// ECAM from the MCFG only.
+    Ecam,
+    /// Ports 0xCF8/0xCFC only.
+    Cam,
+    /// No PCI scan.
+    Off,
 }
 
 /// Maps the ECAM window of `mcfg` (buses start..=end, 1 MiB each).
-fn open_ecam(mcfg: Mcfg) -> Option<Cam> {
+pub fn open_ecam(mcfg: Mcfg) -> Option<Cam> {
     let start = mcfg.base + (u64::from(mcfg.bus_start) << 20);
     let size = (u64::from(mcfg.bus_end - mcfg.bus_start) + 1) << 20;
-    map_mmio(start, size).then_some(Cam::Ecam(mcfg))
+    if !map_mmio(start, size) {
+        return None;
+    }
+    // SAFETY: `map_mmio` just made the whole window (every bus of the entry)
+    // accessible at its physical address, uncached, for the rest of the run;
+    // the firmware describes it as the ECAM, so it holds device registers.
+    Some(unsafe { Cam::ecam(mcfg) })
 }
 
-fn print_ecam(m: &Mcfg) {
+/// Prints `pci: ecam 0x<base> buses <a>-<b> (<mcfg|_cba>)`.
+pub fn print_ecam(m: &Mcfg) {
     println!(
         "pci: ecam 0x{:x} buses {}-{} ({})",
         m.base,
@@ -132,7 +64,7 @@ pub fn choose(mode: PciMode, mcfg: Option<Mcfg>) -> Option<Cam> {
     let port = || -> Result<Cam, &'static str> {
         if port_cam_present() {
             println!("pci: port cam");
-            Ok(Cam::Port)
+            Ok(Cam::PORT)
         } else {
             Err("no port cam")
         }
@@ -249,61 +181,22 @@ pub fn setup_bars(root: &mut PciRoot<Cam>, df: DeviceFunction, window: &mut BarW
     };
     let mut ok = true;
     for (index, bar) in bars.iter().enumerate() {
-        let Some(BarInfo::Memory {
+        if let Some(BarInfo::Memory {
             address_type,
             prefetchable,
             address,
             size,
         }) = *bar
-        else {
-            continue;
-        };
-        let width = if address_type == MemoryBarType::Width64 {
-            "mem64"
-        } else {
-            "mem32"
-        };
-        let pref = if prefetchable { " pref" } else { "" };
-        let (addr, by) = if address != 0 {
-            (Some(address), "vmm")
-        } else {
-            if !window.announced {
-                println!(
-                    "pci: assigning bars from 0x{:x}-0x{:x}",
-                    window.next,
-                    window.end - 1
-                );
-                window.announced = true;
-            }
-            let addr = window.take(size);
-            if let Some(a) = addr {
-                if address_type == MemoryBarType::Width64 {
-                    root.set_bar_64(df, index as u8, a);
-                } else {
-                    root.set_bar_32(df, index as u8, a as u32);
-                }
-            }
-            (addr, "guest")
-        };
-        match addr {
-            Some(a) if map_mmio(a, size) => println!(
-                "pci: {} bar {} 0x{:x} size 0x{:x} {}{} ({})",
-                df, index, a, size, width, pref, by
-            ),
-            Some(a) => {
-                println!(
-                    "pci: {} bar {} 0x{:x} size 0x{:x} {}{} ({}): cannot be mapped",
-                    df, index, a, size, width, pref, by
-                );
-                ok = false;
-            }
-            None => {
-                println!(
-                    "pci: {} bar {} size 0x{:x} {}{}: no room in the window",
-                    df, index, size, width, pref
-                );
-                ok = false;
-            }
+        {
+            let bar = MemoryBar {
+                df,
+                index: index as u8,
+                width64: address_type == MemoryBarType::Width64,
+                prefetchable,
+                address,
+                size,
+            };
+            ok &= bar.place(root, window);
         }
     }
     let (_, command) = root.get_status_command(df);
@@ -311,43 +204,70 @@ pub fn setup_bars(root: &mut PciRoot<Cam>, df: DeviceFunction, window: &mut BarW
     ok
 }
 
-/// `test=pci`: bus 0 through port CAM and through ECAM (segment 0 of the
-/// MCFG); each view prints its functions, then the lists and the first 256
-/// bytes of every function's configuration space must match.
-pub fn test_cam_ecam(mcfg: Option<Mcfg>) {
-    let result = (|| -> Result<(), String> {
-        if !port_cam_present() {
-            return Err(String::from("no port cam"));
-        }
-        let m = mcfg.ok_or_else(|| String::from("no ecam"))?;
-        println!("pci: port cam");
-        let port = PciRoot::new(Cam::Port);
-        let via_port = scan(&port, &Cam::Port);
-        print_ecam(&m);
-        let ecam = open_ecam(m).ok_or_else(|| String::from("ecam cannot be mapped"))?;
-        let via_ecam = scan(&PciRoot::new(ecam), &ecam);
-        if via_port != via_ecam {
-            return Err(format!(
-                "cam lists {} functions, ecam {}",
-                via_port.len(),
-                via_ecam.len()
-            ));
-        }
-        for f in &via_port {
-            for off in (0..=0xfcu8).step_by(4) {
-                let (a, b) = (Cam::Port.read_word(f.df, off), ecam.read_word(f.df, off));
-                if a != b {
-                    return Err(format!(
-                        "{} offset 0x{:02x}: cam 0x{:08x} ecam 0x{:08x}",
-                        f.df, off, a, b
-                    ));
-                }
+/// One memory BAR of a function, as virtio-drivers' sizing read it.
+struct MemoryBar {
+    df: DeviceFunction,
+    index: u8,
+    width64: bool,
+    prefetchable: bool,
+    address: u64,
+    size: u64,
+}
+
+impl MemoryBar {
+    /// Keeps the VMM's address or assigns one from `window`, maps it, and
+    /// prints the BAR's line; false when it has no usable address.
+    fn place(&self, root: &mut PciRoot<Cam>, window: &mut BarWindow) -> bool {
+        let (addr, by) = if self.address != 0 {
+            (Some(self.address), "vmm")
+        } else {
+            (self.assign(root, window), "guest")
+        };
+        let (df, index, size) = (self.df, self.index, self.size);
+        let width = if self.width64 { "mem64" } else { "mem32" };
+        let pref = if self.prefetchable { " pref" } else { "" };
+        match addr {
+            Some(a) if map_mmio(a, size) => {
+                println!(
+                    "pci: {} bar {} 0x{:x} size 0x{:x} {}{} ({})",
+                    df, index, a, size, width, pref, by
+                );
+                true
+            }
+            Some(a) => {
+                println!(
+                    "pci: {} bar {} 0x{:x} size 0x{:x} {}{} ({}): cannot be mapped",
+                    df, index, a, size, width, pref, by
+                );
+                false
+            }
+            None => {
+                println!(
+                    "pci: {} bar {} size 0x{:x} {}{}: no room in the window",
+                    df, index, size, width, pref
+                );
+                false
             }
         }
-        Ok(())
-    })();
-    match result {
-        Ok(()) => println!("test pci-cam-ecam: ok"),
-        Err(why) => println!("test pci-cam-ecam: FAIL {}", why),
+    }
+
+    /// Takes an address from `window` (announcing the window once) and
+    /// writes it to the BAR.
+    fn assign(&self, root: &mut PciRoot<Cam>, window: &mut BarWindow) -> Option<u64> {
+        if !window.announced {
+            println!(
+                "pci: assigning bars from 0x{:x}-0x{:x}",
+                window.next,
+                window.end - 1
+            );
+            window.announced = true;
+        }
+        let addr = window.take(self.size)?;
+        if self.width64 {
+            root.set_bar_64(self.df, self.index, addr);
+        } else {
+            root.set_bar_32(self.df, self.index, addr as u32);
+        }
+        Some(addr)
     }
 }

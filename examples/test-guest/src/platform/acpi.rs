@@ -8,6 +8,7 @@
 use crate::platform::arch::{outb, outl, outw};
 use crate::platform::boot::MAX_CPUS;
 use crate::platform::phys::{self, Le};
+use crate::println;
 
 /// Largest number of IOAPICs kept from the MADT.
 pub const MAX_IOAPICS: usize = 8;
@@ -416,4 +417,38 @@ fn s5_sleep_type(aml: &[u8]) -> Option<u8> {
         0x01 => Some(1),          // OneOp
         _ => None,
     }
+}
+
+/// Prints the `acpi:`, `cpus:` and `ioapic:` lines; returns the number of
+/// CPUs (enabled MADT entries, or 1 without a MADT).
+pub fn report(acpi: Option<&Acpi>) -> usize {
+    match acpi {
+        Some(a) => println!(
+            "acpi: rsdp 0x{:x} ({}), s5 {}{}",
+            a.rsdp,
+            if a.rsdp_source == RsdpSource::StartInfo {
+                "start_info"
+            } else {
+                "scan"
+            },
+            a.s5_type,
+            if a.s5_found { "" } else { " (default)" }
+        ),
+        None => println!("acpi: none"),
+    }
+    let cpus = match acpi {
+        Some(a) if a.madt_found && a.cpus_total > 0 => {
+            println!("cpus: {} (madt)", a.cpus_total);
+            a.cpus_total
+        }
+        _ => {
+            println!("cpus: 1 (cpuid)");
+            1
+        }
+    };
+    match acpi.and_then(|a| a.ioapic) {
+        Some((addr, gsi)) => println!("ioapic: 0x{:x} gsi {}", addr, gsi),
+        None => println!("ioapic: none"),
+    }
+    cpus
 }

@@ -2,9 +2,19 @@
 
 use crate::platform::acpi::Acpi;
 use crate::platform::arch::{halt_forever, outb};
-use crate::cmdline::Exit;
-use crate::println;
 use crate::platform::time::delay_us;
+use crate::println;
+
+/// How the guest ends (`exit=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// ACPI S5 through the FADT.
+    Poweroff,
+    /// i8042 reset, then the FADT reset register.
+    Reset,
+    /// `cli; hlt` forever.
+    Halt,
+}
 
 /// Leaves the way `exit` asks; prints `exit: failed` and halts if the VM
 /// is still running ~100 ms later.

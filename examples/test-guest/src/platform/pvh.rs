@@ -1,6 +1,7 @@
 //! The PVH `hvm_start_info` structure (Xen `arch-x86/hvm/start_info.h`).
 
 use crate::platform::phys::{self, Le};
+use crate::println;
 
 const MAGIC: u32 = 0x336e_c578;
 /// Largest command line kept.
@@ -99,4 +100,39 @@ impl StartInfo {
     pub fn memmap(&self) -> &[MemEntry] {
         &self.memmap[..self.memmap_len]
     }
+}
+
+/// The name of an E820 type in the `memmap:` lines ("" for other types).
+fn kind_name(kind: u32) -> &'static str {
+    match kind {
+        1 => "ram",
+        2 => "reserved",
+        3 => "acpi",
+        4 => "nvs",
+        5 => "unusable",
+        _ => "",
+    }
+}
+
+/// Prints `memmap: <start>-<end> <kind>` per entry and `memory: <N> MiB
+/// ram`, or `memmap: none`.
+pub fn print_memmap(info: &StartInfo) {
+    // Zero-sized entries (QEMU's firmware appends one) carry nothing.
+    let mut map = info.memmap().iter().filter(|e| e.size != 0).peekable();
+    if map.peek().is_none() {
+        println!("memmap: none");
+        return;
+    }
+    let mut ram = 0u64;
+    for e in map {
+        let end = e.addr.saturating_add(e.size - 1);
+        match kind_name(e.kind) {
+            "" => println!("memmap: 0x{:016x}-0x{:016x} type {}", e.addr, end, e.kind),
+            kind => println!("memmap: 0x{:016x}-0x{:016x} {}", e.addr, end, kind),
+        }
+        if e.is_ram() {
+            ram = ram.saturating_add(e.size);
+        }
+    }
+    println!("memory: {} MiB ram", ram >> 20);
 }

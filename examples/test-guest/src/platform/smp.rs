@@ -9,6 +9,7 @@ use crate::platform::acpi::Acpi;
 use crate::platform::apic::Lapic;
 use crate::platform::boot::{self, MAX_CPUS, TRAMPOLINE_ADDR};
 use crate::platform::time::{delay_us, wait_until};
+use crate::println;
 use core::sync::atomic::Ordering;
 
 const ICR_INIT: u32 = 0x0000_4500; // INIT, level assert
@@ -75,4 +76,45 @@ pub fn start_aps(acpi: &Acpi, lapic: &Lapic, bsp_apic_id: u32) -> Smp {
         }
     }
     Smp { reported }
+}
+
+/// What SMP start-up left running.
+#[derive(Clone, Copy, Debug)]
+pub struct Online {
+    /// CPUs online, the BSP included.
+    pub count: usize,
+    /// The APIC ID of the first online AP (below 255, so an xAPIC MSI can
+    /// name it).
+    pub first_ap: Option<u32>,
+}
+
+/// Brings up the APs (when there are any) and prints one line per CPU and
+/// `smp: <online>/<cpus> online`.
+pub fn bring_up(acpi: Option<&Acpi>, lapic: &Lapic, bsp_apic_id: u32, cpus: usize) -> Online {
+    let Some(acpi) = acpi.filter(|a| a.madt_found && a.cpu_count > 1) else {
+        println!("cpu 0: apic {} online", bsp_apic_id);
+        println!("smp: 1/{} online", cpus);
+        return Online {
+            count: 1,
+            first_ap: None,
+        };
+    };
+    let smp = start_aps(acpi, lapic, bsp_apic_id);
+    let mut online = Online {
+        count: 0,
+        first_ap: None,
+    };
+    for (index, &id) in acpi.cpu_ids[..acpi.cpu_count].iter().enumerate() {
+        if smp.is_online(id) {
+            online.count += 1;
+            if id != bsp_apic_id && id < 0xff {
+                online.first_ap.get_or_insert(id);
+            }
+            println!("cpu {}: apic {} online", index, id);
+        } else {
+            println!("cpu {}: apic {} offline", index, id);
+        }
+    }
+    println!("smp: {}/{} online", online.count, cpus);
+    online
 }
