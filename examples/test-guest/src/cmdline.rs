@@ -3,7 +3,7 @@
 //! `test=NAME[,NAME...]` (names from `cases::CASES`, `all`, and
 //! `blk-verify:MiB`), `bench=pio:N`, `bench=mmio:N[:ADDR]`,
 //! `bench=blk-rand4k|blk-seq128k:QD:SECONDS` (comma-separated,
-//! repeatable), `blk-write-flush=SECTOR:HEX32`,
+//! repeatable), `blk-write-flush=SECTOR:HEX32`, `hold=serial`,
 //! `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, and any number of
 //! `virtio_mmio.device=SIZE@ADDR[:IRQ[:ID]]` (the form Linux parses).
 //!
@@ -12,6 +12,7 @@
 
 use crate::bench::blk::{BlkBench, Workload, MAX_QD};
 use crate::bench::exits::{ExitBench, MMIO_BENCH_ADDR};
+use crate::bench::hold::Hold;
 use crate::cases::blk_write_flush::WriteFlush;
 use crate::cases::{BadItem, Selection};
 use crate::drivers::pci::PciMode;
@@ -40,6 +41,7 @@ pub struct Config {
     /// `bench=blk-...` entries, in command-line order.
     blk_benches: [Option<BlkBench>; BLK_BENCH_MAX],
     pub write_flush: Option<WriteFlush>,
+    pub hold: Option<Hold>,
     pub exit: Exit,
 }
 
@@ -54,6 +56,7 @@ impl Config {
             exit_benches: [None; EXIT_BENCH_MAX],
             blk_benches: [None; BLK_BENCH_MAX],
             write_flush: None,
+            hold: None,
             exit: Exit::Poweroff,
         };
         for word in cmdline.split_ascii_whitespace() {
@@ -81,6 +84,7 @@ impl Config {
             "blk-write-flush" => parse_write_flush(value)
                 .map(|wf| self.write_flush = Some(wf))
                 .is_some(),
+            "hold" => parse_hold(value).map(|h| self.hold = Some(h)).is_some(),
             "exit" => parse_exit(value).map(|e| self.exit = e).is_some(),
             "pci" => parse_pci(value).map(|p| self.pci = p).is_some(),
             other => {
@@ -160,6 +164,13 @@ fn parse_pci(value: &str) -> Option<PciMode> {
         "ecam" => Some(PciMode::Ecam),
         "cam" => Some(PciMode::Cam),
         "off" => Some(PciMode::Off),
+        _ => None,
+    }
+}
+
+fn parse_hold(value: &str) -> Option<Hold> {
+    match value {
+        "serial" => Some(Hold::Serial),
         _ => None,
     }
 }

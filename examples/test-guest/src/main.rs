@@ -85,6 +85,9 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     if let Some(wf) = cfg.write_flush {
         cases::blk_write_flush::run(&devices, &disks, wf, ram);
     }
+    if let Some(hold) = cfg.hold {
+        bench::hold::run(hold);
+    }
     power::exit(cfg.exit, acpi.as_ref())
 }
 

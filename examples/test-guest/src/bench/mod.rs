@@ -1,5 +1,7 @@
-//! The benchmarks: VM-exit cost (`bench=pio`, `bench=mmio`) and virtio-blk
-//! throughput (`bench=blk-...`).
+//! The benchmarks: VM-exit cost (`bench=pio`, `bench=mmio`), virtio-blk
+//! throughput (`bench=blk-...`), and `hold=`, which keeps the guest alive
+//! for a footprint measurement from outside.
 
 pub mod blk;
 pub mod exits;
+pub mod hold;

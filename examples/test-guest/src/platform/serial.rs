@@ -1,4 +1,5 @@
-//! COM1 (16550A at 0x3F8) output from CPL3, and the `println!` macro.
+//! COM1 (16550A at 0x3F8) from CPL3: output, the `println!` macro, and
+//! polling the receiver.
 //!
 //! Each burst waits for LSR.THRE (bit 5). With the FIFO enabled (detected
 //! from IIR bits 7:6) THRE means the whole 16-byte FIFO is empty, so one LSR
@@ -20,6 +21,8 @@ pub const MCR: u16 = COM1 + 4;
 pub const LSR: u16 = COM1 + 5;
 
 const LSR_THRE: u8 = 1 << 5;
+/// Line status: a received byte is waiting in RBR (or the FIFO).
+const LSR_DATA_READY: u8 = 1 << 0;
 
 /// Bytes that may be written after one THRE: 16 with a FIFO, else 1.
 static BURST: AtomicUsize = AtomicUsize::new(1);
@@ -46,6 +49,11 @@ pub fn write_bytes(bytes: &[u8]) {
             outb(COM1, b);
         }
     }
+}
+
+/// A byte from the COM1 receiver (RBR, the base port), if one is waiting.
+pub fn read_byte() -> Option<u8> {
+    (inb(LSR) & LSR_DATA_READY != 0).then(|| inb(COM1))
 }
 
 /// A line being formatted: flushed when full and at the end of the line.
