@@ -49,8 +49,15 @@ impl Disk {
         } = options;
         let (file, path) = match source {
             DiskSource::Path(path) => (open_path(&path, read_only, false)?, path),
-            DiskSource::File(file) => {
-                let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            DiskSource::File(shared) => {
+                let path = PathBuf::from(format!("/proc/self/fd/{}", shared.as_raw_fd()));
+                // Ours if the configuration let go of it, else a duplicate descriptor.
+                let file = std::sync::Arc::try_unwrap(shared)
+                    .or_else(|shared| shared.try_clone())
+                    .map_err(|source| Error::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
                 (file, path)
             }
         };

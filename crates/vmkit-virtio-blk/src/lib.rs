@@ -60,6 +60,7 @@ pub mod request;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 pub use device::{Block, BlockStats, CONFIG_SPACE_SIZE};
 pub use disk::{Disk, DiskOptions, DEFAULT_DIRECT_ALIGN};
@@ -80,12 +81,14 @@ pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
 pub const MAX_DISCARD_SEGMENTS: u32 = 16;
 
 /// Where the image is.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum DiskSource {
     /// A path, opened read-write (read-only with `read_only`).
     Path(PathBuf),
-    /// A file the VMM opened (its access mode must allow writing unless `read_only`).
-    File(File),
+    /// A file the VMM opened (its access mode must allow writing unless `read_only`),
+    /// shared so that a configuration can be cloned: the device duplicates the descriptor if
+    /// the configuration still holds it.
+    File(Arc<File>),
 }
 
 impl From<PathBuf> for DiskSource {
@@ -114,7 +117,7 @@ impl From<&str> for DiskSource {
 
 impl From<File> for DiskSource {
     fn from(f: File) -> Self {
-        DiskSource::File(f)
+        DiskSource::File(Arc::new(f))
     }
 }
 
@@ -129,7 +132,7 @@ pub enum EngineKind {
 }
 
 /// Configuration of a [`Block`] device.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct BlockConfig {
     /// The image.
     pub source: DiskSource,
