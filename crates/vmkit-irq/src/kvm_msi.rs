@@ -101,7 +101,9 @@ mod tests {
     #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
     fn vectors_become_routes_with_their_own_gsi() {
         let vm = Arc::new(crate::kvm::tests::vm());
-        let chip = Arc::new(Mutex::new(Irqchip::new(&vm, IrqchipConfig::default()).unwrap()));
+        let chip = Arc::new(Mutex::new(
+            Irqchip::new(&vm, IrqchipConfig::default()).unwrap(),
+        ));
         let gsis = Arc::new(Mutex::new(MsiGsiAllocator::new(4095)));
         let a = KvmMsiSink::new(vm.clone(), chip.clone(), gsis.clone());
         let b = KvmMsiSink::new(vm, chip.clone(), gsis);

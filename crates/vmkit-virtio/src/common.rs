@@ -454,7 +454,15 @@ impl<M: VirtioMemory> VirtioState<M> {
     /// started.
     fn start(&mut self, interrupt: &Arc<dyn VirtioInterrupt>) -> bool {
         match self.activate(interrupt) {
-            Ok(()) => self.activated = true,
+            Ok(()) => {
+                log::debug!(
+                    "{}: device type {} activated with features {:#x}",
+                    self.name,
+                    self.device_type,
+                    self.driver_features
+                );
+                self.activated = true;
+            }
             Err(e) => {
                 log::warn!("{}: activation failed: {e}; device needs reset", self.name);
                 self.needs_reset.set();
