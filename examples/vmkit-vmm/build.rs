@@ -1,8 +1,22 @@
-//! `cfg(no_kvm)` where this machine has no /dev/kvm: tests needing KVM then report as ignored.
+//! `cfg(no_kvm)` where this machine has no /dev/kvm: tests needing KVM then report as ignored;
+//! `cfg(not_root)` and `cfg(open_kvm)` (a /dev/kvm anyone may open) likewise for the test
+//! that drops privileges to check the message for a /dev/kvm the user cannot open.
+use std::os::unix::fs::PermissionsExt;
+
 fn main() {
-    println!("cargo::rustc-check-cfg=cfg(no_kvm)");
+    println!("cargo::rustc-check-cfg=cfg(no_kvm, not_root, open_kvm)");
     println!("cargo::rerun-if-changed=/dev/kvm");
-    if !std::path::Path::new("/dev/kvm").exists() {
-        println!("cargo::rustc-cfg=no_kvm")
+    match std::fs::metadata("/dev/kvm") {
+        Err(_) => println!("cargo::rustc-cfg=no_kvm"),
+        Ok(m) if m.permissions().mode() & 0o006 != 0 => println!("cargo::rustc-cfg=open_kvm"),
+        Ok(_) => {}
+    }
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .is_some_and(|uids| uids.split_whitespace().nth(1) == Some("0"));
+    if !root {
+        println!("cargo::rustc-cfg=not_root");
     }
 }

@@ -1,8 +1,9 @@
-//! The command line and the configuration it becomes.
+//! The command line and what it means.
 
 use std::path::PathBuf;
 
 use clap::Parser;
+use vmkit_virtio_blk::{BlockConfig, DiskSource, EngineKind};
 
 /// The reference VMM of vmkit: boots a Linux kernel (bzImage or ELF) or a PVH kernel.
 #[derive(Debug, Parser)]
@@ -25,16 +26,20 @@ pub struct Args {
     pub memory: u64,
     /// Back guest RAM with 2 MiB pages from the host's hugetlb pool
     /// (`/proc/sys/vm/nr_hugepages` must hold enough).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "no_thp")]
     pub hugepages: bool,
+    /// Back guest RAM with 4 KiB pages only: no transparent huge pages (which vmkit asks for
+    /// by default, as QEMU does), for the smallest resident footprint.
+    #[arg(long)]
+    pub no_thp: bool,
     /// Where COM1 goes: stdio, file=PATH or off.
     #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "WHERE")]
     pub serial: SerialOutput,
-    /// Add a virtio-rng device (entropy from the host's getrandom) on virtio-mmio.
+    /// Add a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     pub rng: bool,
-    /// A virtio-console (the guest's hvc0) on virtio-mmio: stdio, file=PATH, pty or off. With
-    /// stdio, host stdin goes to the console rather than to the serial port.
+    /// A virtio-console (the guest's hvc0): stdio, file=PATH, pty or off. With stdio, host
+    /// stdin goes to the console rather than to the serial port.
     #[arg(long, default_value = "off", value_parser = parse_console, value_name = "WHERE")]
     pub console: ConsoleOutput,
     /// A virtio-blk disk (repeatable):
@@ -58,9 +63,12 @@ pub struct Args {
     /// Boot an ELF vmlinux through its 64-bit Linux entry even when it has a PVH note.
     #[arg(long)]
     pub no_pvh: bool,
-    /// Print each vCPU's exit counters to stderr when the VM ends.
+    /// Print when the guest is entered and each vCPU's exit counters to stderr.
     #[arg(long)]
     pub stats: bool,
+    /// What the VMM and its crates log to stderr: off, error, warn, info, debug or trace.
+    #[arg(long, default_value = "warn", value_name = "LEVEL")]
+    pub log_level: log::LevelFilter,
 }
 
 /// Where the serial port's output goes.
@@ -72,108 +80,6 @@ pub enum SerialOutput {
     File(PathBuf),
     /// Nowhere: the port exists, output is dropped.
     Off,
-}
-
-/// The I/O engine of a disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskEngine {
-    /// preadv/pwritev on the VMM's event thread.
-    Sync,
-    /// io_uring: many requests in flight, completions through an eventfd.
-    IoUring,
-}
-
-/// One `--disk`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskSpec {
-    /// The image file.
-    pub path: PathBuf,
-    /// The guest may not write.
-    pub readonly: bool,
-    /// Bypass the host page cache (O_DIRECT).
-    pub direct: bool,
-    /// The I/O engine.
-    pub engine: DiskEngine,
-    /// The id GET_ID returns (at most 20 bytes).
-    pub serial: Option<String>,
-    /// Request queues; `None`: one per vCPU.
-    pub queues: Option<u16>,
-    /// Microseconds to keep polling a queue after serving it (0: off).
-    pub poll_us: u32,
-}
-
-fn on_off(key: &str, v: &str) -> Result<bool, String> {
-    match v {
-        "on" | "true" | "yes" => Ok(true),
-        "off" | "false" | "no" => Ok(false),
-        _ => Err(format!("{key}={v}: use on or off")),
-    }
-}
-
-/// How long a disk queue is polled after a kick by default (see docs/benchmarks.md).
-pub const DEFAULT_POLL_US: u32 = 50;
-
-/// Parses
-/// `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`.
-pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
-    let mut spec = DiskSpec {
-        path: PathBuf::new(),
-        readonly: false,
-        direct: false,
-        engine: DiskEngine::Sync,
-        serial: None,
-        queues: None,
-        poll_us: DEFAULT_POLL_US,
-    };
-    for item in s.split(',') {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| format!("'{item}' is not key=value"))?;
-        match k {
-            "path" if !v.is_empty() => spec.path = PathBuf::from(v),
-            "readonly" => spec.readonly = on_off(k, v)?,
-            "direct" => spec.direct = on_off(k, v)?,
-            "engine" => {
-                spec.engine = match v {
-                    "sync" => DiskEngine::Sync,
-                    "io_uring" => DiskEngine::IoUring,
-                    _ => return Err(format!("engine={v}: use sync or io_uring")),
-                }
-            }
-            "serial" if v.len() <= 20 && v.bytes().all(|b| b.is_ascii_graphic()) => {
-                spec.serial = Some(v.to_string())
-            }
-            "serial" => return Err(format!("serial={v}: at most 20 printable ASCII characters")),
-            "queues" => {
-                let n: u16 = v.parse().map_err(|_| format!("queues={v}: not a number"))?;
-                if n == 0 || n > 64 {
-                    return Err(format!("queues={v}: use 1 to 64"));
-                }
-                spec.queues = Some(n);
-            }
-            "poll_us" => {
-                spec.poll_us = v
-                    .parse()
-                    .ok()
-                    .filter(|n| *n <= 1000)
-                    .ok_or_else(|| format!("poll_us={v}: use 0 to 1000"))?;
-            }
-            _ => return Err(format!("unknown or empty disk option '{item}'")),
-        }
-    }
-    if spec.path.as_os_str().is_empty() {
-        return Err("path=FILE is required".into());
-    }
-    Ok(spec)
-}
-
-/// The transport of the virtio devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Transport {
-    /// virtio-mmio.
-    Mmio,
-    /// virtio-pci (modern) with MSI-X.
-    Pci,
 }
 
 /// Where the virtio-console goes.
@@ -189,16 +95,113 @@ pub enum ConsoleOutput {
     Pty,
 }
 
+/// The transport of the virtio devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// virtio-mmio.
+    Mmio,
+    /// virtio-pci (modern) with MSI-X.
+    Pci,
+}
+
+/// How long a disk queue is polled after a notification unless `poll_us=` says otherwise
+/// (see docs/benchmarks.md: 4 KiB QD 1 reads from the page cache gain most).
+pub const DEFAULT_POLL_US: u32 = 50;
+
+/// One `--disk`: the device crate's own configuration, checked against its limits.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    /// The device's configuration (its queue count is a placeholder when
+    /// [`queues_per_vcpu`](Self::queues_per_vcpu) is set).
+    pub config: BlockConfig,
+    /// `queues=` was not given: one request queue per vCPU.
+    pub queues_per_vcpu: bool,
+}
+
+impl DiskSpec {
+    /// The device's configuration for a VM with `cpus` vCPUs.
+    pub fn block_config(&self, cpus: u32) -> BlockConfig {
+        let mut c = self.config.clone();
+        if self.queues_per_vcpu {
+            // --cpus is at most 254, below the crate's queue limit; were it more, the
+            // limit, which the device's own check then holds.
+            let per_vcpu = u16::try_from(cpus).unwrap_or(u16::MAX);
+            c.queues = per_vcpu.min(vmkit_virtio_blk::MAX_QUEUES);
+        }
+        c
+    }
+}
+
+fn on_off(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key}={v}: use on or off")),
+    }
+}
+
+fn number<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
+    v.parse().map_err(|_| format!("{key}={v}: not a number"))
+}
+
+/// Sets one `key=value` of a `--disk` on `spec`.
+fn disk_option(spec: &mut DiskSpec, k: &str, v: &str) -> Result<(), String> {
+    let c = &mut spec.config;
+    match k {
+        "path" if !v.is_empty() => c.source = DiskSource::Path(PathBuf::from(v)),
+        "readonly" => c.read_only = on_off(k, v)?,
+        "direct" => c.direct = on_off(k, v)?,
+        "engine" => {
+            c.engine = match v {
+                "sync" => EngineKind::Sync,
+                "io_uring" => EngineKind::IoUring,
+                _ => return Err(format!("engine={v}: use sync or io_uring")),
+            }
+        }
+        "serial" if v.bytes().all(|b| b.is_ascii_graphic()) => c.serial = v.to_string(),
+        "serial" => return Err(format!("serial={v}: printable ASCII only")),
+        "queues" => {
+            c.queues = number(k, v)?;
+            spec.queues_per_vcpu = false;
+        }
+        "poll_us" => c.poll_us = number(k, v)?,
+        _ => return Err(format!("unknown or empty disk option '{k}={v}'")),
+    }
+    Ok(())
+}
+
+/// Parses
+/// `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`
+/// into vmkit-virtio-blk's `BlockConfig` and checks it against that crate's limits
+/// (`BlockConfig::check`), the only ones: this parser repeats none of them.
+pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
+    let mut config = BlockConfig::new(PathBuf::new());
+    config.poll_us = DEFAULT_POLL_US;
+    let mut spec = DiskSpec {
+        config,
+        queues_per_vcpu: true,
+    };
+    for item in s.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}' is not key=value"))?;
+        disk_option(&mut spec, k, v)?;
+    }
+    if matches!(&spec.config.source, DiskSource::Path(p) if p.as_os_str().is_empty()) {
+        return Err("path=FILE is required".into());
+    }
+    spec.config.check().map_err(|e| e.to_string())?;
+    Ok(spec)
+}
+
 /// Parses `stdio`, `file=PATH`, `pty` or `off`.
 pub fn parse_console(s: &str) -> Result<ConsoleOutput, String> {
     match s {
         "pty" => Ok(ConsoleOutput::Pty),
-        _ => parse_serial(s)
-            .map(|o| match o {
-                SerialOutput::Stdio => ConsoleOutput::Stdio,
-                SerialOutput::File(p) => ConsoleOutput::File(p),
-                SerialOutput::Off => ConsoleOutput::Off,
-            })
+        "stdio" => Ok(ConsoleOutput::Stdio),
+        "off" => Ok(ConsoleOutput::Off),
+        _ => output_file(s)
+            .map(ConsoleOutput::File)
             .map_err(|_| format!("'{s}' is not one of stdio, file=PATH, pty, off")),
     }
 }
@@ -208,11 +211,18 @@ pub fn parse_serial(s: &str) -> Result<SerialOutput, String> {
     match s {
         "stdio" => Ok(SerialOutput::Stdio),
         "off" => Ok(SerialOutput::Off),
-        _ => match s.strip_prefix("file=") {
-            Some("") => Err("file= needs a path".into()),
-            Some(p) => Ok(SerialOutput::File(PathBuf::from(p))),
-            None => Err(format!("'{s}' is not one of stdio, file=PATH, off")),
-        },
+        _ => output_file(s)
+            .map(SerialOutput::File)
+            .map_err(|e| e.unwrap_or_else(|| format!("'{s}' is not one of stdio, file=PATH, off"))),
+    }
+}
+
+/// `file=PATH`: `Err(Some(why))` for an empty path, `Err(None)` for anything else.
+fn output_file(s: &str) -> Result<PathBuf, Option<String>> {
+    match s.strip_prefix("file=") {
+        Some("") => Err(Some("file= needs a path".into())),
+        Some(p) => Ok(PathBuf::from(p)),
+        None => Err(None),
     }
 }
 
@@ -274,40 +284,56 @@ mod tests {
             parse_serial("file=/tmp/x"),
             Ok(SerialOutput::File("/tmp/x".into()))
         );
-        assert!(parse_serial("file=").is_err());
+        assert_eq!(parse_serial("file="), Err("file= needs a path".into()));
         assert!(parse_serial("pty").is_err());
+    }
+
+    fn path_of(d: &DiskSpec) -> PathBuf {
+        match &d.config.source {
+            DiskSource::Path(p) => p.clone(),
+            DiskSource::File(_) => PathBuf::new(),
+        }
     }
 
     #[test]
     fn disks() {
         let d = parse_disk("path=/d.img").unwrap();
-        assert_eq!(d.path, PathBuf::from("/d.img"));
-        assert!(!d.readonly && !d.direct && d.serial.is_none() && d.queues.is_none());
-        assert_eq!(d.poll_us, DEFAULT_POLL_US);
-        assert_eq!(parse_disk("path=a,poll_us=0").unwrap().poll_us, 0);
-        assert_eq!(d.engine, DiskEngine::Sync);
+        assert_eq!(path_of(&d), PathBuf::from("/d.img"));
+        let c = &d.config;
+        assert!(!c.read_only && !c.direct && c.serial.is_empty() && d.queues_per_vcpu);
+        assert_eq!((c.poll_us, c.engine), (DEFAULT_POLL_US, EngineKind::Sync));
+        assert_eq!(parse_disk("path=a,poll_us=0").unwrap().config.poll_us, 0);
+        // One queue per vCPU unless told otherwise.
+        assert_eq!(d.block_config(4).queues, 4);
         let d = parse_disk("path=a,readonly=on,direct=on,engine=io_uring,serial=disk0,queues=2")
             .unwrap();
-        assert!(d.readonly && d.direct);
+        let c = &d.config;
+        assert!(c.read_only && c.direct && !d.queues_per_vcpu);
         assert_eq!(
-            (d.engine, d.serial.as_deref(), d.queues),
-            (DiskEngine::IoUring, Some("disk0"), Some(2))
+            (c.engine, c.serial.as_str(), c.queues),
+            (EngineKind::IoUring, "disk0", 2)
         );
-        for bad in [
-            "",
-            "readonly=on",
-            "path=",
-            "path=a,readonly=maybe",
-            "path=a,engine=aio",
-            "path=a,queues=0",
-            "path=a,queues=x",
-            "path=a,serial=123456789012345678901",
-            "path=a,colour=red",
-            "path=a,direct",
-            "path=a,poll_us=5000",
-            "path=a,poll_us=-1",
+        assert_eq!(d.block_config(4).queues, 2);
+        // The device crate's limits, not ours: 256 queues pass, 257 do not.
+        assert!(parse_disk("path=a,queues=256").is_ok());
+        for (bad, says) in [
+            ("", "key=value"),
+            ("readonly=on", "path=FILE"),
+            ("path=", "unknown or empty"),
+            ("path=a,readonly=maybe", "use on or off"),
+            ("path=a,engine=aio", "sync or io_uring"),
+            ("path=a,queues=0", "queues"),
+            ("path=a,queues=257", "queues"),
+            ("path=a,queues=x", "not a number"),
+            ("path=a,serial=123456789012345678901", "at most 20"),
+            ("path=a,serial=a b", "printable"),
+            ("path=a,colour=red", "unknown"),
+            ("path=a,direct", "key=value"),
+            ("path=a,poll_us=5000", "poll_us"),
+            ("path=a,poll_us=-1", "not a number"),
         ] {
-            assert!(parse_disk(bad).is_err(), "{bad}");
+            let e = parse_disk(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
         }
     }
 
@@ -329,7 +355,14 @@ mod tests {
         let a = Args::try_parse_from(["vmkit", "--kernel", "k", "--cpus", "4", "--memory", "1G"])
             .unwrap();
         assert_eq!((a.cpus, a.memory), (4, 1 << 30));
+        assert_eq!(a.log_level, log::LevelFilter::Warn);
         assert!(Args::try_parse_from(["vmkit"]).is_err());
         assert!(Args::try_parse_from(["vmkit", "--kernel", "k", "--memory", "lots"]).is_err());
+        let a = Args::try_parse_from(["vmkit", "--kernel", "k", "--log-level", "debug"]).unwrap();
+        assert_eq!(a.log_level, log::LevelFilter::Debug);
+        assert!(Args::try_parse_from(["vmkit", "--kernel", "k", "--log-level", "loud"]).is_err());
+        assert!(
+            Args::try_parse_from(["vmkit", "--kernel", "k", "--hugepages", "--no-thp"]).is_err()
+        );
     }
 }

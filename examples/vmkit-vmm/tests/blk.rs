@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{have_kvm, vmkit};
+use common::{vmkit, Run};
 
 /// A disk image in the temp dir, removed on drop.
 struct Image(PathBuf);
@@ -45,96 +45,70 @@ impl Drop for Image {
     }
 }
 
-fn boot(disk: &str, extra: &[&str], cmdline: &str) -> (Option<i32>, String, String) {
-    let guest = common::test_guest();
-    let mut args = vec![
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cpus",
-        "2",
-        "--disk",
-        disk,
-    ];
+/// The test guest on 2 vCPUs with `disk`, `extra` flags and `cmdline`.
+fn boot(disk: &str, extra: &[&str], cmdline: &str) -> Run {
+    let mut args = vec!["--cpus", "2", "--disk", disk];
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--cmdline", cmdline]);
-    let out = vmkit(&args, Duration::from_secs(120));
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    Run::guest(&args)
 }
 
 fn verify_on(transport: &str, engine: &str) {
-    if !have_kvm() {
-        return;
-    }
     let img = Image::new(&format!("verify-{transport}-{engine}"), 80, 0);
     let disk = format!("path={},engine={engine},serial=vmkit-{engine}", img.path());
-    let (code, out, err) = boot(
-        &disk,
-        &["--transport", transport],
-        "test=blk-serial,blk-verify:64,blk-inflight",
-    );
-    let ctx = format!("{transport}/{engine}\nstdout:\n{out}\nstderr:\n{err}");
-    assert_eq!(code, Some(0), "{ctx}");
-    assert!(
-        out.contains("virtio-blk: capacity 163840 sectors, rw, serial vmkit-"),
-        "{ctx}"
-    );
-    assert!(out.contains("test blk-serial: ok"), "{ctx}");
-    assert!(out.contains("blk-verify: 64 MiB written in"), "{ctx}");
-    assert!(out.contains("test blk-verify: ok"), "{ctx}");
-    assert!(
-        out.contains("blk-inflight: 16 requests in flight, all completed"),
-        "{ctx}"
-    );
-    assert!(out.contains("test blk-inflight: ok"), "{ctx}");
+    let cmdline = "test=blk-serial,blk-verify:64,blk-inflight";
+    let run = boot(&disk, &["--transport", transport], cmdline).ok();
+    run.says(&[
+        "virtio-blk: capacity 163840 sectors, rw, serial vmkit-",
+        "test blk-serial: ok",
+        "blk-verify: 64 MiB written in",
+        "test blk-verify: ok",
+        "blk-inflight: 16 requests in flight, all completed",
+        "test blk-inflight: ok",
+    ]);
     // The guest's pattern is in the host file: sector 1 is not what truncate left.
     let data = std::fs::read(&img.0).unwrap();
-    assert!(data[512..1024].iter().any(|&b| b != 0), "{ctx}");
+    assert!(
+        data[512..1024].iter().any(|&b| b != 0),
+        "{transport}/{engine}"
+    );
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn verify_mmio_sync() {
     verify_on("mmio", "sync");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn verify_mmio_io_uring() {
     verify_on("mmio", "io_uring");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn verify_pci_sync() {
     verify_on("pci", "sync");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn verify_pci_io_uring() {
     verify_on("pci", "io_uring");
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn read_only_disk_refuses_writes_and_the_vmm_keeps_running() {
-    if !have_kvm() {
-        return;
-    }
     let img = Image::new("ro", 4, 0x5a);
     for engine in ["sync", "io_uring"] {
         let disk = format!("path={},readonly=on,engine={engine}", img.path());
-        let (code, out, err) = boot(&disk, &[], "test=blk-ro");
-        let ctx = format!("{engine}\nstdout:\n{out}\nstderr:\n{err}");
-        assert_eq!(code, Some(0), "{ctx}");
-        assert!(
-            out.contains("virtio-blk: capacity 8192 sectors, ro"),
-            "{ctx}"
-        );
-        assert!(
-            out.contains("test blk-ro: ok (write refused: IOERR)"),
-            "{ctx}"
-        );
-        assert!(out.contains("exit: poweroff"), "{ctx}");
+        boot(&disk, &[], "test=blk-ro").ok().says(&[
+            "virtio-blk: capacity 8192 sectors, ro",
+            "test blk-ro: ok (write refused: IOERR)",
+            "exit: poweroff",
+        ]);
     }
     // Nothing was written.
     assert!(std::fs::read(&img.0).unwrap().iter().all(|&b| b == 0x5a));
@@ -185,10 +159,8 @@ fn flush_then_kill(transport: &str, engine: &str) -> Vec<u8> {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn flushed_data_survives_sigkill() {
-    if !have_kvm() {
-        return;
-    }
     for (transport, engine) in [("mmio", "sync"), ("mmio", "io_uring"), ("pci", "io_uring")] {
         let sector = flush_then_kill(transport, engine);
         let want: Vec<u8> = std::iter::repeat_n(0xdeadbeefu32.to_le_bytes(), 128)
@@ -204,21 +176,17 @@ fn seek(fd: i32, off: i64, whence: i32) -> i64 {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn discard_punches_a_hole_the_host_sees() {
-    if !have_kvm() {
-        return;
-    }
     for engine in ["sync", "io_uring"] {
         // Fully allocated (0xaa everywhere): any hole afterwards is the guest's doing.
         let img = Image::new(&format!("discard-{engine}"), 64, 0xaa);
         let disk = format!("path={},engine={engine}", img.path());
-        let (code, out, err) = boot(&disk, &[], "test=blk-discard");
-        let ctx = format!("{engine}\nstdout:\n{out}\nstderr:\n{err}");
-        assert_eq!(code, Some(0), "{ctx}");
-        assert!(out.contains("test blk-discard: ok"), "{ctx}");
+        let run = boot(&disk, &[], "test=blk-discard").ok();
         // The guest discards (then zeroes with unmap) 2048 sectors at sector 65536: 1 MiB
         // at 32 MiB.
-        assert!(out.contains("2048 sectors at 65536"), "{ctx}");
+        run.says(&["test blk-discard: ok", "2048 sectors at 65536"]);
+        let ctx = run.context();
         let f = std::fs::File::open(&img.0).unwrap();
         let fd = f.as_raw_fd();
         assert_eq!(
@@ -235,10 +203,8 @@ fn discard_punches_a_hole_the_host_sees() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn unusable_disks_are_one_line_errors() {
-    if !have_kvm() {
-        return;
-    }
     let guest = common::test_guest();
     let run = |disk: &str| {
         let out = vmkit(

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{have_kvm, vmkit};
+use common::vmkit;
 
 fn fails_with(args: &[&str], needle: &str) {
     let out = vmkit(args, Duration::from_secs(30));
@@ -36,10 +36,8 @@ fn missing_kernel_file() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn kernel_that_is_not_a_kernel() {
-    if !have_kvm() {
-        return;
-    }
     let f = std::env::temp_dir().join(format!("vmkit-not-a-kernel-{}", std::process::id()));
     std::fs::write(&f, vec![0x5au8; 8192]).unwrap();
     fails_with(&["--kernel", f.to_str().unwrap()], "not a kernel");
@@ -61,10 +59,8 @@ fn unreadable_initramfs() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memory_too_small_for_the_image() {
-    if !have_kvm() {
-        return;
-    }
     let guest = common::test_guest();
     // 1 MiB holds no kernel loaded at 1 MiB.
     fails_with(
@@ -74,10 +70,8 @@ fn memory_too_small_for_the_image() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn memory_larger_than_the_host() {
-    if !have_kvm() {
-        return;
-    }
     let guest = common::test_guest();
     fails_with(
         &["--kernel", guest.to_str().unwrap(), "--memory", "900G"],
@@ -86,10 +80,8 @@ fn memory_larger_than_the_host() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn zero_cpus() {
-    if !have_kvm() {
-        return;
-    }
     let guest = common::test_guest();
     fails_with(
         &["--kernel", guest.to_str().unwrap(), "--cpus", "0"],
@@ -98,10 +90,8 @@ fn zero_cpus() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn too_many_cpus() {
-    if !have_kvm() {
-        return;
-    }
     let guest = common::test_guest();
     fails_with(
         &["--kernel", guest.to_str().unwrap(), "--cpus", "100000"],
@@ -127,20 +117,12 @@ fn missing_kernel_flag() {
 }
 
 #[test]
+#[cfg_attr(
+    any(no_kvm, not_root, open_kvm),
+    ignore = "needs root and a /dev/kvm others cannot open"
+)]
 fn no_permission_on_dev_kvm() {
-    // Needs root to drop to an unprivileged user, and a /dev/kvm that user cannot open.
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !root || !have_kvm() {
-        eprintln!("not root or no KVM: permission test not run");
-        return;
-    }
-    let meta = std::fs::metadata("/dev/kvm").unwrap();
     use std::os::unix::fs::PermissionsExt;
-    if meta.permissions().mode() & 0o006 != 0 {
-        eprintln!("/dev/kvm is world-accessible here: permission test not run");
-        return;
-    }
     let guest = common::test_guest();
     let kernel = std::env::temp_dir().join(format!("vmkit-perm-guest-{}", std::process::id()));
     std::fs::copy(&guest, &kernel).unwrap();
@@ -162,10 +144,8 @@ fn no_permission_on_dev_kvm() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn hugepages_boot_or_say_why_not() {
-    if !have_kvm() {
-        return;
-    }
     let guest = common::test_guest();
     let pool: u64 = std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
         .ok()

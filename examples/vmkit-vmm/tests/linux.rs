@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{have_kvm, repo_root};
+use common::repo_root;
 
 /// The cached Debian vmlinux, fetched by the boot crate's script if needed.
 fn debian_vmlinux() -> String {
@@ -72,10 +72,8 @@ fn check(text: &str, wanted: &[String]) {
 const CMDLINE: &str = "earlyprintk=ttyS0 console=ttyS0 reboot=k panic=-1 noxsave";
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn debian_kernel_through_pvh_reads_our_tables() {
-    if !have_kvm() {
-        return;
-    }
     let vmlinux = debian_vmlinux();
     let wanted: Vec<String> = [
         "Linux version 6.",
@@ -111,10 +109,8 @@ fn debian_kernel_through_pvh_reads_our_tables() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn debian_kernel_through_the_64_bit_linux_entry() {
-    if !have_kvm() {
-        return;
-    }
     let vmlinux = debian_vmlinux();
     let wanted: Vec<String> = [
         "Linux version 6.",

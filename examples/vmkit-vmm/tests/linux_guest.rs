@@ -19,7 +19,7 @@ use std::process::Command;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{have_kvm, repo_root, vmkit};
+use common::{repo_root, vmkit};
 
 /// Paths printed by the build script.
 struct Artifacts {
@@ -254,10 +254,8 @@ fn exists(p: &str) -> bool {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn mmio_kernel_drives_virtio_mmio_devices_from_the_command_line() {
-    if !have_kvm() {
-        return;
-    }
     let k = &artifacts().kernel_mmio;
     assert!(exists(k));
     let text = boot_and_check("mmio", k, "mmio", "k", &[]);
@@ -270,10 +268,8 @@ fn mmio_kernel_drives_virtio_mmio_devices_from_the_command_line() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn acpi_kernel_finds_virtio_mmio_devices_through_the_dsdt() {
-    if !have_kvm() {
-        return;
-    }
     let k = &artifacts().kernel_acpi_pci;
     let text = boot_and_check("acpi-mmio", k, "mmio", "a", &["--no-mmio-cmdline"]);
     // The platform devices come from ACPI (LNRO0005), not from virtio_mmio.device=.
@@ -289,10 +285,8 @@ fn acpi_kernel_finds_virtio_mmio_devices_through_the_dsdt() {
 }
 
 #[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn acpi_kernel_drives_virtio_pci_devices() {
-    if !have_kvm() {
-        return;
-    }
     let k = &artifacts().kernel_acpi_pci;
     let text = boot_and_check("acpi-pci", k, "pci", "a", &[]);
     assert!(

@@ -1,34 +1,21 @@
-//! The smallest useful VMM built from the vmkit crates: the code of `docs/guide.md`, compiled
-//! and tested (`tests/boot.rs` boots the test guest with it).
+//! A second VMM built from the vmkit crates: the code of `docs/guide.md`, compiled and
+//! tested (`tests/boot.rs` boots the test guest with it and reads entropy over virtio-pci).
 //!
 //! ```text
 //! cargo run -p vmkit-vmm --bin vmkit-minimal -- KERNEL [CMDLINE]
 //! ```
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmkit_kvm::{ExitWatcher, Machine, MachineConfig, PciPlatform, VcpuConfig, Vcpus};
 use vmkit_legacy::{
-    AcpiSleep, AcpiSleepConfig, EventFdExit, Serial, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT,
-    COM1_GSI, COM1_PORT, I8042, I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
+    AcpiSleep, AcpiSleepConfig, Serial, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT, COM1_GSI,
+    COM1_PORT, I8042, I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
+use vmkit_virtio_rng::{Rng, RngConfig};
 
-struct Buses(vmkit_bus::IoBus);
-
-impl vmkit_vcpu::VcpuExitHandler for Buses {
-    fn pio_read(&self, port: u16, data: &mut [u8]) {
-        let _ = self.0.pio_read(port, data);
-    }
-    fn pio_write(&self, port: u16, data: &[u8]) {
-        let _ = self.0.pio_write(port, data);
-    }
-    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        let _ = self.0.mmio_read(addr, data);
-    }
-    fn mmio_write(&self, addr: u64, data: &[u8]) {
-        let _ = self.0.mmio_write(addr, data);
-    }
-}
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -36,101 +23,63 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cmdline = args
         .next()
         .unwrap_or_else(|| "console=ttyS0 reboot=k panic=-1".into());
-    const CPUS: u32 = 2;
 
-    // 1. Memory.
-    let kvm = kvm_ioctls::Kvm::new()?;
-    let vm = kvm.create_vm()?;
-    let mem = vmkit_memory::create_guest_memory(&vmkit_memory::MemoryConfig::new(256 << 20))?;
-    let _slots = vmkit_memory::register_memory_slots(&vm, &mem)?;
+    // 1. The machine: KVM, 256 MiB of RAM in KVM's slots, the irqchip, the bus, the exit.
+    let machine = Machine::new(&MachineConfig::new(256 << 20))?;
 
-    // 2. Interrupt controller, then vCPUs.
-    let irqchip = vmkit_irq::Irqchip::new(&vm, vmkit_irq::IrqchipConfig::default())?;
-    let template = vmkit_vcpu::CpuidTemplate::from_kvm(&kvm)?;
-    let cfg = vmkit_vcpu::CpuidConfig {
-        num_cpus: CPUS,
-        masks: vec![],
+    // 2. vCPUs (after the irqchip): CPUID, MSRs, FPU, LAPIC pins.
+    let vcpu_config = VcpuConfig {
+        count: 2,
+        template: vmkit_vcpu::CpuTemplate::Host,
     };
-    let msrs = kvm.get_msr_index_list()?;
-    let mut vcpus = Vec::new();
-    for i in 0..CPUS {
-        let fd = vm.create_vcpu(u64::from(i))?;
-        fd.set_cpuid2(&template.for_vcpu(i, &cfg)?)?;
-        vmkit_vcpu::setup_msrs(&fd, msrs.as_slice())?;
-        vmkit_vcpu::setup_fpu(&fd)?;
-        vmkit_vcpu::setup_lint(&fd)?;
-        vcpus.push(vmkit_vcpu::Vcpu::new(fd, i));
-    }
+    let vcpus = Vcpus::create(machine.kvm(), machine.vm(), &vcpu_config)?;
 
-    // 3. Devices on a bus.
-    let mut bus = vmkit_bus::IoBus::new();
-    let com1_irq = Arc::new(irqchip.line(&vm, COM1_GSI)?);
-    let serial = Arc::new(Mutex::new(Serial::new(com1_irq, std::io::stdout())));
-    bus.register_pio(vmkit_bus::pio_range(COM1_PORT, SERIAL_PORT_COUNT)?, serial)?;
-    let exit = Arc::new(EventFdExit::new()?);
-    bus.register_pio(
-        vmkit_bus::pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?,
-        Arc::new(Mutex::new(AcpiSleep::new(
-            exit.clone(),
-            AcpiSleepConfig::default(),
-        ))),
-    )?;
-    bus.register_pio(
-        vmkit_bus::pio_range(I8042_PORT, I8042_PORT_COUNT)?,
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-    )?;
+    // 3. Legacy devices on the bus: COM1 on an irqfd, the i8042 and the ACPI sleep register,
+    //    which end the VM through its exit notifier.
+    let bus = machine.bus();
+    let serial = Serial::new(machine.line(COM1_GSI)?, std::io::stdout());
+    let com1 = vmkit_bus::pio_range(COM1_PORT, SERIAL_PORT_COUNT)?;
+    bus.register_pio(com1, Arc::new(Mutex::new(serial)))?;
+    let sleep = AcpiSleep::new(machine.exit().clone(), AcpiSleepConfig::default());
+    let sleep_ports = vmkit_bus::pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?;
+    bus.register_pio(sleep_ports, Arc::new(Mutex::new(sleep)))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(machine.exit().clone())));
+    bus.register_pio(vmkit_bus::pio_range(I8042_PORT, I8042_PORT_COUNT)?, i8042)?;
 
-    // 4. ACPI and the kernel.
-    let rsdp = vmkit_boot::create_acpi_tables(
-        &mem,
-        &vmkit_boot::AcpiConfig {
-            num_cpus: CPUS,
-            ..Default::default()
-        },
-    )?;
+    // 4. A virtio-rng on PCI bus 0: BAR, MSI-X as KVM MSI routes, ioeventfds.
+    let mut pci = PciPlatform::new(&machine)?;
+    let rng = Arc::new(Mutex::new(Rng::new(RngConfig::default())?));
+    let (_, rng_events) = pci.attach(machine.memory().clone(), rng)?;
+
+    // 5. Firmware tables (the host bridge in the DSDT and MCFG) and the kernel.
+    let acpi = vmkit_boot::AcpiConfig {
+        num_cpus: vcpu_config.count,
+        devices: vec![pci.dsdt_device()],
+        ..Default::default()
+    };
+    let rsdp = vmkit_boot::create_acpi_tables(machine.memory(), &acpi)?;
     let mut kernel = std::fs::File::open(&kernel_path)?;
-    let loaded = vmkit_boot::load(
-        &mem,
-        &mut kernel,
-        vmkit_boot::BootConfig {
-            cmdline: &cmdline,
-            rsdp: Some(rsdp),
-            ..Default::default()
-        },
-    )?;
-    let entry = match loaded.entry {
-        vmkit_boot::EntryPoint::Linux64 { entry, boot_params } => {
-            vmkit_vcpu::EntryState::Linux64 { entry, boot_params }
-        }
-        vmkit_boot::EntryPoint::Pvh { entry, start_info } => {
-            vmkit_vcpu::EntryState::Pvh { entry, start_info }
-        }
+    let boot = vmkit_boot::BootConfig {
+        cmdline: &cmdline,
+        rsdp: Some(rsdp),
+        ..Default::default()
     };
-    vmkit_vcpu::setup_entry(vcpus[0].fd(), &mem, entry)?;
+    let loaded = vmkit_boot::load(machine.memory(), &mut kernel, boot)?;
+    vcpus.set_entry(machine.memory(), loaded.entry)?;
 
-    // 5. Run until a device ends the VM (a real VMM waits on exit.eventfd() with epoll).
-    vmkit_vcpu::install_kick_handler()?;
-    let buses = Arc::new(Buses(bus));
-    let control = vmkit_vcpu::VcpuControl::new();
-    let threads: Vec<_> = vcpus
-        .into_iter()
-        .map(|mut vcpu| {
-            let (buses, control) = (buses.clone(), control.clone());
-            std::thread::spawn(move || vcpu.run(&*buses, &control).map_err(|e| e.to_string()))
-        })
-        .collect();
-    while exit.reason().is_none() && !threads.iter().all(|t| t.is_finished()) {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    control.stop();
-    for t in &threads {
-        let _ = vmkit_vcpu::kick(t);
-    }
-    for t in threads {
-        if let Ok(Err(e)) = t.join() {
-            return Err(e.into());
+    // 6. Run: a thread per vCPU, the event loop here until a device or vCPU ends the VM.
+    let mut events = EventManager::<Subscriber>::new()?;
+    events.add_subscriber(Arc::new(Mutex::new(rng_events)));
+    let exit = machine.exit().clone();
+    events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
+    let threads = vcpus.start(machine.bus().clone(), exit.clone())?;
+    let end = loop {
+        if let Some(end) = exit.reason() {
+            break end;
         }
-    }
-    eprintln!("minimal: guest ended: {:?}", exit.reason());
+        events.run()?;
+    };
+    threads.stop();
+    eprintln!("minimal: guest ended: {end}");
     Ok(())
 }

@@ -1,0 +1,239 @@
+//! The devices of the VM: the PC's legacy ones on the bus, and the virtio devices the
+//! command line asks for, attached on the chosen transport by vmkit-kvm.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use event_manager::MutEventSubscriber;
+use vm_memory::GuestMemoryMmap;
+use vmkit_boot::linux_loader::cmdline::Cmdline;
+use vmkit_boot::DsdtDevice;
+use vmkit_bus::pio_range;
+use vmkit_kvm::{Machine, MmioPlatform, PciPlatform};
+use vmkit_legacy::{
+    AcpiSleep, AcpiSleepConfig, DebugPort, Serial, SerialConfig, ACPI_SLEEP_PORT,
+    ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT, I8042, I8042_PORT,
+    I8042_PORT_COUNT, SERIAL_PORT_COUNT,
+};
+use vmkit_virtio::VirtioDevice;
+use vmkit_virtio_blk::{Block, DiskSource};
+use vmkit_virtio_console::{Console, ConsoleConfig, ConsoleInput, Pty};
+use vmkit_virtio_rng::{Rng, RngConfig};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{Args, ConsoleOutput, SerialOutput, Transport};
+use crate::error::{Error, Result};
+use crate::io::{InputToConsole, StdinToSerial};
+
+/// The serial port as the VMM holds it: output to stdout, a file, or nowhere.
+pub type GuestSerial = Serial<Box<dyn Write + Send>>;
+
+/// An event-loop subscriber as the VMM's event manager holds it.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+fn create_file(what: &'static str, path: &std::path::Path) -> Result<File> {
+    File::create(path).map_err(|source| Error::Open {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The PC's devices: COM1, the i8042 (its reset line), the ACPI sleep and reset registers,
+/// the debug port.
+pub struct LegacyDevices {
+    pub serial: Arc<Mutex<GuestSerial>>,
+    /// With `--serial stdio`: signalled when the UART's input FIFO drained.
+    input_drained: Option<EventFd>,
+    pub debug_port: Arc<DebugPort>,
+}
+
+impl LegacyDevices {
+    /// Puts them on `machine`'s bus, reporting power-off and reset to its exit notifier.
+    pub fn add(machine: &Machine, args: &Args) -> Result<Self> {
+        let bus = machine.bus();
+        let exit = machine.exit().clone();
+        let input_drained = match args.serial {
+            SerialOutput::Stdio => Some(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
+            _ => None,
+        };
+        let out: Box<dyn Write + Send> = match &args.serial {
+            SerialOutput::Stdio => Box::new(std::io::stdout()),
+            SerialOutput::Off => Box::new(std::io::sink()),
+            SerialOutput::File(p) => Box::new(create_file("serial output file", p)?),
+        };
+        let serial = Arc::new(Mutex::new(GuestSerial::with_config(SerialConfig {
+            interrupt: machine.line(COM1_GSI)?,
+            out,
+            input_drained: input_drained
+                .as_ref()
+                .map(EventFd::try_clone)
+                .transpose()
+                .map_err(Error::EventFd)?,
+        })));
+        bus.register_pio(pio_range(COM1_PORT, SERIAL_PORT_COUNT)?, serial.clone())?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+        bus.register_pio(pio_range(I8042_PORT, I8042_PORT_COUNT)?, i8042)?;
+        let sleep = AcpiSleep::new(exit, AcpiSleepConfig::default());
+        let sleep_ports = pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?;
+        bus.register_pio(sleep_ports, Arc::new(Mutex::new(sleep)))?;
+        let debug_port = Arc::new(DebugPort::new());
+        bus.register_pio(pio_range(DEBUG_PORT, DEBUG_PORT_COUNT)?, debug_port.clone())?;
+        Ok(Self {
+            serial,
+            input_drained,
+            debug_port,
+        })
+    }
+
+    /// stdin to the serial port, with `--serial stdio` unless the console takes stdin.
+    pub fn stdin_subscriber(&self, args: &Args) -> Option<Subscriber> {
+        let drained = self.input_drained.as_ref()?.try_clone().ok()?;
+        if args.console == ConsoleOutput::Stdio {
+            return None;
+        }
+        Some(Arc::new(Mutex::new(StdinToSerial::new(
+            self.serial.clone(),
+            drained,
+        ))))
+    }
+}
+
+/// The virtio-console's host ends: where its output goes, where its input comes from, and
+/// the pty behind both (kept open so its master never reports a hang-up while nobody is
+/// attached).
+struct ConsoleEnds {
+    output: Box<dyn Write + Send>,
+    input: Option<File>,
+    pty: Option<Pty>,
+}
+
+fn console_ends(spec: &ConsoleOutput) -> Result<Option<ConsoleEnds>> {
+    Ok(match spec {
+        ConsoleOutput::Off => None,
+        ConsoleOutput::Stdio => {
+            // A duplicate of fd 0, so the event loop owns what it polls.
+            let stdin = std::io::stdin().as_fd().try_clone_to_owned();
+            Some(ConsoleEnds {
+                output: Box::new(std::io::stdout()),
+                input: Some(File::from(stdin.map_err(Error::Console)?)),
+                pty: None,
+            })
+        }
+        ConsoleOutput::File(p) => Some(ConsoleEnds {
+            output: Box::new(create_file("console output file", p)?),
+            input: None,
+            pty: None,
+        }),
+        ConsoleOutput::Pty => {
+            let pty = Pty::open().map_err(Error::Console)?;
+            eprintln!("vmkit: virtio-console on {}", pty.path().display());
+            Some(ConsoleEnds {
+                output: Box::new(pty.output().map_err(Error::Console)?),
+                input: Some(pty.master().try_clone().map_err(Error::Console)?),
+                pty: Some(pty),
+            })
+        }
+    })
+}
+
+/// The virtio devices of the VM, attached, with what the rest of the VMM needs of them.
+pub struct VirtioDevices {
+    /// The queue event handlers and the console's input, for the event loop.
+    pub subscribers: Vec<Subscriber>,
+    /// How the guest learns of them through ACPI.
+    pub dsdt: Vec<DsdtDevice>,
+    /// virtio-mmio only: the devices, for the kernel command line.
+    mmio: Option<MmioPlatform>,
+    /// Lives as long as the VM.
+    _console_pty: Option<Pty>,
+}
+
+fn open_disk(args: &Args, index: usize) -> Result<Block> {
+    let spec = &args.disk[index];
+    let config = spec.block_config(args.cpus);
+    Block::new(config).map_err(|source| Error::Disk {
+        path: match &spec.config.source {
+            DiskSource::Path(p) => p.display().to_string(),
+            DiskSource::File(_) => format!("#{index}"),
+        },
+        source,
+    })
+}
+
+impl VirtioDevices {
+    /// Builds the disks, rng and console the command line asks for and attaches them.
+    pub fn add(machine: &Machine, args: &Args) -> Result<Self> {
+        let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
+        for i in 0..args.disk.len() {
+            devices.push(Arc::new(Mutex::new(open_disk(args, i)?)));
+        }
+        if args.rng {
+            devices.push(Arc::new(Mutex::new(Rng::new(RngConfig::default())?)));
+        }
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut console_pty = None;
+        if let Some(ends) = console_ends(&args.console)? {
+            let console = Console::new(ConsoleConfig::new(ends.output))?;
+            subscribers.extend(console_input(ends.input, console.input()));
+            console_pty = ends.pty;
+            devices.push(Arc::new(Mutex::new(console)));
+        }
+        let mut this = Self {
+            subscribers,
+            dsdt: Vec::new(),
+            mmio: None,
+            _console_pty: console_pty,
+        };
+        match args.transport {
+            Transport::Mmio => this.attach_mmio(machine, devices)?,
+            Transport::Pci => this.attach_pci(machine, devices)?,
+        }
+        Ok(this)
+    }
+
+    fn attach_mmio(
+        &mut self,
+        machine: &Machine,
+        devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    ) -> Result<()> {
+        let mut mmio = MmioPlatform::new(machine)?;
+        for device in devices {
+            let handler = mmio.attach(machine.memory().clone(), device)?;
+            self.subscribers.push(Arc::new(Mutex::new(handler)));
+        }
+        self.dsdt = mmio.dsdt_devices();
+        self.mmio = Some(mmio);
+        Ok(())
+    }
+
+    fn attach_pci(
+        &mut self,
+        machine: &Machine,
+        devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    ) -> Result<()> {
+        let mut pci = PciPlatform::new(machine)?;
+        for device in devices {
+            let memory: GuestMemoryMmap = machine.memory().clone();
+            let (_, handler) = pci.attach(memory, device)?;
+            self.subscribers.push(Arc::new(Mutex::new(handler)));
+        }
+        self.dsdt = vec![pci.dsdt_device()];
+        Ok(())
+    }
+
+    /// Adds the virtio-mmio devices' `virtio_mmio.device=` entries to `cmdline` (none on
+    /// PCI, where the guest enumerates the bus).
+    pub fn add_to_cmdline(&self, cmdline: &mut Cmdline) -> Result<()> {
+        match &self.mmio {
+            Some(mmio) => Ok(mmio.add_to_cmdline(cmdline)?),
+            None => Ok(()),
+        }
+    }
+}
+
+fn console_input(source: Option<File>, input: ConsoleInput) -> Option<Subscriber> {
+    Some(Arc::new(Mutex::new(InputToConsole::new(source?, input))))
+}

@@ -1,0 +1,62 @@
+//! What can go wrong before the guest runs. Each variant is one line for the user.
+
+/// An error of the reference VMM, from the command line to the guest's first instruction.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file named on the command line cannot be opened.
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        /// What it is for ("kernel", "serial output file"...).
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// `--memory` asks for more than the host has.
+    #[error("--memory {asked} bytes is more than this host's {host} bytes of RAM")]
+    MemoryAboveHost {
+        /// Bytes asked for.
+        asked: u64,
+        /// The host's RAM.
+        host: u64,
+    },
+    /// The KVM platform (VM, memory, vCPUs, device attachment) failed.
+    #[error("{0}")]
+    Platform(#[from] vmkit_kvm::Error),
+    /// A legacy device could not be put on the bus.
+    #[error("{0}")]
+    Bus(#[from] vmkit_bus::Error),
+    /// Loading the kernel or writing the firmware tables failed.
+    #[error("{0}")]
+    Boot(#[from] vmkit_boot::Error),
+    /// The kernel command line refused an entry.
+    #[error("kernel command line: {0}")]
+    Cmdline(#[from] vmkit_boot::linux_loader::cmdline::Error),
+    /// A `--disk` cannot be used.
+    #[error("--disk {path}: {source}")]
+    Disk {
+        /// The image, as given.
+        path: String,
+        /// What vmkit-virtio-blk said.
+        source: vmkit_virtio_blk::Error,
+    },
+    /// The virtio-rng could not be built.
+    #[error("virtio-rng: {0}")]
+    Rng(#[from] vmkit_virtio_rng::Error),
+    /// The virtio-console's host end could not be set up.
+    #[error("virtio-console: {0}")]
+    Console(#[source] std::io::Error),
+    /// The virtio-console could not be built.
+    #[error("virtio-console: {0}")]
+    ConsoleConfig(#[from] vmkit_virtio_console::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(#[source] std::io::Error),
+    /// The event loop could not be set up or run.
+    #[error("event loop: {0}")]
+    EventLoop(#[from] event_manager::Error),
+}
+
+/// A `Result` with this VMM's [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;

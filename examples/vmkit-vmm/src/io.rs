@@ -1,0 +1,125 @@
+//! Host input into the guest, as event-loop subscribers: stdin to the serial port, stdin or
+//! a pty to the virtio-console.
+
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::GuestSerial;
+
+/// Feeds host stdin to the guest's serial port.
+///
+/// While bytes wait for room in the UART's FIFO, stdin is not read; the UART's "input
+/// drained" eventfd says when to try again.
+pub struct StdinToSerial {
+    serial: Arc<Mutex<GuestSerial>>,
+    drained: EventFd,
+    /// Bytes read from stdin that the UART's FIFO had no room for yet.
+    pending: Vec<u8>,
+    /// stdin is out of the epoll set until the FIFO drains.
+    paused: bool,
+}
+
+impl StdinToSerial {
+    pub fn new(serial: Arc<Mutex<GuestSerial>>, drained: EventFd) -> Self {
+        Self {
+            serial,
+            drained,
+            pending: Vec::new(),
+            paused: false,
+        }
+    }
+
+    /// Moves pending bytes into the UART; returns whether all of them fit.
+    fn flush(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+            let taken = serial.enqueue_input(&self.pending);
+            self.pending.drain(..taken);
+        }
+        self.pending.is_empty()
+    }
+}
+
+impl MutEventSubscriber for StdinToSerial {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let stdin = std::io::stdin();
+        if events.fd() == self.drained.as_raw_fd() {
+            let _ = self.drained.read();
+            if self.paused && self.flush() {
+                // Room again: read stdin again.
+                self.paused = ops.add(Events::new(&stdin, EventSet::IN)).is_err();
+            }
+            return;
+        }
+        let mut buf = [0u8; 64];
+        let n = if events.event_set().contains(EventSet::IN) {
+            stdin.lock().read(&mut buf).unwrap_or(0)
+        } else {
+            0
+        };
+        if n == 0 {
+            // End of input, or the terminal hung up: nothing more to forward.
+            let _ = ops.remove(Events::empty(&stdin));
+            return;
+        }
+        self.pending.extend_from_slice(&buf[..n]);
+        if !self.flush() {
+            // The FIFO is full: stop reading (epoll is level-triggered) until it drains.
+            self.paused = ops.remove(Events::empty(&stdin)).is_ok();
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // stdin may be /dev/null or a regular file, which epoll refuses: then there is no
+        // input to forward, and that is fine.
+        let _ = ops.add(Events::new(&std::io::stdin(), EventSet::IN));
+        let _ = ops.add(Events::new(&self.drained, EventSet::IN));
+    }
+}
+
+/// Feeds a host file descriptor (stdin or a pty master) to the virtio-console.
+///
+/// Input the console's buffer cannot take is dropped, as a UART drops an overrun: the host side
+/// of a console has no flow control here.
+pub struct InputToConsole<F: AsFd + Read> {
+    source: F,
+    input: vmkit_virtio_console::ConsoleInput,
+}
+
+impl<F: AsFd + Read> InputToConsole<F> {
+    pub fn new(source: F, input: vmkit_virtio_console::ConsoleInput) -> Self {
+        Self { source, input }
+    }
+}
+
+impl<F: AsFd + Read> MutEventSubscriber for InputToConsole<F> {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 4096];
+        let n = if events.event_set().contains(EventSet::IN) {
+            match self.source.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(_) => 0,
+            }
+        } else {
+            0
+        };
+        if n == 0 {
+            let fd = self.source.as_fd().as_raw_fd();
+            let _ = ops.remove(Events::empty_raw(fd));
+            return;
+        }
+        self.input.push(&buf[..n]);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let fd = self.source.as_fd().as_raw_fd();
+        // A source epoll refuses (a regular file, /dev/null) simply gives no input.
+        let _ = ops.add(Events::new_raw(fd, EventSet::IN));
+    }
+}
