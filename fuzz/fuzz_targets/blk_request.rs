@@ -122,7 +122,7 @@ fuzz_target!(|input: Input| {
     if input.descs.len() > 64 {
         return;
     }
-    let mem = GuestMemoryMmap::from_ranges(&[
+    let mem: GuestMemoryMmap = GuestMemoryMmap::from_ranges(&[
         (GuestAddress(0), REGION as usize),
         (GuestAddress(REGION), REGION as usize),
     ])

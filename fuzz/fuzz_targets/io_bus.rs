@@ -338,9 +338,14 @@ fuzz_target!(|ops: Vec<Op>| {
     }
     let pio_ranges: Vec<_> = bus
         .pio_ranges()
+        .into_iter()
         .map(|r| (u64::from(*r.start()), u64::from(*r.end())))
         .collect();
     assert_eq!(pio_ranges, pio.sorted());
-    let mmio_ranges: Vec<_> = bus.mmio_ranges().map(|r| (*r.start(), *r.end())).collect();
+    let mmio_ranges: Vec<_> = bus
+        .mmio_ranges()
+        .into_iter()
+        .map(|r| (*r.start(), *r.end()))
+        .collect();
     assert_eq!(mmio_ranges, mmio.sorted());
 });

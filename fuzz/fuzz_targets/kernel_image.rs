@@ -7,7 +7,7 @@
 //! disk); guest memory is 32 MiB, as one region or as two adjacent 16 MiB regions.
 //!
 //! Oracles: `load` never panics; it never writes guest memory below 1 MiB outside the
-//! PVH page, zero page and command line of `vmkit_boot::layout` (a canary fill checked
+//! PVH page, zero page and command line of `vmkit_memory::layout` (a canary fill checked
 //! after each load that got past validation); an `Ok` result is consistent with the
 //! documented guest layout.
 #![no_main]
@@ -21,7 +21,8 @@ use std::sync::OnceLock;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use vmkit_boot::{layout, load, BootConfig, EntryPoint, Error, ProtocolChoice};
+use vmkit_boot::{load, BootConfig, EntryPoint, Error, ProtocolChoice};
+use vmkit_memory::layout;
 
 const MIB: usize = 1 << 20;
 
@@ -167,7 +168,7 @@ thread_local! {
 }
 
 /// Guest memory below 1 MiB that `load` must never write: all of it but the PVH page,
-/// the zero page and the command line (`vmkit_boot::layout`). It starts filled with
+/// the zero page and the command line (`vmkit_memory::layout`). It starts filled with
 /// [`CANARY`] and is checked after every load that got past validation.
 const UNTOUCHABLE: [(u64, u64); 3] = [
     (0, layout::PVH_INFO_START),
