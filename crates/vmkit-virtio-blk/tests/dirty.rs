@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::os::unix::io::AsRawFd;
-
 use common::{TempImage, ENGINES};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -85,18 +83,7 @@ fn pages_the_device_writes_are_marked_dirty() {
         clean_all(&mem);
 
         dev.process_queue(0);
-        while dev.in_flight() > 0 {
-            let fd = dev.completion_fd().unwrap();
-            let mut p = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut p, 1, 5000) };
-            let _ = fd.read();
-            dev.process_completions();
-        }
+        common::settle(&mut dev);
 
         assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
         let mut data = vec![0u8; 2 * PAGE as usize];

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::os::unix::io::AsRawFd;
-
 use common::{TempImage, ENGINES};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -124,20 +122,7 @@ impl Rig {
     }
 
     fn settle(&mut self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.dev.in_flight() > 0 {
-            assert!(std::time::Instant::now() < deadline, "I/O never completed");
-            let fd = self.dev.completion_fd().unwrap();
-            let mut p = libc::pollfd {
-                fd: fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd for the duration of the call.
-            unsafe { libc::poll(&mut p, 1, 1000) };
-            let _ = fd.read();
-            self.dev.process_completions();
-        }
+        common::settle(&mut self.dev);
     }
 
     fn used_idx(&self) -> u16 {

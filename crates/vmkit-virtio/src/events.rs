@@ -317,15 +317,24 @@ mod tests {
         vq.add_desc_chains(&[d], n).unwrap();
     }
 
-    #[test]
-    fn a_poll_serves_chains_without_notifications_and_without_holding_the_device() {
+    /// A `Counter` on a one-queue mock ring (used ring at 0x1000) polled for `window`, and
+    /// the handler watching it.
+    struct Rig {
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        handler: QueueEventHandler,
+        notifier: EventFd,
+        chains: Arc<AtomicUsize>,
+        calls: Arc<AtomicUsize>,
+    }
+
+    fn rig(window: Duration) -> Rig {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let vq = MockSplitQueue::new(&mem, 16);
         let mut queue: Queue = vq.create_queue().unwrap();
         queue
             .try_set_used_ring_address(GuestAddress(0x1000))
             .unwrap();
-        let used_flags = GuestAddress(0x1000);
         let watch = Arc::new(QueueWatch::default());
         let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut ctx = ActivateContext::with_watches(
@@ -335,19 +344,40 @@ mod tests {
             Arc::new(NoIrq),
             NeedsReset::new(),
         );
-        ctx.queue_mut(0)
-            .unwrap()
-            .set_poll(Duration::from_millis(200));
+        ctx.queue_mut(0).unwrap().set_poll(window);
         let (chains, calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Counter {
             ctx: Some(ctx),
             chains: chains.clone(),
             calls: calls.clone(),
         }));
-        let mut handler = QueueEventHandler::with_watches(
+        let handler = QueueEventHandler::with_watches(
             device.clone(),
             vec![(0, notifier.try_clone().unwrap(), watch)],
         );
+        Rig {
+            mem,
+            device,
+            handler,
+            notifier,
+            chains,
+            calls,
+        }
+    }
+
+    #[test]
+    fn a_poll_serves_chains_without_notifications_and_without_holding_the_device() {
+        let Rig {
+            mem,
+            device,
+            mut handler,
+            notifier,
+            chains,
+            calls,
+        } = rig(Duration::from_millis(200));
+        // The same rings as the rig's (the mock writes where its own layout says).
+        let vq = MockSplitQueue::new(&mem, 16);
+        let used_flags = GuestAddress(0x1000);
         // One notified chain; the handler then polls on the event thread.
         add_chain(&vq, 0);
         notifier.write(1).unwrap();
@@ -373,33 +403,15 @@ mod tests {
 
     #[test]
     fn a_driver_that_never_stops_cannot_hold_the_event_thread() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        let vq = MockSplitQueue::new(&mem, 16);
-        let mut queue: Queue = vq.create_queue().unwrap();
-        queue
-            .try_set_used_ring_address(GuestAddress(0x1000))
-            .unwrap();
+        let Rig {
+            mem,
+            mut handler,
+            notifier,
+            chains,
+            calls,
+            ..
+        } = rig(Duration::from_secs(1));
         let used_idx = GuestAddress(0x1002);
-        let watch = Arc::new(QueueWatch::default());
-        let notifier = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut ctx = ActivateContext::with_watches(
-            mem.clone(),
-            0,
-            vec![(0, queue, notifier.try_clone().unwrap(), watch.clone())],
-            Arc::new(NoIrq),
-            NeedsReset::new(),
-        );
-        ctx.queue_mut(0).unwrap().set_poll(Duration::from_secs(1));
-        let (chains, calls) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let device: Arc<Mutex<dyn VirtioDevice>> = Arc::new(Mutex::new(Counter {
-            ctx: Some(ctx),
-            chains: chains.clone(),
-            calls: calls.clone(),
-        }));
-        let mut handler = QueueEventHandler::with_watches(
-            device,
-            vec![(0, notifier.try_clone().unwrap(), watch)],
-        );
         let stop = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             // The driver: a new chain as soon as the last one is used, forever.

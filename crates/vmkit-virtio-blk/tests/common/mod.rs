@@ -119,3 +119,26 @@ pub fn sectors(seed: u8, first: u64, len: usize) -> Vec<u8> {
         .map(|i| pattern(seed, first + (i / 512) as u64, i % 512))
         .collect()
 }
+
+/// Waits (at most 10 s) until `dev` has nothing in flight, completing what the engine
+/// finishes as the VMM's event loop would: the completion eventfd, then
+/// `process_completions`.
+pub fn settle<M: vmkit_virtio::MappedMemory>(dev: &mut Block<M>) {
+    use std::os::unix::io::AsRawFd;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while dev.in_flight() > 0 {
+        assert!(std::time::Instant::now() < deadline, "I/O never completed");
+        let fd = dev
+            .completion_fd()
+            .expect("an engine with I/O in flight has one");
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut p, 1, 1000) };
+        let _ = fd.read();
+        dev.process_completions();
+    }
+}
