@@ -7,6 +7,7 @@
 use crate::platform::arch::rdtsc;
 use alloc::format;
 use alloc::string::String;
+use core::ops::Range;
 use virtio_drivers::device::blk::SECTOR_SIZE;
 
 /// Sectors per MiB.
@@ -80,4 +81,24 @@ pub fn first_nonzero(buf: &mut [u8], first: u64) -> Option<u64> {
 /// A per-run tag (never 0).
 pub fn new_tag() -> u64 {
     rdtsc().wrapping_mul(0x2545_f491_4f6c_dd1d) | 1
+}
+
+/// Sectors worked on in requests of `chunk` sectors, with a pattern tag.
+pub struct Span {
+    pub sectors: Range<u64>,
+    pub chunk: u64,
+    pub tag: u64,
+}
+
+impl Span {
+    /// The requests: (first sector, bytes).
+    pub fn requests(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.sectors
+            .clone()
+            .step_by(self.chunk as usize)
+            .map(|lba| {
+                let n = self.chunk.min(self.sectors.end - lba) as usize * SECTOR_SIZE;
+                (lba, n)
+            })
+    }
 }

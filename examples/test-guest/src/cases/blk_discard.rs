@@ -5,7 +5,7 @@
 //! WRITE_ZEROES (with UNMAP when `write_zeroes_may_unmap`), read: must be
 //! all zero.
 
-use crate::cases::blk_data::{check, fill, first_nonzero, new_tag, MIB_SECTORS};
+use crate::cases::blk_data::{check, fill, first_nonzero, new_tag, Span, MIB_SECTORS};
 use crate::cases::support::{Ctx, Want};
 use crate::drivers::blk::BlkDisk;
 use crate::drivers::blk_queue::{self, BlkQueue};
@@ -14,7 +14,6 @@ use crate::platform::ram::Arena;
 use crate::println;
 use alloc::format;
 use alloc::string::String;
-use core::ops::Range;
 use virtio_drivers::device::blk::SECTOR_SIZE;
 
 /// Sectors it works on: 1 MiB.
@@ -34,7 +33,7 @@ pub fn run(ctx: &Ctx, disk: &BlkDisk, _: Want) -> Result<String, String> {
         return Err(String::from("disk too small"));
     }
     let start = (disk.capacity / 2 / SECTORS) * SECTORS;
-    let area = Area {
+    let area = Span {
         sectors: start..start + SECTORS,
         chunk: (disk.request_bytes() / SECTOR_SIZE) as u64,
         tag: new_tag(),
@@ -52,7 +51,7 @@ pub fn run(ctx: &Ctx, disk: &BlkDisk, _: Want) -> Result<String, String> {
 }
 
 /// DISCARD over the pattern; what reads come back is only reported.
-fn discard(area: &Area, queue: &mut Queue, buf: &mut [u8], disk: &BlkDisk) -> Result<(), String> {
+fn discard(area: &Span, queue: &mut Queue, buf: &mut [u8], disk: &BlkDisk) -> Result<(), String> {
     let max = u64::from(queue.config_u32(blk_config::MAX_DISCARD_SECTORS)).max(1);
     let alignment = queue.config_u32(blk_config::DISCARD_SECTOR_ALIGNMENT);
     area.write_pattern(queue, buf)?;
@@ -83,7 +82,7 @@ fn discard(area: &Area, queue: &mut Queue, buf: &mut [u8], disk: &BlkDisk) -> Re
 
 /// WRITE_ZEROES over the pattern: must read back as zeros.
 fn write_zeroes(
-    area: &Area,
+    area: &Span,
     queue: &mut Queue,
     buf: &mut [u8],
     disk: &BlkDisk,
@@ -120,25 +119,7 @@ struct ReadBack {
     first_nonzero: Option<u64>,
 }
 
-/// The sectors worked on, in requests of `chunk` sectors.
-struct Area {
-    sectors: Range<u64>,
-    chunk: u64,
-    tag: u64,
-}
-
-impl Area {
-    /// The requests: (first sector, bytes).
-    fn requests(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
-        self.sectors
-            .clone()
-            .step_by(self.chunk as usize)
-            .map(|lba| {
-                let n = self.chunk.min(self.sectors.end - lba) as usize * SECTOR_SIZE;
-                (lba, n)
-            })
-    }
-
+impl Span {
     fn write_pattern(&self, queue: &mut Queue, buf: &mut [u8]) -> Result<(), String> {
         for (lba, n) in self.requests() {
             fill(&mut buf[..n], lba, self.tag);

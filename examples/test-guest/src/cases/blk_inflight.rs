@@ -71,71 +71,55 @@ pub fn run(ctx: &Ctx, disk: &BlkDisk, _: Want) -> Result<String, String> {
     Ok(String::new())
 }
 
+/// Which way the requests go.
+#[derive(Clone, Copy)]
+enum Dir {
+    Write,
+    Read,
+}
+
+impl Dir {
+    fn name(self) -> &'static str {
+        match self {
+            Dir::Write => "write",
+            Dir::Read => "read",
+        }
+    }
+}
+
 impl Slots<'_> {
     /// Writes every slot until the queue is full, then takes the
     /// completions; returns how many were in flight.
     fn write_all(&mut self, blk: &mut Blk) -> Result<usize, String> {
-        let mut writes = 0;
-        for i in 0..MAX {
-            // SAFETY: reqs[i], bufs[i], resps[i] are not touched until
-            // `complete_write_blocks` returns them (or the device is reset).
-            let sent = unsafe {
-                blk.write_blocks_nb(
-                    sector(i) as usize,
-                    &mut self.reqs[i],
-                    self.bufs[i],
-                    &mut self.resps[i],
-                )
-            };
-            match sent {
-                Ok(t) => {
-                    self.tokens[i] = Some(t);
-                    writes += 1;
-                }
-                Err(Error::QueueFull) => break,
-                Err(e) => return Err(format!("write {}: {}", i, e)),
-            }
-        }
-        let Slots {
-            bufs,
-            reqs,
-            resps,
-            tokens,
-        } = self;
-        drain(blk, tokens, |blk, i, t| {
-            // SAFETY: the buffers given to `write_blocks_nb` for this token.
-            unsafe { blk.complete_write_blocks(t, &reqs[i], bufs[i], &mut resps[i]) }.map_err(|e| {
-                format!(
-                    "write {}: {} (status {})",
-                    i,
-                    e,
-                    status_name(resps[i].status())
-                )
-            })
-        })?;
-        Ok(writes)
+        self.round_trip(blk, Dir::Write, MAX)
     }
 
     /// Reads the first `writes` slots back the same way; returns how many.
     fn read_back(&mut self, blk: &mut Blk, writes: usize) -> Result<usize, String> {
-        let mut reads = 0;
-        for i in 0..writes {
-            // SAFETY: as for the writes.
+        self.round_trip(blk, Dir::Read, writes)
+    }
+
+    /// Submits the first `count` slots in direction `dir` until the queue is
+    /// full, then completes them in used-ring order; returns how many went.
+    fn round_trip(&mut self, blk: &mut Blk, dir: Dir, count: usize) -> Result<usize, String> {
+        let mut sent_n = 0;
+        for i in 0..count {
+            let (req, buf, resp) = (&mut self.reqs[i], &mut *self.bufs[i], &mut self.resps[i]);
+            // SAFETY: reqs[i], bufs[i], resps[i] are not touched until the
+            // matching `complete_*_blocks` returns them (or the device is reset).
             let sent = unsafe {
-                blk.read_blocks_nb(
-                    sector(i) as usize,
-                    &mut self.reqs[i],
-                    self.bufs[i],
-                    &mut self.resps[i],
-                )
+                match dir {
+                    Dir::Write => blk.write_blocks_nb(sector(i) as usize, req, buf, resp),
+                    Dir::Read => blk.read_blocks_nb(sector(i) as usize, req, buf, resp),
+                }
             };
             match sent {
                 Ok(t) => {
                     self.tokens[i] = Some(t);
-                    reads += 1;
+                    sent_n += 1;
                 }
                 Err(Error::QueueFull) => break,
-                Err(e) => return Err(format!("read {}: {}", i, e)),
+                Err(e) => return Err(format!("{} {}: {}", dir.name(), i, e)),
             }
         }
         let Slots {
@@ -145,16 +129,17 @@ impl Slots<'_> {
             tokens,
         } = self;
         drain(blk, tokens, |blk, i, t| {
-            // SAFETY: the buffers given to `read_blocks_nb` for this token.
-            unsafe { blk.complete_read_blocks(t, &reqs[i], bufs[i], &mut resps[i]) }.map_err(|e| {
-                format!(
-                    "read {}: {} (status {})",
-                    i,
-                    e,
-                    status_name(resps[i].status())
-                )
-            })
+            let (req, buf, resp) = (&reqs[i], &mut *bufs[i], &mut resps[i]);
+            // SAFETY: the buffers given to `*_blocks_nb` for this token.
+            let done = unsafe {
+                match dir {
+                    Dir::Write => blk.complete_write_blocks(t, req, buf, resp),
+                    Dir::Read => blk.complete_read_blocks(t, req, buf, resp),
+                }
+            };
+            let status = status_name(resps[i].status());
+            done.map_err(|e| format!("{} {}: {} (status {})", dir.name(), i, e, status))
         })?;
-        Ok(reads)
+        Ok(sent_n)
     }
 }

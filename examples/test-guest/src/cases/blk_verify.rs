@@ -4,7 +4,7 @@
 //! writes through `VirtIOBlk` (less when `size_max` says so), then read
 //! back and every sector checked.
 
-use crate::cases::blk_data::{check, fill, new_tag, MIB_SECTORS};
+use crate::cases::blk_data::{check, fill, new_tag, Span, MIB_SECTORS};
 use crate::cases::support::{Ctx, Want};
 use crate::drivers::blk::{Blk, BlkDisk};
 use crate::drivers::transport::Health;
@@ -14,7 +14,6 @@ use crate::platform::time::cycles_to_ns;
 use crate::println;
 use alloc::format;
 use alloc::string::String;
-use core::ops::Range;
 use virtio_drivers::device::blk::SECTOR_SIZE;
 
 /// MiB covered when named without a size, and under `all`.
@@ -36,7 +35,7 @@ pub fn run(ctx: &Ctx, disk: &BlkDisk, want: Want) -> Result<String, String> {
     let arena = unsafe { Arena::new(ctx.ram) }?;
     let buf = arena.take(chunk as usize * SECTOR_SIZE)?;
     let (mut blk, health) = disk.open(ctx.devices)?;
-    let pass = Pass {
+    let pass = Span {
         sectors: 0..total,
         chunk,
         tag: new_tag(),
@@ -57,25 +56,7 @@ pub fn run(ctx: &Ctx, disk: &BlkDisk, want: Want) -> Result<String, String> {
     Ok(String::new())
 }
 
-/// One pass over `sectors` in requests of `chunk` sectors.
-struct Pass {
-    sectors: Range<u64>,
-    chunk: u64,
-    tag: u64,
-}
-
-impl Pass {
-    /// The requests: (first sector, bytes).
-    fn requests(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
-        self.sectors
-            .clone()
-            .step_by(self.chunk as usize)
-            .map(|lba| {
-                let n = self.chunk.min(self.sectors.end - lba) as usize * SECTOR_SIZE;
-                (lba, n)
-            })
-    }
-
+impl Span {
     fn write(&self, health: &Health, blk: &mut Blk, buf: &mut [u8]) -> Result<(), String> {
         for (lba, n) in self.requests() {
             fill(&mut buf[..n], lba, self.tag);
