@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::fio;
+use crate::fio::{self, Buffers};
 use crate::run::{run_with, vcpu_exits};
 use crate::stats::ratio;
 use crate::svg::Chart;
@@ -145,8 +145,8 @@ struct Mode<'a> {
     img: &'a Path,
     secs: u64,
     direct: bool,
-    /// Whether host fio runs.
-    fio: bool,
+    /// The fio runs and their column headings (none without fio).
+    fio: Vec<(Buffers, String)>,
 }
 
 /// The throughput table: a row per workload, a column per boot and per fio run (which runs
@@ -154,9 +154,7 @@ struct Mode<'a> {
 fn throughput(mode: &Mode, boots: &[Boot], charts: &mut Vec<Chart>) -> Result<(), String> {
     let mut header = vec!["req/s (MiB/s)".to_string()];
     header.extend(boots.iter().map(|b| b.name.clone()));
-    if mode.fio {
-        header.push("host fio".into());
-    }
+    header.extend(mode.fio.iter().map(|f| f.1.clone()));
     let mut table = Table::new(header);
     for (w, (label, name, qd)) in WORKLOADS.iter().enumerate() {
         let mut cells = vec![label.to_string()];
@@ -170,8 +168,8 @@ fn throughput(mode: &Mode, boots: &[Boot], charts: &mut Vec<Chart>) -> Result<()
         } else {
             ("read", "128k")
         };
-        if mode.fio {
-            let (iops, mbs) = fio::run(mode.img, (rw, bs, *qd), mode.secs, mode.direct)?;
+        for (buffers, _) in &mode.fio {
+            let (iops, mbs) = fio::run(mode.img, (rw, bs, *qd), mode.secs, mode.direct, *buffers)?;
             cells.push(format!("{iops:.0} ({mbs:.0})"));
         }
         table.row(cells);
@@ -273,14 +271,25 @@ pub fn section(setup: &Setup, secs: u64, charts: &mut Vec<Chart>) -> Result<(), 
          ({secs} s per workload; host `fio` on the same file — psync at QD 1, io_uring at QD 32 \
          — is the ceiling)\n"
     );
+    let (direct_fio, said) = fio::direct_buffers();
+    let fio_columns = |direct: bool| -> Vec<(Buffers, String)> {
+        match (have_fio, direct) {
+            (false, _) => Vec::new(),
+            (true, false) => vec![(Buffers::Malloc, "host fio".into())],
+            (true, true) => direct_fio.iter().map(|&b| (b, b.label().into())).collect(),
+        }
+    };
     for direct in [false, true] {
         let m = Mode {
             img: &img,
             secs,
             direct,
-            fio: have_fio,
+            fio: fio_columns(direct),
         };
         mode(setup, &m, charts)?;
+    }
+    if have_fio {
+        println!("{said}\n");
     }
     println!("{NOTE}");
     Ok(())
