@@ -3,7 +3,18 @@
 # footprint, start rate, exit cost, virtio-rng, virtio-blk (with host fio as the ceiling).
 # Reports numbers; asserts nothing on time. With --write, the output and its SVG charts replace
 # the "Latest run" part of docs/benchmarks.md (docs/bench/*.svg). Other arguments go to
-# vmkit-bench (--runs N, --pio N, --blk-secs N).
+# vmkit-bench (examples/vmkit-bench; `target/release/vmkit-bench --help` lists them):
+# --runs N, --pio N, --blk-secs N, --only SECTION,..., --baseline PATH.
+#
+# --baseline PATH runs a second vmkit binary beside the current one in the same run, as an
+# extra "vmkit (baseline)" column (rows in the row-wise tables) with the ratio
+# vmkit / baseline: how to show no regression against an earlier commit. Build it in a
+# worktree, e.g. for the previous commit:
+#   git worktree add /tmp/wt-base HEAD~1
+#   (cd /tmp/wt-base && CARGO_TARGET_DIR=/tmp/wt-base-target cargo build --release -p vmkit-vmm)
+#   scripts/bench.sh --baseline /tmp/wt-base-target/release/vmkit
+# The baseline gets only flags every vmkit has had (--kernel --memory --cmdline --stats --cpus
+# --rng --console --disk path=..,engine=..,direct=on --transport).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # QEMU from Debian is the peer every figure is compared against, on the same guest.
@@ -20,7 +31,7 @@ if [ "${1:-}" = "--write" ]; then
   write=1
   shift
 fi
-cargo build --release --quiet -p vmkit-vmm
+cargo build --release --quiet -p vmkit-vmm -p vmkit-bench
 (cd examples/test-guest && cargo build --release --quiet)
 report() {
 echo "- host: $(uname -r), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')"
