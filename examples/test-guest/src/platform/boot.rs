@@ -136,13 +136,13 @@ pub fn virtio_irqs() -> &'static AtomicU64 {
 }
 
 /// The page-directory-pointer table of the identity mapping (entries 0-3
-/// cover 0-4 GiB; the rest are free for MMIO above 4 GiB, see `virtio.rs`).
+/// cover 0-4 GiB; the rest are free for MMIO above 4 GiB, see `drivers/mmio.rs`).
 pub fn boot_pdpt() -> *mut u64 {
     core::ptr::addr_of_mut!(raw::boot_pdpt).cast()
 }
 
 /// The PML4 (entry 0 is the identity mapping's PDPT; entry 1 is free for
-/// `bench=mmio`'s alias window, see `bench.rs`).
+/// `bench=mmio`'s alias window, see `bench/exits.rs`).
 pub fn boot_pml4() -> *mut u64 {
     core::ptr::addr_of_mut!(raw::boot_pml4).cast()
 }
