@@ -6,7 +6,7 @@
 //!   uses (boot data, the MMIO gap and the device windows in it, interrupt assignments),
 //!   checked to be disjoint. Every other vmkit crate takes its addresses from here.
 //! * [`MemoryLayout`] splits a guest's RAM around the 32-bit MMIO gap: RAM below
-//!   [`MMIO_GAP_START`](layout::MMIO_GAP_START) (3 GiB), the rest above 4 GiB. Pure
+//!   [`MMIO_GAP_START`] (3 GiB), the rest above 4 GiB. Pure
 //!   arithmetic, no KVM.
 //! * [`create_guest_memory`] maps that layout as a vm-memory [`GuestMemoryMmap`], anonymous and
 //!   `MAP_NORESERVE` (host pages are only taken when the guest touches them), optionally backed
@@ -57,7 +57,7 @@ pub enum Error {
     /// The requested size is above [`MAX_MEMORY`].
     #[error("guest memory of {0} bytes is too large: at most {MAX_MEMORY} bytes (1 TiB)")]
     TooLarge(u64),
-    /// The requested size is not a multiple of [`PAGE_SIZE`](layout::PAGE_SIZE).
+    /// The requested size is not a multiple of [`PAGE_SIZE`].
     #[error("guest memory of {0} bytes is not a multiple of the 4 KiB page size")]
     Unaligned(u64),
     /// The size does not fit in the host's address space (`usize`).
