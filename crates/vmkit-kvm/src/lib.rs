@@ -33,9 +33,12 @@
 //! let mut cmdline = linux_loader::cmdline::Cmdline::new(4096)?;
 //! cmdline.insert_str("console=ttyS0")?;
 //! mmio.add_to_cmdline(&mut cmdline)?;
-//! // … legacy devices on machine.bus(), ACPI tables, the kernel (vmkit-boot), then:
-//! # let entry: vmkit_boot::EntryPoint = unimplemented!();
-//! vcpus.set_entry(machine.memory(), entry)?;
+//! // … legacy devices on machine.bus() and ACPI tables (vmkit-boot), then the kernel:
+//! let cmdline = cmdline.as_cstring()?.into_string()?;
+//! let boot = vmkit_boot::BootConfig { cmdline: &cmdline, ..Default::default() };
+//! let mut kernel = std::fs::File::open("vmlinux")?;
+//! let loaded = vmkit_boot::load(machine.memory(), &mut kernel, boot)?;
+//! vcpus.set_entry(machine.memory(), loaded.entry)?;
 //! let threads = vcpus.start(machine.bus().clone(), machine.exit().clone())?;
 //! let mut events = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()?;
 //! events.add_subscriber(Arc::new(Mutex::new(handler)));
