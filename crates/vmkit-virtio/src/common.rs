@@ -199,12 +199,14 @@ impl<M: VirtioMemory> VirtioState<M> {
                 Ok((i, fd, watch.clone()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let device_events = lock_device(&self.device)
-            .device_events()
-            .map_err(Error::EventFd)?;
+        let device = lock_device(&self.device);
+        let device_events = device.device_events().map_err(Error::EventFd)?;
+        let readable_fds = device.readable_fds().map_err(Error::EventFd)?;
+        drop(device);
         Ok(
             QueueEventHandler::with_watches(self.device.clone(), notifiers)
-                .with_device_events(device_events),
+                .with_device_events(device_events)
+                .with_readable_fds(readable_fds),
         )
     }
 

@@ -89,8 +89,22 @@ pub trait VirtioDevice<M: VirtioMemory = GuestMemoryMmap>: Send {
         Ok(Vec::new())
     }
 
+    /// File descriptors the device reads itself and wants watched for readability (a TAP,
+    /// a socket), each with a token the device chooses, distinct from its
+    /// [`device_events`](Self::device_events) tokens. The handler watches them
+    /// edge-triggered and never reads them: when one becomes readable it calls
+    /// [`process_device_event`](Self::process_device_event) with the token, and the device
+    /// reads until the fd would block (or until it chooses to stop, say for lack of guest
+    /// buffers, resuming on a later queue notification). Asked for once, as
+    /// `device_events`: return duplicates (`try_clone`) of fds that live as long as the
+    /// device. Default: none.
+    fn readable_fds(&self) -> std::io::Result<Vec<(u16, std::os::fd::OwnedFd)>> {
+        Ok(Vec::new())
+    }
+
     /// Handles a readable [`device_events`](Self::device_events) fd, after the handler
-    /// consumed its counter. Default: nothing.
+    /// consumed its counter, or a [`readable_fds`](Self::readable_fds) fd that became
+    /// readable. Default: nothing.
     fn process_device_event(&mut self, token: u16) {
         let _ = token;
     }

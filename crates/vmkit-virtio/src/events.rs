@@ -2,6 +2,7 @@
 //! a notification when the device asked for it.
 
 use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -57,6 +58,7 @@ pub struct QueueEventHandler<M: VirtioMemory = GuestMemoryMmap> {
     device: Arc<Mutex<dyn VirtioDevice<M>>>,
     queues: Vec<WatchedQueue<M>>,
     device_events: Vec<(u16, EventFd)>,
+    readable_fds: Vec<(u16, OwnedFd)>,
 }
 
 impl<M: VirtioMemory> fmt::Debug for QueueEventHandler<M> {
@@ -104,6 +106,7 @@ impl<M: VirtioMemory> QueueEventHandler<M> {
                 })
                 .collect(),
             device_events: Vec::new(),
+            readable_fds: Vec::new(),
         }
     }
 
@@ -111,6 +114,13 @@ impl<M: VirtioMemory> QueueEventHandler<M> {
     /// carry [`VirtioDevice::device_events`]).
     pub fn with_device_events(mut self, events: Vec<(u16, EventFd)>) -> Self {
         self.device_events = events;
+        self
+    }
+
+    /// Also watches these fds the device reads itself, `(token, fd)` (the transports'
+    /// handlers carry [`VirtioDevice::readable_fds`]): edge-triggered, never read here.
+    pub fn with_readable_fds(mut self, fds: Vec<(u16, OwnedFd)>) -> Self {
+        self.readable_fds = fds;
         self
     }
 
@@ -122,6 +132,10 @@ impl<M: VirtioMemory> QueueEventHandler<M> {
     /// device's [`process_device_event`](VirtioDevice::process_device_event). Returns
     /// whether a signal was pending.
     pub fn handle_device_event(&mut self, token: u16) -> bool {
+        if self.readable_fds.iter().any(|(t, _)| *t == token) {
+            self.lock().process_device_event(token);
+            return true;
+        }
         let Some((_, fd)) = self.device_events.iter().find(|(t, _)| *t == token) else {
             return false;
         };
@@ -204,7 +218,17 @@ impl<M: VirtioMemory> QueueEventHandler<M> {
     pub fn poll(&mut self) -> usize {
         let indices: Vec<u16> = self.queues.iter().map(|q| q.index).collect();
         let tokens: Vec<u16> = self.device_events.iter().map(|(t, _)| *t).collect();
-        indices.into_iter().filter(|i| self.handle(*i)).count()
+        let readable: Vec<u16> = self
+            .readable_fds
+            .iter()
+            .filter(|(_, fd)| is_readable(fd))
+            .map(|(t, _)| *t)
+            .collect();
+        readable
+            .into_iter()
+            .filter(|t| self.handle_device_event(*t))
+            .count()
+            + indices.into_iter().filter(|i| self.handle(*i)).count()
             + tokens
                 .into_iter()
                 .filter(|t| self.handle_device_event(*t))
@@ -244,7 +268,26 @@ impl<M: VirtioMemory> MutEventSubscriber for QueueEventHandler<M> {
                 log::error!("virtio: cannot watch device event {token}: {e}");
             }
         }
+        for (token, fd) in &self.readable_fds {
+            let data = DEVICE_EVENT | u32::from(*token);
+            let set = EventSet::IN | EventSet::EDGE_TRIGGERED;
+            if let Err(e) = ops.add(Events::with_data_raw(fd.as_raw_fd(), data, set)) {
+                log::error!("virtio: cannot watch device fd {token}: {e}");
+            }
+        }
     }
+}
+
+/// Whether `fd` is readable now (a zero-timeout `poll`).
+fn is_readable(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is one valid pollfd for the duration of the call; timeout 0 never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & libc::POLLIN != 0
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! | [`ActiveQueue`] | the virtqueue protocol, once: [`pop`](ActiveQueue::pop) (checked chains, the notification-suppression loop), [`complete`](ActiveQueue::complete), [`signal_used`](ActiveQueue::signal_used) (`EVENT_IDX` / `NO_INTERRUPT`), [`set_poll`](ActiveQueue::set_poll); a corrupt ring sets `DEVICE_NEEDS_RESET` |
 //! | [`Chain`] | a popped chain: head, checked descriptors (indirect tables followed; loops, over-long chains and buffers outside RAM refused) |
 //! | [`QueueEventHandler`] | an event-manager subscriber calling `process_queue` when a queue's eventfd fires, and polling a queue without the device's lock when the device asked for it |
+//! | [`IoVecs`], [`mark_dirty`] | guest buffers as `iovec`s for `readv`/`writev`/io_uring, and marking what the kernel wrote there dirty |
 //! | [`MmioTransport`] | virtio-mmio version 2 as a vm-device [`MutDeviceMmio`](vm_device::MutDeviceMmio), with the status and feature negotiation state machine |
 //! | [`MmioInterrupt`] | InterruptStatus/ACK and ConfigGeneration over one [`InterruptLine`](vmkit_irq::InterruptLine) |
 //! | `pci::PciTransport` (feature `pci`) | virtio-pci modern as a `vmkit_pci::PciDevice`: common/notify/ISR/device capabilities in one 64-bit BAR, MSI-X vector per queue plus config, the same state machine as `MmioTransport`, DMA only while bus mastering is on |
@@ -98,6 +99,7 @@ mod device;
 mod error;
 mod events;
 mod interrupt;
+mod iovec;
 mod memory;
 mod mmio;
 #[cfg(feature = "pci")]
@@ -116,6 +118,7 @@ pub use interrupt::{
     InterruptReason, MmioInterrupt, VirtioInterrupt, INTERRUPT_STATUS_CONFIG,
     INTERRUPT_STATUS_USED_RING,
 };
+pub use iovec::{mark_dirty, IoVecs};
 pub use memory::{MappedMemory, VirtioMemory};
 pub use mmio::{
     regs, MmioNotifier, MmioTransport, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE, MMIO_SIZE,

@@ -13,7 +13,6 @@ mod uring;
 use std::fmt;
 use std::io;
 
-use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::EventFd;
@@ -109,78 +108,24 @@ pub trait BlockEngine<M: MappedMemory = GuestMemoryMmap>: Send + fmt::Debug {
     fn completion_fd(&self) -> Option<&EventFd>;
 }
 
-/// A list of iovecs pointing into guest memory.
+pub(crate) use vmkit_virtio::IoVecs;
+
+/// The iovecs of `segments` in `memory`, for the kernel to read (`access` Read) or write
+/// (Write). Each segment must be inside guest memory (the parser checked it; a segment that
+/// is not yields `EFAULT`).
 ///
-/// `libc::iovec` holds raw pointers and so is neither `Send` nor `Sync`; these point into
-/// guest memory, which is shared between threads anyway ([`MappedMemory`] is `Send` and
-/// `Sync`), and are only dereferenced by the kernel.
-#[derive(Debug, Default)]
-pub(crate) struct IoVecs(pub(crate) Vec<libc::iovec>);
-
-// SAFETY: see the type's documentation: the pointers are plain addresses into the guest's
-// shared mapping; moving the list to another thread does not create aliasing Rust
-// references, and only the kernel reads or writes through them.
-unsafe impl Send for IoVecs {}
-
-impl IoVecs {
-    /// The iovecs of `segments` in `memory`, for the kernel to read (`access` Read) or
-    /// write (Write). Each segment must be inside guest memory (the parser checked it; a
-    /// segment that is not yields `EFAULT`). A segment crossing from one guest memory
-    /// region into the next becomes several iovecs.
-    ///
-    /// The pointers stay valid as long as `memory` (or any clone of it) lives, which
-    /// [`MappedMemory`] guarantees. Engines keep their clone until nothing is in flight.
-    pub(crate) fn resolve<M: MappedMemory>(
-        memory: &M,
-        segments: &[Segment],
-        access: Permissions,
-    ) -> io::Result<Self> {
-        let efault = || io::Error::from_raw_os_error(libc::EFAULT);
-        let mut iov = Vec::with_capacity(segments.len());
-        for s in segments {
-            let slices = GuestMemory::get_slices(memory, s.addr, s.len as usize, access)
-                .map_err(|_| efault())?;
-            for slice in slices {
-                let slice = slice.map_err(|_| efault())?;
-                iov.push(libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: slice.len(),
-                });
-            }
-        }
-        Ok(Self(iov))
+/// The pointers stay valid as long as `memory` (or any clone of it) lives, which
+/// [`MappedMemory`] guarantees. Engines keep their clone until nothing is in flight.
+pub(crate) fn resolve<M: MappedMemory>(
+    memory: &M,
+    segments: &[Segment],
+    access: Permissions,
+) -> io::Result<IoVecs> {
+    let mut iov = IoVecs::new();
+    for s in segments {
+        iov.push(memory, s.addr, s.len as usize, access)?;
     }
-
-    /// `(address, length)` of each iovec (for the `O_DIRECT` alignment check).
-    pub(crate) fn shapes(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
-        self.0.iter().map(|v| (v.iov_base as usize, v.iov_len))
-    }
-
-    /// The total length.
-    pub(crate) fn total(&self) -> u64 {
-        self.0.iter().map(|v| v.iov_len as u64).sum()
-    }
-
-    /// Drops the first `n` bytes: consumed iovecs are skipped (`start` moves), the first
-    /// remaining one is shortened in place.
-    pub(crate) fn advance(&mut self, start: &mut usize, mut n: usize) {
-        while n > 0 && *start < self.0.len() {
-            let v = &mut self.0[*start];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                *start += 1;
-            } else {
-                // Still inside the same guest buffer.
-                v.iov_base = (v.iov_base as usize + n) as *mut libc::c_void;
-                v.iov_len -= n;
-                n = 0;
-            }
-        }
-        // Skip empty iovecs so a transfer never starts with nothing to move.
-        while *start < self.0.len() && self.0[*start].iov_len == 0 {
-            *start += 1;
-        }
-    }
+    Ok(iov)
 }
 
 /// Marks the guest pages of `segments` dirty in `memory`'s bitmap (if it keeps one): for
@@ -188,12 +133,7 @@ impl IoVecs {
 /// Called once the write is done, so a dirty-page scan never misses it.
 pub(crate) fn mark_dirty<M: GuestMemory>(memory: &M, segments: &[Segment]) {
     for s in segments {
-        let Ok(slices) = memory.get_slices(s.addr, s.len as usize, Permissions::Write) else {
-            continue;
-        };
-        for slice in slices.flatten() {
-            slice.bitmap().mark_dirty(0, slice.len());
-        }
+        vmkit_virtio::mark_dirty(memory, s.addr, s.len as usize);
     }
 }
 

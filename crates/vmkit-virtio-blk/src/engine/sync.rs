@@ -8,7 +8,7 @@ use vm_memory::{GuestMemoryMmap, Permissions};
 use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
+use super::{resolve, BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
 use crate::disk::Disk;
 
 /// `preadv`/`pwritev`/`fdatasync`/`fallocate` on the calling thread. Simple and with the
@@ -40,12 +40,12 @@ impl<M: MappedMemory> SyncEngine<M> {
         };
         match op {
             BlockOp::Read { offset, data } => {
-                let mut iov = IoVecs::resolve(memory, &data, Permissions::Write)?;
+                let mut iov = resolve(memory, &data, Permissions::Write)?;
                 let fd = self.disk.fd_for(offset, iov.shapes());
                 transfer(fd, false, offset, &mut iov)
             }
             BlockOp::Write { offset, data, sync } => {
-                let mut iov = IoVecs::resolve(memory, &data, Permissions::Read)?;
+                let mut iov = resolve(memory, &data, Permissions::Read)?;
                 let fd = self.disk.fd_for(offset, iov.shapes());
                 transfer(fd, true, offset, &mut iov)?;
                 if sync {
@@ -81,8 +81,8 @@ pub(crate) fn transfer(
     let mut start = 0;
     let mut offset = offset;
     iov.advance(&mut start, 0);
-    while start < iov.0.len() {
-        let rest = &iov.0[start..];
+    while start < iov.len() {
+        let rest = &iov.as_slice()[start..];
         let count = rest.len().min(IOV_MAX) as libc::c_int;
         let off = libc::off_t::try_from(offset)
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;

@@ -10,7 +10,7 @@ use vm_memory::{GuestMemoryMmap, Permissions};
 use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
+use super::{resolve, BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
 use crate::disk::Disk;
 
 /// The most operations one engine keeps in flight (and its submission queue size).
@@ -121,7 +121,7 @@ impl<M: MappedMemory> IoUringEngine<M> {
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
             Stage::Transfer => {
-                let rest = &f.iov.0[f.start..];
+                let rest = &f.iov.as_slice()[f.start..];
                 let n = rest.len().min(IOV_MAX) as u32;
                 if f.write {
                     opcode::Writev::new(fd, rest.as_ptr(), n)
@@ -178,7 +178,7 @@ impl<M: MappedMemory> IoUringEngine<M> {
                     let mut start = f.start;
                     f.iov.advance(&mut start, n);
                     f.start = start;
-                    if f.start >= f.iov.0.len() {
+                    if f.start >= f.iov.len() {
                         if f.sync_after {
                             f.stage = Stage::Sync;
                         } else {
@@ -292,7 +292,7 @@ impl<M: MappedMemory> BlockEngine<M> for IoUringEngine<M> {
         } else {
             Permissions::Write
         };
-        let iov = match IoVecs::resolve(memory, &data, access) {
+        let iov = match resolve(memory, &data, access) {
             Ok(iov) => iov,
             Err(e) => return Some(Err(e)),
         };
