@@ -46,6 +46,11 @@ pub struct Args {
     /// `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`.
     #[arg(long, value_parser = parse_disk, value_name = "SPEC")]
     pub disk: Vec<DiskSpec>,
+    /// A virtio-net card (repeatable), on an existing TAP interface:
+    /// `tap=NAME[,mac=MAC][,mtu=N][,queues=N]` (one queue pair per vCPU by default when the TAP
+    /// is multi-queue), or on a TAP fd this process inherited: `fd=N[,mac=MAC][,mtu=N]`.
+    #[arg(long, value_parser = parse_net, value_name = "SPEC")]
+    pub net: Vec<NetSpec>,
     /// The transport of the virtio devices: mmio (virtio-mmio windows on the command line and in
     /// the DSDT) or pci (virtio-pci functions on PCI bus 0, MSI-X, ECAM in the MCFG).
     #[arg(long, value_enum, default_value_t = Transport::Mmio)]
@@ -116,6 +121,84 @@ pub struct DiskSpec {
     pub config: BlockConfig,
     /// `queues=` was not given: one request queue per vCPU.
     pub queues_per_vcpu: bool,
+}
+
+/// Where a `--net` card's frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackendSpec {
+    /// An existing TAP interface, opened by name.
+    Tap(String),
+    /// A TAP queue fd this process inherited (opened with `IFF_VNET_HDR`).
+    Fd(i32),
+}
+
+/// One `--net`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The backend.
+    pub backend: NetBackendSpec,
+    /// The guest's MAC (`None`: its driver picks one).
+    pub mac: Option<[u8; 6]>,
+    /// The MTU the guest is told (`None`: not offered).
+    pub mtu: Option<u16>,
+    /// Queue pairs (`None`: one per vCPU if the TAP is multi-queue, else one).
+    pub queues: Option<u16>,
+}
+
+/// Parses `xx:xx:xx:xx:xx:xx` (a unicast address).
+pub fn parse_mac(v: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("mac={v}: not a MAC address like 52:54:00:12:34:56");
+    let mut mac = [0u8; 6];
+    let mut parts = v.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("mac={v}: a multicast address cannot be a card's"));
+    }
+    Ok(mac)
+}
+
+/// Parses `tap=NAME[,mac=MAC][,mtu=N][,queues=N]` or `fd=N[,mac=MAC][,mtu=N]`; a key given
+/// twice is an error.
+pub fn parse_net(s: &str) -> Result<NetSpec, String> {
+    let (mut backend, mut mac, mut mtu, mut queues) = (None, None, None, None);
+    let mut seen: Vec<&str> = Vec::new();
+    for item in s.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}' is not key=value"))?;
+        if seen.contains(&k) {
+            return Err(format!("{k}= is given twice"));
+        }
+        seen.push(k);
+        match k {
+            "tap" | "fd" if backend.is_some() => return Err("give one of tap= and fd=".into()),
+            "tap" if !v.is_empty() => backend = Some(NetBackendSpec::Tap(v.to_string())),
+            "fd" => backend = Some(NetBackendSpec::Fd(number(k, v)?)),
+            "mac" => mac = Some(parse_mac(v)?),
+            "mtu" => mtu = Some(number(k, v)?),
+            "queues" => queues = Some(number(k, v)?),
+            _ => return Err(format!("unknown or empty net option '{k}={v}'")),
+        }
+    }
+    let backend = backend.ok_or("tap=NAME or fd=N is required")?;
+    if matches!(backend, NetBackendSpec::Fd(_)) && queues.is_some() {
+        return Err("queues= needs tap=NAME (an fd is one queue)".into());
+    }
+    if matches!(backend, NetBackendSpec::Fd(fd) if fd < 3) {
+        return Err("fd= must be an inherited TAP fd, not 0, 1 or 2".into());
+    }
+    Ok(NetSpec {
+        backend,
+        mac,
+        mtu,
+        queues,
+    })
 }
 
 impl DiskSpec {
@@ -333,6 +416,38 @@ mod tests {
             ("path=a,poll_us=-1", "not a number"),
         ] {
             let e = parse_disk(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn nets() {
+        let n = parse_net("tap=vmtap0").unwrap();
+        assert_eq!(n.backend, NetBackendSpec::Tap("vmtap0".into()));
+        assert_eq!((n.mac, n.mtu, n.queues), (None, None, None));
+        let n = parse_net("tap=t,mac=52:54:00:ab:CD:ef,mtu=9000,queues=2").unwrap();
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
+        assert_eq!((n.mtu, n.queues), (Some(9000), Some(2)));
+        let n = parse_net("fd=7,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!(n.backend, NetBackendSpec::Fd(7));
+        for (bad, says) in [
+            ("", "key=value"),
+            ("mac=52:54:00:12:34:56", "tap=NAME or fd=N"),
+            ("tap=", "unknown or empty"),
+            ("tap=a,tap=b", "twice"),
+            ("tap=a,fd=4", "one of"),
+            ("tap=a,mac=52:54:00:12:34", "not a MAC"),
+            ("tap=a,mac=52:54:00:12:34:56:78", "not a MAC"),
+            ("tap=a,mac=5g:54:00:12:34:56", "not a MAC"),
+            ("tap=a,mac=01:00:5e:00:00:01", "multicast"),
+            ("tap=a,mtu=big", "not a number"),
+            ("tap=a,mtu=70000", "not a number"),
+            ("tap=a,mac=52:54:00:12:34:56,mac=52:54:00:12:34:57", "twice"),
+            ("fd=7,queues=2", "queues= needs tap"),
+            ("fd=1", "not 0, 1 or 2"),
+            ("tap=a,speed=10G", "unknown"),
+        ] {
+            let e = parse_net(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{Args, ConsoleOutput, SerialOutput, Transport};
 use crate::error::{Error, Result};
 use crate::io::{InputToConsole, StdinToSerial};
+use crate::net::InheritedFds;
 
 /// The serial port as the VMM holds it: output to stdout, a file, or nowhere.
 pub type GuestSerial = Serial<Box<dyn Write + Send>>;
@@ -164,11 +165,16 @@ fn open_disk(args: &Args, index: usize) -> Result<Block> {
 }
 
 impl VirtioDevices {
-    /// Builds the disks, rng and console the command line asks for and attaches them.
-    pub fn add(machine: &Machine, args: &Args) -> Result<Self> {
+    /// Builds the disks, network cards, rng and console the command line asks for and
+    /// attaches them.
+    pub fn add(machine: &Machine, args: &Args, mut net_fds: InheritedFds) -> Result<Self> {
         let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
         for i in 0..args.disk.len() {
             devices.push(Arc::new(Mutex::new(open_disk(args, i)?)));
+        }
+        for spec in &args.net {
+            let net = crate::net::open_net(spec, args.cpus, &mut net_fds)?;
+            devices.push(Arc::new(Mutex::new(net)));
         }
         if args.rng {
             devices.push(Arc::new(Mutex::new(Rng::new(RngConfig::default())?)));

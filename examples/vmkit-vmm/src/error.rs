@@ -41,6 +41,20 @@ pub enum Error {
         /// What vmkit-virtio-blk said.
         source: vmkit_virtio_blk::Error,
     },
+    /// A `--net` cannot be used.
+    #[error("--net {what}: {source}")]
+    Net {
+        /// The backend, as given (`tap=NAME` or `fd=N`).
+        what: String,
+        /// What vmkit-virtio-net said.
+        source: vmkit_virtio_net::Error,
+    },
+    /// A `--net fd=N` is not an open file descriptor of this process.
+    #[error("--net fd={0}: not an open file descriptor")]
+    NetFd(i32),
+    /// Two `--net fd=` name the same descriptor.
+    #[error("--net fd={0} is given twice")]
+    NetFdTwice(i32),
     /// The virtio-rng could not be built.
     #[error("virtio-rng: {0}")]
     Rng(#[from] vmkit_virtio_rng::Error),

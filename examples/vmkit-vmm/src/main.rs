@@ -8,6 +8,7 @@ mod config;
 mod devices;
 mod error;
 mod io;
+mod net;
 mod stats;
 mod vm;
 

@@ -22,6 +22,7 @@ use vmkit_memory::{Backing, MemoryConfig};
 use crate::config::Args;
 use crate::devices::{LegacyDevices, Subscriber, VirtioDevices};
 use crate::error::{Error, Result};
+use crate::net::InheritedFds;
 use crate::stats;
 
 /// A VM, built and ready to run.
@@ -147,6 +148,8 @@ fn load_kernel(
 impl Vm {
     /// Builds the VM `args` describes, stage by stage; nothing runs yet.
     pub fn build(args: &Args) -> Result<Self> {
+        // First, before this process opens anything: the TAP fds it inherited.
+        let net_fds = InheritedFds::claim(&args.net)?;
         let inputs = Inputs::open(args)?;
         let machine = create_machine(args)?;
         let vcpu_config = VcpuConfig {
@@ -155,7 +158,7 @@ impl Vm {
         };
         let vcpus = Vcpus::create(machine.kvm(), machine.vm(), &vcpu_config)?;
         let legacy = LegacyDevices::add(&machine, args)?;
-        let mut virtio = VirtioDevices::add(&machine, args)?;
+        let mut virtio = VirtioDevices::add(&machine, args, net_fds)?;
         let cmdline = kernel_cmdline(args, &vcpus, &virtio)?;
         let dsdt = std::mem::take(&mut virtio.dsdt);
         let entry = load_kernel(&machine, args, inputs, &cmdline, dsdt)?;
