@@ -1,0 +1,358 @@
+//! virtio-net against hand-built rings (virtio-queue's mock): hostile transmit and receive
+//! chains are dropped and counted and the device keeps working; mergeable buffers, waiting
+//! for buffers, the control queue and offloads, checked at the ring.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::sync::{Arc, Mutex};
+
+use common::{frame, socket_backend, with_header};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueT;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmkit_virtio::test_utils::{activate_context, guest_memory, mock_queue, RecordingInterrupt};
+use vmkit_virtio::{NeedsReset, VirtioDevice, FEATURE_VERSION_1};
+use vmkit_virtio_net::ctrl::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
+use vmkit_virtio_net::*;
+
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+const RINGS: [u64; 5] = [0x1000, 0x3000, 0x5000, 0x7000, 0x9000];
+const ALL_OFFLOADS: Offloads =
+    Offloads(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_UFO);
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+}
+
+fn bit(b: u32) -> u64 {
+    1 << b
+}
+
+struct Rig {
+    mem: GuestMemoryMmap,
+    dev: Net,
+    hosts: Vec<UnixDatagram>,
+    used: Vec<GuestAddress>,
+    avail: Vec<GuestAddress>,
+    applied: Vec<Arc<Mutex<Vec<Offloads>>>>,
+    needs_reset: NeedsReset,
+}
+
+/// A device with `pairs` socket backends, `features` acked, activated on mock rings of 16
+/// entries (queue i at `RINGS[i]`) holding `chains[i]`.
+fn rig(pairs: usize, features: u64, chains: &[&[RawDescriptor]]) -> Rig {
+    rig_with(pairs, features, chains, |_| {})
+}
+
+/// [`rig`], with `setup` writing guest memory first.
+fn rig_with(
+    pairs: usize,
+    features: u64,
+    chains: &[&[RawDescriptor]],
+    setup: impl FnOnce(&GuestMemoryMmap),
+) -> Rig {
+    let mem = guest_memory(16 << 20);
+    setup(&mem);
+    let (mut backends, mut hosts, mut applied) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..pairs {
+        let (b, h) = socket_backend(ALL_OFFLOADS);
+        applied.push(b.applied.clone());
+        backends.push(Box::new(b) as Box<dyn NetBackend>);
+        hosts.push(h);
+    }
+    let mut config = NetConfig::new(backends);
+    config.mac = Some(MAC);
+    let mut dev = Net::new(config).unwrap();
+    dev.ack_features(features | FEATURE_VERSION_1);
+    let (mut queues, mut used, mut avail) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, c) in chains.iter().enumerate() {
+        let vq = MockSplitQueue::create(&mem, GuestAddress(RINGS[i]), 16);
+        if !c.is_empty() {
+            vq.add_desc_chains(c, 0).unwrap();
+        }
+        let q = mock_queue(&vq);
+        used.push(GuestAddress(q.used_ring()));
+        avail.push(GuestAddress(q.avail_ring()));
+        queues.push((i as u16, q));
+    }
+    let (ctx, needs_reset) = activate_context(
+        &mem,
+        features | FEATURE_VERSION_1,
+        queues,
+        RecordingInterrupt::new(),
+    );
+    dev.activate(ctx).unwrap();
+    Rig {
+        mem,
+        dev,
+        hosts,
+        used,
+        avail,
+        applied,
+        needs_reset,
+    }
+}
+
+impl Rig {
+    fn used_idx(&self, q: usize) -> u16 {
+        self.mem.read_obj(self.used[q].unchecked_add(2)).unwrap()
+    }
+    fn used_len(&self, q: usize, i: u64) -> u32 {
+        self.mem
+            .read_obj(self.used[q].unchecked_add(4 + 8 * i + 4))
+            .unwrap()
+    }
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        self.mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+        b
+    }
+    /// Makes descriptor `index` (a new one-descriptor chain) available on queue `q` as
+    /// available entry `slot`, and notifies the device.
+    fn post(&mut self, q: usize, index: u16, d: RawDescriptor, slot: u16) {
+        let table = GuestAddress(RINGS[q]);
+        self.mem
+            .write_obj(d, table.unchecked_add(16 * u64::from(index)))
+            .unwrap();
+        let avail = self.avail[q];
+        self.mem
+            .write_obj(index, avail.unchecked_add(4 + 2 * u64::from(slot)))
+            .unwrap();
+        self.mem
+            .write_obj(slot + 1, avail.unchecked_add(2))
+            .unwrap();
+        self.dev.process_queue(q as u16);
+    }
+    fn recv_host(&self, pair: usize) -> Vec<u8> {
+        let mut b = vec![0u8; 70000];
+        let n = self.hosts[pair].recv(&mut b).unwrap();
+        b.truncate(n);
+        b
+    }
+}
+
+#[test]
+fn hostile_transmit_chains_are_dropped_counted_and_survived() {
+    let payload = frame([0xff; 6], 60, 3);
+    let setup = |mem: &GuestMemoryMmap| {
+        // A good header of zeros at 0x10000 (split 5 + 7 at 0x10000 / 0x10005), payload at
+        // 0x11000; a DATA_VALID header at 0x12000; a TSO header at 0x13000.
+        mem.write_slice(&[0u8; 12], GuestAddress(0x1_0000)).unwrap();
+        mem.write_slice(&payload, GuestAddress(0x1_1000)).unwrap();
+        let mut bad = [0u8; 12];
+        bad[0] = VIRTIO_NET_HDR_F_DATA_VALID;
+        mem.write_slice(&bad, GuestAddress(0x1_2000)).unwrap();
+        let tso = NetHeader {
+            flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            hdr_len: 54,
+            gso_size: 1448,
+            csum_start: 34,
+            csum_offset: 16,
+            num_buffers: 0,
+        };
+        mem.write_slice(&tso.to_bytes(), GuestAddress(0x1_3000))
+            .unwrap();
+    };
+    let tx = [
+        // 0: a zero-length descriptor.
+        desc(0x1_0000, 0, 0, 0),
+        // 1-3: header split across two descriptors, then the payload: sent.
+        desc(0x1_0000, 5, NEXT, 2),
+        desc(0x1_0005, 7, NEXT, 3),
+        desc(0x1_1000, 60, 0, 0),
+        // 4: a frame larger than 64 KiB + header.
+        desc(0x2_0000, (NET_HDR_LEN + MAX_FRAME_LEN + 1) as u32, 0, 0),
+        // 5-6: a device-writable descriptor in a transmit chain.
+        desc(0x1_0000, 12, NEXT, 6),
+        desc(0x1_1000, 60, WRITE, 0),
+        // 7-8: a receive-only header flag.
+        desc(0x1_2000, 12, NEXT, 8),
+        desc(0x1_1000, 60, 0, 0),
+        // 9-10: TSO without HOST_TSO4 negotiated.
+        desc(0x1_3000, 12, NEXT, 10),
+        desc(0x1_1000, 60, 0, 0),
+        // 11: a header only, a 0-byte frame: sent (the TAP decides).
+        desc(0x1_0000, 12, 0, 0),
+    ];
+    let mut r = rig_with(1, 0, &[&[], &tx], setup);
+    r.dev.process_queue(1);
+
+    let s = r.dev.stats();
+    assert_eq!(s.tx_frames, 2, "the split-header frame and the empty one");
+    assert_eq!(s.tx_bad_length, 2, "zero-length and oversized");
+    assert_eq!(s.tx_malformed, 1, "device-writable buffer");
+    assert_eq!(s.tx_bad_header, 2, "DATA_VALID and un-negotiated TSO");
+    assert_eq!(r.used_idx(1), 7, "every chain returned");
+    for i in 0..7 {
+        assert_eq!(r.used_len(1, i), 0);
+    }
+    let got = r.recv_host(0);
+    assert_eq!(&got[..12], &[0u8; 12]);
+    assert!(got[12..] == payload[..], "split header frame");
+    assert_eq!(r.recv_host(0), vec![0u8; 12]);
+    assert!(!r.needs_reset.is_set());
+}
+
+#[test]
+fn receive_buffers_too_small_or_readable_are_refused() {
+    let rx = [
+        desc(0x1_0000, 8, WRITE, 0),
+        desc(0x1_1000, 2048, 0, 0),
+        desc(0x1_2000, 2048, WRITE, 0),
+    ];
+    let mut r = rig(1, 0, &[&rx, &[]]);
+    let f = frame(MAC, 200, 1);
+    r.hosts[0].send(&with_header(&f)).unwrap();
+    r.dev.process_device_event(0);
+    let s = r.dev.stats();
+    assert_eq!((s.rx_bad_chains, s.rx_frames, s.rx_buffers), (2, 1, 1));
+    assert_eq!(r.used_idx(0), 3);
+    assert_eq!((r.used_len(0, 0), r.used_len(0, 1)), (0, 0));
+    assert_eq!(r.used_len(0, 2), 212);
+    let got = r.read(0x1_2000, 212);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+    assert!(got[12..] == f[..]);
+    assert_eq!(
+        r.read(0x1_1000, 4),
+        [0; 4],
+        "device-readable buffer not written"
+    );
+}
+
+#[test]
+fn mergeable_frames_span_chains_with_num_buffers() {
+    // Four chains of 512 bytes: the device holds 1530 (MTU 1500 + 18 + header) before it
+    // reads; a 1000-byte frame takes two.
+    let rx: Vec<_> = (0..4)
+        .map(|i| desc(0x1_0000 + 0x1000 * i, 512, WRITE, 0))
+        .collect();
+    let mut r = rig(1, bit(VIRTIO_NET_F_MRG_RXBUF), &[&rx, &[]]);
+    let f = frame(MAC, 1000, 2);
+    r.hosts[0].send(&with_header(&f)).unwrap();
+    r.dev.process_device_event(0);
+    assert_eq!(r.used_idx(0), 2);
+    assert_eq!((r.used_len(0, 0), r.used_len(0, 1)), (512, 500));
+    let mut got = r.read(0x1_0000, 512);
+    got.extend(r.read(0x1_1000, 500));
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+    assert!(got[12..] == f[..]);
+    // The other two chains (1024 bytes) cannot take the largest frame: the device waits
+    // for buffers without reading the next frames.
+    r.hosts[0].send(&with_header(&frame(MAC, 400, 3))).unwrap();
+    r.hosts[0].send(&with_header(&frame(MAC, 300, 4))).unwrap();
+    let waits = r.dev.stats().rx_waits;
+    r.dev.process_device_event(0);
+    assert_eq!(r.used_idx(0), 2);
+    assert_eq!(r.dev.stats().rx_frames, 1);
+    assert_eq!(r.dev.stats().rx_waits, waits + 1);
+    // One more buffer: both frames arrive, each in one of the held 512-byte chains.
+    r.post(0, 4, desc(0x1_4000, 2048, WRITE, 0), 4);
+    assert_eq!(r.dev.stats().rx_frames, 3);
+    assert_eq!(r.used_idx(0), 4);
+    assert_eq!((r.used_len(0, 2), r.used_len(0, 3)), (412, 312));
+    let got = r.read(0x1_3000, 312);
+    assert_eq!(u16::from_le_bytes([got[10], got[11]]), 1, "num_buffers");
+    assert!(got[12..] == frame(MAC, 300, 4)[..]);
+}
+
+#[test]
+fn without_buffers_the_device_does_not_read_or_drop() {
+    let mut r = rig(1, 0, &[&[], &[]]);
+    let f = frame(MAC, 100, 5);
+    r.hosts[0].send(&with_header(&f)).unwrap();
+    let waits = r.dev.stats().rx_waits;
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.stats().rx_frames, 0);
+    assert_eq!(r.dev.stats().rx_waits, waits + 1);
+    r.post(0, 0, desc(0x1_0000, 2048, WRITE, 0), 0);
+    assert_eq!(r.dev.stats().rx_frames, 1);
+    assert!(r.read(0x1_0000 + 12, 100) == f);
+}
+
+#[test]
+fn control_queue_filters_and_queue_pairs() {
+    let features = bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_CTRL_RX) | bit(VIRTIO_NET_F_MQ);
+    let rx: Vec<_> = (0..4)
+        .map(|i| desc(0x1_0000 + 0x1000 * i, 2048, WRITE, 0))
+        .collect();
+    // Two pairs: rx0 tx0 rx1 tx1 ctrl(4).
+    let mut r = rig(2, features, &[&rx, &[], &[], &[], &[]]);
+    assert_eq!(r.dev.queue_max_sizes().len(), 5);
+    // Promiscuous off: a frame for another MAC is dropped, one for ours arrives.
+    let write_cmd = |r: &mut Rig, slot: u16, cmd: &[u8]| -> u8 {
+        let at = 0x2_0000 + 0x100 * u64::from(slot);
+        r.mem.write_slice(cmd, GuestAddress(at)).unwrap();
+        let d = 2 * slot;
+        let table = GuestAddress(RINGS[4]);
+        r.mem
+            .write_obj(
+                desc(at, cmd.len() as u32, NEXT, d + 1),
+                table.unchecked_add(16 * u64::from(d)),
+            )
+            .unwrap();
+        r.mem
+            .write_obj(
+                desc(at + 0x80, 1, WRITE, 0),
+                table.unchecked_add(16 * u64::from(d + 1)),
+            )
+            .unwrap();
+        r.mem.write_obj(0xeeu8, GuestAddress(at + 0x80)).unwrap();
+        let avail = r.avail[4];
+        r.mem
+            .write_obj(d, avail.unchecked_add(4 + 2 * u64::from(slot)))
+            .unwrap();
+        r.mem.write_obj(slot + 1, avail.unchecked_add(2)).unwrap();
+        r.dev.process_queue(4);
+        r.mem.read_obj(GuestAddress(at + 0x80)).unwrap()
+    };
+    assert_eq!(write_cmd(&mut r, 0, &[0, 0, 0]), VIRTIO_NET_OK);
+    assert!(!r.dev.rx_filter().promiscuous);
+    let other = [0x52, 0x54, 0, 0x12, 0x34, 0x99];
+    r.hosts[0].send(&with_header(&frame(other, 80, 1))).unwrap();
+    r.hosts[0].send(&with_header(&frame(MAC, 80, 2))).unwrap();
+    r.dev.process_device_event(0);
+    let s = r.dev.stats();
+    assert_eq!((s.rx_filtered, s.rx_frames), (1, 1));
+    assert_eq!(r.used_idx(0), 1, "the filtered frame took no buffer");
+    // Queue pairs: 2 accepted, 3 (more than the device has) and 0 refused.
+    assert_eq!(r.dev.active_pairs(), 1);
+    assert_eq!(write_cmd(&mut r, 1, &[4, 0, 2, 0]), VIRTIO_NET_OK);
+    assert_eq!(r.dev.active_pairs(), 2);
+    assert_eq!(write_cmd(&mut r, 2, &[4, 0, 3, 0]), VIRTIO_NET_ERR);
+    assert_eq!(write_cmd(&mut r, 3, &[4, 0, 0, 0]), VIRTIO_NET_ERR);
+    assert_eq!(r.dev.active_pairs(), 2);
+    assert_eq!(r.dev.stats().ctrl_refused, 2);
+}
+
+#[test]
+fn negotiated_guest_offloads_reach_the_backend_and_reset_clears_them() {
+    let features = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4);
+    let mut r = rig(1, features, &[&[], &[]]);
+    assert_eq!(
+        *r.applied[0].lock().unwrap(),
+        [Offloads(libc::TUN_F_CSUM | libc::TUN_F_TSO4)]
+    );
+    assert!(r.dev.reset().is_some());
+    assert_eq!(r.applied[0].lock().unwrap().last(), Some(&Offloads(0)));
+    // Offered: what every backend supports.
+    let offered = r.dev.device_features();
+    for b in [
+        VIRTIO_NET_F_GUEST_CSUM,
+        VIRTIO_NET_F_GUEST_TSO4,
+        VIRTIO_NET_F_GUEST_TSO6,
+        VIRTIO_NET_F_GUEST_UFO,
+        VIRTIO_NET_F_HOST_TSO4,
+        VIRTIO_NET_F_MRG_RXBUF,
+        VIRTIO_NET_F_MAC,
+    ] {
+        assert!(offered & bit(b) != 0, "bit {b}");
+    }
+    assert_eq!(offered & bit(VIRTIO_NET_F_MQ), 0, "one pair");
+    assert_eq!(offered & bit(VIRTIO_NET_F_MTU), 0, "no MTU configured");
+}
