@@ -53,15 +53,17 @@ impl Default for RxFilter {
 }
 
 impl RxFilter {
-    /// Whether a frame to `dest` reaches a driver whose address is `own`.
-    pub fn accepts(&self, own: &[u8; 6], dest: &[u8; 6]) -> bool {
+    /// Whether a frame to `dest` reaches a driver whose address is `own`. Without an
+    /// address of the device's (`None`: the driver picked its own, which the device does
+    /// not know), every unicast frame does.
+    pub fn accepts(&self, own: Option<&[u8; 6]>, dest: &[u8; 6]) -> bool {
         if self.promiscuous || dest == &[0xff; 6] {
             return true;
         }
         if dest[0] & 1 != 0 {
             return self.all_multicast || self.multicast.contains(dest);
         }
-        dest == own || self.unicast.contains(dest)
+        own.is_none_or(|own| dest == own) || self.unicast.contains(dest)
     }
 }
 
@@ -156,27 +158,38 @@ mod tests {
     #[test]
     fn the_default_filter_takes_everything() {
         let f = RxFilter::default();
-        assert!(f.accepts(&OWN, &OTHER) && f.accepts(&OWN, &MCAST));
+        assert!(f.accepts(Some(&OWN), &OTHER) && f.accepts(Some(&OWN), &MCAST));
+    }
+
+    #[test]
+    fn without_an_address_every_unicast_frame_passes() {
+        let f = RxFilter {
+            promiscuous: false,
+            ..Default::default()
+        };
+        assert!(f.accepts(None, &OTHER));
+        assert!(!f.accepts(None, &MCAST));
+        assert!(!f.accepts(Some(&OWN), &OTHER));
     }
 
     #[test]
     fn rx_mode_and_mac_tables_filter_frames() {
         let mut f = RxFilter::default();
         assert_eq!(run(&[0, 0, 0], &mut f).0, VIRTIO_NET_OK);
-        assert!(f.accepts(&OWN, &OWN));
-        assert!(f.accepts(&OWN, &[0xff; 6]));
-        assert!(!f.accepts(&OWN, &OTHER));
-        assert!(!f.accepts(&OWN, &MCAST));
+        assert!(f.accepts(Some(&OWN), &OWN));
+        assert!(f.accepts(Some(&OWN), &[0xff; 6]));
+        assert!(!f.accepts(Some(&OWN), &OTHER));
+        assert!(!f.accepts(Some(&OWN), &MCAST));
         // One unicast, one multicast entry.
         let mut cmd = vec![1, 0, 1, 0, 0, 0];
         cmd.extend_from_slice(&OTHER);
         cmd.extend_from_slice(&[1, 0, 0, 0]);
         cmd.extend_from_slice(&MCAST);
         assert_eq!(run(&cmd, &mut f).0, VIRTIO_NET_OK);
-        assert!(f.accepts(&OWN, &OTHER) && f.accepts(&OWN, &MCAST));
-        assert!(!f.accepts(&OWN, &[0x33, 0x33, 0, 0, 0, 2]));
+        assert!(f.accepts(Some(&OWN), &OTHER) && f.accepts(Some(&OWN), &MCAST));
+        assert!(!f.accepts(Some(&OWN), &[0x33, 0x33, 0, 0, 0, 2]));
         assert_eq!(run(&[0, 1, 1], &mut f).0, VIRTIO_NET_OK);
-        assert!(f.accepts(&OWN, &[0x33, 0x33, 0, 0, 0, 2]));
+        assert!(f.accepts(Some(&OWN), &[0x33, 0x33, 0, 0, 0, 2]));
     }
 
     #[test]

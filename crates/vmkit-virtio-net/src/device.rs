@@ -167,7 +167,7 @@ impl<M: MappedMemory> Net<M> {
             return;
         }
         let (need, mergeable) = (self.rx_need(), self.has(VIRTIO_NET_F_MRG_RXBUF));
-        let own = self.mac.unwrap_or_default();
+        let own = self.mac;
         let (filter, stats, iov) = (&self.filter, &mut self.stats, &mut self.iov);
         let Some(p) = self.pairs.get_mut(usize::from(pair)) else {
             return;
@@ -188,7 +188,7 @@ impl<M: MappedMemory> Net<M> {
             // SAFETY: the iovecs point into guest memory `q` keeps mapped, into buffers the
             // queue checked to be device-writable and inside guest memory.
             match unsafe { p.backend.recv(iov.as_slice()) } {
-                Ok(n) => deliver(p, q, n, mergeable, filter, &own, stats),
+                Ok(n) => deliver(p, q, n, mergeable, filter, own.as_ref(), stats),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -305,7 +305,7 @@ fn deliver<M: MappedMemory>(
     n: usize,
     mergeable: bool,
     filter: &RxFilter,
-    own: &[u8; 6],
+    own: Option<&[u8; 6]>,
     stats: &mut NetStats,
 ) {
     if n < NET_HDR_LEN {
