@@ -4,7 +4,9 @@
 //! `blk-verify:MiB`), `bench=pio:N`, `bench=mmio:N[:ADDR]`,
 //! `bench=blk-rand4k|blk-seq128k:QD:SECONDS` (comma-separated,
 //! repeatable), `blk-write-flush=SECTOR:HEX32`, `hold=serial`,
-//! `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, and any number of
+//! `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, the
+//! `test=virtio-net` parameters `net_ip=A.B.C.D`, `net_peer=A.B.C.D`,
+//! `net_port=N` and `net_bytes=N[K|M|G]`, and any number of
 //! `virtio_mmio.device=SIZE@ADDR[:IRQ[:ID]]` (the form Linux parses).
 //!
 //! The types these turn into belong to the modules that use them; this
@@ -14,11 +16,13 @@ use crate::bench::blk::{BlkBench, Workload, MAX_QD};
 use crate::bench::exits::{ExitBench, MMIO_BENCH_ADDR};
 use crate::bench::hold::Hold;
 use crate::cases::blk_write_flush::WriteFlush;
+use crate::cases::virtio_net::NetParams;
 use crate::cases::{BadItem, Selection};
 use crate::drivers::pci::PciMode;
 use crate::drivers::virtio::MmioDevice;
 use crate::platform::power::Exit;
 use crate::println;
+use core::net::Ipv4Addr;
 
 /// Largest number of `virtio_mmio.device=` entries kept.
 pub const VIRTIO_MMIO_MAX: usize = 16;
@@ -26,6 +30,8 @@ pub const VIRTIO_MMIO_MAX: usize = 16;
 pub const EXIT_BENCH_MAX: usize = 8;
 /// Largest number of `bench=blk-...` entries kept.
 pub const BLK_BENCH_MAX: usize = 8;
+/// Largest `net_bytes=` (1 TiB).
+pub const NET_BYTES_MAX: u64 = 1 << 40;
 
 /// What the command line asks for.
 #[derive(Clone, Copy, Debug)]
@@ -43,6 +49,8 @@ pub struct Config {
     pub write_flush: Option<WriteFlush>,
     pub hold: Option<Hold>,
     pub exit: Exit,
+    /// The `net_*=` parameters of `test=virtio-net`.
+    pub net: NetParams,
 }
 
 impl Config {
@@ -58,6 +66,7 @@ impl Config {
             write_flush: None,
             hold: None,
             exit: Exit::Poweroff,
+            net: NetParams::DEFAULT,
         };
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -87,6 +96,7 @@ impl Config {
             "hold" => parse_hold(value).map(|h| self.hold = Some(h)).is_some(),
             "exit" => parse_exit(value).map(|e| self.exit = e).is_some(),
             "pci" => parse_pci(value).map(|p| self.pci = p).is_some(),
+            "net_ip" | "net_peer" | "net_port" | "net_bytes" => self.net_param(key, value),
             other => {
                 println!("cmdline: unknown key {}", other);
                 true
@@ -94,6 +104,23 @@ impl Config {
         };
         if !taken {
             println!("cmdline: bad value {}={}", key, value);
+        }
+    }
+
+    /// Takes one `net_*=` parameter; false for a bad value.
+    fn net_param(&mut self, key: &str, value: &str) -> bool {
+        let net = &mut self.net;
+        match key {
+            "net_ip" => value.parse::<Ipv4Addr>().map(|ip| net.ip = ip).is_ok(),
+            "net_peer" => value.parse::<Ipv4Addr>().map(|ip| net.peer = ip).is_ok(),
+            "net_port" => match value.parse::<u16>() {
+                Ok(port) if port != 0 => {
+                    net.port = port;
+                    true
+                }
+                _ => false,
+            },
+            _ => parse_net_bytes(value).map(|n| net.bytes = n).is_some(),
         }
     }
 
@@ -173,6 +200,25 @@ fn parse_hold(value: &str) -> Option<Hold> {
         "serial" => Some(Hold::Serial),
         _ => None,
     }
+}
+
+/// Parses `net_bytes=`: decimal with an optional binary `K`, `M` or `G`
+/// suffix, 1 to `NET_BYTES_MAX`.
+fn parse_net_bytes(value: &str) -> Option<u64> {
+    let (digits, shift) = match value.as_bytes().last()? {
+        b'K' | b'k' => (&value[..value.len() - 1], 10),
+        b'M' | b'm' => (&value[..value.len() - 1], 20),
+        b'G' | b'g' => (&value[..value.len() - 1], 30),
+        _ => (value, 0),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits
+        .parse::<u64>()
+        .ok()?
+        .checked_mul(1 << shift)
+        .filter(|n| (1..=NET_BYTES_MAX).contains(n))
 }
 
 /// Puts `item` in the first free slot; false when there is none.

@@ -77,6 +77,7 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         devices: &devices,
         disks: &disks,
         ram,
+        net: cfg.net,
     };
     cases::run(&ctx, &cfg.tests);
     bench::exits::run(cfg.exit_benches(), info.memmap());

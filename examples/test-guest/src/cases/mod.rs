@@ -21,6 +21,7 @@ pub mod support;
 pub mod timer;
 pub mod virtio_console;
 pub mod virtio_irq;
+pub mod virtio_net;
 pub mod virtio_rng;
 
 use crate::drivers::blk::BlkDisk;
@@ -101,7 +102,7 @@ const fn case(name: &'static str, needs: Needs, run: Run) -> Case {
 }
 
 /// Every test, in the order they run.
-pub const CASES: [Case; 12] = [
+pub const CASES: [Case; 13] = [
     case("timer", Needs::Nothing, Run::Once(timer::run)),
     case("serial-irq", Needs::Nothing, Run::Once(serial_irq::run)),
     case("smp", Needs::Nothing, Run::Once(smp::run)),
@@ -120,6 +121,11 @@ pub const CASES: [Case; 12] = [
         "virtio-irq",
         Needs::Device(DeviceType::EntropySource),
         Run::Once(virtio_irq::run),
+    ),
+    case(
+        "virtio-net",
+        Needs::Device(DeviceType::Network),
+        Run::Once(virtio_net::run),
     ),
     case(
         "blk-serial",

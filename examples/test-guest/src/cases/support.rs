@@ -2,6 +2,7 @@
 //! it (`Ctx`), how the case was selected (`Want`), and the result line
 //! (`report`).
 
+use crate::cases::virtio_net::NetParams;
 use crate::drivers::blk::BlkDisk;
 use crate::drivers::virtio::Devices;
 use crate::platform::acpi::Acpi;
@@ -23,6 +24,8 @@ pub struct Ctx<'a> {
     pub disks: &'a [BlkDisk],
     /// RAM for data buffers (`platform::ram::Arena`).
     pub ram: Option<FreeRam>,
+    /// The `net_*=` parameters (`test=virtio-net`).
+    pub net: NetParams,
 }
 
 /// How a case was selected.
