@@ -23,7 +23,8 @@ mod data;
 mod tcp;
 
 use crate::cases::support::{report, Ctx, Want};
-use crate::drivers::net::{Nic, DEFAULT_MTU};
+use crate::drivers::doorbell;
+use crate::drivers::net::{Nic, DEFAULT_MTU, RX_QUEUE, TX_QUEUE};
 use crate::drivers::transport::StrictTransport;
 use crate::drivers::virtio::{Bus, Device};
 use crate::platform::arch::rdtsc;
@@ -104,6 +105,7 @@ fn one(ctx: &Ctx, dev: &Device) -> Result<String, String> {
     // while this one runs.
     let arena = unsafe { Arena::new(ctx.ram) }?;
     let mut nic = Nic::new(transport, &arena, link.mtu.unwrap_or(DEFAULT_MTU))?;
+    nic.use_registers(doorbell::registers(ctx.devices, dev, [RX_QUEUE, TX_QUEUE])?);
     println!(
         "virtio-net: mac {} mtu {} status {}{}",
         mac_text(nic.mac()),
@@ -119,10 +121,13 @@ fn one(ctx: &Ctx, dev: &Device) -> Result<String, String> {
     drop(stack);
     let c = nic.counters();
     println!(
-        "virtio-net: {} frames received, {} sent, {} dropped for want of a buffer{}",
+        "virtio-net: {} frames received, {} sent, {} dropped for want of a buffer; \
+         {} receive and {} transmit notifications{}",
         c.rx_frames,
         c.tx_frames,
         c.tx_dropped,
+        c.rx_notifies,
+        c.tx_notifies,
         dev.tag()
     );
     result?;
@@ -219,9 +224,11 @@ impl<'n, 'a> Stack<'n, 'a> {
     }
 
     /// One round of smoltcp: every received frame, one frame out per
-    /// socket; then whether the device misbehaved.
+    /// socket; the queue notifications that asked for; then whether the
+    /// device misbehaved.
     fn poll(&mut self) -> Result<(), String> {
         self.iface.poll(now(), &mut *self.nic, &mut self.sockets);
+        self.nic.flush();
         self.nic.check()
     }
 

@@ -6,7 +6,7 @@
 
 pub mod blk;
 pub mod blk_queue;
-pub mod event_idx;
+pub mod doorbell;
 pub mod hal;
 pub mod mmio;
 pub mod msix;

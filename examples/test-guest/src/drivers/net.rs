@@ -1,6 +1,6 @@
 //! virtio-net as a smoltcp `phy::Device`: `Nic` drives virtio-drivers'
 //! `VirtIONetRaw` (queue 0 receive, queue 1 transmit) over a
-//! `StrictTransport` (notifications filtered by `EventIdx`), polled, with its own buffers (2 KiB each, from the
+//! `StrictTransport` (notifications held and filtered by `Doorbell`), polled, with its own buffers (2 KiB each, from the
 //! caller's `Arena`): every receive descriptor holds one buffer, each
 //! transmitted frame is one descriptor (header and frame in one buffer).
 //!
@@ -11,12 +11,13 @@
 //! handed out, a driver error) is recorded (`Nic::check`) and stops the
 //! traffic instead of panicking or spinning.
 
-use crate::drivers::event_idx::EventIdx;
+use crate::drivers::doorbell::{Bell, Doorbell, Register};
 use crate::drivers::hal::GuestHal;
 use crate::drivers::transport::StrictTransport;
 use crate::platform::ram::Arena;
 use alloc::boxed::Box;
 use alloc::format;
+use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -35,7 +36,11 @@ const HDR_MAX: usize = 12;
 /// IP MTU without a smaller one from the device.
 pub const DEFAULT_MTU: u16 = 1500;
 
-type Raw = VirtIONetRaw<GuestHal, EventIdx<StrictTransport>, QUEUE_SIZE>;
+/// The queues `VirtIONetRaw` uses.
+pub const RX_QUEUE: u16 = 0;
+pub const TX_QUEUE: u16 = 1;
+
+type Raw = VirtIONetRaw<GuestHal, Doorbell<StrictTransport>, QUEUE_SIZE>;
 
 /// Frames and failures, for the case's report.
 #[derive(Clone, Copy, Debug, Default)]
@@ -44,6 +49,9 @@ pub struct Counters {
     pub tx_frames: u64,
     /// Frames smoltcp produced while every transmit buffer was in flight.
     pub tx_dropped: u64,
+    /// Notifications sent to the receive and the transmit queue.
+    pub rx_notifies: u64,
+    pub tx_notifies: u64,
 }
 
 /// The receive side: the buffers, which one each descriptor token holds,
@@ -76,6 +84,8 @@ pub struct Nic<'a> {
     tx: TxPool<'a>,
     /// IP MTU smoltcp is told.
     mtu: u16,
+    /// The queue notifications the driver asked for, sent by `flush`.
+    bell: Rc<Bell>,
 }
 
 impl<'a> Nic<'a> {
@@ -84,8 +94,9 @@ impl<'a> Nic<'a> {
     /// receive queue. `mtu` is the IP MTU (at most `DEFAULT_MTU`).
     pub fn new(transport: StrictTransport, arena: &'a Arena, mtu: u16) -> Result<Self, String> {
         let health = transport.health();
-        let net = Raw::new(EventIdx::new(transport))
-            .map_err(|e| health.explain(format!("init: {}", e)))?;
+        let doorbell = Doorbell::new(transport);
+        let bell = doorbell.bell();
+        let net = Raw::new(doorbell).map_err(|e| health.explain(format!("init: {}", e)))?;
         health.check()?;
         let mut nic = Nic {
             net: Box::new(net),
@@ -104,6 +115,7 @@ impl<'a> Nic<'a> {
                 counters: Counters::default(),
             },
             mtu: mtu.min(DEFAULT_MTU),
+            bell,
         };
         for idx in 0..QUEUE_SIZE {
             nic.rx.give(&mut nic.net, idx);
@@ -112,12 +124,29 @@ impl<'a> Nic<'a> {
         Ok(nic)
     }
 
+    /// From now on, queue notifications wait for `flush` and go straight
+    /// to these registers (receive queue, transmit queue).
+    pub fn use_registers(&self, [rx, tx]: [Register; 2]) {
+        self.bell.set_register(RX_QUEUE, rx);
+        self.bell.set_register(TX_QUEUE, tx);
+    }
+
+    /// Sends the queue notifications the device wants (call after each
+    /// round of work).
+    pub fn flush(&self) {
+        self.bell.flush();
+    }
+
     pub fn mac(&self) -> [u8; 6] {
         self.net.mac_address()
     }
 
     pub fn counters(&self) -> Counters {
-        self.tx.counters
+        Counters {
+            rx_notifies: self.bell.sent(RX_QUEUE),
+            tx_notifies: self.bell.sent(TX_QUEUE),
+            ..self.tx.counters
+        }
     }
 
     /// The first thing the device got wrong, if anything.
