@@ -5,7 +5,8 @@
 //! - `virtio-net: mac <mac> mtu <n|-> status <up|down|->`: the MAC from the
 //!   driver, MTU and status from the config space (only when the device
 //!   offers VIRTIO_NET_F_MTU / VIRTIO_NET_F_STATUS; a link that is down
-//!   fails the test);
+//!   fails the test); a device that offers no VIRTIO_NET_F_MAC gets a
+//!   generated, locally administered MAC (5.1.5), said on a line before;
 //! - the guest at `net_ip`/24 answers ARP and ICMP echo requests for as long
 //!   as the test runs (smoltcp does), and pings `net_peer` 3 times
 //!   (`virtio-net: ping <peer> ok 3/3 ...`, each reply within 1 s);
@@ -59,6 +60,7 @@ const CLOSE_US: u64 = 1_000_000;
 const SOCKET_BUF: usize = 1 << 20;
 /// Feature bits and config offsets (virtio 1.2 §5.1.3, 5.1.4).
 const F_MTU: u64 = 1 << 3;
+const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
 const CONFIG_STATUS: usize = 6;
 const CONFIG_MTU: usize = 10;
@@ -106,9 +108,20 @@ fn one(ctx: &Ctx, dev: &Device) -> Result<String, String> {
     let arena = unsafe { Arena::new(ctx.ram) }?;
     let mut nic = Nic::new(transport, &arena, link.mtu.unwrap_or(DEFAULT_MTU))?;
     nic.use_registers(doorbell::registers(ctx.devices, dev, [RX_QUEUE, TX_QUEUE])?);
+    let mac = match link.mac_offered {
+        true => nic.mac(),
+        false => generated_mac(),
+    };
+    if !link.mac_offered {
+        println!(
+            "virtio-net: no mac offered, generated {}{}",
+            mac_text(mac),
+            dev.tag()
+        );
+    }
     println!(
         "virtio-net: mac {} mtu {} status {}{}",
-        mac_text(nic.mac()),
+        mac_text(mac),
         link.mtu.map_or(String::from("-"), |m| format!("{}", m)),
         link.status_text(),
         dev.tag()
@@ -116,7 +129,7 @@ fn one(ctx: &Ctx, dev: &Device) -> Result<String, String> {
     if link.status.is_some_and(|s| s & STATUS_LINK_UP == 0) {
         return Err(String::from("link is down"));
     }
-    let mut stack = Stack::new(&mut nic, ctx.net);
+    let mut stack = Stack::new(&mut nic, mac, ctx.net);
     let result = stack.ping().and_then(|()| stack.transfer(&arena));
     drop(stack);
     let c = nic.counters();
@@ -139,6 +152,7 @@ fn one(ctx: &Ctx, dev: &Device) -> Result<String, String> {
 
 /// What the config space says, read before the driver negotiates.
 struct Link {
+    mac_offered: bool,
     mtu: Option<u16>,
     status: Option<u16>,
 }
@@ -160,7 +174,11 @@ impl Link {
             0 => None,
             _ => Some(read(t, CONFIG_STATUS)?),
         };
-        Ok(Link { mtu, status })
+        Ok(Link {
+            mac_offered: offered & F_MAC != 0,
+            mtu,
+            status,
+        })
     }
 
     fn status_text(&self) -> &'static str {
@@ -170,6 +188,18 @@ impl Link {
             Some(_) => "down",
         }
     }
+}
+
+/// A locally administered unicast MAC (first byte 0x02) from the TSC.
+fn generated_mac() -> [u8; 6] {
+    let mut x = rdtsc() | 1;
+    for _ in 0..4 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    let b = x.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
 }
 
 fn mac_text(mac: [u8; 6]) -> String {
@@ -206,9 +236,8 @@ struct Stack<'n, 'a> {
 }
 
 impl<'n, 'a> Stack<'n, 'a> {
-    fn new(nic: &'n mut Nic<'a>, params: NetParams) -> Self {
-        let mac = EthernetAddress(nic.mac());
-        let mut config = Config::new(HardwareAddress::Ethernet(mac));
+    fn new(nic: &'n mut Nic<'a>, mac: [u8; 6], params: NetParams) -> Self {
+        let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(mac)));
         config.random_seed = rdtsc();
         let mut iface = Interface::new(config, nic, now());
         iface.update_ip_addrs(|addrs| {
