@@ -15,13 +15,15 @@
 //! its notify register; `Bell::flush`, which the driver's owner calls after
 //! each round of work, then applies the specification's test (2.7.10,
 //! `vring_need_event`: notify only if `avail_event` lies between the index
-//! at the previous notification and the new one) and writes the register
-//! itself. So several buffers added in one round cost at most one
-//! notification, and none when the device is still busy with the queue.
-//! The crate's test being looser than the specification's, every
-//! notification the device asked for still reaches it. Before a register
-//! is named, notifications go through the wrapped transport (filtered the
-//! same way). Everything else is delegated.
+//! at the previous notification and the new one, read after a full fence)
+//! and writes the register itself. So several buffers added in one round
+//! cost at most one notification, and none when the device is still busy
+//! with the queue. With EVENT_IDX the test is made on every flush, not
+//! only when the crate asked (its own test has no fence and does not wrap,
+//! see `BlkQueue` in the README), so no notification the device asked for
+//! is lost. Before a register is named, notifications go through the
+//! wrapped transport (filtered the same way). Everything else is
+//! delegated.
 
 use crate::drivers::msix::common_cfg;
 use crate::drivers::spec::pci_common;
@@ -143,12 +145,15 @@ impl Bell {
         wanted
     }
 
-    /// Sends the notifications asked for since the last flush that the
-    /// device wants.
+    /// Sends the notifications the device wants: with EVENT_IDX, checked
+    /// for every queue with a register whether the driver asked or not
+    /// (virtio-drivers' own test can miss one when `avail_event` is read
+    /// before the new index is visible, or across the index's wrap);
+    /// without, for the queues the driver asked for since the last flush.
     pub fn flush(&self) {
         for (index, cell) in self.queues.iter().enumerate() {
             let q = cell.get();
-            if !q.pending {
+            if !q.pending && q.ring.is_none() {
                 continue;
             }
             cell.set(Queue {
