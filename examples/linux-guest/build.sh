@@ -141,7 +141,7 @@ build_kernel() {
 # Applets init.sh uses; each becomes a symlink to busybox (creating them at boot would cost
 # seconds of emulated kernel time).
 applets="sh mount cat dd sha256sum head tail grep dmesg sleep wc tr cmp ls reboot poweroff echo
-  ifconfig ping sed uname printf blockdev readlink"
+  ifconfig ping sed uname printf blockdev readlink nc seq timeout rm"
 build_initramfs() {
   local bb_deb key out tmp
   bb_deb="$(fetch_deb busybox-static)"

@@ -5,9 +5,15 @@
 # lines from dmesg, and ends the VM with `reboot -f` (reboot=k: keyboard-controller reset).
 #
 # Command-line parameters:
-#   vmkit_test=blk,rng,console   devices to test, in order
+#   vmkit_test=blk,rng,console,net   devices to test, in order
 #   vmkit_blk_sha=<sha256>       expected sha256 of the disk's first 64 KiB (the host's pattern)
 #   vmkit_token=<word>           written to /dev/hvc0 so the host can find it in its console output
+#   vmkit_net_ip=10.77.0.2       net: eth0's address (a /24)
+#   vmkit_net_peer=10.77.0.1     net: the host's end of the TAP, pinged and connected to
+#   vmkit_net_mac=<mac>          net: the MAC eth0 must have (the VMM's configured one)
+#   vmkit_net_port=5556          net: the host listens there for the guest's stream (guest to
+#                                host) and on port+1 for its own (host to guest)
+#   vmkit_net_kib=N              net: KiB moved each way
 #
 # Everything here runs under an emulated guest kernel on kvm_pvm hosts (about 1 us per kernel
 # instruction), so the I/O is kept to KiB, and echo/read/case (shell built-ins) are preferred to
@@ -63,6 +69,92 @@ test_rng() {
   result rng ok rng_current=$current bytes=$n
 }
 
+# Sets $ms to the guest's uptime in milliseconds (a shell built-in read: no fork).
+uptime_ms() {
+  read up idle </proc/uptime
+  ms=$(( ${up%.*}${up#*.} * 10 ))
+}
+
+# Sets $offloads to the names of the set bits of the virtio feature string $1 (character i is
+# feature bit i) that are about offloads and queues.
+net_offloads() {
+  offloads=
+  for b in 0:CSUM 1:GUEST_CSUM 3:MTU 5:MAC 7:GUEST_TSO4 8:GUEST_TSO6 10:GUEST_UFO 11:HOST_TSO4 \
+    12:HOST_TSO6 14:HOST_UFO 15:MRG_RXBUF 16:STATUS 17:CTRL_VQ 22:MQ 29:EVENT_IDX 32:VERSION_1; do
+    [ "${1:${b%%:*}:1}" = 1 ] && offloads="$offloads${offloads:+,}${b#*:}"
+  done
+}
+
+# Pings the peer 3 times; sets $ping to "<received>/3" and $rtt to busybox's min/avg/max.
+net_ping() {
+  out=$(ping -q -c 3 -i 0.2 -W 5 -w 20 "$vmkit_net_peer" 2>&1)
+  ping=${out#*transmitted, }
+  ping=${ping%% packets received*}/3
+  case "$ping" in [0-3]/3) ;; *) echo "VMKIT-NET ping said: $out"; ping=0/3 ;; esac
+  rtt=${out##*= }
+  case "$out" in *round-trip*) ;; *) rtt=none ;; esac
+}
+
+# nc to the peer's port $1 with dd on the socket (`-e`), dd's other operands $2...: busybox nc
+# copies through a 1 KiB buffer (a select, a read and a write per KiB each side, about 10 ms
+# per KiB here), dd moves 64 KiB per syscall and lets TCP hand the device super-frames. Bounded
+# by timeout; returns 1 with $why set on failure.
+net_nc() {
+  port=$1; shift
+  timeout 60 nc -w 10 "$vmkit_net_peer" "$port" -e /bin/dd bs=65536 "$@" 2>/tmp/net-err && return 0
+  why="nc $vmkit_net_peer:$port exit $?: $(cat /tmp/net-err)"
+  return 1
+}
+
+# Guest to host: N KiB of "%015d\n" lines counting from 10^14 (so the host can rebuild them) to
+# port; host to guest: whatever the host sends on port+1 until it closes. Sets tx_sha, rx_sha,
+# rx_bytes, tx_ms, rx_ms; returns 1 with $why set on failure.
+net_transfer() {
+  first=100000000000000
+  seq $first $((first + vmkit_net_kib * 64 - 1)) >/tmp/net-tx
+  tx_sha=$(sha256sum </tmp/net-tx)
+  tx_sha=${tx_sha%% *}
+  uptime_ms; t0=$ms
+  net_nc "$vmkit_net_port" if=/tmp/net-tx || return 1
+  uptime_ms; tx_ms=$((ms - t0)); t0=$ms
+  net_nc $((vmkit_net_port + 1)) of=/tmp/net-rx || return 1
+  uptime_ms; rx_ms=$((ms - t0))
+  rx_bytes=$(wc -c </tmp/net-rx)
+  rx_sha=$(sha256sum </tmp/net-rx)
+  rx_sha=${rx_sha%% *}
+  rm -f /tmp/net-tx /tmp/net-rx /tmp/net-err
+}
+
+# The interface's counters. They also show segmentation offload at work: an average frame
+# above 1514 bytes (ACKs and pings included) can only come from super-frames the stack handed
+# the device (TX) or got from it (RX).
+net_stats() {
+  s=/sys/class/net/eth0/statistics
+  read txb <$s/tx_bytes; read txp <$s/tx_packets; read rxb <$s/rx_bytes; read rxp <$s/rx_packets
+  read mtu </sys/class/net/eth0/mtu
+  set -- /sys/class/net/eth0/queues/rx-*
+  echo "VMKIT-NET stats mtu=$mtu queues=$# tx_packets=$txp tx_bytes=$txb" \
+    "tx_avg=$((txb / (txp ? txp : 1))) rx_packets=$rxp rx_bytes=$rxb rx_avg=$((rxb / (rxp ? rxp : 1)))"
+}
+
+test_net() {
+  [ -e /sys/class/net/eth0 ] || { result net FAIL no eth0; return; }
+  read mac </sys/class/net/eth0/address
+  [ "$mac" = "$vmkit_net_mac" ] || { result net FAIL mac=$mac want=$vmkit_net_mac; return; }
+  read features </sys/class/net/eth0/device/features || { result net FAIL no virtio features; return; }
+  net_offloads "$features"
+  echo "VMKIT-NET features=$features offloads=$offloads"
+  ifconfig eth0 "$vmkit_net_ip" netmask 255.255.255.0 up || { result net FAIL ifconfig; return; }
+  net_ping
+  echo "VMKIT-NET ping=$ping rtt=$rtt"
+  [ "$ping" = 3/3 ] || { result net FAIL ping=$ping; return; }
+  net_transfer || { result net FAIL "$why"; return; }
+  echo "VMKIT-NET tx kib=$vmkit_net_kib ms=$tx_ms rx bytes=$rx_bytes ms=$rx_ms"
+  net_stats
+  result net ok mac=$mac ping=$ping tx_sha256=$tx_sha rx_sha256=$rx_sha rx_bytes=$rx_bytes \
+    features=$features offloads=$offloads
+}
+
 test_console() {
   [ -c /dev/hvc0 ] || { result console FAIL no /dev/hvc0; return; }
   echo "VMKIT-HVC0 token=$vmkit_token" >/dev/hvc0 || { result console FAIL write; return; }
@@ -74,6 +166,7 @@ for dev in $(echo "$vmkit_test" | tr , ' '); do
     blk) test_blk ;;
     rng) test_rng ;;
     console) test_console ;;
+    net) test_net ;;
     *) result "$dev" FAIL unknown test ;;
   esac
 done
@@ -86,7 +179,7 @@ for d in /sys/bus/virtio/devices/*; do
 done
 # The interrupts each device raised, and through what (IO-APIC pin or PCI MSI-X vector).
 grep virtio /proc/interrupts | sed 's/^ */VMKIT-IRQ /'
-dmesg | grep -E 'virtio|vda|hvc|pci 0000|PCI|ACPI: bus|PCI Root' | grep -v -e 'ommand line' -e vmkit_ | sed 's/^/VMKIT-DMESG /'
+dmesg | grep -E 'virtio|vda|hvc|eth0|pci 0000|PCI|ACPI: bus|PCI Root' | grep -v -e 'ommand line' -e vmkit_ | sed 's/^/VMKIT-DMESG /'
 read up idle </proc/uptime
 echo "VMKIT-LINUX-DONE uptime=$up"
 reboot -f
