@@ -33,6 +33,7 @@ struct Pair {
 pub struct Net<M: MappedMemory = GuestMemoryMmap> {
     mac: Option<[u8; 6]>,
     mtu: Option<u16>,
+    poll: std::time::Duration,
     queue_sizes: Vec<u16>,
     offered: u64,
     acked: u64,
@@ -73,7 +74,7 @@ impl<M: MappedMemory> Net<M> {
     /// # Errors
     ///
     /// [`Error::Queues`] without backends or with more than 0x8000, [`Error::QueueSize`],
-    /// [`Error::Mtu`] below 68.
+    /// [`Error::Mtu`] below 68, [`Error::Poll`] above [`MAX_POLL_US`](crate::MAX_POLL_US).
     pub fn for_memory(config: NetConfig) -> Result<Self, Error> {
         let n = config.backends.len();
         let pairs = u16::try_from(n).ok().filter(|p| (1..=0x8000).contains(p));
@@ -83,6 +84,9 @@ impl<M: MappedMemory> Net<M> {
         }
         if config.mtu.is_some_and(|m| m < 68) {
             return Err(Error::Mtu(config.mtu.unwrap_or(0)));
+        }
+        if config.poll_us > crate::MAX_POLL_US {
+            return Err(Error::Poll(config.poll_us));
         }
         let guest = config
             .backends
@@ -95,6 +99,7 @@ impl<M: MappedMemory> Net<M> {
         Ok(Self {
             mac: config.mac,
             mtu: config.mtu,
+            poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
             queue_sizes,
             offered,
             acked: 0,
@@ -422,6 +427,13 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
             p.backend
                 .set_offloads(offloads)
                 .map_err(ActivateError::Io)?;
+        }
+        let mut context = context;
+        for pair in 0..self.pairs.len() {
+            // At most 0x8000 pairs: the index fits.
+            if let Some(q) = context.queue_mut((pair * 2 + 1) as u16) {
+                q.set_poll(self.poll);
+            }
         }
         self.active_pairs = 1;
         self.active = Some(context);

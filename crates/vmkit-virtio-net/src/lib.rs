@@ -76,6 +76,8 @@ pub use tx::MAX_FRAME_LEN;
 
 /// The default size of each queue.
 pub const NET_QUEUE_SIZE: u16 = 256;
+/// The longest transmit polling window [`NetConfig::poll_us`] takes (a millisecond).
+pub const MAX_POLL_US: u32 = 1000;
 
 /// Errors of the TAP backend and of [`Net::new`].
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,9 @@ pub enum Error {
     /// An MTU below IPv4's minimum of 68.
     #[error("MTU {0} is below 68")]
     Mtu(u16),
+    /// A polling window above [`MAX_POLL_US`].
+    #[error("poll_us={0}: at most {MAX_POLL_US} microseconds")]
+    Poll(u32),
 }
 
 /// Configuration of a [`Net`].
@@ -128,6 +133,10 @@ pub struct NetConfig {
     pub mtu: Option<u16>,
     /// The maximum size of each queue.
     pub queue_size: u16,
+    /// After a transmit notification, keep watching the transmit ring this long (µs, at
+    /// most [`MAX_POLL_US`]) with the driver's notifications suppressed, so a guest sending
+    /// again soon does so without a VM exit (vmkit-virtio's queue polling); 0: no polling.
+    pub poll_us: u32,
 }
 
 impl NetConfig {
@@ -138,6 +147,7 @@ impl NetConfig {
             mac: None,
             mtu: None,
             queue_size: NET_QUEUE_SIZE,
+            poll_us: 0,
         }
     }
 }

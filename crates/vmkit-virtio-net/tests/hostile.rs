@@ -331,6 +331,14 @@ fn control_queue_filters_and_queue_pairs() {
 }
 
 #[test]
+fn polling_windows_are_bounded() {
+    let (b, _host) = socket_backend(Offloads::default());
+    let mut config = NetConfig::new(vec![Box::new(b)]);
+    config.poll_us = MAX_POLL_US + 1;
+    assert!(matches!(Net::new(config), Err(Error::Poll(1001))));
+}
+
+#[test]
 fn negotiated_guest_offloads_reach_the_backend_and_reset_clears_them() {
     let features = bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4);
     let mut r = rig(1, features, &[&[], &[]]);

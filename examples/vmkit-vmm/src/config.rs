@@ -47,8 +47,9 @@ pub struct Args {
     #[arg(long, value_parser = parse_disk, value_name = "SPEC")]
     pub disk: Vec<DiskSpec>,
     /// A virtio-net card (repeatable), on an existing TAP interface:
-    /// `tap=NAME[,mac=MAC][,mtu=N][,queues=N]` (one queue pair per vCPU by default when the TAP
-    /// is multi-queue), or on a TAP fd this process inherited: `fd=N[,mac=MAC][,mtu=N]`.
+    /// `tap=NAME[,mac=MAC][,mtu=N][,queues=N][,poll_us=N]` (one queue pair per vCPU by default
+    /// when the TAP is multi-queue), or on a TAP fd this process inherited:
+    /// `fd=N[,mac=MAC][,mtu=N][,poll_us=N]`.
     #[arg(long, value_parser = parse_net, value_name = "SPEC")]
     pub net: Vec<NetSpec>,
     /// The transport of the virtio devices: mmio (virtio-mmio windows on the command line and in
@@ -143,6 +144,8 @@ pub struct NetSpec {
     pub mtu: Option<u16>,
     /// Queue pairs (`None`: one per vCPU if the TAP is multi-queue, else one).
     pub queues: Option<u16>,
+    /// Transmit ring polling after a notification, in µs (0: none).
+    pub poll_us: u32,
 }
 
 /// Parses `xx:xx:xx:xx:xx:xx` (a unicast address).
@@ -163,10 +166,12 @@ pub fn parse_mac(v: &str) -> Result<[u8; 6], String> {
     Ok(mac)
 }
 
-/// Parses `tap=NAME[,mac=MAC][,mtu=N][,queues=N]` or `fd=N[,mac=MAC][,mtu=N]`; a key given
-/// twice is an error.
+/// Parses `tap=NAME[,mac=MAC][,mtu=N][,queues=N][,poll_us=N]` or
+/// `fd=N[,mac=MAC][,mtu=N][,poll_us=N]`; a key given twice is an error. The limits (MTU,
+/// polling window) are the device crate's, checked when the card is built.
 pub fn parse_net(s: &str) -> Result<NetSpec, String> {
     let (mut backend, mut mac, mut mtu, mut queues) = (None, None, None, None);
+    let mut poll_us = 0;
     let mut seen: Vec<&str> = Vec::new();
     for item in s.split(',') {
         let (k, v) = item
@@ -183,6 +188,7 @@ pub fn parse_net(s: &str) -> Result<NetSpec, String> {
             "mac" => mac = Some(parse_mac(v)?),
             "mtu" => mtu = Some(number(k, v)?),
             "queues" => queues = Some(number(k, v)?),
+            "poll_us" => poll_us = number(k, v)?,
             _ => return Err(format!("unknown or empty net option '{k}={v}'")),
         }
     }
@@ -198,6 +204,7 @@ pub fn parse_net(s: &str) -> Result<NetSpec, String> {
         mac,
         mtu,
         queues,
+        poll_us,
     })
 }
 
@@ -428,6 +435,8 @@ mod tests {
         let n = parse_net("tap=t,mac=52:54:00:ab:CD:ef,mtu=9000,queues=2").unwrap();
         assert_eq!(n.mac, Some([0x52, 0x54, 0, 0xab, 0xcd, 0xef]));
         assert_eq!((n.mtu, n.queues), (Some(9000), Some(2)));
+        assert_eq!(parse_net("tap=t").unwrap().poll_us, 0);
+        assert_eq!(parse_net("tap=t,poll_us=50").unwrap().poll_us, 50);
         let n = parse_net("fd=7,mac=02:00:00:00:00:01").unwrap();
         assert_eq!(n.backend, NetBackendSpec::Fd(7));
         for (bad, says) in [

@@ -28,6 +28,7 @@ pub fn open_net(spec: &NetSpec, cpus: u32, fds: &mut InheritedFds) -> Result<Net
     let mut config = NetConfig::new(backends);
     config.mac = spec.mac;
     config.mtu = spec.mtu;
+    config.poll_us = spec.poll_us;
     Net::new(config).map_err(err)
 }
 
