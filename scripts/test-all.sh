@@ -16,6 +16,9 @@ command -v setpriv >/dev/null || need_apt+=(util-linux)
 command -v xz >/dev/null || need_apt+=(xz-utils)
 command -v zstd >/dev/null || need_apt+=(zstd)
 command -v lz4 >/dev/null || need_apt+=(lz4)
+# The virtio-net tests: a TAP in a network namespace (ip), the host pinging the guest (ping).
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v ping >/dev/null || need_apt+=(iputils-ping)
 kernel_cache="${VMKIT_CACHE_DIR:-$HOME/.cache/vmkit}/debian-kernel/vmlinux"
 if [ "$(id -u)" = 0 ]; then
   if [ ${#need_apt[@]} -gt 0 ] || [ ! -s "$kernel_cache" ]; then
