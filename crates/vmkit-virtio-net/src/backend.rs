@@ -45,6 +45,14 @@ pub trait NetBackend: Send + fmt::Debug {
     /// [`supported_offloads`](Self::supported_offloads)).
     fn set_offloads(&mut self, offloads: Offloads) -> io::Result<()>;
 
+    /// Takes part in receiving (`true`) or not: the device disables the backends of queue
+    /// pairs the driver does not use, so a multi-queue TAP steers no flow to a queue nobody
+    /// reads. Default: nothing to do.
+    fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        let _ = enabled;
+        Ok(())
+    }
+
     /// A duplicate of the fd that becomes readable when a frame waits (watched
     /// edge-triggered by the event loop), or `None` if the VMM must poll
     /// [`Net::process_rx`](crate::Net::process_rx) itself.
@@ -70,6 +78,7 @@ pub struct Tap {
     file: File,
     name: String,
     offloads: Offloads,
+    multi_queue: bool,
 }
 
 fn ifreq_for(name: &str) -> Result<libc::ifreq, Error> {
@@ -162,7 +171,7 @@ impl Tap {
                 source,
             }
         })?;
-        Self::configure(file, name.to_string())
+        Self::configure(file, name.to_string(), multi_queue)
     }
 
     /// Takes an fd of a TAP someone else opened (with `IFF_TAP | IFF_VNET_HDR`), sets it
@@ -196,11 +205,11 @@ impl Tap {
             what: "O_NONBLOCK",
             source,
         })?;
-        Self::configure(file, name)
+        Self::configure(file, name, flags & libc::IFF_MULTI_QUEUE != 0)
     }
 
     /// Sets the header size and finds the offloads the kernel takes.
-    fn configure(file: File, name: String) -> Result<Self, Error> {
+    fn configure(file: File, name: String, multi_queue: bool) -> Result<Self, Error> {
         let size: libc::c_int = NET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ takes a pointer to an int, which lives across the call.
         unsafe { ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) }.map_err(|source| {
@@ -214,6 +223,7 @@ impl Tap {
             file,
             name,
             offloads: Offloads::default(),
+            multi_queue,
         };
         tap.offloads = OFFLOAD_PROBES
             .into_iter()
@@ -304,6 +314,25 @@ impl NetBackend for Tap {
         let arg = libc::c_ulong::from(offloads.0);
         // SAFETY: TUNSETOFFLOAD takes its argument as an integer.
         unsafe { ioctl(self.file.as_raw_fd(), libc::TUNSETOFFLOAD, arg) }.map(|_| ())
+    }
+
+    fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        if !self.multi_queue {
+            return Ok(());
+        }
+        let mut req = ifreq_for(&self.name).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let flag = if enabled {
+            libc::IFF_ATTACH_QUEUE
+        } else {
+            libc::IFF_DETACH_QUEUE
+        };
+        req.ifr_ifru.ifru_flags = flag as libc::c_short;
+        // SAFETY: TUNSETQUEUE takes a pointer to an `ifreq`, which lives across the call.
+        match unsafe { ioctl(self.file.as_raw_fd(), libc::TUNSETQUEUE, &mut req) } {
+            // Attaching an attached queue or detaching a detached one: already so.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            other => other.map(|_| ()),
+        }
     }
 
     fn readable_fd(&self) -> io::Result<Option<OwnedFd>> {

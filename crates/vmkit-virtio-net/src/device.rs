@@ -96,7 +96,7 @@ impl<M: MappedMemory> Net<M> {
         let offered = offered_features(pairs, &config) | crate::Offloads(guest).guest_features();
         // Receive and transmit queue of each pair, then the control queue.
         let queue_sizes = vec![config.queue_size; usize::from(pairs) * 2 + 1];
-        Ok(Self {
+        let mut net = Self {
             mac: config.mac,
             mtu: config.mtu,
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
@@ -117,7 +117,10 @@ impl<M: MappedMemory> Net<M> {
             iov: IoVecs::new(),
             ctrl: Vec::with_capacity(MAX_CTRL_BYTES),
             stats: NetStats::default(),
-        })
+        };
+        // Until a driver asks for more pairs, only the first one's backend receives.
+        net.enable_backends(1);
+        Ok(net)
     }
 
     /// The counters.
@@ -269,11 +272,24 @@ impl<M: MappedMemory> Net<M> {
         }
     }
 
+    /// The driver uses the first `n` pairs: the others' backends stop receiving (a
+    /// multi-queue TAP steers flows only to attached queues), and frames waiting on newly
+    /// used ones are read.
     fn set_pairs(&mut self, n: u16) {
         let before = self.active_pairs;
         self.active_pairs = n;
+        self.enable_backends(n);
         for pair in before..n {
             self.process_rx(pair);
+        }
+    }
+
+    /// Enables the backends of the first `n` pairs and disables the others.
+    fn enable_backends(&mut self, n: u16) {
+        for (i, p) in self.pairs.iter_mut().enumerate() {
+            if let Err(e) = p.backend.set_enabled(i < usize::from(n)) {
+                log::warn!("virtio-net: queue pair {i}: enabling or disabling the backend: {e}");
+            }
         }
     }
 }
@@ -435,10 +451,11 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
                 q.set_poll(self.poll);
             }
         }
-        self.active_pairs = 1;
         self.active = Some(context);
-        // Frames that arrived before the driver was ready.
-        self.process_rx(0);
+        // One pair until the driver asks for more; frames that arrived before the driver
+        // was ready are read.
+        self.active_pairs = 0;
+        self.set_pairs(1);
         Ok(())
     }
 
@@ -476,6 +493,7 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
         }
         self.acked = 0;
         self.active_pairs = 1;
+        self.enable_backends(1);
         self.filter = RxFilter::default();
         self.active.take()
     }

@@ -40,6 +40,7 @@ struct Rig {
     used: Vec<GuestAddress>,
     avail: Vec<GuestAddress>,
     applied: Vec<Arc<Mutex<Vec<Offloads>>>>,
+    enabled: Vec<Arc<Mutex<Vec<bool>>>>,
     needs_reset: NeedsReset,
 }
 
@@ -59,9 +60,11 @@ fn rig_with(
     let mem = guest_memory(16 << 20);
     setup(&mem);
     let (mut backends, mut hosts, mut applied) = (Vec::new(), Vec::new(), Vec::new());
+    let mut enabled = Vec::new();
     for _ in 0..pairs {
         let (b, h) = socket_backend(ALL_OFFLOADS);
         applied.push(b.applied.clone());
+        enabled.push(b.enabled.clone());
         backends.push(Box::new(b) as Box<dyn NetBackend>);
         hosts.push(h);
     }
@@ -94,6 +97,7 @@ fn rig_with(
         used,
         avail,
         applied,
+        enabled,
         needs_reset,
     }
 }
@@ -320,14 +324,21 @@ fn control_queue_filters_and_queue_pairs() {
     let s = r.dev.stats();
     assert_eq!((s.rx_filtered, s.rx_frames), (1, 1));
     assert_eq!(r.used_idx(0), 1, "the filtered frame took no buffer");
-    // Queue pairs: 2 accepted, 3 (more than the device has) and 0 refused.
+    // Queue pairs: 2 accepted, 3 (more than the device has) and 0 refused. The second
+    // pair's backend receives only while the driver uses it.
     assert_eq!(r.dev.active_pairs(), 1);
+    assert_eq!(r.enabled[1].lock().unwrap().last(), Some(&false));
     assert_eq!(write_cmd(&mut r, 1, &[4, 0, 2, 0]), VIRTIO_NET_OK);
     assert_eq!(r.dev.active_pairs(), 2);
+    assert_eq!(r.enabled[1].lock().unwrap().last(), Some(&true));
+    assert_eq!(r.enabled[0].lock().unwrap().last(), Some(&true));
     assert_eq!(write_cmd(&mut r, 2, &[4, 0, 3, 0]), VIRTIO_NET_ERR);
     assert_eq!(write_cmd(&mut r, 3, &[4, 0, 0, 0]), VIRTIO_NET_ERR);
     assert_eq!(r.dev.active_pairs(), 2);
     assert_eq!(r.dev.stats().ctrl_refused, 2);
+    // A reset goes back to one pair.
+    assert!(r.dev.reset().is_some());
+    assert_eq!(r.enabled[1].lock().unwrap().last(), Some(&false));
 }
 
 #[test]

@@ -53,6 +53,10 @@ fn queues_of_a_multi_queue_tap_open_with_offloads() {
         let want = Offloads(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6);
         assert!(o.contains(want), "{o:?}");
         taps[1].set_offloads(want).unwrap();
+        // A queue leaves and rejoins the TAP's steering (twice each: idempotent).
+        for enabled in [false, false, true, true] {
+            taps[1].set_enabled(enabled).unwrap();
+        }
         assert!(taps[1].readable_fd().unwrap().is_some());
         // A single-queue open of a multi-queue TAP is refused by the kernel.
         assert!(matches!(

@@ -18,6 +18,8 @@ pub struct SocketBackend {
     supported: Offloads,
     /// Every `set_offloads` call, in order.
     pub applied: Arc<Mutex<Vec<Offloads>>>,
+    /// Every `set_enabled` call, in order.
+    pub enabled: Arc<Mutex<Vec<bool>>>,
 }
 
 /// A backend and the host's end of it (blocking, with a timeout).
@@ -31,6 +33,7 @@ pub fn socket_backend(supported: Offloads) -> (SocketBackend, UnixDatagram) {
             sock: dev,
             supported,
             applied: Arc::default(),
+            enabled: Arc::default(),
         },
         host,
     )
@@ -57,6 +60,11 @@ impl NetBackend for SocketBackend {
 
     fn set_offloads(&mut self, offloads: Offloads) -> io::Result<()> {
         self.applied.lock().unwrap().push(offloads);
+        Ok(())
+    }
+
+    fn set_enabled(&mut self, enabled: bool) -> io::Result<()> {
+        self.enabled.lock().unwrap().push(enabled);
         Ok(())
     }
 
