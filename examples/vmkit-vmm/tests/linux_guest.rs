@@ -564,26 +564,27 @@ fn check_net_result(line: &str, got: &Transfer, sent: &Transfer, text: &str) {
     );
 }
 
-/// Boots `kernel` in a new network namespace with one `--net` card on its TAP, the guest's net
-/// test only; checks the result line, both streams and the driver binding; returns the serial
-/// text. `parent` is part of the card's sysfs path (where the guest found it).
+/// Boots `kernel` in a new network namespace with one `--net` card of `queues` queue pairs on
+/// its TAP (multi-queue when more than one), the guest's net test only; checks the result
+/// line, both streams and the driver binding; returns the serial text. `parent` is part of
+/// the card's sysfs path (where the guest found it).
 fn net_boot_and_check(
     name: &str,
     kernel: &str,
-    transport: &str,
+    (transport, queues): (&str, u16),
     reboot: &str,
     parent: &str,
 ) -> String {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let a = artifacts();
-    let ns = NetNs::create(name, 1).unwrap_or_else(|e| panic!("network namespace: {e}"));
+    let ns = NetNs::create(name, queues).unwrap_or_else(|e| panic!("network namespace: {e}"));
     let peer = NetPeer::start(&ns, lcg_bytes(0x6e6574, NET_KIB << 10));
     let cmdline = format!(
         "{CMDLINE} reboot={reboot} vmkit_test=net vmkit_net_ip={} vmkit_net_peer={} \
          vmkit_net_mac={NET_MAC} vmkit_net_port={NET_PORT} vmkit_net_kib={NET_KIB}",
         ns.guest_ip, ns.host_ip
     );
-    let net = format!("tap={},mac={NET_MAC}", ns.tap);
+    let net = format!("tap={},mac={NET_MAC},queues={queues}", ns.tap);
     let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmkit"));
     cmd.args([
         "--kernel",
@@ -653,7 +654,7 @@ fn report_net(name: &str, wall: Duration, got: &Transfer, sent: &Transfer, text:
 )]
 fn mmio_kernel_moves_tcp_through_virtio_net_mmio() {
     let k = &artifacts().kernel_mmio;
-    let text = net_boot_and_check("net-mmio", k, "mmio", "k", "/virtio-mmio.");
+    let text = net_boot_and_check("net-mmio", k, ("mmio", 1), "k", "/virtio-mmio.");
     // The card's interrupt comes through an IOAPIC pin (MP table wiring), and it fired.
     let irqs = irq_counts(&text, "IO-APIC");
     assert!(irqs.len() == 1 && irqs[0] > 0, "{text}");
@@ -666,7 +667,21 @@ fn mmio_kernel_moves_tcp_through_virtio_net_mmio() {
 )]
 fn acpi_kernel_moves_tcp_through_virtio_net_pci() {
     let k = &artifacts().kernel_acpi_pci;
-    let text = net_boot_and_check("net-pci", k, "pci", "a", "/pci0000:00/0000:00:");
+    // Two queue pairs on a multi-queue TAP: the driver negotiates MQ and the control queue
+    // (and, with one CPU, tells the device through it to use one pair).
+    let text = net_boot_and_check("net-pci", k, ("pci", 2), "a", "/pci0000:00/0000:00:");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("VMKIT-RESULT net "))
+        .unwrap_or_default();
+    let features = field(line, "features").unwrap_or_default().as_bytes();
+    for (bit, name) in [(17, "CTRL_VQ"), (18, "CTRL_RX"), (22, "MQ")] {
+        assert_eq!(
+            features.get(bit),
+            Some(&b'1'),
+            "{name} not negotiated: {line}"
+        );
+    }
     // MSI-X: config, input and output vectors; both queues interrupted the guest.
     let msi = irq_counts(&text, "PCI-MSI");
     assert!(
