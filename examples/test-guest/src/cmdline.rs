@@ -2,8 +2,8 @@
 //!
 //! `test=NAME[,NAME...]` (names from `cases::CASES`, `all`, and
 //! `blk-verify:MiB`), `bench=pio:N`, `bench=mmio:N[:ADDR]`,
-//! `bench=blk-rand4k|blk-seq128k:QD:SECONDS` (comma-separated,
-//! repeatable), `blk-write-flush=SECTOR:HEX32`, `hold=serial`,
+//! `bench=blk-rand4k|blk-seq128k:QD:SECONDS`, `bench=net-tx|net-rx:SECONDS`
+//! (comma-separated, repeatable), `blk-write-flush=SECTOR:HEX32`, `hold=serial`,
 //! `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, the
 //! `test=virtio-net` parameters `net_ip=A.B.C.D`, `net_peer=A.B.C.D`,
 //! `net_port=N` and `net_bytes=N[K|M|G]`, and any number of
@@ -15,6 +15,7 @@
 use crate::bench::blk::{BlkBench, Workload, MAX_QD};
 use crate::bench::exits::{ExitBench, MMIO_BENCH_ADDR};
 use crate::bench::hold::Hold;
+use crate::bench::net::{Direction, NetBench};
 use crate::cases::blk_write_flush::WriteFlush;
 use crate::cases::virtio_net::NetParams;
 use crate::cases::{BadItem, Selection};
@@ -30,6 +31,8 @@ pub const VIRTIO_MMIO_MAX: usize = 16;
 pub const EXIT_BENCH_MAX: usize = 8;
 /// Largest number of `bench=blk-...` entries kept.
 pub const BLK_BENCH_MAX: usize = 8;
+/// Largest number of `bench=net-...` entries kept.
+pub const NET_BENCH_MAX: usize = 4;
 /// Largest `net_bytes=` (1 TiB).
 pub const NET_BYTES_MAX: u64 = 1 << 40;
 
@@ -46,6 +49,8 @@ pub struct Config {
     exit_benches: [Option<ExitBench>; EXIT_BENCH_MAX],
     /// `bench=blk-...` entries, in command-line order.
     blk_benches: [Option<BlkBench>; BLK_BENCH_MAX],
+    /// `bench=net-...` entries, in command-line order.
+    net_benches: [Option<NetBench>; NET_BENCH_MAX],
     pub write_flush: Option<WriteFlush>,
     pub hold: Option<Hold>,
     pub exit: Exit,
@@ -63,6 +68,7 @@ impl Config {
             virtio_mmio_count: 0,
             exit_benches: [None; EXIT_BENCH_MAX],
             blk_benches: [None; BLK_BENCH_MAX],
+            net_benches: [None; NET_BENCH_MAX],
             write_flush: None,
             hold: None,
             exit: Exit::Poweroff,
@@ -138,6 +144,8 @@ impl Config {
         for item in value.split(',') {
             let added = if item.starts_with("blk-") {
                 parse_blk_bench(item).map(|b| push(&mut self.blk_benches, b))
+            } else if item.starts_with("net-") {
+                parse_net_bench(item).map(|b| push(&mut self.net_benches, b))
             } else {
                 parse_exit_bench(item).map(|b| push(&mut self.exit_benches, b))
             };
@@ -173,6 +181,11 @@ impl Config {
     /// The `bench=blk-...` entries, in command-line order.
     pub fn blk_benches(&self) -> impl Iterator<Item = BlkBench> + '_ {
         self.blk_benches.iter().flatten().copied()
+    }
+
+    /// The `bench=net-...` entries, in command-line order.
+    pub fn net_benches(&self) -> impl Iterator<Item = NetBench> + '_ {
+        self.net_benches.iter().flatten().copied()
     }
 }
 
@@ -293,6 +306,21 @@ fn parse_blk_bench(item: &str) -> Option<BlkBench> {
         qd,
         seconds,
     })
+}
+
+/// Parses `net-tx:SECONDS` / `net-rx:SECONDS` (1 to 3600).
+fn parse_net_bench(item: &str) -> Option<NetBench> {
+    let (kind, seconds) = item.split_once(':')?;
+    let direction = match kind {
+        "net-tx" => Direction::Tx,
+        "net-rx" => Direction::Rx,
+        _ => return None,
+    };
+    let seconds = seconds
+        .parse::<u64>()
+        .ok()
+        .filter(|s| (1..=3600).contains(s))?;
+    Some(NetBench { direction, seconds })
 }
 
 /// Parses `SECTOR:HEX32` (SECTOR decimal, the value hex with or without

@@ -83,6 +83,8 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     bench::exits::run(cfg.exit_benches(), info.memmap());
     let blk_benches: alloc::vec::Vec<_> = cfg.blk_benches().collect();
     bench::blk::run(&devices, &disks, &blk_benches, ram);
+    let net_benches: alloc::vec::Vec<_> = cfg.net_benches().collect();
+    bench::net::run(&devices, &net_benches, ram, cfg.net);
     if let Some(wf) = cfg.write_flush {
         cases::blk_write_flush::run(&devices, &disks, wf, ram);
     }

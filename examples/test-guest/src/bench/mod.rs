@@ -1,7 +1,9 @@
 //! The benchmarks: VM-exit cost (`bench=pio`, `bench=mmio`), virtio-blk
-//! throughput (`bench=blk-...`), and `hold=`, which keeps the guest alive
-//! for a footprint measurement from outside.
+//! throughput (`bench=blk-...`), small-frame rate over virtio-net
+//! (`bench=net-tx`, `bench=net-rx`), and `hold=`, which keeps the guest
+//! alive for a footprint measurement from outside.
 
 pub mod blk;
 pub mod exits;
 pub mod hold;
+pub mod net;
