@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Every headline figure of vmkit beside QEMU on the same PVH test guest, in one run: start-up,
-# footprint, start rate, exit cost, virtio-rng, virtio-blk (with host fio as the ceiling).
-# Reports numbers; asserts nothing on time. With --write, the output and its SVG charts replace
-# the "Latest run" part of docs/benchmarks.md (docs/bench/*.svg). Other arguments go to
-# vmkit-bench (examples/vmkit-bench; `target/release/vmkit-bench --help` lists them):
-# --runs N, --pio N, --blk-secs N, --only SECTION,..., --baseline PATH.
+# footprint, start rate, exit cost, virtio-rng, virtio-blk (with host fio as the ceiling),
+# virtio-net (with the host's loopback as the ceiling; needs root for a network namespace and
+# a TAP, else the section says it was not measured). Reports numbers; asserts nothing on time.
+# With --write, the output and its SVG charts replace the "Latest run" part of
+# docs/benchmarks.md (docs/bench/*.svg). Other arguments go to vmkit-bench
+# (examples/vmkit-bench; `target/release/vmkit-bench --help` lists them): --runs N, --pio N,
+# --blk-secs N, --net-secs N, --net-mib N, --baseline PATH, and --only SECTION,... with
+# SECTION one of startup, footprint, rate, rng, blk, net, exits (e.g. `--only net`).
 #
 # --baseline PATH runs a second vmkit binary beside the current one in the same run, as an
 # extra "vmkit (baseline)" column (rows in the row-wise tables) with the ratio
@@ -22,6 +25,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v fio >/dev/null || need+=(fio)
+# ip (iproute2) makes the virtio-net section's namespace and TAP.
+command -v ip >/dev/null || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ]; then
   echo "==> installing ${need[*]}" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -4,13 +4,21 @@
 //! Reading order: [`vmm`] (the VMMs compared and their command lines) → [`run`] (one run of
 //! a VMM, timed, its rusage and `--stats`) → the sections in the order they print:
 //! [`startup`], [`footprint`], [`rate`], [`rng`], [`blk`] (with the host ceiling in [`fio`]),
-//! [`exits`] (with the bare kvm-ioctls loop) → [`stats`], [`table`] and [`svg`] for the
-//! output.
+//! [`net`] (with the host's ends in [`peer`], a running VMM sampled by [`probe`] and
+//! [`kvmtrace`], the namespace from the integration tests' `netns`), [`exits`] (with the bare
+//! kvm-ioctls loop) → [`stats`], [`table`] and [`svg`] for the output.
 
 mod blk;
 mod exits;
 mod fio;
 mod footprint;
+mod kvmtrace;
+mod net;
+/// The integration tests' network namespace with a TAP, shared as is.
+#[path = "../../vmkit-vmm/tests/common/netns.rs"]
+mod netns;
+mod peer;
+mod probe;
 mod rate;
 mod rng;
 mod run;
@@ -45,7 +53,7 @@ The baseline is only given flags every vmkit so far has: --kernel --memory --cmd
 --cpus --rng --console --disk path=..,engine=..,direct=on --transport (so each runs with its \
 own defaults, e.g. for transparent huge pages).";
 
-/// Start-up, footprint, start rate, virtio-rng, virtio-blk and exit cost of vmkit, QEMU
+/// Start-up, footprint, start rate, virtio-rng, virtio-blk, virtio-net and exit cost of vmkit, QEMU
 /// microvm and optionally a baseline vmkit, on the PVH test guest. Prints markdown tables.
 #[derive(Debug, Parser)]
 #[command(name = "vmkit-bench", after_help = AFTER_HELP)]
@@ -62,6 +70,14 @@ pub struct Options {
     #[arg(long, default_value_t = 2, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..))]
     pub blk_secs: u64,
+    /// Seconds per direction of 64-byte UDP frames (virtio-net).
+    #[arg(long, default_value_t = 3, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub net_secs: u64,
+    /// MiB each way on the virtio-net TCP connection.
+    #[arg(long, default_value_t = 64, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub net_mib: u64,
     /// Write the charts into DIR as SVG files and list them as markdown images.
     #[arg(long, value_name = "DIR")]
     pub svg_dir: Option<PathBuf>,
@@ -93,6 +109,9 @@ pub enum Section {
     Rng,
     /// virtio-blk throughput, and host fio.
     Blk,
+    /// virtio-net TCP and 64-byte UDP rates, exits and VMM CPU per frame (root: a network
+    /// namespace with a TAP), and the host's loopback.
+    Net,
     /// PIO and MMIO exit cost, and the bare loop.
     Exits,
 }
@@ -115,6 +134,9 @@ fn run_all(opts: &Options, setup: &Setup) -> Result<(), String> {
     }
     if on(Section::Blk) {
         blk::section(setup, opts.blk_secs, &mut charts)?;
+    }
+    if on(Section::Net) {
+        net::section(setup, opts.net_secs, opts.net_mib, &mut charts)?;
     }
     if on(Section::Exits) {
         exits::section(setup, opts.pio, &mut charts)?;

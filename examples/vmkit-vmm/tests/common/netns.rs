@@ -1,6 +1,9 @@
 //! A network namespace with a TAP in it, for tests that give a guest a network: the host's
 //! end (`10.77.0.1/24` on `vmtap0`) and everything the test runs against the guest stay inside
 //! the namespace, which is deleted on drop.
+//!
+//! vmkit-bench includes this file as it is (`#[path]`, its virtio-net section): it may use
+//! only std and libc.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
