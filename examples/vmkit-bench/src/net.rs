@@ -293,16 +293,16 @@ struct Column {
     rates: [f64; 4],
     /// The UDP senders' rates.
     sent: [f64; 2],
-    /// Per row: exits to the VMM, MMIO/PIO exits and VMM CPU µs, per frame.
-    per_frame: [[f64; 3]; 4],
+    /// Per row: exits to the VMM, MMIO/PIO exits, VMM CPU µs and vCPU CPU µs, per frame.
+    per_frame: [[f64; 4]; 4],
     /// Per row: frames through the TAP in the window.
     frames: [f64; 4],
 }
 
-/// Per frame in `w`: exits to the VMM, MMIO/PIO exits, VMM CPU µs.
-fn per_frame(w: Option<Window>) -> [f64; 3] {
+/// Per frame in `w`: exits to the VMM, MMIO/PIO exits, VMM CPU µs, vCPU CPU µs.
+fn per_frame(w: Option<Window>) -> [f64; 4] {
     let Some(w) = w.filter(|w| w.frames > 0) else {
-        return [f64::NAN; 3];
+        return [f64::NAN; 4];
     };
     let n = w.frames as f64;
     let exits =
@@ -311,6 +311,7 @@ fn per_frame(w: Option<Window>) -> [f64; 3] {
         exits(|e| e.to_vmm),
         exits(|e| e.mmio_pio),
         w.vmm_ns as f64 / 1e3 / n,
+        w.vcpu_ns as f64 / 1e3 / n,
     ]
 }
 
@@ -379,13 +380,14 @@ fn rates(columns: &[Column], host: [f64; 2], charts: &mut Vec<Chart>) {
     table.print();
 }
 
-/// One table of a per-frame figure (`k`: exits to the VMM, MMIO/PIO exits, VMM CPU µs), or
-/// of the frames in the windows (`k` = 3).
+/// One table of a per-frame figure (`k`: exits to the VMM, MMIO/PIO exits, VMM CPU µs,
+/// vCPU CPU µs), or of the frames in the windows (`k` = 4).
 fn per_frame_table(columns: &[Column], k: usize) {
     let heads = [
         "vCPU exits to the VMM per frame",
         "vCPU MMIO/PIO exits (in KVM or the VMM) per frame",
         "VMM CPU µs per frame (threads other than the vCPUs)",
+        "vCPU thread CPU µs per frame (the guest and the exits handled there; not the VMM's)",
         "frames through the TAP in the window (both ways)",
     ];
     let mut header = vec![heads[k].to_string()];
@@ -394,7 +396,7 @@ fn per_frame_table(columns: &[Column], k: usize) {
     for (r, (label, _, _)) in ROWS.iter().enumerate() {
         let mut cells = vec![label.split(" (").next().unwrap_or(label).to_string()];
         cells.extend(columns.iter().map(|c| match k {
-            3 => fixed(c.frames[r], 0),
+            4 => fixed(c.frames[r], 0),
             0 => fixed(c.per_frame[r][k], 4),
             1 => fixed(c.per_frame[r][k], 3),
             _ => fixed(c.per_frame[r][k], 2),
@@ -439,7 +441,7 @@ pub fn section(setup: &Setup, secs: u64, mib: u64, charts: &mut Vec<Chart>) -> R
         .collect();
     let host = [0, 1].map(|i| median(ceilings.iter().map(|c| c[i]).collect()));
     rates(&columns, host, charts);
-    for k in 0..4 {
+    for k in 0..5 {
         per_frame_table(&columns, k);
     }
     if let Some(why) = boots.iter().flatten().find_map(|b| b.no_exits.as_ref()) {
@@ -454,17 +456,21 @@ pub fn section(setup: &Setup, secs: u64, mib: u64, charts: &mut Vec<Chart>) -> R
 
 const NOTE: &str = "Rates are the receiver's: the guest's for TCP (smoltcp, 1 MiB socket \
 buffers; sending timed to the last byte acknowledged, receiving from the first byte to the \
-last) and for UDP host → guest (frames counted in the S seconds from the first), the host's \
-UDP socket for UDP guest → host (first to last datagram). The host peer reads the guest's \
-bytes before it sends its own, so the TCP directions do not overlap. Per-frame figures are \
-over each row's window (TCP: from the guest's ping line to the host having read every byte, \
-then to the guest's last `tcp` line; UDP: from the guest's line before it starts to its \
-result line) divided by the frames through the TAP in it, both ways (data and ACKs for TCP): \
-exits from KVM's tracepoints on the vCPU threads (`kvm:kvm_userspace_exit`; \
-`kvm:kvm_mmio` without unsatisfied reads, `kvm:kvm_fast_mmio` and `kvm:kvm_pio`), VMM CPU \
-from `/proc/PID/task/TID/schedstat` of every thread but the vCPUs (the guest's own time is \
-on the vCPU threads). The guest's serial lines in a window (one or two, ~2 PIO exits per \
-byte) are counted in it. vmkit is on virtio-mmio (version 2), QEMU's \
+last; the guest checks every byte it receives against the host's stream) and for UDP host → \
+guest (frames counted in the S seconds from the first), the host's UDP socket for UDP guest \
+→ host (first to last datagram); the senders' rates are under them. The host peer reads the \
+guest's bytes before it sends its own, so the TCP directions do not overlap. Per-frame \
+figures are over each row's window (TCP: from the guest's ping line to the host having read \
+every byte, then to the guest's last `tcp` line; UDP: from the guest's line before it starts \
+to its result line) divided by the frames through the TAP in it, both ways (data and ACKs \
+for TCP; `/proc/PID/net/dev`). Exits come from KVM's tracepoints on the vCPU threads (perf \
+counters): to the VMM, `kvm:kvm_userspace_exit` for PIO and MMIO; MMIO/PIO, \
+`kvm:kvm_mmio` without unsatisfied reads, `kvm:kvm_fast_mmio` and `kvm:kvm_pio`, so ioeventfd \
+notifications too; both without the serial port (the guest's report lines). CPU time comes \
+from `/proc/PID/task/TID/schedstat`: the VMM's is every thread but the vCPUs (the guest's \
+own time is on the vCPU threads, shown apart). vmkit is on virtio-mmio (version 2), QEMU's \
 `virtio-net-device` with `-global virtio-mmio.force-legacy=false` (version 2 too) and \
 `-netdev tap,...,vhost=off`; the guest negotiates MAC, STATUS, EVENT_IDX, VERSION_1 (no \
-offloads, no MRG_RXBUF).";
+offloads, no MRG_RXBUF) and polls (no interrupts). Host loopback: the same peer code over \
+127.0.0.1, TCP one way for the TCP rows, the UDP flood into the counting receiver for the \
+UDP rows.";

@@ -5,6 +5,8 @@
 //!   threads (named `vcpuN` in vmkit, `CPU N/KVM` in QEMU with `-name ...,debug-threads=on`),
 //!   which also run the guest, apart from the others — the VMM's own work (event loop, device
 //!   emulation, the host kernel's TAP and network stack work done in its system calls);
+//!   the vCPU threads' time is kept apart (the guest's own work, on this host's kvm_pvm
+//!   also its emulated kernel mode, and the exits handled on them);
 //! - vCPU exits by KVM's tracepoints ([`KvmCounters`]), on the vCPU threads;
 //! - frames through the TAP both ways, from `/proc/PID/net/dev` (the VMM runs in the TAP's
 //!   namespace).
@@ -18,6 +20,8 @@ use crate::kvmtrace::{Exits, KvmCounters};
 pub struct Sample {
     /// CPU time of the threads other than the vCPUs, ns.
     pub vmm_ns: u64,
+    /// CPU time of the vCPU threads (the guest, and the exits handled on them), ns.
+    pub vcpu_ns: u64,
     /// vCPU exits so far (`None` without the counters).
     pub exits: Option<Exits>,
     /// Frames through the TAP, received plus sent.
@@ -102,17 +106,17 @@ impl Probe {
 
     /// A sample now.
     pub fn sample(&self) -> Result<Sample, String> {
-        let vmm_ns = threads(self.pid)?
-            .iter()
-            .filter(|t| !self.vcpus.contains(&t.0))
-            .map(|t| t.2)
-            .sum();
+        let all = threads(self.pid)?;
+        let (vcpu, vmm): (Vec<_>, Vec<_>) = all.iter().partition(|t| self.vcpus.contains(&t.0));
+        let sum = |ts: Vec<&(i32, String, u64)>| ts.iter().map(|t| t.2).sum();
+        let (vmm_ns, vcpu_ns) = (sum(vmm), sum(vcpu));
         let path = format!("/proc/{}/net/dev", self.pid);
         let dev = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
         let frames = tap_frames(&dev, &self.tap).ok_or(format!("no {} in {path}", self.tap))?;
         let exits = self.counters.as_ref().ok().map(KvmCounters::read);
         Ok(Sample {
             vmm_ns,
+            vcpu_ns,
             exits,
             frames,
         })
@@ -136,6 +140,7 @@ impl Probe {
         });
         Some(Window {
             vmm_ns: b.vmm_ns.saturating_sub(a.vmm_ns),
+            vcpu_ns: b.vcpu_ns.saturating_sub(a.vcpu_ns),
             exits,
             frames: b.frames - a.frames,
         })
@@ -147,6 +152,8 @@ impl Probe {
 pub struct Window {
     /// CPU time of the VMM's threads other than the vCPUs, ns.
     pub vmm_ns: u64,
+    /// CPU time of the vCPU threads, ns.
+    pub vcpu_ns: u64,
     /// vCPU exits.
     pub exits: Option<Exits>,
     /// Frames through the TAP, both ways.
