@@ -3,7 +3,7 @@
 //! sends the host's stream), a UDP receiver that counts datagrams, and a UDP sender that
 //! floods 64-byte frames.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,24 +39,10 @@ fn text(e: std::io::Error) -> String {
 
 /// The first connection to `listener`, or `Err` once `stop` is set.
 pub fn accept(listener: &TcpListener, stop: &AtomicBool) -> Result<TcpStream, String> {
-    listener.set_nonblocking(true).map_err(text)?;
-    loop {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                conn.set_nonblocking(false).map_err(text)?;
-                conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(text)?;
-                conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(text)?;
-                return Ok(conn);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if stop.load(Ordering::Relaxed) {
-                    return Err("nobody connected".into());
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => return Err(format!("accept: {e}")),
-        }
-    }
+    crate::netns::accept_until(listener, Some(IO_TIMEOUT), || {
+        stop.load(Ordering::Relaxed)
+            .then(|| "nobody connected".to_string())
+    })
 }
 
 /// Reads `n` bytes in [`TCP_CHUNK`] pieces; the time from the first byte to the last.

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::netns::NetNs;
+use common::netns::{accept_until, NetNs};
 use common::{repo_root, vmkit};
 
 /// Paths printed by the build script.
@@ -370,20 +370,8 @@ fn interrupted(e: &std::io::Error) -> bool {
 
 /// One connection accepted on `l`, with short timeouts so its loops can check `stop`.
 fn accept_one(l: &TcpListener, stop: &AtomicBool, deadline: Instant) -> Result<TcpStream, String> {
-    l.set_nonblocking(true).map_err(|e| e.to_string())?;
-    loop {
-        match l.accept() {
-            Ok((s, _)) => {
-                let tick = Some(Duration::from_millis(100));
-                s.set_nonblocking(false).map_err(|e| e.to_string())?;
-                s.set_read_timeout(tick).map_err(|e| e.to_string())?;
-                s.set_write_timeout(tick).map_err(|e| e.to_string())?;
-                return Ok(s);
-            }
-            Err(e) if interrupted(&e) => keep_waiting(stop, deadline)?,
-            Err(e) => return Err(format!("accept: {e}")),
-        }
-    }
+    let tick = Some(Duration::from_millis(100));
+    accept_until(l, tick, || keep_waiting(stop, deadline).err())
 }
 
 /// Reads the guest's stream on `l` to its end.

@@ -6,14 +6,14 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::netns::NetNs;
+use common::netns::{accept_until, NetNs};
 use common::test_guest;
 
 /// Bytes each way.
@@ -69,11 +69,11 @@ fn serve(
     mut ping: Command,
     vm_done: Arc<AtomicBool>,
 ) -> Result<Peer, String> {
-    let mut conn = accept(&listener, &vm_done)?;
-    conn.set_read_timeout(Some(IO_TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    conn.set_write_timeout(Some(IO_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+    let mut conn = accept_until(&listener, Some(IO_TIMEOUT), || {
+        vm_done
+            .load(Ordering::Relaxed)
+            .then(|| "the guest never connected".to_string())
+    })?;
     let mut got = vec![0u8; BYTES];
     conn.read_exact(&mut got)
         .map_err(|e| format!("reading the guest's {BYTES} bytes: {e}"))?;
@@ -89,26 +89,6 @@ fn serve(
         mismatch,
         ping,
     })
-}
-
-/// The guest's connection; `Err` once the VM has ended without one.
-fn accept(listener: &TcpListener, vm_done: &AtomicBool) -> Result<TcpStream, String> {
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    loop {
-        match listener.accept() {
-            Ok((conn, _)) => {
-                conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-                return Ok(conn);
-            }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                if vm_done.load(Ordering::Relaxed) {
-                    return Err("the guest never connected".into());
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => return Err(format!("accept: {e}")),
-        }
-    }
 }
 
 /// Runs `cmd` to its end (killed after `VM_TIMEOUT`).

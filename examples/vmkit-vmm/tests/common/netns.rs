@@ -6,10 +6,13 @@
 //! only std and libc.
 
 use std::fs::File;
+use std::io::ErrorKind;
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// A namespace `vmkit-<tag>-<pid>` holding the TAP `vmtap0` at `host_ip`/24.
 pub struct NetNs {
@@ -118,6 +121,35 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         if let Err(e) = ip(&["netns", "delete", &self.name]) {
             eprintln!("netns: {e}");
+        }
+    }
+}
+
+/// The first connection to `listener`, in blocking mode with `timeout` on its reads and
+/// writes. Polls every 5 ms; before each wait `give_up` may end it with a reason (the VM
+/// ended, a deadline passed).
+pub fn accept_until(
+    listener: &TcpListener,
+    timeout: Option<Duration>,
+    mut give_up: impl FnMut() -> Option<String>,
+) -> Result<TcpStream, String> {
+    let text = |e: std::io::Error| e.to_string();
+    listener.set_nonblocking(true).map_err(text)?;
+    loop {
+        match listener.accept() {
+            Ok((conn, _)) => {
+                conn.set_nonblocking(false).map_err(text)?;
+                conn.set_read_timeout(timeout).map_err(text)?;
+                conn.set_write_timeout(timeout).map_err(text)?;
+                return Ok(conn);
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {
+                if let Some(why) = give_up() {
+                    return Err(why);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
         }
     }
 }
