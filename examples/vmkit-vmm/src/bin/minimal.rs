@@ -34,17 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let vcpus = Vcpus::create(machine.kvm(), machine.vm(), &vcpu_config)?;
 
-    // 3. Legacy devices on the bus: COM1 on an irqfd, the i8042 and the ACPI sleep register,
-    //    which end the VM through its exit notifier.
-    let bus = machine.bus();
-    let serial = Serial::new(machine.line(COM1_GSI)?, std::io::stdout());
-    let com1 = vmkit_bus::pio_range(COM1_PORT, SERIAL_PORT_COUNT)?;
-    bus.register_pio(com1, Arc::new(Mutex::new(serial)))?;
-    let sleep = AcpiSleep::new(machine.exit().clone(), AcpiSleepConfig::default());
-    let sleep_ports = vmkit_bus::pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?;
-    bus.register_pio(sleep_ports, Arc::new(Mutex::new(sleep)))?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(machine.exit().clone())));
-    bus.register_pio(vmkit_bus::pio_range(I8042_PORT, I8042_PORT_COUNT)?, i8042)?;
+    // 3. Legacy devices on the bus.
+    add_legacy(&machine)?;
 
     // 4. A virtio-rng on PCI bus 0: BAR, MSI-X as KVM MSI routes, ioeventfds.
     let mut pci = PciPlatform::new(&machine)?;
@@ -67,7 +58,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let loaded = vmkit_boot::load(machine.memory(), &mut kernel, boot)?;
     vcpus.set_entry(machine.memory(), loaded.entry)?;
 
-    // 6. Run: a thread per vCPU, the event loop here until a device or vCPU ends the VM.
+    // 6. Run.
+    let end = run(&machine, vcpus, rng_events)?;
+    eprintln!("minimal: guest ended: {end}");
+    Ok(())
+}
+
+/// COM1 on an irqfd, the i8042 and the ACPI sleep register, which end the VM through its exit
+/// notifier.
+fn add_legacy(machine: &Machine) -> Result<(), Box<dyn std::error::Error>> {
+    let bus = machine.bus();
+    let serial = Serial::new(machine.line(COM1_GSI)?, std::io::stdout());
+    let com1 = vmkit_bus::pio_range(COM1_PORT, SERIAL_PORT_COUNT)?;
+    bus.register_pio(com1, Arc::new(Mutex::new(serial)))?;
+    let sleep = AcpiSleep::new(machine.exit().clone(), AcpiSleepConfig::default());
+    let sleep_ports = vmkit_bus::pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?;
+    bus.register_pio(sleep_ports, Arc::new(Mutex::new(sleep)))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(machine.exit().clone())));
+    bus.register_pio(vmkit_bus::pio_range(I8042_PORT, I8042_PORT_COUNT)?, i8042)?;
+    Ok(())
+}
+
+/// A thread per vCPU, the event loop on this thread until a device or vCPU ends the VM.
+fn run(
+    machine: &Machine,
+    vcpus: Vcpus,
+    rng_events: vmkit_virtio::QueueEventHandler,
+) -> Result<vmkit_legacy::ExitReason, Box<dyn std::error::Error>> {
     let mut events = EventManager::<Subscriber>::new()?;
     events.add_subscriber(Arc::new(Mutex::new(rng_events)));
     let exit = machine.exit().clone();
@@ -80,6 +97,5 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         events.run()?;
     };
     threads.stop();
-    eprintln!("minimal: guest ended: {end}");
-    Ok(())
+    Ok(end)
 }
