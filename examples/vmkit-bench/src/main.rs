@@ -5,7 +5,7 @@
 //! a VMM, timed, its rusage and `--stats`) → the sections in the order they print:
 //! [`startup`], [`footprint`], [`rate`], [`rng`], [`blk`] (with the host ceiling in [`fio`]),
 //! [`net`] (with the host's ends in [`peer`], a running VMM sampled by [`probe`] and
-//! [`kvmtrace`], the namespace from the integration tests' `netns`), [`exits`] (with the bare
+//! [`kvmtrace`], the namespace from `vmkit-netns`), [`exits`] (with the bare
 //! kvm-ioctls loop) → [`stats`], [`table`] and [`svg`] for the output.
 
 mod blk;
@@ -15,8 +15,6 @@ mod footprint;
 mod kvmtrace;
 mod net;
 /// The integration tests' network namespace with a TAP, shared as is.
-#[path = "../../vmkit-vmm/tests/common/netns.rs"]
-mod netns;
 mod peer;
 mod probe;
 mod rate;

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
-use crate::netns::NetNs;
 use crate::peer::{self, Received};
 use crate::probe::{Probe, Window};
 use crate::run::{run_with, READY_LINE};
@@ -22,6 +21,7 @@ use crate::stats::{fixed, median, ratio};
 use crate::svg::Chart;
 use crate::table::Table;
 use crate::vmm::{Setup, Vmm, QEMU_FIRST_VIRTIO_MMIO};
+use vmkit_netns::NetNs;
 
 /// The guest's MAC, given to both VMMs.
 const MAC: &str = "52:54:00:12:34:56";

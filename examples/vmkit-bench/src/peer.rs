@@ -39,7 +39,7 @@ fn text(e: std::io::Error) -> String {
 
 /// The first connection to `listener`, or `Err` once `stop` is set.
 pub fn accept(listener: &TcpListener, stop: &AtomicBool) -> Result<TcpStream, String> {
-    crate::netns::accept_until(listener, Some(IO_TIMEOUT), || {
+    vmkit_netns::accept_until(listener, Some(IO_TIMEOUT), || {
         stop.load(Ordering::Relaxed)
             .then(|| "nobody connected".to_string())
     })

@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::netns::{accept_until, NetNs};
 use common::{repo_root, vmkit};
+use vmkit_netns::{accept_until, NetNs};
 
 /// Paths printed by the build script.
 struct Artifacts {

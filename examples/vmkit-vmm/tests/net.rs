@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use common::netns::{accept_until, NetNs};
 use common::test_guest;
+use vmkit_netns::{accept_until, NetNs};
 
 /// Bytes each way.
 const BYTES: usize = 64 << 20;

@@ -6,8 +6,6 @@
 
 #![allow(dead_code)]
 
-pub mod netns;
-
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

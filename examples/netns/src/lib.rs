@@ -2,8 +2,7 @@
 //! end (`10.77.0.1/24` on `vmtap0`) and everything the test runs against the guest stay inside
 //! the namespace, which is deleted on drop.
 //!
-//! vmkit-bench includes this file as it is (`#[path]`, its virtio-net section): it may use
-//! only std and libc.
+//! Used by vmkit-vmm's integration tests and vmkit-bench's virtio-net section.
 
 use std::fs::File;
 use std::io::ErrorKind;
@@ -16,7 +15,9 @@ use std::time::Duration;
 
 /// A namespace `vmkit-<tag>-<pid>` holding the TAP `vmtap0` at `host_ip`/24.
 pub struct NetNs {
+    /// The namespace's name (`ip netns exec NAME ...`).
     pub name: String,
+    /// The TAP interface in it.
     pub tap: String,
     /// The host's address on the TAP.
     pub host_ip: &'static str,
