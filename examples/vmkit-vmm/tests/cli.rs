@@ -180,3 +180,62 @@ fn unknown_cpu_template() {
         "unknown CPU template 't2' (known: host, pvm)",
     );
 }
+
+#[test]
+fn malformed_net_options() {
+    fails_with(
+        &["--kernel", "k", "--net", "tap=t0,mac=52:54:00:12:34"],
+        "not a MAC address",
+    );
+    fails_with(
+        &["--kernel", "k", "--net", "tap=t0,mtu=1500,mtu=9000"],
+        "mtu= is given twice",
+    );
+    fails_with(&["--kernel", "k", "--net", "fd=2"], "not 0, 1 or 2");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn missing_tap() {
+    let guest = common::test_guest();
+    fails_with(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--net",
+            "tap=vmkit-none0",
+        ],
+        "TAP interface vmkit-none0 does not exist",
+    );
+}
+
+#[test]
+fn net_fd_that_is_not_open() {
+    // Far above anything the test process has open.
+    fails_with(
+        &["--kernel", "k", "--net", "fd=900"],
+        "--net fd=900: not an open file descriptor",
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn net_fd_that_is_not_a_tap() {
+    use std::os::fd::AsRawFd;
+    let guest = common::test_guest();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let fd = null.as_raw_fd();
+    // Inherited by vmkit: clear close-on-exec (the test process execs nothing else meanwhile
+    // that matters; the fd is closed when the test ends).
+    // SAFETY: F_SETFD on an fd this test owns, with an integer argument.
+    assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+    fails_with(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--net",
+            &format!("fd={fd}"),
+        ],
+        &format!("--net fd={fd}: TAP fd {fd}: TUNGETIFF failed"),
+    );
+}

@@ -211,3 +211,38 @@ fn tcp_ping_arp_mmio() {
 fn tcp_ping_arp_pci() {
     stream_on("pci");
 }
+
+/// A TAP owned by another user, and vmkit without CAP_NET_ADMIN: one line at start naming the
+/// TAP and the kernel's refusal.
+#[test]
+#[cfg_attr(
+    any(no_kvm, not_root),
+    ignore = "needs /dev/kvm and root (network namespace, TAP)"
+)]
+fn a_tap_vmkit_may_not_use_is_one_line_at_start() {
+    let ns = NetNs::create("net-perm", 1).expect("network namespace with a TAP");
+    let added = ns
+        .command("ip")
+        .args([
+            "tuntap", "add", "vmtapx", "mode", "tap", "vnet_hdr", "user", "1000",
+        ])
+        .status()
+        .expect("ip tuntap add");
+    assert!(added.success());
+    let guest = test_guest();
+    let mut cmd = ns.command("setpriv");
+    cmd.args([
+        "--bounding-set=-net_admin",
+        "--",
+        env!("CARGO_BIN_EXE_vmkit"),
+    ])
+    .args(["--kernel", guest.to_str().unwrap(), "--net", "tap=vmtapx"]);
+    let out = run_vm(cmd);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--net tap=vmtapx: TAP vmtapx: TUNSETIFF failed: Operation not permitted"),
+        "{err}"
+    );
+}
