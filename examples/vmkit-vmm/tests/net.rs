@@ -92,13 +92,19 @@ fn serve(
 }
 
 /// Runs `cmd` to its end (killed after `VM_TIMEOUT`).
-fn run_vm(mut cmd: Command) -> Output {
+fn run_vm(cmd: Command) -> Output {
+    run_vm_with(cmd, None)
+}
+
+/// [`run_vm`], closing this process's copy of `inherited` once the child has its own.
+fn run_vm_with(mut cmd: Command, inherited: Option<std::os::fd::OwnedFd>) -> Output {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn vmkit in the namespace");
+    drop(inherited);
     let start = Instant::now();
     while child.try_wait().expect("wait for vmkit").is_none() && start.elapsed() < VM_TIMEOUT {
         std::thread::sleep(Duration::from_millis(20));
@@ -107,9 +113,42 @@ fn run_vm(mut cmd: Command) -> Output {
     child.wait_with_output().expect("vmkit's output")
 }
 
-/// The guest on `transport` with a TAP in a new namespace, the host's end served from a
-/// thread inside it; every check in one place.
-fn stream_on(transport: &str) {
+/// Opens a queue of the TAP `name` in `ns` (as a privileged parent would for an unprivileged
+/// VMM) without close-on-exec, so the next child inherits it.
+fn open_tap_fd(ns: &NetNs, name: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let name = name.to_string();
+    let file = ns
+        .spawn_in(move || -> std::io::Result<std::fs::File> {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")?;
+            // SAFETY: all zeros is a valid ifreq.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+                *d = s as libc::c_char;
+            }
+            req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+            // SAFETY: TUNSETIFF with a pointer to a live ifreq.
+            if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(file)
+        })
+        .join()
+        .unwrap()
+        .expect("open the TAP");
+    // SAFETY: F_SETFD on an fd this test owns, with an integer argument.
+    let cleared = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) };
+    assert_eq!(cleared, 0);
+    OwnedFd::from(file)
+}
+
+/// The guest on `transport` with a TAP in a new namespace (opened by vmkit by name, or
+/// `by_fd`: opened by the test and handed over as `--net fd=N`), the host's end served from
+/// a thread inside it; every check in one place.
+fn stream_on(transport: &str, by_fd: bool) {
     let ns = NetNs::create(&format!("net-{transport}"), 1).expect("network namespace with a TAP");
     let (tx, rx) = mpsc::channel();
     let vm_done = Arc::new(AtomicBool::new(false));
@@ -126,7 +165,14 @@ fn stream_on(transport: &str) {
         .expect("listen at 10.77.0.1:5555 in the namespace");
 
     let guest = test_guest();
-    let net = format!("tap={},mac={MAC},mtu={MTU}", ns.tap);
+    let tap_fd = by_fd.then(|| open_tap_fd(&ns, &ns.tap));
+    let net = match &tap_fd {
+        Some(fd) => {
+            use std::os::fd::AsRawFd;
+            format!("fd={},mac={MAC},mtu={MTU}", fd.as_raw_fd())
+        }
+        None => format!("tap={},mac={MAC},mtu={MTU}", ns.tap),
+    };
     let cmdline = format!(
         "test=virtio-net net_ip={} net_peer={host_ip} net_port={PORT}",
         ns.guest_ip
@@ -143,7 +189,7 @@ fn stream_on(transport: &str) {
         "--cmdline",
         &cmdline,
     ]);
-    let out = run_vm(cmd);
+    let out = run_vm_with(cmd, tap_fd);
     vm_done.store(true, Ordering::Relaxed);
     let peer = peer.join().expect("the host's end panicked");
     check(transport, &out, peer);
@@ -200,7 +246,7 @@ fn check(transport: &str, out: &Output, peer: Result<Peer, String>) {
     ignore = "needs /dev/kvm and root (network namespace, TAP)"
 )]
 fn tcp_ping_arp_mmio() {
-    stream_on("mmio");
+    stream_on("mmio", false);
 }
 
 #[test]
@@ -209,7 +255,18 @@ fn tcp_ping_arp_mmio() {
     ignore = "needs /dev/kvm and root (network namespace, TAP)"
 )]
 fn tcp_ping_arp_pci() {
-    stream_on("pci");
+    stream_on("pci", false);
+}
+
+/// The same over a TAP the test opened and handed to vmkit as `--net fd=N` (how a privileged
+/// parent gives an unprivileged VMM its network).
+#[test]
+#[cfg_attr(
+    any(no_kvm, not_root),
+    ignore = "needs /dev/kvm and root (network namespace, TAP)"
+)]
+fn tcp_ping_arp_on_a_handed_over_tap_fd() {
+    stream_on("mmio", true);
 }
 
 /// A TAP owned by another user, and vmkit without CAP_NET_ADMIN: one line at start naming the
