@@ -61,21 +61,34 @@ pub(crate) fn send_chain<M: MappedMemory>(
     let mut header = h.to_bytes();
     iov.clear();
     iov.push_host(&mut header);
-    let (first, skip) = payload;
-    let mut skip = skip;
+    let pushed = push_payload(memory, descs, payload, iov);
+    let sent = match pushed {
+        // SAFETY: the first iovec is `header`, alive until after the call; the others point
+        // into guest memory, which `memory` keeps mapped, checked readable by `push`.
+        Ok(()) => unsafe { backend.send(iov.as_slice()) }.map_err(TxDrop::Backend),
+        Err(e) => Err(e),
+    };
+    // On every path: the list must not keep a pointer to `header` past this frame.
+    iov.clear();
+    sent.map(|_| frame_len)
+}
+
+/// Appends the payload's buffers (from descriptor `first`, offset `skip` in it) to `iov`.
+fn push_payload<M: MappedMemory>(
+    memory: &M,
+    descs: &[Descriptor],
+    (first, mut skip): (usize, usize),
+    iov: &mut IoVecs,
+) -> Result<(), TxDrop> {
     for d in &descs[first..] {
+        // `skip` is at most the first descriptor's length, then 0.
         let len = (d.len() as usize) - skip;
         let addr = GuestAddress(d.addr().0 + skip as u64);
         iov.push(memory, addr, len, Permissions::Read)
             .map_err(|_| TxDrop::Malformed)?;
         skip = 0;
     }
-    // SAFETY: the first iovec is `header`, alive until after the call; the others point
-    // into guest memory, which `memory` keeps mapped, checked readable by `push`.
-    let sent = unsafe { backend.send(iov.as_slice()) };
-    iov.clear();
-    sent.map_err(TxDrop::Backend)?;
-    Ok(frame_len)
+    Ok(())
 }
 
 /// Copies the header (which may be split across buffers) into `out`; returns where the
