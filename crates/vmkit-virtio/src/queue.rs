@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -108,6 +108,7 @@ pub struct Chain<'a, M> {
     head: u16,
     descriptors: std::result::Result<&'a [Descriptor], ChainError>,
     memory: &'a M,
+    raw: DescriptorChain<&'a M>,
 }
 
 impl<M> fmt::Debug for Chain<'_, M> {
@@ -136,6 +137,14 @@ impl<'a, M> Chain<'a, M> {
     /// Guest memory, to read and write the chain's buffers.
     pub fn memory(&self) -> &'a M {
         self.memory
+    }
+
+    /// The chain as virtio-queue's iterator, for parsers written against it (virtio-vsock's
+    /// `VsockPacket`, say). Check [`descriptors`](Self::descriptors) first: the iterator
+    /// itself stops silently at a loop or a bad index, and does not check that buffers lie
+    /// in guest memory.
+    pub fn descriptor_chain(&self) -> DescriptorChain<&'a M> {
+        self.raw.clone()
     }
 }
 
@@ -242,6 +251,8 @@ pub struct ActiveQueue<M> {
     unsignalled: bool,
     /// The descriptors of the chain last popped.
     scratch: Vec<Descriptor>,
+    /// A chain was popped and may be given back with [`undo_pop`](Self::undo_pop).
+    undoable: bool,
 }
 
 impl<M> fmt::Debug for ActiveQueue<M> {
@@ -281,6 +292,7 @@ impl<M: VirtioMemory> ActiveQueue<M> {
             avail: Wrapping(0),
             unsignalled: false,
             scratch: Vec::new(),
+            undoable: false,
         }
     }
 
@@ -443,12 +455,25 @@ impl<M: VirtioMemory> ActiveQueue<M> {
             return Err(self.fail(Error::AvailRingUnreadable(self.index)));
         };
         let head = chain.head_index();
+        let raw = chain.clone();
         let checked = collect_chain(chain, &mut self.scratch);
+        self.undoable = true;
         Ok(Some(Chain {
             head,
             descriptors: checked.map(|()| self.scratch.as_slice()),
             memory: &self.memory,
+            raw,
         }))
+    }
+
+    /// Gives back the chain [`pop`](Self::pop) returned last, unused: the next `pop`
+    /// returns it again. For a device that takes a receive chain before it knows it has
+    /// something to put in it. Does nothing unless the last call on the queue was a `pop`
+    /// that returned a chain.
+    pub fn undo_pop(&mut self) {
+        if std::mem::take(&mut self.undoable) {
+            self.queue.go_to_previous_position();
+        }
     }
 
     /// Puts chain `head` in the used ring with `len` bytes written into its buffers.
@@ -458,6 +483,7 @@ impl<M: VirtioMemory> ActiveQueue<M> {
     /// A head outside the queue or a used ring that cannot be written: the device is then
     /// in `DEVICE_NEEDS_RESET`.
     pub fn complete(&mut self, head: u16, len: u32) -> Result<()> {
+        self.undoable = false;
         if self.needs_reset.is_set() {
             return Ok(());
         }

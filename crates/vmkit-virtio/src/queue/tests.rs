@@ -403,3 +403,27 @@ fn pop_hands_out_checked_chains_and_malformed_ones_are_completed_by_the_device()
     );
     assert_eq!(used_idx(&m), 3);
 }
+
+#[test]
+fn undo_pop_gives_the_last_chain_back_once() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, 16);
+    let mut r = rig(&m, &vq, false);
+    add_simple_chains(&vq, 2, 0);
+    let head = r.q().pop().unwrap().unwrap().head();
+    assert_eq!(head, 0);
+    r.q().undo_pop();
+    // A second undo without a pop in between does nothing.
+    r.q().undo_pop();
+    let chain = r.q().pop().unwrap().unwrap();
+    assert_eq!(chain.head(), 0);
+    // The raw chain is the same chain.
+    let raw: Vec<_> = chain.descriptor_chain().collect();
+    assert_eq!(raw.len(), 1);
+    assert_eq!(raw[0].addr(), GuestAddress(0x8000));
+    r.q().complete(0, 0).unwrap();
+    // After a completion there is nothing to give back.
+    r.q().undo_pop();
+    assert_eq!(serve_all(r.q(), 0), [1]);
+    assert_eq!(used_idx(&m), 2);
+}
