@@ -2,7 +2,7 @@
 # Builds the minimal Linux guest: a kernel from Debian's linux-source-6.1 (apt-get download, no
 # install) configured with `make allnoconfig KCONFIG_ALLCONFIG=<our fragment>`, plus an
 # uncompressed busybox-static initramfs whose /init (init.sh) tests the devices named on the
-# kernel command line.
+# kernel command line, with /bin/vsock-test (vsock-test.c, gcc -static) for its vsock test.
 #
 #   examples/linux-guest/build.sh [--variant mmio|acpi-pci]... [--quiet]
 #
@@ -15,8 +15,9 @@
 #
 # Everything is cached outside the clone in ${VMKIT_CACHE_DIR:-~/.cache/vmkit}/linux-guest, keyed
 # by the hash of what goes into it (Debian package version, config fragments, patches, init.sh,
-# a recipe number), so a machine builds each kernel once: from nothing, download, unpack and
-# both kernels took 305 s on 2 cores (131 s "mmio", 163 s "acpi-pci"); then well under a second.
+# vsock-test.c, a recipe number), so a machine builds each kernel once: from nothing, download,
+# unpack and both kernels took 305 s on 2 cores (131 s "mmio", 163 s "acpi-pci"); then well
+# under a second.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -56,6 +57,8 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 command -v make >/dev/null || need_apt+=(make)
 command -v patch >/dev/null || need_apt+=(patch)
 [ -e /usr/include/libelf.h ] || need_apt+=(libelf-dev)
+# libc.a, for the static vsock-test.
+[ -n "$(gcc -print-file-name=libc.a 2>/dev/null | grep /)" ] || need_apt+=(libc6-dev)
 apt_updated=0
 apt_update() { [ "$apt_updated" = 1 ] || { log "apt-get update"; apt-get update -qq; apt_updated=1; }; }
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -145,8 +148,10 @@ applets="sh mount cat dd sha256sum head tail grep dmesg sleep wc tr cmp ls reboo
 build_initramfs() {
   local bb_deb key out tmp
   bb_deb="$(fetch_deb busybox-static)"
-  key="$(echo "$(basename "$bb_deb") $applets initramfs-recipe-1" | cat - "$here/init.sh" "$src/usr/gen_init_cpio.c" \
-    | sha256sum | cut -c1-16)"
+  # vsock-test is linked with the host's gcc and libc.a: they are part of the key too.
+  key="$(echo "$(basename "$bb_deb") $applets initramfs-recipe-2 $(gcc -dumpfullversion)" \
+    | cat - "$here/init.sh" "$here/vsock-test.c" "$src/usr/gen_init_cpio.c" \
+      "$(gcc -print-file-name=libc.a)" | sha256sum | cut -c1-16)"
   out="$cache/initramfs-$key"
   if [ ! -s "$out/initramfs.cpio" ]; then
     log "building the busybox initramfs"
@@ -155,12 +160,17 @@ build_initramfs() {
     mkdir -p "$tmp/bb"
     dpkg-deb -x "$bb_deb" "$tmp/bb"
     gcc -O2 -o "$tmp/gen_init_cpio" "$src/usr/gen_init_cpio.c"
+    # Static (the initramfs has no libc), small (the guest kernel copies it out of the archive
+    # at emulated speed), stripped.
+    gcc -static -Os -s -Wall -o "$tmp/vsock-test" "$here/vsock-test.c" \
+      || die "vsock-test.c does not build (gcc -static needs libc6-dev's libc.a)"
     {
       echo "dir /dev 755 0 0"
       echo "nod /dev/console 600 0 0 c 5 1"
       for d in /bin /sbin /proc /sys /tmp /mnt; do echo "dir $d 755 0 0"; done
       echo "file /bin/busybox $tmp/bb/bin/busybox 755 0 0"
       for a in $applets; do echo "slink /bin/$a busybox 777 0 0"; done
+      echo "file /bin/vsock-test $tmp/vsock-test 755 0 0"
       echo "file /init $here/init.sh 755 0 0"
     } >"$tmp/list"
     # -t: a fixed mtime, so the archive's bytes depend only on its inputs.
