@@ -1,0 +1,318 @@
+//! The virtio-vsock device: the three queues, the configuration space, and the pump between
+//! the queues and the host side.
+
+use std::fmt;
+use std::io;
+use std::os::fd::OwnedFd;
+
+use virtio_vsock::packet::VsockPacket;
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmkit_virtio::{ActivateContext, ActivateError, ActiveQueue, VirtioDevice, VirtioMemory};
+
+use crate::host::Host;
+use crate::proto::*;
+use crate::{Error, VsockConfig, VsockStats};
+
+/// The token of the host side's epoll fd in [`VirtioDevice::readable_fds`].
+const HOST_TOKEN: u16 = 0;
+
+/// The virtio-vsock device. Put it on a transport as `Arc<Mutex<Vsock>>`; it works on any
+/// [`VirtioMemory`] (`GuestMemoryMmap` by default).
+pub struct Vsock<M: VirtioMemory = GuestMemoryMmap> {
+    guest_cid: u64,
+    queue_sizes: [u16; 3],
+    acked: u64,
+    host: Host,
+    active: Option<ActivateContext<M>>,
+    /// A transport-reset event waits for an event-queue buffer.
+    event_owed: bool,
+}
+
+impl<M: VirtioMemory> fmt::Debug for Vsock<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vsock")
+            .field("guest_cid", &self.guest_cid)
+            .field("host", &self.host)
+            .field("active", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Vsock {
+    /// A device as `config` says, on `GuestMemoryMmap`.
+    ///
+    /// # Errors
+    ///
+    /// As [`for_memory`](Self::for_memory).
+    pub fn new(config: VsockConfig) -> Result<Self, Error> {
+        Self::for_memory(config)
+    }
+}
+
+impl<M: VirtioMemory> Vsock<M> {
+    /// A device as `config` says, on guest memory of type `M`: binds the socket path.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cid`] for a CID below 3 or of 2³² − 1 and up, [`Error::QueueSize`],
+    /// [`Error::Limits`], [`Error::PathExists`], [`Error::Bind`], [`Error::Epoll`].
+    pub fn for_memory(config: VsockConfig) -> Result<Self, Error> {
+        if config.guest_cid < 3 || config.guest_cid >= u64::from(u32::MAX) {
+            return Err(Error::Cid(config.guest_cid));
+        }
+        let size = config.queue_size;
+        if !size.is_power_of_two() || size > 0x8000 {
+            return Err(Error::QueueSize(size));
+        }
+        if config.max_connections == 0 || config.buf_alloc < 4096 {
+            return Err(Error::Limits);
+        }
+        Ok(Self {
+            guest_cid: config.guest_cid,
+            queue_sizes: [size; 3],
+            acked: 0,
+            host: Host::bind(&config)?,
+            active: None,
+            event_owed: false,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> VsockStats {
+        self.host.stats
+    }
+
+    /// Open connections (host clients still sending their `CONNECT` line included).
+    pub fn connections(&self) -> usize {
+        self.host.connections()
+    }
+
+    /// Whether the driver activated the device.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Drops every connection and sends the driver `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, so
+    /// it resets its sockets too (and re-reads the guest CID): what a VMM does when the host
+    /// side's connections are gone while the driver still runs, e.g. after restoring a
+    /// snapshot. The event goes out with the next event-queue buffer the driver offers.
+    pub fn transport_reset(&mut self) {
+        self.host.close_all();
+        if self.active.is_some() {
+            self.event_owed = true;
+            self.send_event();
+        }
+    }
+
+    fn send_event(&mut self) {
+        let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(EVENT_QUEUE)) else {
+            return;
+        };
+        while self.event_owed {
+            let Ok(Some(chain)) = q.pop() else {
+                break;
+            };
+            let head = chain.head();
+            let written = match chain.descriptors() {
+                Ok([d, ..]) if d.is_write_only() && d.len() >= 4 => chain
+                    .memory()
+                    .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                    .is_ok(),
+                _ => false,
+            };
+            self.event_owed = !written;
+            if !written {
+                self.host.stats.malformed += 1;
+            }
+            let _ = q.complete(head, if written { 4 } else { 0 });
+        }
+        let _ = q.signal_used();
+    }
+
+    /// Takes the driver's packets.
+    fn process_tx(&mut self) {
+        let Self {
+            active,
+            host,
+            guest_cid,
+            ..
+        } = self;
+        let Some(q) = active.as_mut().and_then(|c| c.queue_mut(TX_QUEUE)) else {
+            return;
+        };
+        while let Ok(Some(chain)) = q.pop() {
+            let head = chain.head();
+            take_packet(host, *guest_cid, &chain);
+            let _ = q.complete(head, 0);
+        }
+        let _ = q.signal_used();
+    }
+
+    /// Gives the driver what is owed to it, as long as it has receive buffers.
+    fn process_rx(&mut self) {
+        let Self {
+            active,
+            host,
+            guest_cid,
+            ..
+        } = self;
+        let Some(q) = active.as_mut().and_then(|c| c.queue_mut(RX_QUEUE)) else {
+            return;
+        };
+        while host.has_work() {
+            match fill_one(host, *guest_cid, q) {
+                Some(true) => {}
+                Some(false) => {
+                    q.undo_pop();
+                    break;
+                }
+                None => break,
+            }
+        }
+        let _ = q.signal_used();
+    }
+}
+
+/// Hands one transmit chain's packet to the host side; a malformed one is counted and
+/// dropped.
+fn take_packet<M: VirtioMemory>(
+    host: &mut Host,
+    guest_cid: u64,
+    chain: &vmkit_virtio::Chain<'_, M>,
+) {
+    if chain.descriptors().is_err() {
+        host.stats.malformed += 1;
+        return;
+    }
+    let mut raw = chain.descriptor_chain();
+    match VsockPacket::from_tx_virtq_chain(chain.memory(), &mut raw, MAX_PKT_LEN) {
+        Ok(pkt) => {
+            host.stats.tx_packets += 1;
+            host.from_guest(guest_cid, &Header::of(&pkt), pkt.data_slice());
+        }
+        Err(e) => {
+            log::debug!("vsock: transmit packet dropped: {e}");
+            host.stats.malformed += 1;
+        }
+    }
+}
+
+/// Fills one receive chain: `Some(true)` when done, `Some(false)` when there was nothing to
+/// put in it after all (it should be given back), `None` without a chain.
+fn fill_one<M: VirtioMemory>(
+    host: &mut Host,
+    guest_cid: u64,
+    q: &mut ActiveQueue<M>,
+) -> Option<bool> {
+    let chain = q.pop().ok()??;
+    let head = chain.head();
+    let len = if chain.descriptors().is_err() {
+        host.stats.malformed += 1;
+        0
+    } else {
+        let mut raw = chain.descriptor_chain();
+        match VsockPacket::from_rx_virtq_chain(chain.memory(), &mut raw, MAX_PKT_LEN) {
+            Ok(mut pkt) => match host.fill(guest_cid, &mut pkt) {
+                Some(len) => {
+                    host.stats.rx_packets += 1;
+                    len
+                }
+                None => return Some(false),
+            },
+            Err(e) => {
+                log::debug!("vsock: receive buffer unusable: {e}");
+                host.stats.malformed += 1;
+                0
+            }
+        }
+    };
+    let _ = q.complete(head, len);
+    Some(true)
+}
+
+impl<M: VirtioMemory> VirtioDevice<M> for Vsock<M> {
+    fn device_type(&self) -> u32 {
+        VSOCK_DEVICE_TYPE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn device_features(&self) -> u64 {
+        1 << VIRTIO_VSOCK_F_STREAM
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.guest_cid.to_le_bytes();
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        let Some(end) = start
+            .checked_add(data.len())
+            .filter(|e| *e <= CONFIG_SPACE_SIZE)
+        else {
+            return;
+        };
+        data.copy_from_slice(&config[start..end]);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The guest CID is read-only.
+    }
+
+    fn activate(&mut self, context: ActivateContext<M>) -> Result<(), ActivateError> {
+        if self.active.is_some() {
+            return Err(ActivateError::AlreadyActive);
+        }
+        for q in [RX_QUEUE, TX_QUEUE, EVENT_QUEUE] {
+            if context.queue(q).is_none() {
+                return Err(ActivateError::MissingQueue(q));
+            }
+        }
+        self.active = Some(context);
+        // Host clients may have connected before the driver was ready.
+        self.host.poll();
+        self.process_rx();
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: u16) {
+        match index {
+            TX_QUEUE => {
+                self.process_tx();
+                self.process_rx();
+            }
+            RX_QUEUE => self.process_rx(),
+            EVENT_QUEUE => self.send_event(),
+            _ => {}
+        }
+    }
+
+    fn readable_fds(&self) -> io::Result<Vec<(u16, OwnedFd)>> {
+        Ok(vec![(HOST_TOKEN, self.host.epoll_fd()?)])
+    }
+
+    fn process_device_event(&mut self, token: u16) {
+        if token == HOST_TOKEN {
+            self.host.poll();
+            self.process_rx();
+        }
+    }
+
+    fn reset(&mut self) -> Option<ActivateContext<M>> {
+        self.host.close_all();
+        self.acked = 0;
+        self.event_owed = false;
+        self.active.take()
+    }
+}
