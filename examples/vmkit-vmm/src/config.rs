@@ -52,6 +52,12 @@ pub struct Args {
     /// `fd=N[,mac=MAC][,mtu=N][,poll_us=N]`.
     #[arg(long, value_parser = parse_net, value_name = "SPEC")]
     pub net: Vec<NetSpec>,
+    /// A virtio-vsock device with Firecracker's hybrid vsock host side:
+    /// `cid=N,socket=PATH`. The guest is CID N (3 to 4294967294); host programs connect to
+    /// the Unix socket PATH and send `CONNECT <port>\n`; guest connections to host port P go
+    /// to the Unix socket `PATH_P`.
+    #[arg(long, value_parser = parse_vsock, value_name = "SPEC")]
+    pub vsock: Option<VsockSpec>,
     /// The transport of the virtio devices: mmio (virtio-mmio windows on the command line and in
     /// the DSDT) or pci (virtio-pci functions on PCI bus 0, MSI-X, ECAM in the MCFG).
     #[arg(long, value_enum, default_value_t = Transport::Mmio)]
@@ -146,6 +152,44 @@ pub struct NetSpec {
     pub queues: Option<u16>,
     /// Transmit ring polling after a notification, in µs (0: none).
     pub poll_us: u32,
+}
+
+/// `--vsock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    /// The guest's CID.
+    pub cid: u64,
+    /// The Unix socket host programs connect to.
+    pub socket: PathBuf,
+}
+
+/// Parses `cid=N,socket=PATH`; a key given twice, a reserved CID (0, 1, 2, 2³² − 1 and up)
+/// or an empty path is an error.
+pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
+    let (mut cid, mut socket) = (None, None);
+    let mut seen: Vec<&str> = Vec::new();
+    for item in s.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}' is not key=value"))?;
+        if seen.contains(&k) {
+            return Err(format!("{k}= is given twice"));
+        }
+        seen.push(k);
+        match k {
+            "cid" => cid = Some(number::<u64>(k, v)?),
+            "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown or empty vsock option '{k}={v}'")),
+        }
+    }
+    let cid = cid.ok_or("cid=N is required")?;
+    if cid < 3 || cid >= u64::from(u32::MAX) {
+        return Err(format!(
+            "cid={cid}: 0, 1 and 2 are reserved (hypervisor, loopback, host); use 3 to 4294967294"
+        ));
+    }
+    let socket = socket.ok_or("socket=PATH is required")?;
+    Ok(VsockSpec { cid, socket })
 }
 
 /// Parses `xx:xx:xx:xx:xx:xx` (a unicast address).
@@ -423,6 +467,30 @@ mod tests {
             ("path=a,poll_us=-1", "not a number"),
         ] {
             let e = parse_disk(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn vsocks() {
+        let v = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
+        assert_eq!((v.cid, v.socket), (3, PathBuf::from("/tmp/v.sock")));
+        let v = parse_vsock("socket=a,cid=4294967294").unwrap();
+        assert_eq!(v.cid, 4294967294);
+        for (bad, says) in [
+            ("cid=2,socket=a", "reserved"),
+            ("cid=0,socket=a", "reserved"),
+            ("cid=1,socket=a", "reserved"),
+            ("cid=4294967295,socket=a", "reserved"),
+            ("cid=x,socket=a", "not a number"),
+            ("cid=3", "socket=PATH is required"),
+            ("socket=a", "cid=N is required"),
+            ("cid=3,socket=", "unknown or empty"),
+            ("cid=3,socket=a,cid=4", "given twice"),
+            ("cid=3,socket=a,mtu=5", "unknown"),
+            ("cid=3;socket=a", "not a number"),
+        ] {
+            let e = parse_vsock(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

@@ -27,6 +27,7 @@ use crate::config::{Args, ConsoleOutput, SerialOutput, Transport};
 use crate::error::{Error, Result};
 use crate::io::{InputToConsole, StdinToSerial};
 use crate::net::InheritedFds;
+use vmkit_virtio_vsock::{Vsock, VsockConfig};
 
 /// The serial port as the VMM holds it: output to stdout, a file, or nowhere.
 pub type GuestSerial = Serial<Box<dyn Write + Send>>;
@@ -175,6 +176,10 @@ impl VirtioDevices {
         for spec in &args.net {
             let net = crate::net::open_net(spec, args.cpus, &mut net_fds)?;
             devices.push(Arc::new(Mutex::new(net)));
+        }
+        if let Some(spec) = &args.vsock {
+            let config = VsockConfig::new(spec.cid, spec.socket.clone());
+            devices.push(Arc::new(Mutex::new(Vsock::new(config)?)));
         }
         if args.rng {
             devices.push(Arc::new(Mutex::new(Rng::new(RngConfig::default())?)));

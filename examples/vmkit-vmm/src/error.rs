@@ -55,6 +55,9 @@ pub enum Error {
     /// Two `--net fd=` name the same descriptor.
     #[error("--net fd={0} is given twice")]
     NetFdTwice(i32),
+    /// The `--vsock` device could not be built (its socket path, mostly).
+    #[error("--vsock: {0}")]
+    Vsock(#[from] vmkit_virtio_vsock::Error),
     /// The virtio-rng could not be built.
     #[error("virtio-rng: {0}")]
     Rng(#[from] vmkit_virtio_rng::Error),
