@@ -193,7 +193,7 @@ fn take_packet<M: VirtioMemory>(
     match VsockPacket::from_tx_virtq_chain(chain.memory(), &mut raw, MAX_PKT_LEN) {
         Ok(pkt) => {
             host.stats.tx_packets += 1;
-            host.from_guest(guest_cid, &Header::of(&pkt), pkt.data_slice());
+            host.guest_packet(guest_cid, &Header::of(&pkt), pkt.data_slice());
         }
         Err(e) => {
             log::debug!("vsock: transmit packet dropped: {e}");

@@ -327,7 +327,7 @@ impl Host {
     // --- guest packets --------------------------------------------------------------------
 
     /// Handles a packet from the guest (header read once, payload in guest memory).
-    pub fn from_guest<B: BitmapSlice>(
+    pub fn guest_packet<B: BitmapSlice>(
         &mut self,
         guest_cid: u64,
         h: &Header,

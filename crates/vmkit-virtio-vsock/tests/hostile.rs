@@ -1,0 +1,351 @@
+//! virtio-vsock against hand-built rings (virtio-queue's mock): malformed packets are
+//! dropped or reset and counted, the device keeps working, a guest ignoring credit is reset,
+//! and the transport-reset event reaches the event queue.
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::QueueT;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmkit_virtio::test_utils::{activate_context, guest_memory, mock_queue, RecordingInterrupt};
+use vmkit_virtio::{VirtioDevice, FEATURE_VERSION_1};
+use vmkit_virtio_vsock::*;
+
+const NEXT: u16 = VRING_DESC_F_NEXT as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const RINGS: [u64; 3] = [0x1000, 0x3000, 0x5000];
+const CID: u64 = 3;
+const HDR: u32 = 44;
+const OP_REQUEST: u16 = 1;
+const OP_RESPONSE: u16 = 2;
+const OP_RST: u16 = 3;
+const OP_RW: u16 = 5;
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+}
+
+#[derive(Clone, Copy)]
+struct H {
+    src_cid: u64,
+    dst_cid: u64,
+    src_port: u32,
+    dst_port: u32,
+    len: u32,
+    type_: u16,
+    op: u16,
+    buf_alloc: u32,
+}
+
+impl H {
+    fn new(op: u16, src_port: u32, dst_port: u32) -> Self {
+        Self {
+            src_cid: CID,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port,
+            len: 0,
+            type_: 1,
+            op,
+            buf_alloc: 65536,
+        }
+    }
+    fn bytes(self) -> [u8; 44] {
+        let mut b = [0u8; 44];
+        b[0..8].copy_from_slice(&self.src_cid.to_le_bytes());
+        b[8..16].copy_from_slice(&self.dst_cid.to_le_bytes());
+        b[16..20].copy_from_slice(&self.src_port.to_le_bytes());
+        b[20..24].copy_from_slice(&self.dst_port.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..30].copy_from_slice(&self.type_.to_le_bytes());
+        b[30..32].copy_from_slice(&self.op.to_le_bytes());
+        b[36..40].copy_from_slice(&self.buf_alloc.to_le_bytes());
+        b
+    }
+}
+
+struct Rig {
+    mem: GuestMemoryMmap,
+    dev: Vsock,
+    avail: Vec<GuestAddress>,
+    used: Vec<GuestAddress>,
+    pushed: [u16; 3],
+    /// Receive used entries [`Rig::receive`] has looked at.
+    seen: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn rig(tag: &str, buf_alloc: u32) -> Rig {
+    let dir = std::env::temp_dir().join(format!("vmkit-vsock-h-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mem = guest_memory(16 << 20);
+    let mut config = VsockConfig::new(CID, dir.join("v.sock"));
+    config.buf_alloc = buf_alloc;
+    let mut dev = Vsock::new(config).unwrap();
+    dev.ack_features(FEATURE_VERSION_1);
+    let (mut queues, mut used, mut avail) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, ring) in RINGS.iter().enumerate() {
+        let vq = MockSplitQueue::create(&mem, GuestAddress(*ring), 16);
+        let q = mock_queue(&vq);
+        used.push(GuestAddress(q.used_ring()));
+        avail.push(GuestAddress(q.avail_ring()));
+        queues.push((i as u16, q));
+    }
+    let (ctx, _) = activate_context(&mem, FEATURE_VERSION_1, queues, RecordingInterrupt::new());
+    dev.activate(ctx).unwrap();
+    Rig {
+        mem,
+        dev,
+        avail,
+        used,
+        pushed: [0; 3],
+        seen: 0,
+        dir,
+    }
+}
+
+impl Rig {
+    /// Writes descriptor `index` of queue `q`'s table.
+    fn set(&self, q: usize, index: u16, d: RawDescriptor) {
+        let at = GuestAddress(RINGS[q]).unchecked_add(16 * u64::from(index));
+        self.mem.write_obj(d, at).unwrap();
+    }
+    /// Makes chain `head` available on queue `q` and notifies the device.
+    fn push(&mut self, q: usize, head: u16) {
+        let n = self.pushed[q];
+        let slot = self.avail[q].unchecked_add(4 + 2 * u64::from(n % 16));
+        self.mem.write_obj(head, slot).unwrap();
+        self.pushed[q] = n.wrapping_add(1);
+        self.mem
+            .write_obj(self.pushed[q], self.avail[q].unchecked_add(2))
+            .unwrap();
+        self.dev.process_queue(q as u16);
+    }
+    /// Sends a packet as a header chain at `addr` (plus a data descriptor if `data`).
+    fn send(&mut self, h: H, data: Option<&[u8]>) {
+        self.mem
+            .write_slice(&h.bytes(), GuestAddress(0x10_0000))
+            .unwrap();
+        match data {
+            Some(d) => {
+                self.mem.write_slice(d, GuestAddress(0x20_0000)).unwrap();
+                self.set(1, 0, desc(0x10_0000, HDR, NEXT, 1));
+                self.set(1, 1, desc(0x20_0000, d.len() as u32, 0, 0));
+            }
+            None => self.set(1, 0, desc(0x10_0000, HDR, 0, 0)),
+        }
+        self.push(1, 0);
+    }
+    fn used_idx(&self, q: usize) -> u16 {
+        self.mem.read_obj(self.used[q].unchecked_add(2)).unwrap()
+    }
+    fn used_elem(&self, q: usize, i: u16) -> (u32, u32) {
+        let at = self.used[q].unchecked_add(4 + 8 * u64::from(i % 16));
+        (
+            self.mem.read_obj(at).unwrap(),
+            self.mem.read_obj(at.unchecked_add(4)).unwrap(),
+        )
+    }
+    /// Offers `n` receive buffers (header + 4 KiB, one descriptor each, at 0x40_0000 + i
+    /// pages); returns the (op, src_port, dst_port, len) of what the device put in buffers
+    /// since the last call.
+    fn receive(&mut self, n: u16) -> Vec<(u16, u32, u32, u32)> {
+        let before = self.seen;
+        for k in 0..n {
+            // Descriptor indices not in use by buffers still offered.
+            let i = (self.pushed[0] + k) % 16;
+            self.set(
+                0,
+                i,
+                desc(0x40_0000 + u64::from(i) * 0x2000, HDR + 4096, WRITE, 0),
+            );
+            self.push(0, i);
+        }
+        let mut out = Vec::new();
+        for k in before..self.used_idx(0) {
+            let (id, len) = self.used_elem(0, k);
+            let a = GuestAddress(0x40_0000 + u64::from(id) * 0x2000);
+            let op: u16 = self.mem.read_obj(a.unchecked_add(30)).unwrap();
+            let src: u32 = self.mem.read_obj(a.unchecked_add(16)).unwrap();
+            let dst: u32 = self.mem.read_obj(a.unchecked_add(20)).unwrap();
+            let cid: u64 = self.mem.read_obj(a.unchecked_add(8)).unwrap();
+            assert_eq!(cid, CID);
+            out.push((op, src, dst, len));
+        }
+        self.seen = self.used_idx(0);
+        out
+    }
+}
+
+#[test]
+fn malformed_transmit_packets_are_dropped_and_the_device_goes_on() {
+    let mut r = rig("bad", DEFAULT_BUF_ALLOC);
+    let listener = UnixListener::bind(r.dir.join("v.sock_1234")).unwrap();
+    // Unknown operation, to no connection: dropped, answered with a reset.
+    r.send(H::new(99, 5000, 1234), None);
+    // Not a stream (seqpacket): dropped, reset.
+    let mut seq = H::new(OP_REQUEST, 5001, 1234);
+    seq.type_ = 2;
+    r.send(seq, None);
+    // From a CID that is not the guest's, and to a CID that is not the host's: dropped.
+    let mut spoof = H::new(OP_REQUEST, 5002, 1234);
+    spoof.src_cid = 7;
+    r.send(spoof, None);
+    let mut elsewhere = H::new(OP_REQUEST, 5003, 1234);
+    elsewhere.dst_cid = 9;
+    r.send(elsewhere, None);
+    assert_eq!(r.dev.stats().dropped, 4);
+    // A length past the data buffer.
+    let mut long = H::new(OP_RW, 5000, 1234);
+    long.len = 1000;
+    r.send(long, Some(&[0; 100]));
+    // A length over 64 KiB.
+    long.len = MAX_PKT_LEN + 1;
+    r.send(long, Some(&[0; 100]));
+    // The header split across two descriptors.
+    r.mem
+        .write_slice(
+            &H::new(OP_REQUEST, 5004, 1234).bytes(),
+            GuestAddress(0x10_0000),
+        )
+        .unwrap();
+    r.set(1, 2, desc(0x10_0000, 20, NEXT, 3));
+    r.set(1, 3, desc(0x10_0014, 24, 0, 0));
+    r.push(1, 2);
+    // A device-writable header; a chain looping on itself; a buffer outside memory.
+    r.set(1, 4, desc(0x10_0000, HDR, WRITE, 0));
+    r.push(1, 4);
+    r.set(1, 5, desc(0x10_0000, HDR, NEXT, 5));
+    r.push(1, 5);
+    r.set(1, 6, desc(0xffff_0000, HDR, 0, 0));
+    r.push(1, 6);
+    let s = r.dev.stats();
+    assert_eq!(s.malformed, 6, "{s:?}");
+    assert_eq!(r.used_idx(1), 10, "every chain returned");
+    for i in 0..10 {
+        assert_eq!(r.used_elem(1, i).1, 0);
+    }
+    assert_eq!(r.dev.connections(), 0, "nothing was opened");
+
+    // The device still works: a proper request connects, data reaches the host.
+    r.send(H::new(OP_REQUEST, 6000, 1234), None);
+    let mut rw = H::new(OP_RW, 6000, 1234);
+    rw.len = 5;
+    r.send(rw, Some(b"hello"));
+    let (mut s, _) = listener.accept().unwrap();
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    // What the guest is owed: resets for the bad operation and the seqpacket request, and
+    // the response.
+    let rx = r.receive(4);
+    assert_eq!(
+        rx,
+        [
+            (OP_RST, 1234, 5000, HDR),
+            (OP_RST, 1234, 5001, HDR),
+            (OP_RESPONSE, 1234, 6000, HDR)
+        ]
+    );
+    assert_eq!(r.dev.connections(), 1);
+}
+
+#[test]
+fn unusable_receive_buffers_are_returned_empty() {
+    let mut r = rig("rxbad", DEFAULT_BUF_ALLOC);
+    r.send(H::new(OP_REQUEST, 5000, 1), None); // nothing listens: a reset is owed
+    r.send(H::new(OP_REQUEST, 5001, 1), None);
+    // A device-readable buffer, then one shorter than a header, then a good one.
+    r.set(0, 0, desc(0x40_0000, HDR + 10, 0, 0));
+    r.push(0, 0);
+    r.set(0, 1, desc(0x40_2000, HDR - 1, WRITE, 0));
+    r.push(0, 1);
+    assert_eq!(r.dev.stats().malformed, 2);
+    assert_eq!((r.used_elem(0, 0).1, r.used_elem(0, 1).1), (0, 0));
+    r.seen = 2;
+    let rx = r.receive(2);
+    assert_eq!(rx, [(OP_RST, 1, 5000, HDR), (OP_RST, 1, 5001, HDR)]);
+}
+
+#[test]
+fn a_guest_sending_past_its_credit_is_reset_and_nothing_piles_up() {
+    let mut r = rig("credit", 4096);
+    let listener = UnixListener::bind(r.dir.join("v.sock_80")).unwrap();
+    r.send(H::new(OP_REQUEST, 5000, 80), None);
+    // The host accepts and never reads.
+    let (_s, _) = listener.accept().unwrap();
+    assert_eq!(r.dev.connections(), 1);
+    let chunk = vec![0x5a; 65536];
+    let mut rw = H::new(OP_RW, 5000, 80);
+    rw.len = chunk.len() as u32;
+    let mut sent = 0u64;
+    for _ in 0..1000 {
+        r.send(rw, Some(&chunk));
+        sent += chunk.len() as u64;
+        if r.dev.stats().credit_violations > 0 {
+            break;
+        }
+    }
+    let s = r.dev.stats();
+    assert_eq!(s.credit_violations, 1, "after {sent} bytes");
+    assert_eq!(r.dev.connections(), 0);
+    // The connection is gone: the guest (which never took its response) gets the reset.
+    let rx = r.receive(2);
+    assert_eq!(rx, [(OP_RST, 80, 5000, HDR)]);
+    // Later data on the dead connection is answered with another reset, not buffered.
+    r.send(rw, Some(&chunk));
+    assert_eq!(r.receive(1), [(OP_RST, 80, 5000, HDR)]);
+}
+
+#[test]
+fn transport_reset_event_reaches_the_driver() {
+    let mut r = rig("event", DEFAULT_BUF_ALLOC);
+    let listener = UnixListener::bind(r.dir.join("v.sock_9")).unwrap();
+    r.send(H::new(OP_REQUEST, 5000, 9), None);
+    let (mut host, _) = listener.accept().unwrap();
+    assert_eq!(r.dev.connections(), 1);
+    // No event buffer yet: the event waits for one.
+    r.dev.transport_reset();
+    assert_eq!(r.dev.connections(), 0);
+    let mut rest = Vec::new();
+    host.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "the host side sees its connection end");
+    assert_eq!(r.used_idx(2), 0);
+    r.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(0x30_0000))
+        .unwrap();
+    r.set(2, 0, desc(0x30_0000, 8, WRITE, 0));
+    r.push(2, 0);
+    assert_eq!(r.used_idx(2), 1);
+    assert_eq!(r.used_elem(2, 0), (0, 4));
+    let id: u32 = r.mem.read_obj(GuestAddress(0x30_0000)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    // Only one event per reset.
+    r.set(2, 1, desc(0x30_1000, 8, WRITE, 0));
+    r.push(2, 1);
+    assert_eq!(r.used_idx(2), 1);
+}
+
+#[test]
+fn a_device_reset_closes_the_host_sockets() {
+    let mut r = rig("reset", DEFAULT_BUF_ALLOC);
+    let listener = UnixListener::bind(r.dir.join("v.sock_9")).unwrap();
+    r.send(H::new(OP_REQUEST, 5000, 9), None);
+    let (mut host, _) = listener.accept().unwrap();
+    assert!(r.dev.reset().is_some());
+    assert_eq!(r.dev.connections(), 0);
+    let mut rest = Vec::new();
+    host.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+}
