@@ -136,11 +136,12 @@ impl Host {
                     return;
                 }
             };
+            if n == 0 {
+                return;
+            }
+            // Handling may add sockets whose first events are then due too.
             for ev in &events[..n] {
                 self.host_event(ev.data(), ev.event_set());
-            }
-            if n < events.len() {
-                return;
             }
         }
     }
@@ -149,14 +150,24 @@ impl Host {
         if token == LISTENER {
             return self.accept_all();
         }
-        let Some(conn) = self.conns.get_mut(&token) else {
+        let Some(conn) = self.conns.get(&token) else {
             return;
         };
         if matches!(conn.state, State::Handshake(_)) {
-            return self.read_connect_line(token);
+            self.read_connect_line(token);
+            if !set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                return;
+            }
         }
+        let Some(conn) = self.conns.get_mut(&token) else {
+            return;
+        };
         if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
             conn.host_hup = true;
+            if conn.state == State::Requested {
+                // The host client gave up before the guest answered.
+                return self.kill(token);
+            }
         }
         if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
             conn.readable = true;

@@ -349,3 +349,20 @@ fn a_device_reset_closes_the_host_sockets() {
     host.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
 }
+
+#[test]
+fn a_host_client_leaving_before_the_guest_answers_is_forgotten() {
+    let mut r = rig("leave", DEFAULT_BUF_ALLOC);
+    let mut c = std::os::unix::net::UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    std::io::Write::write_all(&mut c, b"CONNECT 5\n").unwrap();
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.connections(), 1);
+    drop(c);
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.connections(), 0);
+    // The guest, which has not seen the request yet, is told the connection is reset.
+    let rx = r.receive(2);
+    assert_eq!(rx.len(), 1);
+    assert_eq!((rx[0].0, rx[0].2), (OP_RST, 5));
+    assert!(rx[0].1 >= 1 << 30);
+}
