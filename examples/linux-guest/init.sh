@@ -5,7 +5,7 @@
 # lines from dmesg, and ends the VM with `reboot -f` (reboot=k: keyboard-controller reset).
 #
 # Command-line parameters:
-#   vmkit_test=blk,rng,console,net   devices to test, in order
+#   vmkit_test=blk,rng,console,net,vsock   devices to test, in order
 #   vmkit_blk_sha=<sha256>       expected sha256 of the disk's first 64 KiB (the host's pattern)
 #   vmkit_token=<word>           written to /dev/hvc0 so the host can find it in its console output
 #   vmkit_net_ip=10.77.0.2       net: eth0's address (a /24)
@@ -14,6 +14,9 @@
 #   vmkit_net_port=5556          net: the host listens there for the guest's stream (guest to
 #                                host) and on port+1 for its own (host to guest)
 #   vmkit_net_kib=N              net: KiB moved each way
+#   vmkit_vsock_port=5000        vsock: the host echoes on this port, the guest listens on port+1
+#                                for the host's connection, and nothing listens on port+2
+#   vmkit_vsock_bytes=N          vsock: bytes moved each way on each connection
 #
 # Everything here runs under an emulated guest kernel on kvm_pvm hosts (about 1 us per kernel
 # instruction), so the I/O is kept to KiB, and echo/read/case (shell built-ins) are preferred to
@@ -155,6 +158,39 @@ test_net() {
     features=$features offloads=$offloads
 }
 
+# vsock (vmw_vsock_virtio_transport) with /bin/vsock-test, the initramfs's AF_VSOCK tool (see
+# vsock-test.c; a static glibc program, so the GLIBC_TUNABLES above matter to it too): the
+# guest's CID; a connection to the host (CID 2) on a port where nothing listens is refused; N
+# bytes to the host's echo on vmkit_vsock_port and back; then a listener on port+1 that prints
+# "VMKIT-VSOCK listening port=..." on the console (the host connects when it sees it), sends N
+# bytes and reads the host's N bytes, and waits for the host to close.
+test_vsock() {
+  drv=/sys/bus/virtio/drivers/vmw_vsock_virtio_transport
+  [ -d $drv ] || { result vsock FAIL no driver vmw_vsock_virtio_transport; return; }
+  set -- $drv/virtio*
+  [ -e "$1" ] || { result vsock FAIL no device bound to vmw_vsock_virtio_transport; return; }
+  dev=${1##*/}
+  port=$vmkit_vsock_port
+  bytes=$vmkit_vsock_bytes
+  out=$(vsock-test cid) || { result vsock FAIL cid: $out; return; }
+  cid=${out#cid=}
+  out=$(timeout 90 vsock-test refused $((port + 2))) || { result vsock FAIL refused: $out; return; }
+  echo "VMKIT-VSOCK $out"
+  refused=${out#*errno=}
+  refused=${refused%% *}
+  out=$(timeout 90 vsock-test connect $port $bytes) || { result vsock FAIL connect: $out; return; }
+  echo "VMKIT-VSOCK $out"
+  echoed=${out#*echoed=}
+  echoed=${echoed%% *}
+  out=$(timeout 90 vsock-test listen $((port + 1)) $bytes) || { result vsock FAIL listen: $out; return; }
+  echo "VMKIT-VSOCK $out"
+  peer=${out#*peer=}
+  peer=${peer%% *}
+  received=${out#*received=}
+  received=${received%% *}
+  result vsock ok cid=$cid device=$dev refused=$refused echoed=$echoed peer=$peer received=$received
+}
+
 test_console() {
   [ -c /dev/hvc0 ] || { result console FAIL no /dev/hvc0; return; }
   echo "VMKIT-HVC0 token=$vmkit_token" >/dev/hvc0 || { result console FAIL write; return; }
@@ -167,6 +203,7 @@ for dev in $(echo "$vmkit_test" | tr , ' '); do
     rng) test_rng ;;
     console) test_console ;;
     net) test_net ;;
+    vsock) test_vsock ;;
     *) result "$dev" FAIL unknown test ;;
   esac
 done
@@ -179,7 +216,7 @@ for d in /sys/bus/virtio/devices/*; do
 done
 # The interrupts each device raised, and through what (IO-APIC pin or PCI MSI-X vector).
 grep virtio /proc/interrupts | sed 's/^ */VMKIT-IRQ /'
-dmesg | grep -E 'virtio|vda|hvc|eth0|pci 0000|PCI|ACPI: bus|PCI Root' | grep -v -e 'ommand line' -e vmkit_ | sed 's/^/VMKIT-DMESG /'
+dmesg | grep -E 'virtio|vsock|vda|hvc|eth0|pci 0000|PCI|ACPI: bus|PCI Root' | grep -v -e 'ommand line' -e vmkit_ | sed 's/^/VMKIT-DMESG /'
 read up idle </proc/uptime
 echo "VMKIT-LINUX-DONE uptime=$up"
 reboot -f
