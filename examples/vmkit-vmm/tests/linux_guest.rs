@@ -13,6 +13,13 @@
 //! has the configured MAC, the guest pings the host and moves 2 MiB each way over TCP with
 //! busybox `nc`, checked at both ends, with TSO negotiated and used.
 //!
+//! Two more test virtio-vsock (the mmio kernel on virtio-mmio, the ACPI+PCI kernel on
+//! virtio-pci), Firecracker's "hybrid vsock" over Unix sockets: Linux's
+//! `vmw_vsock_virtio_transport` binds, the guest has the configured CID, its connection to a
+//! port no host program listens on is reset, 512 KiB go to a host echo (`PATH_<port>`) and back,
+//! and the host connects to the guest's listener through `PATH` with `CONNECT <port>`, 512
+//! KiB each way, checked at both ends.
+//!
 //! Behind the `linux-guest-tests` feature (`scripts/test-all.sh` turns it on): the first run on
 //! a machine builds the kernels, about 5 minutes on 2 cores.
 
@@ -21,6 +28,7 @@ mod common;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -671,6 +679,358 @@ fn acpi_kernel_moves_tcp_through_virtio_net_pci() {
         );
     }
     // MSI-X: config, input and output vectors; both queues interrupted the guest.
+    let msi = irq_counts(&text, "PCI-MSI");
+    assert!(
+        msi.len() >= 3 && msi.iter().filter(|&&n| n > 0).count() >= 2,
+        "{text}"
+    );
+    assert!(irq_counts(&text, "IO-APIC").is_empty(), "{text}");
+}
+
+// --- virtio-vsock: Linux's vmw_vsock_virtio_transport on vmkit's device, "hybrid vsock" over
+// Unix sockets (Firecracker's convention) --------------------------------------------------------
+
+/// The host echoes on this vsock port (its Unix socket `<socket>_5000`); the guest listens on
+/// the next one (the host reaches it through `<socket>` with `CONNECT 5001\n`); nothing
+/// listens on the one after (the guest's connection there must be refused).
+const VSOCK_PORT: u32 = 5000;
+/// Bytes each way on each connection: twice the 256 KiB of credit a Linux socket gives its
+/// peer, so both ends must wait for and send credit updates.
+const VSOCK_BYTES: usize = 512 << 10;
+
+/// The bytes `vsock-test` sends from a guest socket on `port`.
+fn vsock_guest_pattern(port: u32) -> Vec<u8> {
+    lcg_bytes(port.into(), VSOCK_BYTES)
+}
+
+/// The bytes `vsock-test listen` expects from the host on `port`.
+fn vsock_host_pattern(port: u32) -> Vec<u8> {
+    lcg_bytes(u64::from(port) + 0x10000, VSOCK_BYTES)
+}
+
+/// What the host's echo listener got from the guest's connection, and when the guest's close
+/// reached it.
+struct Echoed {
+    bytes: Vec<u8>,
+    closed_at: Instant,
+}
+
+/// Serves one connection on the host's listener `l` (the VMM connects to it for the guest):
+/// echoes every byte until the guest closes.
+fn vsock_echo(l: UnixListener, stop: &AtomicBool, deadline: Instant) -> Result<Echoed, String> {
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut s = loop {
+        match l.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if interrupted(&e) => keep_waiting(stop, deadline)
+                .map_err(|e| format!("no connection from the VMM: {e}"))?,
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    };
+    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
+    let (mut bytes, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => {
+                return Ok(Echoed {
+                    bytes,
+                    closed_at: Instant::now(),
+                })
+            }
+            Ok(n) => {
+                bytes.extend_from_slice(&buf[..n]);
+                s.write_all(&buf[..n])
+                    .map_err(|e| format!("echo after {} bytes: {e}", bytes.len()))?;
+            }
+            Err(e) if interrupted(&e) => keep_waiting(stop, deadline)
+                .map_err(|e| format!("{e} ({} bytes echoed, no close)", bytes.len()))?,
+            Err(e) => return Err(format!("read after {} bytes: {e}", bytes.len())),
+        }
+    }
+}
+
+/// The host's connection to the guest's listener.
+struct Connected {
+    /// The port in the VMM's `OK <port>` answer.
+    host_port: u32,
+    /// `CONNECT`s it took (the first ones may come before the guest listens).
+    attempts: u32,
+    /// When `OK` came.
+    connected_at: Instant,
+    /// What the guest sent before it closed.
+    bytes: Vec<u8>,
+}
+
+/// One `CONNECT port` through the VMM's socket: the stream after the VMM's `OK <port>` line
+/// (read a byte at a time, so the guest's bytes behind it stay in the socket).
+fn vsock_connect_once(socket: &Path, port: u32) -> Result<(UnixStream, u32), String> {
+    let mut s = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| format!("write CONNECT: {e}"))?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 64 {
+        match s.read(&mut byte) {
+            Ok(0) => return Err(format!("closed after {:?}", String::from_utf8_lossy(&line))),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => line.push(byte[0]),
+            Err(e) => {
+                return Err(format!(
+                    "read after {:?}: {e}",
+                    String::from_utf8_lossy(&line)
+                ))
+            }
+        }
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    let host_port = line
+        .strip_prefix("OK ")
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| format!("the VMM answered {line:?}, not \"OK <port>\""))?;
+    Ok((s, host_port))
+}
+
+/// Connects to the guest's listener on `port` through the VMM's `socket` once the guest has
+/// said on the console (`serial`) that it listens, again while the VMM closes the connection
+/// (the guest's reset); then sends the host pattern while it reads the guest's
+/// `VSOCK_BYTES`, shuts its side down and waits for the guest to close.
+fn vsock_client(
+    socket: &Path,
+    serial: &Path,
+    port: u32,
+    stop: &AtomicBool,
+    deadline: Instant,
+) -> Result<Connected, String> {
+    let ready = format!("VMKIT-VSOCK listening port={port}");
+    while !fs::read_to_string(serial)
+        .unwrap_or_default()
+        .contains(&ready)
+    {
+        keep_waiting(stop, deadline).map_err(|e| format!("no {ready:?}: {e}"))?;
+    }
+    let mut attempts = 0;
+    let (mut s, host_port) = loop {
+        attempts += 1;
+        match vsock_connect_once(socket, port) {
+            Ok(c) => break c,
+            Err(e) if attempts >= 20 => {
+                return Err(format!("CONNECT {port}, {attempts} attempts, last: {e}"))
+            }
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(200));
+                keep_waiting(stop, deadline)?;
+            }
+        }
+    };
+    let connected_at = Instant::now();
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let mut writer = Some(std::thread::spawn(move || {
+        w.write_all(&vsock_host_pattern(port))
+    }));
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .map_err(|e| e.to_string())?;
+    let (mut bytes, mut buf) = (Vec::new(), vec![0u8; 1 << 16]);
+    loop {
+        let shut = writer.is_none();
+        match s.read(&mut buf) {
+            Ok(0) if shut => break,
+            Ok(0) => {
+                return Err(format!(
+                    "the guest closed after {} bytes, before the host did",
+                    bytes.len()
+                ))
+            }
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(e) if interrupted(&e) => keep_waiting(stop, deadline).map_err(|e| {
+                format!(
+                    "{e} ({} bytes from the guest, host shut down: {shut})",
+                    bytes.len()
+                )
+            })?,
+            Err(e) => return Err(format!("read after {} bytes: {e}", bytes.len())),
+        }
+        // All the guest's bytes are in: the host's must have gone, then the host closes its
+        // side and the guest, which waits for that, closes the connection.
+        if bytes.len() >= VSOCK_BYTES {
+            if let Some(writer) = writer.take() {
+                writer
+                    .join()
+                    .expect("writer thread")
+                    .map_err(|e| format!("write to the guest: {e}"))?;
+                s.shutdown(std::net::Shutdown::Write)
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(Connected {
+        host_port,
+        attempts,
+        connected_at,
+        bytes,
+    })
+}
+
+/// Boots `kernel` with one `--vsock cid=CID,socket=PATH` device on `transport`, the guest's
+/// vsock test only, the host's echo on `PATH_5000` and its client on `PATH`; checks the result
+/// line, the bytes at both ends and the driver binding; returns the serial text.
+fn vsock_boot_and_check(
+    name: &str,
+    kernel: &str,
+    (transport, cid): (&str, u32),
+    reboot: &str,
+    parent: &str,
+) -> String {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let a = artifacts();
+    let s = Scratch::new(name);
+    let socket = s.dir.join("vsock.sock");
+    let port_path = |p: u32| PathBuf::from(format!("{}_{p}", socket.display()));
+    let echo_l = UnixListener::bind(port_path(VSOCK_PORT)).expect("bind the host's echo");
+    assert!(!port_path(VSOCK_PORT + 2).exists());
+    let serial = s.dir.join("serial.txt");
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + NET_LIMIT;
+    let st = stop.clone();
+    let echo = std::thread::spawn(move || vsock_echo(echo_l, &st, deadline));
+    let (st, sock, ser) = (stop.clone(), socket.clone(), serial.clone());
+    let client =
+        std::thread::spawn(move || vsock_client(&sock, &ser, VSOCK_PORT + 1, &st, deadline));
+    let cmdline = format!(
+        "{CMDLINE} reboot={reboot} vmkit_test=vsock vmkit_vsock_port={VSOCK_PORT} \
+         vmkit_vsock_bytes={VSOCK_BYTES}"
+    );
+    let vsock = format!("cid={cid},socket={}", socket.display());
+    let serial_arg = format!("file={}", serial.display());
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmkit"));
+    cmd.args([
+        "--kernel",
+        kernel,
+        "--initramfs",
+        &a.initramfs,
+        "--cpu-template",
+        "pvm",
+    ])
+    .args([
+        "--memory",
+        "128M",
+        "--transport",
+        transport,
+        "--vsock",
+        &vsock,
+    ])
+    .args(["--serial", &serial_arg, "--cmdline", &cmdline]);
+    let start = Instant::now();
+    let (code, _, stderr) = run_bounded(cmd, NET_LIMIT);
+    let wall = start.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let echoed = echo.join().expect("echo thread");
+    let connected = client.join().expect("client thread");
+    let text = fs::read_to_string(&serial).unwrap_or_default();
+    assert_eq!(
+        code,
+        Some(0),
+        "vmkit exit status; stderr:\n{stderr}\nserial:\n{text}"
+    );
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("VMKIT-RESULT vsock "))
+        .unwrap_or_else(|| panic!("no vsock result line; stderr:\n{stderr}\nserial:\n{text}"));
+    assert!(
+        line.starts_with("VMKIT-RESULT vsock ok "),
+        "{line}\nstderr:\n{stderr}\nserial:\n{text}"
+    );
+    let echoed = echoed.unwrap_or_else(|e| panic!("host echo: {e}\n{line}\nserial:\n{text}"));
+    let connected =
+        connected.unwrap_or_else(|e| panic!("host client: {e}\n{line}\nserial:\n{text}"));
+    // The guest has the configured CID; its connection where no host program listens was
+    // reset; its bytes came back through the echo.
+    assert_eq!(field(line, "cid"), Some(cid.to_string().as_str()), "{line}");
+    assert!(
+        matches!(field(line, "refused"), Some("ECONNRESET" | "ECONNREFUSED")),
+        "{line}"
+    );
+    assert_eq!(
+        field(line, "echoed"),
+        Some(VSOCK_BYTES.to_string().as_str()),
+        "{line}"
+    );
+    // The host's echo got exactly the guest's pattern, and the guest's close reached it before
+    // the guest's listener took the host's connection.
+    assert!(
+        echoed.bytes == vsock_guest_pattern(VSOCK_PORT),
+        "the host's echo got {} bytes, not the guest's {VSOCK_BYTES}-byte pattern",
+        echoed.bytes.len()
+    );
+    assert!(
+        echoed.closed_at < connected.connected_at,
+        "the guest's close of its connection reached the host only after the next connection"
+    );
+    // The guest's listener: the peer it accepted is the host (CID 2) on the port the VMM's OK
+    // named, it got the host's pattern (checked in the guest), and the host got the guest's.
+    assert_eq!(
+        field(line, "peer"),
+        Some(format!("2:{}", connected.host_port).as_str()),
+        "{line}"
+    );
+    assert_eq!(
+        field(line, "received"),
+        Some(VSOCK_BYTES.to_string().as_str()),
+        "{line}"
+    );
+    assert!(
+        connected.bytes == vsock_guest_pattern(VSOCK_PORT + 1),
+        "the host's client got {} bytes, not the guest's {VSOCK_BYTES}-byte pattern",
+        connected.bytes.len()
+    );
+    // Linux's driver is bound to the device (virtio device ID 19), where the guest found it.
+    let dev = field(line, "device").unwrap_or_default();
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&format!("VMKIT-BOUND {dev} "))
+                && l.contains("device=0x0013")
+                && l.contains(parent)
+                && l.ends_with("driver=vmw_vsock_virtio_transport")),
+        "{dev} under {parent} not bound to vmw_vsock_virtio_transport; serial:\n{text}"
+    );
+    assert!(
+        !text.contains("Segmentation fault") && !text.contains("Illegal instruction"),
+        "a guest process crashed; serial:\n{text}"
+    );
+    eprintln!(
+        "{name}: vmkit ran {:.1} s; CONNECT took {} attempt(s), OK {}",
+        wall.as_secs_f64(),
+        connected.attempts,
+        connected.host_port
+    );
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("VMKIT-") && !l.starts_with("VMKIT-DMESG"))
+    {
+        eprintln!("{name}: {l}");
+    }
+    text
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn mmio_kernel_moves_bytes_through_virtio_vsock_mmio() {
+    let k = &artifacts().kernel_mmio;
+    let text = vsock_boot_and_check("vsock-mmio", k, ("mmio", 3), "k", "/virtio-mmio.");
+    // The device's interrupt comes through an IOAPIC pin (MP table wiring), and it fired.
+    let irqs = irq_counts(&text, "IO-APIC");
+    assert!(irqs.len() == 1 && irqs[0] > 0, "{text}");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn acpi_kernel_moves_bytes_through_virtio_vsock_pci() {
+    let k = &artifacts().kernel_acpi_pci;
+    let text = vsock_boot_and_check("vsock-pci", k, ("pci", 1234), "a", "/pci0000:00/0000:00:");
+    // MSI-X: config, rx, tx and event vectors; rx and tx interrupted the guest.
     let msi = irq_counts(&text, "PCI-MSI");
     assert!(
         msi.len() >= 3 && msi.iter().filter(|&&n| n > 0).count() >= 2,
