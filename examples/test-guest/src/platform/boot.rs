@@ -604,7 +604,11 @@ idt:        .skip 256 * 16
 kernel_stack:
             .skip 16384
 kernel_stack_top:
-user_stack: .skip 65536
+/* The Rust code's stack (CPL3). test=virtio-net took 89 KB (smoltcp and
+ * virtio-drivers' 256-entry queues built on the stack): 64 KiB was not
+ * enough, and an overflow runs into kernel_stack and what lies below it
+ * (no guard page under the 2 MiB boot mapping). */
+user_stack: .skip 262144
 user_stack_top:
 exc_stack:  .skip 16384
 exc_stack_top:
