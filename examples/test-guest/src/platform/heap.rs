@@ -5,19 +5,23 @@
 //!
 //! Freeing the most recent allocation moves the bump pointer back, and the
 //! whole heap is reclaimed once nothing is live, which covers how the
-//! drivers use it (set up, request, tear down, set up again). Small blocks
-//! (up to 2 KiB) come in power-of-two size classes with a free list each:
+//! drivers use it (set up, request, tear down, set up again). Blocks up to
+//! 1 MiB come in power-of-two size classes with a free list each:
 //! virtio-drivers allocates an indirect descriptor list per request and
 //! frees it when the request completes, in completion order, so with many
 //! requests in flight (virtio-blk) a pure bump heap would never get them
-//! back.
+//! back; and its vsock driver allocates a receive buffer per queue entry and
+//! a ring per connection, freed in no particular order when connections
+//! close and the driver is dropped.
 
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
-/// Heap size: far more than the virtio tests use (a few pages per queue).
-pub const HEAP_SIZE: usize = 512 * 1024;
+/// Heap size: the virtio tests use a few pages per queue, the vsock test up
+/// to about 1.5 MiB (64 KiB receive buffers, per-connection rings). Pages
+/// never allocated are never touched.
+pub const HEAP_SIZE: usize = 4 << 20;
 
 #[repr(C, align(4096))]
 struct Region(UnsafeCell<[u8; HEAP_SIZE]>);
@@ -28,8 +32,10 @@ unsafe impl Sync for Region {}
 
 static REGION: Region = Region(UnsafeCell::new([0; HEAP_SIZE]));
 
-/// Size classes: 16 << i bytes for i < CLASSES (16 B to 2 KiB).
-const CLASSES: usize = 8;
+/// Size classes: 16 << i bytes for i < CLASSES (16 B to 1 MiB).
+const CLASSES: usize = 17;
+/// Largest alignment of a size-class block (larger blocks are page-aligned).
+const CLASS_ALIGN_MAX: usize = 4096;
 
 /// The global allocator. Only the BSP runs Rust code (the APs halt at CPL0),
 /// so the atomics are for soundness, not for contention.
@@ -50,11 +56,19 @@ static HEAP: Bump = Bump {
     free: [const { AtomicUsize::new(0) }; CLASSES],
 };
 
-/// The size class of `layout` (block size = alignment = `16 << class`),
-/// if it is small enough for one.
+/// The size class of `layout` (block size `16 << class`, aligned to its
+/// size up to `CLASS_ALIGN_MAX`), if it is small enough for one and asks for
+/// no more alignment than a block has.
 fn class(layout: Layout) -> Option<usize> {
     let size = layout.size().max(layout.align()).max(16);
-    (size <= 16 << (CLASSES - 1)).then(|| (size.next_power_of_two() / 16).trailing_zeros() as usize)
+    (size <= 16 << (CLASSES - 1) && layout.align() <= CLASS_ALIGN_MAX)
+        .then(|| (size.next_power_of_two() / 16).trailing_zeros() as usize)
+}
+
+/// Size and alignment of a block of class `c`.
+fn block(c: usize) -> (usize, usize) {
+    let size = 16 << c;
+    (size, size.min(CLASS_ALIGN_MAX))
 }
 
 fn base() -> usize {
@@ -86,7 +100,8 @@ impl Bump {
 
 // SAFETY: `alloc` returns disjoint, suitably aligned ranges inside REGION
 // (or null when it is exhausted): a size-class block is either fresh from the
-// bump pointer (aligned to its size) or one that `dealloc` put on its free
+// bump pointer (aligned to its size, at most a page, which `class` checked
+// covers the request's alignment) or one that `dealloc` put on its free
 // list, i.e. no longer live. `dealloc` only moves the bump pointer back over
 // the range being freed when it is the last one handed out, or to zero (all
 // free lists emptied) when nothing is live, so no live allocation is ever
@@ -98,20 +113,21 @@ unsafe impl GlobalAlloc for Bump {
         };
         let head = self.free[c].load(Ordering::Relaxed);
         if head != 0 {
-            // SAFETY: a free block of this class (at least 16 bytes, aligned)
-            // whose first word `dealloc` wrote.
+            // SAFETY: a free block of this class (at least 16 bytes, aligned
+            // to at least 16) whose first word `dealloc` wrote.
             let next = unsafe { (head as *const usize).read() };
             self.free[c].store(next, Ordering::Relaxed);
             self.live.fetch_add(1, Ordering::Relaxed);
             return head as *mut u8;
         }
-        self.bump(16 << c, 16 << c)
+        let (size, align) = block(c);
+        self.bump(size, align)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if let Some(c) = class(layout) {
-            // SAFETY: the block (16 << c bytes, aligned) is ours again; its
-            // first word links it into the free list.
+            // SAFETY: the block (16 << c bytes, aligned to at least 16) is
+            // ours again; its first word links it into the free list.
             unsafe { (ptr as *mut usize).write(self.free[c].load(Ordering::Relaxed)) };
             self.free[c].store(ptr as usize, Ordering::Relaxed);
             if self.live.fetch_sub(1, Ordering::Relaxed) == 1 {

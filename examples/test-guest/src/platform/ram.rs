@@ -1,7 +1,8 @@
 //! Free RAM for DMA data buffers: the top (up to 32 MiB) of the largest RAM
-//! range above the image, handed out by an `Arena`. The 512 KiB heap is
-//! too small for them (a benchmark at queue depth 32 with 128 KiB requests
-//! needs 4 MiB).
+//! range above the image, handed out by an `Arena`. The heap (4 MiB, in
+//! the image's .bss) is for the drivers' own rings and buffers; data
+//! buffers (a benchmark at queue depth 32 with 128 KiB requests needs
+//! 4 MiB) come from here.
 
 use crate::platform::pvh::MemEntry;
 use alloc::format;
