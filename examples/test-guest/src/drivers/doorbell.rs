@@ -173,7 +173,7 @@ impl Bell {
 }
 
 /// Writes `queue` to its notify register.
-fn ring(register: Register, queue: u16) {
+pub fn ring(register: Register, queue: u16) {
     match register {
         // SAFETY: QueueNotify of a virtio-mmio window that discovery
         // checked and mapped (identity, uncached); device memory no Rust
