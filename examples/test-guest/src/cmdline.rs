@@ -6,7 +6,11 @@
 //! (comma-separated, repeatable), `blk-write-flush=SECTOR:HEX32`, `hold=serial`,
 //! `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, the
 //! `test=virtio-net` parameters `net_ip=A.B.C.D`, `net_peer=A.B.C.D`,
-//! `net_port=N` and `net_bytes=N[K|M|G]`, and any number of
+//! `net_port=N` and `net_bytes=N[K|M|G]`, the `test=virtio-vsock`
+//! parameters `vsock_port=`, `vsock_echo_port=`, `vsock_refused_port=`,
+//! `vsock_listen=`, `vsock_bytes=`, `vsock_conns=`, `vsock_chunk=` and
+//! `vsock_cases=`, `bench=vsock-tx|vsock-rx:SECONDS` and
+//! `bench=vsock-lat:N`, and any number of
 //! `virtio_mmio.device=SIZE@ADDR[:IRQ[:ID]]` (the form Linux parses).
 //!
 //! The types these turn into belong to the modules that use them; this
@@ -16,8 +20,10 @@ use crate::bench::blk::{BlkBench, Workload, MAX_QD};
 use crate::bench::exits::{ExitBench, MMIO_BENCH_ADDR};
 use crate::bench::hold::Hold;
 use crate::bench::net::{Direction, NetBench};
+use crate::bench::vsock::VsockBench;
 use crate::cases::blk_write_flush::WriteFlush;
 use crate::cases::virtio_net::NetParams;
+use crate::cases::virtio_vsock::{SubCases, VsockParams};
 use crate::cases::{BadItem, Selection};
 use crate::drivers::pci::PciMode;
 use crate::drivers::virtio::MmioDevice;
@@ -33,8 +39,14 @@ pub const EXIT_BENCH_MAX: usize = 8;
 pub const BLK_BENCH_MAX: usize = 8;
 /// Largest number of `bench=net-...` entries kept.
 pub const NET_BENCH_MAX: usize = 4;
-/// Largest `net_bytes=` (1 TiB).
+/// Largest number of `bench=vsock-...` entries kept.
+pub const VSOCK_BENCH_MAX: usize = 4;
+/// Largest `net_bytes=` and `vsock_bytes=` (1 TiB).
 pub const NET_BYTES_MAX: u64 = 1 << 40;
+/// Largest `vsock_conns=`.
+pub const VSOCK_CONNS_MAX: u32 = 64;
+/// Largest `vsock_chunk=` (64 KiB, the usual largest vsock packet).
+pub const VSOCK_CHUNK_MAX: u64 = 64 << 10;
 
 /// What the command line asks for.
 #[derive(Clone, Copy, Debug)]
@@ -51,11 +63,16 @@ pub struct Config {
     blk_benches: [Option<BlkBench>; BLK_BENCH_MAX],
     /// `bench=net-...` entries, in command-line order.
     net_benches: [Option<NetBench>; NET_BENCH_MAX],
+    /// `bench=vsock-...` entries, in command-line order.
+    vsock_benches: [Option<VsockBench>; VSOCK_BENCH_MAX],
     pub write_flush: Option<WriteFlush>,
     pub hold: Option<Hold>,
     pub exit: Exit,
     /// The `net_*=` parameters of `test=virtio-net`.
     pub net: NetParams,
+    /// The `vsock_*=` parameters of `test=virtio-vsock` and the vsock
+    /// benchmarks.
+    pub vsock: VsockParams,
 }
 
 impl Config {
@@ -69,10 +86,12 @@ impl Config {
             exit_benches: [None; EXIT_BENCH_MAX],
             blk_benches: [None; BLK_BENCH_MAX],
             net_benches: [None; NET_BENCH_MAX],
+            vsock_benches: [None; VSOCK_BENCH_MAX],
             write_flush: None,
             hold: None,
             exit: Exit::Poweroff,
             net: NetParams::DEFAULT,
+            vsock: VsockParams::DEFAULT,
         };
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -103,6 +122,10 @@ impl Config {
             "exit" => parse_exit(value).map(|e| self.exit = e).is_some(),
             "pci" => parse_pci(value).map(|p| self.pci = p).is_some(),
             "net_ip" | "net_peer" | "net_port" | "net_bytes" => self.net_param(key, value),
+            "vsock_port" | "vsock_echo_port" | "vsock_refused_port" | "vsock_listen"
+            | "vsock_bytes" | "vsock_conns" | "vsock_chunk" | "vsock_cases" => {
+                self.vsock_param(key, value)
+            }
             other => {
                 println!("cmdline: unknown key {}", other);
                 true
@@ -130,6 +153,30 @@ impl Config {
         }
     }
 
+    /// Takes one `vsock_*=` parameter; false for a bad value.
+    fn vsock_param(&mut self, key: &str, value: &str) -> bool {
+        let vsock = &mut self.vsock;
+        // vsock ports are 32-bit; 0xffffffff is VMADDR_PORT_ANY.
+        let port = || value.parse::<u32>().ok().filter(|&p| p != u32::MAX);
+        let taken = match key {
+            "vsock_port" => port().map(|p| vsock.port = p),
+            "vsock_echo_port" => port().map(|p| vsock.echo_port = p),
+            "vsock_refused_port" => port().map(|p| vsock.refused_port = p),
+            "vsock_listen" => port().map(|p| vsock.listen = p),
+            "vsock_bytes" => parse_net_bytes(value).map(|n| vsock.bytes = n),
+            "vsock_conns" => value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=VSOCK_CONNS_MAX).contains(n))
+                .map(|n| vsock.conns = n),
+            "vsock_chunk" => parse_net_bytes(value)
+                .filter(|&n| n <= VSOCK_CHUNK_MAX)
+                .map(|n| vsock.chunk = n as u32),
+            _ => SubCases::parse(value).map(|c| vsock.cases = c),
+        };
+        taken.is_some()
+    }
+
     fn add_tests(&mut self, value: &str) {
         for item in value.split(',').filter(|n| !n.is_empty()) {
             match self.tests.add(item) {
@@ -146,6 +193,8 @@ impl Config {
                 parse_blk_bench(item).map(|b| push(&mut self.blk_benches, b))
             } else if item.starts_with("net-") {
                 parse_net_bench(item).map(|b| push(&mut self.net_benches, b))
+            } else if item.starts_with("vsock-") {
+                VsockBench::parse(item).map(|b| push(&mut self.vsock_benches, b))
             } else {
                 parse_exit_bench(item).map(|b| push(&mut self.exit_benches, b))
             };
@@ -187,6 +236,11 @@ impl Config {
     pub fn net_benches(&self) -> impl Iterator<Item = NetBench> + '_ {
         self.net_benches.iter().flatten().copied()
     }
+
+    /// The `bench=vsock-...` entries, in command-line order.
+    pub fn vsock_benches(&self) -> impl Iterator<Item = VsockBench> + '_ {
+        self.vsock_benches.iter().flatten().copied()
+    }
 }
 
 fn parse_exit(value: &str) -> Option<Exit> {
@@ -215,8 +269,8 @@ fn parse_hold(value: &str) -> Option<Hold> {
     }
 }
 
-/// Parses `net_bytes=`: decimal with an optional binary `K`, `M` or `G`
-/// suffix, 1 to `NET_BYTES_MAX`.
+/// Parses `net_bytes=` (and `vsock_bytes=`, `vsock_chunk=`): decimal with
+/// an optional binary `K`, `M` or `G` suffix, 1 to `NET_BYTES_MAX`.
 fn parse_net_bytes(value: &str) -> Option<u64> {
     let (digits, shift) = match value.as_bytes().last()? {
         b'K' | b'k' => (&value[..value.len() - 1], 10),

@@ -78,6 +78,7 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         disks: &disks,
         ram,
         net: cfg.net,
+        vsock: cfg.vsock,
     };
     cases::run(&ctx, &cfg.tests);
     bench::exits::run(cfg.exit_benches(), info.memmap());
@@ -85,6 +86,8 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
     bench::blk::run(&devices, &disks, &blk_benches, ram);
     let net_benches: alloc::vec::Vec<_> = cfg.net_benches().collect();
     bench::net::run(&devices, &net_benches, ram, cfg.net);
+    let vsock_benches: alloc::vec::Vec<_> = cfg.vsock_benches().collect();
+    bench::vsock::run(&devices, &vsock_benches, cfg.vsock);
     if let Some(wf) = cfg.write_flush {
         cases::blk_write_flush::run(&devices, &disks, wf, ram);
     }

@@ -23,6 +23,7 @@ pub mod virtio_console;
 pub mod virtio_irq;
 pub mod virtio_net;
 pub mod virtio_rng;
+pub mod virtio_vsock;
 
 use crate::drivers::blk::BlkDisk;
 use crate::println;
@@ -102,7 +103,7 @@ const fn case(name: &'static str, needs: Needs, run: Run) -> Case {
 }
 
 /// Every test, in the order they run.
-pub const CASES: [Case; 13] = [
+pub const CASES: [Case; 14] = [
     case("timer", Needs::Nothing, Run::Once(timer::run)),
     case("serial-irq", Needs::Nothing, Run::Once(serial_irq::run)),
     case("smp", Needs::Nothing, Run::Once(smp::run)),
@@ -126,6 +127,11 @@ pub const CASES: [Case; 13] = [
         "virtio-net",
         Needs::Device(DeviceType::Network),
         Run::Once(virtio_net::run),
+    ),
+    case(
+        "virtio-vsock",
+        Needs::Device(DeviceType::Socket),
+        Run::Once(virtio_vsock::run),
     ),
     case(
         "blk-serial",

@@ -3,6 +3,7 @@
 //! (`report`).
 
 use crate::cases::virtio_net::NetParams;
+use crate::cases::virtio_vsock::VsockParams;
 use crate::drivers::blk::BlkDisk;
 use crate::drivers::virtio::Devices;
 use crate::platform::acpi::Acpi;
@@ -26,6 +27,8 @@ pub struct Ctx<'a> {
     pub ram: Option<FreeRam>,
     /// The `net_*=` parameters (`test=virtio-net`).
     pub net: NetParams,
+    /// The `vsock_*=` parameters (`test=virtio-vsock`).
+    pub vsock: VsockParams,
 }
 
 /// How a case was selected.

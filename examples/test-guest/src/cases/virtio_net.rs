@@ -20,7 +20,7 @@
 //! received) fails the test instead of hanging. One `test virtio-net:` line
 //! per transport with a net device (mmio unsuffixed, pci ` (pci)`).
 
-mod data;
+pub mod data;
 mod tcp;
 
 use crate::cases::support::{report, Ctx, Want};
@@ -216,7 +216,7 @@ fn now() -> Instant {
 }
 
 /// `bytes` in `ns` as `<n> ms (<x.y> MiB/s)`.
-fn rate(bytes: u64, ns: u64) -> String {
+pub fn rate(bytes: u64, ns: u64) -> String {
     let ns = ns.max(1);
     let tenths = u128::from(bytes) * 10 * 1_000_000_000 / (u128::from(ns) << 20);
     format!(

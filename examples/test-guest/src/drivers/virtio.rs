@@ -170,6 +170,7 @@ fn kind_name(kind: DeviceType) -> String {
         DeviceType::Console => String::from("console"),
         DeviceType::Block => String::from("block"),
         DeviceType::Network => String::from("net"),
+        DeviceType::Socket => String::from("vsock"),
         other => format!("type {}", other as u32),
     }
 }
