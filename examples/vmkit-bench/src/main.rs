@@ -5,7 +5,7 @@
 //! a VMM, timed, its rusage and `--stats`) → the sections in the order they print:
 //! [`startup`], [`footprint`], [`rate`], [`rng`], [`blk`] (with the host ceiling in [`fio`]),
 //! [`net`] (with the host's ends in [`peer`], a running VMM sampled by [`probe`] and
-//! [`kvmtrace`], the namespace from `vmkit-netns`), [`exits`] (with the bare
+//! [`kvmtrace`], the namespace from `vmkit-netns`), [`vsock`], [`exits`] (with the bare
 //! kvm-ioctls loop) → [`stats`], [`table`] and [`svg`] for the output.
 
 mod blk;
@@ -25,6 +25,7 @@ mod stats;
 mod svg;
 mod table;
 mod vmm;
+mod vsock;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -51,7 +52,7 @@ The baseline is only given flags every vmkit so far has: --kernel --memory --cmd
 --cpus --rng --console --disk path=..,engine=..,direct=on --transport (so each runs with its \
 own defaults, e.g. for transparent huge pages).";
 
-/// Start-up, footprint, start rate, virtio-rng, virtio-blk, virtio-net and exit cost of vmkit, QEMU
+/// Start-up, footprint, start rate, virtio-rng, virtio-blk, virtio-net, virtio-vsock and exit cost of vmkit, QEMU
 /// microvm and optionally a baseline vmkit, on the PVH test guest. Prints markdown tables.
 #[derive(Debug, Parser)]
 #[command(name = "vmkit-bench", after_help = AFTER_HELP)]
@@ -76,6 +77,14 @@ pub struct Options {
     #[arg(long, default_value_t = 64, value_name = "N",
           value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub net_mib: u64,
+    /// Seconds per direction of the virtio-vsock streams.
+    #[arg(long, default_value_t = 3, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub vsock_secs: u64,
+    /// Connections each way timed for the virtio-vsock connect-to-first-byte latency.
+    #[arg(long, default_value_t = 100, value_name = "N",
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub vsock_conns: u64,
     /// Write the charts into DIR as SVG files and list them as markdown images.
     #[arg(long, value_name = "DIR")]
     pub svg_dir: Option<PathBuf>,
@@ -110,6 +119,9 @@ pub enum Section {
     /// virtio-net TCP and 64-byte UDP rates, exits and VMM CPU per frame (root: a network
     /// namespace with a TAP), and the host's loopback.
     Net,
+    /// virtio-vsock throughput each way and connect-to-first-byte latency (hybrid vsock over
+    /// Unix sockets), and the host's own Unix sockets.
+    Vsock,
     /// PIO and MMIO exit cost, and the bare loop.
     Exits,
 }
@@ -135,6 +147,9 @@ fn run_all(opts: &Options, setup: &Setup) -> Result<(), String> {
     }
     if on(Section::Net) {
         net::section(setup, opts.net_secs, opts.net_mib, &mut charts)?;
+    }
+    if on(Section::Vsock) {
+        vsock::section(setup, opts.vsock_secs, opts.vsock_conns, &mut charts)?;
     }
     if on(Section::Exits) {
         exits::section(setup, opts.pio, &mut charts)?;
