@@ -521,8 +521,8 @@ impl Host {
         } else if conn.owe & owe::RESPONSE != 0 {
             conn.owe &= !owe::RESPONSE;
             h.op = OP_RESPONSE;
-        } else if conn.wants_data() {
-            match read_data(conn, pkt) {
+        } else if let Some(buf) = pkt.data_slice().filter(|_| conn.wants_data()) {
+            match read_data(conn, buf) {
                 Ok(0) => {
                     conn.host_closed();
                     return self.fill_from(token, guest_cid, pkt);
@@ -547,7 +547,9 @@ impl Host {
             conn.owe &= !owe::SHUTDOWN;
             h.op = OP_SHUTDOWN;
             h.flags = conn.shutdown_flags;
-        } else if conn.owe & owe::CREDIT_UPDATE != 0 {
+        } else if conn.owe & owe::CREDIT_UPDATE != 0 || conn.wants_data() {
+            // (A buffer with no room for data after the header takes a credit update, so
+            // the next buffer gets its turn.)
             h.op = OP_CREDIT_UPDATE;
         } else {
             return None;
@@ -593,10 +595,7 @@ fn write_header<B: BitmapSlice>(pkt: &mut VsockPacket<'_, B>, h: Header) -> Fill
 const PKT_HEADER_SIZE_U32: u32 = virtio_vsock::packet::PKT_HEADER_SIZE as u32;
 
 /// Reads host data into the packet's buffer, no more than the guest's credit.
-fn read_data<B: BitmapSlice>(conn: &mut Conn, pkt: &VsockPacket<'_, B>) -> io::Result<u32> {
-    let Some(buf) = pkt.data_slice() else {
-        return Err(io::ErrorKind::WouldBlock.into());
-    };
+fn read_data<B: BitmapSlice>(conn: &mut Conn, buf: &VolatileSlice<'_, B>) -> io::Result<u32> {
     let room = buf
         .len()
         .min(conn.credit() as usize)

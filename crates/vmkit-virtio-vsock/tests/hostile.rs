@@ -366,3 +366,29 @@ fn a_host_client_leaving_before_the_guest_answers_is_forgotten() {
     assert_eq!((rx[0].0, rx[0].2), (OP_RST, 5));
     assert!(rx[0].1 >= 1 << 30);
 }
+
+#[test]
+fn a_receive_buffer_without_room_for_data_does_not_stall_the_stream() {
+    let mut r = rig("hdronly", DEFAULT_BUF_ALLOC);
+    let listener = UnixListener::bind(r.dir.join("v.sock_9")).unwrap();
+    r.send(H::new(OP_REQUEST, 5000, 9), None);
+    let (mut host, _) = listener.accept().unwrap();
+    assert_eq!(r.receive(1), [(OP_RESPONSE, 9, 5000, HDR)]);
+    std::io::Write::write_all(&mut host, b"abc").unwrap();
+    r.dev.process_device_event(0);
+    // A header and an empty data buffer: no room for data, it gets a credit update.
+    let i = r.pushed[0] % 16;
+    r.set(
+        0,
+        i,
+        desc(0x40_0000 + u64::from(i) * 0x2000, HDR, WRITE | NEXT, 15),
+    );
+    r.set(
+        0,
+        15,
+        desc(0x40_0000 + u64::from(i) * 0x2000 + 0x100, 0, WRITE, 0),
+    );
+    r.push(0, i);
+    let got = r.receive(1);
+    assert_eq!(got, [(6, 9, 5000, HDR), (OP_RW, 9, 5000, HDR + 3)]);
+}
