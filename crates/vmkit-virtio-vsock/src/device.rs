@@ -26,6 +26,7 @@ pub struct Vsock<M: VirtioMemory = GuestMemoryMmap> {
     active: Option<ActivateContext<M>>,
     /// A transport-reset event waits for an event-queue buffer.
     event_owed: bool,
+    poll: std::time::Duration,
 }
 
 impl<M: VirtioMemory> fmt::Debug for Vsock<M> {
@@ -55,7 +56,7 @@ impl<M: VirtioMemory> Vsock<M> {
     /// # Errors
     ///
     /// [`Error::Cid`] for a CID below 3 or of 2³² − 1 and up, [`Error::QueueSize`],
-    /// [`Error::Limits`], [`Error::PathExists`], [`Error::Bind`], [`Error::Epoll`].
+    /// [`Error::Limits`], [`Error::Poll`], [`Error::PathExists`], [`Error::Bind`], [`Error::Epoll`].
     pub fn for_memory(config: VsockConfig) -> Result<Self, Error> {
         if config.guest_cid < 3 || config.guest_cid >= u64::from(u32::MAX) {
             return Err(Error::Cid(config.guest_cid));
@@ -67,6 +68,9 @@ impl<M: VirtioMemory> Vsock<M> {
         if config.max_connections == 0 || config.buf_alloc < 4096 {
             return Err(Error::Limits);
         }
+        if config.poll_us > crate::MAX_POLL_US {
+            return Err(Error::Poll(config.poll_us));
+        }
         Ok(Self {
             guest_cid: config.guest_cid,
             queue_sizes: [size; 3],
@@ -74,6 +78,7 @@ impl<M: VirtioMemory> Vsock<M> {
             host: Host::bind(&config)?,
             active: None,
             event_owed: false,
+            poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
         })
     }
 
@@ -278,6 +283,10 @@ impl<M: VirtioMemory> VirtioDevice<M> for Vsock<M> {
             if context.queue(q).is_none() {
                 return Err(ActivateError::MissingQueue(q));
             }
+        }
+        let mut context = context;
+        if let Some(q) = context.queue_mut(TX_QUEUE) {
+            q.set_poll(self.poll);
         }
         self.active = Some(context);
         // Host clients may have connected before the driver was ready.

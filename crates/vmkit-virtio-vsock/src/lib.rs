@@ -77,6 +77,8 @@ pub use proto::{
 pub const VSOCK_QUEUE_SIZE: u16 = 256;
 /// The default buffer each connection advertises (and the most guest data it holds).
 pub const DEFAULT_BUF_ALLOC: u32 = 256 * 1024;
+/// The longest transmit polling window [`VsockConfig::poll_us`] takes (a millisecond).
+pub const MAX_POLL_US: u32 = 1000;
 /// The default bound on connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
@@ -92,6 +94,9 @@ pub enum Error {
     /// No connections allowed, or a buffer under 4 KiB.
     #[error("vsock limits: at least one connection and a 4 KiB buffer")]
     Limits,
+    /// A polling window above [`MAX_POLL_US`].
+    #[error("poll_us={0}: at most {MAX_POLL_US} microseconds")]
+    Poll(u32),
     /// Something is at the socket path already (a socket left by an earlier VMM, say):
     /// vmkit does not remove what it did not create.
     #[error("{0} already exists (remove it, or choose another path)")]
@@ -126,6 +131,10 @@ pub struct VsockConfig {
     pub buf_alloc: u32,
     /// The size of each queue.
     pub queue_size: u16,
+    /// After a transmit notification, keep watching the transmit ring this long (µs, at
+    /// most [`MAX_POLL_US`]) with the driver's notifications suppressed, so a guest sending
+    /// again soon does so without a VM exit (vmkit-virtio's queue polling); 0: no polling.
+    pub poll_us: u32,
 }
 
 impl VsockConfig {
@@ -137,6 +146,7 @@ impl VsockConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             buf_alloc: DEFAULT_BUF_ALLOC,
             queue_size: VSOCK_QUEUE_SIZE,
+            poll_us: 0,
         }
     }
 }

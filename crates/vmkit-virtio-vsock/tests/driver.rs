@@ -15,7 +15,7 @@ use virtio_drivers::transport::Transport;
 use virtio_drivers::Error as DriverError;
 use vmkit_virtio::test_utils::{CamKind, GuestHal, Harness, PciHarness};
 use vmkit_virtio::QueueEventHandler;
-use vmkit_virtio_vsock::{Vsock, VsockConfig, HOST_CID};
+use vmkit_virtio_vsock::{Vsock, VsockConfig, HOST_CID, MAX_POLL_US};
 
 const CID: u64 = 42;
 /// The guest's receive buffers and per-connection buffer (what it advertises as credit).
@@ -236,6 +236,19 @@ fn streams_both_ways_over_pci() {
 }
 
 #[test]
+fn streams_both_ways_with_transmit_polling() {
+    let dir = Dir::new("poll");
+    let mut config = VsockConfig::new(CID, dir.sock());
+    config.poll_us = 200;
+    let dev = Arc::new(Mutex::new(Vsock::new(config).unwrap()));
+    let h = Harness::new(dev.clone());
+    let mut handler = h.mmio().queue_event_handler().unwrap();
+    let mut mgr = manager(h.transport());
+    both_ways(&mut mgr, &mut handler, &dir);
+    assert_eq!(dev.lock().unwrap().stats().tx_bytes, 1 << 20);
+}
+
+#[test]
 fn nothing_listening_is_a_reset() {
     let dir = Dir::new("absent");
     let dev = device(&dir);
@@ -400,6 +413,16 @@ fn the_socket_path_is_checked_and_removed() {
         let e = Vsock::new(VsockConfig::new(cid, dir.sock())).unwrap_err();
         assert!(e.to_string().contains("reserved"), "{cid}: {e}");
     }
+    let mut c = VsockConfig::new(3, dir.sock());
+    c.poll_us = MAX_POLL_US + 1;
+    assert!(Vsock::new(c).unwrap_err().to_string().contains("poll_us"));
+    let mut c = VsockConfig::new(3, dir.sock());
+    c.buf_alloc = 100;
+    assert!(Vsock::new(c).unwrap_err().to_string().contains("limits"));
+    assert!(
+        !dir.sock().exists(),
+        "a refused configuration binds nothing"
+    );
     let e = Vsock::new(VsockConfig::new(3, Path::new("/nonexistent/dir/v.sock"))).unwrap_err();
     assert!(e.to_string().contains("cannot listen"), "{e}");
 }

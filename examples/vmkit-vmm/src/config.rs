@@ -53,7 +53,7 @@ pub struct Args {
     #[arg(long, value_parser = parse_net, value_name = "SPEC")]
     pub net: Vec<NetSpec>,
     /// A virtio-vsock device with Firecracker's hybrid vsock host side:
-    /// `cid=N,socket=PATH`. The guest is CID N (3 to 4294967294); host programs connect to
+    /// `cid=N,socket=PATH[,poll_us=N]`. The guest is CID N (3 to 4294967294); host programs connect to
     /// the Unix socket PATH and send `CONNECT <port>\n`; guest connections to host port P go
     /// to the Unix socket `PATH_P`.
     #[arg(long, value_parser = parse_vsock, value_name = "SPEC")]
@@ -161,12 +161,15 @@ pub struct VsockSpec {
     pub cid: u64,
     /// The Unix socket host programs connect to.
     pub socket: PathBuf,
+    /// Transmit ring polling after a notification, in µs (0: none).
+    pub poll_us: u32,
 }
 
-/// Parses `cid=N,socket=PATH`; a key given twice, a reserved CID (0, 1, 2, 2³² − 1 and up)
+/// Parses `cid=N,socket=PATH[,poll_us=N]`; a key given twice, a reserved CID (0, 1, 2, 2³² − 1 and up)
 /// or an empty path is an error.
 pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
     let (mut cid, mut socket) = (None, None);
+    let mut poll_us = 0;
     let mut seen: Vec<&str> = Vec::new();
     for item in s.split(',') {
         let (k, v) = item
@@ -178,6 +181,7 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
         seen.push(k);
         match k {
             "cid" => cid = Some(number::<u64>(k, v)?),
+            "poll_us" => poll_us = number(k, v)?,
             "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
             _ => return Err(format!("unknown or empty vsock option '{k}={v}'")),
         }
@@ -189,7 +193,11 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
         ));
     }
     let socket = socket.ok_or("socket=PATH is required")?;
-    Ok(VsockSpec { cid, socket })
+    Ok(VsockSpec {
+        cid,
+        socket,
+        poll_us,
+    })
 }
 
 /// Parses `xx:xx:xx:xx:xx:xx` (a unicast address).
@@ -476,7 +484,11 @@ mod tests {
         let v = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
         assert_eq!((v.cid, v.socket), (3, PathBuf::from("/tmp/v.sock")));
         let v = parse_vsock("socket=a,cid=4294967294").unwrap();
-        assert_eq!(v.cid, 4294967294);
+        assert_eq!((v.cid, v.poll_us), (4294967294, 0));
+        assert_eq!(
+            parse_vsock("cid=3,socket=a,poll_us=50").unwrap().poll_us,
+            50
+        );
         for (bad, says) in [
             ("cid=2,socket=a", "reserved"),
             ("cid=0,socket=a", "reserved"),

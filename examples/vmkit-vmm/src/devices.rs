@@ -178,7 +178,8 @@ impl VirtioDevices {
             devices.push(Arc::new(Mutex::new(net)));
         }
         if let Some(spec) = &args.vsock {
-            let config = VsockConfig::new(spec.cid, spec.socket.clone());
+            let mut config = VsockConfig::new(spec.cid, spec.socket.clone());
+            config.poll_us = spec.poll_us;
             devices.push(Arc::new(Mutex::new(Vsock::new(config)?)));
         }
         if args.rng {
