@@ -54,6 +54,8 @@ pub(crate) struct Conn {
     pub host_hup: bool,
     /// The guest asked to close (both shutdown flags): close once `pending` is written.
     pub closing: bool,
+    /// The host stream's write side is shut (the guest will send no more).
+    pub write_shut: bool,
     /// In the device's work list.
     pub queued: bool,
     /// Our receive buffer, advertised to the guest: the most bytes we hold for it.
@@ -89,6 +91,7 @@ impl Conn {
             host_eof: false,
             host_hup: false,
             closing: false,
+            write_shut: false,
             queued: false,
             buf_alloc,
             fwd_cnt: Wrapping(0),

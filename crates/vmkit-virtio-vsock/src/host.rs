@@ -28,6 +28,9 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// garbage gets no answer to some of it).
 const MAX_ORPHAN_RESETS: usize = 256;
 
+/// Rounds of `epoll_wait` one [`Host::poll`] runs at most.
+const MAX_POLL_ROUNDS: usize = 1024;
+
 /// What [`Host::fill`] put in a receive packet.
 pub(crate) type Filled = Option<u32>;
 
@@ -127,7 +130,7 @@ impl Host {
     /// Handles what the host sockets report, until nothing is pending.
     pub fn poll(&mut self) {
         let mut events = [EpollEvent::default(); 64];
-        loop {
+        for _ in 0..MAX_POLL_ROUNDS {
             let n = match self.epoll.wait(0, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -144,6 +147,9 @@ impl Host {
                 self.host_event(ev.data(), ev.event_set());
             }
         }
+        // Each round handles what is new; this many mean sockets keep waking themselves
+        // (a bug): leave the rest for the next event rather than hold the event thread.
+        log::warn!("vsock: host sockets still busy after {MAX_POLL_ROUNDS} rounds");
     }
 
     fn host_event(&mut self, token: u64, set: EventSet) {
@@ -286,7 +292,10 @@ impl Host {
         if conn.finished() {
             return self.kill(token);
         }
-        if conn.peer_shut & SHUTDOWN_SEND != 0 {
+        // Once: shutting the socket again wakes its own epoll entry, and each wake-up
+        // would bring this here again.
+        if conn.peer_shut & SHUTDOWN_SEND != 0 && !conn.write_shut {
+            conn.write_shut = true;
             let _ = conn.stream.shutdown(std::net::Shutdown::Write);
         }
     }

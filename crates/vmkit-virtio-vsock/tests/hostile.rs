@@ -392,3 +392,50 @@ fn a_receive_buffer_without_room_for_data_does_not_stall_the_stream() {
     let got = r.receive(1);
     assert_eq!(got, [(6, 9, 5000, HDR), (OP_RW, 9, 5000, HDR + 3)]);
 }
+
+/// Runs `f` on the rig in another thread; a device that does not return in 10 s fails.
+fn bounded(r: Rig, f: impl FnOnce(&mut Rig) + Send + 'static) -> Rig {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = r;
+        f(&mut r);
+        let _ = tx.send(r);
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the device did not return (a loop on its own wake-ups?)")
+}
+
+#[test]
+fn a_half_closed_connection_does_not_spin_the_host_poll() {
+    let mut r = rig("halfclose", DEFAULT_BUF_ALLOC);
+    let listener = UnixListener::bind(r.dir.join("v.sock_9")).unwrap();
+    r.send(H::new(OP_REQUEST, 5000, 9), None);
+    let (mut host, _) = listener.accept().unwrap();
+    // The guest will send no more: the host sees end of file.
+    let mut shut = H::new(4, 5000, 9);
+    shut.buf_alloc = 65536;
+    let mut b = shut.bytes();
+    b[32] = 2; // VIRTIO_VSOCK_SHUTDOWN_F_SEND
+    r.mem.write_slice(&b, GuestAddress(0x10_0000)).unwrap();
+    r.set(1, 0, desc(0x10_0000, HDR, 0, 0));
+    r.push(1, 0);
+    let mut rest = Vec::new();
+    host.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    // The host replies and closes; the device handles both and returns.
+    std::io::Write::write_all(&mut host, b"reply").unwrap();
+    drop(host);
+    let mut r = bounded(r, |r| {
+        for _ in 0..3 {
+            r.dev.process_device_event(0);
+        }
+    });
+    let got = r.receive(4);
+    assert_eq!(got[0], (OP_RESPONSE, 9, 5000, HDR));
+    assert_eq!(got[1], (OP_RW, 9, 5000, HDR + 5));
+    // End of file from a host that closed both ways: SHUTDOWN, then the reset that ends it
+    // (the guest already said it sends no more).
+    assert_eq!(got[2].0, 4);
+    assert_eq!(got[3].0, OP_RST);
+    assert_eq!(r.dev.connections(), 0);
+}
