@@ -6,7 +6,8 @@
 # Needs cargo-fuzz (`cargo install cargo-fuzz`) and a nightly toolchain (`+nightly`, or
 # set CARGO_FUZZ_TOOLCHAIN). Each target first replays its checked-in reproducers in
 # fuzz/regressions/<target>/, then fuzzes from fuzz/corpus/<target>/ (git-ignored; created
-# on the first run). Exits non-zero if any target crashes, panics, leaks or times out; the
+# on the first run). Exits non-zero if any target crashes, panics, leaks or times out (a
+# unit running over VMKIT_FUZZ_UNIT_TIMEOUT seconds, default 10, is a hang); the
 # crashing input is in fuzz/artifacts/<target>/ and the log in fuzz/target/smoke/.
 set -euo pipefail
 
@@ -16,6 +17,8 @@ if ! [[ "$secs" =~ ^[0-9]+$ ]] || [ "$secs" -lt 1 ]; then
     exit 2
 fi
 toolchain="${CARGO_FUZZ_TOOLCHAIN:-nightly}"
+# A unit that runs longer than this is reported as a hang (libFuzzer's default is 20 min).
+unit_timeout="${VMKIT_FUZZ_UNIT_TIMEOUT:-10}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 cd "$root"
@@ -41,14 +44,16 @@ for t in $targets; do
         echo "== $t: replaying ${#repros[@]} reproducer(s) from fuzz/regressions/$t"
         # A reproducer that still crashes is a known, unfixed bug: report it and go on
         # fuzzing, but fail the run.
-        if ! cargo "+$toolchain" fuzz run "$t" "${repros[@]}" >"$log.regressions" 2>&1; then
+        if ! cargo "+$toolchain" fuzz run "$t" "${repros[@]}" -- -timeout="$unit_timeout" \
+            >"$log.regressions" 2>&1; then
             echo "!! $t: a reproducer in fuzz/regressions/$t still fails:"
             grep -E -A1 "panicked at|ERROR: " "$log.regressions" | head -n 6 || true
             failed+=("$t (regression)")
         fi
     fi
     echo "== $t: fuzzing for ${secs}s"
-    if cargo "+$toolchain" fuzz run "$t" -- -max_total_time="$secs" -print_final_stats=1 >"$log" 2>&1; then
+    if cargo "+$toolchain" fuzz run "$t" -- -max_total_time="$secs" -timeout="$unit_timeout" \
+        -print_final_stats=1 >"$log" 2>&1; then
         grep -E "^stat::(number_of_executed_units|average_exec_per_sec)" "$log" | sed "s/^/   /" || true
     else
         echo "!! $t: crashed; log: $log"
