@@ -562,15 +562,7 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_space();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(end) = start.checked_add(data.len()) {
-            if end <= config.len() {
-                data.copy_from_slice(&config[start..end]);
-            }
-        }
+        vmkit_virtio::read_config_space(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

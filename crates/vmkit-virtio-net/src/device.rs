@@ -410,16 +410,7 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
         config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
         config[8..10].copy_from_slice(&(self.pairs.len() as u16).to_le_bytes());
         config[10..12].copy_from_slice(&self.mtu.unwrap_or(0).to_le_bytes());
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        let Some(end) = start
-            .checked_add(data.len())
-            .filter(|e| *e <= CONFIG_SPACE_SIZE)
-        else {
-            return;
-        };
-        data.copy_from_slice(&config[start..end]);
+        vmkit_virtio::read_config_space(&config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

@@ -258,17 +258,8 @@ impl<M: VirtioMemory> VirtioDevice<M> for Vsock<M> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        let Some(end) = start
-            .checked_add(data.len())
-            .filter(|e| *e <= CONFIG_SPACE_SIZE)
-        else {
-            return;
-        };
-        data.copy_from_slice(&config[start..end]);
+        let config: [u8; CONFIG_SPACE_SIZE] = self.guest_cid.to_le_bytes();
+        vmkit_virtio::read_config_space(&config, offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {

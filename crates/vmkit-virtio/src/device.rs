@@ -115,6 +115,19 @@ pub trait VirtioDevice<M: VirtioMemory = GuestMemoryMmap>: Send {
     fn reset(&mut self) -> Option<ActivateContext<M>>;
 }
 
+/// Copies the bytes of a device's configuration space `space` at `offset` into `data`, for
+/// [`VirtioDevice::read_config`]: a read that does not lie wholly inside `space` (the
+/// driver's offset and width are not to be trusted) leaves `data` as it is.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    let Some(end) = start.checked_add(data.len()).filter(|e| *e <= space.len()) else {
+        return;
+    };
+    data.copy_from_slice(&space[start..end]);
+}
+
 /// The `DEVICE_NEEDS_RESET` state shared between a transport and an activated device.
 ///
 /// The device's queues set it (through [`ActiveQueue`]'s methods, or
@@ -274,5 +287,26 @@ impl<M: VirtioMemory> ActivateContext<M> {
     /// Whether the device is in `DEVICE_NEEDS_RESET`.
     pub fn needs_reset(&self) -> bool {
         self.needs_reset.is_set()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_config_space;
+
+    #[test]
+    fn config_reads_stay_inside_the_space() {
+        let space = [1u8, 2, 3, 4, 5, 6, 7, 8];
+        let mut d = [0u8; 4];
+        read_config_space(&space, 4, &mut d);
+        assert_eq!(d, [5, 6, 7, 8]);
+        for (offset, len) in [(5, 4), (8, 1), (u64::MAX, 2), (u64::MAX - 1, 4)] {
+            let mut d = vec![0xaa; len];
+            read_config_space(&space, offset, &mut d);
+            assert!(d.iter().all(|b| *b == 0xaa), "{offset} {len}");
+        }
+        let mut d = [0u8; 2];
+        read_config_space(&space, 6, &mut d);
+        assert_eq!(d, [7, 8]);
     }
 }

@@ -109,8 +109,8 @@ mod queue;
 pub mod test_utils;
 
 pub use device::{
-    ActivateContext, NeedsReset, VirtioDevice, FEATURE_RING_EVENT_IDX, FEATURE_RING_INDIRECT_DESC,
-    FEATURE_VERSION_1, RING_FEATURES,
+    read_config_space, ActivateContext, NeedsReset, VirtioDevice, FEATURE_RING_EVENT_IDX,
+    FEATURE_RING_INDIRECT_DESC, FEATURE_VERSION_1, RING_FEATURES,
 };
 pub use error::{ActivateError, Error, Result};
 pub use events::{QueueEventHandler, MAX_POLL_ROUNDS};
