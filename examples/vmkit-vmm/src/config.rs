@@ -170,15 +170,7 @@ pub struct VsockSpec {
 pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
     let (mut cid, mut socket) = (None, None);
     let mut poll_us = 0;
-    let mut seen: Vec<&str> = Vec::new();
-    for item in s.split(',') {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| format!("'{item}' is not key=value"))?;
-        if seen.contains(&k) {
-            return Err(format!("{k}= is given twice"));
-        }
-        seen.push(k);
+    for (k, v) in key_values(s)? {
         match k {
             "cid" => cid = Some(number::<u64>(k, v)?),
             "poll_us" => poll_us = number(k, v)?,
@@ -198,6 +190,21 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
         socket,
         poll_us,
     })
+}
+
+/// The `key=value` items of a comma-separated option; a key given twice is an error.
+fn key_values(s: &str) -> Result<Vec<(&str, &str)>, String> {
+    let mut items: Vec<(&str, &str)> = Vec::new();
+    for item in s.split(',') {
+        let (k, v) = item
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}' is not key=value"))?;
+        if items.iter().any(|(seen, _)| *seen == k) {
+            return Err(format!("{k}= is given twice"));
+        }
+        items.push((k, v));
+    }
+    Ok(items)
 }
 
 /// Parses `xx:xx:xx:xx:xx:xx` (a unicast address).
@@ -224,15 +231,7 @@ pub fn parse_mac(v: &str) -> Result<[u8; 6], String> {
 pub fn parse_net(s: &str) -> Result<NetSpec, String> {
     let (mut backend, mut mac, mut mtu, mut queues) = (None, None, None, None);
     let mut poll_us = 0;
-    let mut seen: Vec<&str> = Vec::new();
-    for item in s.split(',') {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| format!("'{item}' is not key=value"))?;
-        if seen.contains(&k) {
-            return Err(format!("{k}= is given twice"));
-        }
-        seen.push(k);
+    for (k, v) in key_values(s)? {
         match k {
             "tap" | "fd" if backend.is_some() => return Err("give one of tap= and fd=".into()),
             "tap" if !v.is_empty() => backend = Some(NetBackendSpec::Tap(v.to_string())),
