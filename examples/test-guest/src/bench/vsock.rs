@@ -93,18 +93,7 @@ fn one(devices: &Devices, b: VsockBench, p: VsockParams) -> Result<(), String> {
         VsockBench::Lat(n) => lat(&mut v, p, n),
     };
     let c = v.counters();
-    println!(
-        "vsock-bench: {}: {} packets received, {} sent ({} bytes), {} credit updates; \
-         {} receive and {} transmit notifications{}",
-        b.name(),
-        c.rx_events,
-        c.tx_packets,
-        c.tx_bytes,
-        c.credit_updates,
-        c.rx_notifies,
-        c.tx_notifies,
-        dev.tag()
-    );
+    println!("vsock-bench: {}: {c}{}", b.name(), dev.tag());
     let checked = v.check();
     drop(v);
     r.and(checked)

@@ -166,18 +166,7 @@ fn one(ctx: &Ctx, dev: &Device) -> Result<String, String> {
             }
             let r = sub(&mut v, ctx, dev);
             let c = v.counters();
-            println!(
-                "virtio-vsock: {}: {} packets received, {} sent ({} bytes), {} credit updates; \
-                 {} receive and {} transmit notifications{}",
-                name,
-                c.rx_events,
-                c.tx_packets,
-                c.tx_bytes,
-                c.credit_updates,
-                c.rx_notifies,
-                c.tx_notifies,
-                dev.tag()
-            );
+            println!("virtio-vsock: {name}: {c}{}", dev.tag());
             let checked = v.check();
             // Dropping the driver unsets the queues and resets the device.
             drop(v);

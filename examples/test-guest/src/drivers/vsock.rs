@@ -117,6 +117,22 @@ pub struct Counters {
     pub tx_notifies: u64,
 }
 
+impl core::fmt::Display for Counters {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "{} packets received, {} sent ({} bytes), {} credit updates; \
+             {} receive and {} transmit notifications",
+            self.rx_events,
+            self.tx_packets,
+            self.tx_bytes,
+            self.credit_updates,
+            self.rx_notifies,
+            self.tx_notifies
+        )
+    }
+}
+
 /// A vsock device with its connections.
 pub struct Vsock {
     /// First, so that it is dropped (queues unset, device reset) first.
