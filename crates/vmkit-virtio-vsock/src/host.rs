@@ -482,6 +482,8 @@ impl Host {
         if rest > 0 {
             let buf = conn.buffer();
             let at = buf.len();
+            // Exactly: what is held per connection is bounded by the credit it gave.
+            buf.reserve_exact(rest);
             buf.resize(at + rest, 0);
             data.subslice(written, rest)
                 .map(|s| s.copy_to(&mut buf[at..]))
