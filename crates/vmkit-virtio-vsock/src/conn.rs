@@ -56,6 +56,8 @@ pub(crate) struct Conn {
     pub closing: bool,
     /// The host stream's write side is shut (the guest will send no more).
     pub write_shut: bool,
+    /// Writability of the host stream is watched (only while bytes wait for it).
+    pub watching_out: bool,
     /// In the device's work list.
     pub queued: bool,
     /// Our receive buffer, advertised to the guest: the most bytes we hold for it.
@@ -92,6 +94,7 @@ impl Conn {
             host_hup: false,
             closing: false,
             write_shut: false,
+            watching_out: false,
             queued: false,
             buf_alloc,
             fwd_cnt: Wrapping(0),

@@ -209,11 +209,10 @@ impl Host {
     fn add(&mut self, stream: UnixStream, state: State) -> io::Result<u64> {
         stream.set_nonblocking(true)?;
         let token = self.next_token;
-        let set = EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
         self.epoll.ctl(
             ControlOperation::Add,
             stream.as_raw_fd(),
-            EpollEvent::new(set, token),
+            EpollEvent::new(CONN_EVENTS, token),
         )?;
         self.next_token += 1;
         self.conns
@@ -275,7 +274,10 @@ impl Host {
             return;
         };
         match conn.flush() {
-            Ok(true) => self.after_flush(token),
+            Ok(true) => {
+                watch_out(&self.epoll, token, conn, false);
+                self.after_flush(token);
+            }
             Ok(false) => {}
             Err(e) => {
                 log::debug!("vsock: host stream of port {}: {e}", conn.local_port);
@@ -488,6 +490,7 @@ impl Host {
             data.subslice(written, rest)
                 .map(|s| s.copy_to(&mut buf[at..]))
                 .unwrap_or_default();
+            watch_out(&self.epoll, token, conn, true);
         }
         // `written` is at most the packet's length, a u32.
         conn.received(h.len, u32::try_from(written).unwrap_or(u32::MAX));
@@ -580,6 +583,30 @@ impl Drop for Host {
         if self.path.metadata().is_ok_and(|m| m.ino() == self.inode) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+/// What a connection's host stream is watched for: readable, hung up, edge-triggered;
+/// writable only while guest bytes wait for it ([`watch_out`]), so a host program that
+/// reads does not wake the device for every buffer it drains.
+const CONN_EVENTS: EventSet = EventSet::IN
+    .union(EventSet::READ_HANG_UP)
+    .union(EventSet::EDGE_TRIGGERED);
+
+/// Starts or stops watching `conn`'s stream for writability.
+fn watch_out(epoll: &Epoll, token: u64, conn: &mut Conn, on: bool) {
+    if conn.watching_out == on {
+        return;
+    }
+    let set = if on {
+        CONN_EVENTS | EventSet::OUT
+    } else {
+        CONN_EVENTS
+    };
+    let ev = EpollEvent::new(set, token);
+    match epoll.ctl(ControlOperation::Modify, conn.stream.as_raw_fd(), ev) {
+        Ok(()) => conn.watching_out = on,
+        Err(e) => log::warn!("vsock: epoll_ctl on port {}: {e}", conn.local_port),
     }
 }
 
