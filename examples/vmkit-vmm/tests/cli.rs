@@ -239,3 +239,57 @@ fn net_fd_that_is_not_a_tap() {
         &format!("--net fd={fd}: TAP fd {fd}: TUNGETIFF failed"),
     );
 }
+
+#[test]
+fn malformed_vsock_options() {
+    for cid in ["0", "1", "2", "4294967295"] {
+        fails_with(
+            &[
+                "--kernel",
+                "k",
+                "--vsock",
+                &format!("cid={cid},socket=/tmp/v"),
+            ],
+            "reserved",
+        );
+    }
+    fails_with(
+        &["--kernel", "k", "--vsock", "cid=3"],
+        "socket=PATH is required",
+    );
+    fails_with(
+        &["--kernel", "k", "--vsock", "cid=3,socket=a,cid=4"],
+        "cid= is given twice",
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn unusable_vsock_socket_paths() {
+    let guest = common::test_guest();
+    let dir = std::env::temp_dir().join(format!("vmkit-cli-vsock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let taken = dir.join("taken.sock");
+    std::fs::write(&taken, b"an operator's file").unwrap();
+    fails_with(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--vsock",
+            &format!("cid=3,socket={}", taken.display()),
+        ],
+        "already exists",
+    );
+    // What was there is left alone.
+    assert_eq!(std::fs::read(&taken).unwrap(), b"an operator's file");
+    fails_with(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--vsock",
+            &format!("cid=3,socket={}/no/such/dir/v.sock", dir.display()),
+        ],
+        "--vsock: cannot listen on",
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
