@@ -58,6 +58,8 @@ pub(crate) struct Conn {
     pub write_shut: bool,
     /// Writability of the host stream is watched (only while bytes wait for it).
     pub watching_out: bool,
+    /// Host-initiated: when the guest must have answered by.
+    pub deadline: Option<std::time::Instant>,
     /// In the device's work list.
     pub queued: bool,
     /// Our receive buffer, advertised to the guest: the most bytes we hold for it.
@@ -95,6 +97,7 @@ impl Conn {
             closing: false,
             write_shut: false,
             watching_out: false,
+            deadline: None,
             queued: false,
             buf_alloc,
             fwd_cnt: Wrapping(0),

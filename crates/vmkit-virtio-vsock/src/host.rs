@@ -10,11 +10,13 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::conn::{owe, Conn, State, MAX_CONNECT_LINE};
 use crate::proto::*;
@@ -22,6 +24,8 @@ use crate::{Error, VsockConfig, VsockStats};
 
 /// The listener's epoll token; connections count up from 1.
 const LISTENER: u64 = 0;
+/// The connect-timeout timer's epoll token.
+const TIMER: u64 = u64::MAX;
 /// Host-initiated connections get host ports from here up (as Firecracker's do).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Resets owed for packets of no connection, at most (more are dropped: a guest sending
@@ -51,6 +55,11 @@ pub(crate) struct Host {
     orphans: VecDeque<(u32, u32)>,
     max_connections: usize,
     buf_alloc: u32,
+    /// Fires when the earliest host-initiated request times out (never read: it is
+    /// edge-triggered and re-armed).
+    timer: TimerFd,
+    timer_armed: bool,
+    connect_timeout: Duration,
     pub stats: VsockStats,
 }
 
@@ -82,6 +91,11 @@ impl Host {
         epoll
             .ctl(ControlOperation::Add, listener.as_raw_fd(), ev)
             .map_err(Error::Epoll)?;
+        let timer = TimerFd::new().map_err(|e| Error::Epoll(e.into()))?;
+        let ev = EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TIMER);
+        epoll
+            .ctl(ControlOperation::Add, timer.as_raw_fd(), ev)
+            .map_err(Error::Epoll)?;
         Ok(Self {
             path,
             inode,
@@ -95,6 +109,9 @@ impl Host {
             orphans: VecDeque::new(),
             max_connections: config.max_connections,
             buf_alloc: config.buf_alloc,
+            timer,
+            timer_armed: false,
+            connect_timeout: config.connect_timeout,
             stats: VsockStats::default(),
         })
     }
@@ -155,6 +172,9 @@ impl Host {
     fn host_event(&mut self, token: u64, set: EventSet) {
         if token == LISTENER {
             return self.accept_all();
+        }
+        if token == TIMER {
+            return self.expire_requests();
         }
         let Some(conn) = self.conns.get(&token) else {
             return;
@@ -254,8 +274,47 @@ impl Host {
         conn.local_port = local;
         conn.peer_port = port;
         conn.owe |= owe::REQUEST;
+        conn.deadline = Some(Instant::now() + self.connect_timeout);
         self.by_ports.insert((local, port), token);
+        if !self.timer_armed {
+            self.arm_timer(self.connect_timeout);
+        }
         self.schedule(token);
+    }
+
+    fn arm_timer(&mut self, after: Duration) {
+        // A zero duration would disarm the timer.
+        let after = after.max(Duration::from_micros(1));
+        match self.timer.reset(after, None) {
+            Ok(()) => self.timer_armed = true,
+            Err(e) => log::warn!("vsock: connect timer: {e}"),
+        }
+    }
+
+    /// Host clients whose request the guest left unanswered past their deadline: closed,
+    /// and the guest is sent a reset. The timer is re-armed for the next deadline.
+    fn expire_requests(&mut self) {
+        self.timer_armed = false;
+        let now = Instant::now();
+        let late: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Requested && c.deadline.is_some_and(|d| d <= now))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in late {
+            self.stats.connect_timeouts += 1;
+            self.kill(token);
+        }
+        let next = self
+            .conns
+            .values()
+            .filter(|c| c.state == State::Requested)
+            .filter_map(|c| c.deadline)
+            .min();
+        if let Some(next) = next {
+            self.arm_timer(next.saturating_duration_since(now));
+        }
     }
 
     fn free_local_port(&mut self, peer: u32) -> u32 {

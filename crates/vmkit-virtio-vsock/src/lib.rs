@@ -8,7 +8,8 @@
 //!   there; else it gets a reset (`ECONNRESET`).
 //! - **Host to guest**: a host program connects to `PATH`, writes `CONNECT <port>\n`, and,
 //!   once the guest's listener on that port accepted, reads `OK <hostport>\n`; the socket is
-//!   then a byte stream to the guest. If the guest refuses, the socket is closed.
+//!   then a byte stream to the guest. If the guest refuses, or does not answer within
+//!   [`VsockConfig::connect_timeout`], the socket is closed.
 //! - **Packets** are parsed with the rust-vmm [`virtio-vsock`](virtio_vsock) crate (header
 //!   read once from guest memory, payload accessed in place); descriptor chains are checked
 //!   by vmkit-virtio's queue first. Payloads move between guest memory and the host sockets
@@ -79,6 +80,8 @@ pub const VSOCK_QUEUE_SIZE: u16 = 256;
 pub const DEFAULT_BUF_ALLOC: u32 = 256 * 1024;
 /// The longest transmit polling window [`VsockConfig::poll_us`] takes (a millisecond).
 pub const MAX_POLL_US: u32 = 1000;
+/// The default [`VsockConfig::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// The default bound on connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
@@ -110,7 +113,7 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The device's epoll instance cannot be made.
+    /// The device's epoll instance or timer cannot be made.
     #[error("epoll: {0}")]
     Epoll(#[source] std::io::Error),
 }
@@ -131,6 +134,10 @@ pub struct VsockConfig {
     pub buf_alloc: u32,
     /// The size of each queue.
     pub queue_size: u16,
+    /// How long a host client's `CONNECT` waits for the guest to accept or refuse; then the
+    /// client's socket is closed and the guest is sent a reset (2 s by default, as
+    /// Firecracker's).
+    pub connect_timeout: std::time::Duration,
     /// After a transmit notification, keep watching the transmit ring this long (µs, at
     /// most [`MAX_POLL_US`]) with the driver's notifications suppressed, so a guest sending
     /// again soon does so without a VM exit (vmkit-virtio's queue polling); 0: no polling.
@@ -146,6 +153,7 @@ impl VsockConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             buf_alloc: DEFAULT_BUF_ALLOC,
             queue_size: VSOCK_QUEUE_SIZE,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             poll_us: 0,
         }
     }
@@ -179,4 +187,6 @@ pub struct VsockStats {
     pub resets: u64,
     /// Resets not sent because too many were owed.
     pub resets_dropped: u64,
+    /// Host clients whose `CONNECT` the guest neither accepted nor refused in time.
+    pub connect_timeouts: u64,
 }

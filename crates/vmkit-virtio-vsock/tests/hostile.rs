@@ -86,12 +86,16 @@ impl Drop for Rig {
 }
 
 fn rig(tag: &str, buf_alloc: u32) -> Rig {
+    rig_with(tag, |c| c.buf_alloc = buf_alloc)
+}
+
+fn rig_with(tag: &str, configure: impl FnOnce(&mut VsockConfig)) -> Rig {
     let dir = std::env::temp_dir().join(format!("vmkit-vsock-h-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mem = guest_memory(16 << 20);
     let mut config = VsockConfig::new(CID, dir.join("v.sock"));
-    config.buf_alloc = buf_alloc;
+    configure(&mut config);
     let mut dev = Vsock::new(config).unwrap();
     dev.ack_features(FEATURE_VERSION_1);
     let (mut queues, mut used, mut avail) = (Vec::new(), Vec::new(), Vec::new());
@@ -474,4 +478,36 @@ fn bytes_a_full_host_socket_did_not_take_reach_it_once_it_reads() {
         let got = reader.join().unwrap();
         assert!(got == data, "the host got other bytes");
     });
+}
+
+#[test]
+fn a_host_connect_the_guest_never_answers_times_out() {
+    let mut r = rig_with("timeout", |c| {
+        c.connect_timeout = std::time::Duration::from_millis(100)
+    });
+    let mut c = std::os::unix::net::UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    std::io::Write::write_all(&mut c, b"CONNECT 5\n").unwrap();
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.connections(), 1);
+    // The guest offers no receive buffer, so it never even sees the request.
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.connections(), 0);
+    assert_eq!(r.dev.stats().connect_timeouts, 1);
+    c.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(c.read_to_end(&mut rest).unwrap(), 0, "closed, without OK");
+    // The guest is told the connection it may yet see the request of is reset.
+    let rx = r.receive(2);
+    assert_eq!(rx.len(), 1);
+    assert_eq!((rx[0].0, rx[0].2), (OP_RST, 5));
+    // A second client later gets its own full timeout.
+    let mut c2 = std::os::unix::net::UnixStream::connect(r.dir.join("v.sock")).unwrap();
+    std::io::Write::write_all(&mut c2, b"CONNECT 6\n").unwrap();
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.connections(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.stats().connect_timeouts, 2);
 }
