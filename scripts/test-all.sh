@@ -50,8 +50,9 @@ cargo_home="${CARGO_HOME:-$HOME/.cargo}"
 rm -rf "$cargo_home"/registry/src/-*/vmkit-* "$cargo_home"/registry/cache/-*/vmkit-* \
   target/package target/package-verify
 # vmkit-bench is a binary that is never published and depends on vmkit-netns, the tests'
-# unpublished namespace fixture, which a packaged crate cannot name: it is left out.
-cargo package --workspace --exclude vmkit-bench --quiet --allow-dirty \
+# unpublished namespace fixture, which a packaged crate cannot name: it is left out, as is
+# vmkit-fuzz-common (the fuzz targets' library, never published).
+cargo package --workspace --exclude vmkit-bench --exclude vmkit-fuzz-common --quiet --allow-dirty \
   --target-dir target/package-verify >/dev/null
 echo "==> fuzz smoke (every fuzz target, reproducers replayed, ${VMKIT_FUZZ_SECS:-10} s each)" >&2
 command -v cargo-fuzz >/dev/null || cargo install --quiet --locked cargo-fuzz
