@@ -11,9 +11,12 @@
 //! Oracles, besides "never panics" (overflow checks are on):
 //! - the parser writes no guest memory;
 //! - on `Ok`: the status byte is the last byte of the last descriptor, which is
-//!   device-writable; every data segment is non-empty and lies inside one descriptor of
-//!   the chain with the direction the type needs (IN/GET_ID writable, OUT readable) and
-//!   not over the header or the status byte; IN/OUT data is a multiple of 512 bytes,
+//!   device-writable; the data segments are, in chain order, what is left of each
+//!   descriptor once the header (the chain's first 16 bytes) and the status byte (its last)
+//!   are taken out, one per descriptor with something left, and the descriptor each comes
+//!   from has the direction the type needs (IN/GET_ID writable, OUT readable) — a segment
+//!   is attributed by its position, not by the addresses (descriptors may overlap, and a
+//!   segment may then lie in several of them); IN/OUT data is a multiple of 512 bytes,
 //!   within `seg_max` segments, and `sector + sectors <= capacity`; GET_ID has ≥ 20 bytes;
 //!   discard/write-zeroes have 1..=max_seg ranges, each within the capacity and
 //!   `max_*_sectors`, unmap only on write-zeroes; an unsupported type is a type other than
@@ -110,12 +113,26 @@ fn descriptor(d: &Desc) -> Descriptor {
     Descriptor::new(addr, len, if d.writable { WRITE } else { 0 }, 0)
 }
 
-/// The descriptor holding all of `s`, if any, and whether it is the last one.
-fn holder<'a>(descs: &'a [Descriptor], s: &Segment) -> Option<(usize, &'a Descriptor)> {
-    descs.iter().enumerate().find(|(_, d)| {
-        let (start, end) = (d.addr().0, d.addr().0 + u64::from(d.len()));
-        s.addr.0 >= start && s.addr.0 + u64::from(s.len) <= end
-    })
+/// The data pieces of a chain the parser accepted, in chain order, with the index of the
+/// descriptor each comes from: every descriptor minus the header bytes (the chain's first
+/// 16) and the status byte (its last), where something is left.
+fn data_pieces(descs: &[Descriptor]) -> Vec<(usize, Segment)> {
+    let mut header_left = HEADER_SIZE as u64;
+    let mut pieces = Vec::new();
+    for (i, d) in descs.iter().enumerate() {
+        let mut len = u64::from(d.len());
+        if i + 1 == descs.len() {
+            len = len.saturating_sub(1);
+        }
+        let take = header_left.min(len);
+        header_left -= take;
+        len -= take;
+        if len > 0 {
+            let addr = GuestAddress(d.addr().0.saturating_add(take));
+            pieces.push((i, Segment { addr, len: len as u32 }));
+        }
+    }
+    pieces
 }
 
 fuzz_target!(|input: Input| {
@@ -200,18 +217,20 @@ fuzz_target!(|input: Input| {
                 "status not device-writable"
             );
             assert_eq!(req.status, status_of(d));
+            let pieces = data_pieces(&descs);
             let check_data = |data: &[Segment], writable: bool| -> u64 {
                 assert!(data.len() <= limits.seg_max as usize, "more than seg_max");
+                assert_eq!(data.len(), pieces.len(), "not one segment per data descriptor");
                 let mut total = 0u64;
-                for s in data {
+                for (s, (i, piece)) in data.iter().zip(&pieces) {
                     assert!(s.len > 0);
-                    let (i, h) = holder(&descs, s).expect("a segment outside the chain");
+                    assert_eq!(s, piece, "segment is not what descriptor {i} holds past the header");
                     assert_eq!(
-                        h.is_write_only(),
+                        descs[*i].is_write_only(),
                         writable,
                         "a segment with the wrong direction"
                     );
-                    if i == descs.len() - 1 {
+                    if *i == descs.len() - 1 {
                         assert!(
                             s.addr.0 + u64::from(s.len) <= req.status.0,
                             "data over the status byte"
