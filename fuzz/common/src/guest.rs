@@ -15,6 +15,10 @@ pub struct Guest {
     /// The memory the devices see.
     pub mem: GuestMemoryMmap,
     size: u64,
+    /// What memory should hold if only the harness (the driver) wrote it: every
+    /// [`write`](Self::write) lands here too, so [`WriteOracle::check_guest`] sees the
+    /// device's writes alone.
+    shadow: std::cell::RefCell<Vec<u8>>,
 }
 
 impl Guest {
@@ -22,11 +26,9 @@ impl Guest {
     /// byte set to `fill`.
     pub fn new(region: u64, fill: u8) -> Self {
         let r = usize::try_from(region).expect("region size fits usize");
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
-            (GuestAddress(0), r),
-            (GuestAddress(region), r),
-        ])
-        .expect("guest memory");
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), r), (GuestAddress(region), r)])
+                .expect("guest memory");
         if fill != 0 {
             mem.write_slice(&vec![fill; 2 * r], GuestAddress(0))
                 .expect("fill guest memory");
@@ -34,6 +36,7 @@ impl Guest {
         Self {
             mem,
             size: 2 * region,
+            shadow: std::cell::RefCell::new(vec![fill; 2 * r]),
         }
     }
 
@@ -53,7 +56,17 @@ impl Guest {
 
     /// Writes `data` at `addr` if it fits (harness writes never fail the run).
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        self.mem.write_slice(data, GuestAddress(addr)).is_ok()
+        if self.mem.write_slice(data, GuestAddress(addr)).is_err() {
+            return false;
+        }
+        let start = addr as usize;
+        self.shadow.borrow_mut()[start..start + data.len()].copy_from_slice(data);
+        true
+    }
+
+    /// What memory would hold had only [`write`](Self::write) changed it.
+    pub fn expected(&self) -> std::cell::Ref<'_, Vec<u8>> {
+        self.shadow.borrow()
     }
 
     /// Reads `buf.len()` bytes at `addr`; false if they are not all in memory.
@@ -130,6 +143,12 @@ impl WriteOracle {
             .enumerate()
             .find(|&(i, (b, a))| b != a && !self.allows(i as u64))
             .map(|(i, _)| i as u64)
+    }
+
+    /// Panics, naming `what`, if the device wrote `g` outside the allowed ranges (anything
+    /// that differs from what the harness wrote through [`Guest::write`]).
+    pub fn check_guest(&self, g: &Guest, what: &str) {
+        self.check(&g.expected(), &g.snapshot(), what);
     }
 
     /// Panics, naming `what`, if the device wrote outside the allowed ranges.

@@ -43,8 +43,11 @@ pub mod virtio_pci;
 pub mod virtqueue;
 pub mod vsock_queues;
 
-/// Every target: its name (as in `fuzz/fuzz_targets/<name>.rs`) and its entry point.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A target: its name (as in `fuzz/fuzz_targets/<name>.rs`) and its entry point.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target.
+pub const TARGETS: &[Target] = &[
     ("blk_device", blk_device::fuzz),
     ("blk_request", blk_request::fuzz),
     ("console", console::fuzz),

@@ -49,7 +49,12 @@ mod tests {
     #[test]
     fn every_reproducer_seed_and_local_corpus_input_passes_its_oracles() {
         for (name, run) in TARGETS {
-            let repros = replay_dir(name, &fuzz_dir().join("regressions").join(name), usize::MAX, *run);
+            let repros = replay_dir(
+                name,
+                &fuzz_dir().join("regressions").join(name),
+                usize::MAX,
+                *run,
+            );
             let generated = seeds::for_target(name);
             for (i, s) in generated.iter().enumerate() {
                 let outcome = std::panic::catch_unwind(|| run(s));
@@ -59,7 +64,10 @@ mod tests {
                 }
             }
             let local = replay_dir(name, &fuzz_dir().join("corpus").join(name), 500, *run);
-            eprintln!("{name}: {repros} reproducers, {} seeds, {local} local corpus inputs", generated.len());
+            eprintln!(
+                "{name}: {repros} reproducers, {} seeds, {local} local corpus inputs",
+                generated.len()
+            );
         }
     }
 }

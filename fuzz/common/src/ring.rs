@@ -115,15 +115,39 @@ pub struct RawDesc {
 #[derive(Arbitrary, Clone, Debug)]
 pub struct RawRing {
     /// Descriptors, from index 0.
+    #[arbitrary(with = crate::seeds::up_to::<RawDesc, 16>)]
     pub descs: Vec<RawDesc>,
-    /// Heads pushed on the available ring (taken modulo the queue size unless wild).
+    /// Heads pushed on the available ring (taken modulo the queue size).
+    #[arbitrary(with = crate::seeds::up_to::<u8, 16>)]
     pub heads: Vec<u8>,
-    /// Added to the available index after the heads (a driver running ahead, or behind).
-    pub extra_avail: u16,
+    /// Moves the available index after the heads (a driver running ahead, or behind).
+    pub skew: Skew,
     /// The available ring's flags (`NO_INTERRUPT` is bit 0).
     pub avail_flags: u16,
     /// The `used_event` field (read by a device with `EVENT_IDX`).
     pub used_event: u16,
+}
+
+/// How far a hostile driver moves the available index past the heads it wrote.
+#[derive(Arbitrary, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Skew {
+    /// Not at all.
+    Exact,
+    /// 0–3 entries ahead (stale entries become available).
+    Ahead(u8),
+    /// Anywhere (far ahead of the device is a corrupt ring).
+    Any(u16),
+}
+
+impl Skew {
+    /// The amount added to the available index.
+    pub fn get(self) -> u16 {
+        match self {
+            Skew::Exact => 0,
+            Skew::Ahead(n) => u16::from(n % 4),
+            Skew::Any(n) => n,
+        }
+    }
 }
 
 /// One buffer of a chain a builder lays out.
@@ -268,6 +292,11 @@ impl Ring {
     pub fn footprint(size: u16) -> u64 {
         let r = Self::at(0, size);
         r.used + 6 + 8 * u64::from(size)
+    }
+
+    /// The table slot the next [`add_chain`](Self::add_chain) starts at.
+    pub fn next_desc_slot(&self) -> usize {
+        usize::from(self.next_desc)
     }
 
     /// Tells `oracle` the used ring may change and the table and available ring are orders.
@@ -427,7 +456,7 @@ impl Ring {
         for h in raw.heads.iter().take(usize::from(size)) {
             self.publish(g, u16::from(*h) % size);
         }
-        self.avail_idx = self.avail_idx.wrapping_add(raw.extra_avail);
+        self.avail_idx = self.avail_idx.wrapping_add(raw.skew.get());
         g.write(self.avail + 2, &self.avail_idx.to_le_bytes());
         self.set_avail_flags(g, raw.avail_flags);
         self.set_used_event(g, raw.used_event);
@@ -515,7 +544,14 @@ mod tests {
         assert_eq!(g.read_u16(r.avail + 2), 1);
         assert_eq!(g.read_u16(r.avail + 4), 0);
         assert!(o.allows(d[1].addr) && !o.allows(d[0].addr));
-        let (head, d) = r.add_chain(&g, &mut o, &mut a, &[Buf::write(8)], Form::Indirect, Damage::None);
+        let (head, d) = r.add_chain(
+            &g,
+            &mut o,
+            &mut a,
+            &[Buf::write(8)],
+            Form::Indirect,
+            Damage::None,
+        );
         assert_eq!(head, 3);
         assert_eq!(g.read_u16(r.avail + 6), 3);
         assert!(o.allows(d[0].addr));

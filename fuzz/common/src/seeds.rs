@@ -6,6 +6,42 @@
 //! `cargo run -p vmkit-fuzz-common --example write-seeds` writes them to
 //! `fuzz/corpus/<target>/`.
 
+use arbitrary::{Arbitrary, Unstructured};
+
+/// A vector of at most `N` elements whose length is one byte of the input (modulo `N + 1`)
+/// — for `#[arbitrary(with = up_to::<T, N>)]` on a field. arbitrary's own `Vec` takes its
+/// length from the end of the input and, fed random bytes, lets one inner list swallow the
+/// whole input; with this, random bytes decode to many small operations.
+pub fn up_to<'a, T: Arbitrary<'a>, const N: usize>(
+    u: &mut Unstructured<'a>,
+) -> arbitrary::Result<Vec<T>> {
+    let n = usize::from(u8::arbitrary(u)?) % (N + 1);
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        if u.is_empty() {
+            break;
+        }
+        v.push(T::arbitrary(u)?);
+    }
+    Ok(v)
+}
+
+/// Up to `N` elements, as many as the input holds — for `#[arbitrary(with = many::<T, N>)]`
+/// on the last field of an input (its list of operations). arbitrary's own `Vec` at the end
+/// of an input reads a "go on" bit before each element, so random bytes give about one.
+pub fn many<'a, T: Arbitrary<'a>, const N: usize>(
+    u: &mut Unstructured<'a>,
+) -> arbitrary::Result<Vec<T>> {
+    let mut v = Vec::new();
+    while v.len() < N && !u.is_empty() {
+        match T::arbitrary(u) {
+            Ok(t) => v.push(t),
+            Err(_) => break,
+        }
+    }
+    Ok(v)
+}
+
 /// A small xorshift generator: the same seeds on every machine.
 #[derive(Debug, Clone)]
 pub struct Prng(u64);
@@ -32,12 +68,50 @@ impl Prng {
     }
 }
 
-/// The seeds for `target`: 32 byte strings from 16 bytes to 8 KiB.
-pub fn for_target(target: &str) -> Vec<Vec<u8>> {
+fn prng_for(target: &str) -> Prng {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in target.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
     }
-    let mut p = Prng::new(h);
-    (0..32).map(|i| p.bytes(16usize << (i % 10))).collect()
+    Prng::new(h)
+}
+
+/// The seeds for `target`: 32 byte strings from 16 bytes to 8 KiB, and for the targets
+/// that define a goal (see [`select`]), 32 more that reach it.
+pub fn for_target(target: &str) -> Vec<Vec<u8>> {
+    let mut p = prng_for(target);
+    let mut seeds: Vec<Vec<u8>> = (0..32).map(|i| p.bytes(16usize << (i % 10))).collect();
+    let goal: Option<fn(&[u8]) -> bool> = match target {
+        "virtqueue" => Some(crate::virtqueue::reaches_goal),
+        "virtio_mmio" => Some(crate::virtio_mmio::reaches_goal),
+        "virtio_pci" => Some(crate::virtio_pci::reaches_goal),
+        "blk_device" => Some(crate::blk_device::reaches_goal),
+        "console" => Some(crate::console::reaches_goal),
+        "rng" => Some(crate::rng::reaches_goal),
+        _ => None,
+    };
+    if let Some(goal) = goal {
+        seeds.extend(select(target, 32, goal));
+    }
+    seeds
+}
+
+/// Up to `count` pseudo-random inputs (64 bytes to 4 KiB) for which `goal` holds (the run
+/// got where the target is meant to go: a request served, a chain checked), from at most
+/// 4000 candidates — rejection sampling, deterministic per target.
+pub fn select(target: &str, count: usize, goal: fn(&[u8]) -> bool) -> Vec<Vec<u8>> {
+    let mut p = prng_for(target);
+    p.next_u64();
+    let mut out = Vec::new();
+    for i in 0..4000 {
+        if out.len() == count {
+            log::debug!("{target}: {count} goal seeds from {i} candidates");
+            break;
+        }
+        let data = p.bytes(64usize << (i % 7));
+        if goal(&data) {
+            out.push(data);
+        }
+    }
+    out
 }
