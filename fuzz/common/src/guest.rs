@@ -56,6 +56,14 @@ impl Guest {
 
     /// Writes `data` at `addr` if it fits (harness writes never fail the run).
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
+        // All or nothing: vm-memory writes the part that fits before it fails, which the
+        // shadow would then not know about.
+        if addr
+            .checked_add(data.len() as u64)
+            .is_none_or(|end| end > self.size)
+        {
+            return false;
+        }
         if self.mem.write_slice(data, GuestAddress(addr)).is_err() {
             return false;
         }
@@ -72,6 +80,11 @@ impl Guest {
     /// Reads `buf.len()` bytes at `addr`; false if they are not all in memory.
     pub fn mem_read(&self, addr: u64, buf: &mut [u8]) -> bool {
         self.mem.read_slice(buf, GuestAddress(addr)).is_ok()
+    }
+
+    /// Reads the byte at `addr` (0 when outside memory).
+    pub fn read_u8(&self, addr: u64) -> u8 {
+        self.mem.read_obj(GuestAddress(addr)).unwrap_or(0)
     }
 
     /// Reads a little-endian `u16` at `addr` (0 when outside memory).

@@ -235,6 +235,16 @@ impl Alloc {
         &self.area
     }
 
+    /// Whether the next `len` bytes would start over at the area's start.
+    pub fn would_wrap(&self, len: u64) -> bool {
+        ((self.next + 15) & !15).saturating_add(len) > self.area.end
+    }
+
+    /// Starts handing out from the area's start again (nothing earlier is in use).
+    pub fn reset(&mut self) {
+        self.next = self.area.start;
+    }
+
     /// `len` bytes, 16-byte aligned; buffers larger than the area start at its start.
     pub fn take(&mut self, len: u32) -> u64 {
         let len = u64::from(len);
@@ -317,6 +327,13 @@ impl Ring {
         let slot = u64::from(self.avail_idx % self.size.max(1));
         g.write(self.avail + 4 + 2 * slot, &head.to_le_bytes());
         self.avail_idx = self.avail_idx.wrapping_add(1);
+        g.write(self.avail + 2, &self.avail_idx.to_le_bytes());
+    }
+
+    /// Moves the available index by `n` without writing entries (a driver running ahead of
+    /// what it wrote) and publishes it.
+    pub fn advance_avail(&mut self, g: &Guest, n: u16) {
+        self.avail_idx = self.avail_idx.wrapping_add(n);
         g.write(self.avail + 2, &self.avail_idx.to_le_bytes());
     }
 
