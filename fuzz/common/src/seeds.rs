@@ -83,8 +83,6 @@ pub fn for_target(target: &str) -> Vec<Vec<u8>> {
     let mut seeds: Vec<Vec<u8>> = (0..32).map(|i| p.bytes(16usize << (i % 10))).collect();
     let goal: Option<fn(&[u8]) -> bool> = match target {
         "virtqueue" => Some(crate::virtqueue::reaches_goal),
-        "virtio_mmio" => Some(crate::virtio_mmio::reaches_goal),
-        "virtio_pci" => Some(crate::virtio_pci::reaches_goal),
         "blk_device" => Some(crate::blk_device::reaches_goal),
         "console" => Some(crate::console::reaches_goal),
         "rng" => Some(crate::rng::reaches_goal),
