@@ -162,9 +162,14 @@ fn serve<M: VirtioMemory>(
             continue;
         }
         let room = limit.saturating_sub(written);
+        if room == 0 {
+            break;
+        }
         let n = d.len().min(room);
         if n == 0 {
-            break;
+            // An empty writable descriptor: the request goes on to the next one (ending it
+            // here would leave a chain with room unserved, against virtio 1.2 §5.4.6.1).
+            continue;
         }
         // `n` is at most 64 KiB by default and at most the u32 limit; usize holds it.
         buffer.resize(n as usize, 0);

@@ -181,6 +181,27 @@ fn read_only_descriptors_are_never_written() {
 }
 
 #[test]
+fn empty_writable_descriptors_do_not_end_the_request() {
+    // Found by the `rng` fuzz target: a zero-length writable descriptor ended the request,
+    // so the chain was returned with 0 bytes (and the readable descriptor after it was not
+    // counted) although it had 40 writable bytes.
+    let h = hostile(
+        1 << 16,
+        &[
+            desc(0x1_0000, 0, WRITE | NEXT, 1),
+            desc(0x2_0000, 8, NEXT, 2),
+            desc(0x3_0000, 40, WRITE, 0),
+        ],
+    );
+    assert_eq!(h.used_len(0), 40);
+    assert!(!h.untouched(0x3_0000, 40));
+    assert!(h.untouched(0x3_0000 + 40, 64), "nothing past the descriptor");
+    assert!(h.untouched(0x2_0000, 8));
+    assert_eq!(h.dev.stats().readable_descriptors, 1);
+    assert_eq!(h.dev.stats().bytes, 40);
+}
+
+#[test]
 fn only_read_only_descriptors_get_zero_bytes() {
     let h = hostile(1 << 16, &[desc(0x1_0000, 4096, 0, 0)]);
     assert_eq!(h.used_len(0), 0);
