@@ -195,7 +195,10 @@ fn empty_writable_descriptors_do_not_end_the_request() {
     );
     assert_eq!(h.used_len(0), 40);
     assert!(!h.untouched(0x3_0000, 40));
-    assert!(h.untouched(0x3_0000 + 40, 64), "nothing past the descriptor");
+    assert!(
+        h.untouched(0x3_0000 + 40, 64),
+        "nothing past the descriptor"
+    );
     assert!(h.untouched(0x2_0000, 8));
     assert_eq!(h.dev.stats().readable_descriptors, 1);
     assert_eq!(h.dev.stats().bytes, 40);
