@@ -1,7 +1,7 @@
 //! A hostile guest driving the vmkit-legacy devices through their vm-device trait methods,
 //! interleaved with host input queued on the UART.
 //!
-//! Devices: `Serial` (Vec<u8> writer, `CountingLine`, an "input drained" eventfd), `I8042`,
+//! Devices: `Serial` (`Vec<u8>` writer, `CountingLine`, an "input drained" eventfd), `I8042`,
 //! `AcpiSleep` (fuzzed S5 sleep type and reset value) and `DebugPort` (through both
 //! `DevicePio` and `MutDevicePio`). Accesses are 1 to 4 bytes at any offset.
 //!
