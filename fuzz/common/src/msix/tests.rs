@@ -111,19 +111,6 @@ fn resets_drop_pending_and_routes() {
 }
 
 #[test]
-#[ignore]
-fn stress() {
-    let mut p = crate::seeds::Prng::new(9);
-    for i in 0..50000 {
-        let data = p.bytes(16 + (i % 40) * 40);
-        if std::panic::catch_unwind(|| fuzz(&data)).is_err() {
-            std::fs::write("/tmp/msix_crash", &data).expect("write");
-            panic!("input {i}");
-        }
-    }
-}
-
-#[test]
 fn the_seeds_enable_msix_and_deliver() {
     let mut total = Stats::default();
     for seed in crate::seeds::for_target("msix") {

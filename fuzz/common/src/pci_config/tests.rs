@@ -20,20 +20,6 @@ fn dev(slot: u8) -> Dev {
 }
 
 #[test]
-#[ignore]
-fn stress() {
-    let mut p = crate::seeds::Prng::new(7);
-    for i in 0..20000 {
-        let data = p.bytes(64 + (i % 40) * 50);
-        let r = std::panic::catch_unwind(|| fuzz(&data));
-        if r.is_err() {
-            std::fs::write("/tmp/pci_crash", &data).unwrap();
-            panic!("input {i}");
-        }
-    }
-}
-
-#[test]
 fn read_only_fields_hold_and_the_model_catches_a_change() {
     let mut ops = Vec::new();
     for path in [Path::Port, Path::Ecam] {
