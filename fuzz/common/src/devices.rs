@@ -91,3 +91,145 @@ impl From<Engine> for vmkit_virtio_blk::EngineKind {
         }
     }
 }
+
+/// A device a transport target puts under test.
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DutKind {
+    /// virtio-rng.
+    Rng,
+    /// virtio-console.
+    Console,
+    /// virtio-blk on a 64-sector memfd disk.
+    Blk(Engine),
+}
+
+/// The sector count of a [`Dut`]'s blk disk.
+pub const DUT_SECTORS: u64 = 64;
+
+/// A device under test, as a VMM puts it on a transport.
+pub struct Dut {
+    /// Which device.
+    pub kind: DutKind,
+    /// The device.
+    pub device: Arc<Mutex<dyn vmkit_virtio::VirtioDevice>>,
+    /// The console's output.
+    pub output: SharedOutput,
+    /// The blk disk.
+    pub disk: Option<File>,
+}
+
+/// A legitimate request: where it goes and how to judge the answer.
+#[derive(Debug, Clone)]
+pub struct Legit {
+    /// The queue.
+    pub queue: u16,
+    /// Its buffers (contents written).
+    pub bufs: Vec<crate::ring::Buf>,
+}
+
+const LEGIT_TEXT: &[u8] = b"vmkit-fuzz: still here\n";
+
+impl Dut {
+    /// Builds `kind`; `None` when the host cannot (io_uring unavailable).
+    pub fn build(kind: DutKind) -> Option<Self> {
+        let output = SharedOutput::default();
+        let mut disk = None;
+        let device: Arc<Mutex<dyn vmkit_virtio::VirtioDevice>> = match kind {
+            DutKind::Rng => Arc::new(Mutex::new(
+                vmkit_virtio_rng::Rng::new(vmkit_virtio_rng::RngConfig::default()).ok()?,
+            )),
+            DutKind::Console => Arc::new(Mutex::new(
+                vmkit_virtio_console::Console::new(vmkit_virtio_console::ConsoleConfig::new(
+                    Box::new(output.clone()),
+                ))
+                .ok()?,
+            )),
+            DutKind::Blk(engine) => {
+                let f = memfd_disk(DUT_SECTORS);
+                let mut config = vmkit_virtio_blk::BlockConfig::new(f.try_clone().ok()?);
+                config.engine = engine.into();
+                config.queue_size = 16;
+                disk = Some(f);
+                Arc::new(Mutex::new(vmkit_virtio_blk::Block::new(config).ok()?))
+            }
+        };
+        Some(Self {
+            kind,
+            device,
+            output,
+            disk,
+        })
+    }
+
+    /// The device type.
+    pub fn device_type(&self) -> u32 {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_type()
+    }
+
+    /// Lays out a legitimate request's buffers in `g` (from `alloc`).
+    pub fn legit(&self, g: &crate::guest::Guest, alloc: &mut crate::ring::Alloc) -> Legit {
+        use crate::ring::Buf;
+        let mut placed = |content: &[u8], writable: bool| {
+            let addr = alloc.take(content.len() as u32);
+            g.write(addr, content);
+            Buf {
+                addr: Some(addr),
+                len: content.len() as u32,
+                writable,
+            }
+        };
+        match self.kind {
+            DutKind::Rng => Legit {
+                queue: 0,
+                bufs: vec![placed(&[0u8; 64], true)],
+            },
+            DutKind::Console => Legit {
+                queue: 1,
+                bufs: vec![placed(LEGIT_TEXT, false)],
+            },
+            DutKind::Blk(_) => {
+                let mut header = [0u8; 16];
+                header[8..].copy_from_slice(&1u64.to_le_bytes()); // IN, sector 1
+                Legit {
+                    queue: 0,
+                    bufs: vec![
+                        placed(&header, false),
+                        placed(&[0u8; 512], true),
+                        placed(&[0xEE], true),
+                    ],
+                }
+            }
+        }
+    }
+
+    /// Panics unless `len` and guest memory show `legit` served correctly.
+    pub fn check_legit(&self, g: &crate::guest::Guest, legit: &Legit, len: u32) {
+        match self.kind {
+            DutKind::Rng => assert!(
+                (1..=64).contains(&len),
+                "rng: a 64-byte request after a reset got {len} bytes"
+            ),
+            DutKind::Console => {
+                let out = self.output.0.lock().unwrap_or_else(|e| e.into_inner());
+                assert!(
+                    out.ends_with(LEGIT_TEXT),
+                    "console: the line sent after a reset did not reach the output"
+                );
+            }
+            DutKind::Blk(_) => {
+                let mut data = vec![0u8; 512];
+                g.mem_read(legit.bufs[1].addr.unwrap_or(0), &mut data);
+                let status = g.read_u8(legit.bufs[2].addr.unwrap_or(0));
+                assert_eq!(status, 0, "blk: a read after a reset got status {status}");
+                assert!(
+                    data.iter().all(|b| *b == 1 ^ 0x5A),
+                    "blk: a read of sector 1 after a reset returned other data"
+                );
+                assert_eq!(len, 513, "blk: used length of a 512-byte read");
+            }
+        }
+    }
+}

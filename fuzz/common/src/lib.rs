@@ -11,6 +11,7 @@
 //! |---|---|
 //! | [`guest`] | guest memory of two adjacent regions, and the write oracle (what changed outside the buffers the driver made writable) |
 //! | [`ring`] | descriptor tables, indirect tables and available rings written into guest memory from structured input; chain builders |
+//! | [`driver`] | a virtio driver for the transport targets: the initialisation, any step alone or out of order, raw register accesses of any width and offset, and a legitimate request after the hostile sequence |
 //! | [`devices`] | what the device harnesses share: a recording interrupt, a memfd disk, a shared output |
 //! | [`seeds`] | deterministic seed inputs for every target |
 //!
@@ -25,6 +26,7 @@ pub mod blk_device;
 pub mod blk_request;
 pub mod console;
 pub mod devices;
+pub mod driver;
 pub mod guest;
 pub mod io_bus;
 pub mod kernel_image;
@@ -36,6 +38,8 @@ pub mod replay;
 pub mod ring;
 pub mod rng;
 pub mod seeds;
+pub mod virtio_mmio;
+pub mod virtio_pci;
 pub mod virtqueue;
 pub mod vsock_queues;
 
@@ -54,6 +58,8 @@ pub const TARGETS: &[Target] = &[
     ("net_queues", net_queues::fuzz),
     ("pci_config", pci_config::fuzz),
     ("rng", rng::fuzz),
+    ("virtio_mmio", virtio_mmio::fuzz),
+    ("virtio_pci", virtio_pci::fuzz),
     ("virtqueue", virtqueue::fuzz),
     ("vsock_queues", vsock_queues::fuzz),
 ];

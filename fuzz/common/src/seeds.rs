@@ -6,6 +6,9 @@
 //! `cargo run -p vmkit-fuzz-common --example write-seeds` writes them to
 //! `fuzz/corpus/<target>/`.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
 use arbitrary::{Arbitrary, Unstructured};
 
 /// A vector of at most `N` elements whose length is one byte of the input (modulo `N + 1`)
@@ -77,13 +80,30 @@ fn prng_for(target: &str) -> Prng {
 }
 
 /// The seeds for `target`: 32 byte strings from 16 bytes to 8 KiB, and for the targets
-/// that define a goal (see [`select`]), 32 more that reach it.
+/// that define a goal (see [`select`]), 32 more that reach it. Computed once a process.
 pub fn for_target(target: &str) -> Vec<Vec<u8>> {
+    type Cache = Mutex<HashMap<String, Vec<Vec<u8>>>>;
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    if let Some(s) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(target) {
+        return s.clone();
+    }
+    let seeds = generate(target);
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(target.to_string(), seeds.clone());
+    seeds
+}
+
+fn generate(target: &str) -> Vec<Vec<u8>> {
     let mut p = prng_for(target);
     let mut seeds: Vec<Vec<u8>> = (0..32).map(|i| p.bytes(16usize << (i % 10))).collect();
     let goal: Option<fn(&[u8]) -> bool> = match target {
         "virtqueue" => Some(crate::virtqueue::reaches_goal),
         "blk_device" => Some(crate::blk_device::reaches_goal),
+        "virtio_mmio" => Some(crate::virtio_mmio::reaches_goal),
+        "virtio_pci" => Some(crate::virtio_pci::reaches_goal),
         "console" => Some(crate::console::reaches_goal),
         "rng" => Some(crate::rng::reaches_goal),
         _ => None,
