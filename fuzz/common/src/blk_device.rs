@@ -295,6 +295,7 @@ impl Harness {
         );
         self.dev.activate(ctx).expect("activate");
         self.expect.clear();
+        self.slots.fill(None);
     }
 
     fn apply(&mut self, op: &Op) {
@@ -330,8 +331,12 @@ impl Harness {
         }
         // A behaving driver does not reuse buffers still in flight: no room, no request.
         let room = 16 * 8 + 0x4000 * 4 + 64 * 16;
-        if !self.hostile && !self.expect.is_empty() && self.alloc.would_wrap(room) {
-            return;
+        if !self.expect.is_empty() && self.alloc.would_wrap(room) {
+            if !self.hostile {
+                return;
+            }
+            // A hostile driver reuses buffers in flight: what it expected of them is void.
+            self.expect.clear();
         }
         let (bufs, want) = self.build(r);
         let slots = if r.form == Form::Direct {
@@ -355,7 +360,11 @@ impl Harness {
             damage,
         );
         for i in 0..slots {
-            self.slots[(first + i) % size] = Some(head);
+            // Descriptors of a chain in flight rewritten: that chain is no longer the one
+            // its expectation describes.
+            if let Some(old) = self.slots[(first + i) % size].replace(head) {
+                self.expect.remove(&old);
+            }
         }
         // A damaged chain, or one over descriptors still in flight, has no expectation.
         if damage != Damage::None || !free {
@@ -593,7 +602,6 @@ impl Harness {
 
     /// Waits for and reaps the engine's completions (io_uring), then checks the used ring.
     fn drain(&mut self) {
-        let mut idle = 0;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while std::time::Instant::now() < deadline {
             // Read the completion eventfd first (as a VMM's loop does), so the poll below
@@ -603,13 +611,9 @@ impl Harness {
             }
             self.dev.process_completions();
             self.collect();
+            // Nothing in the engine: no completion will come to resume anything.
             if self.dev.in_flight() == 0 {
-                // Requests the device holds outside the engine (waiting for room) are
-                // resumed by completions: give them a few rounds.
-                idle += 1;
-                if self.expect.is_empty() || idle > 3 {
-                    break;
-                }
+                break;
             }
             if let Some(fd) = self.dev.completion_fd() {
                 let mut p = libc::pollfd {

@@ -485,19 +485,19 @@ impl Ring {
         }
         if d.flags & F_INDIRECT != 0 {
             oracle.control(d.addr, u64::from(d.len));
-            // The device reads at most a queue's worth of entries... or more: allow every
-            // writable entry of the table as memory holds it (bounded by the memory size).
-            let entries = (u64::from(d.len) / 16).min(g.size() / 16);
-            for i in 0..entries {
-                let at = d.addr.saturating_add(16 * i);
-                let mut b = [0u8; 16];
-                if g.mem_read(at, &mut b) {
-                    let flags = u16::from_le_bytes([b[12], b[13]]);
-                    if flags & F_WRITE != 0 {
-                        let addr = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
-                        let len = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
-                        oracle.allow(addr, u64::from(len));
-                    }
+            // Every writable entry of the table as memory holds it (read in one piece, as
+            // much of it as lies in memory).
+            let end = d.addr.saturating_add(u64::from(d.len)).min(g.size());
+            let mut table = vec![0u8; end.saturating_sub(d.addr) as usize / 16 * 16];
+            if table.is_empty() || !g.mem_read(d.addr, &mut table) {
+                return;
+            }
+            for e in table.chunks_exact(16) {
+                let flags = u16::from_le_bytes([e[12], e[13]]);
+                if flags & F_WRITE != 0 {
+                    let addr = u64::from_le_bytes(e[..8].try_into().unwrap_or_default());
+                    let len = u32::from_le_bytes(e[8..12].try_into().unwrap_or_default());
+                    oracle.allow(addr, u64::from(len));
                 }
             }
         }
