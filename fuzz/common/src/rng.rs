@@ -460,7 +460,10 @@ pub struct Posted {
 impl Posted {
     /// Its buffers' and indirect table's ranges.
     pub fn ranges(&self) -> impl Iterator<Item = Range<u64>> + '_ {
-        let bufs = self.descs.iter().map(|d| d.addr..d.addr + u64::from(d.len));
+        let bufs = self
+            .descs
+            .iter()
+            .map(|d| d.addr..d.addr.saturating_add(u64::from(d.len)));
         bufs.chain(self.table.clone())
     }
 
@@ -612,10 +615,11 @@ impl Mem {
         );
         let table = (c.form == Form::Indirect).then(|| {
             let t = read_desc(&self.g, side.ring.desc + 16 * u64::from(head));
-            t.addr..t.addr + u64::from(t.len)
+            t.addr..t.addr.saturating_add(u64::from(t.len))
         });
         for d in descs.iter().filter(|d| d.flags & F_WRITE != 0) {
-            self.allowed.push(d.addr..d.addr + u64::from(d.len));
+            self.allowed
+                .push(d.addr..d.addr.saturating_add(u64::from(d.len)));
         }
         let p = Posted {
             head,
@@ -663,7 +667,8 @@ impl Mem {
         for p in sides.iter().flat_map(|s| s.posted.iter()) {
             for d in p.descs.iter().filter(|d| d.flags & F_WRITE != 0) {
                 self.oracle.allow(d.addr, u64::from(d.len));
-                self.allowed.push(d.addr..d.addr + u64::from(d.len));
+                self.allowed
+                    .push(d.addr..d.addr.saturating_add(u64::from(d.len)));
             }
             if let Some(t) = &p.table {
                 self.oracle.control(t.start, t.end - t.start);
