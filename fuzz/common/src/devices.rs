@@ -101,6 +101,42 @@ pub enum DutKind {
     Console,
     /// virtio-blk on a 64-sector memfd disk.
     Blk(Engine),
+    /// virtio-net on a backend that records what the device sends (and has nothing to
+    /// receive: `net_queues` covers the receive path).
+    Net,
+}
+
+/// A virtio-net backend recording the length of every frame sent (header included).
+#[derive(Debug, Clone, Default)]
+pub struct RecordingNet(pub Arc<Mutex<Vec<usize>>>);
+
+impl vmkit_virtio_net::NetBackend for RecordingNet {
+    unsafe fn recv(&mut self, _iov: &[libc::iovec]) -> std::io::Result<usize> {
+        Err(std::io::ErrorKind::WouldBlock.into())
+    }
+
+    unsafe fn send(&mut self, iov: &[libc::iovec]) -> std::io::Result<usize> {
+        let len: usize = iov.iter().map(|v| v.iov_len).sum();
+        let max = vmkit_virtio_net::NET_HDR_LEN + vmkit_virtio_net::MAX_FRAME_LEN;
+        assert!(
+            (vmkit_virtio_net::NET_HDR_LEN..=max).contains(&len),
+            "net: a {len}-byte frame handed to the backend"
+        );
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(len);
+        Ok(len)
+    }
+
+    fn supported_offloads(&self) -> vmkit_virtio_net::Offloads {
+        vmkit_virtio_net::Offloads(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)
+    }
+
+    fn set_offloads(&mut self, _: vmkit_virtio_net::Offloads) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn readable_fd(&self) -> std::io::Result<Option<std::os::fd::OwnedFd>> {
+        Ok(None)
+    }
 }
 
 /// The sector count of a [`Dut`]'s blk disk.
@@ -116,6 +152,8 @@ pub struct Dut {
     pub output: SharedOutput,
     /// The blk disk.
     pub disk: Option<File>,
+    /// The net backend's record of frames sent.
+    pub sent: RecordingNet,
 }
 
 /// A legitimate request: where it goes and how to judge the answer.
@@ -133,6 +171,7 @@ impl Dut {
     /// Builds `kind`; `None` when the host cannot (io_uring unavailable).
     pub fn build(kind: DutKind) -> Option<Self> {
         let output = SharedOutput::default();
+        let sent = RecordingNet::default();
         let mut disk = None;
         let device: Arc<Mutex<dyn vmkit_virtio::VirtioDevice>> = match kind {
             DutKind::Rng => Arc::new(Mutex::new(
@@ -152,12 +191,18 @@ impl Dut {
                 disk = Some(f);
                 Arc::new(Mutex::new(vmkit_virtio_blk::Block::new(config).ok()?))
             }
+            DutKind::Net => {
+                let mut config = vmkit_virtio_net::NetConfig::new(vec![Box::new(sent.clone())]);
+                config.queue_size = 16;
+                Arc::new(Mutex::new(vmkit_virtio_net::Net::new(config).ok()?))
+            }
         };
         Some(Self {
             kind,
             device,
             output,
             disk,
+            sent,
         })
     }
 
@@ -190,6 +235,20 @@ impl Dut {
                 queue: 1,
                 bufs: vec![placed(LEGIT_TEXT, false)],
             },
+            DutKind::Net => {
+                // A 12-byte virtio-net header (no offloads) and a 60-byte frame.
+                let mut frame = vec![0u8; vmkit_virtio_net::NET_HDR_LEN + 60];
+                frame[vmkit_virtio_net::NET_HDR_LEN..][..6].fill(0xFF);
+                self.sent
+                    .0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+                Legit {
+                    queue: 1,
+                    bufs: vec![placed(&frame, false)],
+                }
+            }
             DutKind::Blk(_) => {
                 let mut header = [0u8; 16];
                 header[8..].copy_from_slice(&1u64.to_le_bytes()); // IN, sector 1
@@ -218,6 +277,15 @@ impl Dut {
                     out.ends_with(LEGIT_TEXT),
                     "console: the line sent after a reset did not reach the output"
                 );
+            }
+            DutKind::Net => {
+                let sent = self.sent.0.lock().unwrap_or_else(|e| e.into_inner());
+                assert_eq!(
+                    *sent,
+                    [vmkit_virtio_net::NET_HDR_LEN + 60],
+                    "net: the frame sent after a reset did not reach the backend as sent"
+                );
+                assert_eq!(len, 0, "net: used length of a transmit chain");
             }
             DutKind::Blk(_) => {
                 let mut data = vec![0u8; 512];

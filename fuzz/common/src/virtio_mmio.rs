@@ -1,8 +1,9 @@
 //! `vmkit_virtio::MmioTransport` — the virtio-mmio register file and the shared status,
 //! feature and queue state machine — over real devices (rng, console, blk on a memfd disk
-//! with the sync engine or io_uring), with notifications reaching the device as they do in
-//! the VMM: a QueueNotify write signals the queue's eventfd and an event-manager loop runs
-//! `QueueEventHandler` (`process_queue`, io_uring completions).
+//! with the sync engine or io_uring, net on a recording backend), with notifications
+//! reaching the device as they do in the VMM: a QueueNotify write signals the queue's
+//! eventfd and an event-manager loop runs `QueueEventHandler` (`process_queue`, io_uring
+//! completions).
 //!
 //! The driver ([`crate::driver`]): a correct initialisation with any feature choice, or any
 //! of its steps alone and in any order; status writes of any value; register reads and
@@ -18,7 +19,8 @@
 //!   in runs that move a queue with raw register writes);
 //! - after any sequence, a reset and a correct initialisation, the device serves a
 //!   legitimate request (rng: bytes; console: the line reaches the output; blk: a read with
-//!   the disk's data).
+//!   the disk's data; net: the frame reaches the backend as sent);
+//! - every frame net hands its backend is a header plus at most `MAX_FRAME_LEN` bytes.
 
 use std::sync::{Arc, Mutex};
 
@@ -233,6 +235,7 @@ mod tests {
             DutKind::Console,
             DutKind::Blk(Engine::Sync),
             DutKind::Blk(Engine::IoUring),
+            DutKind::Net,
         ] {
             let q = if device == DutKind::Console { 1 } else { 0 };
             let ops = vec![

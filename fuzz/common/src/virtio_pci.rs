@@ -1,7 +1,8 @@
 //! `vmkit_virtio::pci::PciTransport` — the virtio-pci modern transport: the common,
 //! notify, ISR and device-config windows of BAR 0, the MSI-X table and PBA, configuration
 //! space (command register, capabilities, BAR 0) and the same status/feature/queue state
-//! machine — over real devices (rng, console, blk on a memfd disk with either engine), with
+//! machine — over real devices (rng, console, blk on a memfd disk with either engine, net on a
+//! recording backend), with
 //! notifications reaching the device through its queue eventfds and an event-manager loop
 //! running `QueueEventHandler`, as in the VMM.
 //!
@@ -350,6 +351,7 @@ mod tests {
             DutKind::Console,
             DutKind::Blk(Engine::Sync),
             DutKind::Blk(Engine::IoUring),
+            DutKind::Net,
         ] {
             let q = if device == DutKind::Console { 1 } else { 0 };
             let ops = vec![
