@@ -49,24 +49,7 @@ const SERIAL: &str = "vmkit-fuzz-disk-0001";
 /// Ring areas: the hostile-phase ring at 0, the fresh ring of the final check at 0x1000.
 const DATA: std::ops::Range<u64> = 0x2000..2 * REGION;
 
-/// A request type.
-#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReqType {
-    /// Read.
-    In,
-    /// Write.
-    Out,
-    /// Flush.
-    Flush,
-    /// The serial.
-    GetId,
-    /// Discard ranges.
-    Discard,
-    /// Write zeroes to ranges.
-    WriteZeroes,
-    /// Any type number.
-    Other(u32),
-}
+pub use crate::blk_request::Type as ReqType;
 
 /// A sector: mostly inside the disk, sometimes at its end or anywhere.
 #[derive(Arbitrary, Debug, Clone, Copy)]

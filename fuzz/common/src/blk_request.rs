@@ -73,8 +73,8 @@ pub struct Desc {
     pub writable: bool,
 }
 
-/// The request type written in the header.
-#[derive(Arbitrary, Debug)]
+/// The request type written in the header (`blk_device`'s request builder uses it too).
+#[derive(Arbitrary, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Type {
     /// `T_IN`.
     In,
