@@ -255,6 +255,16 @@ impl Step<'_> {
         if bufs.is_empty() {
             return;
         }
+        // A driver does not put a new indirect table over memory still in flight: when
+        // the data area would start over, it waits until nothing is in flight.
+        let need: u64 = bufs.iter().map(|b| u64::from(b.len) + 16).sum::<u64>() + 16 * 9;
+        // (Once the model is off, wrapping over tables in flight is one more hostile act.)
+        if self.m.clean && self.alloc.would_wrap(need) {
+            if self.m.in_use.iter().any(|u| *u) {
+                return;
+            }
+            self.alloc.reset();
+        }
         let size = usize::from(self.ring.size);
         let slots = if c.form == Form::Direct {
             bufs.len()
