@@ -424,6 +424,7 @@ impl Harness {
     fn placed(&mut self, content: &[u8], writable: bool) -> Buf {
         let len = content.len() as u32;
         let addr = self.alloc.take(len);
+        self.oracle.contents_written(addr, u64::from(len));
         self.g.write(addr, content);
         Buf {
             addr: Some(addr),

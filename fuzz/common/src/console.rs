@@ -494,6 +494,7 @@ impl<'a> Harness<'a> {
             // buffers can hold.
             let n = d.len.min(0x1000);
             let bytes: Vec<u8> = (0..n).map(|_| self.next_pattern()).collect();
+            self.mem.oracle.contents_written(d.addr, bytes.len() as u64);
             self.mem.g.write(d.addr, &bytes);
         }
     }

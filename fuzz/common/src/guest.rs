@@ -113,6 +113,10 @@ pub struct WriteOracle {
     /// orders (a chain read later then has buffers this oracle never saw), so the check is
     /// skipped for such inputs rather than failing a legal run.
     control: Vec<Range<u64>>,
+    /// The harness wrote over a table or ring already given to the device (a request's
+    /// contents over a hostile indirect table, say): the oracle's view of which buffers
+    /// are writable may be out of date, so the check is skipped.
+    stale: bool,
 }
 
 impl WriteOracle {
@@ -135,6 +139,15 @@ impl WriteOracle {
         }
     }
 
+    /// The harness is about to write `len` bytes of contents (not a table or ring entry) at
+    /// `addr`: over a table the device reads, that makes the oracle's view stale.
+    pub fn contents_written(&mut self, addr: u64, len: u64) {
+        let end = addr.saturating_add(len);
+        if self.control.iter().any(|c| addr < c.end && c.start < end) {
+            self.stale = true;
+        }
+    }
+
     /// Whether a writable range overlaps a table or ring the device reads (the check is
     /// then skipped, see [`control`](Self::control)).
     pub fn self_modifying(&self) -> bool {
@@ -153,7 +166,7 @@ impl WriteOracle {
     /// The first address that differs between `before` and `after` outside the allowed
     /// ranges.
     pub fn first_violation(&self, before: &[u8], after: &[u8]) -> Option<u64> {
-        if before == after || self.self_modifying() {
+        if before == after || self.stale || self.self_modifying() {
             return None;
         }
         // Chunks compared whole first (a memcmp): only the few that differ are walked

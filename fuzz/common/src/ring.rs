@@ -409,10 +409,10 @@ impl Ring {
             }
         }
         apply(&mut descs, damage, first, alloc.area(), g.size());
+        // As the device will read them: a descriptor the damage made INDIRECT points at a
+        // "table" (whatever its buffer holds) whose writable entries the device may use.
         for d in &descs {
-            if d.flags & F_WRITE != 0 {
-                oracle.allow(d.addr, u64::from(d.len));
-            }
+            self.allow_desc(g, oracle, *d);
         }
         let head = match form {
             Form::Direct => {
