@@ -158,6 +158,16 @@ impl WriteOracle {
         })
     }
 
+    /// Whether a range the device may write, other than `[addr, addr + len)` itself,
+    /// overlaps it (a buffer over a used ring: what the ring then holds is not the
+    /// device's used elements alone).
+    pub fn written_over(&self, addr: u64, len: u64) -> bool {
+        let r = addr..addr.saturating_add(len);
+        self.allowed
+            .iter()
+            .any(|a| *a != r && a.start < r.end && r.start < a.end)
+    }
+
     /// Whether `addr` lies in an allowed range.
     pub fn allows(&self, addr: u64) -> bool {
         self.allowed.iter().any(|r| r.contains(&addr))
