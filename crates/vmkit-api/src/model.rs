@@ -1,0 +1,414 @@
+//! The bodies of Firecracker's API and config file, as serde types.
+//!
+//! Field names, optional fields and enum spellings follow Firecracker's OpenAPI document
+//! (`firecracker.yaml`). Every type refuses unknown fields, as Firecracker does, so a typo
+//! is a 400 rather than a silently ignored setting. Fields for features a VMM may lack
+//! (rate limiters, vhost-user sockets, SMT...) are parsed, so the VMM can refuse them
+//! by name with [`Unsupported`](crate::ApiError).
+
+use serde::{Deserialize, Serialize};
+
+/// `PUT /machine-config` and the config file's `machine-config`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs (Firecracker: 1 to 32).
+    pub vcpu_count: u8,
+    /// Guest RAM in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading (two threads per core).
+    #[serde(default)]
+    pub smt: bool,
+    /// The CPU model: `"None"` (the host's, as KVM supports it), or a named template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Dirty-page tracking, for diff snapshots.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// Guest RAM page size: `"None"` (4 KiB, or transparent huge pages) or `"2M"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub huge_pages: Option<HugePages>,
+}
+
+/// Guest RAM backing pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePages {
+    /// Ordinary pages.
+    None,
+    /// 2 MiB pages from the host's hugetlb pool.
+    #[serde(rename = "2M")]
+    Huge2M,
+}
+
+impl Default for MachineConfig {
+    /// Firecracker's defaults: 1 vCPU, 128 MiB.
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            cpu_template: None,
+            track_dirty_pages: false,
+            huge_pages: None,
+        }
+    }
+}
+
+/// `PUT /boot-source`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// The kernel image on the host.
+    pub kernel_image_path: String,
+    /// The kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    /// An initial ramdisk on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+/// Firecracker's `rate_limiter` object: kept as JSON, for a VMM to accept or refuse.
+pub type RateLimiter = serde_json::Value;
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// The drive's name; must match the path's `{drive_id}`.
+    pub drive_id: String,
+    /// The image on the host (absent only for vhost-user drives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// The guest's root device: `root=/dev/vda` (or the partition's UUID) on its command line.
+    pub is_root_device: bool,
+    /// Read-only to the guest.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// The root partition's UUID, when the root device is partitioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// `"Unsafe"` (no flush offered) or `"Writeback"` (flush offered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<CacheType>,
+    /// A rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+    /// `"Sync"` or `"Async"` (io_uring).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<IoEngine>,
+    /// A vhost-user-blk backend's socket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+/// A drive's cache mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// Flush is not offered to the guest.
+    Unsafe,
+    /// Flush is offered, and makes writes durable.
+    Writeback,
+}
+
+/// A drive's I/O engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// Blocking reads and writes on the device's thread.
+    Sync,
+    /// io_uring.
+    Async,
+}
+
+/// `PATCH /drives/{drive_id}`: a new image or rate limiter for a drive.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveUpdate {
+    /// The drive's name; must match the path's `{drive_id}`.
+    pub drive_id: String,
+    /// The new image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// A new rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The card's name; must match the path's `{iface_id}`.
+    pub iface_id: String,
+    /// The host's TAP interface.
+    pub host_dev_name: String,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// A receive rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// A transmit rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /vsock`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's context ID (3 and up).
+    pub guest_cid: u32,
+    /// The host side's Unix socket.
+    pub uds_path: String,
+    /// Deprecated by Firecracker; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// `PUT /entropy`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entropy {
+    /// A rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// A log level, as Firecracker spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogLevel {
+    /// Nothing.
+    Off,
+    /// Errors.
+    Error,
+    /// Warnings and errors.
+    Warning,
+    /// Informational messages and above.
+    Info,
+    /// Debug messages and above.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The `log` crate's filter for this level.
+    pub fn filter(self) -> log::LevelFilter {
+        match self {
+            LogLevel::Off => log::LevelFilter::Off,
+            LogLevel::Error => log::LevelFilter::Error,
+            LogLevel::Warning => log::LevelFilter::Warn,
+            LogLevel::Info => log::LevelFilter::Info,
+            LogLevel::Debug => log::LevelFilter::Debug,
+            LogLevel::Trace => log::LevelFilter::Trace,
+        }
+    }
+}
+
+/// `PUT /logger`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    /// The file or FIFO the log goes to (absent: unchanged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    /// The level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<LogLevel>,
+    /// Whether each line names its level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Whether each line names its source file and line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only records of this module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `PUT /metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// The file or FIFO metrics are written to, one JSON object a line.
+    pub metrics_path: String,
+}
+
+/// `PUT /actions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceAction {
+    /// What to do.
+    pub action_type: ActionType,
+}
+
+/// The actions of `PUT /actions`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ActionType {
+    /// Boot the configured VM.
+    InstanceStart,
+    /// Press Ctrl-Alt-Del on the guest's i8042 keyboard.
+    SendCtrlAltDel,
+    /// Write the metrics now.
+    FlushMetrics,
+}
+
+/// `PATCH /vm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateChange {
+    /// The state asked for.
+    pub state: VmStateRequest,
+}
+
+/// The states `PATCH /vm` can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmStateRequest {
+    /// Stop the vCPUs and the devices where they are.
+    Paused,
+    /// Run them again.
+    Resumed,
+}
+
+/// The VM's state as `GET /` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Being configured.
+    #[serde(rename = "Not started")]
+    NotStarted,
+    /// The vCPUs run.
+    Running,
+    /// Paused through `PATCH /vm`.
+    Paused,
+}
+
+/// `GET /`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// The VMM's name.
+    pub app_name: String,
+    /// The instance's ID (`--id`).
+    pub id: String,
+    /// Its state.
+    pub state: InstanceState,
+    /// The VMM's version.
+    pub vmm_version: String,
+}
+
+/// `GET /version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// The VMM's version (Firecracker's field name).
+    pub firecracker_version: String,
+}
+
+/// A whole VM in one file: Firecracker's `--config-file` layout.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// The kernel.
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub boot_source: Option<BootSource>,
+    /// vCPUs and memory.
+    #[serde(
+        rename = "machine-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub machine_config: Option<MachineConfig>,
+    /// Disks.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// Network cards.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// A vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<Vsock>,
+    /// A virtio-rng.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<Entropy>,
+    /// The logger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<Logger>,
+    /// The metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<Metrics>,
+}
+
+impl VmConfig {
+    /// Parses a config file's text. The error says where the JSON is wrong.
+    pub fn from_json(text: &str) -> Result<Self, crate::Error> {
+        serde_json::from_str(text).map_err(|e| crate::Error::Config(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_spellings_round_trip() {
+        let m: MachineConfig = serde_json::from_str(
+            r#"{"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "huge_pages": "2M"}"#,
+        )
+        .unwrap();
+        assert_eq!((m.vcpu_count, m.mem_size_mib), (2, 256));
+        assert_eq!(m.huge_pages, Some(HugePages::Huge2M));
+        let info = InstanceInfo {
+            app_name: "vmkit".into(),
+            id: "a".into(),
+            state: InstanceState::NotStarted,
+            vmm_version: "0.1.0".into(),
+        };
+        let text = serde_json::to_string(&info).unwrap();
+        assert!(text.contains(r#""state":"Not started""#), "{text}");
+        let a: InstanceAction =
+            serde_json::from_str(r#"{"action_type":"SendCtrlAltDel"}"#).unwrap();
+        assert_eq!(a.action_type, ActionType::SendCtrlAltDel);
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_refused() {
+        assert!(serde_json::from_str::<MachineConfig>(
+            r#"{"vcpu_count": 1, "mem_size_mib": 128, "mem_size": 1}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<MachineConfig>(
+            r#"{"vcpu_count": "1", "mem_size_mib": 128}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<MachineConfig>(
+            r#"{"vcpu_count": 300, "mem_size_mib": 128}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<VmStateChange>(r#"{"state": "Stopped"}"#).is_err());
+    }
+
+    #[test]
+    fn a_config_file_in_firecracker_layout_parses() {
+        let c = VmConfig::from_json(
+            r#"{
+              "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0"},
+              "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+              "drives": [{"drive_id": "rootfs", "path_on_host": "/d", "is_root_device": true,
+                          "is_read_only": false}],
+              "network-interfaces": [],
+              "entropy": {},
+              "logger": {"log_path": "/l", "level": "Info"}
+            }"#,
+        )
+        .unwrap();
+        assert_eq!(c.boot_source.unwrap().kernel_image_path, "/k");
+        assert_eq!(c.drives.len(), 1);
+        assert!(c.entropy.is_some() && c.vsock.is_none());
+        assert_eq!(c.logger.unwrap().level, Some(LogLevel::Info));
+        let e = VmConfig::from_json(r#"{"boot_source": {}}"#).unwrap_err();
+        assert!(e.to_string().contains("boot_source"), "{e}");
+    }
+}

@@ -1,0 +1,323 @@
+//! From an HTTP method, path and body to a typed [`ApiRequest`], and from a VMM's answer
+//! to an [`ApiResponse`].
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::model::{
+    ActionType, BootSource, Drive, DriveUpdate, Entropy, InstanceAction, Logger, MachineConfig,
+    Metrics, NetworkInterface, VmStateChange, VmStateRequest, Vsock,
+};
+
+/// A request of the API, parsed and checked against Firecracker's schema.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiRequest {
+    /// `GET /`: the instance's name, state and version.
+    GetInstanceInfo,
+    /// `GET /version`.
+    GetVersion,
+    /// `GET /machine-config`.
+    GetMachineConfig,
+    /// `PUT /machine-config`.
+    PutMachineConfig(MachineConfig),
+    /// `PUT /boot-source`.
+    PutBootSource(BootSource),
+    /// `PUT /drives/{drive_id}`.
+    PutDrive(Drive),
+    /// `PATCH /drives/{drive_id}`.
+    PatchDrive(DriveUpdate),
+    /// `PUT /network-interfaces/{iface_id}`.
+    PutNetworkInterface(NetworkInterface),
+    /// `PUT /vsock`.
+    PutVsock(Vsock),
+    /// `PUT /entropy`.
+    PutEntropy(Entropy),
+    /// `PUT /actions`.
+    Action(ActionType),
+    /// `PATCH /vm`.
+    PatchVm(VmStateRequest),
+    /// `PUT /logger`.
+    PutLogger(Logger),
+    /// `PUT /metrics`.
+    PutMetrics(Metrics),
+}
+
+/// A response: a status and, for `GET`s and errors, a JSON body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiResponse {
+    /// The HTTP status.
+    pub status: u16,
+    /// The JSON body.
+    pub body: Option<String>,
+}
+
+impl ApiResponse {
+    /// `204 No Content`: a `PUT` or `PATCH` done.
+    pub fn no_content() -> Self {
+        Self {
+            status: 204,
+            body: None,
+        }
+    }
+
+    /// `200 OK` with `value` as JSON.
+    pub fn ok<T: Serialize>(value: &T) -> Self {
+        match serde_json::to_string(value) {
+            Ok(body) => Self {
+                status: 200,
+                body: Some(body),
+            },
+            Err(e) => Self::error(500, format!("cannot serialise the response: {e}")),
+        }
+    }
+
+    /// An error with Firecracker's body, `{"fault_message": "..."}`.
+    pub fn error(status: u16, message: impl Into<String>) -> Self {
+        let body = serde_json::json!({ "fault_message": message.into() });
+        Self {
+            status,
+            body: Some(body.to_string()),
+        }
+    }
+}
+
+impl From<ApiError> for ApiResponse {
+    fn from(e: ApiError) -> Self {
+        ApiResponse::error(e.status(), e.to_string())
+    }
+}
+
+/// Why a request was refused before it reached the VMM, or by the VMM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// No such resource or method.
+    #[error("Invalid request method and/or path: {method} {path}")]
+    InvalidPath {
+        /// The method.
+        method: String,
+        /// The path.
+        path: String,
+    },
+    /// A Firecracker resource this VMM does not implement.
+    #[error("{0} is not supported by vmkit")]
+    Unsupported(String),
+    /// The body is not the JSON the resource takes.
+    #[error("An error occurred when deserializing the json body of a request: {0}")]
+    Body(String),
+    /// The path's ID and the body's differ.
+    #[error("the {field} in the body ({body}) is not the one in the path ({path})")]
+    IdMismatch {
+        /// The field (`drive_id`, `iface_id`).
+        field: &'static str,
+        /// The body's value.
+        body: String,
+        /// The path's value.
+        path: String,
+    },
+    /// The request is well formed, but the VMM refuses it (the message says why).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl ApiError {
+    /// The HTTP status: 400 for every error, as Firecracker answers.
+    pub fn status(&self) -> u16 {
+        400
+    }
+}
+
+/// Firecracker resources vmkit does not implement: refused by name rather than as unknown.
+const UNSUPPORTED: &[&str] = &[
+    "balloon",
+    "mmds",
+    "snapshot",
+    "cpu-config",
+    "hotplug",
+    "serial",
+    "pmem",
+    "memory-hotplug",
+];
+
+fn body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::Body("the request has no body".into()));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::Body(e.to_string()))
+}
+
+fn check_id(field: &'static str, body: &str, path: &str) -> Result<(), ApiError> {
+    if body == path {
+        return Ok(());
+    }
+    Err(ApiError::IdMismatch {
+        field,
+        body: body.to_string(),
+        path: path.to_string(),
+    })
+}
+
+/// A path's `/resource/{id}`: the ID must be one non-empty segment.
+fn id_of(rest: &str) -> Option<&str> {
+    (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+}
+
+impl ApiRequest {
+    /// Parses `method path` with `body` (a trailing `/` is ignored; query strings are not
+    /// part of the API).
+    ///
+    /// # Errors
+    ///
+    /// An unknown path or method, a resource vmkit lacks, a body that does not match the
+    /// resource's schema, or a path ID the body contradicts.
+    pub fn parse(method: &str, path: &str, body_bytes: &[u8]) -> Result<Self, ApiError> {
+        let invalid = || ApiError::InvalidPath {
+            method: method.to_string(),
+            path: path.to_string(),
+        };
+        let trimmed = path.strip_prefix('/').ok_or_else(invalid)?;
+        let trimmed = trimmed.strip_suffix('/').unwrap_or(trimmed);
+        let (resource, rest) = trimmed.split_once('/').unwrap_or((trimmed, ""));
+        Ok(match (method, resource, rest) {
+            ("GET", "", "") => ApiRequest::GetInstanceInfo,
+            ("GET", "version", "") => ApiRequest::GetVersion,
+            ("GET", "machine-config", "") => ApiRequest::GetMachineConfig,
+            ("PUT", "machine-config", "") => ApiRequest::PutMachineConfig(body(body_bytes)?),
+            ("PUT", "boot-source", "") => ApiRequest::PutBootSource(body(body_bytes)?),
+            ("PUT", "drives", id) => {
+                let id = id_of(id).ok_or_else(invalid)?;
+                let drive: Drive = body(body_bytes)?;
+                check_id("drive_id", &drive.drive_id, id)?;
+                ApiRequest::PutDrive(drive)
+            }
+            ("PATCH", "drives", id) => {
+                let id = id_of(id).ok_or_else(invalid)?;
+                let update: DriveUpdate = body(body_bytes)?;
+                check_id("drive_id", &update.drive_id, id)?;
+                ApiRequest::PatchDrive(update)
+            }
+            ("PUT", "network-interfaces", id) => {
+                let id = id_of(id).ok_or_else(invalid)?;
+                let iface: NetworkInterface = body(body_bytes)?;
+                check_id("iface_id", &iface.iface_id, id)?;
+                ApiRequest::PutNetworkInterface(iface)
+            }
+            ("PUT", "vsock", "") => ApiRequest::PutVsock(body(body_bytes)?),
+            ("PUT", "entropy", "") => ApiRequest::PutEntropy(body(body_bytes)?),
+            ("PUT", "actions", "") => {
+                ApiRequest::Action(body::<InstanceAction>(body_bytes)?.action_type)
+            }
+            ("PATCH", "vm", "") => ApiRequest::PatchVm(body::<VmStateChange>(body_bytes)?.state),
+            ("PUT", "logger", "") => ApiRequest::PutLogger(body(body_bytes)?),
+            ("PUT", "metrics", "") => ApiRequest::PutMetrics(body(body_bytes)?),
+            (_, r, _) if UNSUPPORTED.contains(&r) => {
+                return Err(ApiError::Unsupported(format!("/{r}")))
+            }
+            ("PATCH", "machine-config" | "network-interfaces", _) => {
+                return Err(ApiError::Unsupported(format!("PATCH /{resource}")))
+            }
+            _ => return Err(invalid()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(method: &str, path: &str, body: &str) -> Result<ApiRequest, ApiError> {
+        ApiRequest::parse(method, path, body.as_bytes())
+    }
+
+    #[test]
+    fn every_endpoint_parses() {
+        assert_eq!(parse("GET", "/", ""), Ok(ApiRequest::GetInstanceInfo));
+        assert_eq!(parse("GET", "/version", ""), Ok(ApiRequest::GetVersion));
+        assert_eq!(
+            parse("GET", "/machine-config/", ""),
+            Ok(ApiRequest::GetMachineConfig)
+        );
+        let m = parse(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":2,"mem_size_mib":64}"#,
+        );
+        assert!(matches!(m, Ok(ApiRequest::PutMachineConfig(c)) if c.vcpu_count == 2));
+        let b = parse("PUT", "/boot-source", r#"{"kernel_image_path":"/k"}"#);
+        assert!(matches!(b, Ok(ApiRequest::PutBootSource(_))));
+        let d = parse(
+            "PUT",
+            "/drives/root",
+            r#"{"drive_id":"root","path_on_host":"/d","is_root_device":true}"#,
+        );
+        assert!(matches!(d, Ok(ApiRequest::PutDrive(d)) if d.drive_id == "root"));
+        let p = parse(
+            "PATCH",
+            "/drives/root",
+            r#"{"drive_id":"root","path_on_host":"/e"}"#,
+        );
+        assert!(matches!(p, Ok(ApiRequest::PatchDrive(_))));
+        let n = parse(
+            "PUT",
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#,
+        );
+        assert!(matches!(n, Ok(ApiRequest::PutNetworkInterface(_))));
+        let v = parse("PUT", "/vsock", r#"{"guest_cid":3,"uds_path":"/v"}"#);
+        assert!(matches!(v, Ok(ApiRequest::PutVsock(_))));
+        assert_eq!(
+            parse("PUT", "/entropy", "{}"),
+            Ok(ApiRequest::PutEntropy(Entropy::default()))
+        );
+        assert_eq!(
+            parse("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#),
+            Ok(ApiRequest::Action(ActionType::InstanceStart))
+        );
+        assert_eq!(
+            parse("PATCH", "/vm", r#"{"state":"Resumed"}"#),
+            Ok(ApiRequest::PatchVm(VmStateRequest::Resumed))
+        );
+        let l = parse("PUT", "/logger", r#"{"log_path":"/l","level":"Debug"}"#);
+        assert!(matches!(l, Ok(ApiRequest::PutLogger(_))));
+        let m = parse("PUT", "/metrics", r#"{"metrics_path":"/m"}"#);
+        assert!(matches!(m, Ok(ApiRequest::PutMetrics(_))));
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_a_reason() {
+        let err = |m: &str, p: &str, b: &str| parse(m, p, b).unwrap_err().to_string();
+        assert!(err("DELETE", "/", "").starts_with("Invalid request method and/or path"));
+        assert!(err("GET", "/nope", "").starts_with("Invalid request method and/or path"));
+        assert!(err("PUT", "/drives/", "{}").starts_with("Invalid request method"));
+        assert!(err("PUT", "/drives/a/b", "{}").starts_with("Invalid request method"));
+        assert!(err("PUT", "nope", "").starts_with("Invalid request method"));
+        assert_eq!(
+            err("PUT", "/balloon", "{}"),
+            "/balloon is not supported by vmkit"
+        );
+        assert_eq!(
+            err("PUT", "/snapshot/create", "{}"),
+            "/snapshot is not supported by vmkit"
+        );
+        assert!(err("PUT", "/actions", "").contains("no body"));
+        assert!(err("PUT", "/actions", "{").contains("deserializing"));
+        assert!(err("PUT", "/actions", r#"{"action_type":"Reboot"}"#).contains("unknown variant"));
+        assert!(err("PUT", "/vm", r#"{"state":"Paused"}"#).starts_with("Invalid"));
+        let mismatch = err(
+            "PUT",
+            "/drives/a",
+            r#"{"drive_id":"b","path_on_host":"/d","is_root_device":false}"#,
+        );
+        assert!(mismatch.contains("drive_id"), "{mismatch}");
+        assert_eq!(
+            ApiResponse::from(parse("GET", "/x", "").unwrap_err()).status,
+            400
+        );
+    }
+
+    #[test]
+    fn errors_have_firecrackers_body() {
+        let r = ApiResponse::error(400, "no \"kernel\"");
+        let v: serde_json::Value = serde_json::from_str(r.body.as_deref().unwrap()).unwrap();
+        assert_eq!(v["fault_message"], "no \"kernel\"");
+    }
+}
