@@ -308,6 +308,14 @@ mod tests {
         (VcpuThreads { control, threads }, tx, busy)
     }
 
+    fn wait_for_work(work: &AtomicU64, before: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while work.load(Ordering::SeqCst) <= before {
+            assert!(Instant::now() < deadline, "{what}: no work");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn a_pause_that_times_out_is_withdrawn_and_an_exited_vcpu_does_not_count() {
         let work = Arc::new(AtomicU64::new(0));
@@ -326,8 +334,7 @@ mod tests {
         );
         assert!(!threads.is_paused(), "withdrawn");
         let before = work.load(Ordering::SeqCst);
-        thread::sleep(Duration::from_millis(20));
-        assert!(work.load(Ordering::SeqCst) > before, "running again");
+        wait_for_work(&work, before, "running again");
         // The busy one returns: it no longer holds a pause up.
         release.send(()).unwrap();
         busy.join().unwrap();
@@ -338,8 +345,7 @@ mod tests {
         assert_eq!(work.load(Ordering::SeqCst), before, "paused");
         threads.resume();
         assert!(!threads.is_paused());
-        thread::sleep(Duration::from_millis(20));
-        assert!(work.load(Ordering::SeqCst) > before, "resumed");
+        wait_for_work(&work, before, "resumed");
         threads.pause(Duration::from_secs(10)).unwrap();
         // Stop wakes them.
         let stats = threads.stop();
