@@ -49,6 +49,18 @@ pub enum Error {
         /// What vmkit-vcpu reported.
         source: vmkit_vcpu::Error,
     },
+    /// Some vCPU did not park within the pause's timeout (the pause was withdrawn).
+    #[error(
+        "pausing the vCPUs timed out after {timeout:?}: {parked} of {live} running vCPUs parked"
+    )]
+    PauseTimeout {
+        /// vCPUs parked when the time was up.
+        parked: usize,
+        /// vCPUs still running (not returned) then.
+        live: usize,
+        /// The timeout.
+        timeout: std::time::Duration,
+    },
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),

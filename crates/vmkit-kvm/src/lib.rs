@@ -4,7 +4,7 @@
 //! | piece | what it is |
 //! |---|---|
 //! | [`Machine`] | the VM, guest memory in KVM's slots, the in-kernel irqchip, the one [`IoBus`](vmkit_bus::IoBus) the vCPUs dispatch on, and the [`EventFdExit`](vmkit_legacy::EventFdExit) every way of ending the VM reports to |
-//! | [`Vcpus`], [`VcpuThreads`] | vCPUs created and set up (CPUID template, MSRs, FPU, LINT, entry state), one thread each on the bus ([`BusExits`]), each vCPU's stop mapped to an [`ExitReason`](vmkit_legacy::ExitReason) in one place ([`exit_reason`]) |
+//! | [`Vcpus`], [`VcpuThreads`] | vCPUs created and set up (CPUID template, MSRs, FPU, LINT, entry state), one thread each on the bus ([`BusExits`]), paused and resumed together ([`VcpuThreads::pause`]), each vCPU's stop mapped to an [`ExitReason`](vmkit_legacy::ExitReason) in one place ([`exit_reason`]) |
 //! | [`MmioPlatform`] | virtio devices on virtio-mmio: window and pin from the address map, irqfd, one ioeventfd per queue, command-line entries (linux-loader's `Cmdline`) and DSDT devices |
 //! | [`PciPlatform`] | virtio devices on PCI bus 0: config ports and ECAM, BARs on the bus, MSI-X as KVM MSI routes with irqfds (`vmkit_irq::KvmMsiSink`), notify ioeventfds that follow BAR moves, the DSDT host bridge |
 //! | [`ExitWatcher`] | an event-manager subscriber that wakes the VMM's loop when the VM ends |

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::GuestMemoryBackend;
@@ -162,7 +163,8 @@ impl Vcpus {
     }
 
     /// Starts one thread per vCPU (named `vcpuN`), dispatching exits on `bus`. A vCPU that
-    /// stops by itself reports why to `exit` (see [`exit_reason`]); stop them all with
+    /// stops by itself reports why to `exit` (see [`exit_reason`]); pause and resume them
+    /// with [`VcpuThreads::pause`] and [`VcpuThreads::resume`], stop them all with
     /// [`VcpuThreads::stop`].
     pub fn start(self, bus: Arc<IoBus>, exit: Arc<dyn ExitNotifier>) -> Result<VcpuThreads> {
         install_kick_handler().map_err(|source| Error::SetupVcpu { index: 0, source })?;
@@ -210,8 +212,48 @@ pub struct VcpuThreads {
 }
 
 impl VcpuThreads {
-    /// Stops every vCPU (a kick interrupts one inside `KVM_RUN`) and returns their exit
-    /// counters, in vCPU order (`None` for a thread that panicked).
+    /// Pauses every vCPU: each finishes the exit it is handling and parks before its next
+    /// `KVM_RUN` (a kick brings the ones inside `KVM_RUN` out, a vCPU waiting for INIT/SIPI
+    /// included). Returns once every vCPU still running is parked; a vCPU that has returned
+    /// (the guest reset or powered off, an error) does not count, whether it returned before
+    /// or during the pause. Until [`resume`](Self::resume) no guest code runs; device
+    /// emulation outside the vCPU threads (event loops, timers in KVM) goes on.
+    ///
+    /// Pausing a paused VM changes nothing. If some vCPU does not park within `timeout` (stuck
+    /// in a device's exit handler), the pause is withdrawn, the vCPUs run on, and the error
+    /// says how many had parked. Calls of `pause` and `resume` are meant to come from one
+    /// thread (the VMM's API), not to race each other.
+    pub fn pause(&self, timeout: Duration) -> Result<()> {
+        self.control.request_pause();
+        for t in &self.threads {
+            // A thread that already returned cannot be signalled, and need not be.
+            let _ = kick(t);
+        }
+        if self.control.wait_parked(timeout) {
+            return Ok(());
+        }
+        let (parked, live) = (self.control.parked(), self.control.live());
+        self.control.resume();
+        Err(Error::PauseTimeout {
+            parked,
+            live,
+            timeout,
+        })
+    }
+
+    /// Lets paused vCPUs run again (nothing to do when not paused).
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Whether the vCPUs are paused ([`pause`](Self::pause) succeeded, no
+    /// [`resume`](Self::resume) since).
+    pub fn is_paused(&self) -> bool {
+        self.control.is_pause_requested()
+    }
+
+    /// Stops every vCPU (a kick interrupts one inside `KVM_RUN`, paused ones are woken) and
+    /// returns their exit counters, in vCPU order (`None` for a thread that panicked).
     pub fn stop(self) -> Vec<Option<VcpuStats>> {
         self.control.stop();
         for t in &self.threads {
@@ -224,7 +266,92 @@ impl VcpuThreads {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::mpsc;
+    use std::time::Instant;
+
     use super::*;
+
+    /// `VcpuThreads` over plain threads that loop on the control as `Vcpu::run` does.
+    fn plain_threads(
+        n: usize,
+        work: &Arc<AtomicU64>,
+    ) -> (VcpuThreads, mpsc::Sender<()>, JoinHandle<VcpuStats>) {
+        install_kick_handler().unwrap();
+        let control = VcpuControl::new();
+        let threads = (0..n)
+            .map(|_| {
+                let (control, work) = (control.clone(), work.clone());
+                thread::spawn(move || {
+                    let l = control.enter();
+                    while l.checkpoint() {
+                        work.fetch_add(1, Ordering::SeqCst);
+                        thread::sleep(Duration::from_micros(100));
+                    }
+                    VcpuStats::default()
+                })
+            })
+            .collect::<Vec<_>>();
+        // One more, busy in an "exit handler" until told, then returning (a power-off).
+        let (tx, rx) = mpsc::channel();
+        let c = control.clone();
+        let busy = thread::spawn(move || {
+            let _l = c.enter();
+            let _ = rx.recv();
+            VcpuStats::default()
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while control.live() < n + 1 {
+            assert!(Instant::now() < deadline);
+            thread::sleep(Duration::from_millis(1));
+        }
+        (VcpuThreads { control, threads }, tx, busy)
+    }
+
+    fn wait_for_work(work: &AtomicU64, before: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while work.load(Ordering::SeqCst) <= before {
+            assert!(Instant::now() < deadline, "{what}: no work");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_pause_that_times_out_is_withdrawn_and_an_exited_vcpu_does_not_count() {
+        let work = Arc::new(AtomicU64::new(0));
+        let (threads, release, busy) = plain_threads(2, &work);
+        let e = threads.pause(Duration::from_millis(50)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::PauseTimeout {
+                    parked: 2,
+                    live: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(!threads.is_paused(), "withdrawn");
+        let before = work.load(Ordering::SeqCst);
+        wait_for_work(&work, before, "running again");
+        // The busy one returns: it no longer holds a pause up.
+        release.send(()).unwrap();
+        busy.join().unwrap();
+        threads.pause(Duration::from_secs(10)).unwrap();
+        assert!(threads.is_paused());
+        let before = work.load(Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(20));
+        assert_eq!(work.load(Ordering::SeqCst), before, "paused");
+        threads.resume();
+        assert!(!threads.is_paused());
+        wait_for_work(&work, before, "resumed");
+        threads.pause(Duration::from_secs(10)).unwrap();
+        // Stop wakes them.
+        let stats = threads.stop();
+        assert_eq!(stats.len(), 2);
+        assert!(stats.iter().all(Option::is_some));
+    }
 
     #[test]
     fn every_vcpu_stop_maps_to_one_exit_reason() {

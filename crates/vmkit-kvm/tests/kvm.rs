@@ -85,10 +85,83 @@ fn a_vcpu_runs_and_its_reset_ends_the_vm_through_the_exit_chain() {
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(m.exit().reason(), Some(ExitReason::Reset));
+    // vCPU 0 has returned; a pause waits only for vCPU 1 (kicked out of its wait for SIPI).
+    threads.pause(Duration::from_secs(10)).unwrap();
+    assert!(threads.is_paused());
     let stats = threads.stop();
     assert_eq!(stats.len(), 2);
     let boot = stats[0].expect("vCPU 0 stats");
     assert!(boot.pio_exits >= 1, "{boot:?}");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn paused_vcpus_run_no_guest_code_until_resumed() {
+    let m = machine();
+    let vcpus = Vcpus::create(
+        m.kvm(),
+        m.vm(),
+        &VcpuConfig {
+            count: 2,
+            template: CpuTemplate::Host,
+        },
+    )
+    .unwrap();
+    // 32-bit code at 1 MiB: inc dword [0x200000]; jmp back. (Kernel mode: emulated, about a
+    // microsecond an instruction, on kvm_pvm.) vCPU 1 waits for INIT/SIPI inside KVM_RUN.
+    let counter = GuestAddress(0x20_0000);
+    let code = [0xFF, 0x05, 0x00, 0x00, 0x20, 0x00, 0xEB, 0xF8];
+    m.memory()
+        .write_slice(&code, GuestAddress(0x10_0000))
+        .unwrap();
+    vcpus
+        .set_entry(
+            m.memory(),
+            EntryPoint::Pvh {
+                entry: GuestAddress(0x10_0000),
+                start_info: GuestAddress(0x6000),
+            },
+        )
+        .unwrap();
+    let read = || m.memory().read_obj::<u32>(counter).unwrap();
+    let wait_beyond = |value: u32, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while read() <= value {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the counter stays at {value}"
+            );
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    };
+    let threads = vcpus.start(m.bus().clone(), m.exit().clone()).unwrap();
+    assert!(!threads.is_paused());
+    wait_beyond(0, "start");
+    let (mut pauses, mut resumes) = (Vec::new(), Vec::new());
+    for round in 0..5 {
+        let t0 = Instant::now();
+        threads.pause(Duration::from_secs(10)).unwrap();
+        pauses.push(t0.elapsed());
+        assert!(threads.is_paused());
+        let a = read();
+        std::thread::sleep(Duration::from_millis(if round == 0 { 200 } else { 20 }));
+        let b = read();
+        assert_eq!(a, b, "round {round}: the guest ran while paused");
+        // Pausing again changes nothing.
+        threads.pause(Duration::from_secs(10)).unwrap();
+        assert_eq!(read(), b);
+        let t0 = Instant::now();
+        threads.resume();
+        assert!(!threads.is_paused());
+        wait_beyond(b, "resume");
+        resumes.push(t0.elapsed());
+    }
+    eprintln!("pause (request to all parked): {pauses:?}");
+    eprintln!("resume (request to the counter moving): {resumes:?}");
+    threads.pause(Duration::from_secs(10)).unwrap();
+    let stats = threads.stop();
+    assert!(stats.iter().all(Option::is_some));
+    assert_eq!(m.exit().reason(), None, "no vCPU ended the VM");
 }
 
 #[test]

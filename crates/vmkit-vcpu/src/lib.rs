@@ -14,6 +14,10 @@
 //!   exits in [`VcpuStats`].
 //! * Stopping without races: [`VcpuControl::stop`] then [`kick`]: the kick signal makes an
 //!   ongoing `KVM_RUN` return, and sets `immediate_exit` so one about to start returns at once.
+//! * Pausing: [`VcpuControl::request_pause`], [`kick`], then [`VcpuControl::wait_parked`]:
+//!   each vCPU parks between two `KVM_RUN`s (on a condition variable) until
+//!   [`VcpuControl::resume`] or [`VcpuControl::stop`]; the run loop checks one atomic before
+//!   each entry.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -61,8 +65,8 @@ mod template;
 pub use boot::{restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs};
 pub use cpuid::{CpuidConfig, CpuidMask, CpuidReg, CpuidTemplate};
 pub use run::{
-    install_kick_handler, kick, kick_signal, Vcpu, VcpuControl, VcpuExitHandler, VcpuStats,
-    VcpuStop,
+    install_kick_handler, kick, kick_signal, ControlledLoop, Vcpu, VcpuControl, VcpuExitHandler,
+    VcpuStats, VcpuStop,
 };
 pub use template::{
     CpuTemplate, UnknownTemplate, CPU_TEMPLATES, CR4_FSGSBASE, CR4_OSXSAVE, CR4_PCIDE, CR4_PKE,

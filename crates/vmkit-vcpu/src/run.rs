@@ -1,9 +1,10 @@
 //! The vCPU run loop and how other threads stop it.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     kvm_run, KVM_EXIT_IO, KVM_EXIT_IO_IN, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
@@ -54,27 +55,181 @@ pub struct VcpuStats {
     pub interrupted: u64,
 }
 
-/// Shared stop flag of a set of vCPUs.
+/// `VcpuControl::flags` bits: what the run loop checks, with one atomic load, before each
+/// `KVM_RUN`.
+const STOP: u8 = 1;
+const PAUSE: u8 = 2;
+
+/// The pause state, under `VcpuControl::state`.
+#[derive(Debug, Default)]
+struct PauseState {
+    /// A pause is requested (mirrored by the `PAUSE` flag).
+    paused: bool,
+    /// Loops inside [`VcpuControl::enter`] (between entry and exit of `Vcpu::run`).
+    live: usize,
+    /// Live loops parked at a checkpoint.
+    parked: usize,
+}
+
+/// Shared stop and pause state of a set of vCPUs.
+///
+/// * Stop: [`stop`](Self::stop), then [`kick`] every vCPU thread; each [`Vcpu::run`] returns
+///   [`VcpuStop::Stopped`], parked ones included.
+/// * Pause: [`request_pause`](Self::request_pause), [`kick`] every vCPU thread, then
+///   [`wait_parked`](Self::wait_parked): each vCPU finishes the exit it is handling and parks
+///   before its next `KVM_RUN` (on a condition variable, no busy waiting). When
+///   `wait_parked` returns `true`, no vCPU runs guest code until [`resume`](Self::resume);
+///   a vCPU that returns from `run` (reset, power-off, error) stops counting, so it never
+///   holds a pause up.
+///
+/// The run loop pays one atomic load per `KVM_RUN`; the mutex is taken only to pause, stop,
+/// and enter or leave [`Vcpu::run`].
 #[derive(Debug, Default)]
 pub struct VcpuControl {
-    stop: AtomicBool,
+    flags: AtomicU8,
+    state: Mutex<PauseState>,
+    /// Signalled on resume and stop: parked loops wait on it.
+    resumed: Condvar,
+    /// Signalled when a loop parks or leaves, and on resume and stop: controllers wait on it.
+    changed: Condvar,
 }
 
 impl VcpuControl {
-    /// A new control, not stopped.
+    /// A new control, not stopped, not paused.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
 
-    /// Asks every vCPU using this control to stop. Combine with [`kick`] to interrupt one
-    /// that is inside `KVM_RUN`.
+    fn lock(&self) -> MutexGuard<'_, PauseState> {
+        // The state is a few counters, each update complete under the lock: a panic elsewhere
+        // while holding it leaves nothing half-done.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks every vCPU using this control to stop, and wakes the parked ones. Combine with
+    /// [`kick`] to interrupt one that is inside `KVM_RUN`.
     pub fn stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.flags.fetch_or(STOP, Ordering::SeqCst);
+        // Taking the lock orders this with a parker's check of the flag: either it sees STOP
+        // before waiting, or it is waiting and gets this notification.
+        let _state = self.lock();
+        self.resumed.notify_all();
+        self.changed.notify_all();
     }
 
     /// Whether a stop was asked for.
     pub fn is_stopped(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.flags.load(Ordering::SeqCst) & STOP != 0
+    }
+
+    /// Asks every vCPU using this control to park before its next `KVM_RUN`. Combine with
+    /// [`kick`] to interrupt the ones inside `KVM_RUN`, then [`wait_parked`](Self::wait_parked).
+    pub fn request_pause(&self) {
+        let mut state = self.lock();
+        state.paused = true;
+        self.flags.fetch_or(PAUSE, Ordering::SeqCst);
+    }
+
+    /// Withdraws a pause: parked vCPUs go back into the guest.
+    pub fn resume(&self) {
+        let mut state = self.lock();
+        state.paused = false;
+        self.flags.fetch_and(!PAUSE, Ordering::SeqCst);
+        self.resumed.notify_all();
+        // A controller still in `wait_parked` gives up.
+        self.changed.notify_all();
+    }
+
+    /// Whether a pause is requested (and not resumed).
+    pub fn is_pause_requested(&self) -> bool {
+        self.flags.load(Ordering::SeqCst) & PAUSE != 0
+    }
+
+    /// How many vCPUs are parked now.
+    pub fn parked(&self) -> usize {
+        self.lock().parked
+    }
+
+    /// How many vCPU loops are inside [`Vcpu::run`] (or [`enter`](Self::enter)) now.
+    pub fn live(&self) -> usize {
+        self.lock().live
+    }
+
+    /// Waits until every live vCPU loop is parked, for at most `timeout`. `true` when they
+    /// are (vacuously when none is live); `false` on timeout, or if no pause is requested
+    /// any more (a concurrent [`resume`](Self::resume)).
+    pub fn wait_parked(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if !state.paused {
+                return false;
+            }
+            if state.parked == state.live {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Registers a vCPU loop: it counts as live, for [`wait_parked`](Self::wait_parked),
+    /// until the returned [`ControlledLoop`] is dropped. [`Vcpu::run`] does this itself; a
+    /// VMM with a run loop of its own calls it, then
+    /// [`ControlledLoop::checkpoint`] before each `KVM_RUN`.
+    pub fn enter(&self) -> ControlledLoop<'_> {
+        self.lock().live += 1;
+        ControlledLoop { control: self }
+    }
+
+    /// The slow path of [`ControlledLoop::checkpoint`]: parks while a pause is requested.
+    #[cold]
+    fn park(&self) -> bool {
+        let mut state = self.lock();
+        if state.paused && !self.is_stopped() {
+            state.parked += 1;
+            self.changed.notify_all();
+            while state.paused && !self.is_stopped() {
+                state = self.resumed.wait(state).unwrap_or_else(|p| p.into_inner());
+            }
+            state.parked -= 1;
+        }
+        !self.is_stopped()
+    }
+}
+
+/// A vCPU loop registered with a [`VcpuControl`] ([`VcpuControl::enter`]); it stops counting
+/// as live when dropped.
+#[derive(Debug)]
+pub struct ControlledLoop<'a> {
+    control: &'a VcpuControl,
+}
+
+impl ControlledLoop<'_> {
+    /// Call before each `KVM_RUN`: parks the thread while a pause is requested, and returns
+    /// whether the loop may enter the guest (`false`: stop was asked for, return).
+    #[inline]
+    #[must_use = "false means the loop must stop"]
+    pub fn checkpoint(&self) -> bool {
+        if self.control.flags.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        self.control.park()
+    }
+}
+
+impl Drop for ControlledLoop<'_> {
+    fn drop(&mut self) {
+        let mut state = self.control.lock();
+        state.live -= 1;
+        self.control.changed.notify_all();
     }
 }
 
@@ -156,7 +311,9 @@ impl Vcpu {
     ///
     /// Returns when `control` is stopped (checked before each entry; a [`kick`] makes an
     /// entry return at once), or on a reset, power-off, crash or unhandled halt. KVM errors
-    /// and internal errors are errors.
+    /// and internal errors are errors. While `control` asks for a pause, the thread parks
+    /// before its next entry (after handling the exit that brought it out), until resumed or
+    /// stopped.
     pub fn run<H: VcpuExitHandler + ?Sized>(
         &mut self,
         handler: &H,
@@ -165,8 +322,10 @@ impl Vcpu {
         let immediate_exit = std::ptr::addr_of_mut!(self.fd.get_kvm_run().immediate_exit);
         IMMEDIATE_EXIT.with(|p| p.set(immediate_exit));
         let _guard = ImmediateExitGuard;
+        let control = control.enter();
         loop {
-            if control.is_stopped() {
+            // Between two `KVM_RUN`s, the exit before fully handled: a pause parks here.
+            if !control.checkpoint() {
                 return Ok(VcpuStop::Stopped);
             }
             match self.fd.run() {
@@ -251,5 +410,164 @@ impl Vcpu {
                 handler.pio_write(io.port, chunk);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::thread;
+
+    use super::*;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    /// A stand-in for `Vcpu::run` on a plain thread: counts "guest entries" in `work` until
+    /// stopped, then returns how it ended.
+    fn spawn_loop(control: &Arc<VcpuControl>, work: &Arc<AtomicU64>) -> JoinHandle<VcpuStop> {
+        let (control, work) = (control.clone(), work.clone());
+        thread::spawn(move || {
+            let l = control.enter();
+            while l.checkpoint() {
+                work.fetch_add(1, Ordering::SeqCst);
+                thread::sleep(Duration::from_micros(100));
+            }
+            VcpuStop::Stopped
+        })
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + LONG;
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn pause_waits_for_every_live_loop_and_resume_releases_them() {
+        let control = VcpuControl::new();
+        let work = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..4).map(|_| spawn_loop(&control, &work)).collect();
+        wait_until("4 live loops", || control.live() == 4);
+        control.request_pause();
+        assert!(control.is_pause_requested());
+        assert!(control.wait_parked(LONG));
+        assert_eq!(control.parked(), 4);
+        // Parked means no work until resumed.
+        let before = work.load(Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(50));
+        assert_eq!(work.load(Ordering::SeqCst), before);
+        control.resume();
+        assert!(!control.is_pause_requested());
+        wait_until("every loop unparked", || control.parked() == 0);
+        wait_until("work again", || work.load(Ordering::SeqCst) > before + 8);
+        control.stop();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), VcpuStop::Stopped);
+        }
+        assert_eq!(control.live(), 0);
+    }
+
+    #[test]
+    fn wait_parked_times_out_while_a_loop_is_away() {
+        let control = VcpuControl::new();
+        // A loop registered but not at a checkpoint (as a vCPU inside a long exit handler).
+        let away = control.enter();
+        control.request_pause();
+        let t0 = Instant::now();
+        assert!(!control.wait_parked(Duration::from_millis(50)));
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        // It leaves: the pause completes at once, with nothing live.
+        drop(away);
+        assert!(control.wait_parked(Duration::ZERO));
+        assert!(control.wait_parked(LONG));
+    }
+
+    #[test]
+    fn a_loop_that_exits_while_others_are_paused_does_not_hold_the_pause() {
+        let control = VcpuControl::new();
+        let work = Arc::new(AtomicU64::new(0));
+        let parkers: Vec<_> = (0..2).map(|_| spawn_loop(&control, &work)).collect();
+        // A third loop that is busy (not checking in) and then returns, as a vCPU whose guest
+        // powers off.
+        let (c, go) = (control.clone(), Arc::new(Mutex::new(())));
+        let hold = go.lock().unwrap();
+        let g = go.clone();
+        let exiting = thread::spawn(move || {
+            let _l = c.enter();
+            drop(g.lock().unwrap());
+            VcpuStop::PowerOff
+        });
+        wait_until("3 live loops", || control.live() == 3);
+        control.request_pause();
+        let c = control.clone();
+        let waiter = thread::spawn(move || c.wait_parked(LONG));
+        wait_until("2 parked", || control.parked() == 2);
+        thread::sleep(Duration::from_millis(20));
+        assert!(
+            !waiter.is_finished(),
+            "the busy loop is neither parked nor gone"
+        );
+        drop(hold);
+        assert_eq!(exiting.join().unwrap(), VcpuStop::PowerOff);
+        assert!(waiter.join().unwrap(), "pause completes once it returned");
+        assert_eq!((control.live(), control.parked()), (2, 2));
+        control.stop();
+        for t in parkers {
+            assert_eq!(t.join().unwrap(), VcpuStop::Stopped);
+        }
+    }
+
+    #[test]
+    fn stop_wakes_parked_loops_and_they_stop() {
+        let control = VcpuControl::new();
+        let work = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..3).map(|_| spawn_loop(&control, &work)).collect();
+        wait_until("3 live loops", || control.live() == 3);
+        control.request_pause();
+        assert!(control.wait_parked(LONG));
+        let before = work.load(Ordering::SeqCst);
+        control.stop();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), VcpuStop::Stopped);
+        }
+        assert_eq!(
+            work.load(Ordering::SeqCst),
+            before,
+            "no work after the stop"
+        );
+        assert_eq!((control.live(), control.parked()), (0, 0));
+    }
+
+    #[test]
+    fn a_loop_entering_during_a_pause_parks_before_its_first_entry() {
+        let control = VcpuControl::new();
+        control.request_pause();
+        assert!(control.wait_parked(Duration::ZERO), "nothing live: paused");
+        let work = Arc::new(AtomicU64::new(0));
+        let t = spawn_loop(&control, &work);
+        wait_until("the late loop parked", || control.parked() == 1);
+        assert_eq!(work.load(Ordering::SeqCst), 0);
+        control.resume();
+        wait_until("work", || work.load(Ordering::SeqCst) > 0);
+        control.stop();
+        assert_eq!(t.join().unwrap(), VcpuStop::Stopped);
+    }
+
+    #[test]
+    fn a_resume_makes_a_pending_wait_fail_and_checkpoints_are_free_when_idle() {
+        let control = VcpuControl::new();
+        let l = control.enter();
+        assert!(l.checkpoint());
+        control.request_pause();
+        let c = control.clone();
+        let waiter = thread::spawn(move || c.wait_parked(LONG));
+        thread::sleep(Duration::from_millis(20));
+        control.resume();
+        assert!(!waiter.join().unwrap(), "resumed before every loop parked");
+        assert!(l.checkpoint(), "not paused any more: no parking");
+        control.stop();
+        assert!(!l.checkpoint());
     }
 }

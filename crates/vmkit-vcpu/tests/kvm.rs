@@ -145,6 +145,45 @@ fn a_kick_stops_a_spinning_vcpu() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_kicked_vcpu_parks_while_paused_and_resumes() {
+    install_kick_handler().unwrap();
+    // out 0x80, al; jmp back: a port exit on every iteration, so parking happens both after
+    // a kick and after a handled exit.
+    let (_vm, mut vcpu, _mem) = vm_with_code(&[0xe6, 0x80, 0xeb, 0xfc]);
+    let rec = std::sync::Arc::new(Recorder::default());
+    let control = VcpuControl::new();
+    let (c2, r2) = (control.clone(), rec.clone());
+    let t = std::thread::spawn(move || {
+        let r = vcpu.run(&*r2, &c2);
+        (r.map_err(|e| e.to_string()), vcpu.stats())
+    });
+    let outs = || rec.log.lock().unwrap().len();
+    while outs() < 10 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    control.request_pause();
+    kick(&t).unwrap();
+    assert!(control.wait_parked(Duration::from_secs(10)));
+    assert_eq!((control.live(), control.parked()), (1, 1));
+    let paused_at = outs();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(outs(), paused_at, "no exit while parked");
+    control.resume();
+    while outs() < paused_at + 10 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    control.request_pause();
+    kick(&t).unwrap();
+    assert!(control.wait_parked(Duration::from_secs(10)));
+    // A stop wakes the parked vCPU.
+    control.stop();
+    let (r, _stats) = t.join().unwrap();
+    assert_eq!(r, Ok(VcpuStop::Stopped));
+    assert_eq!(control.live(), 0);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_stop_before_run_never_enters_the_guest() {
     let (_vm, mut vcpu, _mem) = vm_with_code(&[0xe6, 0x80, 0xf4]); // out 0x80, al; hlt
     let control = VcpuControl::new();
