@@ -456,7 +456,7 @@ mod tests {
             .unwrap();
         let r = response(&mut c);
         assert!(
-            r.starts_with("HTTP/1.1 413") && r.contains("fault_message"),
+            r.starts_with("HTTP/1.1 400") && r.contains("larger than the limit"),
             "{r}"
         );
         let mut c = connect(&path);
