@@ -639,7 +639,11 @@ fn metrics_count_requests_bytes_flushes_errors_and_malformed_chains() {
         let mut descs = chain(0, &[(HDR, 16, 0), (BUF, 1024, W), (ST, 1, W)]);
         descs.extend(chain(
             3,
-            &[(HDR + 0x100, 16, 0), (BUF + 0x1000, 1536, 0), (ST + 1, 1, W)],
+            &[
+                (HDR + 0x100, 16, 0),
+                (BUF + 0x1000, 1536, 0),
+                (ST + 1, 1, W),
+            ],
         ));
         descs.extend(chain(6, &[(HDR + 0x200, 16, 0), (ST + 2, 1, W)]));
         // The device's parser refuses it: a header too short.

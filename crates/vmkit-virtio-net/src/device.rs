@@ -202,7 +202,8 @@ impl<M: MappedMemory> Net<M> {
             return;
         };
         loop {
-            if !p.rx.fill(q, need, mergeable, &mut stats.rx_bad_chains, queue_refused) {
+            let refused = &mut stats.rx_bad_chains;
+            if !p.rx.fill(q, need, mergeable, refused, queue_refused) {
                 stats.rx_waits += 1;
                 break;
             }

@@ -422,7 +422,13 @@ fn metrics_count_frames_bytes_drops_and_malformed_chains() {
     ];
     let metrics = Arc::new(AtomicMetrics::new());
     let features = bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_CTRL_RX);
-    let mut r = rig_full(1, features, &[&rx, &tx, &ctrl], setup, Some(metrics.clone()));
+    let mut r = rig_full(
+        1,
+        features,
+        &[&rx, &tx, &ctrl],
+        setup,
+        Some(metrics.clone()),
+    );
     // Activation already filled the receive buffers: the short chain was refused (and
     // returned, with an interrupt).
     let at_start = metrics.snapshot();

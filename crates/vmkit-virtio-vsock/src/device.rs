@@ -104,9 +104,7 @@ impl<M: VirtioMemory> Vsock<M> {
         let (before, refused) = (self.host.stats, self.queue_refused);
         f(self);
         let refused = self.queue_refused - refused;
-        self.host
-            .stats
-            .publish(&before, refused, &*self.metrics);
+        self.host.stats.publish(&before, refused, &*self.metrics);
     }
 
     /// The guest's CID.

@@ -15,8 +15,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::NeedsReset;
 use crate::interrupt::{InterruptReason, VirtioInterrupt};
-use crate::metrics::{Counter, DeviceMetrics};
 pub(crate) use crate::memory::VirtioMemory;
+use crate::metrics::{Counter, DeviceMetrics};
 use crate::{Error, Result};
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`: without `EVENT_IDX`, the driver's hint that it does not
