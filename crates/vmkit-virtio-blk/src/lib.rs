@@ -157,7 +157,7 @@ pub struct BlockConfig {
     /// driver's notifications suppressed, so a driver that submits again soon does so
     /// without a VM exit (0: off). Costs the event thread that much spinning per kick.
     pub poll_us: u32,
-    /// Where the device counts (default [`NoMetrics`](vmkit_virtio::NoMetrics)); see the
+    /// Where the device counts (default [`NoMetrics`]); see the
     /// crate's README for what each [`Counter`](vmkit_virtio::Counter) means here.
     pub metrics: Arc<dyn DeviceMetrics>,
 }

@@ -142,7 +142,7 @@ pub struct NetConfig {
     /// again soon does so without a VM exit (vmkit-virtio's queue polling); 0: no polling.
     pub poll_us: u32,
     /// Where the device counts (default [`NoMetrics`]); the crate's README says what each
-    /// [`Counter`](vmkit_virtio::Counter) means here.
+    /// [`Counter`] means here.
     pub metrics: Arc<dyn DeviceMetrics>,
 }
 
