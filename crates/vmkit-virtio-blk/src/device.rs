@@ -11,7 +11,8 @@ use virtio_bindings::virtio_blk::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_virtio::{
-    ActivateContext, ActivateError, ActiveQueue, Chain, MappedMemory, VirtioDevice,
+    ActivateContext, ActivateError, ActiveQueue, Chain, Counter, DeviceMetrics, MappedMemory,
+    VirtioDevice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -105,6 +106,8 @@ struct Requests<M: MappedMemory> {
     starved: Vec<bool>,
     completions: Vec<Completion>,
     stats: BlockStats,
+    /// The VMM's counters ([`BlockConfig::metrics`]).
+    metrics: Arc<dyn DeviceMetrics>,
 }
 
 /// The virtio-blk device. Put it on a transport as `Arc<Mutex<Block>>`; it works on any
@@ -172,6 +175,7 @@ impl<M: MappedMemory> Block<M> {
                 starved: vec![false; queues],
                 completions: Vec::new(),
                 stats: BlockStats::default(),
+                metrics: config.metrics,
             },
             disk,
             queue_sizes: vec![config.queue_size; queues],
@@ -344,6 +348,7 @@ impl<M: MappedMemory> Requests<M> {
             };
             let head = chain.head();
             self.stats.requests += 1;
+            self.metrics.inc(Counter::Requests);
             if let Some(len) = self.start(&chain, index, limits) {
                 // An error leaves the device in DEVICE_NEEDS_RESET; `pop` then stops.
                 let _ = q.complete(head, len);
@@ -372,6 +377,7 @@ impl<M: MappedMemory> Requests<M> {
                     self.stats.unsupported += 1;
                 } else {
                     self.stats.bad_requests += 1;
+                    self.metrics.inc(Counter::Malformed);
                 }
                 return Some(status.map_or(0, |s| answer(s, error.status())));
             }
@@ -481,12 +487,19 @@ impl<M: MappedMemory> Requests<M> {
                         mark_dirty(mem, &p.filled);
                         s.reads += 1;
                         s.bytes_read += p.bytes;
+                        self.metrics.inc(Counter::ReadOps);
+                        self.metrics.add(Counter::ReadBytes, p.bytes);
                     }
                     Op::Write => {
                         s.writes += 1;
                         s.bytes_written += p.bytes;
+                        self.metrics.inc(Counter::WriteOps);
+                        self.metrics.add(Counter::WriteBytes, p.bytes);
                     }
-                    Op::Flush => s.flushes += 1,
+                    Op::Flush => {
+                        s.flushes += 1;
+                        self.metrics.inc(Counter::Flushes);
+                    }
                     Op::Discard => s.discards += 1,
                     Op::WriteZeroes => s.write_zeroes += 1,
                 }
@@ -495,6 +508,7 @@ impl<M: MappedMemory> Requests<M> {
             Err(e) => {
                 log::warn!("virtio-blk: {:?} failed: {e}", p.op);
                 self.stats.io_errors += 1;
+                self.metrics.inc(Counter::Errors);
                 (S_IOERR, 1)
             }
         };
@@ -578,6 +592,7 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
         }
         for q in context.queues_mut() {
             q.set_poll(self.poll);
+            q.set_metrics(self.requests.metrics.clone());
         }
         self.requests.engine.attach(context.memory().clone());
         self.active = Some(context);
@@ -585,6 +600,7 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
     }
 
     fn process_queue(&mut self, index: u16) {
+        self.requests.metrics.inc(Counter::Notifications);
         let limits = self.limits();
         let Some(ctx) = self.active.as_mut() else {
             return;

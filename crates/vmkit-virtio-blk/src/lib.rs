@@ -62,6 +62,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use vmkit_virtio::{DeviceMetrics, NoMetrics};
+
 pub use device::{Block, BlockStats, CONFIG_SPACE_SIZE};
 pub use disk::{Disk, DiskOptions, DEFAULT_DIRECT_ALIGN};
 pub use engine::{BlockEngine, BlockOp, Completion, IoUringEngine, SyncEngine};
@@ -155,6 +157,9 @@ pub struct BlockConfig {
     /// driver's notifications suppressed, so a driver that submits again soon does so
     /// without a VM exit (0: off). Costs the event thread that much spinning per kick.
     pub poll_us: u32,
+    /// Where the device counts (default [`NoMetrics`]); see the
+    /// crate's README for what each [`Counter`](vmkit_virtio::Counter) means here.
+    pub metrics: Arc<dyn DeviceMetrics>,
 }
 
 impl BlockConfig {
@@ -171,7 +176,15 @@ impl BlockConfig {
             queue_size: DEFAULT_QUEUE_SIZE,
             block_size: 512,
             poll_us: 0,
+            metrics: Arc::new(NoMetrics),
         }
+    }
+
+    /// Counts into `metrics` (an [`AtomicMetrics`](vmkit_virtio::AtomicMetrics) the VMM
+    /// keeps a clone of, say).
+    pub fn with_metrics(mut self, metrics: Arc<dyn DeviceMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Checks the settings against this crate's limits, without touching the image: 1 to

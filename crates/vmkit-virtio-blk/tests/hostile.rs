@@ -618,3 +618,84 @@ fn multi_queue_requests_complete_on_their_own_queue() {
         dev.process_queue(5);
     }
 }
+
+/// Interrupts the recording interrupt saw for queues (config interrupts are not counted).
+fn queue_interrupts(r: &Rig) -> u64 {
+    let queue = |x: &InterruptReason| matches!(x, InterruptReason::Queue(_));
+    r.irq.reasons().iter().filter(|x| queue(x)).count() as u64
+}
+
+#[test]
+fn metrics_count_requests_bytes_flushes_errors_and_malformed_chains() {
+    use std::sync::Arc;
+    use vmkit_virtio::{AtomicMetrics, Counter, MetricsSnapshot};
+    for e in ENGINES {
+        let metrics = Arc::new(AtomicMetrics::new());
+        let m = metrics.clone();
+        let mut r = Rig::new(e, ALL, |c| c.metrics = m);
+        header(&r.mem, HDR, T_IN, 0);
+        header(&r.mem, HDR + 0x100, T_OUT, 4);
+        header(&r.mem, HDR + 0x200, T_FLUSH, 0);
+        let mut descs = chain(0, &[(HDR, 16, 0), (BUF, 1024, W), (ST, 1, W)]);
+        descs.extend(chain(
+            3,
+            &[
+                (HDR + 0x100, 16, 0),
+                (BUF + 0x1000, 1536, 0),
+                (ST + 1, 1, W),
+            ],
+        ));
+        descs.extend(chain(6, &[(HDR + 0x200, 16, 0), (ST + 2, 1, W)]));
+        // The device's parser refuses it: a header too short.
+        descs.extend(chain(8, &[(HDR, 8, 0), (ST + 3, 1, W)]));
+        // The queue refuses it: a buffer crossing the end of memory.
+        descs.extend(chain(
+            10,
+            &[(HDR, 16, 0), (MEM as u64 - 256, 512, W), (ST + 4, 1, W)],
+        ));
+        r.run(&descs);
+        assert_eq!(r.used_idx(), 5);
+        assert_eq!(
+            [r.byte(ST), r.byte(ST + 1), r.byte(ST + 2), r.byte(ST + 3)],
+            [S_OK, S_OK, S_OK, S_IOERR]
+        );
+        let interrupts = queue_interrupts(&r);
+        assert!(interrupts > 0);
+        let expected = MetricsSnapshot {
+            requests: 5,
+            read_ops: 1,
+            write_ops: 1,
+            read_bytes: 1024,
+            write_bytes: 1536,
+            flushes: 1,
+            malformed: 2,
+            notifications: 1,
+            interrupts,
+            ..MetricsSnapshot::default()
+        };
+        assert_eq!(metrics.snapshot(), expected, "{e:?}");
+
+        // The image shrinks under the device: a read past its new end is an I/O error.
+        let metrics = Arc::new(AtomicMetrics::new());
+        let m = metrics.clone();
+        let mut r = Rig::new(e, ALL, |c| c.metrics = m);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&r.img.0)
+            .unwrap()
+            .set_len(DISK / 2)
+            .unwrap();
+        header(&r.mem, HDR, T_IN, CAPACITY - 2);
+        r.run(&chain(0, &[(HDR, 16, 0), (BUF, 1024, W), (ST, 1, W)]));
+        assert_eq!(r.byte(ST), S_IOERR);
+        let expected = MetricsSnapshot {
+            requests: 1,
+            errors: 1,
+            notifications: 1,
+            interrupts: queue_interrupts(&r),
+            ..MetricsSnapshot::default()
+        };
+        assert_eq!(metrics.snapshot(), expected, "{e:?}");
+        assert_eq!(metrics.get(Counter::Errors), r.dev.stats().io_errors);
+    }
+}

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vmkit_virtio::{Counter, DeviceMetrics};
 use vmm_sys_util::eventfd::EventFd;
 
 /// The buffer and the way to wake the device.
@@ -16,6 +17,8 @@ pub(crate) struct InputState {
     /// A clone of the receiveq notifier while the device is active: writing it makes the
     /// transport's `QueueEventHandler` run the device's receiveq processing.
     pub(crate) kick: Option<EventFd>,
+    /// The console's metrics: refused bytes count as `Dropped`.
+    pub(crate) metrics: Arc<dyn DeviceMetrics>,
 }
 
 impl InputState {
@@ -25,7 +28,11 @@ impl InputState {
         let n = room.min(bytes.len());
         self.data.extend(&bytes[..n]);
         // `bytes.len() - n` fits in u64 on every supported target.
-        self.refused += (bytes.len() - n) as u64;
+        let refused = (bytes.len() - n) as u64;
+        if refused > 0 {
+            self.refused += refused;
+            self.metrics.add(Counter::Dropped, refused);
+        }
         n
     }
 }

@@ -69,7 +69,10 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmkit_virtio::{ActivateContext, ActivateError, Descriptor, VirtioDevice, VirtioMemory};
+use vmkit_virtio::{
+    ActivateContext, ActivateError, Counter, Descriptor, DeviceMetrics, NoMetrics, VirtioDevice,
+    VirtioMemory,
+};
 
 pub use input::ConsoleInput;
 use input::{lock, InputState, SharedInput};
@@ -123,6 +126,9 @@ pub struct ConsoleConfig {
     pub input_capacity: usize,
     /// At most this many bytes are taken from one transmit chain; the rest is dropped.
     pub max_tx_bytes_per_chain: u32,
+    /// Where the device counts (default [`NoMetrics`]); the crate's README says what each
+    /// [`Counter`] means here.
+    pub metrics: Arc<dyn DeviceMetrics>,
 }
 
 impl ConsoleConfig {
@@ -132,7 +138,15 @@ impl ConsoleConfig {
             output,
             input_capacity: DEFAULT_INPUT_CAPACITY,
             max_tx_bytes_per_chain: DEFAULT_MAX_TX_BYTES_PER_CHAIN,
+            metrics: Arc::new(NoMetrics),
         }
+    }
+
+    /// Counts into `metrics` (an [`AtomicMetrics`](vmkit_virtio::AtomicMetrics) the VMM
+    /// keeps a clone of, say).
+    pub fn with_metrics(mut self, metrics: Arc<dyn DeviceMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -141,6 +155,7 @@ impl fmt::Debug for ConsoleConfig {
         f.debug_struct("ConsoleConfig")
             .field("input_capacity", &self.input_capacity)
             .field("max_tx_bytes_per_chain", &self.max_tx_bytes_per_chain)
+            .field("metrics", &self.metrics)
             .finish_non_exhaustive()
     }
 }
@@ -179,6 +194,7 @@ pub struct Console<M: VirtioMemory = GuestMemoryMmap> {
     active: Option<ActivateContext<M>>,
     scratch: Vec<u8>,
     stats: ConsoleStats,
+    metrics: Arc<dyn DeviceMetrics>,
 }
 
 impl<M: VirtioMemory> fmt::Debug for Console<M> {
@@ -215,10 +231,12 @@ impl<M: VirtioMemory> Console<M> {
                 capacity: config.input_capacity,
                 refused: 0,
                 kick: None,
+                metrics: config.metrics.clone(),
             })),
             active: None,
             scratch: Vec::new(),
             stats: ConsoleStats::default(),
+            metrics: config.metrics,
         })
     }
 
@@ -264,21 +282,34 @@ impl<M: VirtioMemory> Console<M> {
     fn transmit(&mut self) {
         let limit = self.max_tx;
         let (output, scratch, stats) = (&mut self.output, &mut self.scratch, &mut self.stats);
+        let metrics = &*self.metrics;
         let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(TRANSMITQ)) else {
             return;
         };
         // A ring error ends the loop with the device in DEVICE_NEEDS_RESET.
         while let Ok(Some(chain)) = q.pop() {
             stats.tx_chains += 1;
+            metrics.inc(Counter::Requests);
             match chain.descriptors() {
-                Ok(descs) => send_chain(
-                    chain.memory(),
-                    descs,
-                    limit,
-                    output.as_mut(),
-                    scratch,
-                    stats,
-                ),
+                Ok(descs) => {
+                    let (bytes, dropped) = (stats.tx_bytes, stats.tx_dropped);
+                    let sink_ok = send_chain(
+                        chain.memory(),
+                        descs,
+                        limit,
+                        output.as_mut(),
+                        scratch,
+                        stats,
+                    );
+                    metrics.inc(Counter::WriteOps);
+                    metrics.add(Counter::WriteBytes, stats.tx_bytes - bytes);
+                    if stats.tx_dropped > dropped {
+                        metrics.add(Counter::Dropped, stats.tx_dropped - dropped);
+                    }
+                    if !sink_ok {
+                        metrics.inc(Counter::Errors);
+                    }
+                }
                 Err(_) => stats.bad_chains += 1,
             }
             let head = chain.head();
@@ -295,7 +326,7 @@ impl<M: VirtioMemory> Console<M> {
     /// left and no buffers, the queue's pop leaves driver notifications on, so the guest's
     /// next buffers bring the device back here.
     fn fill_rx(&mut self) {
-        let stats = &mut self.stats;
+        let (stats, metrics) = (&mut self.stats, &*self.metrics);
         let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(RECEIVEQ)) else {
             return;
         };
@@ -305,6 +336,7 @@ impl<M: VirtioMemory> Console<M> {
                 break;
             };
             stats.rx_chains += 1;
+            metrics.inc(Counter::Requests);
             let len = match chain.descriptors() {
                 Ok(descs) => fill_chain(chain.memory(), descs, &mut input.data, stats),
                 Err(_) => {
@@ -313,6 +345,10 @@ impl<M: VirtioMemory> Console<M> {
                 }
             };
             stats.rx_bytes += u64::from(len);
+            if len > 0 {
+                metrics.inc(Counter::ReadOps);
+                metrics.add(Counter::ReadBytes, u64::from(len));
+            }
             let head = chain.head();
             let _ = q.complete(head, len);
         }
@@ -324,6 +360,8 @@ impl<M: VirtioMemory> Console<M> {
         self.stats.emergency_bytes += 1;
         if write_sink(self.output.as_mut(), &[byte]).is_err() {
             self.stats.tx_dropped += 1;
+            self.metrics.inc(Counter::Dropped);
+            self.metrics.inc(Counter::Errors);
         }
         if let Err(e) = self.output.flush() {
             log::debug!("virtio-console: flushing the output failed: {e}");
@@ -349,6 +387,7 @@ fn write_sink(sink: &mut dyn Write, buf: &[u8]) -> Result<(), usize> {
 }
 
 /// Copies the device-readable buffers of one transmit chain to the sink, up to `limit`.
+/// Returns whether the sink took everything offered to it (`false`: it failed).
 fn send_chain<M: VirtioMemory>(
     mem: &M,
     descs: &[Descriptor],
@@ -356,7 +395,7 @@ fn send_chain<M: VirtioMemory>(
     sink: &mut dyn Write,
     scratch: &mut Vec<u8>,
     stats: &mut ConsoleStats,
-) {
+) -> bool {
     let mut taken: u32 = 0;
     let mut sink_ok = true;
     for d in descs {
@@ -396,6 +435,7 @@ fn send_chain<M: VirtioMemory>(
             off += len;
         }
     }
+    sink_ok
 }
 
 /// Moves input into the device-writable buffers of one receive chain; returns the used
@@ -487,6 +527,10 @@ impl<M: VirtioMemory> VirtioDevice<M> for Console<M> {
             .transpose()
             .map_err(ActivateError::Io)?;
         lock(&self.input).kick = kick;
+        let mut context = context;
+        for q in context.queues_mut() {
+            q.set_metrics(self.metrics.clone());
+        }
         self.active = Some(context);
         // Input typed before the driver was ready goes to buffers posted before DRIVER_OK.
         self.fill_rx();
@@ -494,6 +538,7 @@ impl<M: VirtioMemory> VirtioDevice<M> for Console<M> {
     }
 
     fn process_queue(&mut self, index: u16) {
+        self.metrics.inc(Counter::Notifications);
         match index {
             RECEIVEQ => self.fill_rx(),
             TRANSMITQ => self.transmit(),

@@ -263,6 +263,19 @@ fn hostile(
     input: &[u8],
     setup: impl FnOnce(&GuestMemoryMmap),
 ) -> Hostile {
+    hostile_with(max_tx, features, rx, tx, input, setup, |_| {})
+}
+
+/// [`hostile`], with `configure` applied to the console's configuration.
+fn hostile_with(
+    max_tx: u32,
+    features: u64,
+    rx: &[RawDescriptor],
+    tx: &[RawDescriptor],
+    input: &[u8],
+    setup: impl FnOnce(&GuestMemoryMmap),
+    configure: impl FnOnce(&mut ConsoleConfig),
+) -> Hostile {
     let mem = guest_memory(MEM);
     mem.write_slice(&vec![POISON; MEM - 0x1_0000], GuestAddress(0x1_0000))
         .unwrap();
@@ -295,6 +308,7 @@ fn hostile(
     let sink = Sink::default();
     let mut cfg = ConsoleConfig::new(Box::new(sink.clone()));
     cfg.max_tx_bytes_per_chain = max_tx;
+    configure(&mut cfg);
     let mut dev = Console::new(cfg).unwrap();
     dev.input().push(input);
     dev.activate(ctx).unwrap();
@@ -643,4 +657,52 @@ fn activation_needs_both_queues() {
     let mut dev = Console::new(ConsoleConfig::new(Box::new(io::sink()))).unwrap();
     assert!(dev.activate(ctx).is_err());
     assert!(!dev.is_active());
+}
+
+#[test]
+fn metrics_count_bytes_each_way_drops_and_malformed_chains() {
+    use vmkit_virtio::{AtomicMetrics, MetricsSnapshot};
+    let metrics = Arc::new(AtomicMetrics::new());
+    let m = metrics.clone();
+    let rx = [desc(0x2_0000, 4, WRITE, 0), desc(0x2_1000, 16, WRITE, 0)];
+    let tx = [
+        desc(0x1_0000, 5, 0, 0),
+        // 12 bytes over a bound of 8: 4 dropped.
+        desc(0x1_1000, 12, 0, 0),
+        // A loop: refused by the queue.
+        desc(0x1_2000, 4, NEXT, 2),
+    ];
+    let setup = |mem: &GuestMemoryMmap| {
+        mem.write_slice(b"hello", GuestAddress(0x1_0000)).unwrap();
+        mem.write_slice(b"0123456789ab", GuestAddress(0x1_1000))
+            .unwrap();
+    };
+    let mut h = hostile_with(8, FEATURE_VERSION_1, &rx, &tx, b"abcdef", setup, |c| {
+        c.input_capacity = 16;
+        c.metrics = m;
+    });
+    // Activation delivered the input: 4 bytes, then 2.
+    assert_eq!(h.read(0x2_0000, 4), b"abcd");
+    assert_eq!(h.read(0x2_1000, 2), b"ef");
+    h.dev.process_queue(TRANSMITQ);
+    assert_eq!(h.sink.take(), b"hello01234567");
+    assert_eq!(h.used_idx(h.tx_used), 3);
+    let expected = MetricsSnapshot {
+        requests: 5,
+        read_ops: 2,
+        read_bytes: 6,
+        write_ops: 2,
+        write_bytes: 13,
+        dropped: 4,
+        malformed: 1,
+        notifications: 1,
+        interrupts: 2,
+        ..MetricsSnapshot::default()
+    };
+    assert_eq!(metrics.snapshot(), expected);
+    assert_eq!(h.irq.count(), 2);
+    // Input beyond the buffer (no receive buffers left): 16 taken, 4 dropped.
+    assert_eq!(h.dev.input().push(&[b'x'; 20]), 16);
+    assert_eq!(metrics.snapshot().dropped, 8);
+    assert_eq!(h.dev.stats().input_refused, 4);
 }

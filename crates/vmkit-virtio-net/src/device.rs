@@ -3,9 +3,12 @@
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmkit_virtio::{ActivateContext, ActivateError, IoVecs, MappedMemory, VirtioDevice};
+use vmkit_virtio::{
+    ActivateContext, ActivateError, Counter, DeviceMetrics, IoVecs, MappedMemory, VirtioDevice,
+};
 
 use crate::backend::NetBackend;
 use crate::ctrl::{execute, CtrlEffect, RxFilter, MAX_CTRL_BYTES, VIRTIO_NET_ERR, VIRTIO_NET_OK};
@@ -44,6 +47,10 @@ pub struct Net<M: MappedMemory = GuestMemoryMmap> {
     iov: IoVecs,
     ctrl: Vec<u8>,
     stats: NetStats,
+    /// Chains the queues refused as malformed (and counted so): not counted again.
+    queue_refused: u64,
+    /// The VMM's counters ([`NetConfig::metrics`]).
+    metrics: Arc<dyn DeviceMetrics>,
 }
 
 impl<M: MappedMemory> fmt::Debug for Net<M> {
@@ -117,6 +124,8 @@ impl<M: MappedMemory> Net<M> {
             iov: IoVecs::new(),
             ctrl: Vec::with_capacity(MAX_CTRL_BYTES),
             stats: NetStats::default(),
+            queue_refused: 0,
+            metrics: config.metrics,
         };
         // Until a driver asks for more pairs, only the first one's backend receives.
         net.enable_backends(1);
@@ -174,9 +183,18 @@ impl<M: MappedMemory> Net<M> {
         if pair >= self.active_pairs {
             return;
         }
+        let (before, refused_before) = (self.stats, self.queue_refused);
+        self.receive(pair);
+        let refused = self.queue_refused - refused_before;
+        self.stats.publish(&before, refused, &*self.metrics);
+    }
+
+    /// [`process_rx`](Self::process_rx), counted in `stats` only.
+    fn receive(&mut self, pair: u16) {
         let (need, mergeable) = (self.rx_need(), self.has(VIRTIO_NET_F_MRG_RXBUF));
         let own = self.mac;
         let (filter, stats, iov) = (&self.filter, &mut self.stats, &mut self.iov);
+        let queue_refused = &mut self.queue_refused;
         let Some(p) = self.pairs.get_mut(usize::from(pair)) else {
             return;
         };
@@ -184,7 +202,8 @@ impl<M: MappedMemory> Net<M> {
             return;
         };
         loop {
-            if !p.rx.fill(q, need, mergeable, &mut stats.rx_bad_chains) {
+            let refused = &mut stats.rx_bad_chains;
+            if !p.rx.fill(q, need, mergeable, refused, queue_refused) {
                 stats.rx_waits += 1;
                 break;
             }
@@ -212,8 +231,17 @@ impl<M: MappedMemory> Net<M> {
 
     /// Sends every chain on pair `pair`'s transmit queue.
     fn process_tx(&mut self, pair: u16) {
+        let (before, refused_before) = (self.stats, self.queue_refused);
+        self.transmit(pair);
+        let refused = self.queue_refused - refused_before;
+        self.stats.publish(&before, refused, &*self.metrics);
+    }
+
+    /// [`process_tx`](Self::process_tx), counted in `stats` only.
+    fn transmit(&mut self, pair: u16) {
         let features = self.acked;
         let (stats, iov) = (&mut self.stats, &mut self.iov);
+        let queue_refused = &mut self.queue_refused;
         let Some(p) = self.pairs.get_mut(usize::from(pair)) else {
             return;
         };
@@ -223,7 +251,10 @@ impl<M: MappedMemory> Net<M> {
         while let Ok(Some(chain)) = q.pop() {
             let result = match chain.descriptors() {
                 Ok(descs) => send_chain(chain.memory(), descs, features, p.backend.as_mut(), iov),
-                Err(_) => Err(TxDrop::Malformed),
+                Err(_) => {
+                    *queue_refused += 1;
+                    Err(TxDrop::Malformed)
+                }
             };
             stats.count_tx(result);
             let head = chain.head();
@@ -242,6 +273,7 @@ impl<M: MappedMemory> Net<M> {
             return;
         };
         while let Ok(Some(chain)) = q.pop() {
+            self.metrics.inc(Counter::Requests);
             let head = chain.head();
             let written = match chain.descriptors() {
                 Ok(descs) => {
@@ -436,6 +468,9 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
                 .map_err(ActivateError::Io)?;
         }
         let mut context = context;
+        for q in context.queues_mut() {
+            q.set_metrics(self.metrics.clone());
+        }
         for pair in 0..self.pairs.len() {
             // At most 0x8000 pairs: the index fits.
             if let Some(q) = context.queue_mut((pair * 2 + 1) as u16) {
@@ -451,6 +486,7 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
     }
 
     fn process_queue(&mut self, index: u16) {
+        self.metrics.inc(Counter::Notifications);
         if self.has(VIRTIO_NET_F_CTRL_VQ) && index == self.ctrl_index() {
             self.process_ctrl();
         } else if index.is_multiple_of(2) {

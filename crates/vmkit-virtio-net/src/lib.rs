@@ -59,6 +59,10 @@
 //! [vmkit-virtio]: https://crates.io/crates/vmkit-virtio
 #![deny(missing_docs)]
 
+use std::sync::Arc;
+
+use vmkit_virtio::{Counter, DeviceMetrics, NoMetrics};
+
 mod backend;
 pub mod ctrl;
 mod device;
@@ -137,6 +141,9 @@ pub struct NetConfig {
     /// most [`MAX_POLL_US`]) with the driver's notifications suppressed, so a guest sending
     /// again soon does so without a VM exit (vmkit-virtio's queue polling); 0: no polling.
     pub poll_us: u32,
+    /// Where the device counts (default [`NoMetrics`]); the crate's README says what each
+    /// [`Counter`] means here.
+    pub metrics: Arc<dyn DeviceMetrics>,
 }
 
 impl NetConfig {
@@ -148,7 +155,15 @@ impl NetConfig {
             mtu: None,
             queue_size: NET_QUEUE_SIZE,
             poll_us: 0,
+            metrics: Arc::new(NoMetrics),
         }
+    }
+
+    /// Counts into `metrics` (an [`AtomicMetrics`](vmkit_virtio::AtomicMetrics) the VMM
+    /// keeps a clone of, say).
+    pub fn with_metrics(mut self, metrics: Arc<dyn DeviceMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 }
 
@@ -190,6 +205,43 @@ pub struct NetStats {
 }
 
 impl NetStats {
+    /// Adds to `metrics` what changed since `before`; `queue_refused` chains of those the
+    /// queue already counted as malformed. Once per batch: nothing per frame.
+    fn publish(&self, before: &NetStats, queue_refused: u64, metrics: &dyn DeviceMetrics) {
+        let d = |now: u64, then: u64| now.wrapping_sub(then);
+        let tx_frames = d(self.tx_frames, before.tx_frames);
+        let tx_malformed = d(self.tx_malformed, before.tx_malformed)
+            + d(self.tx_bad_length, before.tx_bad_length)
+            + d(self.tx_bad_header, before.tx_bad_header);
+        let tx_errors = d(self.tx_backend_errors, before.tx_backend_errors);
+        let rx_buffers = d(self.rx_buffers, before.rx_buffers);
+        let rx_bad = d(self.rx_bad_chains, before.rx_bad_chains);
+        let counts = [
+            (
+                Counter::Requests,
+                tx_frames + tx_malformed + tx_errors + rx_buffers + rx_bad,
+            ),
+            (Counter::WriteOps, tx_frames),
+            (Counter::WriteBytes, d(self.tx_bytes, before.tx_bytes)),
+            (Counter::ReadOps, d(self.rx_frames, before.rx_frames)),
+            (Counter::ReadBytes, d(self.rx_bytes, before.rx_bytes)),
+            (
+                Counter::Errors,
+                tx_errors + d(self.rx_backend_errors, before.rx_backend_errors),
+            ),
+            (
+                Counter::Malformed,
+                (tx_malformed + rx_bad).saturating_sub(queue_refused),
+            ),
+            (Counter::Dropped, d(self.rx_filtered, before.rx_filtered)),
+        ];
+        for (counter, n) in counts {
+            if n > 0 {
+                metrics.add(counter, n);
+            }
+        }
+    }
+
     fn count_tx(&mut self, result: Result<usize, tx::TxDrop>) {
         match result {
             Ok(len) => {

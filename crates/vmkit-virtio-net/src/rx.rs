@@ -49,7 +49,7 @@ pub(crate) struct RxBuffers {
 impl RxBuffers {
     /// Holds chains from `q` until they add up to `need` bytes (`mergeable`: a frame may take
     /// several), or one chain (not `mergeable`). Unusable chains are completed empty and
-    /// counted in `refused`. Returns whether there is enough; when not, the queue's
+    /// counted in `refused`, and those the queue found malformed in `queue_refused` too. Returns whether there is enough; when not, the queue's
     /// notifications are back on (its `pop` found the ring empty), so the driver's next
     /// buffers bring the device back.
     pub(crate) fn fill<M: MappedMemory>(
@@ -58,6 +58,7 @@ impl RxBuffers {
         need: u64,
         mergeable: bool,
         refused: &mut u64,
+        queue_refused: &mut u64,
     ) -> bool {
         while !self.enough(need, mergeable) {
             let Ok(Some(chain)) = q.pop() else {
@@ -66,7 +67,10 @@ impl RxBuffers {
             let head = chain.head();
             let taken = match chain.descriptors() {
                 Ok(descs) => self.take(head, descs),
-                Err(_) => Taken::Refused,
+                Err(_) => {
+                    *queue_refused += 1;
+                    Taken::Refused
+                }
             };
             if taken == Taken::Refused {
                 *refused += 1;

@@ -33,9 +33,13 @@
 #![deny(missing_docs)]
 
 use std::io;
+use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmkit_virtio::{ActivateContext, ActivateError, Descriptor, VirtioDevice, VirtioMemory};
+use vmkit_virtio::{
+    ActivateContext, ActivateError, Counter, Descriptor, DeviceMetrics, NoMetrics, VirtioDevice,
+    VirtioMemory,
+};
 
 /// The virtio device ID of an entropy device.
 pub const RNG_DEVICE_TYPE: u32 = 4;
@@ -90,6 +94,7 @@ pub struct Rng<M: VirtioMemory = GuestMemoryMmap> {
     active: Option<ActivateContext<M>>,
     buffer: Vec<u8>,
     stats: RngStats,
+    metrics: Arc<dyn DeviceMetrics>,
 }
 
 impl Rng {
@@ -111,7 +116,17 @@ impl<M: VirtioMemory> Rng<M> {
             active: None,
             buffer: Vec::new(),
             stats: RngStats::default(),
+            metrics: Arc::new(NoMetrics),
         })
+    }
+
+    /// Counts into `metrics` (default [`NoMetrics`]): `requests` (every chain), `read_ops`
+    /// and `read_bytes` (requests that got entropy, and its bytes), `errors` (`getrandom`
+    /// failures), `notifications`, and, through the queue, `interrupts` and `malformed`.
+    /// On the device rather than in [`RngConfig`], which stays `Copy` and comparable.
+    pub fn with_metrics(mut self, metrics: Arc<dyn DeviceMetrics>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The counters.
@@ -153,6 +168,7 @@ fn serve<M: VirtioMemory>(
     limit: u32,
     buffer: &mut Vec<u8>,
     stats: &mut RngStats,
+    metrics: &dyn DeviceMetrics,
 ) -> u32 {
     let mut written: u32 = 0;
     for d in descs {
@@ -177,6 +193,7 @@ fn serve<M: VirtioMemory>(
             Ok(got) => got,
             Err(_) => {
                 stats.entropy_errors += 1;
+                metrics.inc(Counter::Errors);
                 break;
             }
         };
@@ -218,27 +235,37 @@ impl<M: VirtioMemory> VirtioDevice<M> for Rng<M> {
         if context.queue(0).is_none() {
             return Err(ActivateError::MissingQueue(0));
         }
+        let mut context = context;
+        for q in context.queues_mut() {
+            q.set_metrics(self.metrics.clone());
+        }
         self.active = Some(context);
         Ok(())
     }
 
     fn process_queue(&mut self, index: u16) {
         let limit = self.config.max_bytes_per_chain;
-        let (buffer, stats) = (&mut self.buffer, &mut self.stats);
+        let (buffer, stats, metrics) = (&mut self.buffer, &mut self.stats, &*self.metrics);
+        metrics.inc(Counter::Notifications);
         let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(index)) else {
             return;
         };
         // A ring error ends the loop with the device in DEVICE_NEEDS_RESET: nothing more to do.
         while let Ok(Some(chain)) = q.pop() {
             stats.requests += 1;
+            metrics.inc(Counter::Requests);
             let n = match chain.descriptors() {
-                Ok(descs) => serve(chain.memory(), descs, limit, buffer, stats),
+                Ok(descs) => serve(chain.memory(), descs, limit, buffer, stats, metrics),
                 Err(_) => {
                     stats.bad_chains += 1;
                     0
                 }
             };
             stats.bytes += u64::from(n);
+            if n > 0 {
+                metrics.inc(Counter::ReadOps);
+                metrics.add(Counter::ReadBytes, u64::from(n));
+            }
             let head = chain.head();
             let _ = q.complete(head, n);
         }

@@ -364,3 +364,42 @@ fn activation_needs_the_queue() {
     let q = mock_queue(&vq);
     assert_eq!(q.size(), 16);
 }
+
+#[test]
+fn metrics_count_requests_bytes_and_malformed_chains() {
+    use vmkit_virtio::{AtomicMetrics, MetricsSnapshot};
+    let mem = guest_memory(MEM);
+    let vq = MockSplitQueue::new(&mem, 16);
+    vq.add_desc_chains(
+        &[
+            // 96 bytes over two buffers, 16 bytes, and a chain that loops.
+            desc(0x2_0000, 64, WRITE | NEXT, 1),
+            desc(0x3_0000, 32, WRITE, 0),
+            desc(0x4_0000, 16, WRITE, 0),
+            desc(0x5_0000, 16, WRITE | NEXT, 3),
+        ],
+        0,
+    )
+    .unwrap();
+    let queue = mock_queue(&vq);
+    let irq = RecordingInterrupt::new();
+    let (ctx, _) = activate_context(&mem, FEATURE_VERSION_1, vec![(0, queue)], irq.clone());
+    let metrics = Arc::new(AtomicMetrics::new());
+    let mut dev = Rng::new(RngConfig::default())
+        .unwrap()
+        .with_metrics(metrics.clone());
+    dev.activate(ctx).unwrap();
+    dev.process_queue(0);
+    assert_eq!(irq.reasons(), [InterruptReason::Queue(0)]);
+    let expected = MetricsSnapshot {
+        requests: 3,
+        read_ops: 2,
+        read_bytes: 112,
+        malformed: 1,
+        notifications: 1,
+        interrupts: 1,
+        ..MetricsSnapshot::default()
+    };
+    assert_eq!(metrics.snapshot(), expected);
+    assert_eq!(dev.stats().bytes, 112);
+}

@@ -4,10 +4,14 @@
 use std::fmt;
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 
 use virtio_vsock::packet::VsockPacket;
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmkit_virtio::{ActivateContext, ActivateError, ActiveQueue, VirtioDevice, VirtioMemory};
+use vmkit_virtio::{
+    ActivateContext, ActivateError, ActiveQueue, Counter, DeviceMetrics, NoMetrics, VirtioDevice,
+    VirtioMemory,
+};
 
 use crate::host::Host;
 use crate::proto::*;
@@ -27,6 +31,9 @@ pub struct Vsock<M: VirtioMemory = GuestMemoryMmap> {
     /// A transport-reset event waits for an event-queue buffer.
     event_owed: bool,
     poll: std::time::Duration,
+    /// Chains the queues refused as malformed (and counted so): not counted again.
+    queue_refused: u64,
+    metrics: Arc<dyn DeviceMetrics>,
 }
 
 impl<M: VirtioMemory> fmt::Debug for Vsock<M> {
@@ -79,7 +86,25 @@ impl<M: VirtioMemory> Vsock<M> {
             active: None,
             event_owed: false,
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
+            queue_refused: 0,
+            metrics: Arc::new(NoMetrics),
         })
+    }
+
+    /// Counts into `metrics` (default [`NoMetrics`]; the crate's README says what each
+    /// counter means here). On the device rather than in [`VsockConfig`], which stays
+    /// comparable.
+    pub fn with_metrics(mut self, metrics: Arc<dyn DeviceMetrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Runs `f`, then adds to the metrics what it changed in the counters.
+    fn counted(&mut self, f: impl FnOnce(&mut Self)) {
+        let (before, refused) = (self.host.stats, self.queue_refused);
+        f(self);
+        let refused = self.queue_refused - refused;
+        self.host.stats.publish(&before, refused, &*self.metrics);
     }
 
     /// The guest's CID.
@@ -107,11 +132,13 @@ impl<M: VirtioMemory> Vsock<M> {
     /// side's connections are gone while the driver still runs, e.g. after restoring a
     /// snapshot. The event goes out with the next event-queue buffer the driver offers.
     pub fn transport_reset(&mut self) {
-        self.host.close_all();
-        if self.active.is_some() {
-            self.event_owed = true;
-            self.send_event();
-        }
+        self.counted(|dev| {
+            dev.host.close_all();
+            if dev.active.is_some() {
+                dev.event_owed = true;
+                dev.send_event();
+            }
+        });
     }
 
     fn send_event(&mut self) {
@@ -128,10 +155,16 @@ impl<M: VirtioMemory> Vsock<M> {
                     .memory()
                     .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
                     .is_ok(),
-                _ => false,
+                Ok(_) => false,
+                Err(_) => {
+                    self.queue_refused += 1;
+                    false
+                }
             };
             self.event_owed = !written;
-            if !written {
+            if written {
+                self.metrics.inc(Counter::Requests);
+            } else {
                 self.host.stats.malformed += 1;
             }
             let _ = q.complete(head, if written { 4 } else { 0 });
@@ -145,6 +178,7 @@ impl<M: VirtioMemory> Vsock<M> {
             active,
             host,
             guest_cid,
+            queue_refused,
             ..
         } = self;
         let Some(q) = active.as_mut().and_then(|c| c.queue_mut(TX_QUEUE)) else {
@@ -152,7 +186,7 @@ impl<M: VirtioMemory> Vsock<M> {
         };
         while let Ok(Some(chain)) = q.pop() {
             let head = chain.head();
-            take_packet(host, *guest_cid, &chain);
+            take_packet(host, *guest_cid, &chain, queue_refused);
             let _ = q.complete(head, 0);
         }
         let _ = q.signal_used();
@@ -164,13 +198,14 @@ impl<M: VirtioMemory> Vsock<M> {
             active,
             host,
             guest_cid,
+            queue_refused,
             ..
         } = self;
         let Some(q) = active.as_mut().and_then(|c| c.queue_mut(RX_QUEUE)) else {
             return;
         };
         while host.has_work() {
-            match fill_one(host, *guest_cid, q) {
+            match fill_one(host, *guest_cid, q, queue_refused) {
                 Some(true) => {}
                 Some(false) => {
                     q.undo_pop();
@@ -184,14 +219,16 @@ impl<M: VirtioMemory> Vsock<M> {
 }
 
 /// Hands one transmit chain's packet to the host side; a malformed one is counted and
-/// dropped.
+/// dropped (in `queue_refused` too when the queue found it so).
 fn take_packet<M: VirtioMemory>(
     host: &mut Host,
     guest_cid: u64,
     chain: &vmkit_virtio::Chain<'_, M>,
+    queue_refused: &mut u64,
 ) {
     if chain.descriptors().is_err() {
         host.stats.malformed += 1;
+        *queue_refused += 1;
         return;
     }
     let mut raw = chain.descriptor_chain();
@@ -208,16 +245,19 @@ fn take_packet<M: VirtioMemory>(
 }
 
 /// Fills one receive chain: `Some(true)` when done, `Some(false)` when there was nothing to
-/// put in it after all (it should be given back), `None` without a chain.
+/// put in it after all (it should be given back), `None` without a chain. A chain the queue
+/// found malformed is counted in `queue_refused` too.
 fn fill_one<M: VirtioMemory>(
     host: &mut Host,
     guest_cid: u64,
     q: &mut ActiveQueue<M>,
+    queue_refused: &mut u64,
 ) -> Option<bool> {
     let chain = q.pop().ok()??;
     let head = chain.head();
     let len = if chain.descriptors().is_err() {
         host.stats.malformed += 1;
+        *queue_refused += 1;
         0
     } else {
         let mut raw = chain.descriptor_chain();
@@ -276,26 +316,32 @@ impl<M: VirtioMemory> VirtioDevice<M> for Vsock<M> {
             }
         }
         let mut context = context;
+        for q in context.queues_mut() {
+            q.set_metrics(self.metrics.clone());
+        }
         if let Some(q) = context.queue_mut(TX_QUEUE) {
             q.set_poll(self.poll);
         }
         self.active = Some(context);
         // Host clients may have connected before the driver was ready.
-        self.host.poll();
-        self.process_rx();
+        self.counted(|dev| {
+            dev.host.poll();
+            dev.process_rx();
+        });
         Ok(())
     }
 
     fn process_queue(&mut self, index: u16) {
-        match index {
+        self.metrics.inc(Counter::Notifications);
+        self.counted(|dev| match index {
             TX_QUEUE => {
-                self.process_tx();
-                self.process_rx();
+                dev.process_tx();
+                dev.process_rx();
             }
-            RX_QUEUE => self.process_rx(),
-            EVENT_QUEUE => self.send_event(),
+            RX_QUEUE => dev.process_rx(),
+            EVENT_QUEUE => dev.send_event(),
             _ => {}
-        }
+        });
     }
 
     fn readable_fds(&self) -> io::Result<Vec<(u16, OwnedFd)>> {
@@ -304,13 +350,15 @@ impl<M: VirtioMemory> VirtioDevice<M> for Vsock<M> {
 
     fn process_device_event(&mut self, token: u16) {
         if token == HOST_TOKEN {
-            self.host.poll();
-            self.process_rx();
+            self.counted(|dev| {
+                dev.host.poll();
+                dev.process_rx();
+            });
         }
     }
 
     fn reset(&mut self) -> Option<ActivateContext<M>> {
-        self.host.close_all();
+        self.counted(|dev| dev.host.close_all());
         self.acked = 0;
         self.event_owed = false;
         self.active.take()

@@ -144,6 +144,40 @@ pub struct VsockConfig {
     pub poll_us: u32,
 }
 
+impl VsockStats {
+    /// Adds to `metrics` what changed since `before`; `queue_refused` of the malformed chains
+    /// the queues counted already. Once per batch: nothing per packet.
+    pub(crate) fn publish(
+        &self,
+        before: &VsockStats,
+        queue_refused: u64,
+        metrics: &dyn vmkit_virtio::DeviceMetrics,
+    ) {
+        use vmkit_virtio::Counter;
+        let d = |now: u64, then: u64| now.wrapping_sub(then);
+        let (tx, rx) = (
+            d(self.tx_packets, before.tx_packets),
+            d(self.rx_packets, before.rx_packets),
+        );
+        let malformed = d(self.malformed, before.malformed);
+        let counts = [
+            (Counter::Requests, tx + rx + malformed),
+            (Counter::WriteOps, tx),
+            (Counter::WriteBytes, d(self.tx_bytes, before.tx_bytes)),
+            (Counter::ReadOps, rx),
+            (Counter::ReadBytes, d(self.rx_bytes, before.rx_bytes)),
+            (Counter::Malformed, malformed.saturating_sub(queue_refused)),
+            (Counter::Dropped, d(self.dropped, before.dropped)),
+            (Counter::Resets, d(self.resets, before.resets)),
+        ];
+        for (counter, n) in counts {
+            if n > 0 {
+                metrics.add(counter, n);
+            }
+        }
+    }
+}
+
 impl VsockConfig {
     /// Guest CID `guest_cid`, host socket `uds_path`, default limits and queue size.
     pub fn new(guest_cid: u64, uds_path: impl Into<PathBuf>) -> Self {

@@ -90,6 +90,15 @@ fn rig(tag: &str, buf_alloc: u32) -> Rig {
 }
 
 fn rig_with(tag: &str, configure: impl FnOnce(&mut VsockConfig)) -> Rig {
+    rig_full(tag, configure, None)
+}
+
+/// [`rig_with`], counting into `metrics` when given.
+fn rig_full(
+    tag: &str,
+    configure: impl FnOnce(&mut VsockConfig),
+    metrics: Option<std::sync::Arc<dyn vmkit_virtio::DeviceMetrics>>,
+) -> Rig {
     let dir = std::env::temp_dir().join(format!("vmkit-vsock-h-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -97,6 +106,9 @@ fn rig_with(tag: &str, configure: impl FnOnce(&mut VsockConfig)) -> Rig {
     let mut config = VsockConfig::new(CID, dir.join("v.sock"));
     configure(&mut config);
     let mut dev = Vsock::new(config).unwrap();
+    if let Some(m) = metrics {
+        dev = dev.with_metrics(m);
+    }
     dev.ack_features(FEATURE_VERSION_1);
     let (mut queues, mut used, mut avail) = (Vec::new(), Vec::new(), Vec::new());
     for (i, ring) in RINGS.iter().enumerate() {
@@ -510,4 +522,74 @@ fn a_host_connect_the_guest_never_answers_times_out() {
     std::thread::sleep(std::time::Duration::from_millis(150));
     r.dev.process_device_event(0);
     assert_eq!(r.dev.stats().connect_timeouts, 2);
+}
+
+#[test]
+fn metrics_count_packets_bytes_drops_resets_and_malformed_chains() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use vmkit_virtio::{AtomicMetrics, MetricsSnapshot};
+    let metrics = Arc::new(AtomicMetrics::new());
+    let mut r = rig_full("metrics", |_| {}, Some(metrics.clone()));
+    assert_eq!(metrics.snapshot(), MetricsSnapshot::default());
+    let listener = UnixListener::bind(r.dir.join("v.sock_1234")).unwrap();
+    // A connection and 5 bytes of data; an unknown operation to no connection (dropped, a
+    // reset owed); a chain looping on itself (the queue refuses it) and a device-writable
+    // header (the device does).
+    r.send(H::new(OP_REQUEST, 6000, 1234), None);
+    let mut rw = H::new(OP_RW, 6000, 1234);
+    rw.len = 5;
+    r.send(rw, Some(b"hello"));
+    r.send(H::new(99, 5000, 1234), None);
+    r.set(1, 5, desc(0x10_0000, HDR, NEXT, 5));
+    r.push(1, 5);
+    r.set(1, 4, desc(0x10_0000, HDR, WRITE, 0));
+    r.push(1, 4);
+    let (mut host, _) = listener.accept().unwrap();
+    let mut got = [0u8; 5];
+    host.read_exact(&mut got).unwrap();
+    let tx = MetricsSnapshot {
+        requests: 5,
+        write_ops: 3,
+        write_bytes: 5,
+        malformed: 2,
+        dropped: 1,
+        notifications: 5,
+        interrupts: 5,
+        ..MetricsSnapshot::default()
+    };
+    assert_eq!(metrics.snapshot(), tx);
+
+    // Four receive buffers: the reset and the response take two.
+    let rx = r.receive(4);
+    assert_eq!(
+        rx,
+        [(OP_RST, 1234, 5000, HDR), (OP_RESPONSE, 1234, 6000, HDR)]
+    );
+    let expected = MetricsSnapshot {
+        requests: 2,
+        read_ops: 2,
+        resets: 1,
+        notifications: 4,
+        interrupts: 2,
+        ..MetricsSnapshot::default()
+    };
+    assert_eq!(metrics.snapshot().since(&tx), expected);
+
+    // The host answers 5 bytes: they fill a third buffer.
+    let before = metrics.snapshot();
+    host.write_all(b"world").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while r.dev.stats().rx_bytes < 5 {
+        assert!(std::time::Instant::now() < deadline, "host data never came");
+        r.dev.process_device_event(0);
+    }
+    let expected = MetricsSnapshot {
+        requests: 1,
+        read_ops: 1,
+        read_bytes: 5,
+        interrupts: 1,
+        ..MetricsSnapshot::default()
+    };
+    assert_eq!(metrics.snapshot().since(&before), expected);
 }

@@ -10,6 +10,7 @@
 //! | [`ActiveQueue`] | the virtqueue protocol, once: [`pop`](ActiveQueue::pop) (checked chains, the notification-suppression loop), [`complete`](ActiveQueue::complete), [`signal_used`](ActiveQueue::signal_used) (`EVENT_IDX` / `NO_INTERRUPT`), [`set_poll`](ActiveQueue::set_poll); a corrupt ring sets `DEVICE_NEEDS_RESET` |
 //! | [`Chain`] | a popped chain: head, checked descriptors (indirect tables followed; loops, over-long chains and buffers outside RAM refused) |
 //! | [`QueueEventHandler`] | an event-manager subscriber calling `process_queue` when a queue's eventfd fires, and polling a queue without the device's lock when the device asked for it |
+//! | [`DeviceMetrics`], [`Counter`], [`AtomicMetrics`] | per-device counters a VMM injects into a device's configuration and reads back; [`ActiveQueue::set_metrics`] counts interrupts and malformed chains in one place |
 //! | [`IoVecs`], [`mark_dirty`] | guest buffers as `iovec`s for `readv`/`writev`/io_uring, and marking what the kernel wrote there dirty |
 //! | [`MmioTransport`] | virtio-mmio version 2 as a vm-device [`MutDeviceMmio`](vm_device::MutDeviceMmio), with the status and feature negotiation state machine |
 //! | [`MmioInterrupt`] | InterruptStatus/ACK and ConfigGeneration over one [`InterruptLine`](vmkit_irq::InterruptLine) |
@@ -101,6 +102,7 @@ mod events;
 mod interrupt;
 mod iovec;
 mod memory;
+pub mod metrics;
 mod mmio;
 #[cfg(feature = "pci")]
 pub mod pci;
@@ -120,6 +122,7 @@ pub use interrupt::{
 };
 pub use iovec::{mark_dirty, IoVecs};
 pub use memory::{MappedMemory, VirtioMemory};
+pub use metrics::{AtomicMetrics, Counter, DeviceMetrics, MetricsSnapshot, NoMetrics};
 pub use mmio::{
     regs, MmioNotifier, MmioTransport, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE, MMIO_SIZE,
     MMIO_VERSION, QUEUE_NOTIFY_OFFSET,

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::device::NeedsReset;
 use crate::interrupt::{InterruptReason, VirtioInterrupt};
 pub(crate) use crate::memory::VirtioMemory;
+use crate::metrics::{Counter, DeviceMetrics};
 use crate::{Error, Result};
 
 /// `VRING_AVAIL_F_NO_INTERRUPT`: without `EVENT_IDX`, the driver's hint that it does not
@@ -253,6 +254,10 @@ pub struct ActiveQueue<M> {
     scratch: Vec<Descriptor>,
     /// A chain was popped and may be given back with [`undo_pop`](Self::undo_pop).
     undoable: bool,
+    /// The next `pop` returns a chain given back with `undo_pop` (counted already).
+    redo: bool,
+    /// Where malformed chains and interrupts are counted, if the device said.
+    metrics: Option<Arc<dyn DeviceMetrics>>,
 }
 
 impl<M> fmt::Debug for ActiveQueue<M> {
@@ -293,7 +298,19 @@ impl<M: VirtioMemory> ActiveQueue<M> {
             unsignalled: false,
             scratch: Vec::new(),
             undoable: false,
+            redo: false,
+            metrics: None,
         }
+    }
+
+    /// Counts in `metrics`, from now on, what the queue sees for the device:
+    /// [`Counter::Malformed`] for each chain [`pop`](Self::pop) returns unusable (a chain
+    /// given back with [`undo_pop`](Self::undo_pop) counts once), and
+    /// [`Counter::Interrupts`] for each interrupt [`signal_used`](Self::signal_used) sends.
+    /// A device calls it at activation with the metrics of its configuration, and then
+    /// counts only the malformed chains its own parsing rejects.
+    pub fn set_metrics(&mut self, metrics: Arc<dyn DeviceMetrics>) {
+        self.metrics = Some(metrics);
     }
 
     /// The queue's index on the transport.
@@ -448,6 +465,7 @@ impl<M: VirtioMemory> ActiveQueue<M> {
     /// A corrupt ring ([`Error::InvalidAvailIndex`], [`Error::AvailRingUnreadable`],
     /// [`Error::Queue`]): the device is then in `DEVICE_NEEDS_RESET` already.
     pub fn pop(&mut self) -> Result<Option<Chain<'_, M>>> {
+        let redo = std::mem::take(&mut self.redo);
         if self.needs_reset.is_set() || !self.advance()? {
             return Ok(None);
         }
@@ -457,6 +475,9 @@ impl<M: VirtioMemory> ActiveQueue<M> {
         let head = chain.head_index();
         let raw = chain.clone();
         let checked = collect_chain(chain, &mut self.scratch);
+        if let (Err(_), Some(m), false) = (&checked, &self.metrics, redo) {
+            m.inc(Counter::Malformed);
+        }
         self.undoable = true;
         Ok(Some(Chain {
             head,
@@ -473,6 +494,7 @@ impl<M: VirtioMemory> ActiveQueue<M> {
     pub fn undo_pop(&mut self) {
         if std::mem::take(&mut self.undoable) {
             self.queue.go_to_previous_position();
+            self.redo = true;
         }
     }
 
@@ -512,6 +534,9 @@ impl<M: VirtioMemory> ActiveQueue<M> {
         self.interrupt
             .trigger(InterruptReason::Queue(self.index))
             .map_err(|e| self.fail(Error::Interrupt(e)))?;
+        if let Some(m) = &self.metrics {
+            m.inc(Counter::Interrupts);
+        }
         Ok(true)
     }
 

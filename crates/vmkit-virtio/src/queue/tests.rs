@@ -427,3 +427,55 @@ fn undo_pop_gives_the_last_chain_back_once() {
     assert_eq!(serve_all(r.q(), 0), [1]);
     assert_eq!(used_idx(&m), 2);
 }
+
+#[test]
+fn metrics_count_malformed_chains_once_and_interrupts_sent() {
+    use crate::metrics::{AtomicMetrics, Counter};
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, 16);
+    let mut r = rig(&m, &vq, false);
+    let metrics = Arc::new(AtomicMetrics::new());
+    r.q().set_metrics(metrics.clone());
+    vq.add_desc_chains(
+        &[
+            desc(0x8000, 16, 0, 0),
+            desc(MEM as u64, 16, WRITE, 0), // outside memory
+            desc(0x9000, 16, NEXT, 2),      // a self loop
+        ],
+        0,
+    )
+    .unwrap();
+    // The good chain: not malformed.
+    let head = r.q().pop().unwrap().unwrap().head();
+    r.q().complete(head, 0).unwrap();
+    assert_eq!(metrics.get(Counter::Malformed), 0);
+    // The chain outside memory, given back and taken again: counted once.
+    assert!(r.q().pop().unwrap().unwrap().descriptors().is_err());
+    r.q().undo_pop();
+    let head = {
+        let chain = r.q().pop().unwrap().unwrap();
+        assert!(chain.descriptors().is_err());
+        chain.head()
+    };
+    r.q().complete(head, 0).unwrap();
+    assert_eq!(metrics.get(Counter::Malformed), 1);
+    // The loop.
+    let head = r.q().pop().unwrap().unwrap().head();
+    r.q().complete(head, 0).unwrap();
+    assert_eq!(metrics.get(Counter::Malformed), 2);
+    assert!(r.q().pop().unwrap().is_none());
+    // One interrupt sent, one counted; none when nothing was completed.
+    assert_eq!(metrics.get(Counter::Interrupts), 0);
+    assert!(r.q().signal_used().unwrap());
+    assert!(!r.q().signal_used().unwrap());
+    assert_eq!(metrics.get(Counter::Interrupts), 1);
+    // Suppressed by the driver (NO_INTERRUPT): not counted.
+    add_simple_chains(&vq, 1, 3);
+    m.write_obj(VRING_AVAIL_F_NO_INTERRUPT.to_le(), vq.avail_addr())
+        .unwrap();
+    assert_eq!(serve_all(r.q(), 0), [3]);
+    assert!(!r.q().signal_used().unwrap());
+    assert_eq!(metrics.get(Counter::Interrupts), 1);
+    let s = metrics.snapshot();
+    assert_eq!(s.iter().map(|(_, v)| v).sum::<u64>(), 3, "{s:?}");
+}
