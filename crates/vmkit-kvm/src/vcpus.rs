@@ -198,8 +198,13 @@ pub fn exit_reason(
         Ok(VcpuStop::Stopped) => return None,
         Ok(VcpuStop::Reset) => ExitReason::Reset,
         Ok(VcpuStop::PowerOff) => ExitReason::PowerOff,
-        Ok(VcpuStop::Crash) => ExitReason::Crash,
+        Ok(VcpuStop::Crash) => ExitReason::Crash(format!("vCPU {index} reported a crash event")),
+        Ok(VcpuStop::TripleFault) => ExitReason::Crash(format!("vCPU {index} triple-faulted")),
         Ok(VcpuStop::Halted) => ExitReason::Failed(format!("vCPU {index} halted")),
+        // KVM cannot run the guest from the state the guest put itself in.
+        Err(
+            e @ (vmkit_vcpu::Error::InternalError { .. } | vmkit_vcpu::Error::FailEntry { .. }),
+        ) => ExitReason::Crash(format!("vCPU {index}: {e}")),
         Err(e) => ExitReason::Failed(format!("vCPU {index}: {e}")),
     })
 }
@@ -361,7 +366,14 @@ mod tests {
             exit_reason(1, Ok(VcpuStop::PowerOff)),
             Some(ExitReason::PowerOff)
         );
-        assert_eq!(exit_reason(1, Ok(VcpuStop::Crash)), Some(ExitReason::Crash));
+        let crash = |s| matches!(exit_reason(1, s), Some(ExitReason::Crash(_)));
+        assert!(crash(Ok(VcpuStop::Crash)));
+        assert!(crash(Ok(VcpuStop::TripleFault)));
+        assert!(crash(Err(vmkit_vcpu::Error::InternalError {
+            vcpu: 1,
+            suberror: 1,
+            data: vec![],
+        })));
         assert_eq!(
             exit_reason(3, Ok(VcpuStop::Halted)),
             Some(ExitReason::Failed("vCPU 3 halted".into()))

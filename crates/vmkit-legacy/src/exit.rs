@@ -17,11 +17,14 @@ use crate::error::{Error, Result};
 pub enum ExitReason {
     /// The guest powered off (ACPI S5, or a KVM power-off event).
     PowerOff,
-    /// The guest reset the machine (i8042 pulse of the reset line, ACPI reset register,
-    /// triple fault).
+    /// The guest reset the machine (i8042 pulse of the reset line, ACPI reset register).
     Reset,
-    /// The guest reported a crash (a KVM crash event).
-    Crash,
+    /// The guest crashed: a KVM crash event, a triple fault, or a state KVM cannot run
+    /// (an internal error); the message says which.
+    Crash(String),
+    /// The host stopped the VM (an operator's signal after its grace period, a console
+    /// escape); the message says how.
+    Stopped(String),
     /// The VM cannot go on: a vCPU or the VMM failed; the message says how.
     Failed(String),
 }
@@ -31,7 +34,8 @@ impl std::fmt::Display for ExitReason {
         match self {
             ExitReason::PowerOff => f.write_str("power-off"),
             ExitReason::Reset => f.write_str("reset"),
-            ExitReason::Crash => f.write_str("the guest crashed"),
+            ExitReason::Crash(why) => write!(f, "the guest crashed: {why}"),
+            ExitReason::Stopped(why) => write!(f, "stopped by the host: {why}"),
             ExitReason::Failed(why) => f.write_str(why),
         }
     }

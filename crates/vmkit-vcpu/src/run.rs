@@ -34,8 +34,11 @@ pub trait VcpuExitHandler: Sync {
 pub enum VcpuStop {
     /// Another thread asked it to stop ([`VcpuControl::stop`]).
     Stopped,
-    /// The guest reset the machine (triple fault, or a KVM reset event).
+    /// The guest reset the machine (a KVM reset event).
     Reset,
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`): on a PC that resets the machine,
+    /// and it is how a guest that lost control of its exception handlers ends.
+    TripleFault,
     /// The guest asked for power-off through KVM (a system event).
     PowerOff,
     /// KVM reported a guest crash event.
@@ -342,7 +345,7 @@ impl Vcpu {
                     handler.mmio_write(addr, data);
                 }
                 Ok(VcpuExit::Hlt) => return Ok(VcpuStop::Halted),
-                Ok(VcpuExit::Shutdown) => return Ok(VcpuStop::Reset),
+                Ok(VcpuExit::Shutdown) => return Ok(VcpuStop::TripleFault),
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     return match kind {
                         KVM_SYSTEM_EVENT_SHUTDOWN => Ok(VcpuStop::PowerOff),

@@ -195,7 +195,7 @@ fn a_stop_before_run_never_enters_the_guest() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
-fn triple_fault_is_a_reset() {
+fn triple_fault_is_reported() {
     // Load an empty IDT, then raise an exception: #UD → no handler → triple fault.
     let code = [
         0x0f, 0x01, 0x1d, 0x00, 0x40, 0x00, 0x00, // lidt [0x4000] (limit 0)
@@ -205,7 +205,7 @@ fn triple_fault_is_a_reset() {
     mem.write_slice(&[0u8; 6], GuestAddress(0x4000)).unwrap();
     let stop = vcpu.run(&Recorder::default(), &VcpuControl::new());
     match stop {
-        Ok(s) => assert_eq!(s, VcpuStop::Reset),
+        Ok(s) => assert_eq!(s, VcpuStop::TripleFault),
         // An emulating host may report the fault as an internal error instead; it must be
         // an error, never a hang or a panic.
         Err(e) => assert!(matches!(e, Error::InternalError { .. }), "{e}"),
