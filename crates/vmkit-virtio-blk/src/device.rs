@@ -622,6 +622,23 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
         }
     }
 
+    fn quiesce(&mut self) {
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        let r = &mut self.requests;
+        // Completions of what is in flight go to the used rings; no new request is taken.
+        r.reap(ctx);
+        while r.engine.in_flight() > 0 {
+            if let Some(fd) = r.engine.completion_fd() {
+                let _ = fd.read();
+                wait_readable(fd, 10);
+            }
+            r.reap(ctx);
+        }
+        signal_all(ctx);
+    }
+
     fn reset(&mut self) -> Option<ActivateContext<M>> {
         // Nothing may touch guest memory after the reset: wait for what is in flight.
         let r = &mut self.requests;
@@ -633,4 +650,16 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
         r.acked = 0;
         self.active.take()
     }
+}
+
+/// Waits up to `ms` milliseconds for `fd` to become readable.
+fn wait_readable(fd: &EventFd, ms: i32) {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
 }

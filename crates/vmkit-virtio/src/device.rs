@@ -109,6 +109,13 @@ pub trait VirtioDevice<M: VirtioMemory = GuestMemoryMmap>: Send {
         let _ = token;
     }
 
+    /// Brings the device to rest for a pause: host I/O it has in flight that would write
+    /// guest memory (reads completing into guest buffers) is waited for and completed into
+    /// the used rings, so that nothing touches guest memory until its events are processed
+    /// again. A VMM calls it after it stopped dispatching the device's events. The device
+    /// takes no new requests here. Default: nothing (devices without asynchronous host I/O).
+    fn quiesce(&mut self) {}
+
     /// Returns the device to its state before activation (negotiated features forgotten),
     /// giving back the context it was activated with, if any. Nothing may touch guest
     /// memory after it returns.
