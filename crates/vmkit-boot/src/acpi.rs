@@ -192,6 +192,10 @@ pub struct AcpiConfig {
     pub iapc_boot_arch: u16,
     /// Describe COM1 (`PNP0501`, I/O 0x3F8–0x3FF, IRQ 4) in the DSDT. Default true.
     pub com1: bool,
+    /// Describe the i8042's keyboard port (`PNP0303`, I/O 0x60 and 0x64, IRQ 1) in the DSDT.
+    /// Default true. On this hardware-reduced platform (no 8042 flag in `IAPC_BOOT_ARCH`,
+    /// no legacy PIC) it is how Linux finds the keyboard controller and maps IRQ 1.
+    pub i8042: bool,
     /// Further DSDT devices.
     pub devices: Vec<DsdtDevice>,
 }
@@ -209,6 +213,7 @@ impl Default for AcpiConfig {
             reset_value: 0x01,
             iapc_boot_arch: IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT,
             com1: true,
+            i8042: true,
             devices: Vec::new(),
         }
     }
@@ -496,6 +501,18 @@ fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>> {
         let crs_name = Name::new("_CRS".into(), &crs);
         let com1 = Device::new("COM1".into(), vec![&hid_name, &uid_name, &crs_name]);
         sb_children.push(Box::new(RawAml(to_bytes(&com1))));
+    }
+    if cfg.i8042 {
+        let data = IO::new(0x60, 0x60, 0, 1);
+        let command = IO::new(0x64, 0x64, 0, 1);
+        let irq = Interrupt::new(true, true, false, false, 1);
+        let crs = ResourceTemplate::new(vec![&data, &command, &irq]);
+        let hid = EISAName::new("PNP0303");
+        let hid_name = Name::new("_HID".into(), &hid);
+        let uid_name = Name::new("_UID".into(), &ZERO);
+        let crs_name = Name::new("_CRS".into(), &crs);
+        let kbd = Device::new("PS2K".into(), vec![&hid_name, &uid_name, &crs_name]);
+        sb_children.push(Box::new(RawAml(to_bytes(&kbd))));
     }
     let mut mmio_index = 0;
     for dev in &cfg.devices {

@@ -12,7 +12,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmkit_boot::EntryPoint;
 use vmkit_bus::pio_range;
 use vmkit_kvm::{Machine, MachineConfig, MmioPlatform, PciPlatform, VcpuConfig, Vcpus};
-use vmkit_legacy::{ExitReason, I8042, I8042_PORT, I8042_PORT_COUNT};
+use vmkit_legacy::{ExitReason, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT};
 use vmkit_memory::layout::{PCI_BAR_WINDOW, PCI_ECAM, VIRTIO_MMIO_WINDOW};
 use vmkit_vcpu::CpuTemplate;
 use vmkit_virtio::{VirtioDevice, MMIO_MAGIC_VALUE};
@@ -61,7 +61,10 @@ fn a_vcpu_runs_and_its_reset_ends_the_vm_through_the_exit_chain() {
     m.bus()
         .register_pio(
             pio_range(I8042_PORT, I8042_PORT_COUNT).unwrap(),
-            Arc::new(Mutex::new(I8042::new(m.exit().clone()))),
+            Arc::new(Mutex::new(I8042::new(
+                m.exit().clone(),
+                m.line(I8042_GSI).unwrap(),
+            ))),
         )
         .unwrap();
     // 32-bit code at 1 MiB: mov al, 0xFE; out 0x64, al (the i8042's reset pulse); jmp $.

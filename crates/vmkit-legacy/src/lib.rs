@@ -3,7 +3,7 @@
 //! | device | ports | built on |
 //! |---|---|---|
 //! | [`Serial`]: 16550A UART | [`COM1_PORT`] + [`SERIAL_PORT_COUNT`] | vm-superio `Serial` |
-//! | [`I8042`]: keyboard controller, reset line only | [`I8042_PORT`] + [`I8042_PORT_COUNT`] | vm-superio `I8042Device` |
+//! | [`I8042`]: keyboard controller and PS/2 keyboard (Ctrl-Alt-Del, reset line) | [`I8042_PORT`] + [`I8042_PORT_COUNT`] | — |
 //! | [`AcpiSleep`]: hardware-reduced ACPI sleep control/status and reset registers | [`ACPI_SLEEP_PORT`] + [`ACPI_SLEEP_PORT_COUNT`] | — |
 //! | [`DebugPort`]: POST port, write counter and timestamps | [`DEBUG_PORT`] + [`DEBUG_PORT_COUNT`] | — |
 //!
@@ -25,12 +25,14 @@
 //!
 //! let exit = Arc::new(EventFdExit::new()?);
 //! let com1_irq = Arc::new(CountingLine::new()); // an irqfd-backed line in a VMM
+//! let kbd_irq = Arc::new(CountingLine::new());
 //! let serial = Arc::new(Mutex::new(Serial::new(com1_irq, Vec::new())));
+//! let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone(), kbd_irq.clone())));
 //! let debug = Arc::new(DebugPort::new());
 //!
 //! let mut bus = IoBus::new();
 //! bus.register_pio(pio_range(COM1_PORT, SERIAL_PORT_COUNT)?, serial.clone())?;
-//! bus.register_pio(pio_range(I8042_PORT, I8042_PORT_COUNT)?, Arc::new(Mutex::new(I8042::new(exit.clone()))))?;
+//! bus.register_pio(pio_range(I8042_PORT, I8042_PORT_COUNT)?, i8042.clone())?;
 //! bus.register_pio(
 //!     pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?,
 //!     Arc::new(Mutex::new(AcpiSleep::new(exit.clone(), AcpiSleepConfig::default()))),
@@ -52,6 +54,13 @@
 //! // Host input for the guest; keep what was not taken for later.
 //! let taken = serial.lock().unwrap().enqueue_input(b"root\n");
 //! assert_eq!(taken, 5);
+//!
+//! // Ctrl-Alt-Del for the guest's keyboard driver: IRQ 1, then 11 bytes at port 0x60.
+//! i8042.lock().unwrap().send_ctrl_alt_del()?;
+//! assert_eq!(kbd_irq.count(), 1);
+//! let mut status = [0];
+//! assert!(bus.pio_read(I8042_PORT + 4, &mut status).is_handled());
+//! assert_eq!(status[0] & 1, 1); // output buffer full
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![deny(missing_docs)]
@@ -70,7 +79,9 @@ pub use acpi::{
 pub use debug_port::{DebugPort, DebugPortStats, DEBUG_PORT_COUNT};
 pub use error::{Error, Result};
 pub use exit::{EventFdExit, ExitNotifier, ExitReason, ExitTrigger};
-pub use i8042::{I8042, I8042_PORT_COUNT};
+pub use i8042::{
+    I8042Stats, CTRL_ALT_DEL_SCANCODES, I8042, I8042_KBD_BUFFER_SIZE, I8042_PORT_COUNT,
+};
 pub use serial::{
     InterruptTrigger, Serial, SerialConfig, SerialStats, SERIAL_FIFO_SIZE, SERIAL_PORT_COUNT,
 };
@@ -79,6 +90,8 @@ pub use serial::{
 pub const COM1_PORT: u16 = 0x3F8;
 /// GSI of COM1 (ISA IRQ 4).
 pub const COM1_GSI: u32 = 4;
+/// GSI of the i8042's keyboard interrupt (ISA IRQ 1).
+pub const I8042_GSI: u32 = 1;
 /// Base port of the i8042 (data port; the command/status port is `I8042_PORT + 4`).
 pub const I8042_PORT: u16 = 0x60;
 /// Base port of the ACPI sleep registers: sleep control at `+0`, sleep status at `+1`,

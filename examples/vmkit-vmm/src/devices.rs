@@ -14,8 +14,8 @@ use vmkit_bus::pio_range;
 use vmkit_kvm::{Machine, MmioPlatform, PciPlatform};
 use vmkit_legacy::{
     AcpiSleep, AcpiSleepConfig, DebugPort, Serial, SerialConfig, ACPI_SLEEP_PORT,
-    ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT, I8042, I8042_PORT,
-    I8042_PORT_COUNT, SERIAL_PORT_COUNT,
+    ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT, I8042, I8042_GSI,
+    I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
 use vmkit_virtio::VirtioDevice;
 use vmkit_virtio_blk::{Block, DiskSource};
@@ -43,13 +43,16 @@ fn create_file(what: &'static str, path: &std::path::Path) -> Result<File> {
     })
 }
 
-/// The PC's devices: COM1, the i8042 (its reset line), the ACPI sleep and reset registers,
-/// the debug port.
+/// The PC's devices: COM1, the i8042 (keyboard on IRQ 1, reset line), the ACPI sleep and
+/// reset registers, the debug port.
 pub struct LegacyDevices {
     pub serial: Arc<Mutex<GuestSerial>>,
     /// With `--serial stdio`: signalled when the UART's input FIFO drained.
     input_drained: Option<EventFd>,
     pub debug_port: Arc<DebugPort>,
+    /// The keyboard controller, for `send_ctrl_alt_del`.
+    #[allow(dead_code, reason = "for the API's SendCtrlAltDel, which is not wired yet")]
+    pub i8042: Arc<Mutex<I8042>>,
 }
 
 impl LegacyDevices {
@@ -76,8 +79,9 @@ impl LegacyDevices {
                 .map_err(Error::EventFd)?,
         })));
         bus.register_pio(pio_range(COM1_PORT, SERIAL_PORT_COUNT)?, serial.clone())?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
-        bus.register_pio(pio_range(I8042_PORT, I8042_PORT_COUNT)?, i8042)?;
+        let i8042 = I8042::new(exit.clone(), machine.line(I8042_GSI)?);
+        let i8042 = Arc::new(Mutex::new(i8042));
+        bus.register_pio(pio_range(I8042_PORT, I8042_PORT_COUNT)?, i8042.clone())?;
         let sleep = AcpiSleep::new(exit, AcpiSleepConfig::default());
         let sleep_ports = pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?;
         bus.register_pio(sleep_ports, Arc::new(Mutex::new(sleep)))?;
@@ -87,6 +91,7 @@ impl LegacyDevices {
             serial,
             input_drained,
             debug_port,
+            i8042,
         })
     }
 

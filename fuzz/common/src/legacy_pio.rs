@@ -12,7 +12,10 @@
 //!   ACPI SLP_EN with SLP_TYP = S5 at offset 0, and the reset value at ACPI offset 2;
 //! - every byte the guest writes to THR outside loopback reaches the Vec writer
 //!   (`tx_bytes` = writer length, nothing lost), `enqueue_input` takes at most the free
-//!   FIFO room, and the debug port counts exactly the valid writes and returns the last.
+//!   FIFO room, and the debug port counts exactly the valid writes and returns the last;
+//! - the i8042's ports 0x61-0x63 read 0, its status never shows IBF, aux data, timeout or
+//!   parity, its keyboard buffer stays bounded and its (`CountingLine`) interrupt never
+//!   fails.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,8 +26,8 @@ use vm_device::{DevicePio, MutDevicePio};
 use vmkit_irq::CountingLine;
 use vmkit_legacy::{
     AcpiSleep, AcpiSleepConfig, DebugPort, ExitReason, Serial, SerialConfig, ACPI_SLEEP_PORT,
-    ACPI_SLEEP_PORT_COUNT, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT, I8042, I8042_PORT,
-    I8042_PORT_COUNT, SERIAL_FIFO_SIZE, SERIAL_PORT_COUNT,
+    ACPI_SLEEP_PORT_COUNT, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT, I8042, I8042_KBD_BUFFER_SIZE,
+    I8042_PORT, I8042_PORT_COUNT, SERIAL_FIFO_SIZE, SERIAL_PORT_COUNT,
 };
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -171,7 +174,7 @@ impl Devices {
             exits,
             line,
             serial,
-            i8042: I8042::new(notifier.clone()),
+            i8042: I8042::new(notifier.clone(), Arc::new(CountingLine::new())),
             acpi: AcpiSleep::new(notifier, config),
             debug: DebugPort::with_timestamps(input.s5_sleep_type & 0x80 != 0),
         }
@@ -223,6 +226,9 @@ impl Devices {
         assert_eq!(ss.tx_bytes, m.thr_writes);
         assert_eq!(self.serial.writer().len() as u64, m.thr_writes);
         let _ = self.line.count();
+        let ks = self.i8042.stats();
+        assert_eq!(ks.interrupt_errors, 0, "a CountingLine never fails");
+        assert!(self.i8042.kbd_free() <= I8042_KBD_BUFFER_SIZE);
     }
 }
 
@@ -237,7 +243,10 @@ fn check_read(dev: Dev, off: u16, data: &[u8], m: &Model) {
         return;
     }
     match dev {
-        Dev::I8042 => assert_eq!(data[0], 0, "i8042 reads 0"),
+        // Ports 0x61-0x63 read 0; the status never shows IBF, aux data or errors.
+        Dev::I8042 if (1..=3).contains(&off) => assert_eq!(data[0], 0, "i8042 port {off}"),
+        Dev::I8042 if off == 4 => assert_eq!(data[0] & 0xE2, 0, "i8042 status"),
+        Dev::I8042 => {}
         Dev::Acpi => assert_eq!(data[0] & !0x80, 0, "ACPI register read"),
         Dev::Debug | Dev::DebugMut => {
             assert_eq!(data[0], m.debug_last.unwrap_or(0xFF), "debug port read")

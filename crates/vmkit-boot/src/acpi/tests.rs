@@ -236,6 +236,11 @@ fn dsdt_fields() {
     assert!(has(b"COM1"));
     // EISAID("PNP0501") = 0x0105D041
     assert!(has(&[0x0C, 0x41, 0xD0, 0x05, 0x01]));
+    assert!(has(b"PS2K"));
+    // EISAID("PNP0303") = 0x0303D041
+    assert!(has(&[0x0C, 0x41, 0xD0, 0x03, 0x03]));
+    // Extended interrupt: consumer, edge, GSI 1.
+    assert!(has(&[0x89, 0x06, 0x00, 0x03, 0x01, 1, 0, 0, 0]));
     assert!(has(b"LNRO0005\0"));
     assert!(has(b"M000") && has(b"M001"));
     // Memory32Fixed(ReadWrite, 0xD0001000, 0x1000)
@@ -484,6 +489,11 @@ fn iasl_disassembly() {
         "Name (_HID, EisaId (\"PNP0501\") )",
         "IO (Decode16, 0x03F8, 0x03F8, 0x00, 0x08, )",
         "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000004, }",
+        "Device (PS2K)",
+        "Name (_HID, EisaId (\"PNP0303\") )",
+        "IO (Decode16, 0x0060, 0x0060, 0x00, 0x01, )",
+        "IO (Decode16, 0x0064, 0x0064, 0x00, 0x01, )",
+        "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000001, }",
         "Device (M000)",
         "Name (_HID, \"LNRO0005\")",
         "Memory32Fixed (ReadWrite, 0xD0000000, 0x00001000, )",

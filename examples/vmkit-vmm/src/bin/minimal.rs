@@ -11,7 +11,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vmkit_kvm::{ExitWatcher, Machine, MachineConfig, PciPlatform, VcpuConfig, Vcpus};
 use vmkit_legacy::{
     AcpiSleep, AcpiSleepConfig, Serial, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT, COM1_GSI,
-    COM1_PORT, I8042, I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
+    COM1_PORT, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
 use vmkit_virtio_rng::{Rng, RngConfig};
 
@@ -74,7 +74,8 @@ fn add_legacy(machine: &Machine) -> Result<(), Box<dyn std::error::Error>> {
     let sleep = AcpiSleep::new(machine.exit().clone(), AcpiSleepConfig::default());
     let sleep_ports = vmkit_bus::pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?;
     bus.register_pio(sleep_ports, Arc::new(Mutex::new(sleep)))?;
-    let i8042 = Arc::new(Mutex::new(I8042::new(machine.exit().clone())));
+    let i8042 = I8042::new(machine.exit().clone(), machine.line(I8042_GSI)?);
+    let i8042 = Arc::new(Mutex::new(i8042));
     bus.register_pio(vmkit_bus::pio_range(I8042_PORT, I8042_PORT_COUNT)?, i8042)?;
     Ok(())
 }
