@@ -3,7 +3,7 @@
 //! `test=NAME[,NAME...]` (names from `cases::CASES`, `all`, and
 //! `blk-verify:MiB`), `bench=pio:N`, `bench=mmio:N[:ADDR]`,
 //! `bench=blk-rand4k|blk-seq128k:QD:SECONDS`, `bench=net-tx|net-rx:SECONDS`
-//! (comma-separated, repeatable), `blk-write-flush=SECTOR:HEX32`, `hold=serial`,
+//! (comma-separated, repeatable), `blk-write-flush=SECTOR:HEX32`, `hold=serial|ticks:N`,
 //! `exit=poweroff|reset|halt`, `pci=auto|ecam|cam|off`, the
 //! `test=virtio-net` parameters `net_ip=A.B.C.D`, `net_peer=A.B.C.D`,
 //! `net_port=N` and `net_bytes=N[K|M|G]`, the `test=virtio-vsock`
@@ -263,6 +263,12 @@ fn parse_pci(value: &str) -> Option<PciMode> {
 }
 
 fn parse_hold(value: &str) -> Option<Hold> {
+    if let Some(n) = value.strip_prefix("ticks:") {
+        let n = n.parse::<u32>().ok()?;
+        return (1..=crate::bench::hold::MAX_TICKS)
+            .contains(&n)
+            .then_some(Hold::Ticks(n));
+    }
     match value {
         "serial" => Some(Hold::Serial),
         _ => None,

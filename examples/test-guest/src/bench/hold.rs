@@ -4,6 +4,9 @@
 //! guest runs and then release it by writing a byte to the VMM's stdin
 //! (which vmkit and QEMU's `-serial stdio` both feed to COM1). A byte that
 //! arrived before the hold was reached releases it too.
+//!
+//! `hold=ticks:N`: the guest prints `tick I` every 100 ms of TSC time, N times, so
+//! that a test can pause and resume it and see its progress stop and go on.
 
 use crate::platform::serial;
 use crate::platform::time::{delay_us, wait_until};
@@ -14,7 +17,12 @@ use crate::println;
 pub enum Hold {
     /// A byte on the COM1 receiver.
     Serial,
+    /// N ticks, 100 ms apart.
+    Ticks(u32),
 }
+
+/// The most `hold=ticks:N` takes (10 minutes).
+pub const MAX_TICKS: u32 = 6000;
 
 /// How long it waits at most.
 const TIMEOUT_US: u64 = 10_000_000;
@@ -38,6 +46,12 @@ pub fn run(hold: Hold) {
                 println!("hold: released");
             } else {
                 println!("hold: FAIL no byte on COM1 in 10 s");
+            }
+        }
+        Hold::Ticks(n) => {
+            for i in 1..=n {
+                delay_us(100_000);
+                println!("tick {}", i);
             }
         }
     }
