@@ -103,6 +103,7 @@ const KBD_SET_2: u8 = 0x02;
 
 /// What the next byte written to the data port is for, after a controller command that takes
 /// a parameter.
+#[allow(clippy::enum_variant_names)] // each is "the next data byte is a write of ..."
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Pending {
     WriteCtr,

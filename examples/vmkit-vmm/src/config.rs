@@ -6,12 +6,13 @@ use clap::Parser;
 use vmkit_virtio_blk::{BlockConfig, DiskSource, EngineKind};
 
 /// The reference VMM of vmkit: boots a Linux kernel (bzImage or ELF) or a PVH kernel.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "vmkit", version, about)]
 pub struct Args {
     /// Kernel image: bzImage, ELF vmlinux, or an ELF with a PVH note (the format is detected).
+    /// Without it, the VM is described by `--config-file` or through `--api-sock`.
     #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk loaded next to the kernel.
     #[arg(long, value_name = "PATH")]
     pub initramfs: Option<PathBuf>,
@@ -78,9 +79,38 @@ pub struct Args {
     /// Print when the guest is entered and each vCPU's exit counters to stderr.
     #[arg(long)]
     pub stats: bool,
-    /// What the VMM and its crates log to stderr: off, error, warn, info, debug or trace.
-    #[arg(long, default_value = "warn", value_name = "LEVEL")]
+    /// What the VMM and its crates log: off, error, warn, info, debug or trace.
+    #[arg(long, alias = "level", default_value = "warn", value_name = "LEVEL")]
     pub log_level: log::LevelFilter,
+    /// Where the log goes (a file, appended to, or a FIFO); stderr without it.
+    #[arg(long, alias = "log-path", value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Serve Firecracker's REST API on this Unix socket (which must not exist yet). Without
+    /// `--kernel` or `--config-file`, the VM is configured and started through it.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// The VM in Firecracker's JSON layout (`boot-source`, `machine-config`, `drives`,
+    /// `network-interfaces`, `vsock`, `entropy`, `logger`, `metrics`); it boots at once.
+    /// The other flags give what the file leaves out (`--serial`, `--transport`...).
+    #[arg(long, value_name = "FILE", conflicts_with = "kernel")]
+    pub config_file: Option<PathBuf>,
+    /// No API socket: the VM comes from `--config-file` (or `--kernel`) alone.
+    #[arg(long, conflicts_with = "api_sock")]
+    pub no_api: bool,
+    /// The instance's ID, as `GET /` reports it.
+    #[arg(long, default_value = "anonymous-instance", value_name = "ID")]
+    pub id: String,
+    /// Metrics, one JSON object a line, to this file (appended to) or FIFO, on the API's
+    /// `FlushMetrics` and every `--metrics-interval` seconds.
+    #[arg(long, alias = "metrics-path", value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+    /// Seconds between two metrics lines (0: only on `FlushMetrics` and at the end).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub metrics_interval: u64,
+    /// On SIGTERM, SIGINT or SIGHUP the guest is asked to shut down (Ctrl-Alt-Del on its
+    /// i8042); after this many seconds, or on a second signal, it is stopped.
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub shutdown_timeout: u64,
 }
 
 /// Where the serial port's output goes.
@@ -559,7 +589,12 @@ mod tests {
             .unwrap();
         assert_eq!((a.cpus, a.memory), (4, 1 << 30));
         assert_eq!(a.log_level, log::LevelFilter::Warn);
-        assert!(Args::try_parse_from(["vmkit"]).is_err());
+        assert_eq!(Args::try_parse_from(["vmkit"]).unwrap().kernel, None);
+        assert!(Args::try_parse_from(["vmkit", "--api-sock", "a", "--no-api"]).is_err());
+        assert!(Args::try_parse_from(["vmkit", "--kernel", "k", "--config-file", "c"]).is_err());
+        let a = Args::try_parse_from(["vmkit", "--level", "info", "--log-path", "l"]).unwrap();
+        assert_eq!(a.log_level, log::LevelFilter::Info);
+        assert_eq!(a.log_file, Some(PathBuf::from("l")));
         assert!(Args::try_parse_from(["vmkit", "--kernel", "k", "--memory", "lots"]).is_err());
         let a = Args::try_parse_from(["vmkit", "--kernel", "k", "--log-level", "debug"]).unwrap();
         assert_eq!(a.log_level, log::LevelFilter::Debug);

@@ -13,11 +13,11 @@ use vmkit_boot::DsdtDevice;
 use vmkit_bus::pio_range;
 use vmkit_kvm::{Machine, MmioPlatform, PciPlatform};
 use vmkit_legacy::{
-    AcpiSleep, AcpiSleepConfig, DebugPort, Serial, SerialConfig, ACPI_SLEEP_PORT,
+    AcpiSleep, AcpiSleepConfig, DebugPort, ExitNotifier, Serial, SerialConfig, ACPI_SLEEP_PORT,
     ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT, I8042, I8042_GSI,
     I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
-use vmkit_virtio::VirtioDevice;
+use vmkit_virtio::{AtomicMetrics, VirtioDevice};
 use vmkit_virtio_blk::{Block, DiskSource};
 use vmkit_virtio_console::{Console, ConsoleConfig, ConsoleInput, Pty};
 use vmkit_virtio_rng::{Rng, RngConfig};
@@ -27,6 +27,7 @@ use crate::config::{Args, ConsoleOutput, SerialOutput, Transport};
 use crate::error::{Error, Result};
 use crate::io::{InputToConsole, StdinToSerial};
 use crate::net::InheritedFds;
+use crate::terminal::Escape;
 use vmkit_virtio_vsock::{Vsock, VsockConfig};
 
 /// The serial port as the VMM holds it: output to stdout, a file, or nowhere.
@@ -51,7 +52,10 @@ pub struct LegacyDevices {
     input_drained: Option<EventFd>,
     pub debug_port: Arc<DebugPort>,
     /// The keyboard controller, for `send_ctrl_alt_del`.
-    #[allow(dead_code, reason = "for the API's SendCtrlAltDel, which is not wired yet")]
+    #[allow(
+        dead_code,
+        reason = "for the API's SendCtrlAltDel, which is not wired yet"
+    )]
     pub i8042: Arc<Mutex<I8042>>,
 }
 
@@ -95,8 +99,9 @@ impl LegacyDevices {
         })
     }
 
-    /// stdin to the serial port, with `--serial stdio` unless the console takes stdin.
-    pub fn stdin_subscriber(&self, args: &Args) -> Option<Subscriber> {
+    /// stdin to the serial port, with `--serial stdio` unless the console takes stdin; the
+    /// console escape ends the VM through `exit`.
+    pub fn stdin_subscriber(&self, args: &Args, exit: Arc<dyn ExitNotifier>) -> Option<Subscriber> {
         let drained = self.input_drained.as_ref()?.try_clone().ok()?;
         if args.console == ConsoleOutput::Stdio {
             return None;
@@ -104,6 +109,7 @@ impl LegacyDevices {
         Some(Arc::new(Mutex::new(StdinToSerial::new(
             self.serial.clone(),
             drained,
+            Escape::for_stdin(exit),
         ))))
     }
 }
@@ -152,15 +158,19 @@ pub struct VirtioDevices {
     pub subscribers: Vec<Subscriber>,
     /// How the guest learns of them through ACPI.
     pub dsdt: Vec<DsdtDevice>,
+    /// The devices, for a pause to quiesce them.
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    /// Each device's counters, with the name its metrics are written under.
+    pub metrics: Vec<(String, Arc<AtomicMetrics>)>,
     /// virtio-mmio only: the devices, for the kernel command line.
     mmio: Option<MmioPlatform>,
     /// Lives as long as the VM.
     _console_pty: Option<Pty>,
 }
 
-fn open_disk(args: &Args, index: usize) -> Result<Block> {
+fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<Block> {
     let spec = &args.disk[index];
-    let config = spec.block_config(args.cpus);
+    let config = spec.block_config(args.cpus).with_metrics(metrics);
     Block::new(config).map_err(|source| Error::Disk {
         path: match &spec.config.source {
             DiskSource::Path(p) => p.display().to_string(),
@@ -175,32 +185,49 @@ impl VirtioDevices {
     /// attaches them.
     pub fn add(machine: &Machine, args: &Args, mut net_fds: InheritedFds) -> Result<Self> {
         let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
+        let mut metrics = Vec::new();
+        let mut counters = |name: String| {
+            let m = Arc::new(AtomicMetrics::new());
+            metrics.push((name, m.clone()));
+            m
+        };
         for i in 0..args.disk.len() {
-            devices.push(Arc::new(Mutex::new(open_disk(args, i)?)));
+            let disk = open_disk(args, i, counters(format!("block{i}")))?;
+            devices.push(Arc::new(Mutex::new(disk)));
         }
-        for spec in &args.net {
-            let net = crate::net::open_net(spec, args.cpus, &mut net_fds)?;
+        for (i, spec) in args.net.iter().enumerate() {
+            let m = counters(format!("net{i}"));
+            let net = crate::net::open_net(spec, args.cpus, &mut net_fds, m)?;
             devices.push(Arc::new(Mutex::new(net)));
         }
         if let Some(spec) = &args.vsock {
             let mut config = VsockConfig::new(spec.cid, spec.socket.clone());
             config.poll_us = spec.poll_us;
-            devices.push(Arc::new(Mutex::new(Vsock::new(config)?)));
+            let vsock = Vsock::new(config)?.with_metrics(counters("vsock".into()));
+            devices.push(Arc::new(Mutex::new(vsock)));
         }
         if args.rng {
-            devices.push(Arc::new(Mutex::new(Rng::new(RngConfig::default())?)));
+            let rng = Rng::new(RngConfig::default())?.with_metrics(counters("entropy".into()));
+            devices.push(Arc::new(Mutex::new(rng)));
         }
         let mut subscribers: Vec<Subscriber> = Vec::new();
         let mut console_pty = None;
         if let Some(ends) = console_ends(&args.console)? {
-            let console = Console::new(ConsoleConfig::new(ends.output))?;
-            subscribers.extend(console_input(ends.input, console.input()));
+            let config = ConsoleConfig::new(ends.output).with_metrics(counters("console".into()));
+            let console = Console::new(config)?;
+            let escape = match args.console {
+                ConsoleOutput::Stdio => Escape::for_stdin(machine.exit().clone()),
+                _ => None,
+            };
+            subscribers.extend(console_input(ends.input, console.input(), escape));
             console_pty = ends.pty;
             devices.push(Arc::new(Mutex::new(console)));
         }
         let mut this = Self {
             subscribers,
             dsdt: Vec::new(),
+            devices: devices.clone(),
+            metrics,
             mmio: None,
             _console_pty: console_pty,
         };
@@ -251,6 +278,12 @@ impl VirtioDevices {
     }
 }
 
-fn console_input(source: Option<File>, input: ConsoleInput) -> Option<Subscriber> {
-    Some(Arc::new(Mutex::new(InputToConsole::new(source?, input))))
+fn console_input(
+    source: Option<File>,
+    input: ConsoleInput,
+    escape: Option<Escape>,
+) -> Option<Subscriber> {
+    Some(Arc::new(Mutex::new(InputToConsole::new(
+        source?, input, escape,
+    ))))
 }

@@ -70,6 +70,29 @@ pub enum Error {
     /// An eventfd could not be created.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// Neither `--kernel`, `--config-file` nor `--api-sock` says what to boot.
+    #[error("nothing to boot: give --kernel, --config-file or --api-sock")]
+    NoKernel,
+    /// The API socket could not be served.
+    #[error("{0}")]
+    Api(#[from] vmkit_api::Error),
+    /// `--config-file` cannot be used.
+    #[error("--config-file {path}: {message}")]
+    ConfigFile {
+        /// The file.
+        path: String,
+        /// What is wrong, one line.
+        message: String,
+    },
+    /// `--metrics-file` cannot be used.
+    #[error("--metrics-file: {0}")]
+    Metrics(String),
+    /// `--log-file` cannot be opened.
+    #[error("--log-file: {0}")]
+    Log(#[source] std::io::Error),
+    /// The shutdown signals cannot be caught.
+    #[error("cannot set up the shutdown signals: {0}")]
+    Signals(#[source] std::io::Error),
     /// The event loop could not be set up or run.
     #[error("event loop: {0}")]
     EventLoop(#[from] event_manager::Error),

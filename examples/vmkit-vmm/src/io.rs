@@ -10,6 +10,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::GuestSerial;
+use crate::terminal::Escape;
 
 /// Feeds host stdin to the guest's serial port.
 ///
@@ -22,15 +23,18 @@ pub struct StdinToSerial {
     pending: Vec<u8>,
     /// stdin is out of the epoll set until the FIFO drains.
     paused: bool,
+    /// The console escape, when stdin is a terminal.
+    escape: Option<Escape>,
 }
 
 impl StdinToSerial {
-    pub fn new(serial: Arc<Mutex<GuestSerial>>, drained: EventFd) -> Self {
+    pub fn new(serial: Arc<Mutex<GuestSerial>>, drained: EventFd, escape: Option<Escape>) -> Self {
         Self {
             serial,
             drained,
             pending: Vec::new(),
             paused: false,
+            escape,
         }
     }
 
@@ -67,7 +71,10 @@ impl MutEventSubscriber for StdinToSerial {
             let _ = ops.remove(Events::empty(&stdin));
             return;
         }
-        self.pending.extend_from_slice(&buf[..n]);
+        match &mut self.escape {
+            Some(escape) => self.pending.extend(escape.pass(&buf[..n])),
+            None => self.pending.extend_from_slice(&buf[..n]),
+        }
         if !self.flush() {
             // The FIFO is full: stop reading (epoll is level-triggered) until it drains.
             self.paused = ops.remove(Events::empty(&stdin)).is_ok();
@@ -89,11 +96,21 @@ impl MutEventSubscriber for StdinToSerial {
 pub struct InputToConsole<F: AsFd + Read> {
     source: F,
     input: vmkit_virtio_console::ConsoleInput,
+    /// The console escape, when the source is stdin on a terminal.
+    escape: Option<Escape>,
 }
 
 impl<F: AsFd + Read> InputToConsole<F> {
-    pub fn new(source: F, input: vmkit_virtio_console::ConsoleInput) -> Self {
-        Self { source, input }
+    pub fn new(
+        source: F,
+        input: vmkit_virtio_console::ConsoleInput,
+        escape: Option<Escape>,
+    ) -> Self {
+        Self {
+            source,
+            input,
+            escape,
+        }
     }
 }
 
@@ -114,7 +131,10 @@ impl<F: AsFd + Read> MutEventSubscriber for InputToConsole<F> {
             let _ = ops.remove(Events::empty_raw(fd));
             return;
         }
-        self.input.push(&buf[..n]);
+        match &mut self.escape {
+            Some(escape) => self.input.push(&escape.pass(&buf[..n])),
+            None => self.input.push(&buf[..n]),
+        };
     }
 
     fn init(&mut self, ops: &mut EventOps) {

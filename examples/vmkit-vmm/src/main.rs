@@ -1,15 +1,25 @@
 //! `vmkit`: the reference VMM composed from the vmkit crates.
 //!
-//! Reading order: [`config`] (the command line) → [`vm`] (the stages: machine, vCPUs,
-//! devices, kernel; then run) → [`devices`] (legacy and virtio devices, attached through
-//! vmkit-kvm) → [`io`] (host input into the guest) → [`stats`] (`--stats`) → [`error`].
+//! Reading order: [`config`] (the command line) → [`host`] (the operator's side: API socket,
+//! signals, [`logger`], [`metrics`]) → [`setup`] (the VM described by the command line, a
+//! config file or the API, via [`resources`]) → [`vm`] (the stages: machine, vCPUs,
+//! devices, kernel) → [`runtime`] (the run: API calls, pause, shutdown) → [`devices`],
+//! [`io`], [`terminal`], [`signals`], [`stats`], [`error`].
 
 mod config;
 mod devices;
 mod error;
+mod host;
 mod io;
+mod logger;
+mod metrics;
 mod net;
+mod resources;
+mod runtime;
+mod setup;
+mod signals;
 mod stats;
+mod terminal;
 mod vm;
 
 use std::io::Write;
@@ -18,9 +28,29 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmkit_legacy::ExitReason;
 
+use crate::config::Args;
+use crate::error::{Error, Result};
+
+/// The exit statuses of `vmkit` (the table in README.md).
+mod status {
+    /// The guest powered off.
+    pub const POWER_OFF: u8 = 0;
+    /// vmkit failed: it could not start the VM, or could not keep it running.
+    pub const FAILED: u8 = 1;
+    /// The command line is wrong.
+    pub const USAGE: u8 = 2;
+    /// The guest reset (rebooted) the machine; vmkit does not boot it again.
+    pub const RESET: u8 = 3;
+    /// The guest crashed: a triple fault, a KVM internal error, a crash event.
+    pub const CRASH: u8 = 4;
+    /// The host stopped the VM: a shutdown signal's grace period ran out, a second signal
+    /// came, the console escape was typed, or a signal came before the start.
+    pub const STOPPED: u8 = 5;
+}
+
 /// Parses the command line; on an error prints one line (not clap's usage block).
-fn parse_args() -> Result<config::Args, ExitCode> {
-    config::Args::try_parse().map_err(|e| {
+fn parse_args() -> std::result::Result<Args, ExitCode> {
+    Args::try_parse().map_err(|e| {
         use clap::error::ErrorKind;
         if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
             print!("{e}");
@@ -33,25 +63,51 @@ fn parse_args() -> Result<config::Args, ExitCode> {
             "vmkit: {} (see vmkit --help)",
             line.trim_start_matches("error: ")
         );
-        ExitCode::from(2)
+        ExitCode::from(status::USAGE)
     })
 }
 
-/// The `log` facade of every crate, to stderr at `level`, one line per record.
-fn init_logger(level: log::LevelFilter) {
-    env_logger::Builder::new()
-        .filter_level(level)
-        .target(env_logger::Target::Stderr)
-        .format(|buf, record| {
-            writeln!(
-                buf,
-                "vmkit: {} {}: {}",
-                record.level(),
-                record.target(),
-                record.args()
-            )
-        })
-        .init();
+/// The stages: the shutdown signals (caught before any thread starts), the log, the
+/// host's side (API socket, metrics), the VM from the command line, a config file or the
+/// API, and its run. `None`: a signal came before the VM started.
+fn run(args: &Args) -> Result<Option<ExitReason>> {
+    let signals = signals::Signals::block().map_err(Error::Signals)?;
+    let logger =
+        logger::Logger::install(args.log_level, args.log_file.as_deref()).map_err(Error::Log)?;
+    let mut host = host::Host::open(args, signals, logger)?;
+    let started = match (&args.kernel, &args.config_file) {
+        (Some(_), _) => Some(setup::from_args(args)?),
+        (None, Some(path)) => Some(setup::from_config_file(path, args, &mut host)?),
+        (None, None) if host.has_api() => setup::through_api(args, &mut host)?,
+        (None, None) => return Err(Error::NoKernel),
+    };
+    match started {
+        Some(s) => Ok(Some(s.vm.run(&mut host, s.machine)?)),
+        None => Ok(None),
+    }
+}
+
+/// The exit status for how the VM ended, with a line on stderr unless the guest ended
+/// itself.
+fn exit_status(end: Result<Option<ExitReason>>) -> u8 {
+    let (code, line) = match end {
+        Ok(Some(ExitReason::PowerOff)) => (status::POWER_OFF, None),
+        Ok(Some(ExitReason::Reset)) => (status::RESET, None),
+        Ok(Some(e @ ExitReason::Crash(_))) => (status::CRASH, Some(format!("guest stopped: {e}"))),
+        Ok(Some(e @ ExitReason::Stopped(_))) => (status::STOPPED, Some(e.to_string())),
+        Ok(Some(ExitReason::Failed(why))) => {
+            (status::FAILED, Some(format!("guest stopped: {why}")))
+        }
+        Ok(None) => (
+            status::STOPPED,
+            Some("stopped before the VM started".into()),
+        ),
+        Err(e) => (status::FAILED, Some(e.to_string())),
+    };
+    if let Some(line) = line {
+        eprintln!("vmkit: {line}");
+    }
+    code
 }
 
 fn main() -> ExitCode {
@@ -59,22 +115,7 @@ fn main() -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    init_logger(args.log_level);
-    let end = vm::Vm::build(&args).and_then(vm::Vm::run);
+    let end = run(&args);
     let _ = std::io::stdout().flush();
-    match end {
-        Ok(end) if end.is_guest_request() => ExitCode::SUCCESS,
-        Ok(ExitReason::Crash) => {
-            eprintln!("vmkit: guest stopped: the guest crashed");
-            ExitCode::FAILURE
-        }
-        Ok(end) => {
-            eprintln!("vmkit: guest stopped: {end}");
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("vmkit: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    ExitCode::from(exit_status(end))
 }

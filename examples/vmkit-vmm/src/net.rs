@@ -8,7 +8,12 @@ use crate::config::{NetBackendSpec, NetSpec};
 use crate::error::{Error, Result};
 
 /// The card `spec` asks for, in a VM with `cpus` vCPUs.
-pub fn open_net(spec: &NetSpec, cpus: u32, fds: &mut InheritedFds) -> Result<Net> {
+pub fn open_net(
+    spec: &NetSpec,
+    cpus: u32,
+    fds: &mut InheritedFds,
+    metrics: std::sync::Arc<dyn vmkit_virtio::DeviceMetrics>,
+) -> Result<Net> {
     let what = match &spec.backend {
         NetBackendSpec::Tap(name) => format!("tap={name}"),
         NetBackendSpec::Fd(fd) => format!("fd={fd}"),
@@ -29,6 +34,7 @@ pub fn open_net(spec: &NetSpec, cpus: u32, fds: &mut InheritedFds) -> Result<Net
     config.mac = spec.mac;
     config.mtu = spec.mtu;
     config.poll_us = spec.poll_us;
+    config.metrics = metrics;
     Net::new(config).map_err(err)
 }
 

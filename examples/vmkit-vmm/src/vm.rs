@@ -15,15 +15,20 @@ use event_manager::{EventManager, SubscriberOps};
 use vmkit_boot::linux_loader::cmdline::Cmdline;
 use vmkit_boot::{BootConfig, EntryPoint, ProtocolChoice};
 use vmkit_kvm::{ExitWatcher, Machine, MachineConfig, VcpuConfig, Vcpus};
-use vmkit_legacy::{ExitNotifier, ExitReason};
+use vmkit_legacy::ExitReason;
 use vmkit_memory::layout::CMDLINE_MAX_SIZE;
 use vmkit_memory::{Backing, MemoryConfig};
+use vmkit_virtio::AtomicMetrics;
 
 use crate::config::Args;
 use crate::devices::{LegacyDevices, Subscriber, VirtioDevices};
 use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::metrics::MetricsSource;
 use crate::net::InheritedFds;
+use crate::runtime::{Parts, Running};
 use crate::stats;
+use crate::terminal::RawMode;
 
 /// A VM, built and ready to run.
 pub struct Vm {
@@ -52,7 +57,7 @@ fn open(what: &'static str, path: &Path) -> Result<File> {
 impl Inputs {
     fn open(args: &Args) -> Result<Self> {
         Ok(Self {
-            kernel: open("kernel", &args.kernel)?,
+            kernel: open("kernel", args.kernel.as_deref().ok_or(Error::NoKernel)?)?,
             initramfs: args
                 .initramfs
                 .as_deref()
@@ -164,7 +169,7 @@ impl Vm {
         let entry = load_kernel(&machine, args, inputs, &cmdline, dsdt)?;
         vcpus.set_entry(machine.memory(), entry)?;
         Ok(Self {
-            stdin: legacy.stdin_subscriber(args),
+            stdin: legacy.stdin_subscriber(args, machine.exit().clone()),
             machine,
             vcpus,
             legacy,
@@ -174,30 +179,58 @@ impl Vm {
     }
 
     /// Runs the vCPUs, one thread each, and the event loop on this thread, until the VM
-    /// ends; returns why.
-    pub fn run(self) -> Result<ExitReason> {
+    /// ends; returns why. The host's API calls and signals are served meanwhile; the
+    /// device counters join its metrics.
+    pub fn run(
+        self,
+        host: &mut Host,
+        machine: vmkit_api::model::MachineConfig,
+    ) -> Result<ExitReason> {
         let mut events = EventManager::<Subscriber>::new()?;
         let exit = self.machine.exit().clone();
         events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
-        for s in self.virtio.subscribers.iter().chain(&self.stdin) {
-            events.add_subscriber(s.clone());
+        for (name, counters) in &self.virtio.metrics {
+            host.metrics
+                .add(name.clone(), device_metrics(counters.clone()));
         }
+        // The operator's keys go to the guest while it runs; restored on every way out.
+        let _raw = self.stdin.is_some().then(|| RawMode::enter(0)).flatten();
         if self.print_stats {
             stats::entering_guest();
         }
         let threads = self.vcpus.start(self.machine.bus().clone(), exit.clone())?;
-        let end = loop {
-            if let Some(end) = exit.reason() {
-                break end;
-            }
-            if let Err(e) = events.run() {
-                exit.notify_exit(ExitReason::Failed(format!("event loop: {e}")));
-            }
+        let parts = Parts {
+            events,
+            guest_facing: self
+                .virtio
+                .subscribers
+                .iter()
+                .chain(&self.stdin)
+                .cloned()
+                .collect(),
+            devices: self.virtio.devices.clone(),
+            threads,
+            exit,
+            i8042: self.legacy.i8042.clone(),
+            machine,
         };
+        let (end, threads) = Running::new(parts, host).until_end(host);
         let vcpu_stats = threads.stop();
         if self.print_stats {
             stats::vcpus_stopped(&vcpu_stats, self.legacy.debug_port.stats().writes);
         }
         Ok(end)
     }
+}
+
+/// A device's counters as a metrics group: `{"requests": n, ...}`.
+fn device_metrics(counters: Arc<AtomicMetrics>) -> Arc<dyn MetricsSource> {
+    Arc::new(move || {
+        let snapshot = counters.snapshot();
+        let map: serde_json::Map<String, serde_json::Value> = snapshot
+            .iter()
+            .map(|(name, value)| (name.to_string(), value.into()))
+            .collect();
+        serde_json::Value::Object(map)
+    })
 }

@@ -74,10 +74,15 @@ fn timer_and_serial_interrupts_arrive() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
-fn reset_ends_the_vmm_with_status_0() {
-    boot_guest(1, "128M", "exit=reset")
-        .ok()
-        .says(&["exit: reset"]);
+fn the_exit_status_tells_power_off_from_reset() {
+    // The table in README.md: 0 power-off, 3 reset.
+    let off = boot_guest(1, "128M", "exit=poweroff");
+    assert_eq!(off.code, Some(0), "{}", off.context());
+    off.says(&["exit: poweroff"]);
+    let reset = boot_guest(1, "128M", "exit=reset");
+    assert_eq!(reset.code, Some(3), "{}", reset.context());
+    reset.says(&["exit: reset"]);
+    assert!(reset.stderr.is_empty(), "a guest's own end is not reported: {}", reset.context());
 }
 
 #[test]

@@ -1,0 +1,398 @@
+//! The VM as Firecracker's API and config file describe it before it starts, each part
+//! checked when it is given, and how it maps onto vmkit's own command line ([`Args`]).
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use vmkit_api::model::{
+    BootSource, CacheType, Drive, DriveUpdate, Entropy, HugePages, IoEngine, MachineConfig,
+    NetworkInterface, VmConfig, Vsock,
+};
+use vmkit_virtio_blk::{BlockConfig, DiskSource, EngineKind};
+
+use crate::config::{
+    parse_mac, Args, DiskSpec, NetBackendSpec, NetSpec, VsockSpec, DEFAULT_POLL_US,
+};
+
+/// The resources set so far.
+#[derive(Debug, Clone, Default)]
+pub struct Resources {
+    machine: MachineConfig,
+    boot: Option<BootSource>,
+    /// In the order given; a `PUT` of an existing ID replaces it in place.
+    drives: Vec<Drive>,
+    nets: Vec<NetworkInterface>,
+    vsock: Option<Vsock>,
+    entropy: Option<Entropy>,
+}
+
+/// Why a resource is refused: one line, the API's `fault_message`.
+pub type Refusal = String;
+
+fn readable(what: &str, path: &str) -> Result<(), Refusal> {
+    File::open(path)
+        .map(drop)
+        .map_err(|e| format!("cannot open {what} {path}: {e}"))
+}
+
+fn no_rate_limiter(what: &str, limiter: &Option<serde_json::Value>) -> Result<(), Refusal> {
+    match limiter {
+        None | Some(serde_json::Value::Null) => Ok(()),
+        Some(_) => Err(format!(
+            "{what}: rate limiters are not supported by vmkit yet"
+        )),
+    }
+}
+
+/// `cpu_template`: Firecracker's `"None"`, or a vmkit template name (`host`, `pvm`).
+pub fn cpu_template(name: Option<&str>) -> Result<vmkit_vcpu::CpuTemplate, Refusal> {
+    match name {
+        None | Some("None") => Ok(vmkit_vcpu::CpuTemplate::Host),
+        Some(n) => n.to_ascii_lowercase().parse().map_err(|_| {
+            format!("cpu_template {n} is not supported by vmkit (use None, host or pvm)")
+        }),
+    }
+}
+
+impl Resources {
+    /// The resources of a config file, each checked as if it came through the API.
+    pub fn from_config(config: &VmConfig) -> Result<Self, Refusal> {
+        let mut r = Self::default();
+        if let Some(m) = &config.machine_config {
+            r.set_machine(m.clone())?;
+        }
+        if let Some(b) = &config.boot_source {
+            r.set_boot(b.clone())?;
+        }
+        for d in &config.drives {
+            r.set_drive(d.clone())?;
+        }
+        for n in &config.network_interfaces {
+            r.set_net(n.clone())?;
+        }
+        if let Some(v) = &config.vsock {
+            r.set_vsock(v.clone())?;
+        }
+        if let Some(e) = &config.entropy {
+            r.set_entropy(e.clone())?;
+        }
+        Ok(r)
+    }
+
+    /// The machine configuration (Firecracker's defaults until set).
+    pub fn machine(&self) -> &MachineConfig {
+        &self.machine
+    }
+
+    /// `PUT /machine-config`.
+    pub fn set_machine(&mut self, m: MachineConfig) -> Result<(), Refusal> {
+        let max = vmkit_kvm::MAX_VCPUS;
+        if m.vcpu_count == 0 || u32::from(m.vcpu_count) > max {
+            return Err(format!("vcpu_count {} is not in 1..={max}", m.vcpu_count));
+        }
+        if m.mem_size_mib == 0 || m.mem_size_mib.checked_mul(1 << 20).is_none() {
+            return Err(format!(
+                "mem_size_mib {} is not a memory size",
+                m.mem_size_mib
+            ));
+        }
+        if m.smt {
+            return Err("smt (two threads per core) is not supported by vmkit".into());
+        }
+        if m.track_dirty_pages {
+            return Err("track_dirty_pages is not supported by vmkit (no snapshots yet)".into());
+        }
+        cpu_template(m.cpu_template.as_deref())?;
+        self.machine = m;
+        Ok(())
+    }
+
+    /// `PUT /boot-source`: the kernel and initrd must be readable now.
+    pub fn set_boot(&mut self, b: BootSource) -> Result<(), Refusal> {
+        readable("kernel_image_path", &b.kernel_image_path)?;
+        if let Some(initrd) = &b.initrd_path {
+            readable("initrd_path", initrd)?;
+        }
+        self.boot = Some(b);
+        Ok(())
+    }
+
+    /// `PUT /drives/{id}`.
+    pub fn set_drive(&mut self, d: Drive) -> Result<(), Refusal> {
+        let id = &d.drive_id;
+        if d.socket.is_some() {
+            return Err(format!(
+                "drive {id}: vhost-user drives (socket) are not supported by vmkit"
+            ));
+        }
+        no_rate_limiter(&format!("drive {id}"), &d.rate_limiter)?;
+        let path = d
+            .path_on_host
+            .as_deref()
+            .ok_or_else(|| format!("drive {id}: path_on_host is required"))?;
+        readable(&format!("drive {id}"), path)?;
+        if d.is_root_device
+            && self
+                .drives
+                .iter()
+                .any(|o| o.is_root_device && o.drive_id != *id)
+        {
+            return Err(format!("drive {id}: there is already a root device"));
+        }
+        match self.drives.iter_mut().find(|o| o.drive_id == *id) {
+            Some(old) => *old = d,
+            None => self.drives.push(d),
+        }
+        Ok(())
+    }
+
+    /// `PATCH /drives/{id}` before the start: a new image.
+    pub fn patch_drive(&mut self, u: DriveUpdate) -> Result<(), Refusal> {
+        no_rate_limiter(&format!("drive {}", u.drive_id), &u.rate_limiter)?;
+        let Some(drive) = self.drives.iter().find(|d| d.drive_id == u.drive_id) else {
+            return Err(format!("drive {}: no such drive", u.drive_id));
+        };
+        let mut drive = drive.clone();
+        if let Some(p) = u.path_on_host {
+            drive.path_on_host = Some(p);
+        }
+        self.set_drive(drive)
+    }
+
+    /// `PUT /network-interfaces/{id}`.
+    pub fn set_net(&mut self, n: NetworkInterface) -> Result<(), Refusal> {
+        let id = &n.iface_id;
+        no_rate_limiter(&format!("interface {id}"), &n.rx_rate_limiter)?;
+        no_rate_limiter(&format!("interface {id}"), &n.tx_rate_limiter)?;
+        if n.host_dev_name.is_empty() {
+            return Err(format!("interface {id}: host_dev_name is empty"));
+        }
+        if let Some(mac) = &n.guest_mac {
+            parse_mac(mac).map_err(|e| format!("interface {id}: guest_{e}"))?;
+        }
+        match self.nets.iter_mut().find(|o| o.iface_id == *id) {
+            Some(old) => *old = n,
+            None => self.nets.push(n),
+        }
+        Ok(())
+    }
+
+    /// `PUT /vsock`.
+    pub fn set_vsock(&mut self, v: Vsock) -> Result<(), Refusal> {
+        if v.guest_cid < 3 || v.guest_cid == u32::MAX {
+            return Err(format!("guest_cid {}: use 3 to 4294967294", v.guest_cid));
+        }
+        if v.uds_path.is_empty() {
+            return Err("uds_path is empty".into());
+        }
+        self.vsock = Some(v);
+        Ok(())
+    }
+
+    /// `PUT /entropy`.
+    pub fn set_entropy(&mut self, e: Entropy) -> Result<(), Refusal> {
+        no_rate_limiter("entropy", &e.rate_limiter)?;
+        self.entropy = Some(e);
+        Ok(())
+    }
+
+    /// The command line these resources amount to, on top of `base` (the flags vmkit was
+    /// started with: serial, transport and the like). The root drive is the first disk.
+    pub fn to_args(&self, base: &Args) -> Result<Args, Refusal> {
+        let boot = self
+            .boot
+            .as_ref()
+            .ok_or("no boot source: PUT /boot-source first")?;
+        let mut args = base.clone();
+        args.kernel = Some(PathBuf::from(&boot.kernel_image_path));
+        args.initramfs = boot.initrd_path.as_ref().map(PathBuf::from);
+        let mut cmdline = boot
+            .boot_args
+            .clone()
+            .unwrap_or_else(|| base.cmdline.clone());
+        let m = &self.machine;
+        args.cpus = u32::from(m.vcpu_count);
+        args.memory = m.mem_size_mib << 20;
+        args.hugepages = m.huge_pages == Some(HugePages::Huge2M);
+        args.no_thp &= !args.hugepages;
+        if m.cpu_template.is_some() {
+            args.cpu_template = cpu_template(m.cpu_template.as_deref())?;
+        }
+        let mut drives: Vec<&Drive> = self.drives.iter().collect();
+        drives.sort_by_key(|d| !d.is_root_device);
+        let mut disks = Vec::new();
+        for d in drives {
+            if d.is_root_device {
+                cmdline.push_str(&root_arg(d));
+            }
+            disks.push(disk_spec(d)?);
+        }
+        disks.append(&mut args.disk);
+        args.disk = disks;
+        let mut nets = self
+            .nets
+            .iter()
+            .map(net_spec)
+            .collect::<Result<Vec<_>, _>>()?;
+        nets.append(&mut args.net);
+        args.net = nets;
+        if let Some(v) = &self.vsock {
+            args.vsock = Some(VsockSpec {
+                cid: u64::from(v.guest_cid),
+                socket: PathBuf::from(&v.uds_path),
+                poll_us: 0,
+            });
+        }
+        args.rng |= self.entropy.is_some();
+        args.cmdline = cmdline;
+        Ok(args)
+    }
+}
+
+/// Firecracker's root device arguments for the kernel command line.
+fn root_arg(d: &Drive) -> String {
+    let mode = if d.is_read_only { "ro" } else { "rw" };
+    match &d.partuuid {
+        Some(uuid) => format!(" root=PARTUUID={uuid} {mode}"),
+        None => format!(" root=/dev/vda {mode}"),
+    }
+}
+
+fn disk_spec(d: &Drive) -> Result<DiskSpec, Refusal> {
+    let path = d.path_on_host.as_deref().unwrap_or_default();
+    let mut config = BlockConfig::new(DiskSource::Path(PathBuf::from(path)));
+    config.read_only = d.is_read_only;
+    config.poll_us = DEFAULT_POLL_US;
+    config.engine = match d.io_engine {
+        Some(IoEngine::Async) => EngineKind::IoUring,
+        Some(IoEngine::Sync) | None => EngineKind::Sync,
+    };
+    // Firecracker's drives answer GET_ID with their drive_id; so do ours when it fits.
+    if d.drive_id.len() <= 20 && d.drive_id.bytes().all(|b| b.is_ascii_graphic()) {
+        config.serial = d.drive_id.clone();
+    }
+    // Both cache types offer FLUSH: vmkit always makes a flushed write durable, which is
+    // what "Writeback" promises and more than "Unsafe" does.
+    let _ = d.cache_type.unwrap_or(CacheType::Unsafe);
+    config
+        .check()
+        .map_err(|e| format!("drive {}: {e}", d.drive_id))?;
+    Ok(DiskSpec {
+        config,
+        queues_per_vcpu: true,
+    })
+}
+
+fn net_spec(n: &NetworkInterface) -> Result<NetSpec, Refusal> {
+    Ok(NetSpec {
+        backend: NetBackendSpec::Tap(n.host_dev_name.clone()),
+        mac: n.guest_mac.as_deref().map(parse_mac).transpose()?,
+        mtu: None,
+        queues: None,
+        poll_us: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn base() -> Args {
+        Args::try_parse_from(["vmkit", "--serial", "off"]).unwrap()
+    }
+
+    fn drive(id: &str, path: &str, root: bool) -> Drive {
+        serde_json::from_value(serde_json::json!({
+            "drive_id": id, "path_on_host": path, "is_root_device": root
+        }))
+        .unwrap()
+    }
+
+    fn existing_file() -> String {
+        std::env::current_exe().unwrap().display().to_string()
+    }
+
+    #[test]
+    fn resources_become_the_command_line() {
+        let mut r = Resources::default();
+        assert!(r.to_args(&base()).unwrap_err().contains("boot source"));
+        let exe = existing_file();
+        r.set_boot(BootSource {
+            kernel_image_path: exe.clone(),
+            boot_args: Some("console=ttyS0".into()),
+            initrd_path: None,
+        })
+        .unwrap();
+        let m = MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 256,
+            cpu_template: Some("pvm".into()),
+            ..MachineConfig::default()
+        };
+        r.set_machine(m).unwrap();
+        r.set_drive(drive("data", &exe, false)).unwrap();
+        r.set_drive(drive("rootfs", &exe, true)).unwrap();
+        r.set_entropy(Entropy::default()).unwrap();
+        let a = r.to_args(&base()).unwrap();
+        assert_eq!(a.kernel, Some(PathBuf::from(&exe)));
+        assert_eq!((a.cpus, a.memory), (2, 256 << 20));
+        assert_eq!(a.cpu_template, vmkit_vcpu::CpuTemplate::Pvm);
+        assert_eq!(a.cmdline, "console=ttyS0 root=/dev/vda rw");
+        assert_eq!(a.disk.len(), 2);
+        assert_eq!(a.disk[0].config.serial, "rootfs", "the root drive is vda");
+        assert!(a.rng);
+    }
+
+    #[test]
+    fn what_vmkit_lacks_or_cannot_use_is_refused_by_name() {
+        let mut r = Resources::default();
+        let err = |e: Result<(), Refusal>| e.unwrap_err();
+        let mut m = MachineConfig {
+            smt: true,
+            ..MachineConfig::default()
+        };
+        assert!(err(r.set_machine(m.clone())).contains("smt"));
+        m.smt = false;
+        m.vcpu_count = 0;
+        assert!(err(r.set_machine(m.clone())).contains("vcpu_count 0"));
+        m.vcpu_count = 1;
+        m.cpu_template = Some("T2".into());
+        assert!(err(r.set_machine(m.clone())).contains("cpu_template T2"));
+        m.cpu_template = None;
+        m.mem_size_mib = u64::MAX;
+        assert!(err(r.set_machine(m)).contains("mem_size_mib"));
+        let missing = BootSource {
+            kernel_image_path: "/nonexistent/vmlinux".into(),
+            boot_args: None,
+            initrd_path: None,
+        };
+        assert!(err(r.set_boot(missing)).contains("/nonexistent/vmlinux"));
+        let exe = existing_file();
+        let mut d = drive("a", &exe, false);
+        d.rate_limiter = Some(serde_json::json!({"bandwidth": {"size": 1, "refill_time": 1}}));
+        assert!(err(r.set_drive(d)).contains("rate limiters"));
+        r.set_drive(drive("root1", &exe, true)).unwrap();
+        assert!(err(r.set_drive(drive("root2", &exe, true))).contains("already a root"));
+        let update = DriveUpdate {
+            drive_id: "nope".into(),
+            path_on_host: Some(exe.clone()),
+            rate_limiter: None,
+        };
+        assert!(err(r.patch_drive(update)).contains("no such drive"));
+        let v = Vsock {
+            guest_cid: 2,
+            uds_path: "/v".into(),
+            vsock_id: None,
+        };
+        assert!(err(r.set_vsock(v)).contains("guest_cid 2"));
+        let n = NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: Some("01:00:5e:00:00:01".into()),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        };
+        assert!(err(r.set_net(n)).contains("multicast"));
+    }
+}

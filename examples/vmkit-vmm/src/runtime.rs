@@ -1,0 +1,247 @@
+//! The running VM: the event loop, and what the host does to the VM while it runs — the
+//! API's calls, pause and resume, shutdown signals and their grace period, metrics.
+
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{
+    EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
+use vmkit_api::model::{ActionType, InstanceState, MachineConfig, VmStateRequest};
+use vmkit_api::{ApiCall, ApiRequest, ApiResponse};
+use vmkit_kvm::VcpuThreads;
+use vmkit_legacy::{EventFdExit, ExitNotifier, ExitReason, I8042};
+use vmkit_virtio::VirtioDevice;
+use vmm_sys_util::epoll::EventSet;
+
+use crate::devices::Subscriber;
+use crate::host::Host;
+use crate::signals;
+
+/// How long a pause may take before it is given up (the VM then runs on).
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Wakes the event loop when an fd becomes readable; the loop then reads it itself (the
+/// API's eventfd, the signalfd), before it waits again.
+struct Doorbell(RawFd);
+
+impl MutEventSubscriber for Doorbell {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {}
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new_raw(self.0, EventSet::IN)) {
+            log::error!("cannot watch fd {}: {e}", self.0);
+        }
+    }
+}
+
+/// What the loop drives, besides the host.
+pub struct Parts {
+    /// The event loop, with the exit watcher in it.
+    pub events: EventManager<Subscriber>,
+    /// The subscribers that touch the guest (queue handlers, host input), taken out of the
+    /// loop while the VM is paused.
+    pub guest_facing: Vec<Subscriber>,
+    /// The virtio devices, quiesced at a pause.
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    /// The vCPU threads.
+    pub threads: VcpuThreads,
+    /// Where the VM's end is reported.
+    pub exit: Arc<EventFdExit>,
+    /// The keyboard controller, for Ctrl-Alt-Del.
+    pub i8042: Arc<Mutex<I8042>>,
+    /// What `GET /machine-config` reports.
+    pub machine: MachineConfig,
+}
+
+/// A running VM.
+pub struct Running {
+    parts: Parts,
+    /// The guest-facing subscribers' IDs while they are in the loop (`None`: paused).
+    guest_ids: Option<Vec<SubscriberId>>,
+    /// When a shutdown signal's grace period ends, and which signal it was.
+    shutdown: Option<(Instant, libc::c_int)>,
+}
+
+impl Running {
+    /// Puts the host's fds and the guest-facing subscribers into the loop.
+    pub fn new(mut parts: Parts, host: &Host) -> Self {
+        parts.events.add_subscriber(Arc::new(Mutex::new(Doorbell(
+            std::os::fd::AsRawFd::as_raw_fd(&host.signals),
+        ))));
+        if let Some(fd) = host.api_fd() {
+            parts
+                .events
+                .add_subscriber(Arc::new(Mutex::new(Doorbell(fd))));
+        }
+        let ids = parts
+            .guest_facing
+            .iter()
+            .map(|s| parts.events.add_subscriber(s.clone()))
+            .collect();
+        Self {
+            parts,
+            guest_ids: Some(ids),
+            shutdown: None,
+        }
+    }
+
+    /// Runs until the VM ends; returns why, and the vCPU threads to stop.
+    pub fn until_end(mut self, host: &mut Host) -> (ExitReason, VcpuThreads) {
+        let end = loop {
+            if let Some(end) = self.parts.exit.reason() {
+                break end;
+            }
+            let timeout = self.timeout(host);
+            if let Err(e) = self.parts.events.run_with_timeout(timeout) {
+                self.end(ExitReason::Failed(format!("event loop: {e}")));
+            }
+            for call in host.pending_calls() {
+                self.serve(call, host);
+            }
+            while let Some(sig) = host.signals.take() {
+                self.on_signal(sig, host);
+            }
+            self.check_grace_period(host);
+            host.metrics.tick();
+        };
+        (end, self.parts.threads)
+    }
+
+    fn end(&self, reason: ExitReason) {
+        self.parts.exit.notify_exit(reason);
+    }
+
+    /// Milliseconds until the next deadline (the grace period, the metrics), or -1.
+    fn timeout(&self, host: &Host) -> i32 {
+        let grace = self
+            .shutdown
+            .map(|(at, _)| at.saturating_duration_since(Instant::now()));
+        let next = match (grace, host.metrics.due_in()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        next.map_or(-1, |d| i32::try_from(d.as_millis() + 1).unwrap_or(i32::MAX))
+    }
+
+    fn state(&self) -> InstanceState {
+        match self.guest_ids {
+            Some(_) => InstanceState::Running,
+            None => InstanceState::Paused,
+        }
+    }
+
+    fn serve(&mut self, call: ApiCall, host: &mut Host) {
+        let answer = match host.answer_common(&call.request) {
+            Some(a) => a,
+            None => self.answer(&call.request, host),
+        };
+        host.respond(call, answer);
+    }
+
+    fn answer(&mut self, request: &ApiRequest, host: &Host) -> ApiResponse {
+        let refused = |e: String| ApiResponse::error(400, e);
+        let done = |r: Result<(), String>| r.map_or_else(refused, |()| ApiResponse::no_content());
+        match request {
+            ApiRequest::GetInstanceInfo => host.info(self.state()),
+            ApiRequest::GetMachineConfig => ApiResponse::ok(&self.parts.machine),
+            ApiRequest::PatchVm(VmStateRequest::Paused) => done(self.pause()),
+            ApiRequest::PatchVm(VmStateRequest::Resumed) => done(self.resume()),
+            ApiRequest::Action(ActionType::SendCtrlAltDel) => done(self.ctrl_alt_del()),
+            ApiRequest::Action(ActionType::InstanceStart) => {
+                refused("the microVM is already running".into())
+            }
+            ApiRequest::PatchDrive(_) => {
+                refused("changing a drive of a running microVM is not supported by vmkit".into())
+            }
+            _ => refused(
+                "the requested operation is not supported after starting the microVM".into(),
+            ),
+        }
+    }
+
+    /// Stops the guest where it is: first its devices' events (no guest memory is touched
+    /// from then on, once in-flight I/O is completed), then the vCPUs.
+    pub fn pause(&mut self) -> Result<(), String> {
+        let Some(ids) = self.guest_ids.take() else {
+            return Ok(());
+        };
+        for id in ids {
+            // Each ID was returned by add_subscriber and removed only here.
+            let _ = self.parts.events.remove_subscriber(id);
+        }
+        if let Err(e) = self.parts.threads.pause(PAUSE_TIMEOUT) {
+            self.readd();
+            return Err(format!("cannot pause the vCPUs: {e}"));
+        }
+        for device in &self.parts.devices {
+            device.lock().unwrap_or_else(|p| p.into_inner()).quiesce();
+        }
+        log::info!("paused");
+        Ok(())
+    }
+
+    fn readd(&mut self) {
+        let ids = self
+            .parts
+            .guest_facing
+            .iter()
+            .map(|s| self.parts.events.add_subscriber(s.clone()))
+            .collect();
+        self.guest_ids = Some(ids);
+    }
+
+    /// Runs the guest again: the devices' events first (what the guest queued while paused is
+    /// served), then the vCPUs.
+    pub fn resume(&mut self) -> Result<(), String> {
+        if self.guest_ids.is_some() {
+            return Ok(());
+        }
+        self.readd();
+        self.parts.threads.resume();
+        log::info!("resumed");
+        Ok(())
+    }
+
+    fn ctrl_alt_del(&mut self) -> Result<(), String> {
+        let mut i8042 = self.parts.i8042.lock().unwrap_or_else(|p| p.into_inner());
+        i8042
+            .send_ctrl_alt_del()
+            .map_err(|e| format!("cannot send Ctrl-Alt-Del: {e}"))
+    }
+
+    /// The first shutdown signal asks the guest to shut down (resuming it if paused); the
+    /// second, or the end of the grace period, stops it.
+    fn on_signal(&mut self, sig: libc::c_int, host: &Host) {
+        let name = signals::name(sig);
+        if self.shutdown.is_some() {
+            self.end(ExitReason::Stopped(format!(
+                "{name}, a second shutdown signal"
+            )));
+            return;
+        }
+        let grace = host.shutdown_timeout;
+        log::warn!(
+            "{name}: asking the guest to shut down (Ctrl-Alt-Del), {} s before it is stopped",
+            grace.as_secs()
+        );
+        let _ = self.resume();
+        if let Err(e) = self.ctrl_alt_del() {
+            log::warn!("{e}");
+        }
+        self.shutdown = Some((Instant::now() + grace, sig));
+    }
+
+    fn check_grace_period(&mut self, host: &Host) {
+        if let Some((at, sig)) = self.shutdown {
+            if Instant::now() >= at {
+                self.end(ExitReason::Stopped(format!(
+                    "{}: the guest did not shut down within {} s",
+                    signals::name(sig),
+                    host.shutdown_timeout.as_secs()
+                )));
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Before the VM exists: its description from the command line, a config file, or the
+//! API's requests until `InstanceStart`.
+
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use vmkit_api::model::{ActionType, InstanceState, MachineConfig, VmConfig};
+use vmkit_api::{ApiRequest, ApiResponse};
+
+use crate::config::Args;
+use crate::error::{Error, Result};
+use crate::host::Host;
+use crate::resources::Resources;
+use crate::vm::Vm;
+
+/// A VM built and the description it was built from.
+pub struct Started {
+    /// The VM, not running yet.
+    pub vm: Vm,
+    /// What `GET /machine-config` reports.
+    pub machine: MachineConfig,
+}
+
+/// What `GET /machine-config` reports for a VM started from the command line.
+fn machine_of(args: &Args) -> MachineConfig {
+    MachineConfig {
+        vcpu_count: u8::try_from(args.cpus).unwrap_or(u8::MAX),
+        mem_size_mib: args.memory >> 20,
+        cpu_template: Some(args.cpu_template.name().into()),
+        huge_pages: args
+            .hugepages
+            .then_some(vmkit_api::model::HugePages::Huge2M),
+        ..MachineConfig::default()
+    }
+}
+
+/// Builds the VM `args` describe (with `--kernel`).
+pub fn from_args(args: &Args) -> Result<Started> {
+    Ok(Started {
+        vm: Vm::build(args)?,
+        machine: machine_of(args),
+    })
+}
+
+/// Reads `--config-file`, sets its logger and metrics on `host`, and builds its VM.
+pub fn from_config_file(path: &Path, base: &Args, host: &mut Host) -> Result<Started> {
+    let bad = |message: String| Error::ConfigFile {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let config = VmConfig::from_json(&text).map_err(|e| bad(e.to_string()))?;
+    let resources = Resources::from_config(&config).map_err(bad)?;
+    if let Some(logger) = &config.logger {
+        host.logger
+            .configure(logger)
+            .map_err(|e| bad(format!("logger: {e}")))?;
+    }
+    if let Some(metrics) = &config.metrics {
+        host.metrics
+            .set_destination(metrics.metrics_path.as_ref())
+            .map_err(bad)?;
+    }
+    let args = resources.to_args(base).map_err(bad)?;
+    Ok(Started {
+        vm: Vm::build(&args)?,
+        machine: resources.machine().clone(),
+    })
+}
+
+/// Waits until the API, or a signal, says something; `true` if a signal came.
+fn wait(host: &Host) -> bool {
+    let mut fds = [
+        libc::pollfd {
+            fd: host.signals.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: host.api_fd().unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `fds` is a valid array of two pollfds for the duration of the call (a
+    // negative fd is ignored by poll).
+    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+    fds[0].revents != 0
+}
+
+/// The answer to a request made before the start (`InstanceStart` aside).
+fn configure(resources: &mut Resources, request: ApiRequest) -> ApiResponse {
+    let done = |r: std::result::Result<(), String>| match r {
+        Ok(()) => ApiResponse::no_content(),
+        Err(e) => ApiResponse::error(400, e),
+    };
+    match request {
+        ApiRequest::GetMachineConfig => ApiResponse::ok(resources.machine()),
+        ApiRequest::PutMachineConfig(m) => done(resources.set_machine(m)),
+        ApiRequest::PutBootSource(b) => done(resources.set_boot(b)),
+        ApiRequest::PutDrive(d) => done(resources.set_drive(d)),
+        ApiRequest::PatchDrive(u) => done(resources.patch_drive(u)),
+        ApiRequest::PutNetworkInterface(n) => done(resources.set_net(n)),
+        ApiRequest::PutVsock(v) => done(resources.set_vsock(v)),
+        ApiRequest::PutEntropy(e) => done(resources.set_entropy(e)),
+        ApiRequest::Action(ActionType::SendCtrlAltDel) | ApiRequest::PatchVm(_) => {
+            ApiResponse::error(400, "the microVM is not running yet")
+        }
+        other => ApiResponse::error(400, format!("{other:?} cannot be served before the start")),
+    }
+}
+
+/// Serves the API until `InstanceStart` builds the VM; `None` if a shutdown signal came
+/// first.
+pub fn through_api(base: &Args, host: &mut Host) -> Result<Option<Started>> {
+    let mut resources = Resources::default();
+    loop {
+        if wait(host) {
+            if let Some(sig) = host.signals.take() {
+                log::info!("{} before the start: exiting", crate::signals::name(sig));
+                return Ok(None);
+            }
+        }
+        for call in host.pending_calls() {
+            if let Some(answer) = host.answer_common(&call.request) {
+                host.respond(call, answer);
+                continue;
+            }
+            match call.request {
+                ApiRequest::GetInstanceInfo => {
+                    let info = host.info(InstanceState::NotStarted);
+                    host.respond(call, info);
+                }
+                ApiRequest::Action(ActionType::InstanceStart) => match start(base, &resources) {
+                    Ok(started) => {
+                        host.respond(call, ApiResponse::no_content());
+                        return Ok(Some(started));
+                    }
+                    Err(e) => host.respond(call, ApiResponse::error(400, e)),
+                },
+                ref request => {
+                    let answer = configure(&mut resources, request.clone());
+                    host.respond(call, answer);
+                }
+            }
+        }
+    }
+}
+
+fn start(base: &Args, resources: &Resources) -> std::result::Result<Started, String> {
+    let args = resources.to_args(base)?;
+    let vm = Vm::build(&args).map_err(|e| format!("cannot start the microVM: {e}"))?;
+    Ok(Started {
+        vm,
+        machine: resources.machine().clone(),
+    })
+}
