@@ -12,8 +12,8 @@ use vmkit_bus::IoBus;
 use vmkit_legacy::{ExitNotifier, ExitReason};
 use vmkit_vcpu::{
     install_kick_handler, kick, restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs,
-    CpuTemplate, CpuidConfig, CpuidTemplate, Vcpu, VcpuControl, VcpuExitHandler, VcpuStats,
-    VcpuStop,
+    CpuTemplate, CpuidConfig, CpuidTemplate, Vcpu, VcpuControl, VcpuCounters, VcpuExitHandler,
+    VcpuStats, VcpuStop,
 };
 
 use crate::{Error, Result};
@@ -171,6 +171,7 @@ impl Vcpus {
         let control = VcpuControl::new();
         let exits = Arc::new(BusExits(bus));
         let mut threads = Vec::with_capacity(self.vcpus.len());
+        let counters = self.vcpus.iter().map(Vcpu::counters).collect();
         for mut vcpu in self.vcpus {
             let (exits, control, exit) = (exits.clone(), control.clone(), exit.clone());
             let thread = thread::Builder::new()
@@ -185,7 +186,11 @@ impl Vcpus {
                 .map_err(Error::Thread)?;
             threads.push(thread);
         }
-        Ok(VcpuThreads { control, threads })
+        Ok(VcpuThreads {
+            control,
+            threads,
+            counters,
+        })
     }
 }
 
@@ -214,9 +219,15 @@ pub fn exit_reason(
 pub struct VcpuThreads {
     control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<VcpuStats>>,
+    counters: Vec<Arc<VcpuCounters>>,
 }
 
 impl VcpuThreads {
+    /// Each vCPU's live exit counters, in vCPU order (for metrics while they run).
+    pub fn counters(&self) -> &[Arc<VcpuCounters>] {
+        &self.counters
+    }
+
     /// Pauses every vCPU: each finishes the exit it is handling and parks before its next
     /// `KVM_RUN` (a kick brings the ones inside `KVM_RUN` out, a vCPU waiting for INIT/SIPI
     /// included). Returns once every vCPU still running is parked; a vCPU that has returned
@@ -310,7 +321,12 @@ mod tests {
             assert!(Instant::now() < deadline);
             thread::sleep(Duration::from_millis(1));
         }
-        (VcpuThreads { control, threads }, tx, busy)
+        let threads = VcpuThreads {
+            control,
+            threads,
+            counters: Vec::new(),
+        };
+        (threads, tx, busy)
     }
 
     fn wait_for_work(work: &AtomicU64, before: u64, what: &str) {

@@ -65,8 +65,8 @@ mod template;
 pub use boot::{restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs};
 pub use cpuid::{CpuidConfig, CpuidMask, CpuidReg, CpuidTemplate};
 pub use run::{
-    install_kick_handler, kick, kick_signal, ControlledLoop, Vcpu, VcpuControl, VcpuExitHandler,
-    VcpuStats, VcpuStop,
+    install_kick_handler, kick, kick_signal, ControlledLoop, Vcpu, VcpuControl, VcpuCounters,
+    VcpuExitHandler, VcpuStats, VcpuStop,
 };
 pub use template::{
     CpuTemplate, UnknownTemplate, CPU_TEMPLATES, CR4_FSGSBASE, CR4_OSXSAVE, CR4_PCIDE, CR4_PKE,

@@ -1,7 +1,7 @@
 //! The vCPU run loop and how other threads stop it.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -47,7 +47,31 @@ pub enum VcpuStop {
     Halted,
 }
 
-/// Per-vCPU exit counters, kept by the vCPU itself (no global state).
+/// A vCPU's exit counters as it keeps them: relaxed atomics, readable from other threads
+/// while it runs (for a VMM's metrics), one per vCPU (no global state).
+#[derive(Debug, Default)]
+pub struct VcpuCounters {
+    pio_exits: AtomicU64,
+    mmio_exits: AtomicU64,
+    interrupted: AtomicU64,
+}
+
+impl VcpuCounters {
+    /// The counters now.
+    pub fn snapshot(&self) -> VcpuStats {
+        VcpuStats {
+            pio_exits: self.pio_exits.load(Ordering::Relaxed),
+            mmio_exits: self.mmio_exits.load(Ordering::Relaxed),
+            interrupted: self.interrupted.load(Ordering::Relaxed),
+        }
+    }
+
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Per-vCPU exit counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VcpuStats {
     /// Port I/O exits (a string instruction counts once).
@@ -274,7 +298,7 @@ pub fn kick<T>(thread: &JoinHandle<T>) -> Result<()> {
 pub struct Vcpu {
     fd: VcpuFd,
     index: u32,
-    stats: VcpuStats,
+    counters: Arc<VcpuCounters>,
 }
 
 struct ImmediateExitGuard;
@@ -291,7 +315,7 @@ impl Vcpu {
         Self {
             fd,
             index,
-            stats: VcpuStats::default(),
+            counters: Arc::default(),
         }
     }
 
@@ -307,7 +331,12 @@ impl Vcpu {
 
     /// Exit counters so far.
     pub fn stats(&self) -> VcpuStats {
-        self.stats
+        self.counters.snapshot()
+    }
+
+    /// The live counters, to read from another thread while the vCPU runs.
+    pub fn counters(&self) -> Arc<VcpuCounters> {
+        self.counters.clone()
     }
 
     /// Runs the guest until it stops, dispatching port and MMIO exits to `handler`.
@@ -333,15 +362,15 @@ impl Vcpu {
             }
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(..)) | Ok(VcpuExit::IoOut(..)) => {
-                    self.stats.pio_exits += 1;
+                    VcpuCounters::bump(&self.counters.pio_exits);
                     self.dispatch_io(handler);
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    self.stats.mmio_exits += 1;
+                    VcpuCounters::bump(&self.counters.mmio_exits);
                     handler.mmio_read(addr, data);
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    self.stats.mmio_exits += 1;
+                    VcpuCounters::bump(&self.counters.mmio_exits);
                     handler.mmio_write(addr, data);
                 }
                 Ok(VcpuExit::Hlt) => return Ok(VcpuStop::Halted),
@@ -375,7 +404,7 @@ impl Vcpu {
                 Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {}
                 Ok(other) => return Err(Error::UnexpectedExit(format!("{other:?}"))),
                 Err(e) if e.errno() == libc::EINTR => {
-                    self.stats.interrupted += 1;
+                    VcpuCounters::bump(&self.counters.interrupted);
                     self.fd.set_kvm_immediate_exit(0);
                 }
                 // A vCPU waiting for INIT/SIPI returns EAGAIN after each wake-up.

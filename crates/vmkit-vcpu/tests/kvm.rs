@@ -153,6 +153,7 @@ fn a_kicked_vcpu_parks_while_paused_and_resumes() {
     let rec = std::sync::Arc::new(Recorder::default());
     let control = VcpuControl::new();
     let (c2, r2) = (control.clone(), rec.clone());
+    let counters = vcpu.counters();
     let t = std::thread::spawn(move || {
         let r = vcpu.run(&*r2, &c2);
         (r.map_err(|e| e.to_string()), vcpu.stats())
@@ -161,6 +162,8 @@ fn a_kicked_vcpu_parks_while_paused_and_resumes() {
     while outs() < 10 {
         std::thread::sleep(Duration::from_millis(1));
     }
+    // The live counters follow the exits while the vCPU runs.
+    assert!(counters.snapshot().pio_exits >= 10, "{:?}", counters.snapshot());
     control.request_pause();
     kick(&t).unwrap();
     assert!(control.wait_parked(Duration::from_secs(10)));

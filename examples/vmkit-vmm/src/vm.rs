@@ -199,6 +199,9 @@ impl Vm {
             stats::entering_guest();
         }
         let threads = self.vcpus.start(self.machine.bus().clone(), exit.clone())?;
+        for (i, counters) in threads.counters().iter().enumerate() {
+            host.metrics.add(format!("vcpu{i}"), vcpu_metrics(counters.clone()));
+        }
         let parts = Parts {
             events,
             guest_facing: self
@@ -221,6 +224,16 @@ impl Vm {
         }
         Ok(end)
     }
+}
+
+/// A vCPU's exits by kind as a metrics group.
+fn vcpu_metrics(counters: Arc<vmkit_vcpu::VcpuCounters>) -> Arc<dyn MetricsSource> {
+    Arc::new(move || {
+        let s = counters.snapshot();
+        serde_json::json!({
+            "pio_exits": s.pio_exits, "mmio_exits": s.mmio_exits, "interrupted": s.interrupted,
+        })
+    })
 }
 
 /// A device's counters as a metrics group: `{"requests": n, ...}`.

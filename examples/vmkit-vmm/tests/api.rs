@@ -278,6 +278,10 @@ fn every_endpoint_boots_pauses_and_resumes_the_test_guest() {
         "{last}"
     );
     assert!(last["block0"]["requests"].as_u64().unwrap() > 0, "{last}");
+    // Exits by kind: the test guest prints on COM1 (port I/O) and reads the virtio-mmio
+    // registers (MMIO).
+    assert!(last["vcpu0"]["pio_exits"].as_u64().unwrap() > 0, "{last}");
+    assert!(last["vcpu0"]["mmio_exits"].as_u64().unwrap() > 0, "{last}");
     assert!(last["api"]["requests"].as_u64().unwrap() >= 14, "{last}");
     assert!(last["api"]["errors"].as_u64().unwrap() >= 1, "{last}");
 }

@@ -82,7 +82,11 @@ fn the_exit_status_tells_power_off_from_reset() {
     let reset = boot_guest(1, "128M", "exit=reset");
     assert_eq!(reset.code, Some(3), "{}", reset.context());
     reset.says(&["exit: reset"]);
-    assert!(reset.stderr.is_empty(), "a guest's own end is not reported: {}", reset.context());
+    assert!(
+        reset.stderr.is_empty(),
+        "a guest's own end is not reported: {}",
+        reset.context()
+    );
 }
 
 #[test]

@@ -39,6 +39,9 @@ use std::time::{Duration, Instant};
 use common::{repo_root, vmkit};
 use vmkit_netns::{accept_until, NetNs};
 
+/// vmkit's exit status when the guest resets the machine: /init ends with `reboot -f`
+/// (`reboot=k`: the i8042 reset line).
+const GUEST_RESET: i32 = 3;
 /// Paths printed by the build script.
 struct Artifacts {
     kernel_mmio: String,
@@ -200,7 +203,7 @@ fn boot_and_check(
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         out.status.code(),
-        Some(0),
+        Some(GUEST_RESET),
         "vmkit exit status; stderr:\n{stderr}\nserial:\n{text}"
     );
     let ready = text.lines().position(|l| l == "VMKIT-LINUX-READY");
@@ -598,7 +601,7 @@ fn net_boot_and_check(
     let (got, sent) = peer.finish();
     assert_eq!(
         code,
-        Some(0),
+        Some(GUEST_RESET),
         "vmkit exit status; stderr:\n{stderr}\nserial:\n{text}"
     );
     let line = text
@@ -932,7 +935,7 @@ fn vsock_boot_and_check(
     let text = fs::read_to_string(&serial).unwrap_or_default();
     assert_eq!(
         code,
-        Some(0),
+        Some(GUEST_RESET),
         "vmkit exit status; stderr:\n{stderr}\nserial:\n{text}"
     );
     let line = text
