@@ -19,6 +19,10 @@ command -v lz4 >/dev/null || need_apt+=(lz4)
 # The virtio-net tests: a TAP in a network namespace (ip), the host pinging the guest (ping).
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
+# The API tests: curl --unix-socket, and a venv for the Firecracker client from PyPI.
+command -v curl >/dev/null || need_apt+=(curl)
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 kernel_cache="${VMKIT_CACHE_DIR:-$HOME/.cache/vmkit}/debian-kernel/vmlinux"
 if [ "$(id -u)" = 0 ]; then
   if [ ${#need_apt[@]} -gt 0 ] || [ ! -s "$kernel_cache" ]; then
