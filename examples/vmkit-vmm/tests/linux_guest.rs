@@ -1041,3 +1041,92 @@ fn acpi_kernel_moves_bytes_through_virtio_vsock_pci() {
     );
     assert!(irq_counts(&text, "IO-APIC").is_empty(), "{text}");
 }
+
+/// The Linux guest through the API: configured, started, paused and resumed with curl, then
+/// ended by `SendCtrlAltDel` (the i8042 keyboard, the VT's Ctrl-Alt-Del, /init's SIGINT trap).
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_api_boots_pauses_and_ctrl_alt_del_ends_the_linux_guest() {
+    use common::api::{state, Dir, Vmkit};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let a = artifacts();
+    let dir = Dir::new("linux");
+    let vm = Vmkit::start(&dir, &[]);
+    vm.expect(
+        204,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "pvm"}"#),
+    );
+    let boot = serde_json::json!({
+        "kernel_image_path": a.kernel_mmio,
+        "initrd_path": a.initramfs,
+        "boot_args": format!("{CMDLINE} reboot=k vmkit_test=rng vmkit_wait=120"),
+    });
+    vm.expect(204, "PUT", "/boot-source", Some(&boot.to_string()));
+    vm.expect(204, "PUT", "/entropy", Some("{}"));
+    vm.expect(
+        204,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+    );
+    vm.wait_serial("VMKIT-WAITING", Duration::from_secs(300));
+    vm.expect(204, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    assert_eq!(state(&vm), "Paused");
+    vm.expect(204, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    let sent = Instant::now();
+    vm.expect(
+        204,
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+    );
+    let (code, stderr) = vm.wait(Duration::from_secs(60));
+    let serial = vm_serial(&dir);
+    eprintln!("SendCtrlAltDel to the VM's end: {:?}", sent.elapsed());
+    assert_eq!(code, Some(GUEST_RESET), "{stderr}\n{serial}");
+    assert!(serial.contains("VMKIT-RESULT rng ok"), "{serial}");
+    assert!(serial.contains("VMKIT-CTRL-ALT-DEL"), "{serial}");
+}
+
+fn vm_serial(dir: &common::api::Dir) -> String {
+    fs::read_to_string(dir.file("serial")).unwrap_or_default()
+}
+
+/// SIGTERM asks the Linux guest to shut down (Ctrl-Alt-Del); it does, within the grace
+/// period, and the exit status says it ended itself.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn sigterm_shuts_the_linux_guest_down_within_the_grace_period() {
+    use common::api::{Dir, Vmkit};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let a = artifacts();
+    let dir = Dir::new("linux-sigterm");
+    let cmdline = format!("{CMDLINE} reboot=k vmkit_wait=120");
+    let vm = Vmkit::start(
+        &dir,
+        &[
+            "--kernel",
+            &a.kernel_mmio,
+            "--initramfs",
+            &a.initramfs,
+            "--cpu-template",
+            "pvm",
+            "--shutdown-timeout",
+            "30",
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    vm.wait_serial("VMKIT-WAITING", Duration::from_secs(300));
+    let sent = Instant::now();
+    vm.signal(libc::SIGTERM);
+    let (code, stderr) = vm.wait(Duration::from_secs(60));
+    let took = sent.elapsed();
+    let serial = vm_serial(&dir);
+    eprintln!("SIGTERM to the VM's end: {took:?}");
+    assert_eq!(code, Some(GUEST_RESET), "{stderr}\n{serial}");
+    assert!(serial.contains("VMKIT-CTRL-ALT-DEL"), "{serial}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
