@@ -163,7 +163,11 @@ fn a_kicked_vcpu_parks_while_paused_and_resumes() {
         std::thread::sleep(Duration::from_millis(1));
     }
     // The live counters follow the exits while the vCPU runs.
-    assert!(counters.snapshot().pio_exits >= 10, "{:?}", counters.snapshot());
+    assert!(
+        counters.snapshot().pio_exits >= 10,
+        "{:?}",
+        counters.snapshot()
+    );
     control.request_pause();
     kick(&t).unwrap();
     assert!(control.wait_parked(Duration::from_secs(10)));

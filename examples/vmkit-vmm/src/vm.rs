@@ -200,7 +200,8 @@ impl Vm {
         }
         let threads = self.vcpus.start(self.machine.bus().clone(), exit.clone())?;
         for (i, counters) in threads.counters().iter().enumerate() {
-            host.metrics.add(format!("vcpu{i}"), vcpu_metrics(counters.clone()));
+            host.metrics
+                .add(format!("vcpu{i}"), vcpu_metrics(counters.clone()));
         }
         let parts = Parts {
             events,
