@@ -400,3 +400,19 @@ fn ctrl_a_twice_sends_one_ctrl_a() {
         "{end}"
     );
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_console_on_stdio_gets_a_raw_terminal_and_the_escape() {
+    // stdin goes to the virtio-console rather than to COM1 (which still prints the ticks).
+    let mut s = running(
+        &["--console", "stdio", "--cmdline", "hold=ticks:600"],
+        "tick 2",
+    );
+    s.type_keys(b"\x01x");
+    let end = s.end();
+    assert_eq!(end.code, Some(5), "{end}");
+    end.says("vmkit: stopped by the host: the console escape (Ctrl-A x)")
+        .restored();
+    assert!(end.took < Duration::from_secs(5), "{:?}\n{end}", end.took);
+}
