@@ -20,7 +20,7 @@ use vmkit_memory::layout::CMDLINE_MAX_SIZE;
 use vmkit_memory::{Backing, MemoryConfig};
 use vmkit_virtio::AtomicMetrics;
 
-use crate::config::Args;
+use crate::config::{Args, ConsoleOutput};
 use crate::devices::{LegacyDevices, Subscriber, VirtioDevices};
 use crate::error::{Error, Result};
 use crate::host::Host;
@@ -37,6 +37,8 @@ pub struct Vm {
     legacy: LegacyDevices,
     virtio: VirtioDevices,
     stdin: Option<Subscriber>,
+    /// stdin goes to the guest (COM1 or the virtio-console): a terminal there is made raw.
+    stdin_to_guest: bool,
     print_stats: bool,
 }
 
@@ -168,8 +170,10 @@ impl Vm {
         let dsdt = std::mem::take(&mut virtio.dsdt);
         let entry = load_kernel(&machine, args, inputs, &cmdline, dsdt)?;
         vcpus.set_entry(machine.memory(), entry)?;
+        let stdin = legacy.stdin_subscriber(args, machine.exit().clone());
         Ok(Self {
-            stdin: legacy.stdin_subscriber(args, machine.exit().clone()),
+            stdin_to_guest: stdin.is_some() || args.console == ConsoleOutput::Stdio,
+            stdin,
             machine,
             vcpus,
             legacy,
@@ -194,7 +198,7 @@ impl Vm {
                 .add(name.clone(), device_metrics(counters.clone()));
         }
         // The operator's keys go to the guest while it runs; restored on every way out.
-        let _raw = self.stdin.is_some().then(|| RawMode::enter(0)).flatten();
+        let _raw = self.stdin_to_guest.then(|| RawMode::enter(0)).flatten();
         if self.print_stats {
             stats::entering_guest();
         }
