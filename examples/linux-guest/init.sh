@@ -3,6 +3,9 @@
 # command line's vmkit_test=dev,dev,... (the kernel hands unknown name=value words to init as
 # environment), prints one "VMKIT-RESULT <dev> ok|FAIL ..." line per device, the driver-binding
 # lines from dmesg, and ends the VM with `reboot -f` (reboot=k: keyboard-controller reset).
+# Ctrl-Alt-Del from the host (the i8042 keyboard; Firecracker's SendCtrlAltDel) reaches it as
+# SIGINT once /init has turned C-A-D off (before that the kernel reboots by itself): it prints
+# "VMKIT-CTRL-ALT-DEL" and ends the VM the same way (after the running command, if any).
 #
 # Command-line parameters:
 #   vmkit_test=blk,rng,console,net,vsock   devices to test, in order
@@ -17,6 +20,8 @@
 #   vmkit_vsock_port=5000        vsock: the host echoes on this port, the guest listens on port+1
 #                                for the host's connection, and nothing listens on port+2
 #   vmkit_vsock_bytes=N          vsock: bytes moved each way on each connection
+#   vmkit_wait=N                 after the tests, wait up to N seconds (for a Ctrl-Alt-Del:
+#                                "VMKIT-WAITING" says when) before ending the VM
 #
 # Everything here runs under an emulated guest kernel on kvm_pvm hosts (about 1 us per kernel
 # instruction), so the I/O is kept to KiB, and echo/read/case (shell built-ins) are preferred to
@@ -35,6 +40,15 @@ echo "VMKIT-LINUX-READY"
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# Ctrl-Alt-Del: the kernel reboots at once while C-A-D is on (its default); off, it sends init
+# SIGINT, which a trap can take. The trap runs between commands, or at once in `wait`.
+echo 0 >/proc/sys/kernel/ctrl-alt-del
+ctrl_alt_del() {
+  read up idle </proc/uptime
+  echo "VMKIT-CTRL-ALT-DEL uptime=$up"
+  reboot -f
+}
+trap ctrl_alt_del INT
 read up idle </proc/uptime
 echo "VMKIT-LINUX-UPTIME init=$up"
 echo "VMKIT-CMDLINE $(cat /proc/cmdline)"
@@ -219,4 +233,9 @@ grep virtio /proc/interrupts | sed 's/^ */VMKIT-IRQ /'
 dmesg | grep -E 'virtio|vsock|vda|hvc|eth0|pci 0000|PCI|ACPI: bus|PCI Root' | grep -v -e 'ommand line' -e vmkit_ | sed 's/^/VMKIT-DMESG /'
 read up idle </proc/uptime
 echo "VMKIT-LINUX-DONE uptime=$up"
+if [ -n "$vmkit_wait" ]; then
+  echo "VMKIT-WAITING seconds=$vmkit_wait"
+  sleep "$vmkit_wait" &
+  wait $!
+fi
 reboot -f

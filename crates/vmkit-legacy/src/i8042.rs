@@ -103,14 +103,18 @@ const KBD_SET_2: u8 = 0x02;
 
 /// What the next byte written to the data port is for, after a controller command that takes
 /// a parameter.
-#[allow(clippy::enum_variant_names)] // each is "the next data byte is a write of ..."
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Pending {
-    WriteCtr,
-    WriteOutp,
-    WriteKbdOut,
-    WriteAuxOut,
-    WriteAux,
+enum Param {
+    /// The command byte (`0x60`).
+    Ctr,
+    /// The output port (`0xD1`).
+    OutputPort,
+    /// A byte to pass as keyboard input (`0xD2`).
+    KbdOutput,
+    /// A byte for the aux loopback (`0xD3`).
+    AuxLoop,
+    /// A byte for the aux device (`0xD4`).
+    AuxDevice,
 }
 
 /// Counters of an [`I8042`], for the VMM's metrics.
@@ -165,7 +169,7 @@ pub struct I8042 {
     /// The last write went to the command port.
     last_write_command: bool,
     /// What the next data-port write is for, if a controller command takes a parameter.
-    pending: Option<Pending>,
+    pending: Option<Param>,
     /// A controller command's reply, read before any keyboard byte.
     reply: Option<u8>,
     /// The keyboard command waiting for its parameter byte.
@@ -320,7 +324,7 @@ impl I8042 {
         self.pending = None;
         match cmd {
             CMD_READ_CTR => self.controller_reply(self.ctr),
-            CMD_WRITE_CTR => self.pending = Some(Pending::WriteCtr),
+            CMD_WRITE_CTR => self.pending = Some(Param::Ctr),
             CMD_AUX_DISABLE => self.ctr |= CTR_AUX_DISABLE,
             // There is no aux port to enable.
             CMD_AUX_ENABLE => {}
@@ -336,10 +340,10 @@ impl I8042 {
                 self.raise_counted();
             }
             CMD_READ_OUTP => self.controller_reply(self.outp),
-            CMD_WRITE_OUTP => self.pending = Some(Pending::WriteOutp),
-            CMD_WRITE_KBD_OUT => self.pending = Some(Pending::WriteKbdOut),
-            CMD_WRITE_AUX_OUT => self.pending = Some(Pending::WriteAuxOut),
-            CMD_WRITE_AUX => self.pending = Some(Pending::WriteAux),
+            CMD_WRITE_OUTP => self.pending = Some(Param::OutputPort),
+            CMD_WRITE_KBD_OUT => self.pending = Some(Param::KbdOutput),
+            CMD_WRITE_AUX_OUT => self.pending = Some(Param::AuxLoop),
+            CMD_WRITE_AUX => self.pending = Some(Param::AuxDevice),
             CMD_PULSE_RESET => self.exit.notify_exit(ExitReason::Reset),
             _ => {}
         }
@@ -348,13 +352,13 @@ impl I8042 {
     fn write_data(&mut self, byte: u8) {
         self.last_write_command = false;
         match self.pending.take() {
-            Some(Pending::WriteCtr) => {
+            Some(Param::Ctr) => {
                 self.ctr = byte;
                 // Enabling the interrupt or the keyboard may reveal a waiting byte.
                 self.raise_counted();
             }
-            Some(Pending::WriteOutp) => self.outp = byte,
-            Some(Pending::WriteKbdOut) => {
+            Some(Param::OutputPort) => self.outp = byte,
+            Some(Param::KbdOutput) => {
                 if self.kbd_free() == 0 {
                     self.stats.kbd_bytes_dropped += 1;
                 } else {
@@ -364,8 +368,8 @@ impl I8042 {
             }
             // No aux port: the loopback byte comes back from the controller, without the
             // status register's "aux data" bit, which is how Linux tells there is no port.
-            Some(Pending::WriteAuxOut) => self.controller_reply(byte),
-            Some(Pending::WriteAux) => {}
+            Some(Param::AuxLoop) => self.controller_reply(byte),
+            Some(Param::AuxDevice) => {}
             None => self.kbd_command(byte),
         }
     }
