@@ -544,7 +544,13 @@ fn build_fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
-        .flag(Flags::ResetRegSup);
+        .flag(Flags::ResetRegSup)
+        // No fixed power or sleep button: a hardware-reduced platform has no PM1 event block
+        // for their status bits (ACPI 6.5 §4.1). PWR_BUTTON and SLP_BUTTON set say so ("the
+        // button, if any, is a control-method device"); left clear, Linux registers fixed
+        // buttons (LNXPWRBN, LNXSLPBN) whose events can never arrive.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
     fadt.reset_reg = io_gas(cfg.reset_port);
     fadt.reset_value = cfg.reset_value;
     fadt.sleep_control_reg = io_gas(cfg.sleep_control_port);

@@ -433,6 +433,8 @@ fn iasl_disassembly() {
         "VGA Not Present (V4) : 1",
         "CMOS RTC Not Present (V5) : 1",
         "PM1A Event Block Address : 00000000",
+        "Control Method Power Button (V1) : 1",
+        "Control Method Sleep Button (V1) : 1",
     ] {
         assert!(fadt.contains(want), "FADT disassembly lacks {want:?}:\n{fadt}");
     }
@@ -618,4 +620,12 @@ fn iasl_disassembly_of_mcfg_and_pci_host_bridge() {
     ] {
         assert!(dsdt.contains(want), "DSDT disassembly lacks {want:?}:\n{dsdt}");
     }
+}
+
+#[test]
+fn fadt_has_no_fixed_buttons() {
+    let t = create_and_walk(&AcpiConfig::default());
+    let flags = u32_at(&t.fadt, 112);
+    assert_ne!(flags & (1 << 4), 0, "PWR_BUTTON: no fixed power button");
+    assert_ne!(flags & (1 << 5), 0, "SLP_BUTTON: no fixed sleep button");
 }
