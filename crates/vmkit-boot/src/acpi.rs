@@ -3,8 +3,10 @@
 //! [`ACPI_START`].
 
 use acpi_tables::aml::{
-    AddressSpace as AmlAddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt,
-    Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope, IO, ZERO,
+    AddressSpace as AmlAddressSpace, AddressSpaceCacheable, And, Device, EISAName, Equal, Field,
+    FieldAccessType, FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local,
+    Memory32Fixed, Method, Name, Notify, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate,
+    Scope, Store, IO, ZERO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -21,7 +23,7 @@ use zerocopy::little_endian::{U16, U32};
 use zerocopy::{Immutable, IntoBytes};
 
 use crate::error::{Error, Result};
-use crate::layout::{ACPI_END, ACPI_START};
+use crate::layout::{ACPI_END, ACPI_START, GED_ADDR, GED_GSI};
 use crate::{IOAPIC_ADDR32 as IOAPIC_ADDR, LAPIC_ADDR32 as LAPIC_ADDR};
 
 /// OEM ID of every table.
@@ -50,6 +52,46 @@ const MADT_FLAGS_OFFSET: usize = 40;
 const CHECKSUM_OFFSET: usize = 9;
 /// Tables are 16-byte aligned.
 const TABLE_ALIGN: u64 = 16;
+
+/// Size in bytes of the GED's event register; vmkit-legacy's `GED_REGISTER_SIZE` (a test
+/// checks they agree).
+pub const GED_REGISTER_LEN: u32 = 1;
+/// The GED event register's power button bit; vmkit-legacy's `GED_EVENT_POWER_BUTTON`.
+pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// `Notify` value for a power button: "the button was pressed" (ACPI 6.5 §5.6.6, device
+/// object notifications).
+const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
+
+/// The ACPI Generic Event Device, the power button of this hardware-reduced platform, as
+/// the DSDT describes it: `\_SB.GED_` (`_HID "ACPI0013"`, `_CRS` with the interrupt, edge
+/// and active high, and the event register as `Memory32Fixed`, an operation region over the
+/// register, and `_EVT`, which reads it and on bit 0 does `Notify (\_SB.PWRB, 0x80)`), and
+/// `\_SB.PWRB`, a control-method power button (`_HID EISAID("PNP0C0C")`).
+///
+/// The device model is vmkit-legacy's `Ged`, registered at [`addr`](Self::addr) with the
+/// line of [`gsi`](Self::gsi).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GedConfig {
+    /// Guest physical address of the event register ([`GED_REGISTER_LEN`] bytes, below
+    /// 4 GiB).
+    pub addr: u32,
+    /// Global system interrupt the GED raises (edge-triggered, active high).
+    pub gsi: u32,
+}
+
+impl Default for GedConfig {
+    /// The layout's fixed place: `layout::GED_ADDR` (0xFEA0_0000) and `layout::GED_GSI` (3).
+    fn default() -> Self {
+        GedConfig {
+            addr: GED_ADDR32,
+            gsi: GED_GSI,
+        }
+    }
+}
+
+// The layout keeps the GED's page below 4 GiB (checked when vmkit-memory is built).
+const GED_ADDR32: u32 = GED_ADDR as u32;
+const _: () = assert!(GED_ADDR + GED_REGISTER_LEN as u64 <= u32::MAX as u64 + 1);
 
 /// Interrupt trigger mode of a device interrupt.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -196,6 +238,9 @@ pub struct AcpiConfig {
     /// Default true. On this hardware-reduced platform (no 8042 flag in `IAPC_BOOT_ARCH`,
     /// no legacy PIC) it is how Linux finds the keyboard controller and maps IRQ 1.
     pub i8042: bool,
+    /// Describe an ACPI Generic Event Device and a control-method power button in the DSDT
+    /// (see [`GedConfig`]), so that the VMM can ask the guest to shut down. Default `None`.
+    pub ged: Option<GedConfig>,
     /// Further DSDT devices.
     pub devices: Vec<DsdtDevice>,
 }
@@ -214,6 +259,7 @@ impl Default for AcpiConfig {
             iapc_boot_arch: IAPC_VGA_NOT_PRESENT | IAPC_CMOS_RTC_NOT_PRESENT,
             com1: true,
             i8042: true,
+            ged: None,
             devices: Vec::new(),
         }
     }
@@ -382,6 +428,64 @@ fn mmio_device_aml(index: usize, dev: &MmioDevice) -> Result<Vec<u8>> {
     Ok(to_bytes(&device))
 }
 
+/// `\_SB.PWRB` and `\_SB.GED_` (children of `Scope (\_SB)`); see [`GedConfig`].
+fn ged_aml(ged: &GedConfig) -> Result<Vec<u8>> {
+    if ged.addr.checked_add(GED_REGISTER_LEN - 1).is_none() {
+        return Err(Error::InvalidAcpiDevice(format!(
+            "GED event register at {:#x} crosses 4 GiB",
+            ged.addr
+        )));
+    }
+    // The power button, a control-method one (the FADT's PWR_BUTTON flag says there is no
+    // fixed one): Linux's ACPI button driver turns `Notify (PWRB, 0x80)` into KEY_POWER.
+    let pwrb_hid = EISAName::new("PNP0C0C");
+    let pwrb_hid_name = Name::new("_HID".into(), &pwrb_hid);
+    let pwrb_uid_name = Name::new("_UID".into(), &ZERO);
+    let pwrb = Device::new("PWRB".into(), vec![&pwrb_hid_name, &pwrb_uid_name]);
+
+    let irq = Interrupt::new(true, true, false, false, ged.gsi);
+    let reg = Memory32Fixed::new(false, ged.addr, GED_REGISTER_LEN);
+    let crs = ResourceTemplate::new(vec![&irq, &reg]);
+    let region = OpRegion::new(
+        "GREG".into(),
+        OpRegionSpace::SystemMemory,
+        &ged.addr,
+        &GED_REGISTER_LEN,
+    );
+    // One byte read as a byte: the device clears the events on that read.
+    let field = Field::new(
+        "GREG".into(),
+        FieldAccessType::Byte,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![FieldEntry::Named(*b"GEVT", 8 * GED_REGISTER_LEN as usize)],
+    );
+    // Method (_EVT, 1, Serialized) {
+    //     Local0 = GEVT                     // read (and clear) the pending events
+    //     Local1 = Local0 & 1
+    //     If (Local1 == 1) { Notify (\_SB.PWRB, 0x80) }
+    // }
+    // Arg0, the interrupt number, is not needed: the GED has one.
+    let gevt = Path::new("GEVT");
+    let read = Store::new(&Local(0), &gevt);
+    let mask = And::new(&Local(1), &Local(0), &GED_EVENT_POWER_BUTTON);
+    let pwrb_path = Path::new("\\_SB_.PWRB");
+    let notify = Notify::new(&pwrb_path, &NOTIFY_BUTTON_PRESSED);
+    let pressed = Equal::new(&Local(1), &GED_EVENT_POWER_BUTTON);
+    let on_press = If::new(&pressed, vec![&notify]);
+    let evt = Method::new("_EVT".into(), 1, true, vec![&read, &mask, &on_press]);
+    let hid_name = Name::new("_HID".into(), &"ACPI0013");
+    let uid_name = Name::new("_UID".into(), &ZERO);
+    let crs_name = Name::new("_CRS".into(), &crs);
+    let ged_dev = Device::new(
+        "GED_".into(),
+        vec![&hid_name, &uid_name, &crs_name, &region, &field, &evt],
+    );
+    let mut out = to_bytes(&pwrb);
+    out.extend(to_bytes(&ged_dev));
+    Ok(out)
+}
+
 fn check_pci(b: &PciHostBridge) -> Result<()> {
     let bad = |why: &str| Err(Error::InvalidAcpiDevice(format!("PCI host bridge: {why}")));
     if b.uid > 9 {
@@ -514,6 +618,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>> {
         let kbd = Device::new("PS2K".into(), vec![&hid_name, &uid_name, &crs_name]);
         sb_children.push(Box::new(RawAml(to_bytes(&kbd))));
     }
+    if let Some(ged) = &cfg.ged {
+        sb_children.push(Box::new(RawAml(ged_aml(ged)?)));
+    }
     let mut mmio_index = 0;
     for dev in &cfg.devices {
         match dev {
@@ -544,7 +651,14 @@ fn build_fadt(cfg: &AcpiConfig, dsdt_addr: u64) -> Vec<u8> {
     let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
-        .flag(Flags::ResetRegSup);
+        .flag(Flags::ResetRegSup)
+        // No fixed power or sleep button: a hardware-reduced platform has no PM1 event block
+        // for their status bits (ACPI 6.5 §4.1). PWR_BUTTON and SLP_BUTTON set say so ("the
+        // button, if any, is a control-method device"); left clear, Linux registers fixed
+        // buttons (LNXPWRBN, LNXSLPBN) whose events can never arrive. The power button, when
+        // `AcpiConfig::ged` is set, is the DSDT's `\_SB.PWRB` (PNP0C0C), notified by the GED.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
     fadt.reset_reg = io_gas(cfg.reset_port);
     fadt.reset_value = cfg.reset_value;
     fadt.sleep_control_reg = io_gas(cfg.sleep_control_port);

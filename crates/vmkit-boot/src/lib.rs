@@ -45,8 +45,8 @@ mod loader;
 pub mod mptable;
 
 pub use acpi::{
-    build_acpi_tables, create_acpi_tables, AcpiConfig, AcpiTable, DsdtDevice, IrqTrigger,
-    MmioDevice, PciHostBridge,
+    build_acpi_tables, create_acpi_tables, AcpiConfig, AcpiTable, DsdtDevice, GedConfig,
+    IrqTrigger, MmioDevice, PciHostBridge,
 };
 pub use e820::{memory_map, MemoryMapEntry, MemoryType};
 pub use error::{Error, Result};

@@ -1,4 +1,5 @@
-//! Legacy PC devices for KVM VMMs, as vm-device PIO devices that know nothing of KVM.
+//! Legacy PC devices for KVM VMMs, as vm-device PIO devices that know nothing of KVM, and
+//! the ACPI Generic Event Device (an MMIO device) for the power button.
 //!
 //! | device | ports | built on |
 //! |---|---|---|
@@ -6,10 +7,13 @@
 //! | [`I8042`]: keyboard controller and PS/2 keyboard (Ctrl-Alt-Del, reset line) | [`I8042_PORT`] + [`I8042_PORT_COUNT`] | — |
 //! | [`AcpiSleep`]: hardware-reduced ACPI sleep control/status and reset registers | [`ACPI_SLEEP_PORT`] + [`ACPI_SLEEP_PORT_COUNT`] | — |
 //! | [`DebugPort`]: POST port, write counter and timestamps | [`DEBUG_PORT`] + [`DEBUG_PORT_COUNT`] | — |
+//! | [`Ged`]: ACPI Generic Event Device, the power button (MMIO) | vmkit-memory's `layout::GED_ADDR` + [`GED_REGISTER_SIZE`] bytes | — |
 //!
-//! Each implements vm-device's [`MutDevicePio`](vm_device::MutDevicePio): register it as
-//! `Arc<Mutex<Device>>` on the PIO bus. [`DebugPort`] also implements
+//! Each PIO device implements vm-device's [`MutDevicePio`](vm_device::MutDevicePio): register
+//! it as `Arc<Mutex<Device>>` on the PIO bus. [`DebugPort`] also implements
 //! [`DevicePio`](vm_device::DevicePio) with atomics; register it as `Arc<DebugPort>`.
+//! [`Ged`] implements [`MutDeviceMmio`](vm_device::MutDeviceMmio): register it as
+//! `Arc<Mutex<Ged>>` on the MMIO bus.
 //! Interrupts go out through an [`InterruptLine`](vmkit_irq::InterruptLine), power-off and
 //! reset requests through an [`ExitNotifier`]. Accesses that are not one byte, or fall
 //! outside a device's ports, are ignored (reads return `0xFF`): nothing a guest does
@@ -69,6 +73,7 @@ mod acpi;
 mod debug_port;
 mod error;
 mod exit;
+mod ged;
 mod i8042;
 mod serial;
 
@@ -79,6 +84,7 @@ pub use acpi::{
 pub use debug_port::{DebugPort, DebugPortStats, DEBUG_PORT_COUNT};
 pub use error::{Error, Result};
 pub use exit::{EventFdExit, ExitNotifier, ExitReason, ExitTrigger};
+pub use ged::{Ged, GED_EVENT_POWER_BUTTON, GED_REGISTER_SIZE};
 pub use i8042::{
     I8042Stats, CTRL_ALT_DEL_SCANCODES, I8042, I8042_KBD_BUFFER_SIZE, I8042_PORT_COUNT,
 };

@@ -9,8 +9,9 @@
 //! 0x0000_8000  boot stack (grows down)      0x0010_0000  high memory: the kernel
 //! ---------------------------------------- RAM up to 3 GiB --------------------------------
 //! 0xC000_0000  PCI BAR window (256 MiB)     0xE000_0000  PCI ECAM, bus 0 (1 MiB)
-//! 0xD000_0000  virtio-mmio windows          0xFEC0_0000  IOAPIC
-//! 0xD0F0_0000  unassigned (probes, benches) 0xFEE0_0000  local APICs
+//! 0xD000_0000  virtio-mmio windows          0xFEA0_0000  ACPI GED event register
+//! 0xD0F0_0000  unassigned (probes, benches) 0xFEC0_0000  IOAPIC
+//!                                           0xFEE0_0000  local APICs
 //! ---------------------------------------- RAM again from 4 GiB ---------------------------
 //! ```
 //!
@@ -89,6 +90,15 @@ pub const VIRTIO_MMIO_WINDOW: Range<u64> = 0xD000_0000..0xD0F0_0000;
 pub const UNASSIGNED_MMIO: Range<u64> = 0xD0F0_0000..0xE000_0000;
 /// PCI Express ECAM of bus 0 (described in the MCFG).
 pub const PCI_ECAM: Range<u64> = 0xE000_0000..0xE010_0000;
+/// The page of the ACPI Generic Event Device's event register (`ACPI0013` in the DSDT, the
+/// power button's path on this hardware-reduced platform).
+///
+/// A fixed address, like the IOAPIC's, because the DSDT names it; it is where QEMU's
+/// `microvm` machine puts its GED. It lies in the gap's free stretch between the ECAM and the
+/// IOAPIC, clear of every allocator's window and of a full 256-bus ECAM
+/// (`0xE000_0000..0xF000_0000`). Only the register's first bytes are decoded; the rest of
+/// the page is reserved so that nothing else is ever placed there.
+pub const GED_ADDR: u64 = 0xFEA0_0000;
 /// The IOAPIC's registers.
 pub const IOAPIC_ADDR: u64 = 0xFEC0_0000;
 /// The local APICs' registers (each vCPU sees its own here).
@@ -102,6 +112,14 @@ pub const PLATFORM_MMIO: Range<u64> = IOAPIC_ADDR..MMIO_GAP_END;
 /// IOAPIC pins given to virtio-mmio devices (0–4 are the PC's: PIT, keyboard, cascade,
 /// COM2, COM1).
 pub const VIRTIO_MMIO_GSIS: RangeInclusive<u32> = 5..=23;
+/// The ACPI Generic Event Device's interrupt (edge, active high): ISA IRQ 3.
+///
+/// Every other IOAPIC pin is taken or handed out: 0 and 2 are the PIT's (ISA IRQ 0 is
+/// overridden to GSI 2), 1 the keyboard's, 4 COM1's, and [`VIRTIO_MMIO_GSIS`] (5–23) belong
+/// to the virtio-mmio allocator; GSIs from 24 up are not IOAPIC pins (MSI routes only). Pin 3
+/// is COM2's on a PC, and vmkit has no COM2; as an ISA IRQ it is edge-triggered and active
+/// high without any MADT override, which is what the GED's `_CRS` says.
+pub const GED_GSI: u32 = 3;
 /// The last GSI KVM routes (it takes 4096 routes); MSI routes use the GSIs above the IOAPIC
 /// pins up to this one.
 pub const LAST_GSI: u32 = 4095;
@@ -150,6 +168,7 @@ pub const REGIONS: &[Region] = &[
         UNASSIGNED_MMIO.end,
     ),
     region("PCI ECAM", PCI_ECAM.start, PCI_ECAM.end),
+    region("ACPI GED", GED_ADDR, GED_ADDR + PAGE_SIZE),
     region("IOAPIC", IOAPIC_ADDR, IOAPIC_ADDR + PAGE_SIZE),
     region("local APIC", LAPIC_ADDR, LAPIC_ADDR + PAGE_SIZE),
 ];
@@ -168,6 +187,12 @@ const _: () = {
     // virtio-mmio windows are 4 KiB, page aligned: room for 3840.
     assert!(VIRTIO_MMIO_WINDOW.start.is_multiple_of(PAGE_SIZE));
     assert!((VIRTIO_MMIO_WINDOW.end - VIRTIO_MMIO_WINDOW.start) / PAGE_SIZE == 3840);
+    // The GED's page is page aligned and addressable by the DSDT's 32-bit descriptors.
+    assert!(GED_ADDR.is_multiple_of(PAGE_SIZE) && GED_ADDR + PAGE_SIZE <= MMIO_GAP_END);
+    // The GED's pin is an IOAPIC pin outside the virtio-mmio range and not the PC's PIT (0,
+    // 2), keyboard (1) or COM1 (4).
+    assert!(GED_GSI < 24 && GED_GSI < *VIRTIO_MMIO_GSIS.start());
+    assert!(GED_GSI != 0 && GED_GSI != 1 && GED_GSI != 2 && GED_GSI != 4);
 };
 
 #[cfg(test)]
@@ -215,5 +240,25 @@ mod tests {
         ] {
             assert!(w.end <= PLATFORM_MMIO.start, "{w:#x?}");
         }
+    }
+
+    #[test]
+    fn ged_page_is_outside_every_window_and_a_full_ecam() {
+        let ged = GED_ADDR..GED_ADDR + PAGE_SIZE;
+        let overlaps = |w: &Range<u64>| ged.start < w.end && w.start < ged.end;
+        // The ECAM as it would grow to 256 buses.
+        let full_ecam = PCI_ECAM.start..PCI_ECAM.start + (256 << 20);
+        for w in [
+            &PCI_BAR_WINDOW,
+            &VIRTIO_MMIO_WINDOW,
+            &UNASSIGNED_MMIO,
+            &full_ecam,
+            &PLATFORM_MMIO,
+        ] {
+            assert!(!overlaps(w), "GED page {ged:#x?} overlaps {w:#x?}");
+        }
+        assert!(ged.start >= MMIO_GAP_START && ged.end <= MMIO_GAP_END);
+        assert!(REGIONS.iter().any(|r| r.range == ged));
+        assert!(!VIRTIO_MMIO_GSIS.contains(&GED_GSI));
     }
 }

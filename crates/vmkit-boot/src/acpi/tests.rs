@@ -433,6 +433,8 @@ fn iasl_disassembly() {
         "VGA Not Present (V4) : 1",
         "CMOS RTC Not Present (V5) : 1",
         "PM1A Event Block Address : 00000000",
+        "Control Method Power Button (V1) : 1",
+        "Control Method Sleep Button (V1) : 1",
     ] {
         assert!(fadt.contains(want), "FADT disassembly lacks {want:?}:\n{fadt}");
     }
@@ -617,5 +619,203 @@ fn iasl_disassembly_of_mcfg_and_pci_host_bridge() {
         "Memory32Fixed (ReadOnly, 0xE0000000, 0x00100000, )",
     ] {
         assert!(dsdt.contains(want), "DSDT disassembly lacks {want:?}:\n{dsdt}");
+    }
+}
+
+fn ged_config() -> AcpiConfig {
+    AcpiConfig {
+        ged: Some(GedConfig::default()),
+        ..test_config()
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn ged_constants_match_the_device_model_and_the_layout() {
+    assert_eq!(u64::from(GED_REGISTER_LEN), vmkit_legacy::GED_REGISTER_SIZE);
+    assert_eq!(GED_EVENT_POWER_BUTTON, vmkit_legacy::GED_EVENT_POWER_BUTTON);
+    assert_eq!(
+        GedConfig::default(),
+        GedConfig {
+            addr: 0xFEA0_0000,
+            gsi: 3
+        }
+    );
+    assert_eq!(
+        u64::from(GedConfig::default().addr),
+        crate::layout::GED_ADDR
+    );
+}
+
+#[test]
+fn no_ged_by_default() {
+    assert_eq!(AcpiConfig::default().ged, None);
+    let t = create_and_walk(&test_config());
+    for absent in [&b"ACPI0013"[..], b"GED_", b"PWRB", b"_EVT"] {
+        assert!(!contains(&t.dsdt, absent), "{absent:?}");
+    }
+}
+
+#[test]
+fn ged_and_power_button_in_the_dsdt() {
+    let t = create_and_walk(&ged_config());
+    let d = &t.dsdt;
+    check_header(d, b"DSDT", 6);
+    // Device (PWRB) { Name (_HID, EISAID ("PNP0C0C")) }: EISAID("PNP0C0C") = 0x0C0CD041.
+    assert!(contains(d, b"PWRB"));
+    assert!(contains(
+        d,
+        &[0x08, b'_', b'H', b'I', b'D', 0x0C, 0x41, 0xD0, 0x0C, 0x0C]
+    ));
+    // Device (GED_) { Name (_HID, "ACPI0013") ... }
+    assert!(contains(d, b"GED_"));
+    assert!(contains(d, b"\x08_HID\x0DACPI0013\0"));
+    // _CRS: extended interrupt, consumer, edge, active high, exclusive, GSI 3;
+    // Memory32Fixed (ReadOnly, 0xFEA00000, 1).
+    assert!(contains(d, &[0x89, 0x06, 0x00, 0x03, 0x01, 3, 0, 0, 0]));
+    assert!(contains(
+        d,
+        &[0x86, 0x09, 0x00, 0x00, 0x00, 0x00, 0xA0, 0xFE, 1, 0, 0, 0]
+    ));
+    // OperationRegion (GREG, SystemMemory, 0xFEA00000, One)
+    assert!(contains(
+        d,
+        &[0x5B, 0x80, b'G', b'R', b'E', b'G', 0x00, 0x0C, 0x00, 0x00, 0xA0, 0xFE, 0x01]
+    ));
+    // Method (_EVT, 1, Serialized): name, then flags (1 argument | serialized).
+    assert!(contains(d, &[b'_', b'E', b'V', b'T', 0x09]));
+    // Notify (\_SB.PWRB, 0x80)
+    assert!(contains(
+        d,
+        &[0x86, b'\\', 0x2E, b'_', b'S', b'B', b'_', b'P', b'W', b'R', b'B', 0x0A, 0x80]
+    ));
+
+    // Elsewhere, and at another GSI.
+    let t = create_and_walk(&AcpiConfig {
+        ged: Some(GedConfig {
+            addr: 0xFED0_1000,
+            gsi: 7,
+        }),
+        ..AcpiConfig::default()
+    });
+    assert!(contains(
+        &t.dsdt,
+        &[0x89, 0x06, 0x00, 0x03, 0x01, 7, 0, 0, 0]
+    ));
+    assert!(contains(&t.dsdt, &[0x0C, 0x00, 0x10, 0xD0, 0xFE]));
+}
+
+#[test]
+fn fadt_has_no_fixed_buttons() {
+    for cfg in [AcpiConfig::default(), ged_config()] {
+        let t = create_and_walk(&cfg);
+        let flags = u32_at(&t.fadt, 112);
+        assert_ne!(flags & (1 << 4), 0, "PWR_BUTTON: no fixed power button");
+        assert_ne!(flags & (1 << 5), 0, "SLP_BUTTON: no fixed sleep button");
+    }
+}
+
+#[test]
+fn iasl_disassembly_of_the_ged() {
+    let dir = ScratchDir::new("iasl-ged");
+    let t = create_and_walk(&ged_config());
+    let text = iasl_disassemble(&dir, "dsdt", &t.dsdt);
+    let dsdt = squash(&text);
+    assert!(!dsdt.contains("Invalid"), "{text}");
+    assert!(!dsdt.to_lowercase().contains("error"), "{text}");
+    for want in [
+        "Device (PWRB) { Name (_HID, EisaId (\"PNP0C0C\") ) Name (_UID, Zero) }",
+        "Device (GED) { Name (_HID, \"ACPI0013\" )",
+        "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000003, }",
+        "Memory32Fixed (ReadOnly, 0xFEA00000, 0x00000001, )",
+        "OperationRegion (GREG, SystemMemory, 0xFEA00000, One)",
+        "Field (GREG, ByteAcc, NoLock, WriteAsZeros) { GEVT, 8 }",
+        "Method (_EVT, 1, Serialized)",
+        "Local0 = GEVT",
+        "Local1 = (Local0 & One)",
+        "If ((Local1 == One)) { Notify (\\_SB.PWRB, 0x80)",
+    ] {
+        assert!(
+            dsdt.contains(want),
+            "DSDT disassembly lacks {want:?}:\n{text}"
+        );
+    }
+}
+
+/// Runs one of acpica-tools' programs in `dir`; panics, saying what to install, if it is
+/// missing.
+fn acpica(dir: &ScratchDir, program: &str, args: &[&str]) -> String {
+    let out = match Command::new(program)
+        .args(args)
+        .current_dir(&dir.0)
+        .output()
+    {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "`{program}` not found: install acpica-tools (`apt-get install acpica-tools`) to \
+             run the ACPI tests"
+        ),
+        Err(e) => panic!("running {program} failed: {e}"),
+    };
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{program} {args:?} failed:\n{text}");
+    text
+}
+
+/// Runs the GED's `_EVT` in ACPICA's own interpreter (`acpiexec`, which simulates
+/// SystemMemory regions with a buffer): with each value in the event register, the power
+/// button is notified exactly when bit 0 is set.
+#[test]
+fn acpiexec_runs_evt_and_notifies_the_power_button_on_bit_0() {
+    let dir = ScratchDir::new("acpiexec-ged");
+    let t = create_and_walk(&ged_config());
+    std::fs::write(dir.0.join("dsdt.aml"), &t.dsdt).unwrap();
+    // A test SSDT: \TST1 (v) puts v in the register, then runs _EVT as Linux's evged does
+    // on the GED's interrupt (Arg0 = the GSI).
+    std::fs::write(
+        dir.0.join("ssdt.asl"),
+        r#"DefinitionBlock ("", "SSDT", 2, "VMKIT", "GEDTEST", 1)
+{
+    External (\_SB.GED.GEVT, FieldUnitObj)
+    External (\_SB.GED._EVT, MethodObj)
+    Method (\TST1, 1)
+    {
+        \_SB.GED.GEVT = Arg0
+        \_SB.GED._EVT (3)
+    }
+}
+"#,
+    )
+    .unwrap();
+    acpica(&dir, "iasl", &["ssdt.asl"]);
+    for (value, notified) in [
+        (0u8, false),
+        (1, true),
+        (2, false),
+        (3, true),
+        (0xFE, false),
+    ] {
+        let cmd = format!("execute \\TST1 {value:#x}");
+        let out = acpica(&dir, "acpiexec", &["-b", &cmd, "dsdt.aml", "ssdt.aml"]);
+        assert!(out.contains("Evaluating \\TST1"), "{out}");
+        for bad in ["failed with status", "Error", "Exception", "Warning"] {
+            assert!(!out.contains(bad), "{value:#x}: {bad:?} in\n{out}");
+        }
+        let notify = "Received a Device Notify on [PWRB]";
+        assert_eq!(
+            out.matches(notify).count(),
+            usize::from(notified),
+            "register {value:#x}:\n{out}"
+        );
+        if notified {
+            assert!(out.contains("Value 0x80"), "{out}");
+        }
     }
 }
