@@ -3,7 +3,7 @@
 //!
 //! | piece | what it is |
 //! |---|---|
-//! | [`Block`] | the device: features, config space, request dispatch, completions, interrupts |
+//! | [`Block`] | the device: features, config space, request dispatch, completions, interrupts; [`Block::replace_disk`] swaps the image under a running device |
 //! | [`BlockConfig`] | image (path or opened [`File`]), `read_only`, `direct`, [`EngineKind`], serial, queues, queue size, block size |
 //! | [`request`] | the request parser: a descriptor chain in, a checked [`Request`](request::Request) or the status to answer out |
 //! | [`Disk`] | the opened, validated image both engines work on |
