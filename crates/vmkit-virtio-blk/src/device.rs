@@ -22,7 +22,8 @@ use crate::request::{
     self, BadRequest, Limits, RequestKind, Segment, ID_BYTES, SECTOR_SIZE, S_IOERR, S_OK, S_UNSUPP,
 };
 use crate::{
-    BlockConfig, EngineKind, Error, BLOCK_DEVICE_TYPE, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS,
+    BlockConfig, DiskSource, EngineKind, Error, BLOCK_DEVICE_TYPE, MAX_DISCARD_SECTORS,
+    MAX_DISCARD_SEGMENTS,
 };
 
 /// The size of the configuration space we expose (through `write_zeroes_may_unmap` and its
@@ -234,14 +235,67 @@ impl<M: MappedMemory> Block<M> {
         let r = &mut self.requests;
         let mut done = r.reap(ctx);
         // Queues that stopped for lack of room take requests again.
-        for qi in 0..r.starved.len() {
-            let index = qi as u16;
-            if r.is_starved(index) && ctx.queue(index).is_some_and(|q| r.has_room(q)) {
-                done += r.run(ctx, index, &limits);
-            }
-        }
+        done += r.resume_starved(ctx, &limits);
         signal_all(ctx);
         done
+    }
+
+    /// Swaps the image under the device, running or not — what Firecracker's
+    /// `PATCH /drives/{id}` with a new `path_on_host` does (to hand a VM a new data image,
+    /// say).
+    ///
+    /// The new image is opened and checked exactly as [`Block::new`] opens the configured
+    /// one, with this device's `read_only`, `direct` and block size, and gives the same
+    /// [`Error`]s (`NotFound`, `IsDirectory`, `NotAFile`, `NotWritable`, `Empty`,
+    /// `SizeNotMultiple`, `DirectUnsupported`, `Open`); on any of them the device is left
+    /// as it was, still serving the old image.
+    ///
+    /// Then, if the device is active, every request in flight on the old image is waited
+    /// for and completed into the used rings (as [`VirtioDevice::quiesce`] does), so no
+    /// request is served partly from each file. The engine switches to the new image, the
+    /// capacity (configuration space offset 0) becomes the new size, and the driver gets a
+    /// configuration change interrupt so it rereads it. Requests taken from the rings from
+    /// then on go to the new image and are checked against the new capacity (past it:
+    /// `IOERR`, as any out-of-range request). The serial, queues and counters stay. Before
+    /// activation the image is simply swapped (there is no driver to interrupt).
+    ///
+    /// The old image is closed: writes the driver completed are in it (in the host's page
+    /// cache unless the driver flushed), nothing more is written to it.
+    /// [`Error::ReplaceDisk`] is returned, the old image kept, if the engine still had I/O
+    /// in flight after the wait (it cannot, short of a broken io_uring instance).
+    ///
+    /// Blocks the calling thread (holding the device's lock) until the old image's
+    /// requests are done.
+    pub fn replace_disk(&mut self, source: impl Into<DiskSource>) -> Result<(), Error> {
+        let disk = Arc::new(Disk::open(
+            source.into(),
+            DiskOptions {
+                read_only: self.requests.read_only,
+                direct: self.disk.direct(),
+                block_size: self.block_size,
+            },
+        )?);
+        if let Some(ctx) = self.active.as_mut() {
+            self.requests.drain(ctx);
+        }
+        let swapped = self.requests.engine.replace_disk(disk.clone());
+        if swapped.is_ok() {
+            self.requests.capacity = disk.size() / SECTOR_SIZE;
+            self.disk = disk;
+        }
+        let limits = self.limits();
+        if let Some(ctx) = self.active.as_mut() {
+            if swapped.is_ok() {
+                if let Err(e) = ctx.signal_config() {
+                    log::warn!("virtio-blk: configuration change interrupt: {e}");
+                }
+            }
+            // The wait made room: queues that had stopped for it take requests again (on
+            // the new image).
+            self.requests.resume_starved(ctx, &limits);
+            signal_all(ctx);
+        }
+        swapped.map_err(Error::ReplaceDisk)
     }
 
     fn limits(&self) -> Limits {
@@ -546,6 +600,32 @@ impl<M: MappedMemory> Requests<M> {
         self.completions = completions;
         n
     }
+
+    /// Waits for everything in flight and completes it into the used rings (the caller
+    /// interrupts); takes no new request.
+    fn drain(&mut self, ctx: &mut ActivateContext<M>) {
+        self.reap(ctx);
+        while self.engine.in_flight() > 0 {
+            if let Some(fd) = self.engine.completion_fd() {
+                let _ = fd.read();
+                wait_readable(fd, 10);
+            }
+            self.reap(ctx);
+        }
+    }
+
+    /// Runs the queues that stopped for lack of room and have room again; returns requests
+    /// completed (the caller interrupts).
+    fn resume_starved(&mut self, ctx: &mut ActivateContext<M>, limits: &Limits) -> usize {
+        let mut done = 0;
+        for qi in 0..self.starved.len() {
+            let index = qi as u16;
+            if self.is_starved(index) && ctx.queue(index).is_some_and(|q| self.has_room(q)) {
+                done += self.run(ctx, index, limits);
+            }
+        }
+        done
+    }
 }
 
 impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
@@ -626,16 +706,8 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
         let Some(ctx) = self.active.as_mut() else {
             return;
         };
-        let r = &mut self.requests;
         // Completions of what is in flight go to the used rings; no new request is taken.
-        r.reap(ctx);
-        while r.engine.in_flight() > 0 {
-            if let Some(fd) = r.engine.completion_fd() {
-                let _ = fd.read();
-                wait_readable(fd, 10);
-            }
-            r.reap(ctx);
-        }
+        self.requests.drain(ctx);
         signal_all(ctx);
     }
 

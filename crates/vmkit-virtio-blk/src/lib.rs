@@ -3,7 +3,7 @@
 //!
 //! | piece | what it is |
 //! |---|---|
-//! | [`Block`] | the device: features, config space, request dispatch, completions, interrupts |
+//! | [`Block`] | the device: features, config space, request dispatch, completions, interrupts; [`Block::replace_disk`] swaps the image under a running device |
 //! | [`BlockConfig`] | image (path or opened [`File`]), `read_only`, `direct`, [`EngineKind`], serial, queues, queue size, block size |
 //! | [`request`] | the request parser: a descriptor chain in, a checked [`Request`](request::Request) or the status to answer out |
 //! | [`Disk`] | the opened, validated image both engines work on |
@@ -212,7 +212,8 @@ impl BlockConfig {
     }
 }
 
-/// Errors of [`Block::new`]: a disk that cannot be used, each a clear start-up error.
+/// Errors of [`Block::new`] and [`Block::replace_disk`]: a disk that cannot be used, each a
+/// clear error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The image does not exist.
@@ -284,4 +285,8 @@ pub enum Error {
     /// The io_uring instance (or its eventfd) could not be set up.
     #[error("failed to set up io_uring: {0}")]
     IoUring(#[source] io::Error),
+    /// [`Block::replace_disk`]: the engine could not be switched to the new image (it still
+    /// had I/O in flight after the device waited for it); the old image is still served.
+    #[error("failed to switch the engine to the new disk image: {0}")]
+    ReplaceDisk(#[source] io::Error),
 }

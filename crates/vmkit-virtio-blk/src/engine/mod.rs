@@ -12,11 +12,13 @@ mod uring;
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
 use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::disk::Disk;
 use crate::request::Segment;
 
 pub use sync::SyncEngine;
@@ -106,6 +108,13 @@ pub trait BlockEngine<M: MappedMemory = GuestMemoryMmap>: Send + fmt::Debug {
     /// An eventfd that becomes readable when completions are ready (`None` for engines
     /// that complete in [`submit`](Self::submit)).
     fn completion_fd(&self) -> Option<&EventFd>;
+
+    /// Serves every later operation from `disk` instead of the current image (which is
+    /// let go of). Refused with `EBUSY`, nothing changed, while anything is
+    /// [in flight](Self::in_flight): an operation in flight belongs to the file it was
+    /// started on, so the caller reaps everything first. The completion eventfd and the
+    /// attached memory stay as they are.
+    fn replace_disk(&mut self, disk: Arc<Disk>) -> io::Result<()>;
 }
 
 pub(crate) use vmkit_virtio::IoVecs;

@@ -151,4 +151,10 @@ impl<M: MappedMemory> BlockEngine<M> for SyncEngine<M> {
     fn completion_fd(&self) -> Option<&EventFd> {
         None
     }
+
+    fn replace_disk(&mut self, disk: Arc<Disk>) -> io::Result<()> {
+        // Nothing is ever in flight: each operation ran to completion in `submit`.
+        self.disk = disk;
+        Ok(())
+    }
 }

@@ -319,3 +319,53 @@ fn detached_engines_refuse() {
         assert!(matches!(r, Some(Err(_))));
     }
 }
+
+#[test]
+fn replace_disk_moves_later_operations_to_the_new_image() {
+    for i in 0..2 {
+        let old = TempImage::new(SIZE);
+        let new = TempImage::new(SIZE / 2);
+        let mut e = engines(&old, false).remove(i);
+        let mem = memory();
+        e.attach(mem.clone());
+        e.replace_disk(disk(&new, false)).unwrap();
+        let pattern = vec![0xC3u8; 0x1000];
+        mem.write_slice(&pattern, GuestAddress(0x2000)).unwrap();
+        let data = vec![seg(0x2000, 0x1000)];
+        let write = BlockOp::Write {
+            offset: 0x3000,
+            data,
+            sync: true,
+        };
+        run(e.as_mut(), write).unwrap();
+        assert_eq!(new.read_at(0x3000, 0x1000), pattern, "engine {i}");
+        assert_ne!(old.read_at(0x3000, 0x1000), pattern, "engine {i}");
+        // The new image is half the size: its end is the end of file now.
+        let data = vec![seg(0x2000, 0x1000)];
+        let r = run(
+            e.as_mut(),
+            BlockOp::Read {
+                offset: SIZE - 0x1000,
+                data,
+            },
+        );
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
+
+#[test]
+fn io_uring_refuses_to_replace_the_disk_under_operations_in_flight() {
+    let old = TempImage::new(SIZE);
+    let new = TempImage::new(SIZE);
+    let mut e = IoUringEngine::new(disk(&old, false), 64).unwrap();
+    e.attach(memory());
+    let data = vec![seg(0x1000, 0x1000)];
+    assert!(e.submit(BlockOp::Read { offset: 0, data }, 5).is_none());
+    let err = e.replace_disk(disk(&new, false)).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY));
+    e.commit().unwrap();
+    let mut out = Vec::new();
+    wait_for(&mut e, &mut out, 1);
+    assert!(out[0].result.is_ok());
+    e.replace_disk(disk(&new, false)).unwrap();
+}

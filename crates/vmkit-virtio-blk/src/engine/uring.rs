@@ -356,6 +356,17 @@ impl<M: MappedMemory> BlockEngine<M> for IoUringEngine<M> {
     fn completion_fd(&self) -> Option<&EventFd> {
         Some(&self.eventfd)
     }
+
+    fn replace_disk(&mut self, disk: Arc<Disk>) -> io::Result<()> {
+        // An operation in flight holds the raw descriptor of the old image (it resubmits
+        // short transfers on it, and its sync stage uses `self.disk`): closing that image
+        // under it could send the rest to whatever file reuses the descriptor number.
+        if self.in_flight > 0 {
+            return Err(io::Error::from_raw_os_error(libc::EBUSY));
+        }
+        self.disk = disk;
+        Ok(())
+    }
 }
 
 impl<M: MappedMemory> Drop for IoUringEngine<M> {

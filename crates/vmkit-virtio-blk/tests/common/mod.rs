@@ -42,6 +42,14 @@ impl TempImage {
         img
     }
 
+    /// An image of `size` bytes holding test pattern `seed` ([`sectors`]).
+    pub fn patterned(size: u64, seed: u8) -> Self {
+        let img = Self::path();
+        let mut f = File::create(&img.0).unwrap();
+        f.write_all(&sectors(seed, 0, size as usize)).unwrap();
+        img
+    }
+
     pub fn read_at(&self, offset: u64, len: usize) -> Vec<u8> {
         let mut f = File::open(&self.0).unwrap();
         f.seek(SeekFrom::Start(offset)).unwrap();
