@@ -158,6 +158,9 @@ pub struct DiskSpec {
     pub config: BlockConfig,
     /// `queues=` was not given: one request queue per vCPU.
     pub queues_per_vcpu: bool,
+    /// The API's `drive_id` (`None` for `--disk`): its metrics' name and what
+    /// `PATCH /drives/{id}` finds it by.
+    pub id: Option<String>,
 }
 
 /// Where a `--net` card's frames go.
@@ -351,6 +354,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     let mut spec = DiskSpec {
         config,
         queues_per_vcpu: true,
+        id: None,
     };
     for item in s.split(',') {
         let (k, v) = item

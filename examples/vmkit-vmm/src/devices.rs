@@ -10,13 +10,14 @@ use event_manager::MutEventSubscriber;
 use vm_memory::GuestMemoryMmap;
 use vmkit_boot::linux_loader::cmdline::Cmdline;
 use vmkit_boot::DsdtDevice;
-use vmkit_bus::pio_range;
+use vmkit_bus::{mmio_range, pio_range};
 use vmkit_kvm::{Machine, MmioPlatform, PciPlatform};
 use vmkit_legacy::{
-    AcpiSleep, AcpiSleepConfig, DebugPort, ExitNotifier, Serial, SerialConfig, ACPI_SLEEP_PORT,
-    ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT, I8042, I8042_GSI,
-    I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
+    AcpiSleep, AcpiSleepConfig, DebugPort, ExitNotifier, Ged, Serial, SerialConfig,
+    ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT,
+    GED_REGISTER_SIZE, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
+use vmkit_memory::layout::{GED_ADDR, GED_GSI};
 use vmkit_virtio::{AtomicMetrics, VirtioDevice};
 use vmkit_virtio_blk::{Block, DiskSource};
 use vmkit_virtio_console::{Console, ConsoleConfig, ConsoleInput, Pty};
@@ -51,12 +52,10 @@ pub struct LegacyDevices {
     /// With `--serial stdio`: signalled when the UART's input FIFO drained.
     input_drained: Option<EventFd>,
     pub debug_port: Arc<DebugPort>,
-    /// The keyboard controller, for `send_ctrl_alt_del`.
-    #[allow(
-        dead_code,
-        reason = "for the API's SendCtrlAltDel, which is not wired yet"
-    )]
+    /// The keyboard controller, for Ctrl-Alt-Del.
     pub i8042: Arc<Mutex<I8042>>,
+    /// The ACPI Generic Event Device, for the power button.
+    pub ged: Arc<Mutex<Ged>>,
 }
 
 impl LegacyDevices {
@@ -89,6 +88,8 @@ impl LegacyDevices {
         let sleep = AcpiSleep::new(exit, AcpiSleepConfig::default());
         let sleep_ports = pio_range(ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT)?;
         bus.register_pio(sleep_ports, Arc::new(Mutex::new(sleep)))?;
+        let ged = Arc::new(Mutex::new(Ged::new(machine.line(GED_GSI)?)));
+        bus.register_mmio(mmio_range(GED_ADDR, GED_REGISTER_SIZE)?, ged.clone())?;
         let debug_port = Arc::new(DebugPort::new());
         bus.register_pio(pio_range(DEBUG_PORT, DEBUG_PORT_COUNT)?, debug_port.clone())?;
         Ok(Self {
@@ -96,6 +97,7 @@ impl LegacyDevices {
             input_drained,
             debug_port,
             i8042,
+            ged,
         })
     }
 
@@ -162,6 +164,8 @@ pub struct VirtioDevices {
     pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     /// Each device's counters, with the name its metrics are written under.
     pub metrics: Vec<(String, Arc<AtomicMetrics>)>,
+    /// The disks with an API `drive_id`, for `PATCH /drives/{id}`.
+    pub drives: Vec<(String, Arc<Mutex<Block>>)>,
     /// virtio-mmio only: the devices, for the kernel command line.
     mmio: Option<MmioPlatform>,
     /// Lives as long as the VM.
@@ -191,9 +195,17 @@ impl VirtioDevices {
             metrics.push((name, m.clone()));
             m
         };
-        for i in 0..args.disk.len() {
-            let disk = open_disk(args, i, counters(format!("block{i}")))?;
-            devices.push(Arc::new(Mutex::new(disk)));
+        let mut drives = Vec::new();
+        for (i, spec) in args.disk.iter().enumerate() {
+            let name = spec
+                .id
+                .as_ref()
+                .map_or(format!("block{i}"), |id| format!("block_{id}"));
+            let disk = Arc::new(Mutex::new(open_disk(args, i, counters(name))?));
+            if let Some(id) = &spec.id {
+                drives.push((id.clone(), disk.clone()));
+            }
+            devices.push(disk);
         }
         for (i, spec) in args.net.iter().enumerate() {
             let m = counters(format!("net{i}"));
@@ -228,6 +240,7 @@ impl VirtioDevices {
             dsdt: Vec::new(),
             devices: devices.clone(),
             metrics,
+            drives,
             mmio: None,
             _console_pty: console_pty,
         };

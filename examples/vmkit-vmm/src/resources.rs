@@ -280,6 +280,7 @@ fn disk_spec(d: &Drive) -> Result<DiskSpec, Refusal> {
     Ok(DiskSpec {
         config,
         queues_per_vcpu: true,
+        id: Some(d.drive_id.clone()),
     })
 }
 

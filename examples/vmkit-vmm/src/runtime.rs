@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use event_manager::{
     EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
 };
-use vmkit_api::model::{ActionType, InstanceState, MachineConfig, VmStateRequest};
+use vmkit_api::model::{ActionType, DriveUpdate, InstanceState, MachineConfig, VmStateRequest};
 use vmkit_api::{ApiCall, ApiRequest, ApiResponse};
 use vmkit_kvm::VcpuThreads;
-use vmkit_legacy::{EventFdExit, ExitNotifier, ExitReason, I8042};
+use vmkit_legacy::{EventFdExit, ExitNotifier, ExitReason, Ged, I8042};
 use vmkit_virtio::VirtioDevice;
+use vmkit_virtio_blk::Block;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::devices::Subscriber;
@@ -51,8 +52,12 @@ pub struct Parts {
     pub exit: Arc<EventFdExit>,
     /// The keyboard controller, for Ctrl-Alt-Del.
     pub i8042: Arc<Mutex<I8042>>,
+    /// The ACPI Generic Event Device, for the power button.
+    pub ged: Arc<Mutex<Ged>>,
     /// What `GET /machine-config` reports.
     pub machine: MachineConfig,
+    /// The disks by `drive_id`, for `PATCH /drives/{id}`.
+    pub drives: Vec<(String, Arc<Mutex<Block>>)>,
 }
 
 /// A running VM.
@@ -152,9 +157,7 @@ impl Running {
             ApiRequest::Action(ActionType::InstanceStart) => {
                 refused("the microVM is already running".into())
             }
-            ApiRequest::PatchDrive(_) => {
-                refused("changing a drive of a running microVM is not supported by vmkit".into())
-            }
+            ApiRequest::PatchDrive(update) => done(self.patch_drive(update)),
             _ => refused(
                 "the requested operation is not supported after starting the microVM".into(),
             ),
@@ -204,6 +207,31 @@ impl Running {
         Ok(())
     }
 
+    /// `PATCH /drives/{id}` on the running VM: the disk serves a new image (the guest gets a
+    /// configuration-change interrupt with its capacity).
+    fn patch_drive(&mut self, update: &DriveUpdate) -> Result<(), String> {
+        let id = &update.drive_id;
+        if update.rate_limiter.as_ref().is_some_and(|r| !r.is_null()) {
+            return Err(format!(
+                "drive {id}: rate limiters are not supported by vmkit yet"
+            ));
+        }
+        let (_, disk) = self
+            .parts
+            .drives
+            .iter()
+            .find(|(d, _)| d == id)
+            .ok_or_else(|| format!("drive {id}: no such drive"))?;
+        let Some(path) = &update.path_on_host else {
+            return Ok(());
+        };
+        let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+        disk.replace_disk(std::path::PathBuf::from(path))
+            .map_err(|e| format!("drive {id}: {path}: {e}"))?;
+        log::info!("drive {id} now serves {path}");
+        Ok(())
+    }
+
     fn ctrl_alt_del(&mut self) -> Result<(), String> {
         let mut i8042 = self.parts.i8042.lock().unwrap_or_else(|p| p.into_inner());
         i8042
@@ -211,8 +239,9 @@ impl Running {
             .map_err(|e| format!("cannot send Ctrl-Alt-Del: {e}"))
     }
 
-    /// The first shutdown signal asks the guest to shut down (resuming it if paused); the
-    /// second, or the end of the grace period, stops it.
+    /// The first shutdown signal asks the guest to shut down (resuming it if paused): the
+    /// ACPI power button, for guests that handle it, and Ctrl-Alt-Del on the i8042, for
+    /// guests without ACPI. The second signal, or the end of the grace period, stops it.
     fn on_signal(&mut self, sig: libc::c_int, host: &Host) {
         let name = signals::name(sig);
         if self.shutdown.is_some() {
@@ -223,10 +252,19 @@ impl Running {
         }
         let grace = host.shutdown_timeout;
         log::warn!(
-            "{name}: asking the guest to shut down (Ctrl-Alt-Del), {} s before it is stopped",
+            "{name}: asking the guest to shut down (ACPI power button, Ctrl-Alt-Del), {} s before it is stopped",
             grace.as_secs()
         );
         let _ = self.resume();
+        let pressed = self
+            .parts
+            .ged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .power_button();
+        if let Err(e) = pressed {
+            log::warn!("cannot press the power button: {e}");
+        }
         if let Err(e) = self.ctrl_alt_del() {
             log::warn!("{e}");
         }

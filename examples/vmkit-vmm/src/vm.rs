@@ -126,6 +126,8 @@ fn load_kernel(
     let acpi = vmkit_boot::AcpiConfig {
         num_cpus: args.cpus,
         devices,
+        // The power button, which a SIGTERM presses (LegacyDevices puts the device there).
+        ged: Some(vmkit_boot::GedConfig::default()),
         ..Default::default()
     };
     let rsdp = vmkit_boot::create_acpi_tables(mem, &acpi)?;
@@ -220,6 +222,8 @@ impl Vm {
             threads,
             exit,
             i8042: self.legacy.i8042.clone(),
+            ged: self.legacy.ged.clone(),
+            drives: self.virtio.drives.clone(),
             machine,
         };
         let (end, threads) = Running::new(parts, host).until_end(host);

@@ -85,6 +85,20 @@ fn every_endpoint_boots_pauses_and_resumes_the_test_guest() {
     );
     assert!(refused.contains("fault_message"), "{refused}");
     vm.wait_serial("tick 3\n", Duration::from_secs(60));
+    // A new image for the running drive; a missing one or an unknown drive is refused.
+    let other = dir.file("other.img");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let patch = serde_json::json!({"drive_id": "rootfs", "path_on_host": other});
+    vm.expect(204, "PATCH", "/drives/rootfs", Some(&patch.to_string()));
+    let missing = r#"{"drive_id": "rootfs", "path_on_host": "/nonexistent.img"}"#;
+    let refused = vm.expect(400, "PATCH", "/drives/rootfs", Some(missing));
+    assert!(refused.contains("/nonexistent.img"), "{refused}");
+    let unknown = r#"{"drive_id": "data", "path_on_host": "/nonexistent.img"}"#;
+    let refused = vm.expect(400, "PATCH", "/drives/data", Some(unknown));
+    assert!(refused.contains("no such drive"), "{refused}");
 
     vm.expect(204, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
     assert_eq!(state(&vm), "Paused");
@@ -126,6 +140,7 @@ fn every_endpoint_boots_pauses_and_resumes_the_test_guest() {
         log.contains("INFO") && log.contains("paused"),
         "log:\n{log}"
     );
+    assert!(log.contains("drive rootfs now serves"), "log:\n{log}");
     // One line on FlushMetrics, one at the end, each a JSON object with the devices.
     let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
         .unwrap()
@@ -138,7 +153,10 @@ fn every_endpoint_boots_pauses_and_resumes_the_test_guest() {
         last["entropy"]["read_bytes"].as_u64().unwrap() > 0,
         "{last}"
     );
-    assert!(last["block0"]["requests"].as_u64().unwrap() > 0, "{last}");
+    assert!(
+        last["block_rootfs"]["requests"].as_u64().unwrap() > 0,
+        "{last}"
+    );
     // Exits by kind: the test guest prints on COM1 (port I/O) and reads the virtio-mmio
     // registers (MMIO).
     assert!(last["vcpu0"]["pio_exits"].as_u64().unwrap() > 0, "{last}");
