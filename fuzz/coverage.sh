@@ -54,6 +54,7 @@ files_for() {
     kernel_image) echo "crates/vmkit-boot/src/loader.rs" ;;
     virtio_mmio) echo "crates/vmkit-virtio/src/mmio.rs crates/vmkit-virtio/src/common.rs" ;;
     virtio_pci) echo "crates/vmkit-virtio/src/pci.rs crates/vmkit-virtio/src/common.rs" ;;
+    api) echo "crates/vmkit-api/src/http.rs crates/vmkit-api/src/request.rs crates/vmkit-api/src/model.rs" ;;
     *) echo "" ;;
     esac
 }

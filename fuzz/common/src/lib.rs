@@ -22,6 +22,7 @@
 //! vmkit_fuzz_common::virtqueue::fuzz(&[0u8; 64]);
 //! ```
 
+pub mod api;
 pub mod blk_device;
 pub mod blk_request;
 pub mod console;
@@ -48,6 +49,7 @@ pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
 pub const TARGETS: &[Target] = &[
+    ("api", api::fuzz),
     ("blk_device", blk_device::fuzz),
     ("blk_request", blk_request::fuzz),
     ("console", console::fuzz),

@@ -79,8 +79,10 @@ fn prng_for(target: &str) -> Prng {
     Prng::new(h)
 }
 
-/// The seeds for `target`: 32 byte strings from 16 bytes to 8 KiB, and for the targets
-/// that define a goal (see [`select`]), 32 more that reach it. Computed once a process.
+/// The seeds for `target`: 32 byte strings from 16 bytes to 8 KiB, for the targets
+/// that define a goal (see [`select`]) 32 more that reach it, and for `api` well-formed
+/// requests of every endpoint and a config file ([`crate::api::seeds`]). Computed once a
+/// process.
 pub fn for_target(target: &str) -> Vec<Vec<u8>> {
     type Cache = Mutex<HashMap<String, Vec<Vec<u8>>>>;
     static CACHE: OnceLock<Cache> = OnceLock::new();
@@ -110,6 +112,10 @@ fn generate(target: &str) -> Vec<Vec<u8>> {
     };
     if let Some(goal) = goal {
         seeds.extend(select(target, 32, goal));
+    }
+    if target == "api" {
+        // Random bytes rarely make an HTTP request: well-formed traffic instead.
+        seeds.extend(crate::api::seeds());
     }
     seeds
 }
