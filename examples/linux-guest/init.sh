@@ -3,6 +3,7 @@
 # command line's vmkit_test=dev,dev,... (the kernel hands unknown name=value words to init as
 # environment), prints one "VMKIT-RESULT <dev> ok|FAIL ..." line per device, the driver-binding
 # lines from dmesg, and ends the VM with `reboot -f` (reboot=k: keyboard-controller reset).
+# The ACPI power button (acpi-pci kernel) powers it off with "VMKIT-POWER-BUTTON".
 # Ctrl-Alt-Del from the host (the i8042 keyboard; Firecracker's SendCtrlAltDel) reaches it as
 # SIGINT once /init has turned C-A-D off (before that the kernel reboots by itself): it prints
 # "VMKIT-CTRL-ALT-DEL" and ends the VM the same way (after the running command, if any).
@@ -49,6 +50,21 @@ ctrl_alt_del() {
   reboot -f
 }
 trap ctrl_alt_del INT
+# The ACPI power button (the acpi-pci kernel: the GED's Notify on the PNP0C0C device, Linux's
+# button driver, an evdev node): a watcher waits for its first input event and sends init
+# SIGUSR1, which powers the VM off (ACPI S5, through the FADT's sleep registers).
+power_button() {
+  read up idle </proc/uptime
+  echo "VMKIT-POWER-BUTTON uptime=$up"
+  poweroff -f
+}
+trap power_button USR1
+for input in /sys/class/input/input*; do
+  [ "$(cat "$input/name" 2>/dev/null)" = "Power Button" ] || continue
+  for event in "$input"/event*; do
+    [ -e "$event" ] && (head -c 24 "/dev/input/${event##*/}" >/dev/null && kill -USR1 1) &
+  done
+done
 read up idle </proc/uptime
 echo "VMKIT-LINUX-UPTIME init=$up"
 echo "VMKIT-CMDLINE $(cat /proc/cmdline)"

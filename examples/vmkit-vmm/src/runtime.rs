@@ -65,8 +65,23 @@ pub struct Running {
     parts: Parts,
     /// The guest-facing subscribers' IDs while they are in the loop (`None`: paused).
     guest_ids: Option<Vec<SubscriberId>>,
-    /// When a shutdown signal's grace period ends, and which signal it was.
-    shutdown: Option<(Instant, libc::c_int)>,
+    /// A shutdown signal being served.
+    shutdown: Option<Shutdown>,
+}
+
+/// How long after the power button Ctrl-Alt-Del follows, for a guest that did not act on
+/// the button (no ACPI, or nothing handling it).
+const CTRL_ALT_DEL_AFTER: Duration = Duration::from_secs(2);
+
+/// A shutdown signal being served.
+#[derive(Debug, Clone, Copy)]
+struct Shutdown {
+    /// Which signal.
+    signal: libc::c_int,
+    /// When Ctrl-Alt-Del is due (`None`: sent).
+    ctrl_alt_del: Option<Instant>,
+    /// When the grace period ends.
+    deadline: Instant,
 }
 
 impl Running {
@@ -118,11 +133,14 @@ impl Running {
         self.parts.exit.notify_exit(reason);
     }
 
-    /// Milliseconds until the next deadline (the grace period, the metrics), or -1.
+    /// Milliseconds until the next deadline (Ctrl-Alt-Del, the grace period, the metrics),
+    /// or -1.
     fn timeout(&self, host: &Host) -> i32 {
-        let grace = self
-            .shutdown
-            .map(|(at, _)| at.saturating_duration_since(Instant::now()));
+        let now = Instant::now();
+        let grace = self.shutdown.map(|s| {
+            let next = s.ctrl_alt_del.map_or(s.deadline, |c| c.min(s.deadline));
+            next.saturating_duration_since(now)
+        });
         let next = match (grace, host.metrics.due_in()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -240,8 +258,9 @@ impl Running {
     }
 
     /// The first shutdown signal asks the guest to shut down (resuming it if paused): the
-    /// ACPI power button, for guests that handle it, and Ctrl-Alt-Del on the i8042, for
-    /// guests without ACPI. The second signal, or the end of the grace period, stops it.
+    /// ACPI power button at once, for guests that handle it, then Ctrl-Alt-Del on the i8042
+    /// (after [`CTRL_ALT_DEL_AFTER`], or half the grace period if shorter), for guests without
+    /// ACPI. The second signal, or the end of the grace period, stops it.
     fn on_signal(&mut self, sig: libc::c_int, host: &Host) {
         let name = signals::name(sig);
         if self.shutdown.is_some() {
@@ -252,7 +271,7 @@ impl Running {
         }
         let grace = host.shutdown_timeout;
         log::warn!(
-            "{name}: asking the guest to shut down (ACPI power button, Ctrl-Alt-Del), {} s before it is stopped",
+            "{name}: asking the guest to shut down (ACPI power button, then Ctrl-Alt-Del), {} s before it is stopped",
             grace.as_secs()
         );
         let _ = self.resume();
@@ -265,18 +284,31 @@ impl Running {
         if let Err(e) = pressed {
             log::warn!("cannot press the power button: {e}");
         }
-        if let Err(e) = self.ctrl_alt_del() {
-            log::warn!("{e}");
-        }
-        self.shutdown = Some((Instant::now() + grace, sig));
+        let now = Instant::now();
+        self.shutdown = Some(Shutdown {
+            signal: sig,
+            ctrl_alt_del: Some(now + CTRL_ALT_DEL_AFTER.min(grace / 2)),
+            deadline: now + grace,
+        });
     }
 
+    /// Sends the delayed Ctrl-Alt-Del, and stops the VM at the end of the grace period.
     fn check_grace_period(&mut self, host: &Host) {
-        if let Some((at, sig)) = self.shutdown {
-            if Instant::now() >= at {
+        let Some(shutdown) = self.shutdown.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if shutdown.ctrl_alt_del.is_some_and(|at| now >= at) {
+            shutdown.ctrl_alt_del = None;
+            if let Err(e) = self.ctrl_alt_del() {
+                log::warn!("{e}");
+            }
+        }
+        if let Some(s) = &self.shutdown {
+            if now >= s.deadline {
                 self.end(ExitReason::Stopped(format!(
                     "{}: the guest did not shut down within {} s",
-                    signals::name(sig),
+                    signals::name(s.signal),
                     host.shutdown_timeout.as_secs()
                 )));
             }

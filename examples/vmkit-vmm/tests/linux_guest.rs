@@ -1094,21 +1094,19 @@ fn vm_serial(dir: &common::api::Dir) -> String {
     fs::read_to_string(dir.file("serial")).unwrap_or_default()
 }
 
-/// SIGTERM asks the Linux guest to shut down (Ctrl-Alt-Del); it does, within the grace
-/// period, and the exit status says it ended itself.
-#[test]
-#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
-fn sigterm_shuts_the_linux_guest_down_within_the_grace_period() {
+/// Sends SIGTERM to `kernel` waiting in /init; returns the exit status, how long it took and
+/// the serial output.
+fn sigterm(name: &str, kernel: &str) -> (Option<i32>, Duration, String, String) {
     use common::api::{Dir, Vmkit};
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let a = artifacts();
-    let dir = Dir::new("linux-sigterm");
+    let dir = Dir::new(name);
     let cmdline = format!("{CMDLINE} reboot=k vmkit_wait=120");
     let vm = Vmkit::start(
         &dir,
         &[
             "--kernel",
-            &a.kernel_mmio,
+            kernel,
             "--initramfs",
             &a.initramfs,
             "--cpu-template",
@@ -1124,9 +1122,29 @@ fn sigterm_shuts_the_linux_guest_down_within_the_grace_period() {
     vm.signal(libc::SIGTERM);
     let (code, stderr) = vm.wait(Duration::from_secs(60));
     let took = sent.elapsed();
-    let serial = vm_serial(&dir);
-    eprintln!("SIGTERM to the VM's end: {took:?}");
+    eprintln!("{name}: SIGTERM to the VM's end: {took:?}");
+    (code, took, vm_serial(&dir), stderr)
+}
+
+/// SIGTERM asks the Linux guest without ACPI to shut down: the power button goes unheard,
+/// Ctrl-Alt-Del follows; /init ends the VM within the grace period (a reset: status 3).
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn sigterm_shuts_the_linux_guest_down_within_the_grace_period() {
+    let (code, took, serial, stderr) = sigterm("linux-sigterm", &artifacts().kernel_mmio);
     assert_eq!(code, Some(GUEST_RESET), "{stderr}\n{serial}");
     assert!(serial.contains("VMKIT-CTRL-ALT-DEL"), "{serial}");
+    assert!(took < Duration::from_secs(30), "{took:?}");
+}
+
+/// SIGTERM presses the ACPI power button: the acpi-pci kernel's button driver reports it,
+/// /init powers off (ACPI S5: status 0) before Ctrl-Alt-Del is due.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn sigterm_presses_the_acpi_power_button_and_the_linux_guest_powers_off() {
+    let (code, took, serial, stderr) = sigterm("linux-button", &artifacts().kernel_acpi_pci);
+    assert_eq!(code, Some(0), "power-off; {stderr}\n{serial}");
+    assert!(serial.contains("VMKIT-POWER-BUTTON"), "{serial}");
+    assert!(!serial.contains("VMKIT-CTRL-ALT-DEL"), "{serial}");
     assert!(took < Duration::from_secs(30), "{took:?}");
 }
