@@ -1,11 +1,12 @@
 //! The API: `vmkit --api-sock` (Firecracker's REST API, HTTP/1.1 on a Unix socket), vmkit
 //! only — QEMU has no such API (QMP is another protocol). Requests are written by hand on a
-//! `UnixStream` (no client crate), one keep-alive connection per process:
-//! round trips of `GET /` and `PUT /machine-config` on a VMM not started yet; `InstanceStart`
-//! to its 204 and to guest entry (vmkit's `--stats` line), beside the same guest booted from
-//! the command line; `PATCH /vm` Paused and Resumed on a guest spinning in `hold=ticks:600`;
-//! and the VMM's own memory (as [`footprint`](crate::footprint) measures it) and its thread
-//! count with and without the socket.
+//! `UnixStream` (no client crate), one keep-alive connection per process: round trips of
+//! `GET /` and `PUT /machine-config` on a VMM not started yet, as scheduled and with the bench
+//! and the VMM pinned to one CPU; `InstanceStart` to its 204 and to guest entry (vmkit's
+//! `--stats` line), beside the same guest booted from the command line; `PATCH /vm` Paused and
+//! Resumed on a guest spinning in `hold=ticks:600`; and the VMM's own memory (as
+//! [`footprint`](crate::footprint) measures it) and its thread count with and without the
+//! socket.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -317,6 +318,38 @@ impl Drop for ApiVmm {
     }
 }
 
+/// Pins the calling thread — and so the processes it spawns, which inherit its mask — to the
+/// first CPU it may run on; that CPU.
+fn pin_to_one_cpu() -> Result<usize, String> {
+    let size = std::mem::size_of::<libc::cpu_set_t>();
+    // SAFETY: cpu_set_t is a plain bit array, for which all-zero bytes are valid.
+    let mut allowed: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; sched_getaffinity writes at most `size` bytes to
+    // `allowed`, a local we own of that size.
+    if unsafe { libc::sched_getaffinity(0, size, &mut allowed) } != 0 {
+        return Err(format!(
+            "sched_getaffinity: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let cpu = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `c` is below CPU_SETSIZE, the bits `allowed` has.
+        .find(|&c| unsafe { libc::CPU_ISSET(c, &allowed) })
+        .ok_or("no CPU in the affinity mask")?;
+    // SAFETY: as above.
+    let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` is below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut one) };
+    // SAFETY: pid 0 is the calling thread; sched_setaffinity reads `size` bytes of `one`.
+    if unsafe { libc::sched_setaffinity(0, size, &one) } != 0 {
+        return Err(format!(
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(cpu)
+}
+
 /// µs of [`ROUND_TRIPS`] round trips of `GET /` and of `PUT /machine-config`.
 fn round_trips(setup: &Setup) -> Result<(Vec<f64>, Vec<f64>), String> {
     let mut vmm = ApiVmm::spawn(setup)?;
@@ -469,13 +502,32 @@ pub fn section(setup: &Setup) -> Result<(), String> {
          QEMU has no such API)\n"
     );
     let (get, put) = round_trips(setup)?;
+    // The same on one CPU: a thread of its own pinned, which the VMM it spawns inherits.
+    let pinned = std::thread::scope(|s| {
+        s.spawn(|| {
+            let cpu = pin_to_one_cpu()?;
+            round_trips(setup).map(|r| (cpu, r))
+        })
+        .join()
+    });
+    let (cpu, (get1, put1)) = pinned.map_err(|_| "the pinned thread panicked")??;
     let mut t = Table::new([
         format!("round trip on one keep-alive connection, {ROUND_TRIPS} each, VM not started"),
         "median (µs)".into(),
         "p99 (µs)".into(),
         "max (µs)".into(),
     ]);
-    for (name, s) in [("`GET /`", &get), ("`PUT /machine-config`", &put)] {
+    let (get_on, put_on) = (
+        format!("`GET /`, bench and vmkit on CPU {cpu} only"),
+        format!("`PUT /machine-config`, bench and vmkit on CPU {cpu} only"),
+    );
+    let rows = [
+        ("`GET /`", &get),
+        ("`PUT /machine-config`", &put),
+        (get_on.as_str(), &get1),
+        (put_on.as_str(), &put1),
+    ];
+    for (name, s) in rows {
         let max = s.iter().copied().fold(f64::NAN, f64::max);
         t.row([
             name.to_string(),
@@ -556,7 +608,10 @@ pub fn section(setup: &Setup) -> Result<(), String> {
     t.print();
     println!(
         "\nRequests are written by hand on a `UnixStream` and each response read to its \
-         Content-Length before the next request ({WARM_UP} untimed round trips first). \
+         Content-Length before the next request ({WARM_UP} untimed round trips first); each \
+         round trip wakes four threads in turn (the API thread, the VMM's thread that answers \
+         it, the API thread, the bench), which may cross CPUs unless all are pinned to one, as \
+         in the last two rows (a bench thread pinned before it spawns vmkit). \
          `InstanceStart` runs are fresh `vmkit --api-sock PATH --stats --serial off` processes \
          given `PUT /machine-config` and `PUT /boot-source` first; guest entry is the \
          CLOCK_MONOTONIC time `--stats` prints just before the vCPUs start. The pause and \
