@@ -13,7 +13,7 @@ use crate::table::{ratio_cells, ratio_heads, Table};
 use crate::vmm::{Setup, Vmm};
 
 /// What the test guest prints when it starts to wait.
-const HOLD_LINE: &str = "hold: waiting for a byte on COM1";
+pub(crate) const HOLD_LINE: &str = "hold: waiting for a byte on COM1";
 /// What it prints when a byte released it.
 const RELEASED_LINE: &str = "hold: released";
 /// Runs per VMM and memory size.
@@ -67,7 +67,7 @@ fn vm_hwm(status: &str) -> Option<u64> {
 }
 
 /// VmHWM minus guest RAM resident (KiB) of the held VMM `pid` with `bytes` of guest RAM.
-fn own_memory(pid: u32, bytes: u64) -> Result<u64, String> {
+pub(crate) fn own_memory(pid: u32, bytes: u64) -> Result<u64, String> {
     let read = |what: &str| {
         std::fs::read_to_string(format!("/proc/{pid}/{what}"))
             .map_err(|e| format!("/proc/{pid}/{what}: {e}"))
@@ -83,7 +83,7 @@ fn own_memory(pid: u32, bytes: u64) -> Result<u64, String> {
 }
 
 /// Writes the byte that ends the guest's hold, and closes stdin.
-fn release(child: &mut Child) -> Result<(), String> {
+pub(crate) fn release(child: &mut Child) -> Result<(), String> {
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     stdin
         .write_all(b".")

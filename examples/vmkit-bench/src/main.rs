@@ -3,11 +3,12 @@
 //!
 //! Reading order: [`vmm`] (the VMMs compared and their command lines) → [`run`] (one run of
 //! a VMM, timed, its rusage and `--stats`) → the sections in the order they print:
-//! [`startup`], [`footprint`], [`rate`], [`rng`], [`blk`] (with the host ceiling in [`fio`]),
+//! [`startup`], [`footprint`], [`api`] (vmkit only), [`rate`], [`rng`], [`blk`] (with the host ceiling in [`fio`]),
 //! [`net`] (with the host's ends in [`peer`], a running VMM sampled by [`probe`] and
 //! [`kvmtrace`], the namespace from `vmkit-netns`), [`vsock`], [`exits`] (with the bare
 //! kvm-ioctls loop) → [`stats`], [`table`] and [`svg`] for the output.
 
+mod api;
 mod blk;
 mod exits;
 mod fio;
@@ -110,6 +111,9 @@ pub enum Section {
     Startup,
     /// Peak RSS and the VMM's own memory.
     Footprint,
+    /// The API socket (vmkit only): request round trips, `InstanceStart`, pause and resume,
+    /// the API thread's memory.
+    Api,
     /// 20 and 50 VMs started at once.
     Rate,
     /// virtio-rng throughput and exits.
@@ -135,6 +139,9 @@ fn run_all(opts: &Options, setup: &Setup) -> Result<(), String> {
     }
     if on(Section::Footprint) {
         footprint::section(setup, &mut charts)?;
+    }
+    if on(Section::Api) {
+        api::section(setup)?;
     }
     if on(Section::Rate) {
         rate::section(setup, &mut charts)?;

@@ -37,6 +37,17 @@ pub fn median(samples: Vec<f64>) -> f64 {
     Summary::of(samples).map_or(f64::NAN, |s| s.median)
 }
 
+/// The `p`th percentile of `samples` by nearest rank: the smallest sample with at least `p`
+/// percent of them at or below it (NaN when there are none).
+pub fn percentile(mut samples: Vec<f64>, p: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let rank = (p / 100.0 * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
 /// `v` with `digits` decimals, or `–` when it is missing (NaN) or infinite.
 pub fn fixed(v: f64, digits: usize) -> String {
     if v.is_finite() {
@@ -67,5 +78,18 @@ mod tests {
         assert_eq!(ratio(f64::NAN, 1.0, 3), "–");
         assert_eq!(fixed(0.125, 2), "0.12");
         assert_eq!(fixed(f64::NAN, 2), "–");
+    }
+
+    #[test]
+    fn percentiles() {
+        let hundred: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        assert_eq!(percentile(hundred.clone(), 99.0), 99.0);
+        assert_eq!(percentile(hundred.clone(), 50.0), 50.0);
+        assert_eq!(percentile(hundred.clone(), 100.0), 100.0);
+        assert_eq!(percentile(hundred, 0.0), 1.0);
+        let thousand: Vec<f64> = (1..=1000).map(f64::from).collect();
+        assert_eq!(percentile(thousand, 99.0), 990.0);
+        assert_eq!(percentile(vec![7.0], 99.0), 7.0);
+        assert!(percentile(vec![], 99.0).is_nan());
     }
 }
