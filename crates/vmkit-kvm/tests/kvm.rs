@@ -23,6 +23,15 @@ fn machine() -> Machine {
     Machine::new(&MachineConfig::new(64 << 20)).expect("a VM on this host's KVM")
 }
 
+/// Two vCPUs of the host's CPU model in `m`.
+fn two_vcpus(m: &Machine) -> Vcpus {
+    let config = VcpuConfig {
+        count: 2,
+        template: CpuTemplate::Host,
+    };
+    Vcpus::create(m.kvm(), m.vm(), &config).unwrap()
+}
+
 fn rng() -> Arc<Mutex<dyn VirtioDevice>> {
     Arc::new(Mutex::new(Rng::new(RngConfig::default()).unwrap()))
 }
@@ -48,15 +57,7 @@ fn ioeventfd_at(m: &Machine, addr: u64) -> bool {
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_vcpu_runs_and_its_reset_ends_the_vm_through_the_exit_chain() {
     let m = machine();
-    let vcpus = Vcpus::create(
-        m.kvm(),
-        m.vm(),
-        &VcpuConfig {
-            count: 2,
-            template: CpuTemplate::Host,
-        },
-    )
-    .unwrap();
+    let vcpus = two_vcpus(&m);
     assert_eq!(vcpus.count(), 2);
     m.bus()
         .register_pio(
@@ -101,15 +102,7 @@ fn a_vcpu_runs_and_its_reset_ends_the_vm_through_the_exit_chain() {
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn paused_vcpus_run_no_guest_code_until_resumed() {
     let m = machine();
-    let vcpus = Vcpus::create(
-        m.kvm(),
-        m.vm(),
-        &VcpuConfig {
-            count: 2,
-            template: CpuTemplate::Host,
-        },
-    )
-    .unwrap();
+    let vcpus = two_vcpus(&m);
     // 32-bit code at 1 MiB: inc dword [0x200000]; jmp back. (Kernel mode: emulated, about a
     // microsecond an instruction, on kvm_pvm.) vCPU 1 waits for INIT/SIPI inside KVM_RUN.
     let counter = GuestAddress(0x20_0000);

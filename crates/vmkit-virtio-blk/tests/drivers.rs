@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::{Arc, Mutex};
 
-use common::{block, sectors, Pump, TempImage, ENGINES};
+use common::{block, sectors, Pump, ReadsInFlight, TempImage, ENGINES};
 use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, VirtIOBlk, SECTOR_SIZE};
 use virtio_drivers::transport::Transport;
 use virtio_drivers::Error as DriverError;
@@ -239,29 +239,11 @@ fn quiesce_completes_what_is_in_flight_into_the_used_ring() {
     });
     let h = Harness::new(dev.clone());
     let mut drv = VirtIOBlk::<GuestHal, _>::new(h.transport()).unwrap();
-    const N: usize = 8;
-    let mut reqs: Vec<BlkReq> = (0..N).map(|_| BlkReq::default()).collect();
-    let mut resps: Vec<BlkResp> = (0..N).map(|_| BlkResp::default()).collect();
-    let mut bufs: Vec<Vec<u8>> = (0..N).map(|_| vec![0u8; 4096]).collect();
-    let mut tokens = Vec::new();
-    for i in 0..N {
-        // SAFETY: the request, buffer and response live until completion below and are not
-        // touched before.
-        let t = unsafe { drv.read_blocks_nb(i * 8, &mut reqs[i], &mut bufs[i], &mut resps[i]) }
-            .unwrap();
-        tokens.push(t);
-    }
+    let reads = ReadsInFlight::submit(&mut drv, 8);
     // O_DIRECT reads go to the disk: they are still in flight here (inline completions
     // from the page cache would leave nothing to quiesce).
     assert!(dev.lock().unwrap().in_flight() > 0);
     vmkit_virtio::VirtioDevice::quiesce(&mut *dev.lock().unwrap());
     assert_eq!(dev.lock().unwrap().in_flight(), 0);
-    for _ in 0..N {
-        let t = drv.peek_used().expect("every request completed by quiesce");
-        let i = tokens.iter().position(|x| *x == t).unwrap();
-        // SAFETY: the same buffers as given to read_blocks_nb.
-        unsafe { drv.complete_read_blocks(t, &reqs[i], &mut bufs[i], &mut resps[i]) }.unwrap();
-        assert_eq!(resps[i].status(), RespStatus::OK);
-        assert_eq!(bufs[i], vec![0x6Bu8; 4096]);
-    }
+    reads.complete_all(&mut drv, 0x6B);
 }

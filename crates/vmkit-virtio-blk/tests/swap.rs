@@ -6,8 +6,8 @@ mod common;
 use std::fs::File;
 use std::sync::{Arc, Mutex};
 
-use common::{block, sectors, Pump, TempImage, ENGINES};
-use virtio_drivers::device::blk::{BlkReq, BlkResp, RespStatus, VirtIOBlk};
+use common::{block, sectors, Pump, ReadsInFlight, TempImage, ENGINES};
+use virtio_drivers::device::blk::VirtIOBlk;
 use virtio_drivers::transport::{InterruptStatus, Transport};
 use virtio_drivers::Error as DriverError;
 use vmkit_virtio::test_utils::{CamKind, GuestHal, Harness, PciHarness};
@@ -257,18 +257,7 @@ fn a_swap_completes_reads_in_flight_from_the_old_image_first() {
     let dev = block(&a, EngineKind::IoUring, |c| c.direct = true);
     let h = Harness::new(dev.clone());
     let mut drv = VirtIOBlk::<GuestHal, _>::new(h.transport()).unwrap();
-    const N: usize = 8;
-    let mut reqs: Vec<BlkReq> = (0..N).map(|_| BlkReq::default()).collect();
-    let mut resps: Vec<BlkResp> = (0..N).map(|_| BlkResp::default()).collect();
-    let mut bufs: Vec<Vec<u8>> = (0..N).map(|_| vec![0u8; 4096]).collect();
-    let mut tokens = Vec::new();
-    for i in 0..N {
-        // SAFETY: the request, buffer and response live until completion below and are not
-        // touched before.
-        let t = unsafe { drv.read_blocks_nb(i * 8, &mut reqs[i], &mut bufs[i], &mut resps[i]) }
-            .unwrap();
-        tokens.push(t);
-    }
+    let reads = ReadsInFlight::submit(&mut drv, 8);
     // O_DIRECT reads go to the disk: they are still in flight here.
     assert!(dev.lock().unwrap().in_flight() > 0);
     let generation = h.read32(regs::CONFIG_GENERATION);
@@ -276,16 +265,8 @@ fn a_swap_completes_reads_in_flight_from_the_old_image_first() {
     assert_eq!(dev.lock().unwrap().in_flight(), 0);
     // One configuration change: the generation moved by one.
     assert_eq!(h.read32(regs::CONFIG_GENERATION), generation + 1);
-    for _ in 0..N {
-        let t = drv
-            .peek_used()
-            .expect("every request completed by the swap");
-        let i = tokens.iter().position(|x| *x == t).unwrap();
-        // SAFETY: the same buffers as given to read_blocks_nb.
-        unsafe { drv.complete_read_blocks(t, &reqs[i], &mut bufs[i], &mut resps[i]) }.unwrap();
-        assert_eq!(resps[i].status(), RespStatus::OK);
-        assert_eq!(bufs[i], vec![0x6Bu8; 4096], "request {i} served from A");
-    }
+    // Every read completed by the swap, served from A.
+    reads.complete_all(&mut drv, 0x6B);
     assert!(config_changed(&mut drv));
     // Later reads come from B.
     let _pump = Pump::start(&dev);

@@ -68,12 +68,7 @@ fn every_endpoint_boots_pauses_and_resumes_the_test_guest() {
         "{mc}"
     );
     let started = Instant::now();
-    vm.expect(
-        204,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    vm.action("InstanceStart");
     eprintln!("InstanceStart answered in {:?}", started.elapsed());
     assert_eq!(state(&vm), "Running");
     // After the start, the configuration is closed.
@@ -100,19 +95,14 @@ fn every_endpoint_boots_pauses_and_resumes_the_test_guest() {
     let refused = vm.expect(400, "PATCH", "/drives/data", Some(unknown));
     assert!(refused.contains("no such drive"), "{refused}");
 
-    vm.expect(204, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    vm.set_state("Paused");
     assert_eq!(state(&vm), "Paused");
     let before = vm.serial();
     std::thread::sleep(Duration::from_millis(1000));
     let after = vm.serial();
     assert_eq!(before, after, "the guest printed while paused");
-    vm.expect(
-        204,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "FlushMetrics"}"#),
-    );
-    vm.expect(204, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    vm.action("FlushMetrics");
+    vm.set_state("Resumed");
     assert_eq!(state(&vm), "Running");
     vm.wait_serial("tick 5\n", Duration::from_secs(10));
 
@@ -165,11 +155,13 @@ fn every_endpoint_boots_pauses_and_resumes_the_test_guest() {
     assert!(last["api"]["errors"].as_u64().unwrap() >= 1, "{last}");
 }
 
-/// Sends `raw` on a new connection and reads the answer until the server closes.
+/// Sends `raw` on a new connection, closes its sending side (a half-closed client) and reads
+/// the answer until the server closes.
 fn raw(sock: &Path, raw: &[u8]) -> String {
     let mut s = UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(raw).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
@@ -180,81 +172,22 @@ fn malformed_requests_get_400_and_awkward_clients_do_not_stop_the_api() {
     // Nothing here needs KVM: the VM is only configured.
     let dir = Dir::new("malformed");
     let vm = Vmkit::start(&dir, &[]);
+    #[rustfmt::skip]
     let cases: &[(&str, &str, Option<&str>, &str)] = &[
         ("PUT", "/machine-config", Some("{"), "deserializing"),
-        (
-            "PUT",
-            "/machine-config",
-            Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "cpus": 2}"#),
-            "unknown field",
-        ),
-        (
-            "PUT",
-            "/machine-config",
-            Some(r#"{"vcpu_count": "two", "mem_size_mib": 64}"#),
-            "invalid type",
-        ),
-        (
-            "PUT",
-            "/machine-config",
-            Some(r#"{"vcpu_count": 0, "mem_size_mib": 64}"#),
-            "vcpu_count 0",
-        ),
-        (
-            "PUT",
-            "/machine-config",
-            Some(r#"{"vcpu_count": 300, "mem_size_mib": 64}"#),
-            "300",
-        ),
-        (
-            "PUT",
-            "/machine-config",
-            Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "smt": true}"#),
-            "smt",
-        ),
-        (
-            "PUT",
-            "/boot-source",
-            Some(r#"{"kernel_image_path": "/nonexistent"}"#),
-            "/nonexistent",
-        ),
-        (
-            "PUT",
-            "/drives/a",
-            Some(r#"{"drive_id": "b", "path_on_host": "/x", "is_root_device": false}"#),
-            "drive_id",
-        ),
-        (
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "Reboot"}"#),
-            "unknown variant",
-        ),
-        (
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "InstanceStart"}"#),
-            "boot source",
-        ),
-        (
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-            "not running",
-        ),
-        (
-            "PATCH",
-            "/vm",
-            Some(r#"{"state": "Paused"}"#),
-            "not running",
-        ),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "cpus": 2}"#), "unknown field"),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": "two", "mem_size_mib": 64}"#), "invalid type"),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": 0, "mem_size_mib": 64}"#), "vcpu_count 0"),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": 300, "mem_size_mib": 64}"#), "300"),
+        ("PUT", "/machine-config", Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "smt": true}"#), "smt"),
+        ("PUT", "/boot-source", Some(r#"{"kernel_image_path": "/nonexistent"}"#), "/nonexistent"),
+        ("PUT", "/drives/a", Some(r#"{"drive_id": "b", "path_on_host": "/x", "is_root_device": false}"#), "drive_id"),
+        ("PUT", "/actions", Some(r#"{"action_type": "Reboot"}"#), "unknown variant"),
+        ("PUT", "/actions", Some(r#"{"action_type": "InstanceStart"}"#), "boot source"),
+        ("PUT", "/actions", Some(r#"{"action_type": "SendCtrlAltDel"}"#), "not running"),
+        ("PATCH", "/vm", Some(r#"{"state": "Paused"}"#), "not running"),
         ("PUT", "/balloon", Some("{}"), "not supported"),
-        (
-            "GET",
-            "/nowhere",
-            None,
-            "Invalid request method and/or path",
-        ),
+        ("GET", "/nowhere", None, "Invalid request method and/or path"),
         ("DELETE", "/", None, "Invalid request method and/or path"),
         ("PUT", "/entropy", None, "no body"),
     ];
@@ -313,22 +246,12 @@ fn a_guest_that_ignores_sigterm_is_stopped_after_the_grace_period() {
     let dir = Dir::new("sigterm");
     let vm = Vmkit::start(&dir, &["--shutdown-timeout", "1"]);
     configure(&vm, &dir, "hold=ticks:600");
-    vm.expect(
-        204,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    vm.action("InstanceStart");
     vm.wait_serial("tick 2\n", Duration::from_secs(60));
     // The test guest has no keyboard driver: Ctrl-Alt-Del is delivered and ignored.
-    vm.expect(
-        204,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-    );
+    vm.action("SendCtrlAltDel");
     // A pause does not keep a signal from ending the VM.
-    vm.expect(204, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    vm.set_state("Paused");
     let sent = Instant::now();
     vm.signal(libc::SIGTERM);
     let (code, stderr) = vm.wait(Duration::from_secs(20));
@@ -350,12 +273,7 @@ fn a_second_signal_stops_at_once() {
     let dir = Dir::new("twice");
     let vm = Vmkit::start(&dir, &["--shutdown-timeout", "60"]);
     configure(&vm, &dir, "hold=ticks:600");
-    vm.expect(
-        204,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    vm.action("InstanceStart");
     vm.wait_serial("tick 1\n", Duration::from_secs(60));
     vm.signal(libc::SIGINT);
     std::thread::sleep(Duration::from_millis(200));

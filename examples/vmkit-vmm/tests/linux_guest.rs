@@ -1065,23 +1065,13 @@ fn the_api_boots_pauses_and_ctrl_alt_del_ends_the_linux_guest() {
     });
     vm.expect(204, "PUT", "/boot-source", Some(&boot.to_string()));
     vm.expect(204, "PUT", "/entropy", Some("{}"));
-    vm.expect(
-        204,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "InstanceStart"}"#),
-    );
+    vm.action("InstanceStart");
     vm.wait_serial("VMKIT-WAITING", Duration::from_secs(300));
-    vm.expect(204, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#));
+    vm.set_state("Paused");
     assert_eq!(state(&vm), "Paused");
-    vm.expect(204, "PATCH", "/vm", Some(r#"{"state": "Resumed"}"#));
+    vm.set_state("Resumed");
     let sent = Instant::now();
-    vm.expect(
-        204,
-        "PUT",
-        "/actions",
-        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
-    );
+    vm.action("SendCtrlAltDel");
     let (code, stderr) = vm.wait(Duration::from_secs(60));
     let serial = vm_serial(&dir);
     eprintln!("SendCtrlAltDel to the VM's end: {:?}", sent.elapsed());

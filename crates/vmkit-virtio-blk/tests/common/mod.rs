@@ -150,3 +150,56 @@ pub fn settle<M: vmkit_virtio::MappedMemory>(dev: &mut Block<M>) {
         dev.process_completions();
     }
 }
+
+/// Reads of 4 KiB each (8 sectors apart) submitted through virtio-drivers' non-blocking API
+/// and not waited for, with the buffers they complete into.
+pub struct ReadsInFlight {
+    reqs: Vec<virtio_drivers::device::blk::BlkReq>,
+    resps: Vec<virtio_drivers::device::blk::BlkResp>,
+    bufs: Vec<Vec<u8>>,
+    tokens: Vec<u16>,
+}
+
+impl ReadsInFlight {
+    /// Submits `n` reads on `drv`.
+    pub fn submit<H: virtio_drivers::Hal, T: virtio_drivers::transport::Transport>(
+        drv: &mut virtio_drivers::device::blk::VirtIOBlk<H, T>,
+        n: usize,
+    ) -> Self {
+        use virtio_drivers::device::blk::{BlkReq, BlkResp};
+        let mut this = Self {
+            reqs: (0..n).map(|_| BlkReq::default()).collect(),
+            resps: (0..n).map(|_| BlkResp::default()).collect(),
+            bufs: (0..n).map(|_| vec![0u8; 4096]).collect(),
+            tokens: Vec::new(),
+        };
+        for i in 0..n {
+            let (req, buf, resp) = (&mut this.reqs[i], &mut this.bufs[i], &mut this.resps[i]);
+            // SAFETY: the request, buffer and response are heap elements of vectors that are
+            // never resized and live in `this` until `complete_all`; nothing touches them
+            // before.
+            let t = unsafe { drv.read_blocks_nb(i * 8, req, buf, resp) }.unwrap();
+            this.tokens.push(t);
+        }
+        this
+    }
+
+    /// Takes every completion from the used ring (they must all be there) and checks each
+    /// read succeeded with 4 KiB of `byte`.
+    pub fn complete_all<H: virtio_drivers::Hal, T: virtio_drivers::transport::Transport>(
+        mut self,
+        drv: &mut virtio_drivers::device::blk::VirtIOBlk<H, T>,
+        byte: u8,
+    ) {
+        use virtio_drivers::device::blk::RespStatus;
+        for _ in 0..self.tokens.len() {
+            let t = drv.peek_used().expect("every request completed");
+            let i = self.tokens.iter().position(|x| *x == t).unwrap();
+            let (req, buf, resp) = (&self.reqs[i], &mut self.bufs[i], &mut self.resps[i]);
+            // SAFETY: the same buffers as given to read_blocks_nb.
+            unsafe { drv.complete_read_blocks(t, req, buf, resp) }.unwrap();
+            assert_eq!(self.resps[i].status(), RespStatus::OK);
+            assert_eq!(self.bufs[i], vec![byte; 4096], "request {i}");
+        }
+    }
+}

@@ -97,6 +97,19 @@ impl Vmkit {
         answer
     }
 
+    /// `PUT /actions` with `action_type`, which must answer 204.
+    pub fn action(&self, action_type: &str) {
+        let body = format!(r#"{{"action_type": "{action_type}"}}"#);
+        self.expect(204, "PUT", "/actions", Some(&body));
+    }
+
+    /// `PATCH /vm` to `state` (`Paused`, `Resumed`), which must answer 204.
+    pub fn set_state(&self, state: &str) {
+        let body = format!(r#"{{"state": "{state}"}}"#);
+        self.expect(204, "PATCH", "/vm", Some(&body));
+    }
+
+    /// The serial output so far.
     pub fn serial(&self) -> String {
         std::fs::read_to_string(&self.serial).unwrap_or_default()
     }
