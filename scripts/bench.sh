@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every headline figure of vmkit beside QEMU on the same PVH test guest, in one run: start-up,
-# footprint, start rate, exit cost, virtio-rng, virtio-blk (with host fio as the ceiling),
+# footprint, Firecracker's API (vmkit only: round trips, InstanceStart, pause, its memory),
+# start rate, exit cost, virtio-rng, virtio-blk (with host fio as the ceiling),
 # virtio-net (with the host's loopback as the ceiling; needs root for a network namespace and
 # a TAP, else the section says it was not measured), virtio-vsock (hybrid vsock over Unix
 # sockets, with the host's own Unix sockets as the ceiling). Reports numbers; asserts nothing
@@ -9,8 +10,8 @@
 # docs/benchmarks.md (docs/bench/*.svg). Other arguments go to vmkit-bench
 # (examples/vmkit-bench; `target/release/vmkit-bench --help` lists them): --runs N, --pio N,
 # --blk-secs N, --net-secs N, --net-mib N, --vsock-secs N, --vsock-conns N, --baseline PATH,
-# and --only SECTION,... with SECTION one of startup, footprint, rate, rng, blk, net, vsock,
-# exits (e.g. `--only net`).
+# and --only SECTION,... with SECTION one of startup, footprint, api, rate, rng, blk, net,
+# vsock, exits (e.g. `--only net`).
 #
 # --baseline PATH runs a second vmkit binary beside the current one in the same run, as an
 # extra "vmkit (baseline)" column (rows in the row-wise tables) with the ratio
