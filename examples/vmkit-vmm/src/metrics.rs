@@ -128,4 +128,28 @@ mod tests {
         assert!(lines[0]["utc_timestamp_ms"].as_u64().unwrap() > 0);
         assert_eq!(m.due_in(), None);
     }
+
+    #[test]
+    fn a_line_every_interval() {
+        let dir = std::env::temp_dir().join(format!("vmkit-metrics-tick-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.json");
+        let _ = std::fs::remove_file(&path);
+        let mut m = Metrics::new(Some(Duration::from_millis(20)));
+        m.set_destination(&path).unwrap();
+        m.tick();
+        assert!(
+            std::fs::read_to_string(&path).unwrap().is_empty(),
+            "not due yet"
+        );
+        assert!(m.due_in().unwrap() <= Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(25));
+        m.tick();
+        m.tick();
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        assert!(
+            m.due_in().unwrap() > Duration::from_millis(10),
+            "the next one is an interval away"
+        );
+    }
 }
