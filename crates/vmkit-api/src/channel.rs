@@ -5,7 +5,7 @@
 
 use std::sync::mpsc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::request::{ApiRequest, ApiResponse};
 use crate::server::Handler;
@@ -47,7 +47,7 @@ pub struct ApiReceiver {
 ///
 /// [`Error::Io`] if the eventfd cannot be created.
 pub fn channel() -> Result<(ApiSender, ApiReceiver)> {
-    let wake = EventFd::new(EFD_NONBLOCK).map_err(Error::Io)?;
+    let wake = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::Io)?;
     let (tx, rx) = mpsc::channel();
     let sender = ApiSender {
         calls: tx,
@@ -101,5 +101,19 @@ mod tests {
         vmm.join().unwrap();
         // The VMM's end is gone: a clear 503, not a hang.
         assert_eq!(tx.handle(ApiRequest::GetVersion).status, 503);
+    }
+
+    #[test]
+    fn a_call_the_vmm_drops_unanswered_gets_503_not_a_hang() {
+        let (mut tx, rx) = channel().unwrap();
+        let vmm = std::thread::spawn(move || loop {
+            if let Some(call) = rx.pending().into_iter().next() {
+                drop(call);
+                return;
+            }
+            std::thread::yield_now();
+        });
+        assert_eq!(tx.handle(ApiRequest::GetInstanceInfo).status, 503);
+        vmm.join().unwrap();
     }
 }

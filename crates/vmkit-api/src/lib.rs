@@ -6,7 +6,7 @@
 //!   Firecracker's `{"fault_message": ...}` body).
 //! - [`ApiServer`]: HTTP/1.1 on a Unix socket, on its own thread, non-blocking: slow,
 //!   half-closed and many clients cost a connection slot each and nothing more.
-//! - [`channel`]: hands each request to the VMM's thread, which owns the VM, and its answer
+//! - [`mod@channel`]: hands each request to the VMM's thread, which owns the VM, and its answer
 //!   back.
 //!
 //! The crate knows nothing of KVM or devices: a VMM maps [`ApiRequest`]s to its own
@@ -49,4 +49,4 @@ mod server;
 pub use channel::{channel, ApiCall, ApiReceiver, ApiSender};
 pub use error::{Error, Result};
 pub use request::{ApiError, ApiRequest, ApiResponse};
-pub use server::{ApiServer, Handler, Limits, ServerThread};
+pub use server::{ApiServer, Handler, Limits, ServerThread, MAX_PENDING_OUTPUT};

@@ -114,9 +114,6 @@ pub enum ApiError {
         /// The path's value.
         path: String,
     },
-    /// The request is well formed, but the VMM refuses it (the message says why).
-    #[error("{0}")]
-    Refused(String),
 }
 
 impl ApiError {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::http::{self, Parsed, DEFAULT_MAX_BODY_BYTES};
 use crate::request::{ApiRequest, ApiResponse};
@@ -54,6 +54,13 @@ pub struct ApiServer {
     limits: Limits,
 }
 
+impl Drop for ApiServer {
+    /// Removes the socket file: when the server thread ends, or when it could not start.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 /// The server running on its thread; dropping it does not stop it, [`stop`](Self::stop) does.
 #[derive(Debug)]
 pub struct ServerThread {
@@ -70,6 +77,10 @@ impl ServerThread {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// Answers a connection may have waiting for its client to read them: beyond this, the
+/// server stops reading its requests until the client catches up.
+pub const MAX_PENDING_OUTPUT: usize = 64 * 1024;
 
 const LISTENER: u64 = u64::MAX;
 const STOP: u64 = u64::MAX - 1;
@@ -113,7 +124,7 @@ impl ApiServer {
     ///
     /// [`Error::Io`] if the thread or its epoll set cannot be created.
     pub fn spawn<H: Handler + 'static>(self, handler: H) -> Result<ServerThread> {
-        let stop = EventFd::new(EFD_NONBLOCK).map_err(Error::Io)?;
+        let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::Io)?;
         let stop_copy = stop.try_clone().map_err(Error::Io)?;
         let path = self.path.clone();
         let mut server = Serving::new(self, handler, stop_copy)?;
@@ -187,7 +198,10 @@ impl<H: Handler> Serving<H> {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
+                    // Out of descriptors, say: the listener stays readable, so wait a little
+                    // rather than spin.
                     log::warn!("API server: accept: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                     return;
                 }
             };
@@ -252,7 +266,7 @@ impl Connection {
     fn read_requests<H: Handler>(&mut self, handler: &mut H, max_body: usize) {
         let mut buf = [0u8; 4096];
         let limit = http::MAX_HEAD_BYTES + max_body;
-        while !self.closing {
+        while !self.closing && self.output.len() < MAX_PENDING_OUTPUT {
             match self.stream.read(&mut buf) {
                 // The client closed its side: answer what it sent, then close.
                 Ok(0) => self.closing = true,
@@ -337,7 +351,7 @@ impl Connection {
     /// Watches for input while the client may send more, for room while output waits.
     fn update_interest(&mut self, epoll: &Epoll, id: u64) {
         let mut set = EventSet::empty();
-        if !self.closing {
+        if !self.closing && self.output.len() < MAX_PENDING_OUTPUT {
             set |= EventSet::IN;
         }
         if !self.output.is_empty() {
@@ -482,15 +496,56 @@ mod tests {
     }
 
     #[test]
+    fn a_client_that_pipelines_and_does_not_read_holds_nobody_up() {
+        let (t, path) = serve("pipeline", Limits::default());
+        let mut greedy = connect(&path);
+        let mut reader = greedy.try_clone().unwrap();
+        let one = b"GET /version HTTP/1.1\r\n\r\n";
+        // About 800 KB of requests, 3.5 MB of answers: far more than the socket buffers and
+        // MAX_PENDING_OUTPUT hold.
+        const N: usize = 30_000;
+        let all: Vec<u8> = one.iter().copied().cycle().take(one.len() * N).collect();
+        let writer = std::thread::spawn(move || greedy.write_all(&all).unwrap());
+        std::thread::sleep(Duration::from_millis(300));
+        // The server stopped reading this client (its answers wait): the writer is stuck.
+        assert!(
+            !writer.is_finished(),
+            "the server read every request unanswered"
+        );
+        let mut other = connect(&path);
+        other.write_all(one).unwrap();
+        assert!(response(&mut other).starts_with("HTTP/1.1 200"));
+        // The greedy client reads at last: every answer comes.
+        let (mut got, mut buf) = (0, [0u8; 65536]);
+        let mut tail = Vec::new();
+        while got < N {
+            let n = reader
+                .read(&mut buf)
+                .unwrap_or_else(|e| panic!("{e} after {got} answers"));
+            assert!(n > 0, "closed after {got} answers");
+            tail.extend_from_slice(&buf[..n]);
+            got += tail.windows(12).filter(|w| w == b"HTTP/1.1 200").count();
+            // Keep what could be the start of a split marker.
+            let keep = tail.len().min(11);
+            tail.drain(..tail.len() - keep);
+        }
+        writer.join().unwrap();
+        t.stop();
+    }
+
+    #[test]
     fn connections_beyond_the_limit_are_closed_and_the_rest_served() {
         let limits = Limits {
             max_body: 100,
             max_connections: 4,
         };
         let (t, path) = serve("many", limits);
-        let held: Vec<_> = (0..4).map(|_| connect(&path)).collect();
-        // Let the server accept all four.
-        std::thread::sleep(Duration::from_millis(100));
+        let mut held: Vec<_> = (0..4).map(|_| connect(&path)).collect();
+        // A round trip on each: the server has accepted all four.
+        for c in &mut held {
+            c.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+            assert!(response(c).starts_with("HTTP/1.1 200"));
+        }
         let mut extra = connect(&path);
         let mut buf = [0u8; 1];
         assert_eq!(extra.read(&mut buf).unwrap(), 0, "closed at once");
