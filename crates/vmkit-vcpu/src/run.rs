@@ -186,7 +186,8 @@ impl VcpuControl {
     /// are (vacuously when none is live); `false` on timeout, or if no pause is requested
     /// any more (a concurrent [`resume`](Self::resume)).
     pub fn wait_parked(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // A timeout past what an Instant holds waits as long as it takes.
+        let deadline = Instant::now().checked_add(timeout);
         let mut state = self.lock();
         loop {
             if !state.paused {
@@ -195,7 +196,7 @@ impl VcpuControl {
             if state.parked == state.live {
                 return true;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
             if left.is_zero() {
                 return false;
             }
@@ -474,6 +475,14 @@ mod tests {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn an_endless_timeout_does_not_overflow() {
+        let control = VcpuControl::new();
+        control.request_pause();
+        // No live loop: parked at once, whatever the timeout.
+        assert!(control.wait_parked(Duration::MAX));
     }
 
     #[test]
