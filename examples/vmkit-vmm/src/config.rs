@@ -104,12 +104,16 @@ pub struct Args {
     /// `FlushMetrics` and every `--metrics-interval` seconds.
     #[arg(long, alias = "metrics-path", value_name = "PATH")]
     pub metrics_file: Option<PathBuf>,
-    /// Seconds between two metrics lines (0: only on `FlushMetrics` and at the end).
-    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    /// Seconds between two metrics lines (0: only on `FlushMetrics` and at the end; at most a
+    /// day).
+    #[arg(long, default_value_t = 60, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub metrics_interval: u64,
-    /// On SIGTERM, SIGINT or SIGHUP the guest is asked to shut down (Ctrl-Alt-Del on its
-    /// i8042); after this many seconds, or on a second signal, it is stopped.
-    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    /// On SIGTERM, SIGINT or SIGHUP the guest is asked to shut down (the ACPI power button,
+    /// then Ctrl-Alt-Del on its i8042); after this many seconds (at most a day), or on a
+    /// second signal, it is stopped.
+    #[arg(long, default_value_t = 10, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub shutdown_timeout: u64,
 }
 
@@ -599,6 +603,13 @@ mod tests {
         let a = Args::try_parse_from(["vmkit", "--level", "info", "--log-path", "l"]).unwrap();
         assert_eq!(a.log_level, log::LevelFilter::Info);
         assert_eq!(a.log_file, Some(PathBuf::from("l")));
+        for flag in ["--shutdown-timeout", "--metrics-interval"] {
+            assert!(Args::try_parse_from(["vmkit", flag, "86400"]).is_ok());
+            assert!(
+                Args::try_parse_from(["vmkit", flag, "86401"]).is_err(),
+                "{flag}"
+            );
+        }
         assert!(Args::try_parse_from(["vmkit", "--kernel", "k", "--memory", "lots"]).is_err());
         let a = Args::try_parse_from(["vmkit", "--kernel", "k", "--log-level", "debug"]).unwrap();
         assert_eq!(a.log_level, log::LevelFilter::Debug);

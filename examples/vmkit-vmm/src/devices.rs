@@ -156,8 +156,11 @@ fn console_ends(spec: &ConsoleOutput) -> Result<Option<ConsoleEnds>> {
 
 /// The virtio devices of the VM, attached, with what the rest of the VMM needs of them.
 pub struct VirtioDevices {
-    /// The queue event handlers and the console's input, for the event loop.
+    /// The queue event handlers, for the event loop (out of it while the VM is paused).
     pub subscribers: Vec<Subscriber>,
+    /// The console's host input (stdin or its pty), for the event loop: it only buffers, so
+    /// it stays in the loop while the VM is paused (and the console escape keeps working).
+    pub console_input: Option<Subscriber>,
     /// How the guest learns of them through ACPI.
     pub dsdt: Vec<DsdtDevice>,
     /// The devices, for a pause to quiesce them.
@@ -222,7 +225,7 @@ impl VirtioDevices {
             let rng = Rng::new(RngConfig::default())?.with_metrics(counters("entropy".into()));
             devices.push(Arc::new(Mutex::new(rng)));
         }
-        let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut console_input_subscriber = None;
         let mut console_pty = None;
         if let Some(ends) = console_ends(&args.console)? {
             let config = ConsoleConfig::new(ends.output).with_metrics(counters("console".into()));
@@ -231,12 +234,13 @@ impl VirtioDevices {
                 ConsoleOutput::Stdio => Escape::for_stdin(machine.exit().clone()),
                 _ => None,
             };
-            subscribers.extend(console_input(ends.input, console.input(), escape));
+            console_input_subscriber = console_input(ends.input, console.input(), escape);
             console_pty = ends.pty;
             devices.push(Arc::new(Mutex::new(console)));
         }
         let mut this = Self {
-            subscribers,
+            subscribers: Vec::new(),
+            console_input: console_input_subscriber,
             dsdt: Vec::new(),
             devices: devices.clone(),
             metrics,

@@ -156,9 +156,15 @@ impl Host {
 
 impl Drop for Host {
     /// Stops the API server (its socket file is removed) and writes the last metrics line.
+    /// Calls still waiting get a 503 and the VMM's end of the channel goes first, so that the
+    /// server's thread, which may be waiting for an answer, can finish.
     fn drop(&mut self) {
-        if let Some(api) = self.api.take() {
-            api.server.stop();
+        if let Some(Api { server, calls }) = self.api.take() {
+            for call in calls.pending() {
+                call.respond(ApiResponse::error(503, "the microVM has ended"));
+            }
+            drop(calls);
+            server.stop();
         }
         // Without a destination there is nothing to write.
         let _ = self.metrics.flush();

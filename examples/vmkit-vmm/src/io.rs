@@ -12,10 +12,16 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::devices::GuestSerial;
 use crate::terminal::Escape;
 
+/// Keys from a terminal kept while the UART's FIFO is full.
+pub const TERMINAL_BACKLOG: usize = 4096;
+
 /// Feeds host stdin to the guest's serial port.
 ///
-/// While bytes wait for room in the UART's FIFO, stdin is not read; the UART's "input
-/// drained" eventfd says when to try again.
+/// From a pipe or file, stdin is not read while bytes wait for room in the UART's FIFO; the
+/// UART's "input drained" eventfd says when to try again. From a terminal (where the console
+/// escape is looked for) stdin is always read, so that Ctrl-A x works when the guest does not
+/// read its serial port; what waits for the FIFO is bounded by [`TERMINAL_BACKLOG`], and keys
+/// beyond it are dropped, as a UART drops an overrun.
 pub struct StdinToSerial {
     serial: Arc<Mutex<GuestSerial>>,
     drained: EventFd,
@@ -54,7 +60,7 @@ impl MutEventSubscriber for StdinToSerial {
         let stdin = std::io::stdin();
         if events.fd() == self.drained.as_raw_fd() {
             let _ = self.drained.read();
-            if self.paused && self.flush() {
+            if self.flush() && self.paused {
                 // Room again: read stdin again.
                 self.paused = ops.add(Events::new(&stdin, EventSet::IN)).is_err();
             }
@@ -71,14 +77,18 @@ impl MutEventSubscriber for StdinToSerial {
             let _ = ops.remove(Events::empty(&stdin));
             return;
         }
-        match &mut self.escape {
-            Some(escape) => self.pending.extend(escape.pass(&buf[..n])),
-            None => self.pending.extend_from_slice(&buf[..n]),
-        }
-        if !self.flush() {
-            // The FIFO is full: stop reading (epoll is level-triggered) until it drains.
-            self.paused = ops.remove(Events::empty(&stdin)).is_ok();
-        }
+        let Some(escape) = &mut self.escape else {
+            self.pending.extend_from_slice(&buf[..n]);
+            if !self.flush() {
+                // The FIFO is full: stop reading (epoll is level-triggered) until it drains.
+                self.paused = ops.remove(Events::empty(&stdin)).is_ok();
+            }
+            return;
+        };
+        let keys = escape.pass(&buf[..n]);
+        let room = TERMINAL_BACKLOG.saturating_sub(self.pending.len());
+        self.pending.extend(keys.iter().take(room));
+        self.flush();
     }
 
     fn init(&mut self, ops: &mut EventOps) {

@@ -59,11 +59,13 @@ impl log::Log for Facade {
 }
 
 /// Opens a log or metrics destination: appended to if it is a file (created if missing),
-/// written without blocking if it is a FIFO nobody reads yet.
+/// written without blocking if it is a FIFO (opened for reading too, as Firecracker does, so
+/// that opening succeeds while nobody reads it yet; what does not fit is dropped).
 pub fn open_append(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     OpenOptions::new()
         .create(true)
+        .read(true)
         .append(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)

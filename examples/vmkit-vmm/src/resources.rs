@@ -5,8 +5,8 @@ use std::fs::File;
 use std::path::PathBuf;
 
 use vmkit_api::model::{
-    BootSource, CacheType, Drive, DriveUpdate, Entropy, HugePages, IoEngine, MachineConfig,
-    NetworkInterface, VmConfig, Vsock,
+    BootSource, Drive, DriveUpdate, Entropy, HugePages, IoEngine, MachineConfig, NetworkInterface,
+    VmConfig, Vsock,
 };
 use vmkit_virtio_blk::{BlockConfig, DiskSource, EngineKind};
 
@@ -271,9 +271,8 @@ fn disk_spec(d: &Drive) -> Result<DiskSpec, Refusal> {
     if d.drive_id.len() <= 20 && d.drive_id.bytes().all(|b| b.is_ascii_graphic()) {
         config.serial = d.drive_id.clone();
     }
-    // Both cache types offer FLUSH: vmkit always makes a flushed write durable, which is
-    // what "Writeback" promises and more than "Unsafe" does.
-    let _ = d.cache_type.unwrap_or(CacheType::Unsafe);
+    // Both cache types (`d.cache_type`) offer FLUSH: vmkit always makes a flushed write
+    // durable, which is what "Writeback" promises and more than "Unsafe" does.
     config
         .check()
         .map_err(|e| format!("drive {}: {e}", d.drive_id))?;

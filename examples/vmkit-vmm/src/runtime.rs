@@ -41,9 +41,12 @@ impl MutEventSubscriber for Doorbell {
 pub struct Parts {
     /// The event loop, with the exit watcher in it.
     pub events: EventManager<Subscriber>,
-    /// The subscribers that touch the guest (queue handlers, host input), taken out of the
-    /// loop while the VM is paused.
+    /// The subscribers that touch guest memory (the queue handlers), taken out of the loop
+    /// while the VM is paused.
     pub guest_facing: Vec<Subscriber>,
+    /// The operator's input into the serial port and the console: it only buffers, and
+    /// stays in the loop (the console escape works while paused).
+    pub host_input: Vec<Subscriber>,
     /// The virtio devices, quiesced at a pause.
     pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
     /// The vCPU threads.
@@ -94,6 +97,9 @@ impl Running {
             parts
                 .events
                 .add_subscriber(Arc::new(Mutex::new(Doorbell(fd))));
+        }
+        for input in &parts.host_input {
+            parts.events.add_subscriber(input.clone());
         }
         let ids = parts
             .guest_facing
@@ -229,6 +235,12 @@ impl Running {
     /// configuration-change interrupt with its capacity).
     fn patch_drive(&mut self, update: &DriveUpdate) -> Result<(), String> {
         let id = &update.drive_id;
+        if self.guest_ids.is_none() {
+            // The swap completes requests and takes new ones: guest memory would change.
+            return Err(format!(
+                "drive {id}: resume the microVM before changing its drive"
+            ));
+        }
         if update.rate_limiter.as_ref().is_some_and(|r| !r.is_null()) {
             return Err(format!(
                 "drive {id}: rate limiters are not supported by vmkit yet"
@@ -288,6 +300,7 @@ impl Running {
         self.shutdown = Some(Shutdown {
             signal: sig,
             ctrl_alt_del: Some(now + CTRL_ALT_DEL_AFTER.min(grace / 2)),
+            // `--shutdown-timeout` is bounded (a day), so this does not overflow.
             deadline: now + grace,
         });
     }

@@ -211,11 +211,11 @@ impl Vm {
         }
         let parts = Parts {
             events,
-            guest_facing: self
-                .virtio
-                .subscribers
+            guest_facing: self.virtio.subscribers.clone(),
+            host_input: self
+                .stdin
                 .iter()
-                .chain(&self.stdin)
+                .chain(&self.virtio.console_input)
                 .cloned()
                 .collect(),
             devices: self.virtio.devices.clone(),

@@ -416,3 +416,30 @@ fn the_console_on_stdio_gets_a_raw_terminal_and_the_escape() {
         .restored();
     assert!(end.took < Duration::from_secs(5), "{:?}\n{end}", end.took);
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_escape_works_while_paused_and_past_a_full_uart() {
+    let sock = std::env::temp_dir().join(format!("vmkit-tty-api-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&sock);
+    let sock_arg = sock.to_str().unwrap().to_string();
+    let mut s = running(
+        &["--api-sock", &sock_arg, "--cmdline", "hold=ticks:600"],
+        "tick 2",
+    );
+    // The guest never reads COM1: these fill the UART's FIFO and the backlog behind it.
+    s.type_keys(&[b'a'; 512]);
+    let paused = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PATCH"])
+        .args(["--unix-socket", &sock_arg, "http://localhost/vm"])
+        .args(["--data", r#"{"state": "Paused"}"#])
+        .output()
+        .expect("run curl");
+    assert_eq!(String::from_utf8_lossy(&paused.stdout), "204");
+    s.type_keys(b"\x01x");
+    let end = s.end();
+    assert_eq!(end.code, Some(5), "{end}");
+    end.says("vmkit: stopped by the host: the console escape (Ctrl-A x)")
+        .restored();
+    assert!(end.took < Duration::from_secs(5), "{:?}\n{end}", end.took);
+}
