@@ -49,7 +49,8 @@ const CTR_KBD_INT: u8 = 1 << 0;
 const CTR_SYS: u8 = 1 << 2;
 /// Keyboard interface disabled: keyboard bytes are held until it is enabled again.
 const CTR_KBD_DISABLE: u8 = 1 << 4;
-/// Aux (mouse) interface disabled; there is no aux port, so it stays set once set.
+/// Aux (mouse) interface disabled; there is no aux port (the guest may write the command
+/// byte with it clear, which changes nothing: no aux byte ever comes).
 const CTR_AUX_DISABLE: u8 = 1 << 5;
 
 /// The command byte at power-on: keyboard interrupt on, system flag set, no translation to
