@@ -29,10 +29,20 @@ pub struct Resources {
 /// Why a resource is refused: one line, the API's `fault_message`.
 pub type Refusal = String;
 
+/// Checks that `path` is a regular file this process can read (opened without blocking,
+/// so a FIFO named by mistake is refused rather than waited on).
 fn readable(what: &str, path: &str) -> Result<(), Refusal> {
-    File::open(path)
-        .map(drop)
-        .map_err(|e| format!("cannot open {what} {path}: {e}"))
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open {what} {path}: {e}"))?;
+    match file.metadata() {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(format!("{what} {path} is not a regular file")),
+        Err(e) => Err(format!("cannot read {what} {path}: {e}")),
+    }
 }
 
 fn no_rate_limiter(what: &str, limiter: &Option<serde_json::Value>) -> Result<(), Refusal> {
@@ -368,6 +378,18 @@ mod tests {
             initrd_path: None,
         };
         assert!(err(r.set_boot(missing)).contains("/nonexistent/vmlinux"));
+        let fifo = std::env::temp_dir().join(format!("vmkit-res-fifo-{}", std::process::id()));
+        let _ = std::fs::remove_file(&fifo);
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let fifo_boot = BootSource {
+            kernel_image_path: fifo.display().to_string(),
+            boot_args: None,
+            initrd_path: None,
+        };
+        assert!(err(r.set_boot(fifo_boot)).contains("not a regular file"));
+        let _ = std::fs::remove_file(&fifo);
         let exe = existing_file();
         let mut d = drive("a", &exe, false);
         d.rate_limiter = Some(serde_json::json!({"bandwidth": {"size": 1, "refill_time": 1}}));
