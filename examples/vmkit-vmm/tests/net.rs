@@ -303,3 +303,34 @@ fn a_tap_vmkit_may_not_use_is_one_line_at_start() {
         "{err}"
     );
 }
+
+/// Firecracker's config file with a network interface (on the namespace's TAP, by name) and
+/// a vsock: vmkit builds both, and the guest finds them.
+#[test]
+#[cfg_attr(
+    any(no_kvm, not_root),
+    ignore = "needs /dev/kvm and root (a network namespace with a TAP)"
+)]
+fn a_config_file_s_network_interface_and_vsock_reach_the_guest() {
+    let ns = NetNs::create("net-config", 1).expect("network namespace with a TAP");
+    let dir = std::env::temp_dir().join(format!("vmkit-net-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": test_guest(), "boot_args": "exit=poweroff"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": ns.tap, "guest_mac": MAC}],
+        "vsock": {"guest_cid": 3, "uds_path": dir.join("v.sock")},
+    });
+    let path = dir.join("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmkit"));
+    cmd.arg("--config-file").arg(&path);
+    let out = run_vm(cmd);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let context = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    assert!(stdout.contains(": net (version 2)"), "{context}");
+    assert!(stdout.contains(": vsock (version 2)"), "{context}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
