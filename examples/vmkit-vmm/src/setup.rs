@@ -34,6 +34,16 @@ fn machine_of(args: &Args) -> MachineConfig {
     }
 }
 
+/// The machine configuration as it runs: the resources', with the CPU template the command
+/// line gave when they named none.
+fn effective_machine(resources: &Resources, args: &Args) -> MachineConfig {
+    let mut machine = resources.machine().clone();
+    machine
+        .cpu_template
+        .get_or_insert_with(|| args.cpu_template.name().into());
+    machine
+}
+
 /// Builds the VM `args` describe (with `--kernel`).
 pub fn from_args(args: &Args) -> Result<Started> {
     Ok(Started {
@@ -64,7 +74,7 @@ pub fn from_config_file(path: &Path, base: &Args, host: &mut Host) -> Result<Sta
     let args = resources.to_args(base).map_err(bad)?;
     Ok(Started {
         vm: Vm::build(&args)?,
-        machine: resources.machine().clone(),
+        machine: effective_machine(&resources, &args),
     })
 }
 
@@ -152,6 +162,6 @@ fn start(base: &Args, resources: &Resources) -> std::result::Result<Started, Str
     let vm = Vm::build(&args).map_err(|e| format!("cannot start the microVM: {e}"))?;
     Ok(Started {
         vm,
-        machine: resources.machine().clone(),
+        machine: effective_machine(resources, &args),
     })
 }

@@ -71,6 +71,9 @@ fn every_endpoint_boots_pauses_and_resumes_the_test_guest() {
     vm.action("InstanceStart");
     eprintln!("InstanceStart answered in {:?}", started.elapsed());
     assert_eq!(state(&vm), "Running");
+    // As it runs: the CPU template is the command line's, as none was put.
+    let mc = vm.expect(200, "GET", "/machine-config", None);
+    assert!(mc.contains(r#""cpu_template":"host""#), "{mc}");
     // After the start, the configuration is closed.
     let refused = vm.expect(
         400,

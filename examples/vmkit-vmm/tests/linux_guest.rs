@@ -1138,3 +1138,52 @@ fn sigterm_presses_the_acpi_power_button_and_the_linux_guest_powers_off() {
     assert!(!serial.contains("VMKIT-CTRL-ALT-DEL"), "{serial}");
     assert!(took < Duration::from_secs(30), "{took:?}");
 }
+
+/// The Linux guest driven by a Firecracker client from PyPI (firecracker-python): machine,
+/// boot source with initrd, entropy, InstanceStart, pause and resume, SendCtrlAltDel.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_firecracker_python_client_boots_and_ends_the_linux_guest() {
+    use common::api::{Dir, Vmkit};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let a = artifacts();
+    let scripts = repo_root().join("examples/vmkit-vmm/tests/api");
+    let venv = Command::new("bash")
+        .arg(scripts.join("setup-venv.sh"))
+        .output()
+        .expect("run setup-venv.sh");
+    assert!(
+        venv.status.success(),
+        "setup-venv.sh failed:\n{}",
+        String::from_utf8_lossy(&venv.stderr)
+    );
+    let python = String::from_utf8_lossy(&venv.stdout).trim().to_string();
+    let dir = Dir::new("linux-python");
+    // The client sends no cpu_template: the command line's stays.
+    let vm = Vmkit::start(&dir, &["--cpu-template", "pvm"]);
+    let boot_args = format!("{CMDLINE} reboot=k vmkit_test=rng vmkit_wait=120");
+    let out = Command::new(&python)
+        .arg(scripts.join("fc_client_test.py"))
+        .arg("--sock")
+        .arg(&vm.sock)
+        .args(["--kernel", &a.kernel_mmio, "--initrd", &a.initramfs])
+        .args(["--boot-args", &boot_args])
+        .arg("--expect-serial")
+        .arg(&vm.serial)
+        .args(["--expect", "VMKIT-WAITING", "--expect-timeout", "300"])
+        .arg("--ctrl-alt-del")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains(" 0 failed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, stderr) = vm.wait(Duration::from_secs(60));
+    let serial = vm_serial(&dir);
+    assert_eq!(code, Some(GUEST_RESET), "{stderr}\n{serial}");
+    assert!(serial.contains("VMKIT-RESULT rng ok"), "{serial}");
+    assert!(serial.contains("VMKIT-CTRL-ALT-DEL"), "{serial}");
+}
