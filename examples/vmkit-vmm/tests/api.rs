@@ -7,7 +7,6 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::api::{state, Dir, Vmkit};
@@ -358,23 +357,11 @@ fn a_bad_config_file_is_one_line() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_firecracker_python_client_from_pypi_drives_vmkit() {
-    let scripts = common::repo_root().join("examples/vmkit-vmm/tests/api");
-    let venv = Command::new("bash")
-        .arg(scripts.join("setup-venv.sh"))
-        .output()
-        .expect("run setup-venv.sh");
-    assert!(
-        venv.status.success(),
-        "setup-venv.sh (pip install from PyPI) failed:\n{}",
-        String::from_utf8_lossy(&venv.stderr)
-    );
-    let python = String::from_utf8_lossy(&venv.stdout).trim().to_string();
     let dir = Dir::new("python");
     let vm = Vmkit::start(&dir, &[]);
     let guest = test_guest();
     let image = disk(&dir, 4);
-    let out = Command::new(&python)
-        .arg(scripts.join("fc_client_test.py"))
+    let out = common::api::firecracker_python_client()
         .arg("--sock")
         .arg(&vm.sock)
         .arg("--kernel")

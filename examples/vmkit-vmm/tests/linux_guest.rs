@@ -1147,23 +1147,11 @@ fn the_firecracker_python_client_boots_and_ends_the_linux_guest() {
     use common::api::{Dir, Vmkit};
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let a = artifacts();
-    let scripts = repo_root().join("examples/vmkit-vmm/tests/api");
-    let venv = Command::new("bash")
-        .arg(scripts.join("setup-venv.sh"))
-        .output()
-        .expect("run setup-venv.sh");
-    assert!(
-        venv.status.success(),
-        "setup-venv.sh failed:\n{}",
-        String::from_utf8_lossy(&venv.stderr)
-    );
-    let python = String::from_utf8_lossy(&venv.stdout).trim().to_string();
     let dir = Dir::new("linux-python");
     // The client sends no cpu_template: the command line's stays.
     let vm = Vmkit::start(&dir, &["--cpu-template", "pvm"]);
     let boot_args = format!("{CMDLINE} reboot=k vmkit_test=rng vmkit_wait=120");
-    let out = Command::new(&python)
-        .arg(scripts.join("fc_client_test.py"))
+    let out = common::api::firecracker_python_client()
         .arg("--sock")
         .arg(&vm.sock)
         .args(["--kernel", &a.kernel_mmio, "--initrd", &a.initramfs])

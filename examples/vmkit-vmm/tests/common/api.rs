@@ -159,3 +159,22 @@ pub fn state(vm: &Vmkit) -> String {
     let v: serde_json::Value = serde_json::from_str(&info).unwrap();
     v["state"].as_str().unwrap().to_string()
 }
+
+/// `fc_client_test.py` (tests/api/), run with the venv holding the Firecracker client from
+/// PyPI (created once by `setup-venv.sh`), as a command to add arguments to.
+pub fn firecracker_python_client() -> Command {
+    let scripts = crate::common::repo_root().join("examples/vmkit-vmm/tests/api");
+    let venv = Command::new("bash")
+        .arg(scripts.join("setup-venv.sh"))
+        .output()
+        .expect("run setup-venv.sh");
+    assert!(
+        venv.status.success(),
+        "setup-venv.sh (pip install from PyPI) failed:\n{}",
+        String::from_utf8_lossy(&venv.stderr)
+    );
+    let python = String::from_utf8_lossy(&venv.stdout).trim().to_string();
+    let mut cmd = Command::new(python);
+    cmd.arg(scripts.join("fc_client_test.py"));
+    cmd
+}
