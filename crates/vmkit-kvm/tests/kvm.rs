@@ -32,6 +32,17 @@ fn two_vcpus(m: &Machine) -> Vcpus {
     Vcpus::create(m.kvm(), m.vm(), &config).unwrap()
 }
 
+/// `code` at 1 MiB, where vCPU 0 starts (32-bit protected mode, as a PVH entry).
+fn load_code(m: &Machine, vcpus: &Vcpus, code: &[u8]) {
+    let entry = GuestAddress(0x10_0000);
+    m.memory().write_slice(code, entry).unwrap();
+    let pvh = EntryPoint::Pvh {
+        entry,
+        start_info: GuestAddress(0x6000),
+    };
+    vcpus.set_entry(m.memory(), pvh).unwrap();
+}
+
 fn rng() -> Arc<Mutex<dyn VirtioDevice>> {
     Arc::new(Mutex::new(Rng::new(RngConfig::default()).unwrap()))
 }
@@ -70,18 +81,7 @@ fn a_vcpu_runs_and_its_reset_ends_the_vm_through_the_exit_chain() {
         .unwrap();
     // 32-bit code at 1 MiB: mov al, 0xFE; out 0x64, al (the i8042's reset pulse); jmp $.
     let code = [0xB0, 0xFE, 0xE6, 0x64, 0xEB, 0xFE];
-    m.memory()
-        .write_slice(&code, GuestAddress(0x10_0000))
-        .unwrap();
-    vcpus
-        .set_entry(
-            m.memory(),
-            EntryPoint::Pvh {
-                entry: GuestAddress(0x10_0000),
-                start_info: GuestAddress(0x6000),
-            },
-        )
-        .unwrap();
+    load_code(&m, &vcpus, &code);
     let threads = vcpus.start(m.bus().clone(), m.exit().clone()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while m.exit().reason().is_none() {
@@ -107,18 +107,7 @@ fn paused_vcpus_run_no_guest_code_until_resumed() {
     // microsecond an instruction, on kvm_pvm.) vCPU 1 waits for INIT/SIPI inside KVM_RUN.
     let counter = GuestAddress(0x20_0000);
     let code = [0xFF, 0x05, 0x00, 0x00, 0x20, 0x00, 0xEB, 0xF8];
-    m.memory()
-        .write_slice(&code, GuestAddress(0x10_0000))
-        .unwrap();
-    vcpus
-        .set_entry(
-            m.memory(),
-            EntryPoint::Pvh {
-                entry: GuestAddress(0x10_0000),
-                start_info: GuestAddress(0x6000),
-            },
-        )
-        .unwrap();
+    load_code(&m, &vcpus, &code);
     let read = || m.memory().read_obj::<u32>(counter).unwrap();
     let wait_beyond = |value: u32, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(20);

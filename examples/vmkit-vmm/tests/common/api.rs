@@ -160,6 +160,19 @@ pub fn state(vm: &Vmkit) -> String {
     v["state"].as_str().unwrap().to_string()
 }
 
+/// Runs `client` (from [`firecracker_python_client`], its arguments added) and asserts that
+/// every step passed.
+pub fn expect_client_passes(mut client: Command) {
+    let out = client.output().expect("run fc_client_test.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains(" 0 failed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `fc_client_test.py` (tests/api/), run with the venv holding the Firecracker client from
 /// PyPI (created once by `setup-venv.sh`), as a command to add arguments to.
 pub fn firecracker_python_client() -> Command {
