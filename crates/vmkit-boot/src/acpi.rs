@@ -63,8 +63,8 @@ pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
 const NOTIFY_BUTTON_PRESSED: u8 = 0x80;
 
 /// The ACPI Generic Event Device, the power button of this hardware-reduced platform, as
-/// the DSDT describes it: `\_SB.GED_` (`_HID "ACPI0013"`, `_CRS` with the interrupt, edge
-/// and active high, and the event register as `Memory32Fixed`, an operation region over the
+/// the DSDT describes it: `\_SB.GED_` (`_HID "ACPI0013"`, `_CRS` with only the interrupt,
+/// edge and active high, an operation region over the
 /// register, and `_EVT`, which reads it and on bit 0 does `Notify (\_SB.PWRB, 0x80)`), and
 /// `\_SB.PWRB`, a control-method power button (`_HID EISAID("PNP0C0C")`).
 ///
@@ -443,9 +443,13 @@ fn ged_aml(ged: &GedConfig) -> Result<Vec<u8>> {
     let pwrb_uid_name = Name::new("_UID".into(), &ZERO);
     let pwrb = Device::new("PWRB".into(), vec![&pwrb_hid_name, &pwrb_uid_name]);
 
+    // The _CRS holds the interrupt and nothing else: Linux's GED driver (drivers/acpi/evged.c)
+    // requests an interrupt for every _CRS entry and fails the probe on any other kind, after
+    // the interrupt before it was already requested with a handler whose data the failed
+    // probe frees (a guest kernel crash when the button is pressed). The register is the
+    // operation region's alone, as in QEMU's and Cloud Hypervisor's GED.
     let irq = Interrupt::new(true, true, false, false, ged.gsi);
-    let reg = Memory32Fixed::new(false, ged.addr, GED_REGISTER_LEN);
-    let crs = ResourceTemplate::new(vec![&irq, &reg]);
+    let crs = ResourceTemplate::new(vec![&irq]);
     let region = OpRegion::new(
         "GREG".into(),
         OpRegionSpace::SystemMemory,

@@ -1135,6 +1135,13 @@ fn sigterm_presses_the_acpi_power_button_and_the_linux_guest_powers_off() {
     let (code, took, serial, stderr) = sigterm("linux-button", &artifacts().kernel_acpi_pci);
     assert_eq!(code, Some(0), "power-off; {stderr}\n{serial}");
     assert!(serial.contains("VMKIT-POWER-BUTTON"), "{serial}");
+    // The GED probed cleanly (a _CRS Linux cannot parse leaves a freed handler behind, and
+    // the button press then crashes the guest kernel, or happens to work).
+    assert!(!serial.contains("acpi-ged"), "{serial}");
+    assert!(
+        !serial.contains("Oops") && !serial.contains("BUG:"),
+        "{serial}"
+    );
     assert!(!serial.contains("VMKIT-CTRL-ALT-DEL"), "{serial}");
     assert!(took < Duration::from_secs(30), "{took:?}");
 }
