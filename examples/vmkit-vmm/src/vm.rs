@@ -92,9 +92,10 @@ fn create_machine(args: &Args) -> Result<Machine> {
         (false, false) => Backing::TransparentHugePages,
     };
     let mut config = MachineConfig::new(args.memory);
+    // Out of core dumps (MemoryConfig's default): a VMM core holds no guest RAM.
     config.memory = MemoryConfig {
-        size: args.memory,
         backing,
+        ..MemoryConfig::new(args.memory)
     };
     Ok(Machine::new(&config)?)
 }
