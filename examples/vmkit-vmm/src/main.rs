@@ -7,6 +7,7 @@
 //! [`io`], [`terminal`], [`signals`], [`stats`], [`error`].
 
 mod config;
+mod descriptors;
 mod devices;
 mod error;
 mod host;
@@ -67,10 +68,11 @@ fn parse_args() -> std::result::Result<Args, ExitCode> {
     })
 }
 
-/// The stages: the shutdown signals (caught before any thread starts), the log, the
+/// The stages: what this process inherited made close-on-exec, the shutdown signals (caught before any thread starts), the log, the
 /// host's side (API socket, metrics), the VM from the command line, a config file or the
 /// API, and its run. `None`: a signal came before the VM started.
 fn run(args: &Args) -> Result<Option<ExitReason>> {
+    descriptors::inherited_close_on_exec().map_err(Error::Descriptors)?;
     let signals = signals::Signals::block().map_err(Error::Signals)?;
     let logger =
         logger::Logger::install(args.log_level, args.log_file.as_deref()).map_err(Error::Log)?;
