@@ -3,8 +3,9 @@
 //! Reading order: [`config`] (the command line) → [`host`] (the operator's side: API socket,
 //! signals, [`logger`], [`metrics`]) → [`setup`] (the VM described by the command line, a
 //! config file or the API, via [`resources`]) → [`vm`] (the stages: machine, vCPUs,
-//! devices, kernel) → [`runtime`] (the run: API calls, pause, shutdown) → [`devices`],
-//! [`io`], [`terminal`], [`signals`], [`stats`], [`error`].
+//! devices, kernel; [`landlock`] just before the vCPUs start) → [`runtime`] (the run: API
+//! calls, pause, shutdown) → [`devices`], [`io`], [`terminal`], [`signals`], [`stats`],
+//! [`descriptors`], [`error`].
 
 mod config;
 mod descriptors;
@@ -12,6 +13,7 @@ mod devices;
 mod error;
 mod host;
 mod io;
+mod landlock;
 mod logger;
 mod metrics;
 mod net;
