@@ -127,11 +127,11 @@ fn restrict(rules: Option<&Rules>) -> Result<bool, String> {
     let Some(rules) = rules else {
         return Ok(false);
     };
-    let unsupported = |e: landlock::RulesetError| {
-        format!(
-            "--landlock: this kernel does not provide Landlock ({e}); it needs \
-             CONFIG_SECURITY_LANDLOCK and landlock in the lsm= list"
-        )
+    // The crate's error lists every right it asked for: the cause is the kernel's.
+    let unsupported = |_: landlock::RulesetError| {
+        "--landlock: this kernel does not provide Landlock (it needs CONFIG_SECURITY_LANDLOCK \
+         and landlock in the lsm= list)"
+            .to_string()
     };
     // Landlock itself is required; the rights of later ABIs are taken where the kernel has them.
     let ruleset = Ruleset::default()
@@ -141,7 +141,7 @@ fn restrict(rules: Option<&Rules>) -> Result<bool, String> {
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(ABI::V10))
         .map_err(|e| format!("--landlock: {e}"))?;
-    let mut created = ruleset.create().map_err(unsupported)?;
+    let mut created = ruleset.create().map_err(|e| format!("--landlock: {e}"))?;
     for (path, grant) in rules.paths() {
         let fd = PathFd::new(path)
             .map_err(|e| format!("--landlock: cannot open {}: {e}", path.display()))?;
@@ -326,5 +326,30 @@ mod tests {
             .unwrap();
         assert!(e.contains("cannot open /nonexistent/vmkit"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn no_landlock_in_the_kernel_is_an_error_not_a_run_without() {
+        // A thread whose landlock_create_ruleset fails with ENOSYS, as on a kernel without
+        // Landlock (a seccomp filter binds only the thread that installs it).
+        let e = std::thread::spawn(|| {
+            let filter = seccompiler::SeccompFilter::new(
+                [(libc::SYS_landlock_create_ruleset, vec![])].into(),
+                seccompiler::SeccompAction::Allow,
+                seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
+                seccompiler::TargetArch::x86_64,
+            )
+            .unwrap();
+            let program: seccompiler::BpfProgram = filter.try_into().unwrap();
+            seccompiler::apply_filter(&program).unwrap();
+            restrict(Rules::of(&args(&["--landlock"])).as_ref())
+        })
+        .join()
+        .unwrap();
+        let e = e.unwrap_err();
+        assert!(
+            e.starts_with("--landlock: this kernel does not provide Landlock") && !e.contains('\n'),
+            "{e}"
+        );
     }
 }
