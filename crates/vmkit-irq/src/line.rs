@@ -4,7 +4,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// An interrupt line a device can raise.
 ///
@@ -43,7 +43,7 @@ impl EventFdLine {
     /// Creates a line with a fresh non-blocking eventfd.
     pub fn new() -> io::Result<Self> {
         Ok(Self {
-            fd: EventFd::new(EFD_NONBLOCK)?,
+            fd: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
         })
     }
 

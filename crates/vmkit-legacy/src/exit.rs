@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 
 use vm_superio::Trigger;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::error::{Error, Result};
 
@@ -87,7 +87,7 @@ impl EventFdExit {
     /// [`Error::EventFd`] if the eventfd cannot be created.
     pub fn new() -> Result<Self> {
         Ok(Self {
-            fd: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
+            fd: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?,
             reason: Mutex::new(None),
         })
     }

@@ -10,7 +10,8 @@
 //!   arithmetic, no KVM.
 //! * [`create_guest_memory`] maps that layout as a vm-memory [`GuestMemoryMmap`], anonymous and
 //!   `MAP_NORESERVE` (host pages are only taken when the guest touches them), optionally backed
-//!   by huge pages.
+//!   by huge pages, and left out of core dumps (`MADV_DONTDUMP`) unless
+//!   [`MemoryConfig::dumpable`] says otherwise.
 //! * [`register_memory_slots`] (feature `kvm`, on by default) hands the regions to KVM as
 //!   memory slots.
 //!
@@ -85,6 +86,16 @@ pub enum Error {
         size: u64,
         /// What vm-memory reported.
         source: vm_memory::mmap::MmapRegionError,
+    },
+    /// `madvise(MADV_DONTDUMP)` on a region failed: the guest's RAM would be in a core dump.
+    #[error("cannot keep guest memory at {addr:#x} ({size} bytes) out of core dumps: {source}")]
+    DontDump {
+        /// Guest physical address of the region.
+        addr: u64,
+        /// Size of the region.
+        size: u64,
+        /// What madvise reported.
+        source: std::io::Error,
     },
     /// vm-memory rejected the set of regions.
     #[error("cannot build guest memory: {0}")]
@@ -187,14 +198,19 @@ pub struct MemoryConfig {
     pub size: u64,
     /// What backs it.
     pub backing: Backing,
+    /// Whether a core dump of this process holds the guest's RAM. `false` (the default):
+    /// every region is `MADV_DONTDUMP`, so a crashing VMM does not write the guest's memory
+    /// (its secrets, and gigabytes) to disk. `true` for debugging a guest from a VMM core.
+    pub dumpable: bool,
 }
 
 impl MemoryConfig {
-    /// `size` bytes of anonymous memory, with transparent huge pages.
+    /// `size` bytes of anonymous memory, with transparent huge pages, left out of core dumps.
     pub fn new(size: u64) -> Self {
         Self {
             size,
             backing: Backing::default(),
+            dumpable: false,
         }
     }
 }
@@ -239,6 +255,13 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
         if config.backing == Backing::TransparentHugePages {
             advise_huge_pages(mapping.as_ptr(), len);
         }
+        if !config.dumpable {
+            advise_dont_dump(mapping.as_ptr(), len).map_err(|source| Error::DontDump {
+                addr: addr.0,
+                size,
+                source,
+            })?;
+        }
         // The layout's regions never wrap around the address space.
         let region = GuestRegionMmap::new(mapping, addr).ok_or(Error::TooLarge(size))?;
         regions.push(region);
@@ -257,6 +280,18 @@ fn advise_huge_pages(ptr: *mut u8, len: usize) {
         let e = std::io::Error::last_os_error();
         log::debug!("guest memory: no transparent huge pages on this host ({e}); 4 KiB pages");
     }
+}
+
+/// Leaves `len` bytes at `ptr` out of core dumps (`MADV_DONTDUMP`: the `dd` VmFlag).
+fn advise_dont_dump(ptr: *mut u8, len: usize) -> std::io::Result<()> {
+    // SAFETY: `ptr..ptr + len` is a mapping this process just created and owns (vm-memory's
+    // `MmapRegion`); MADV_DONTDUMP only sets VM_DONTDUMP on it, which changes what a core
+    // dump writes, never the mapping's contents or validity.
+    let r = unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTDUMP) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -353,14 +388,43 @@ mod tests {
             .to_string()
     }
 
+    fn has_flag(flags: &str, flag: &str) -> bool {
+        flags.split_whitespace().any(|f| f == flag)
+    }
+
+    #[test]
+    fn guest_memory_is_out_of_core_dumps_unless_asked() {
+        // Both regions of a guest above the gap (MAP_NORESERVE: no host RAM is taken).
+        let config = MemoryConfig {
+            backing: Backing::Anonymous,
+            ..MemoryConfig::new(MMIO_GAP_START + (2 << 20))
+        };
+        let mem = create_guest_memory(&config).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        for region in mem.iter() {
+            let flags = vm_flags(region.as_ptr());
+            assert!(has_flag(&flags, "dd"), "{flags}");
+        }
+        let mem = create_guest_memory(&MemoryConfig::new(16 << 20)).unwrap();
+        let flags = vm_flags(mem.iter().next().unwrap().as_ptr());
+        assert!(has_flag(&flags, "dd"), "THP backing: {flags}");
+        let dumpable = MemoryConfig {
+            dumpable: true,
+            ..MemoryConfig::new(16 << 20)
+        };
+        let mem = create_guest_memory(&dumpable).unwrap();
+        let flags = vm_flags(mem.iter().next().unwrap().as_ptr());
+        assert!(!flags.is_empty() && !has_flag(&flags, "dd"), "{flags}");
+    }
+
     #[test]
     fn transparent_huge_pages_are_asked_for_by_default_only() {
         let thp = create_guest_memory(&MemoryConfig::new(16 << 20)).unwrap();
         let flags = vm_flags(thp.iter().next().unwrap().as_ptr());
         assert!(flags.split_whitespace().any(|f| f == "hg"), "{flags}");
         let plain = create_guest_memory(&MemoryConfig {
-            size: 16 << 20,
             backing: Backing::Anonymous,
+            ..MemoryConfig::new(16 << 20)
         })
         .unwrap();
         let flags = vm_flags(plain.iter().next().unwrap().as_ptr());
@@ -373,8 +437,8 @@ mod tests {
     #[test]
     fn huge_pages_need_aligned_regions() {
         let cfg = MemoryConfig {
-            size: (2 << 20) + PAGE_SIZE,
             backing: Backing::HugePages,
+            ..MemoryConfig::new((2 << 20) + PAGE_SIZE)
         };
         assert!(matches!(
             create_guest_memory(&cfg),
@@ -387,13 +451,16 @@ mod tests {
         // Whether the host has a hugetlb pool is the host's business; either outcome must be
         // a mapped region or a clear Mmap error, never a panic.
         let cfg = MemoryConfig {
-            size: 4 << 20,
             backing: Backing::HugePages,
+            ..MemoryConfig::new(4 << 20)
         };
         match create_guest_memory(&cfg) {
             Ok(mem) => {
                 mem.write_obj(5u8, GuestAddress(0)).unwrap();
                 assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 5);
+                // Out of core dumps, as every backing is by default.
+                let flags = vm_flags(mem.iter().next().unwrap().as_ptr());
+                assert!(has_flag(&flags, "dd"), "{flags}");
             }
             Err(Error::Mmap { size, .. }) => assert_eq!(size, 4 << 20),
             Err(e) => panic!("unexpected error {e}"),

@@ -11,7 +11,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::device::{
     ActivateContext, NeedsReset, VirtioDevice, FEATURE_RING_EVENT_IDX, FEATURE_VERSION_1,
@@ -134,7 +134,7 @@ impl<M: VirtioMemory> VirtioState<M> {
             .collect::<Result<Vec<_>>>()?;
         let notifiers = max_sizes
             .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd))
+            .map(|_| EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd))
             .collect::<Result<Vec<_>>>()?;
         let watches = max_sizes
             .iter()

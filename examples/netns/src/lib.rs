@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::io::ErrorKind;
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::Command;
 use std::thread::JoinHandle;
@@ -90,6 +90,52 @@ impl NetNs {
         ip(&add)?;
         ip(&["-n", n, "addr", "add", "10.77.0.1/24", "dev", tap])?;
         ip(&["-n", n, "link", "set", tap, "up"])
+    }
+
+    /// Adds another TAP `name` (vnet_hdr, one queue, no address), up.
+    pub fn add_tap(&self, name: &str) -> Result<(), String> {
+        let n = self.name.as_str();
+        ip(&[
+            "-n", n, "tuntap", "add", "dev", name, "mode", "tap", "vnet_hdr",
+        ])?;
+        ip(&["-n", n, "link", "set", name, "up"])
+    }
+
+    /// Opens a queue of the TAP `name` in the namespace (as a privileged parent would for an
+    /// unprivileged VMM) without close-on-exec, so the next child this process spawns
+    /// inherits it (`--net fd=N`).
+    pub fn open_inheritable_tap(&self, name: &str) -> Result<OwnedFd, String> {
+        let name = name.to_string();
+        let file = self
+            .spawn_in(move || -> std::io::Result<File> {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/net/tun")?;
+                // SAFETY: all zeros is a valid ifreq.
+                let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+                for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+                    *d = s as libc::c_char;
+                }
+                req.ifr_ifru.ifru_flags =
+                    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+                // SAFETY: TUNSETIFF with a pointer to a live ifreq.
+                if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(file)
+            })
+            .join()
+            .map_err(|_| "the thread opening the TAP panicked".to_string())?
+            .map_err(|e| format!("open the TAP: {e}"))?;
+        // SAFETY: F_SETFD on an fd this process owns, with an integer argument.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) } != 0 {
+            return Err(format!(
+                "clear FD_CLOEXEC: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(OwnedFd::from(file))
     }
 
     /// A Command that runs `program` inside the namespace (`ip netns exec`).

@@ -115,6 +115,43 @@ pub struct Args {
     #[arg(long, default_value_t = 10, value_name = "SECS",
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub shutdown_timeout: u64,
+    /// Restrict vmkit's file system access with Landlock, from just before the vCPUs start, to
+    /// the paths the VM was given (disks, read-only ones read-only; output, log and metrics
+    /// files; the vsock socket's directory) and `--landlock-allow`'s. A `PATCH /drives` to any
+    /// other path is then refused. Fails at start on a kernel without Landlock.
+    #[arg(long)]
+    pub landlock: bool,
+    /// With `--landlock`: also allow PATH (a file, or a directory and all beneath it),
+    /// read-write, or read-only with `:ro` (repeatable), e.g. for the images a `PATCH /drives`
+    /// will swap in.
+    #[arg(long, value_name = "PATH[:ro]", value_parser = parse_landlock_allow,
+          requires = "landlock")]
+    pub landlock_allow: Vec<LandlockAllow>,
+}
+
+/// One `--landlock-allow`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LandlockAllow {
+    /// A file, or a directory (everything beneath it).
+    pub path: PathBuf,
+    /// Read-only (`:ro`), else read-write.
+    pub read_only: bool,
+}
+
+/// Parses `PATH`, `PATH:ro` or `PATH:rw`; an empty path is an error.
+pub fn parse_landlock_allow(s: &str) -> Result<LandlockAllow, String> {
+    let (path, read_only) = match (s.strip_suffix(":ro"), s.strip_suffix(":rw")) {
+        (Some(p), _) => (p, true),
+        (None, Some(p)) => (p, false),
+        (None, None) => (s, false),
+    };
+    if path.is_empty() {
+        return Err(format!("'{s}' has no path (PATH, PATH:ro or PATH:rw)"));
+    }
+    Ok(LandlockAllow {
+        path: PathBuf::from(path),
+        read_only,
+    })
 }
 
 /// Where the serial port's output goes.
@@ -589,6 +626,34 @@ mod tests {
         );
         assert!(parse_console("tty").is_err());
         assert!(parse_console("file=").is_err());
+    }
+
+    #[test]
+    fn landlock_allow() {
+        let ro = parse_landlock_allow("/srv/images:ro").unwrap();
+        assert_eq!(
+            (ro.path, ro.read_only),
+            (PathBuf::from("/srv/images"), true)
+        );
+        let rw = parse_landlock_allow("/srv/a.img:rw").unwrap();
+        assert_eq!(
+            (rw.path, rw.read_only),
+            (PathBuf::from("/srv/a.img"), false)
+        );
+        let plain = parse_landlock_allow("b:c.img").unwrap();
+        assert_eq!(
+            (plain.path, plain.read_only),
+            (PathBuf::from("b:c.img"), false)
+        );
+        for bad in ["", ":ro", ":rw"] {
+            assert!(parse_landlock_allow(bad).is_err(), "{bad}");
+        }
+        // Only with --landlock.
+        assert!(Args::try_parse_from(["vmkit", "--landlock-allow", "/srv"]).is_err());
+        let a =
+            Args::try_parse_from(["vmkit", "--landlock", "--landlock-allow", "/srv:ro"]).unwrap();
+        assert!(a.landlock && a.landlock_allow[0].read_only);
+        assert!(!Args::try_parse_from(["vmkit"]).unwrap().landlock);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use vmkit_virtio::{AtomicMetrics, VirtioDevice};
 use vmkit_virtio_blk::{Block, DiskSource};
 use vmkit_virtio_console::{Console, ConsoleConfig, ConsoleInput, Pty};
 use vmkit_virtio_rng::{Rng, RngConfig};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::config::{Args, ConsoleOutput, SerialOutput, Transport};
 use crate::error::{Error, Result};
@@ -64,7 +64,9 @@ impl LegacyDevices {
         let bus = machine.bus();
         let exit = machine.exit().clone();
         let input_drained = match args.serial {
-            SerialOutput::Stdio => Some(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
+            SerialOutput::Stdio => {
+                Some(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::EventFd)?)
+            }
             _ => None,
         };
         let out: Box<dyn Write + Send> = match &args.serial {

@@ -13,6 +13,13 @@ pub enum Error {
         /// What the system said.
         source: std::io::Error,
     },
+    /// The descriptors vmkit inherited could not be made close-on-exec.
+    #[error("cannot make the inherited file descriptors close-on-exec: {0}")]
+    Descriptors(#[source] std::io::Error),
+    /// `--landlock` cannot be enforced (no Landlock in the kernel, a path that cannot be
+    /// opened); the message names the flag.
+    #[error("{0}")]
+    Landlock(String),
     /// `--memory` asks for more than the host has.
     #[error("--memory {asked} bytes is more than this host's {host} bytes of RAM")]
     MemoryAboveHost {

@@ -3,14 +3,17 @@
 //! Reading order: [`config`] (the command line) → [`host`] (the operator's side: API socket,
 //! signals, [`logger`], [`metrics`]) → [`setup`] (the VM described by the command line, a
 //! config file or the API, via [`resources`]) → [`vm`] (the stages: machine, vCPUs,
-//! devices, kernel) → [`runtime`] (the run: API calls, pause, shutdown) → [`devices`],
-//! [`io`], [`terminal`], [`signals`], [`stats`], [`error`].
+//! devices, kernel; [`landlock`] just before the vCPUs start) → [`runtime`] (the run: API
+//! calls, pause, shutdown) → [`devices`], [`io`], [`terminal`], [`signals`], [`stats`],
+//! [`descriptors`], [`error`].
 
 mod config;
+mod descriptors;
 mod devices;
 mod error;
 mod host;
 mod io;
+mod landlock;
 mod logger;
 mod metrics;
 mod net;
@@ -67,10 +70,11 @@ fn parse_args() -> std::result::Result<Args, ExitCode> {
     })
 }
 
-/// The stages: the shutdown signals (caught before any thread starts), the log, the
+/// The stages: what this process inherited made close-on-exec, the shutdown signals (caught before any thread starts), the log, the
 /// host's side (API socket, metrics), the VM from the command line, a config file or the
 /// API, and its run. `None`: a signal came before the VM started.
 fn run(args: &Args) -> Result<Option<ExitReason>> {
+    descriptors::inherited_close_on_exec().map_err(Error::Descriptors)?;
     let signals = signals::Signals::block().map_err(Error::Signals)?;
     let logger =
         logger::Logger::install(args.log_level, args.log_file.as_deref()).map_err(Error::Log)?;

@@ -61,6 +61,8 @@ pub struct Parts {
     pub machine: MachineConfig,
     /// The disks by `drive_id`, for `PATCH /drives/{id}`.
     pub drives: Vec<(String, Arc<Mutex<Block>>)>,
+    /// `--landlock` restricts what may be opened.
+    pub landlocked: bool,
 }
 
 /// A running VM.
@@ -256,8 +258,9 @@ impl Running {
             return Ok(());
         };
         let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+        let landlocked = self.parts.landlocked;
         disk.replace_disk(std::path::PathBuf::from(path))
-            .map_err(|e| format!("drive {id}: {path}: {e}"))?;
+            .map_err(|e| crate::landlock::drive_error(landlocked, id, path, &e))?;
         log::info!("drive {id} now serves {path}");
         Ok(())
     }

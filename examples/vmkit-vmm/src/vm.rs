@@ -40,6 +40,8 @@ pub struct Vm {
     /// stdin goes to the guest (COM1 or the virtio-console): a terminal there is made raw.
     stdin_to_guest: bool,
     print_stats: bool,
+    /// `--landlock`: the paths the running VM may reach.
+    landlock: Option<crate::landlock::Rules>,
 }
 
 /// The files the command line names, opened before anything else is created.
@@ -92,9 +94,10 @@ fn create_machine(args: &Args) -> Result<Machine> {
         (false, false) => Backing::TransparentHugePages,
     };
     let mut config = MachineConfig::new(args.memory);
+    // Out of core dumps (MemoryConfig's default): a VMM core holds no guest RAM.
     config.memory = MemoryConfig {
-        size: args.memory,
         backing,
+        ..MemoryConfig::new(args.memory)
     };
     Ok(Machine::new(&config)?)
 }
@@ -181,6 +184,7 @@ impl Vm {
             legacy,
             virtio,
             print_stats: args.stats,
+            landlock: crate::landlock::Rules::of(args),
         })
     }
 
@@ -201,6 +205,7 @@ impl Vm {
         }
         // The operator's keys go to the guest while it runs; restored on every way out.
         let _raw = self.stdin_to_guest.then(|| RawMode::enter(0)).flatten();
+        let landlocked = crate::landlock::enforce(self.landlock.as_ref())?;
         if self.print_stats {
             stats::entering_guest();
         }
@@ -225,6 +230,7 @@ impl Vm {
             ged: self.legacy.ged.clone(),
             drives: self.virtio.drives.clone(),
             machine,
+            landlocked,
         };
         let (end, threads) = Running::new(parts, host).until_end(host);
         let vcpu_stats = threads.stop();

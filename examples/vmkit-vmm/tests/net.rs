@@ -113,38 +113,6 @@ fn run_vm_with(mut cmd: Command, inherited: Option<std::os::fd::OwnedFd>) -> Out
     child.wait_with_output().expect("vmkit's output")
 }
 
-/// Opens a queue of the TAP `name` in `ns` (as a privileged parent would for an unprivileged
-/// VMM) without close-on-exec, so the next child inherits it.
-fn open_tap_fd(ns: &NetNs, name: &str) -> std::os::fd::OwnedFd {
-    use std::os::fd::{AsRawFd, OwnedFd};
-    let name = name.to_string();
-    let file = ns
-        .spawn_in(move || -> std::io::Result<std::fs::File> {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/net/tun")?;
-            // SAFETY: all zeros is a valid ifreq.
-            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-            for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
-                *d = s as libc::c_char;
-            }
-            req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-            // SAFETY: TUNSETIFF with a pointer to a live ifreq.
-            if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(file)
-        })
-        .join()
-        .unwrap()
-        .expect("open the TAP");
-    // SAFETY: F_SETFD on an fd this test owns, with an integer argument.
-    let cleared = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, 0) };
-    assert_eq!(cleared, 0);
-    OwnedFd::from(file)
-}
-
 /// The guest on `transport` with a TAP in a new namespace (opened by vmkit by name, or
 /// `by_fd`: opened by the test and handed over as `--net fd=N`), the host's end served from
 /// a thread inside it; every check in one place.
@@ -165,7 +133,7 @@ fn stream_on(transport: &str, by_fd: bool) {
         .expect("listen at 10.77.0.1:5555 in the namespace");
 
     let guest = test_guest();
-    let tap_fd = by_fd.then(|| open_tap_fd(&ns, &ns.tap));
+    let tap_fd = by_fd.then(|| ns.open_inheritable_tap(&ns.tap).expect("open the TAP"));
     let net = match &tap_fd {
         Some(fd) => {
             use std::os::fd::AsRawFd;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use io_uring::{opcode, types, IoUring};
 use vm_memory::{GuestMemoryMmap, Permissions};
 use vmkit_virtio::MappedMemory;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use super::{resolve, BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
 use crate::disk::Disk;
@@ -76,7 +76,7 @@ impl<M: MappedMemory> IoUringEngine<M> {
     pub fn new(disk: Arc<Disk>, max_in_flight: u32) -> io::Result<Self> {
         let entries = max_in_flight.clamp(8, MAX_IN_FLIGHT).next_power_of_two();
         let ring = IoUring::builder().dontfork().build(entries)?;
-        let eventfd = EventFd::new(EFD_NONBLOCK)?;
+        let eventfd = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let capacity = ring.params().sq_entries() as usize;
         Ok(Self {
