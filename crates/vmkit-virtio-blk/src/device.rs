@@ -152,6 +152,7 @@ impl<M: MappedMemory> Block<M> {
                 read_only: config.read_only,
                 direct: config.direct,
                 block_size: config.block_size,
+                lock: config.lock,
             },
         )?);
         let slots = u32::from(config.queues) * u32::from(config.queue_size);
@@ -267,13 +268,17 @@ impl<M: MappedMemory> Block<M> {
     /// Blocks the calling thread (holding the device's lock) until the old image's
     /// requests are done.
     pub fn replace_disk(&mut self, source: impl Into<DiskSource>) -> Result<(), Error> {
-        let disk = Arc::new(Disk::open(
+        // The new image is locked before the old one is let go of (the same file shares
+        // the old one's lock).
+        let disk = Arc::new(Disk::reopen(
             source.into(),
             DiskOptions {
                 read_only: self.requests.read_only,
                 direct: self.disk.direct(),
                 block_size: self.block_size,
+                lock: self.disk.locked(),
             },
+            &self.disk,
         )?);
         if let Some(ctx) = self.active.as_mut() {
             self.requests.drain(ctx);

@@ -142,6 +142,9 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Bypass the host page cache (`O_DIRECT`) for requests whose buffers are aligned.
     pub direct: bool,
+    /// Take an advisory lock on the image (shared when `read_only`, exclusive otherwise),
+    /// so a second VM on it fails to open it ([`Error::Locked`]); on by default.
+    pub lock: bool,
     /// The engine.
     pub engine: EngineKind,
     /// The ID `GET_ID` returns: at most 20 bytes, zero-padded.
@@ -170,6 +173,7 @@ impl BlockConfig {
             source: source.into(),
             read_only: false,
             direct: false,
+            lock: true,
             engine: EngineKind::Sync,
             serial: String::new(),
             queues: 1,
@@ -257,6 +261,21 @@ pub enum Error {
         size: u64,
         /// The block size.
         block_size: u32,
+    },
+    /// Another open image (of this process or another: a second VM on it, say) holds an
+    /// incompatible advisory lock on it: an exclusive one, or a shared one while this
+    /// image is to be written.
+    #[error("disk image {0} is in use by another process (locked)")]
+    Locked(PathBuf),
+    /// The advisory lock could not be taken for another reason (a file system without
+    /// locks: `lock` off skips it).
+    #[error("disk image {path}: cannot lock it: {source}")]
+    Lock {
+        /// The image.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
     },
     /// `direct` was asked for but the file system refuses `O_DIRECT`.
     #[error("disk image {path}: O_DIRECT not supported here: {source}")]

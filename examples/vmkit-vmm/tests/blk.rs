@@ -1,6 +1,6 @@
 //! virtio-blk through the test guest's virtio-drivers, on both transports and both engines:
 //! verify passes, requests in flight, read-only disks, durability after FLUSH + SIGKILL, and
-//! discard holes the host sees.
+//! discard holes the host sees, and the image locks (a second VM on an image fails at start).
 
 mod common;
 
@@ -266,4 +266,138 @@ fn unusable_disks_are_one_line_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A VM on `disk` that booted (so it opened and locked the image) and waits, in the test
+/// guest's `hold=serial`, for a byte on its stdin (at most 10 s), then powers off.
+struct Held {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: String,
+}
+
+impl Held {
+    fn start(disk: &str) -> Self {
+        let guest = common::test_guest();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vmkit"))
+            .args(["--kernel", guest.to_str().unwrap(), "--disk", disk])
+            .args(["--cmdline", "hold=serial"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let mut held = Held {
+            child,
+            lines,
+            seen: String::new(),
+        };
+        held.wait_for("hold: waiting for a byte on COM1");
+        held
+    }
+
+    fn wait_for(&mut self, needle: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !self.seen.contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?}:\n{}",
+                self.seen
+            );
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                self.seen.push_str(&l);
+                self.seen.push('\n');
+            }
+        }
+    }
+
+    /// Sends the byte; the guest powers off and the VMM exits 0.
+    fn release(mut self) {
+        self.child.stdin.as_mut().unwrap().write_all(b"x").unwrap();
+        self.wait_for("exit: poweroff");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "{status}\n{}", self.seen);
+        assert!(
+            !self.seen.contains("FAIL"),
+            "held past the guest's 10 s:\n{}",
+            self.seen
+        );
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `vmkit` on `disk` that must fail at start: exit 1, and its one line.
+fn refused(disk: &str) -> String {
+    let guest = common::test_guest();
+    let out = vmkit(
+        &["--kernel", guest.to_str().unwrap(), "--disk", disk],
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{disk}: {err}");
+    assert_eq!(err.lines().count(), 1, "{disk}: {err}");
+    err
+}
+
+/// `vmkit` on `disk` that must boot and power off.
+fn boots(disk: &str) {
+    boot(disk, &[], "exit=poweroff")
+        .ok()
+        .says(&["exit: poweroff"]);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_second_vm_on_a_written_image_fails_at_start() {
+    let img = Image::new("lock-rw", 4, 0);
+    let locked = format!(
+        "vmkit: --disk {p}: disk image {p} is in use by another process (locked)",
+        p = img.path()
+    );
+    for engine in ["sync", "io_uring"] {
+        let rw = format!("path={},engine={engine}", img.path());
+        let ro = format!("path={},readonly=on", img.path());
+        let first = Held::start(&rw);
+        // Neither a writer nor a reader gets in while it runs.
+        assert_eq!(refused(&rw).trim_end(), locked, "{engine}");
+        assert_eq!(refused(&ro).trim_end(), locked, "{engine}");
+        // lock=off is the way around it (on the caller's head).
+        boots(&format!("{ro},lock=off"));
+        // A clean exit releases it: a third VM starts.
+        first.release();
+        boots(&rw);
+    }
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn read_only_vms_share_an_image_and_keep_writers_out() {
+    let img = Image::new("lock-ro", 4, 0x5a);
+    let ro = format!("path={},readonly=on", img.path());
+    let a = Held::start(&ro);
+    let b = Held::start(&ro); // both hold it at once
+    let err = refused(&format!("path={}", img.path()));
+    assert!(
+        err.contains("is in use by another process (locked)"),
+        "{err}"
+    );
+    a.release();
+    // One reader left is still enough to keep a writer out.
+    let err = refused(&format!("path={},engine=io_uring", img.path()));
+    assert!(err.contains("(locked)"), "{err}");
+    b.release();
+    boots(&format!("path={}", img.path()));
 }

@@ -73,6 +73,7 @@ fn disk(img: &TempImage, direct: bool) -> Arc<Disk> {
                 read_only: false,
                 direct,
                 block_size: 512,
+                lock: true,
             },
         )
         .unwrap(),
@@ -89,9 +90,11 @@ fn memory() -> GuestMemoryMmap {
 }
 
 fn engines(img: &TempImage, direct: bool) -> Vec<Box<dyn BlockEngine>> {
+    // One disk for both: it holds the image's (exclusive) lock.
+    let d = disk(img, direct);
     vec![
-        Box::new(SyncEngine::new(disk(img, direct))),
-        Box::new(IoUringEngine::new(disk(img, direct), 64).unwrap()),
+        Box::new(SyncEngine::new(d.clone())),
+        Box::new(IoUringEngine::new(d, 64).unwrap()),
     ]
 }
 
