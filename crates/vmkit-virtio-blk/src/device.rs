@@ -157,10 +157,14 @@ impl<M: MappedMemory> Block<M> {
         )?);
         let slots = u32::from(config.queues) * u32::from(config.queue_size);
         let engine: Box<dyn BlockEngine<M>> = match config.engine {
-            EngineKind::Sync => Box::new(SyncEngine::new(disk.clone())),
-            EngineKind::IoUring => {
-                Box::new(IoUringEngine::new(disk.clone(), slots).map_err(Error::IoUring)?)
+            EngineKind::Sync => {
+                Box::new(SyncEngine::new(disk.clone()).with_observer(config.observer))
             }
+            EngineKind::IoUring => Box::new(
+                IoUringEngine::new(disk.clone(), slots)
+                    .map_err(Error::IoUring)?
+                    .with_observer(config.observer),
+            ),
         };
         let queues = usize::from(config.queues);
         Ok(Self {

@@ -66,7 +66,9 @@ use vmkit_virtio::{DeviceMetrics, NoMetrics};
 
 pub use device::{Block, BlockStats, CONFIG_SPACE_SIZE};
 pub use disk::{Disk, DiskOptions, DEFAULT_DIRECT_ALIGN};
-pub use engine::{BlockEngine, BlockOp, Completion, IoUringEngine, SyncEngine};
+pub use engine::{
+    BlockEngine, BlockOp, Completion, IoObserver, IoUringEngine, NoObserver, SyncEngine,
+};
 
 /// The virtio device ID of a block device.
 pub const BLOCK_DEVICE_TYPE: u32 = 2;
@@ -163,6 +165,9 @@ pub struct BlockConfig {
     /// Where the device counts (default [`NoMetrics`]); see the
     /// crate's README for what each [`Counter`](vmkit_virtio::Counter) means here.
     pub metrics: Arc<dyn DeviceMetrics>,
+    /// What the engine reports as each request's transfer and sync finish (default
+    /// [`NoObserver`]): a seam for tracing and for the durability tests.
+    pub observer: Arc<dyn IoObserver>,
 }
 
 impl BlockConfig {
@@ -181,6 +186,7 @@ impl BlockConfig {
             block_size: 512,
             poll_us: 0,
             metrics: Arc::new(NoMetrics),
+            observer: Arc::new(NoObserver),
         }
     }
 

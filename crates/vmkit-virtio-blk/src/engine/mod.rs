@@ -117,6 +117,32 @@ pub trait BlockEngine<M: MappedMemory = GuestMemoryMmap>: Send + fmt::Debug {
     fn replace_disk(&mut self, disk: Arc<Disk>) -> io::Result<()>;
 }
 
+/// What an engine reports as each step of an operation finishes, on the thread that sees it
+/// (the one that submits for [`SyncEngine`], the one that reaps for [`IoUringEngine`]), before
+/// the operation is handed back as done. A seam for tracing, and what the durability tests
+/// stand on: they record these steps with the used ring's index at that moment, so a FLUSH
+/// (or a write-through write) that reaches the used ring before its sync returned, or with
+/// no sync at all, is seen. The default methods do nothing ([`NoObserver`]).
+pub trait IoObserver: Send + Sync + fmt::Debug {
+    /// The data of operation `token` moved (all of it: a write reached the file, a read
+    /// filled guest memory).
+    fn transferred(&self, token: u64) {
+        let _ = token;
+    }
+
+    /// The `fdatasync` of operation `token` (a FLUSH, or the write-through sync after a
+    /// write) returned `result`.
+    fn synced(&self, token: u64, result: &io::Result<()>) {
+        let _ = (token, result);
+    }
+}
+
+/// The [`IoObserver`] that observes nothing (the default).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl IoObserver for NoObserver {}
+
 pub(crate) use vmkit_virtio::IoVecs;
 
 /// The iovecs of `segments` in `memory`, for the kernel to read (`access` Read) or write

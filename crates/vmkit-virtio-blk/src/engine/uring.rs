@@ -10,7 +10,7 @@ use vm_memory::{GuestMemoryMmap, Permissions};
 use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{resolve, BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
+use super::{resolve, BlockEngine, BlockOp, Completion, IoObserver, IoVecs, NoObserver, IOV_MAX};
 use crate::disk::Disk;
 
 /// The most operations one engine keeps in flight (and its submission queue size).
@@ -58,6 +58,7 @@ pub struct IoUringEngine<M: MappedMemory = GuestMemoryMmap> {
     capacity: usize,
     /// Entries pushed to the submission queue and not yet handed to the kernel.
     unsubmitted: usize,
+    observer: Arc<dyn IoObserver>,
 }
 
 impl<M: MappedMemory> std::fmt::Debug for IoUringEngine<M> {
@@ -89,7 +90,15 @@ impl<M: MappedMemory> IoUringEngine<M> {
             in_flight: 0,
             capacity,
             unsubmitted: 0,
+            observer: Arc::new(NoObserver),
         })
+    }
+
+    /// Reports each step to `observer` (see [`IoObserver`]): the transfer when its last
+    /// completion is reaped, the sync when the `IORING_OP_FSYNC` completion is.
+    pub fn with_observer(mut self, observer: Arc<dyn IoObserver>) -> Self {
+        self.observer = observer;
+        self
     }
 
     fn alloc(&mut self, f: InFlight) -> usize {
@@ -160,11 +169,19 @@ impl<M: MappedMemory> IoUringEngine<M> {
             if res == -libc::EINTR || res == -libc::EAGAIN {
                 // Resubmit the same stage.
             } else {
+                if f.stage == Stage::Sync {
+                    self.observer
+                        .synced(f.token, &Err(io::Error::from_raw_os_error(-res)));
+                }
                 outcome = Some(Err(io::Error::from_raw_os_error(-res)));
             }
         } else {
             match f.stage {
-                Stage::Sync => outcome = Some(Ok(())),
+                Stage::Sync => {
+                    let r = Ok(());
+                    self.observer.synced(f.token, &r);
+                    outcome = Some(r);
+                }
                 Stage::Transfer if res == 0 => {
                     outcome = Some(Err(if f.write {
                         io::Error::from(io::ErrorKind::WriteZero)
@@ -179,6 +196,7 @@ impl<M: MappedMemory> IoUringEngine<M> {
                     f.iov.advance(&mut start, n);
                     f.start = start;
                     if f.start >= f.iov.len() {
+                        self.observer.transferred(f.token);
                         if f.sync_after {
                             f.stage = Stage::Sync;
                         } else {
@@ -283,7 +301,17 @@ impl<M: MappedMemory> BlockEngine<M> for IoUringEngine<M> {
                 let r = ranges
                     .iter()
                     .try_for_each(|(off, len, unmap)| self.disk.write_zeroes(*off, *len, *unmap));
-                return Some(r.and_then(|()| if sync { self.disk.datasync() } else { Ok(()) }));
+                if r.is_ok() {
+                    self.observer.transferred(token);
+                }
+                return Some(r.and_then(|()| {
+                    if !sync {
+                        return Ok(());
+                    }
+                    let r = self.disk.datasync();
+                    self.observer.synced(token, &r);
+                    r
+                }));
             }
         };
         // The kernel writes guest memory for a read, reads it for a write.
