@@ -82,9 +82,22 @@ pub trait BlockEngine<M: MappedMemory = GuestMemoryMmap>: Send + fmt::Debug {
     /// Starts serving requests on this guest memory (a clone is kept while attached).
     fn attach(&mut self, memory: M);
 
-    /// Waits for every operation in flight (their completions are dropped: the driver
-    /// reset the device) and lets go of the guest memory.
+    /// Lets go of the guest memory for new operations (the driver reset the device), and
+    /// returns at once: every operation in flight is orphaned — cancelled where the engine
+    /// can — and its completion, when [`reap`](Self::reap) meets it, is dropped, never
+    /// reported. Until then the kernel may still write into the buffers of an orphaned
+    /// read: the engine keeps its clone of the memory mapped until the last orphan is
+    /// reaped ([`cancelling`](Self::cancelling) is then 0). Orphans count as
+    /// [in flight](Self::in_flight).
     fn detach(&mut self);
+
+    /// Orphans of [`detach`](Self::detach) (and cancellations) not reaped yet. A device
+    /// must not let a driver that re-activated it reuse buffers while this is not 0: an
+    /// orphaned read could still land in them. Default: 0 (engines that complete in
+    /// [`submit`](Self::submit)).
+    fn cancelling(&self) -> usize {
+        0
+    }
 
     /// Whether another operation can be submitted now (an engine bounds what it has in
     /// flight; the device stops taking requests from the rings until completions free room).
