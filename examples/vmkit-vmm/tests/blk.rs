@@ -147,7 +147,7 @@ fn write_flush_kill(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{program} (for strace: apt-get install strace): {e}"));
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -243,7 +243,7 @@ fn flush_is_an_fdatasync_before_the_guest_sees_it() {
         "-e",
         "signal=none",
         "-e",
-        "trace=fdatasync,fsync,write,writev",
+        "trace=fdatasync,fsync,write,writev,pwritev,pwrite64",
         "-o",
         &log_s,
         "--",
@@ -284,6 +284,16 @@ fn flush_is_an_fdatasync_before_the_guest_sees_it() {
             "no fdatasync of the image returned before the VMM was killed\nguest:\n{serial}\ntrace:\n{trace}"
         );
     };
+    // The FLUSH's own sync, not a write-through one: the driver negotiated FLUSH.
+    assert!(!serial.contains("no FLUSH feature"), "{serial}");
+    // The guest's write of sector 100 reached the file (pwritev) before that sync.
+    let wrote = lines[..at]
+        .iter()
+        .any(|l| l.contains("pwritev(") && l.contains(&img) && l.contains(", 51200) = 512"));
+    assert!(
+        wrote,
+        "no pwritev of sector 100 before the fdatasync\n{trace}"
+    );
     let before = stdout_before(at);
     let all = stdout_before(lines.len());
     assert!(
