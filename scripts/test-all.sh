@@ -19,6 +19,8 @@ command -v lz4 >/dev/null || need_apt+=(lz4)
 # The virtio-net tests: a TAP in a network namespace (ip), the host pinging the guest (ping).
 command -v ip >/dev/null || need_apt+=(iproute2)
 command -v ping >/dev/null || need_apt+=(iputils-ping)
+# The blk durability test watches vmkit's fdatasync from outside (strace).
+command -v strace >/dev/null || need_apt+=(strace)
 # The API tests: curl --unix-socket, and a venv for the Firecracker client from PyPI.
 command -v curl >/dev/null || need_apt+=(curl)
 command -v python3 >/dev/null || need_apt+=(python3)

@@ -143,6 +143,29 @@ impl Block {
 impl<M: MappedMemory> Block<M> {
     /// As [`Block::new`], for guest memory of type `M`.
     pub fn for_memory(config: BlockConfig) -> Result<Self, Error> {
+        let kind = config.engine;
+        let observer = config.observer.clone();
+        let slots = u32::from(config.queues) * u32::from(config.queue_size);
+        Self::with_engine(config, |disk| {
+            let engine: Box<dyn BlockEngine<M>> = match kind {
+                EngineKind::Sync => Box::new(SyncEngine::new(disk).with_observer(observer)),
+                EngineKind::IoUring => Box::new(
+                    IoUringEngine::new(disk, slots)
+                        .map_err(Error::IoUring)?
+                        .with_observer(observer),
+                ),
+            };
+            Ok(engine)
+        })
+    }
+
+    /// As [`Block::for_memory`], with the engine `engine` makes on the opened image instead
+    /// of the one `config.engine` names (which is ignored): another backend, or one a test
+    /// controls.
+    pub fn with_engine(
+        config: BlockConfig,
+        engine: impl FnOnce(Arc<Disk>) -> Result<Box<dyn BlockEngine<M>>, Error>,
+    ) -> Result<Self, Error> {
         config.check()?;
         let mut serial = [0u8; ID_BYTES];
         serial[..config.serial.len()].copy_from_slice(config.serial.as_bytes());
@@ -152,15 +175,10 @@ impl<M: MappedMemory> Block<M> {
                 read_only: config.read_only,
                 direct: config.direct,
                 block_size: config.block_size,
+                lock: config.lock,
             },
         )?);
-        let slots = u32::from(config.queues) * u32::from(config.queue_size);
-        let engine: Box<dyn BlockEngine<M>> = match config.engine {
-            EngineKind::Sync => Box::new(SyncEngine::new(disk.clone())),
-            EngineKind::IoUring => {
-                Box::new(IoUringEngine::new(disk.clone(), slots).map_err(Error::IoUring)?)
-            }
-        };
+        let engine = engine(disk.clone())?;
         let queues = usize::from(config.queues);
         Ok(Self {
             requests: Requests {
@@ -230,6 +248,8 @@ impl<M: MappedMemory> Block<M> {
     pub fn process_completions(&mut self) -> usize {
         let limits = self.limits();
         let Some(ctx) = self.active.as_mut() else {
+            // Reset: only orphans can complete, and the engine drops them.
+            self.requests.reap_orphans();
             return 0;
         };
         let r = &mut self.requests;
@@ -267,16 +287,21 @@ impl<M: MappedMemory> Block<M> {
     /// Blocks the calling thread (holding the device's lock) until the old image's
     /// requests are done.
     pub fn replace_disk(&mut self, source: impl Into<DiskSource>) -> Result<(), Error> {
-        let disk = Arc::new(Disk::open(
+        // The new image is locked before the old one is let go of (the same file shares
+        // the old one's lock).
+        let disk = Arc::new(Disk::reopen(
             source.into(),
             DiskOptions {
                 read_only: self.requests.read_only,
                 direct: self.disk.direct(),
                 block_size: self.block_size,
+                lock: self.disk.locked(),
             },
+            &self.disk,
         )?);
-        if let Some(ctx) = self.active.as_mut() {
-            self.requests.drain(ctx);
+        match self.active.as_mut() {
+            Some(ctx) => self.requests.drain(ctx),
+            None => self.requests.wait_orphans(),
         }
         let swapped = self.requests.engine.replace_disk(disk.clone());
         if swapped.is_ok() {
@@ -347,7 +372,11 @@ impl<M: MappedMemory> Requests<M> {
     /// has fewer than its size in flight.
     fn has_room(&self, q: &ActiveQueue<M>) -> bool {
         let in_flight = self.queue_in_flight.get(usize::from(q.index()));
-        self.engine.can_submit() && in_flight.is_some_and(|n| *n < u32::from(q.size()))
+        // After a reset, the requests orphaned in flight must be over before a buffer the
+        // re-activated driver offers can be used: one of them could still land in it.
+        self.engine.cancelling() == 0
+            && self.engine.can_submit()
+            && in_flight.is_some_and(|n| *n < u32::from(q.size()))
     }
 
     fn set_starved(&mut self, index: u16, starved: bool) {
@@ -605,12 +634,32 @@ impl<M: MappedMemory> Requests<M> {
     /// interrupts); takes no new request.
     fn drain(&mut self, ctx: &mut ActivateContext<M>) {
         self.reap(ctx);
-        while self.engine.in_flight() > 0 {
+        while self.engine.in_flight() > 0 || self.engine.cancelling() > 0 {
             if let Some(fd) = self.engine.completion_fd() {
                 let _ = fd.read();
                 wait_readable(fd, 10);
             }
             self.reap(ctx);
+        }
+    }
+
+    /// Reaps while not active: everything in flight is an orphan of the reset, whose
+    /// completion the engine drops (nothing here touches a ring).
+    fn reap_orphans(&mut self) {
+        self.engine.reap(&mut self.completions);
+        debug_assert!(self.completions.is_empty(), "only orphans are in flight");
+        self.completions.clear();
+    }
+
+    /// Waits, while not active, until the orphans of the reset are over.
+    fn wait_orphans(&mut self) {
+        self.reap_orphans();
+        while self.engine.in_flight() > 0 || self.engine.cancelling() > 0 {
+            if let Some(fd) = self.engine.completion_fd() {
+                let _ = fd.read();
+                wait_readable(fd, 10);
+            }
+            self.reap_orphans();
         }
     }
 
@@ -704,6 +753,8 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
 
     fn quiesce(&mut self) {
         let Some(ctx) = self.active.as_mut() else {
+            // Orphans of a reset may still write guest memory: a pause waits for them too.
+            self.requests.wait_orphans();
             return;
         };
         // Completions of what is in flight go to the used rings; no new request is taken.
@@ -712,9 +763,14 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
     }
 
     fn reset(&mut self) -> Option<ActivateContext<M>> {
-        // Nothing may touch guest memory after the reset: wait for what is in flight.
+        // Returns at once (the vCPU that wrote status 0 holds the device's lock): what is
+        // in flight is orphaned in the engine, which drops its completions when the device
+        // thread reaps them (`process_completions`), so no status byte or used ring is
+        // written after this. A re-activation is accepted meanwhile, but its queues take no
+        // request until the orphans are over (`has_room`).
         let r = &mut self.requests;
         r.engine.detach();
+        r.completions.clear();
         r.pending.clear();
         r.free.clear();
         r.queue_in_flight.fill(0);

@@ -3,9 +3,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::request::SECTOR_SIZE;
 use crate::{DiskSource, Error};
@@ -22,6 +23,8 @@ pub struct DiskOptions {
     pub direct: bool,
     /// The size must be a multiple of this (512, or the configured block size).
     pub block_size: u32,
+    /// Take an advisory lock on the image (see [`Disk::open`]).
+    pub lock: bool,
 }
 
 /// An opened, validated image, shared by the device and its engine.
@@ -36,16 +39,45 @@ pub struct Disk {
     align: u32,
     size: u64,
     read_only: bool,
+    /// A duplicate of the descriptor holding the advisory lock (the lock belongs to its open
+    /// file description and lives as long as any descriptor of it), shared by a [`Disk`]
+    /// reopened on the same file ([`Disk::reopen`]). `None` with `lock: false`.
+    lock: Option<Arc<File>>,
+    /// `(st_dev, st_ino)` of the image: tells a reopen of the same file.
+    id: (u64, u64),
 }
 
 impl Disk {
     /// Opens and validates the image: it exists, is a regular file or a block device, is
     /// writable unless `read_only`, is a non-zero multiple of `block_size` bytes.
+    ///
+    /// With `options.lock`, takes a non-blocking advisory lock on the whole image, as QEMU
+    /// and Cloud Hypervisor do: shared (`F_RDLCK`) when `read_only`, exclusive (`F_WRLCK`)
+    /// otherwise, an open file description lock (`F_OFD_SETLK`) released when the [`Disk`]
+    /// is dropped. An image another [`Disk`] (in this process or another) holds
+    /// incompatibly is [`Error::Locked`].
     pub fn open(source: DiskSource, options: DiskOptions) -> Result<Self, Error> {
+        Self::open_with(source, options, None)
+    }
+
+    /// As [`open`](Self::open), for an image that replaces `current`: when both are the same
+    /// file, the new [`Disk`] shares `current`'s lock instead of conflicting with it (so a
+    /// device can be handed the image it already serves, resized say). A different file is
+    /// locked before `current` is let go of.
+    pub fn reopen(source: DiskSource, options: DiskOptions, current: &Disk) -> Result<Self, Error> {
+        Self::open_with(source, options, Some(current))
+    }
+
+    fn open_with(
+        source: DiskSource,
+        options: DiskOptions,
+        current: Option<&Disk>,
+    ) -> Result<Self, Error> {
         let DiskOptions {
             read_only,
             direct,
             block_size,
+            lock,
         } = options;
         let (file, path) = match source {
             DiskSource::Path(path) => (open_path(&path, read_only, false)?, path),
@@ -87,6 +119,12 @@ impl Disk {
                 source: io::Error::from_raw_os_error(libc::EBADF),
             });
         }
+        let id = (meta.dev(), meta.ino());
+        let lock = match current {
+            Some(cur) if lock && cur.id == id && cur.read_only == read_only => cur.lock.clone(),
+            _ if lock => Some(Arc::new(lock_image(&file, &path, read_only)?)),
+            _ => None,
+        };
         let size = file_size(&file).map_err(|source| Error::Open {
             path: path.clone(),
             source,
@@ -116,7 +154,14 @@ impl Disk {
             align,
             size,
             read_only,
+            lock,
+            id,
         })
+    }
+
+    /// Whether this [`Disk`] holds an advisory lock on its image.
+    pub fn locked(&self) -> bool {
+        self.lock.is_some()
     }
 
     /// The size in bytes.
@@ -277,6 +322,39 @@ fn is_unsupported(e: &io::Error) -> bool {
     )
 }
 
+/// Takes the advisory lock on `file` (see [`Disk::open`]); returns a duplicate of `file`'s
+/// descriptor that keeps it.
+fn lock_image(file: &File, path: &Path, read_only: bool) -> Result<File, Error> {
+    let kind = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    };
+    // The whole file (length 0: to the end, however it grows).
+    let request = libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0, // must be 0 for OFD locks
+    };
+    // SAFETY: F_OFD_SETLK on a descriptor we own reads the `flock` struct, which lives for
+    // the call; it does not block.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &request) };
+    if r != 0 {
+        let source = io::Error::last_os_error();
+        let path = path.to_path_buf();
+        return Err(match source.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EACCES) => Error::Locked(path),
+            _ => Error::Lock { path, source },
+        });
+    }
+    file.try_clone().map_err(|source| Error::Lock {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn open_path(path: &Path, read_only: bool, direct: bool) -> Result<File, Error> {
     let mut o = OpenOptions::new();
     o.read(true).write(!read_only);
@@ -345,6 +423,7 @@ mod tests {
             read_only: false,
             direct: true,
             block_size: 512,
+            lock: true,
         };
         let disk = match Disk::open(DiskSource::Path(path.clone()), options) {
             Ok(d) => d,
@@ -364,5 +443,111 @@ mod tests {
         assert_ne!(disk.fd_for(0, [(a, a + a / 2)].into_iter()), direct);
         assert_ne!(disk.fd_for(a as u64 / 2, [(a, a)].into_iter()), direct);
         let _ = std::fs::remove_file(&path);
+    }
+
+    fn image(name: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("vmkit-blk-lock-{name}-{}.img", std::process::id()));
+        File::create(&path).unwrap().set_len(1 << 20).unwrap();
+        path
+    }
+
+    fn open(path: &Path, read_only: bool, lock: bool) -> Result<Disk, Error> {
+        let options = DiskOptions {
+            read_only,
+            direct: false,
+            block_size: 512,
+            lock,
+        };
+        Disk::open(DiskSource::Path(path.to_path_buf()), options)
+    }
+
+    // Two opens in one process are two open file descriptions, so OFD locks conflict
+    // between them exactly as between two processes (POSIX `F_SETLK` locks would not).
+    #[test]
+    fn a_writer_excludes_everyone_until_dropped() {
+        let path = image("writer");
+        let writer = open(&path, false, true).unwrap();
+        assert!(writer.locked());
+        for read_only in [false, true] {
+            match open(&path, read_only, true) {
+                Err(e @ Error::Locked(_)) => assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "disk image {} is in use by another process (locked)",
+                        path.display()
+                    )
+                ),
+                other => panic!("read_only={read_only}: {other:?}"),
+            }
+        }
+        // lock=off skips it.
+        let unlocked = open(&path, false, false).unwrap();
+        assert!(!unlocked.locked());
+        drop(writer);
+        let again = open(&path, false, true).unwrap();
+        drop(again);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn readers_share_and_exclude_a_writer() {
+        let path = image("readers");
+        let a = open(&path, true, true).unwrap();
+        let b = open(&path, true, true).unwrap();
+        assert!(matches!(open(&path, false, true), Err(Error::Locked(_))));
+        drop(a);
+        assert!(matches!(open(&path, false, true), Err(Error::Locked(_))));
+        drop(b);
+        open(&path, false, true).unwrap();
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_handed_in_file_is_locked_too() {
+        let path = image("fd");
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let options = DiskOptions {
+            read_only: false,
+            direct: false,
+            block_size: 512,
+            lock: true,
+        };
+        let d = Disk::open(DiskSource::File(Arc::new(f)), options).unwrap();
+        assert!(matches!(open(&path, true, true), Err(Error::Locked(_))));
+        drop(d);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn reopen_shares_the_lock_of_the_same_file_only() {
+        let (a, b) = (image("reopen-a"), image("reopen-b"));
+        let options = DiskOptions {
+            read_only: false,
+            direct: false,
+            block_size: 512,
+            lock: true,
+        };
+        let first = open(&a, false, true).unwrap();
+        // The same file: the lock is shared, and outlives the first disk.
+        let same = Disk::reopen(DiskSource::Path(a.clone()), options, &first).unwrap();
+        drop(first);
+        assert!(matches!(open(&a, true, true), Err(Error::Locked(_))));
+        // Another file someone else holds: refused, the current one kept.
+        let other = open(&b, true, true).unwrap();
+        let r = Disk::reopen(DiskSource::Path(b.clone()), options, &same);
+        assert!(matches!(r, Err(Error::Locked(p)) if p == b));
+        drop(other);
+        let swapped = Disk::reopen(DiskSource::Path(b.clone()), options, &same).unwrap();
+        drop(same);
+        open(&a, false, true).unwrap(); // released with the last disk on it
+        assert!(matches!(open(&b, true, true), Err(Error::Locked(_))));
+        drop(swapped);
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&b);
     }
 }

@@ -66,7 +66,9 @@ use vmkit_virtio::{DeviceMetrics, NoMetrics};
 
 pub use device::{Block, BlockStats, CONFIG_SPACE_SIZE};
 pub use disk::{Disk, DiskOptions, DEFAULT_DIRECT_ALIGN};
-pub use engine::{BlockEngine, BlockOp, Completion, IoUringEngine, SyncEngine};
+pub use engine::{
+    BlockEngine, BlockOp, Completion, IoObserver, IoUringEngine, NoObserver, SyncEngine,
+};
 
 /// The virtio device ID of a block device.
 pub const BLOCK_DEVICE_TYPE: u32 = 2;
@@ -142,6 +144,9 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// Bypass the host page cache (`O_DIRECT`) for requests whose buffers are aligned.
     pub direct: bool,
+    /// Take an advisory lock on the image (shared when `read_only`, exclusive otherwise),
+    /// so a second VM on it fails to open it ([`Error::Locked`]); on by default.
+    pub lock: bool,
     /// The engine.
     pub engine: EngineKind,
     /// The ID `GET_ID` returns: at most 20 bytes, zero-padded.
@@ -160,6 +165,9 @@ pub struct BlockConfig {
     /// Where the device counts (default [`NoMetrics`]); see the
     /// crate's README for what each [`Counter`](vmkit_virtio::Counter) means here.
     pub metrics: Arc<dyn DeviceMetrics>,
+    /// What the engine reports as each request's transfer and sync finish (default
+    /// [`NoObserver`]): a seam for tracing and for the durability tests.
+    pub observer: Arc<dyn IoObserver>,
 }
 
 impl BlockConfig {
@@ -170,6 +178,7 @@ impl BlockConfig {
             source: source.into(),
             read_only: false,
             direct: false,
+            lock: true,
             engine: EngineKind::Sync,
             serial: String::new(),
             queues: 1,
@@ -177,6 +186,7 @@ impl BlockConfig {
             block_size: 512,
             poll_us: 0,
             metrics: Arc::new(NoMetrics),
+            observer: Arc::new(NoObserver),
         }
     }
 
@@ -257,6 +267,21 @@ pub enum Error {
         size: u64,
         /// The block size.
         block_size: u32,
+    },
+    /// Another open image (of this process or another: a second VM on it, say) holds an
+    /// incompatible advisory lock on it: an exclusive one, or a shared one while this
+    /// image is to be written.
+    #[error("disk image {0} is in use by another process (locked)")]
+    Locked(PathBuf),
+    /// The advisory lock could not be taken for another reason (a file system without
+    /// locks: `lock` off skips it).
+    #[error("disk image {path}: cannot lock it: {source}")]
+    Lock {
+        /// The image.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
     },
     /// `direct` was asked for but the file system refuses `O_DIRECT`.
     #[error("disk image {path}: O_DIRECT not supported here: {source}")]

@@ -538,8 +538,8 @@ impl<M: VirtioMemory> VirtioState<M> {
         lock_device(&self.device).activate(context)
     }
 
-    /// Takes the device's context back (it waits for what it has in flight) and forgets
-    /// where its rings were.
+    /// Takes the device's context back (see `VirtioDevice::reset`) and forgets where its
+    /// rings were.
     fn stop_device(&mut self) {
         drop(lock_device(&self.device).reset());
         for w in &self.watches {

@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(long, default_value = "off", value_parser = parse_console, value_name = "WHERE")]
     pub console: ConsoleOutput,
     /// A virtio-blk disk (repeatable):
-    /// `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`.
+    /// `path=FILE[,readonly=on][,direct=on][,lock=off][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`.
     #[arg(long, value_parser = parse_disk, value_name = "SPEC")]
     pub disk: Vec<DiskSpec>,
     /// A virtio-net card (repeatable), on an existing TAP interface:
@@ -366,6 +366,7 @@ fn disk_option(spec: &mut DiskSpec, k: &str, v: &str) -> Result<(), String> {
         "path" if !v.is_empty() => c.source = DiskSource::Path(PathBuf::from(v)),
         "readonly" => c.read_only = on_off(k, v)?,
         "direct" => c.direct = on_off(k, v)?,
+        "lock" => c.lock = on_off(k, v)?,
         "engine" => {
             c.engine = match v {
                 "sync" => EngineKind::Sync,
@@ -386,7 +387,7 @@ fn disk_option(spec: &mut DiskSpec, k: &str, v: &str) -> Result<(), String> {
 }
 
 /// Parses
-/// `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`
+/// `path=FILE[,readonly=on][,direct=on][,lock=off][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`
 /// into vmkit-virtio-blk's `BlockConfig` and checks it against that crate's limits
 /// (`BlockConfig::check`), the only ones: this parser repeats none of them.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
@@ -517,6 +518,8 @@ mod tests {
         assert_eq!(path_of(&d), PathBuf::from("/d.img"));
         let c = &d.config;
         assert!(!c.read_only && !c.direct && c.serial.is_empty() && d.queues_per_vcpu);
+        assert!(c.lock, "images are locked by default");
+        assert!(!parse_disk("path=a,lock=off").unwrap().config.lock);
         assert_eq!((c.poll_us, c.engine), (DEFAULT_POLL_US, EngineKind::Sync));
         assert_eq!(parse_disk("path=a,poll_us=0").unwrap().config.poll_us, 0);
         // One queue per vCPU unless told otherwise.

@@ -82,9 +82,22 @@ pub trait BlockEngine<M: MappedMemory = GuestMemoryMmap>: Send + fmt::Debug {
     /// Starts serving requests on this guest memory (a clone is kept while attached).
     fn attach(&mut self, memory: M);
 
-    /// Waits for every operation in flight (their completions are dropped: the driver
-    /// reset the device) and lets go of the guest memory.
+    /// Lets go of the guest memory for new operations (the driver reset the device), and
+    /// returns at once: every operation in flight is orphaned — cancelled where the engine
+    /// can — and its completion, when [`reap`](Self::reap) meets it, is dropped, never
+    /// reported. Until then the kernel may still write into the buffers of an orphaned
+    /// read: the engine keeps its clone of the memory mapped until the last orphan is
+    /// reaped ([`cancelling`](Self::cancelling) is then 0). Orphans count as
+    /// [in flight](Self::in_flight).
     fn detach(&mut self);
+
+    /// Orphans of [`detach`](Self::detach) (and cancellations) not reaped yet. A device
+    /// must not let a driver that re-activated it reuse buffers while this is not 0: an
+    /// orphaned read could still land in them. Default: 0 (engines that complete in
+    /// [`submit`](Self::submit)).
+    fn cancelling(&self) -> usize {
+        0
+    }
 
     /// Whether another operation can be submitted now (an engine bounds what it has in
     /// flight; the device stops taking requests from the rings until completions free room).
@@ -116,6 +129,32 @@ pub trait BlockEngine<M: MappedMemory = GuestMemoryMmap>: Send + fmt::Debug {
     /// attached memory stay as they are.
     fn replace_disk(&mut self, disk: Arc<Disk>) -> io::Result<()>;
 }
+
+/// What an engine reports as each step of an operation finishes, on the thread that sees it
+/// (the one that submits for [`SyncEngine`], the one that reaps for [`IoUringEngine`]), before
+/// the operation is handed back as done. A seam for tracing, and what the durability tests
+/// stand on: they record these steps with the used ring's index at that moment, so a FLUSH
+/// (or a write-through write) that reaches the used ring before its sync returned, or with
+/// no sync at all, is seen. The default methods do nothing ([`NoObserver`]).
+pub trait IoObserver: Send + Sync + fmt::Debug {
+    /// The data of operation `token` moved (all of it: a write reached the file, a read
+    /// filled guest memory).
+    fn transferred(&self, token: u64) {
+        let _ = token;
+    }
+
+    /// The `fdatasync` of operation `token` (a FLUSH, or the write-through sync after a
+    /// write) returned `result`.
+    fn synced(&self, token: u64, result: &io::Result<()>) {
+        let _ = (token, result);
+    }
+}
+
+/// The [`IoObserver`] that observes nothing (the default).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObserver;
+
+impl IoObserver for NoObserver {}
 
 pub(crate) use vmkit_virtio::IoVecs;
 

@@ -8,7 +8,7 @@ use vm_memory::{GuestMemoryMmap, Permissions};
 use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{resolve, BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
+use super::{resolve, BlockEngine, BlockOp, Completion, IoObserver, IoVecs, NoObserver, IOV_MAX};
 use crate::disk::Disk;
 
 /// `preadv`/`pwritev`/`fdatasync`/`fallocate` on the calling thread. Simple and with the
@@ -17,6 +17,7 @@ use crate::disk::Disk;
 pub struct SyncEngine<M: MappedMemory = GuestMemoryMmap> {
     disk: Arc<Disk>,
     memory: Option<M>,
+    observer: Arc<dyn IoObserver>,
 }
 
 impl<M: MappedMemory> std::fmt::Debug for SyncEngine<M> {
@@ -31,10 +32,27 @@ impl<M: MappedMemory> std::fmt::Debug for SyncEngine<M> {
 impl<M: MappedMemory> SyncEngine<M> {
     /// An engine on `disk`.
     pub fn new(disk: Arc<Disk>) -> Self {
-        Self { disk, memory: None }
+        Self {
+            disk,
+            memory: None,
+            observer: Arc::new(NoObserver),
+        }
     }
 
-    fn run(&self, op: BlockOp) -> io::Result<()> {
+    /// Reports each step to `observer` (see [`IoObserver`]).
+    pub fn with_observer(mut self, observer: Arc<dyn IoObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// `fdatasync` for operation `token`, reported to the observer.
+    fn sync(&self, token: u64) -> io::Result<()> {
+        let r = self.disk.datasync();
+        self.observer.synced(token, &r);
+        r
+    }
+
+    fn run(&self, op: BlockOp, token: u64) -> io::Result<()> {
         let Some(memory) = &self.memory else {
             return Err(io::Error::from_raw_os_error(libc::ENXIO));
         };
@@ -42,18 +60,21 @@ impl<M: MappedMemory> SyncEngine<M> {
             BlockOp::Read { offset, data } => {
                 let mut iov = resolve(memory, &data, Permissions::Write)?;
                 let fd = self.disk.fd_for(offset, iov.shapes());
-                transfer(fd, false, offset, &mut iov)
+                transfer(fd, false, offset, &mut iov)?;
+                self.observer.transferred(token);
+                Ok(())
             }
             BlockOp::Write { offset, data, sync } => {
                 let mut iov = resolve(memory, &data, Permissions::Read)?;
                 let fd = self.disk.fd_for(offset, iov.shapes());
                 transfer(fd, true, offset, &mut iov)?;
+                self.observer.transferred(token);
                 if sync {
-                    self.disk.datasync()?;
+                    self.sync(token)?;
                 }
                 Ok(())
             }
-            BlockOp::Flush => self.disk.datasync(),
+            BlockOp::Flush => self.sync(token),
             BlockOp::Discard { ranges } => ranges
                 .iter()
                 .try_for_each(|(off, len)| self.disk.discard(*off, *len)),
@@ -61,8 +82,9 @@ impl<M: MappedMemory> SyncEngine<M> {
                 ranges
                     .iter()
                     .try_for_each(|(off, len, unmap)| self.disk.write_zeroes(*off, *len, *unmap))?;
+                self.observer.transferred(token);
                 if sync {
-                    self.disk.datasync()?;
+                    self.sync(token)?;
                 }
                 Ok(())
             }
@@ -134,8 +156,8 @@ impl<M: MappedMemory> BlockEngine<M> for SyncEngine<M> {
         true
     }
 
-    fn submit(&mut self, op: BlockOp, _token: u64) -> Option<io::Result<()>> {
-        Some(self.run(op))
+    fn submit(&mut self, op: BlockOp, token: u64) -> Option<io::Result<()>> {
+        Some(self.run(op, token))
     }
 
     fn commit(&mut self) -> io::Result<()> {

@@ -73,6 +73,7 @@ fn disk(img: &TempImage, direct: bool) -> Arc<Disk> {
                 read_only: false,
                 direct,
                 block_size: 512,
+                lock: true,
             },
         )
         .unwrap(),
@@ -89,9 +90,11 @@ fn memory() -> GuestMemoryMmap {
 }
 
 fn engines(img: &TempImage, direct: bool) -> Vec<Box<dyn BlockEngine>> {
+    // One disk for both: it holds the image's (exclusive) lock.
+    let d = disk(img, direct);
     vec![
-        Box::new(SyncEngine::new(disk(img, direct))),
-        Box::new(IoUringEngine::new(disk(img, direct), 64).unwrap()),
+        Box::new(SyncEngine::new(d.clone())),
+        Box::new(IoUringEngine::new(d, 64).unwrap()),
     ]
 }
 
@@ -368,4 +371,47 @@ fn io_uring_refuses_to_replace_the_disk_under_operations_in_flight() {
     wait_for(&mut e, &mut out, 1);
     assert!(out[0].result.is_ok());
     e.replace_disk(disk(&new, false)).unwrap();
+}
+
+#[test]
+fn io_uring_detach_returns_at_once_and_drops_the_orphans() {
+    let img = TempImage::new(SIZE);
+    let mut e = IoUringEngine::new(disk(&img, false), 64).unwrap();
+    let mem = memory();
+    e.attach(mem.clone());
+    for t in 0..16u64 {
+        let data = vec![seg(0x1000 * t, 0x1000)];
+        assert!(e.submit(BlockOp::Read { offset: 0, data }, t).is_none());
+    }
+    e.commit().unwrap();
+    // Whatever the kernel did with them meanwhile, none was reaped: all 16 are orphaned,
+    // each with a cancellation after it, and detach did not wait for them.
+    e.detach();
+    assert_eq!(e.in_flight(), 16);
+    assert!(e.cancelling() >= 16);
+    assert!(
+        !e.can_submit(),
+        "no new operation while cancellations are out"
+    );
+    // Reaping drops them: no completion is reported.
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while e.cancelling() > 0 {
+        assert!(std::time::Instant::now() < deadline, "orphans never reaped");
+        e.reap(&mut out);
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert!(out.is_empty(), "orphans reported: {out:?}");
+    assert_eq!(e.in_flight(), 0);
+    // Attached again, it serves new operations (token 7 is the new one's).
+    e.attach(mem);
+    assert!(e.can_submit());
+    run(
+        &mut e,
+        BlockOp::Read {
+            offset: 0,
+            data: vec![seg(0, 512)],
+        },
+    )
+    .unwrap();
 }

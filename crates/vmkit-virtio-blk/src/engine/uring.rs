@@ -10,7 +10,7 @@ use vm_memory::{GuestMemoryMmap, Permissions};
 use vmkit_virtio::MappedMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
-use super::{resolve, BlockEngine, BlockOp, Completion, IoVecs, IOV_MAX};
+use super::{resolve, BlockEngine, BlockOp, Completion, IoObserver, IoVecs, NoObserver, IOV_MAX};
 use crate::disk::Disk;
 
 /// The most operations one engine keeps in flight (and its submission queue size).
@@ -24,9 +24,14 @@ enum Stage {
     Sync,
 }
 
+/// The `user_data` bit of our `IORING_OP_ASYNC_CANCEL` entries (an operation's is its slot).
+const CANCEL: u64 = 1 << 63;
+
 #[derive(Debug)]
 struct InFlight {
     token: u64,
+    /// Started before a [`detach`](BlockEngine::detach): its completion is dropped.
+    orphan: bool,
     write: bool,
     sync_after: bool,
     stage: Stage,
@@ -58,6 +63,13 @@ pub struct IoUringEngine<M: MappedMemory = GuestMemoryMmap> {
     capacity: usize,
     /// Entries pushed to the submission queue and not yet handed to the kernel.
     unsubmitted: usize,
+    observer: Arc<dyn IoObserver>,
+    /// Operations in flight that a detach orphaned (counted in `in_flight` too).
+    orphans: usize,
+    /// `IORING_OP_ASYNC_CANCEL` entries whose completion has not been reaped.
+    cancels: usize,
+    /// The memory orphans were started on, kept mapped until the last of them is reaped.
+    retired: Vec<M>,
 }
 
 impl<M: MappedMemory> std::fmt::Debug for IoUringEngine<M> {
@@ -89,7 +101,18 @@ impl<M: MappedMemory> IoUringEngine<M> {
             in_flight: 0,
             capacity,
             unsubmitted: 0,
+            observer: Arc::new(NoObserver),
+            orphans: 0,
+            cancels: 0,
+            retired: Vec::new(),
         })
+    }
+
+    /// Reports each step to `observer` (see [`IoObserver`]): the transfer when its last
+    /// completion is reaped, the sync when the `IORING_OP_FSYNC` completion is.
+    pub fn with_observer(mut self, observer: Arc<dyn IoObserver>) -> Self {
+        self.observer = observer;
+        self
     }
 
     fn alloc(&mut self, f: InFlight) -> usize {
@@ -138,10 +161,11 @@ impl<M: MappedMemory> IoUringEngine<M> {
         for _ in 0..2 {
             // SAFETY: the entry's buffers (the iovec array and the guest memory it points
             // to) live in `self.slots[slot]` and in `self.memory` until the completion of
-            // this entry is reaped: a slot is released only in `complete`, and `Drop` and
-            // `detach` wait for every entry in flight before anything is freed. The guest
-            // memory stays mapped while `self.memory` (a clone of it) is held, which is what
-            // `M: MappedMemory` guarantees.
+            // this entry is reaped: a slot is released only in `complete`, `detach` moves
+            // the memory clone to `retired` while orphans are in flight (dropped only when
+            // the last one is reaped), and `Drop` waits for every entry in flight before
+            // anything is freed. The guest memory stays mapped while a clone of it is held,
+            // which is what `M: MappedMemory` guarantees.
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
                 self.unsubmitted += 1;
                 return Ok(());
@@ -155,16 +179,34 @@ impl<M: MappedMemory> IoUringEngine<M> {
     /// Handles one CQE; returns a completion when the operation is over.
     fn complete(&mut self, slot: usize, res: i32) -> Option<Completion> {
         let f = self.slots.get_mut(slot)?.as_mut()?;
+        if f.orphan {
+            // Whatever it did (done, short, cancelled), it is over for us: the kernel no
+            // longer touches its buffers; nothing is resubmitted or reported.
+            self.release(slot);
+            self.orphans -= 1;
+            if self.orphans == 0 {
+                self.retired.clear();
+            }
+            return None;
+        }
         let mut outcome: Option<io::Result<()>> = None;
         if res < 0 {
             if res == -libc::EINTR || res == -libc::EAGAIN {
                 // Resubmit the same stage.
             } else {
+                if f.stage == Stage::Sync {
+                    self.observer
+                        .synced(f.token, &Err(io::Error::from_raw_os_error(-res)));
+                }
                 outcome = Some(Err(io::Error::from_raw_os_error(-res)));
             }
         } else {
             match f.stage {
-                Stage::Sync => outcome = Some(Ok(())),
+                Stage::Sync => {
+                    let r = Ok(());
+                    self.observer.synced(f.token, &r);
+                    outcome = Some(r);
+                }
                 Stage::Transfer if res == 0 => {
                     outcome = Some(Err(if f.write {
                         io::Error::from(io::ErrorKind::WriteZero)
@@ -179,6 +221,7 @@ impl<M: MappedMemory> IoUringEngine<M> {
                     f.iov.advance(&mut start, n);
                     f.start = start;
                     if f.start >= f.iov.len() {
+                        self.observer.transferred(f.token);
                         if f.sync_after {
                             f.stage = Stage::Sync;
                         } else {
@@ -217,6 +260,12 @@ impl<M: MappedMemory> IoUringEngine<M> {
             .map(|c| (c.user_data(), c.result()))
             .collect();
         for (slot, res) in &cqes {
+            if slot & CANCEL != 0 {
+                // A cancellation's own answer (done, not found, already running): the
+                // operation it aimed at completes on its own CQE either way.
+                self.cancels = self.cancels.saturating_sub(1);
+                continue;
+            }
             if let Some(c) = self.complete(*slot as usize, *res) {
                 out.push(c);
             }
@@ -227,7 +276,7 @@ impl<M: MappedMemory> IoUringEngine<M> {
     /// Blocks until everything in flight is done; completions are dropped.
     fn wait_all(&mut self) {
         let mut dropped = Vec::new();
-        while self.in_flight > 0 {
+        while self.in_flight > 0 || self.cancels > 0 {
             match self.ring.submit_and_wait(1) {
                 Ok(_) => self.unsubmitted = 0,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -236,10 +285,13 @@ impl<M: MappedMemory> IoUringEngine<M> {
                     // keep the memory (leak it) so the kernel never writes freed pages.
                     log::error!("virtio-blk: io_uring wait failed with I/O in flight: {e}");
                     std::mem::forget(self.memory.take());
+                    std::mem::forget(std::mem::take(&mut self.retired));
                     for s in self.slots.iter_mut() {
                         std::mem::forget(s.take());
                     }
                     self.in_flight = 0;
+                    self.orphans = 0;
+                    self.cancels = 0;
                     return;
                 }
             }
@@ -251,17 +303,53 @@ impl<M: MappedMemory> IoUringEngine<M> {
 
 impl<M: MappedMemory> BlockEngine<M> for IoUringEngine<M> {
     fn attach(&mut self, memory: M) {
-        self.wait_all();
+        // Orphans of an earlier detach keep their own memory clone (`retired`).
         self.memory = Some(memory);
     }
 
     fn detach(&mut self) {
-        self.wait_all();
-        self.memory = None;
+        // Returns at once: what is in flight becomes orphaned, each with an
+        // IORING_OP_ASYNC_CANCEL after it (a read still waiting for the disk ends early;
+        // one the kernel already runs finishes). Their CQEs are reaped and dropped later,
+        // and the memory stays mapped until the last of them.
+        let mut cancels = Vec::new();
+        for (i, f) in self.slots.iter_mut().enumerate() {
+            if let Some(f) = f.as_mut().filter(|f| !f.orphan) {
+                f.orphan = true;
+                self.orphans += 1;
+                cancels.push(i as u64);
+            }
+        }
+        for slot in cancels {
+            let entry = opcode::AsyncCancel::new(slot)
+                .build()
+                .user_data(slot | CANCEL);
+            // SAFETY: a cancellation carries no buffer; it names the operation by its
+            // user_data only.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.unsubmitted += 1;
+                self.cancels += 1;
+            }
+            // A full queue: no cancellation for this one, which completes on its own.
+        }
+        if let Err(e) = self.commit() {
+            log::warn!("virtio-blk: io_uring cancel: {e}");
+        }
+        if let Some(m) = self.memory.take() {
+            if self.orphans > 0 {
+                self.retired.push(m);
+            }
+        }
+    }
+
+    fn cancelling(&self) -> usize {
+        self.orphans + self.cancels
     }
 
     fn can_submit(&self) -> bool {
-        self.in_flight < self.capacity
+        // While a cancellation is outstanding, its target's slot (its user_data) must not
+        // be reused by a new operation it could hit.
+        self.in_flight < self.capacity && self.cancels == 0
     }
 
     fn submit(&mut self, op: BlockOp, token: u64) -> Option<io::Result<()>> {
@@ -283,7 +371,17 @@ impl<M: MappedMemory> BlockEngine<M> for IoUringEngine<M> {
                 let r = ranges
                     .iter()
                     .try_for_each(|(off, len, unmap)| self.disk.write_zeroes(*off, *len, *unmap));
-                return Some(r.and_then(|()| if sync { self.disk.datasync() } else { Ok(()) }));
+                if r.is_ok() {
+                    self.observer.transferred(token);
+                }
+                return Some(r.and_then(|()| {
+                    if !sync {
+                        return Ok(());
+                    }
+                    let r = self.disk.datasync();
+                    self.observer.synced(token, &r);
+                    r
+                }));
             }
         };
         // The kernel writes guest memory for a read, reads it for a write.
@@ -310,6 +408,7 @@ impl<M: MappedMemory> BlockEngine<M> for IoUringEngine<M> {
         iov.advance(&mut start, 0);
         let slot = self.alloc(InFlight {
             token,
+            orphan: false,
             write,
             sync_after,
             stage,
