@@ -70,7 +70,7 @@ impl LegacyDevices {
         let out: Box<dyn Write + Send> = match &args.serial {
             SerialOutput::Stdio => Box::new(std::io::stdout()),
             SerialOutput::Off => Box::new(std::io::sink()),
-            SerialOutput::File(p) => Box::new(create_file("serial output file", p)?),
+            SerialOutput::File(f) => Box::new(create_file("serial output file", &f.path)?),
         };
         let serial = Arc::new(Mutex::new(GuestSerial::with_config(SerialConfig {
             interrupt: machine.line(COM1_GSI)?,
@@ -138,7 +138,7 @@ fn console_ends(spec: &ConsoleOutput) -> Result<Option<ConsoleEnds>> {
             })
         }
         ConsoleOutput::File(p) => Some(ConsoleEnds {
-            output: Box::new(create_file("console output file", p)?),
+            output: Box::new(create_file("console output file", &p.path)?),
             input: None,
             pty: None,
         }),

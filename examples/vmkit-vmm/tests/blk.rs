@@ -114,6 +114,19 @@ fn read_only_disk_refuses_writes_and_the_vmm_keeps_running() {
     assert!(std::fs::read(&img.0).unwrap().iter().all(|&b| b == 0x5a));
 }
 
+/// A comma in a disk's path is written `,,`: the disk (read-only, so it must be the file
+/// named, not one called `a`) boots.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_disk_path_with_a_comma_boots() {
+    let img = Image::new("with,comma", 4, 0x5a);
+    assert!(img.path().contains(','));
+    let disk = format!("{},readonly=on", img.path().replace(',', ",,"));
+    boot(&format!("path={disk}"), &[], "test=blk-ro")
+        .ok()
+        .says(&["virtio-blk: capacity 8192 sectors, ro", "test blk-ro: ok"]);
+}
+
 /// Waits for the guest's `blk-flushed` line, SIGKILLs the VMM, and returns sector 100.
 fn flush_then_kill(transport: &str, engine: &str) -> Vec<u8> {
     let img = Image::new(&format!("flush-{transport}-{engine}"), 4, 0);
