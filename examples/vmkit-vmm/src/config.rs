@@ -46,6 +46,11 @@ pub struct Args {
     /// the serial port.
     #[arg(long, default_value = "off", value_parser = parse_console, value_name = "WHERE")]
     pub console: ConsoleOutput,
+    /// Bytes of guest output (serial, console) that may wait for a reader that does not keep
+    /// up, per destination; beyond, output is dropped and counted in the metrics, so a
+    /// stdout nobody reads never stalls the guest (4K to 64M).
+    #[arg(long, default_value = "1M", value_parser = parse_output_buffer, value_name = "SIZE")]
+    pub output_buffer: usize,
     /// A virtio-blk disk (repeatable):
     /// `path=FILE[,readonly=on][,direct=on][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`.
     /// In this and every `key=value` option, a comma inside a value is written `,,`
@@ -459,6 +464,15 @@ fn output_file(s: &str) -> Result<OutputFile, Option<String>> {
         }
     }
     Ok(file)
+}
+
+/// Parses `--output-buffer`: a size from 4 KiB to 64 MiB.
+fn parse_output_buffer(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if !(4 << 10..=64 << 20).contains(&n) {
+        return Err(format!("'{s}' is outside 4K to 64M"));
+    }
+    usize::try_from(n).map_err(|_| format!("'{s}' is too large"))
 }
 
 /// Parses a size such as `512M`, `2G`, `1048576` or `64MiB`.

@@ -4,7 +4,7 @@
 //! signals, [`logger`], [`metrics`]) → [`setup`] (the VM described by the command line, a
 //! config file or the API, via [`resources`]) → [`vm`] (the stages: machine, vCPUs,
 //! devices, kernel) → [`runtime`] (the run: API calls, pause, shutdown) → [`devices`],
-//! [`io`], [`terminal`], [`signals`], [`stats`], [`error`].
+//! [`output`], [`io`], [`terminal`], [`signals`], [`stats`], [`error`].
 
 mod config;
 mod devices;
@@ -14,6 +14,7 @@ mod io;
 mod logger;
 mod metrics;
 mod net;
+mod output;
 mod resources;
 mod runtime;
 mod setup;
