@@ -120,6 +120,65 @@ fn a_stdout_nobody_reads_does_not_stall_the_guest() {
     println!("stdout unread: {s}, {} s", start.elapsed().as_secs_f32());
 }
 
+/// A reader that stops for a while, then catches up, loses nothing: what waited is written
+/// by the event loop once the pipe is writable again (not only at the end: the guest's
+/// `hold` line must arrive while it waits, or it never gets its byte).
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_reader_that_catches_up_loses_nothing() {
+    let dir = Dir::new("stdout-late");
+    let metrics = dir.file("metrics");
+    let (pipe, stdout) = small_pipe();
+    let guest = test_guest();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmkit"))
+        .arg("--kernel")
+        .arg(&guest)
+        .args(["--cmdline", &chatty_cmdline("hold=serial")])
+        .args(["--metrics-interval", "0", "--metrics-file"])
+        .arg(&metrics)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads until the pipe is full.
+    let start = Instant::now();
+    while queued(&pipe) < 4096 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the pipe never filled"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut got = Vec::new();
+    let mut reader = std::io::BufReader::new(pipe);
+    let mut line = String::new();
+    while !got.ends_with(b"hold: waiting for a byte on COM1\n") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut reader, &mut line).unwrap() > 0);
+        got.extend_from_slice(line.as_bytes());
+    }
+    child.stdin.as_mut().unwrap().write_all(b"x").unwrap();
+    reader.read_to_end(&mut got).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let text = String::from_utf8(got).unwrap();
+    assert_eq!(text.matches("cmdline: unknown key z\n").count(), 1000);
+    let tail = &text[text.len().saturating_sub(300)..];
+    assert!(
+        text.contains("hold: released\n") && text.ends_with("exit: poweroff\n"),
+        "ends with: {tail}"
+    );
+    let last = std::fs::read_to_string(&metrics).unwrap();
+    let m: serde_json::Value = serde_json::from_str(last.lines().last().unwrap()).unwrap();
+    let s = &m["stdout"];
+    assert_eq!(s["bytes"], text.len(), "{m}");
+    assert_eq!(s["dropped_bytes"], 0, "{m}");
+    assert!(s["would_block"].as_u64().unwrap() >= 1, "{m}");
+    println!("stdout late reader: {s}");
+}
+
 /// A start that fails after the output files were named leaves existing ones as they were
 /// (content and mtime): they are opened last.
 #[test]
