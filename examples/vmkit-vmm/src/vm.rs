@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! inputs → machine (memory, irqchip, bus) → vCPUs → legacy devices → virtio devices
-//!        → kernel command line → firmware tables and kernel → run
+//!        → kernel command line → firmware tables and kernel → output files → run
 //! ```
+//!
+//! The devices write their output to sinks that the last stage connects: the output files
+//! are created (or truncated) only once everything else has passed.
 //!
 //! (KVM wants the irqchip before the first vCPU, so the machine comes first.)
 
