@@ -27,8 +27,8 @@ pub struct OutputSinkConfig {
     pub name: String,
     /// Bytes that may wait for the descriptor to become writable; beyond, output is dropped.
     pub capacity: usize,
-    /// After this many bytes (written or waiting), further output is dropped: a cap on an
-    /// output file's size.
+    /// After this many bytes of output (written, waiting, or dropped for a full buffer),
+    /// further output is dropped: a cap on an output file's size.
     pub max_bytes: Option<u64>,
 }
 
