@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 /// The default size of an [`OutputSink`]'s buffer.
 pub const DEFAULT_OUTPUT_BUFFER: usize = 1 << 20;
@@ -375,7 +375,7 @@ impl OutputSink {
                 said_cap: false,
                 said_error: false,
             })),
-            wakeup: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            wakeup: Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?),
         })
     }
 
@@ -680,6 +680,18 @@ mod tests {
         s.clone().write_all(&pattern(4096 + 50)).unwrap();
         assert_eq!(s.finish(Duration::from_millis(10)), 50);
         assert_eq!(s.stats().dropped, 50);
+    }
+
+    #[test]
+    fn its_descriptors_are_close_on_exec() {
+        let (_r, w) = pipe(4096, false);
+        let s = sink(100, None);
+        let reopened = reopen_nonblocking(w.as_fd()).unwrap();
+        for fd in [s.wakeup().as_raw_fd(), reopened.as_raw_fd()] {
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+            assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC, "fd {fd}");
+        }
     }
 
     #[test]
