@@ -45,6 +45,7 @@ pub mod http;
 pub mod model;
 mod request;
 mod server;
+mod strict_json;
 
 pub use channel::{channel, ApiCall, ApiReceiver, ApiSender};
 pub use error::{Error, Result};

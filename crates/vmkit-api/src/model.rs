@@ -342,9 +342,10 @@ pub struct VmConfig {
 }
 
 impl VmConfig {
-    /// Parses a config file's text. The error says where the JSON is wrong.
+    /// Parses a config file's text. The error says where the JSON is wrong; a key given
+    /// twice in any object is an error too.
     pub fn from_json(text: &str) -> Result<Self, crate::Error> {
-        serde_json::from_str(text).map_err(|e| crate::Error::Config(e.to_string()))
+        crate::strict_json::parse(text.as_bytes()).map_err(|e| crate::Error::Config(e.to_string()))
     }
 }
 

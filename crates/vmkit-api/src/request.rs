@@ -139,7 +139,7 @@ fn body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
         return Err(ApiError::Body("the request has no body".into()));
     }
-    serde_json::from_slice(body).map_err(|e| ApiError::Body(e.to_string()))
+    crate::strict_json::parse(body).map_err(|e| ApiError::Body(e.to_string()))
 }
 
 fn check_id(field: &'static str, body: &str, path: &str) -> Result<(), ApiError> {
@@ -305,6 +305,20 @@ mod tests {
             r#"{"drive_id":"b","path_on_host":"/d","is_root_device":false}"#,
         );
         assert!(mismatch.contains("drive_id"), "{mismatch}");
+        // A key given twice, in a struct or in a free-form rate limiter, is refused.
+        let twice = err(
+            "PUT",
+            "/drives/a",
+            r#"{"drive_id":"a","path_on_host":"/d","is_root_device":false,
+                "is_read_only":true,"is_read_only":false}"#,
+        );
+        assert!(twice.contains("duplicate field `is_read_only`"), "{twice}");
+        let twice = err(
+            "PATCH",
+            "/drives/a",
+            r#"{"drive_id":"a","rate_limiter":{"ops":{"size":1},"ops":{"size":2}}}"#,
+        );
+        assert!(twice.contains("duplicate field `ops`"), "{twice}");
         assert_eq!(
             ApiResponse::from(parse("GET", "/x", "").unwrap_err()).status,
             400

@@ -14,6 +14,8 @@
 //! [`DevicePio`](vm_device::DevicePio) with atomics; register it as `Arc<DebugPort>`.
 //! [`Ged`] implements [`MutDeviceMmio`](vm_device::MutDeviceMmio): register it as
 //! `Arc<Mutex<Ged>>` on the MMIO bus.
+//! [`OutputSink`] is the bounded, non-blocking `Write` to give the [`Serial`] (or a
+//! virtio-console): a stdout nobody reads never stalls the vCPU writing to it.
 //! Interrupts go out through an [`InterruptLine`](vmkit_irq::InterruptLine), power-off and
 //! reset requests through an [`ExitNotifier`]. Accesses that are not one byte, or fall
 //! outside a device's ports, are ignored (reads return `0xFF`): nothing a guest does
@@ -75,6 +77,7 @@ mod error;
 mod exit;
 mod ged;
 mod i8042;
+mod output;
 mod serial;
 
 pub use acpi::{
@@ -87,6 +90,9 @@ pub use exit::{EventFdExit, ExitNotifier, ExitReason, ExitTrigger};
 pub use ged::{Ged, GED_EVENT_POWER_BUTTON, GED_REGISTER_SIZE};
 pub use i8042::{
     I8042Stats, CTRL_ALT_DEL_SCANCODES, I8042, I8042_KBD_BUFFER_SIZE, I8042_PORT_COUNT,
+};
+pub use output::{
+    reopen_nonblocking, OutputSink, OutputSinkConfig, OutputStats, DEFAULT_OUTPUT_BUFFER,
 };
 pub use serial::{
     InterruptTrigger, Serial, SerialConfig, SerialStats, SERIAL_FIFO_SIZE, SERIAL_PORT_COUNT,

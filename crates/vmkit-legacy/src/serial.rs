@@ -86,8 +86,10 @@ impl SerialEvents for Events {
 pub struct SerialConfig<W> {
     /// The UART's interrupt (GSI 4 for COM1).
     pub interrupt: Arc<dyn InterruptLine>,
-    /// Where the guest's output goes (stdout, a file, a `Vec<u8>` in tests). Written and
-    /// flushed one byte at a time, on the vCPU thread: a slow writer slows the guest.
+    /// Where the guest's output goes (an [`OutputSink`](crate::OutputSink), a file, a
+    /// `Vec<u8>` in tests). Written and flushed one byte at a time, on the vCPU thread, in
+    /// the device's lock: a writer that blocks stalls the vCPU, which an `OutputSink` never
+    /// does.
     pub out: W,
     /// Written (incremented) whenever the guest has read the receive FIFO empty: the VMM
     /// can stop polling its input while the FIFO is full and poll this instead.

@@ -119,8 +119,10 @@ pub enum Error {
 pub struct ConsoleConfig {
     /// Where guest output goes: stdout, a file, a pty master… The device writes from the
     /// thread that runs its queue events; a sink that may block (a full pipe) blocks that
-    /// thread, so make it non-blocking if that matters: on `WouldBlock` or any other error
-    /// the device drops the rest of the chain's output and counts it.
+    /// thread, so make it non-blocking if that matters (vmkit-legacy's `OutputSink` is a
+    /// bounded, non-blocking sink that also buffers what the descriptor cannot take yet):
+    /// on `WouldBlock` or any other error the device drops the rest of the chain's output
+    /// and counts it.
     pub output: Box<dyn Write + Send>,
     /// How many bytes of host input may wait for guest receive buffers.
     pub input_capacity: usize,

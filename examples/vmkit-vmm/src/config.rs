@@ -33,18 +33,28 @@ pub struct Args {
     /// by default, as QEMU does), for the smallest resident footprint.
     #[arg(long)]
     pub no_thp: bool,
-    /// Where COM1 goes: stdio, file=PATH or off.
+    /// Where COM1 goes: stdio, `file=PATH[,max_size=SIZE]` or off. The file is created or
+    /// truncated once every other check has passed (a symbolic link there is refused);
+    /// output past `max_size` is dropped. `,,` is a comma in PATH.
     #[arg(long, default_value = "stdio", value_parser = parse_serial, value_name = "WHERE")]
     pub serial: SerialOutput,
     /// Add a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     pub rng: bool,
-    /// A virtio-console (the guest's hvc0): stdio, file=PATH, pty or off. With stdio, host
-    /// stdin goes to the console rather than to the serial port.
+    /// A virtio-console (the guest's hvc0): stdio, `file=PATH[,max_size=SIZE]` (as for
+    /// `--serial`), pty or off. With stdio, host stdin goes to the console rather than to
+    /// the serial port.
     #[arg(long, default_value = "off", value_parser = parse_console, value_name = "WHERE")]
     pub console: ConsoleOutput,
+    /// Bytes of guest output (serial, console) that may wait for a reader that does not keep
+    /// up, per destination; beyond, output is dropped and counted in the metrics, so a
+    /// stdout nobody reads never stalls the guest (4K to 64M).
+    #[arg(long, default_value = "1M", value_parser = parse_output_buffer, value_name = "SIZE")]
+    pub output_buffer: usize,
     /// A virtio-blk disk (repeatable):
     /// `path=FILE[,readonly=on][,direct=on][,lock=off][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`.
+    /// In this and every `key=value` option, a comma inside a value is written `,,`
+    /// (`path=a,,b.img` is the file `a,b.img`), and a key given twice is an error.
     #[arg(long, value_parser = parse_disk, value_name = "SPEC")]
     pub disk: Vec<DiskSpec>,
     /// A virtio-net card (repeatable), on an existing TAP interface:
@@ -159,8 +169,8 @@ pub fn parse_landlock_allow(s: &str) -> Result<LandlockAllow, String> {
 pub enum SerialOutput {
     /// The VMM's stdout, and stdin to the guest.
     Stdio,
-    /// A file (created or truncated).
-    File(PathBuf),
+    /// A file (created or truncated, opened last).
+    File(OutputFile),
     /// Nowhere: the port exists, output is dropped.
     Off,
 }
@@ -172,10 +182,20 @@ pub enum ConsoleOutput {
     Off,
     /// The VMM's stdout, and stdin to the guest.
     Stdio,
-    /// A file (created or truncated).
-    File(PathBuf),
+    /// A file (created or truncated, opened last).
+    File(OutputFile),
     /// A new pseudo-terminal; its path is printed on stderr.
     Pty,
+}
+
+/// `file=PATH[,max_size=SIZE]` of `--serial` and `--console`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputFile {
+    /// The file: created or truncated once every other check has passed; a symbolic link
+    /// there is refused.
+    pub path: PathBuf,
+    /// After this many bytes, further output is dropped (and counted).
+    pub max_size: Option<u64>,
 }
 
 /// The transport of the virtio devices.
@@ -244,8 +264,8 @@ pub struct VsockSpec {
 pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
     let (mut cid, mut socket) = (None, None);
     let mut poll_us = 0;
-    for (k, v) in key_values(s)? {
-        match k {
+    for (k, v) in &key_values(s)? {
+        match k.as_str() {
             "cid" => cid = Some(number::<u64>(k, v)?),
             "poll_us" => poll_us = number(k, v)?,
             "socket" if !v.is_empty() => socket = Some(PathBuf::from(v)),
@@ -266,19 +286,52 @@ pub fn parse_vsock(s: &str) -> Result<VsockSpec, String> {
     })
 }
 
-/// The `key=value` items of a comma-separated option; a key given twice is an error.
-fn key_values(s: &str) -> Result<Vec<(&str, &str)>, String> {
-    let mut items: Vec<(&str, &str)> = Vec::new();
-    for item in s.split(',') {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| format!("'{item}' is not key=value"))?;
-        if items.iter().any(|(seen, _)| *seen == k) {
+/// The `key=value` items of a comma-separated option, the one splitter of every option with
+/// keys (`--disk`, `--net`, `--vsock`, `--serial file=`, `--console file=`).
+///
+/// A doubled comma is a literal comma, as in QEMU (`path=a,,b.img` is the file `a,b.img`).
+/// An item that is not `key=value`, an empty key, a key not in `[a-z0-9_]`, an empty value
+/// and a key given twice are errors naming the item or key: a later `readonly=off` never
+/// silently overrides an earlier `readonly=on`.
+fn key_values(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut items: Vec<(String, String)> = Vec::new();
+    for item in split_escaped(s) {
+        let (k, v) = item.split_once('=').ok_or_else(|| {
+            format!("'{item}' is not key=value (a comma in a value is written ,,)")
+        })?;
+        if k.is_empty()
+            || !k
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        {
+            return Err(format!("'{item}': '{k}' is not an option name"));
+        }
+        if v.is_empty() {
+            return Err(format!("{k}= needs a value"));
+        }
+        if items.iter().any(|(seen, _)| seen == k) {
             return Err(format!("{k}= is given twice"));
         }
-        items.push((k, v));
+        items.push((k.to_string(), v.to_string()));
     }
     Ok(items)
+}
+
+/// Splits `s` at single commas; `,,` is a literal comma.
+fn split_escaped(s: &str) -> Vec<String> {
+    let (mut items, mut item) = (Vec::new(), String::new());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != ',' {
+            item.push(c);
+        } else if chars.next_if_eq(&',').is_some() {
+            item.push(',');
+        } else {
+            items.push(std::mem::take(&mut item));
+        }
+    }
+    items.push(item);
+    items
 }
 
 /// Parses `xx:xx:xx:xx:xx:xx` (a unicast address).
@@ -305,8 +358,8 @@ pub fn parse_mac(v: &str) -> Result<[u8; 6], String> {
 pub fn parse_net(s: &str) -> Result<NetSpec, String> {
     let (mut backend, mut mac, mut mtu, mut queues) = (None, None, None, None);
     let mut poll_us = 0;
-    for (k, v) in key_values(s)? {
-        match k {
+    for (k, v) in &key_values(s)? {
+        match k.as_str() {
             "tap" | "fd" if backend.is_some() => return Err("give one of tap= and fd=".into()),
             "tap" if !v.is_empty() => backend = Some(NetBackendSpec::Tap(v.to_string())),
             "fd" => backend = Some(NetBackendSpec::Fd(number(k, v)?)),
@@ -398,10 +451,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
         queues_per_vcpu: true,
         id: None,
     };
-    for item in s.split(',') {
-        let (k, v) = item
-            .split_once('=')
-            .ok_or_else(|| format!("'{item}' is not key=value"))?;
+    for (k, v) in &key_values(s)? {
         disk_option(&mut spec, k, v)?;
     }
     if matches!(&spec.config.source, DiskSource::Path(p) if p.as_os_str().is_empty()) {
@@ -411,19 +461,19 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     Ok(spec)
 }
 
-/// Parses `stdio`, `file=PATH`, `pty` or `off`.
+/// Parses `stdio`, `file=PATH[,max_size=SIZE]`, `pty` or `off`.
 pub fn parse_console(s: &str) -> Result<ConsoleOutput, String> {
     match s {
         "pty" => Ok(ConsoleOutput::Pty),
         "stdio" => Ok(ConsoleOutput::Stdio),
         "off" => Ok(ConsoleOutput::Off),
-        _ => output_file(s)
-            .map(ConsoleOutput::File)
-            .map_err(|_| format!("'{s}' is not one of stdio, file=PATH, pty, off")),
+        _ => output_file(s).map(ConsoleOutput::File).map_err(|e| {
+            e.unwrap_or_else(|| format!("'{s}' is not one of stdio, file=PATH, pty, off"))
+        }),
     }
 }
 
-/// Parses `stdio`, `file=PATH` or `off`.
+/// Parses `stdio`, `file=PATH[,max_size=SIZE]` or `off`.
 pub fn parse_serial(s: &str) -> Result<SerialOutput, String> {
     match s {
         "stdio" => Ok(SerialOutput::Stdio),
@@ -434,13 +484,33 @@ pub fn parse_serial(s: &str) -> Result<SerialOutput, String> {
     }
 }
 
-/// `file=PATH`: `Err(Some(why))` for an empty path, `Err(None)` for anything else.
-fn output_file(s: &str) -> Result<PathBuf, Option<String>> {
-    match s.strip_prefix("file=") {
-        Some("") => Err(Some("file= needs a path".into())),
-        Some(p) => Ok(PathBuf::from(p)),
-        None => Err(None),
+/// `file=PATH[,max_size=SIZE]`: `Err(Some(why))` for a malformed one, `Err(None)` for
+/// anything not starting with `file=`.
+fn output_file(s: &str) -> Result<OutputFile, Option<String>> {
+    if !s.starts_with("file=") {
+        return Err(None);
     }
+    let mut file = OutputFile {
+        path: PathBuf::new(),
+        max_size: None,
+    };
+    for (k, v) in &key_values(s)? {
+        match k.as_str() {
+            "file" => file.path = PathBuf::from(v),
+            "max_size" => file.max_size = Some(parse_size(v)?),
+            _ => return Err(Some(format!("unknown output option '{k}={v}'"))),
+        }
+    }
+    Ok(file)
+}
+
+/// Parses `--output-buffer`: a size from 4 KiB to 64 MiB.
+fn parse_output_buffer(s: &str) -> Result<usize, String> {
+    let n = parse_size(s)?;
+    if !(4 << 10..=64 << 20).contains(&n) {
+        return Err(format!("'{s}' is outside 4K to 64M"));
+    }
+    usize::try_from(n).map_err(|_| format!("'{s}' is too large"))
 }
 
 /// Parses a size such as `512M`, `2G`, `1048576` or `64MiB`.
@@ -499,9 +569,29 @@ mod tests {
         assert_eq!(parse_serial("off"), Ok(SerialOutput::Off));
         assert_eq!(
             parse_serial("file=/tmp/x"),
-            Ok(SerialOutput::File("/tmp/x".into()))
+            Ok(SerialOutput::File(OutputFile {
+                path: "/tmp/x".into(),
+                max_size: None
+            }))
         );
-        assert_eq!(parse_serial("file="), Err("file= needs a path".into()));
+        assert_eq!(parse_serial("file="), Err("file= needs a value".into()));
+        assert_eq!(
+            parse_serial("file=/tmp/a,,b,max_size=1M"),
+            Ok(SerialOutput::File(OutputFile {
+                path: "/tmp/a,b".into(),
+                max_size: Some(1 << 20)
+            }))
+        );
+        for (bad, says) in [
+            ("file=a,file=b", "file= is given twice"),
+            ("file=a,max_size=1M,max_size=2M", "max_size= is given twice"),
+            ("file=a,max_size=lots", "not a size"),
+            ("file=a,append=on", "unknown output option"),
+            ("file=a,", "'' is not key=value"),
+        ] {
+            let e = parse_serial(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
         assert!(parse_serial("pty").is_err());
     }
 
@@ -538,7 +628,12 @@ mod tests {
         for (bad, says) in [
             ("", "key=value"),
             ("readonly=on", "path=FILE"),
-            ("path=", "unknown or empty"),
+            ("path=", "path= needs a value"),
+            (
+                "path=a,readonly=on,readonly=off",
+                "readonly= is given twice",
+            ),
+            ("path=a,path=b", "path= is given twice"),
             ("path=a,readonly=maybe", "use on or off"),
             ("path=a,engine=aio", "sync or io_uring"),
             ("path=a,queues=0", "queues"),
@@ -552,6 +647,37 @@ mod tests {
             ("path=a,poll_us=-1", "not a number"),
         ] {
             let e = parse_disk(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_doubled_comma_is_a_comma() {
+        let d = parse_disk("path=a,,b,,,readonly=on").unwrap();
+        assert_eq!(path_of(&d), PathBuf::from("a,b,"));
+        assert!(d.config.read_only);
+        assert_eq!(
+            path_of(&parse_disk("path=,,,,x").unwrap()),
+            PathBuf::from(",,x")
+        );
+        let v = parse_vsock("cid=3,socket=/tmp/v,,1").unwrap();
+        assert_eq!(v.socket, PathBuf::from("/tmp/v,1"));
+        // Escaped, the comma separates nothing: this is one path.
+        let d = parse_disk("path=a,,readonly=on").unwrap();
+        assert_eq!(path_of(&d), PathBuf::from("a,readonly=on"));
+        assert!(!d.config.read_only);
+        assert_eq!(split_escaped("a,,,b"), ["a,", "b"]);
+        assert_eq!(split_escaped("a,,,,b"), ["a,,b"]);
+        assert_eq!(split_escaped(""), [""]);
+        for (bad, says) in [
+            ("path=a,", "'' is not key=value"),
+            (",path=a", "'' is not key=value"),
+            ("path=a,,,", "'' is not key=value"),
+            ("path=a,=on", "'' is not an option name"),
+            ("path=a,Readonly=on", "not an option name"),
+            (",,path=a", "',path' is not an option name"),
+        ] {
+            let e = parse_disk(bad).map(|_| ()).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }
@@ -574,7 +700,7 @@ mod tests {
             ("cid=x,socket=a", "not a number"),
             ("cid=3", "socket=PATH is required"),
             ("socket=a", "cid=N is required"),
-            ("cid=3,socket=", "unknown or empty"),
+            ("cid=3,socket=", "socket= needs a value"),
             ("cid=3,socket=a,cid=4", "given twice"),
             ("cid=3,socket=a,mtu=5", "unknown"),
             ("cid=3;socket=a", "not a number"),
@@ -599,7 +725,7 @@ mod tests {
         for (bad, says) in [
             ("", "key=value"),
             ("mac=52:54:00:12:34:56", "tap=NAME or fd=N"),
-            ("tap=", "unknown or empty"),
+            ("tap=", "tap= needs a value"),
             ("tap=a,tap=b", "twice"),
             ("tap=a,fd=4", "one of"),
             ("tap=a,mac=52:54:00:12:34", "not a MAC"),
@@ -625,7 +751,10 @@ mod tests {
         assert_eq!(parse_console("stdio"), Ok(ConsoleOutput::Stdio));
         assert_eq!(
             parse_console("file=/tmp/c"),
-            Ok(ConsoleOutput::File("/tmp/c".into()))
+            Ok(ConsoleOutput::File(OutputFile {
+                path: "/tmp/c".into(),
+                max_size: None
+            }))
         );
         assert!(parse_console("tty").is_err());
         assert!(parse_console("file=").is_err());

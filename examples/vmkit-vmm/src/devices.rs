@@ -28,6 +28,7 @@ use crate::config::{Args, ConsoleOutput, SerialOutput, Transport};
 use crate::error::{Error, Result};
 use crate::io::{InputToConsole, StdinToSerial};
 use crate::net::InheritedFds;
+use crate::output::Outputs;
 use crate::terminal::Escape;
 use vmkit_virtio_vsock::{Vsock, VsockConfig};
 
@@ -36,14 +37,6 @@ pub type GuestSerial = Serial<Box<dyn Write + Send>>;
 
 /// An event-loop subscriber as the VMM's event manager holds it.
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
-
-fn create_file(what: &'static str, path: &std::path::Path) -> Result<File> {
-    File::create(path).map_err(|source| Error::Open {
-        what,
-        path: path.display().to_string(),
-        source,
-    })
-}
 
 /// The PC's devices: COM1, the i8042 (keyboard on IRQ 1, reset line), the ACPI sleep and
 /// reset registers, the debug port.
@@ -59,8 +52,9 @@ pub struct LegacyDevices {
 }
 
 impl LegacyDevices {
-    /// Puts them on `machine`'s bus, reporting power-off and reset to its exit notifier.
-    pub fn add(machine: &Machine, args: &Args) -> Result<Self> {
+    /// Puts them on `machine`'s bus, reporting power-off and reset to its exit notifier;
+    /// the serial port writes to a sink of `outputs`.
+    pub fn add(machine: &Machine, args: &Args, outputs: &mut Outputs) -> Result<Self> {
         let bus = machine.bus();
         let exit = machine.exit().clone();
         let input_drained = match args.serial {
@@ -70,9 +64,11 @@ impl LegacyDevices {
             _ => None,
         };
         let out: Box<dyn Write + Send> = match &args.serial {
-            SerialOutput::Stdio => Box::new(std::io::stdout()),
+            SerialOutput::Stdio => Box::new(outputs.stdout()?),
             SerialOutput::Off => Box::new(std::io::sink()),
-            SerialOutput::File(p) => Box::new(create_file("serial output file", p)?),
+            SerialOutput::File(f) => {
+                Box::new(outputs.file("serial_file", "serial output file", f)?)
+            }
         };
         let serial = Arc::new(Mutex::new(GuestSerial::with_config(SerialConfig {
             interrupt: machine.line(COM1_GSI)?,
@@ -127,20 +123,20 @@ struct ConsoleEnds {
     pty: Option<Pty>,
 }
 
-fn console_ends(spec: &ConsoleOutput) -> Result<Option<ConsoleEnds>> {
+fn console_ends(spec: &ConsoleOutput, outputs: &mut Outputs) -> Result<Option<ConsoleEnds>> {
     Ok(match spec {
         ConsoleOutput::Off => None,
         ConsoleOutput::Stdio => {
             // A duplicate of fd 0, so the event loop owns what it polls.
             let stdin = std::io::stdin().as_fd().try_clone_to_owned();
             Some(ConsoleEnds {
-                output: Box::new(std::io::stdout()),
+                output: Box::new(outputs.stdout()?),
                 input: Some(File::from(stdin.map_err(Error::Console)?)),
                 pty: None,
             })
         }
-        ConsoleOutput::File(p) => Some(ConsoleEnds {
-            output: Box::new(create_file("console output file", p)?),
+        ConsoleOutput::File(f) => Some(ConsoleEnds {
+            output: Box::new(outputs.file("console_file", "console output file", f)?),
             input: None,
             pty: None,
         }),
@@ -148,7 +144,10 @@ fn console_ends(spec: &ConsoleOutput) -> Result<Option<ConsoleEnds>> {
             let pty = Pty::open().map_err(Error::Console)?;
             eprintln!("vmkit: virtio-console on {}", pty.path().display());
             Some(ConsoleEnds {
-                output: Box::new(pty.output().map_err(Error::Console)?),
+                output: Box::new(
+                    outputs
+                        .connected("console_pty", pty.output().map_err(Error::Console)?.into())?,
+                ),
                 input: Some(pty.master().try_clone().map_err(Error::Console)?),
                 pty: Some(pty),
             })
@@ -191,8 +190,13 @@ fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<B
 
 impl VirtioDevices {
     /// Builds the disks, network cards, rng and console the command line asks for and
-    /// attaches them.
-    pub fn add(machine: &Machine, args: &Args, mut net_fds: InheritedFds) -> Result<Self> {
+    /// attaches them; the console writes to a sink of `outputs`.
+    pub fn add(
+        machine: &Machine,
+        args: &Args,
+        mut net_fds: InheritedFds,
+        outputs: &mut Outputs,
+    ) -> Result<Self> {
         let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
         let mut metrics = Vec::new();
         let mut counters = |name: String| {
@@ -229,7 +233,7 @@ impl VirtioDevices {
         }
         let mut console_input_subscriber = None;
         let mut console_pty = None;
-        if let Some(ends) = console_ends(&args.console)? {
+        if let Some(ends) = console_ends(&args.console, outputs)? {
             let config = ConsoleConfig::new(ends.output).with_metrics(counters("console".into()));
             let console = Console::new(config)?;
             let escape = match args.console {

@@ -1,11 +1,13 @@
-//! Host input into the guest, as event-loop subscribers: stdin to the serial port, stdin or
-//! a pty to the virtio-console.
+//! The host's side of the guest's streams, as event-loop subscribers: stdin to the serial
+//! port, stdin or a pty to the virtio-console, and the guest's output drained to its
+//! destinations.
 
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
+use vmkit_legacy::OutputSink;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -151,5 +153,48 @@ impl<F: AsFd + Read> MutEventSubscriber for InputToConsole<F> {
         let fd = self.source.as_fd().as_raw_fd();
         // A source epoll refuses (a regular file, /dev/null) simply gives no input.
         let _ = ops.add(Events::new_raw(fd, EventSet::IN));
+    }
+}
+
+/// Writes what waits in an [`OutputSink`] once its descriptor takes it: woken by the sink
+/// when bytes start waiting, it watches the descriptor for `EPOLLOUT` until the sink is empty
+/// (so `EAGAIN` is retried only when the descriptor is writable, never in a loop).
+pub struct OutputDrain {
+    sink: OutputSink,
+    /// The descriptor is in the epoll set for `EPOLLOUT`.
+    watching: bool,
+}
+
+impl OutputDrain {
+    pub fn new(sink: OutputSink) -> Self {
+        Self {
+            sink,
+            watching: false,
+        }
+    }
+}
+
+impl MutEventSubscriber for OutputDrain {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let Some(fd) = self.sink.fd() else {
+            return;
+        };
+        if events.fd() == self.sink.wakeup().as_raw_fd() {
+            let _ = self.sink.wakeup().read();
+            if !self.watching && !self.sink.drain() {
+                // A descriptor epoll refuses (a regular file) never waits for a reader.
+                self.watching = ops.add(Events::new_raw(fd, EventSet::OUT)).is_ok();
+            }
+            return;
+        }
+        // Writable, or failed (then the sink drops what waits): either way, drain.
+        if self.sink.drain() && self.watching {
+            let _ = ops.remove(Events::empty_raw(fd));
+            self.watching = false;
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(self.sink.wakeup(), EventSet::IN));
     }
 }

@@ -72,11 +72,11 @@ impl Rules {
         }
         let outputs = [
             match &args.serial {
-                SerialOutput::File(p) => Some(p),
+                SerialOutput::File(f) => Some(&f.path),
                 _ => None,
             },
             match &args.console {
-                ConsoleOutput::File(p) => Some(p),
+                ConsoleOutput::File(f) => Some(&f.path),
                 _ => None,
             },
             args.log_file.as_ref(),

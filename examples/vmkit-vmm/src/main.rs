@@ -4,8 +4,8 @@
 //! signals, [`logger`], [`metrics`]) → [`setup`] (the VM described by the command line, a
 //! config file or the API, via [`resources`]) → [`vm`] (the stages: machine, vCPUs,
 //! devices, kernel; [`landlock`] just before the vCPUs start) → [`runtime`] (the run: API
-//! calls, pause, shutdown) → [`devices`], [`io`], [`terminal`], [`signals`], [`stats`],
-//! [`descriptors`], [`error`].
+//! calls, pause, shutdown) → [`devices`], [`output`], [`io`], [`terminal`], [`signals`],
+//! [`stats`], [`descriptors`], [`error`].
 
 mod config;
 mod descriptors;
@@ -17,6 +17,7 @@ mod landlock;
 mod logger;
 mod metrics;
 mod net;
+mod output;
 mod resources;
 mod runtime;
 mod setup;

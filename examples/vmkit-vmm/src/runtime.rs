@@ -44,8 +44,9 @@ pub struct Parts {
     /// The subscribers that touch guest memory (the queue handlers), taken out of the loop
     /// while the VM is paused.
     pub guest_facing: Vec<Subscriber>,
-    /// The operator's input into the serial port and the console: it only buffers, and
-    /// stays in the loop (the console escape works while paused).
+    /// The operator's input into the serial port and the console (it only buffers) and the
+    /// drains of the guest's output: they stay in the loop (the console escape works, and
+    /// output written before a pause keeps flowing, while paused).
     pub host_input: Vec<Subscriber>,
     /// The virtio devices, quiesced at a pause.
     pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,

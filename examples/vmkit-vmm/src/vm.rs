@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! inputs → machine (memory, irqchip, bus) → vCPUs → legacy devices → virtio devices
-//!        → kernel command line → firmware tables and kernel → run
+//!        → kernel command line → firmware tables and kernel → output files → run
 //! ```
+//!
+//! The devices write their output to sinks that the last stage connects: the output files
+//! are created (or truncated) only once everything else has passed.
 //!
 //! (KVM wants the irqchip before the first vCPU, so the machine comes first.)
 
@@ -26,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::metrics::MetricsSource;
 use crate::net::InheritedFds;
+use crate::output::Outputs;
 use crate::runtime::{Parts, Running};
 use crate::stats;
 use crate::terminal::RawMode;
@@ -36,6 +40,8 @@ pub struct Vm {
     vcpus: Vcpus,
     legacy: LegacyDevices,
     virtio: VirtioDevices,
+    /// Where the guest's output goes, drained by the event loop.
+    outputs: Outputs,
     stdin: Option<Subscriber>,
     /// stdin goes to the guest (COM1 or the virtio-console): a terminal there is made raw.
     stdin_to_guest: bool,
@@ -169,13 +175,17 @@ impl Vm {
             template: args.cpu_template,
         };
         let vcpus = Vcpus::create(machine.kvm(), machine.vm(), &vcpu_config)?;
-        let legacy = LegacyDevices::add(&machine, args)?;
-        let mut virtio = VirtioDevices::add(&machine, args, net_fds)?;
+        let mut outputs = Outputs::new(args.output_buffer);
+        let legacy = LegacyDevices::add(&machine, args, &mut outputs)?;
+        let mut virtio = VirtioDevices::add(&machine, args, net_fds, &mut outputs)?;
         let cmdline = kernel_cmdline(args, &vcpus, &virtio)?;
         let dsdt = std::mem::take(&mut virtio.dsdt);
         let entry = load_kernel(&machine, args, inputs, &cmdline, dsdt)?;
         vcpus.set_entry(machine.memory(), entry)?;
         let stdin = legacy.stdin_subscriber(args, machine.exit().clone());
+        // Last: the output files, once nothing else can fail (a failed start leaves an
+        // existing log as it was).
+        outputs.open()?;
         Ok(Self {
             stdin_to_guest: stdin.is_some() || args.console == ConsoleOutput::Stdio,
             stdin,
@@ -183,6 +193,7 @@ impl Vm {
             vcpus,
             legacy,
             virtio,
+            outputs,
             print_stats: args.stats,
             landlock: crate::landlock::Rules::of(args),
         })
@@ -203,6 +214,9 @@ impl Vm {
             host.metrics
                 .add(name.clone(), device_metrics(counters.clone()));
         }
+        for (name, counters) in self.outputs.metrics() {
+            host.metrics.add(name, counters);
+        }
         // The operator's keys go to the guest while it runs; restored on every way out.
         let _raw = self.stdin_to_guest.then(|| RawMode::enter(0)).flatten();
         let landlocked = crate::landlock::enforce(self.landlock.as_ref())?;
@@ -222,6 +236,7 @@ impl Vm {
                 .iter()
                 .chain(&self.virtio.console_input)
                 .cloned()
+                .chain(self.outputs.drains())
                 .collect(),
             devices: self.virtio.devices.clone(),
             threads,
@@ -234,6 +249,7 @@ impl Vm {
         };
         let (end, threads) = Running::new(parts, host).until_end(host);
         let vcpu_stats = threads.stop();
+        self.outputs.finish();
         if self.print_stats {
             stats::vcpus_stopped(&vcpu_stats, self.legacy.debug_port.stats().writes);
         }

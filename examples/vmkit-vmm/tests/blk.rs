@@ -114,6 +114,19 @@ fn read_only_disk_refuses_writes_and_the_vmm_keeps_running() {
     assert!(std::fs::read(&img.0).unwrap().iter().all(|&b| b == 0x5a));
 }
 
+/// A comma in a disk's path is written `,,`: the disk (read-only, so it must be the file
+/// named, not one called `a`) boots.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_disk_path_with_a_comma_boots() {
+    let img = Image::new("with,comma", 4, 0x5a);
+    assert!(img.path().contains(','));
+    let disk = format!("{},readonly=on", img.path().replace(',', ",,"));
+    boot(&format!("path={disk}"), &[], "test=blk-ro")
+        .ok()
+        .says(&["virtio-blk: capacity 8192 sectors, ro", "test blk-ro: ok"]);
+}
+
 /// Spawns vmkit (under `wrapper`, e.g. strace, when not empty) on a 4 MiB image (`name` in
 /// its file name: each test its own, or the image lock keeps the second out) with the
 /// guest's `blk-write-flush=100:deadbeef`, waits for its `blk-flushed` line (the guest saw
@@ -211,10 +224,16 @@ fn only_child(pid: u32) -> u32 {
     }
 }
 
-/// The text of a traced `write(1, "...", n)`'s buffer, still escaped as strace prints it
-/// (enough to find plain ASCII in), or `None` for another line.
+/// The text of a traced `write(N<pipe:[...]>, "...", n)`'s buffer, still escaped as strace
+/// prints it (enough to find plain ASCII in), or `None` for another line. The guest's output
+/// goes to the VMM's stdout pipe through a descriptor of its own (vmkit reopens stdout
+/// non-blocking), so the pipe, not fd 1, marks it.
 fn stdout_write(line: &str) -> Option<&str> {
-    let rest = line.split_once("write(1")?.1;
+    let rest = line.split_once("write(")?.1;
+    let fd_end = rest.find(|c: char| !c.is_ascii_digit())?;
+    if fd_end == 0 || !rest[fd_end..].starts_with("<pipe:") {
+        return None;
+    }
     let start = rest.find('"')? + 1;
     let end = rest.rfind('"')?;
     rest.get(start..end)

@@ -293,3 +293,104 @@ fn unusable_vsock_socket_paths() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Every malformed `key=value` option: one line on stderr naming the fault, exit status 2
+/// (a usage error), before anything is opened or created.
+#[test]
+fn malformed_key_value_options_are_usage_errors() {
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str)] = &[
+        // (flag, value, what the line must say)
+        ("--disk", "path=a,readonly=on,readonly=off", "readonly= is given twice"),
+        ("--disk", "path=a,path=b", "path= is given twice"),
+        ("--disk", "path=a,direct=on,direct=on", "direct= is given twice"),
+        ("--disk", "path=a,engine=sync,engine=io_uring", "engine= is given twice"),
+        ("--disk", "path=a,serial=x,serial=y", "serial= is given twice"),
+        ("--disk", "path=a,queues=1,queues=2", "queues= is given twice"),
+        ("--disk", "path=a,poll_us=1,poll_us=2", "poll_us= is given twice"),
+        ("--disk", "path=a,colour=red", "unknown or empty disk option 'colour=red'"),
+        ("--disk", "path=", "path= needs a value"),
+        ("--disk", "path=a,readonly=", "readonly= needs a value"),
+        ("--disk", "path=a,", "'' is not key=value"),
+        ("--disk", ",path=a", "'' is not key=value"),
+        ("--disk", "path=a,,,", "'' is not key=value"),
+        ("--disk", "path=a,=on", "'' is not an option name"),
+        ("--disk", ",,path=a", "',path' is not an option name"),
+        ("--disk", "path=a,readonly", "'readonly' is not key=value"),
+        ("--net", "tap=t0,tap=t1", "tap= is given twice"),
+        ("--net", "tap=t0,mac=52:54:00:12:34:56,mac=52:54:00:12:34:57", "mac= is given twice"),
+        ("--net", "tap=t0,mtu=1500,mtu=9000", "mtu= is given twice"),
+        ("--net", "tap=t0,queues=1,queues=1", "queues= is given twice"),
+        ("--net", "tap=t0,poll_us=0,poll_us=0", "poll_us= is given twice"),
+        ("--net", "fd=3,fd=4", "fd= is given twice"),
+        ("--net", "tap=t0,speed=10G", "unknown or empty net option 'speed=10G'"),
+        ("--net", "tap=", "tap= needs a value"),
+        ("--vsock", "cid=3,socket=a,cid=4", "cid= is given twice"),
+        ("--vsock", "cid=3,socket=a,socket=b", "socket= is given twice"),
+        ("--vsock", "cid=3,socket=a,poll_us=1,poll_us=1", "poll_us= is given twice"),
+        ("--vsock", "cid=3,socket=a,mtu=5", "unknown or empty vsock option 'mtu=5'"),
+        ("--vsock", "cid=3,socket=", "socket= needs a value"),
+        ("--serial", "file=a,file=b", "file= is given twice"),
+        ("--serial", "file=a,max_size=1M,max_size=2M", "max_size= is given twice"),
+        ("--serial", "file=a,append=on", "unknown output option 'append=on'"),
+        ("--serial", "file=", "file= needs a value"),
+        ("--serial", "file=a,", "'' is not key=value"),
+        ("--serial", "file=a,max_size=lots", "not a size"),
+        ("--serial", "tty", "is not one of stdio, file=PATH, off"),
+        ("--console", "file=a,file=b", "file= is given twice"),
+        ("--console", "file=a,max_size=1K,max_size=1K", "max_size= is given twice"),
+        ("--console", "file=a,mode=0600", "unknown output option 'mode=0600'"),
+        ("--console", "file=", "file= needs a value"),
+        ("--console", "tty", "is not one of stdio, file=PATH, pty, off"),
+    ];
+    let dir = std::env::temp_dir().join(format!("vmkit-cli-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (flag, value, says) in cases {
+        // Run where a relative path would be created, to see that nothing is.
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit"))
+            .args(["--kernel", "k", flag, value])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        let what = format!("{flag} {value}: {err:?}");
+        assert_eq!(out.status.code(), Some(2), "{what}");
+        assert_eq!(err.lines().count(), 1, "{what}");
+        assert!(err.starts_with("vmkit: ") && err.contains(flag), "{what}");
+        assert!(err.contains(says), "{what} does not say {says:?}");
+    }
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "a file was created"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A key given twice in a config file is refused (serde_json alone keeps the last one in a
+/// free-form object such as a rate limiter).
+#[test]
+fn config_file_with_a_key_given_twice() {
+    let f = std::env::temp_dir().join(format!("vmkit-cli-twice-{}.json", std::process::id()));
+    for (json, key) in [
+        (
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "drives": [{"drive_id": "d", "path_on_host": "/d", "is_root_device": false,
+                            "is_read_only": true, "is_read_only": false}]}"#,
+            "is_read_only",
+        ),
+        (
+            r#"{"boot-source": {"kernel_image_path": "/k"},
+                "drives": [{"drive_id": "d", "path_on_host": "/d", "is_root_device": false,
+                            "rate_limiter": {"ops": {"size": 1}, "ops": {"size": 2}}}]}"#,
+            "ops",
+        ),
+    ] {
+        std::fs::write(&f, json).unwrap();
+        fails_with(
+            &["--config-file", f.to_str().unwrap(), "--no-api"],
+            &format!("duplicate field `{key}`"),
+        );
+    }
+    let _ = std::fs::remove_file(&f);
+}
