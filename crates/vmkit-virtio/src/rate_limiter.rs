@@ -61,15 +61,32 @@ pub struct TokenBucketConfig {
 }
 
 impl TokenBucketConfig {
-    /// A bucket for `rate` tokens per second, holding 100 ms of them (at least one token),
-    /// with a one-time burst of `burst`: what an operator means by "10 MiB/s", mapped on a
-    /// bucket small enough that an idle second does not become a second's worth of burst.
+    /// A bucket for `rate` tokens per second with a one-time burst of `burst`: what an
+    /// operator means by "10 MiB/s". The bucket holds the shortest whole number of
+    /// milliseconds from 100 up in which the rate makes a whole number of tokens (100 ms
+    /// for 10 MiB/s or 1000 operations, 125 ms for 1 MiB/s, at most 1000 ms), so the rate is
+    /// exact and an idle second does not become a second's worth of burst.
     pub fn per_second(rate: u64, burst: u64) -> Self {
+        let rate128 = u128::from(rate);
+        let refill_time_ms = (100..=1000u64)
+            .find(|ms| (rate128 * u128::from(*ms)).is_multiple_of(1000))
+            .unwrap_or(1000);
+        // At most `rate`: fits.
+        let size = u64::try_from(rate128 * u128::from(refill_time_ms) / 1000).unwrap_or(rate);
         Self {
-            size: (rate / 10).max(1),
+            size,
             one_time_burst: burst,
-            refill_time_ms: 100,
+            refill_time_ms,
         }
+    }
+
+    /// The rate this bucket refills at, in tokens per second (rounded down; 0: unlimited).
+    pub fn rate_per_second(&self) -> u64 {
+        if self.is_unlimited() {
+            return 0;
+        }
+        let rate = u128::from(self.size) * 1000 / u128::from(self.refill_time_ms);
+        u64::try_from(rate).unwrap_or(u64::MAX)
     }
 
     /// Whether the bucket limits nothing (`size` or `refill_time` 0, as in Firecracker).
@@ -235,12 +252,12 @@ impl TokenBucket {
 /// ```
 /// use vmkit_virtio::rate_limiter::{RateLimiter, RateLimiterConfig, TokenBucketConfig};
 ///
-/// // 1 MiB/s: a bucket of 100 KiB refilled every 100 ms; up to 8 requests in a burst.
+/// // 1 MiB/s: a bucket of 128 KiB refilled every 125 ms; up to 8 requests in a burst.
 /// let mut limiter = RateLimiter::new(RateLimiterConfig {
 ///     bandwidth: Some(TokenBucketConfig::per_second(1 << 20, 0)),
 ///     ops: Some(TokenBucketConfig { size: 8, one_time_burst: 0, refill_time_ms: 1000 }),
 /// })?;
-/// assert!(limiter.consume(64 << 10, 1)); // 64 KiB: the bucket has 102 KiB
+/// assert!(limiter.consume(96 << 10, 1)); // 96 KiB of 128 KiB
 /// assert!(!limiter.consume(64 << 10, 1)); // not yet: the timer is armed for when it may
 /// assert!(limiter.is_throttled());
 /// // The device hands `limiter.timer_fd()?` to its event loop, and when it fires calls
@@ -249,6 +266,7 @@ impl TokenBucket {
 /// # Ok::<(), std::io::Error>(())
 /// ```
 pub struct RateLimiter {
+    config: RateLimiterConfig,
     bandwidth: Option<TokenBucket>,
     ops: Option<TokenBucket>,
     clock: Box<dyn Clock>,
@@ -293,6 +311,7 @@ impl RateLimiter {
         }
         let now = clock.now();
         Ok(Self {
+            config,
             bandwidth: config.bandwidth.and_then(|b| TokenBucket::new(b, now)),
             ops: config.ops.and_then(|b| TokenBucket::new(b, now)),
             clock,
@@ -307,12 +326,18 @@ impl RateLimiter {
     /// timer expiry or call.
     pub fn update(&mut self, config: RateLimiterConfig) {
         let now = self.clock.now();
+        self.config = config;
         self.bandwidth = config.bandwidth.and_then(|b| TokenBucket::new(b, now));
         self.ops = config.ops.and_then(|b| TokenBucket::new(b, now));
         self.throttled = false;
         if let Err(e) = self.timer.clear() {
             log::warn!("rate limiter: disarming the timer: {e}");
         }
+    }
+
+    /// The configuration it was built or last updated with.
+    pub fn config(&self) -> RateLimiterConfig {
+        self.config
     }
 
     /// Whether the limiter limits anything.
@@ -348,6 +373,9 @@ impl RateLimiter {
     pub fn consume(&mut self, bytes: u64, ops: u64) -> bool {
         if self.throttled {
             return false;
+        }
+        if self.is_unlimited() {
+            return true;
         }
         let now = self.clock.now();
         let mut wait = Duration::ZERO;
@@ -679,6 +707,15 @@ mod tests {
             (b.size, b.one_time_burst, b.refill_time_ms),
             (1 << 20, 5, 100)
         );
-        assert_eq!(TokenBucketConfig::per_second(3, 0).size, 1);
+        assert_eq!(b.rate_per_second(), 10 << 20);
+        let b = TokenBucketConfig::per_second(1 << 20, 0);
+        assert_eq!((b.size, b.refill_time_ms), (1 << 17, 125));
+        assert_eq!(b.rate_per_second(), 1 << 20);
+        let b = TokenBucketConfig::per_second(3, 0);
+        assert_eq!((b.size, b.refill_time_ms), (3, 1000));
+        assert_eq!(b.rate_per_second(), 3);
+        let b = TokenBucketConfig::per_second(u64::MAX, 0);
+        assert_eq!(b.rate_per_second(), u64::MAX);
+        assert_eq!(TokenBucketConfig::per_second(0, 0).rate_per_second(), 0);
     }
 }
