@@ -221,8 +221,10 @@ impl VirtioDevices {
             let vsock = Vsock::new(config)?.with_metrics(counters("vsock".into()));
             devices.push(Arc::new(Mutex::new(vsock)));
         }
-        if args.rng {
-            let rng = Rng::new(RngConfig::default())?.with_metrics(counters("entropy".into()));
+        if args.rng || args.rng_rate_limiter.is_some() {
+            let rng = Rng::new(RngConfig::default())?
+                .with_metrics(counters("entropy".into()))
+                .with_rate_limiter(args.rng_rate_limiter.unwrap_or_default());
             devices.push(Arc::new(Mutex::new(rng)));
         }
         let mut console_input_subscriber = None;

@@ -11,6 +11,7 @@ mod devices;
 mod error;
 mod host;
 mod io;
+mod limits;
 mod logger;
 mod metrics;
 mod net;

@@ -13,6 +13,7 @@ use vmkit_virtio_blk::{BlockConfig, DiskSource, EngineKind};
 use crate::config::{
     parse_mac, Args, DiskSpec, NetBackendSpec, NetSpec, VsockSpec, DEFAULT_POLL_US,
 };
+use crate::limits;
 
 /// The resources set so far.
 #[derive(Debug, Clone, Default)]
@@ -42,15 +43,6 @@ fn readable(what: &str, path: &str) -> Result<(), Refusal> {
         Ok(m) if m.is_file() => Ok(()),
         Ok(_) => Err(format!("{what} {path} is not a regular file")),
         Err(e) => Err(format!("cannot read {what} {path}: {e}")),
-    }
-}
-
-fn no_rate_limiter(what: &str, limiter: &Option<serde_json::Value>) -> Result<(), Refusal> {
-    match limiter {
-        None | Some(serde_json::Value::Null) => Ok(()),
-        Some(_) => Err(format!(
-            "{what}: rate limiters are not supported by vmkit yet"
-        )),
     }
 }
 
@@ -135,7 +127,6 @@ impl Resources {
                 "drive {id}: vhost-user drives (socket) are not supported by vmkit"
             ));
         }
-        no_rate_limiter(&format!("drive {id}"), &d.rate_limiter)?;
         let path = d
             .path_on_host
             .as_deref()
@@ -156,9 +147,9 @@ impl Resources {
         Ok(())
     }
 
-    /// `PATCH /drives/{id}` before the start: a new image.
+    /// `PATCH /drives/{id}` before the start: a new image, a new rate limiter (the buckets
+    /// it gives replace the drive's).
     pub fn patch_drive(&mut self, u: DriveUpdate) -> Result<(), Refusal> {
-        no_rate_limiter(&format!("drive {}", u.drive_id), &u.rate_limiter)?;
         let Some(drive) = self.drives.iter().find(|d| d.drive_id == u.drive_id) else {
             return Err(format!("drive {}: no such drive", u.drive_id));
         };
@@ -166,14 +157,16 @@ impl Resources {
         if let Some(p) = u.path_on_host {
             drive.path_on_host = Some(p);
         }
+        if let Some(patch) = &u.rate_limiter {
+            let current = limits::from_api(drive.rate_limiter.as_ref());
+            drive.rate_limiter = limits::to_api(limits::patched(current, patch));
+        }
         self.set_drive(drive)
     }
 
     /// `PUT /network-interfaces/{id}`.
     pub fn set_net(&mut self, n: NetworkInterface) -> Result<(), Refusal> {
         let id = &n.iface_id;
-        no_rate_limiter(&format!("interface {id}"), &n.rx_rate_limiter)?;
-        no_rate_limiter(&format!("interface {id}"), &n.tx_rate_limiter)?;
         if n.host_dev_name.is_empty() {
             return Err(format!("interface {id}: host_dev_name is empty"));
         }
@@ -201,7 +194,6 @@ impl Resources {
 
     /// `PUT /entropy`.
     pub fn set_entropy(&mut self, e: Entropy) -> Result<(), Refusal> {
-        no_rate_limiter("entropy", &e.rate_limiter)?;
         self.entropy = Some(e);
         Ok(())
     }
@@ -253,7 +245,10 @@ impl Resources {
                 poll_us: 0,
             });
         }
-        args.rng |= self.entropy.is_some();
+        if let Some(e) = &self.entropy {
+            args.rng = true;
+            args.rng_rate_limiter = Some(limits::from_api(e.rate_limiter.as_ref()));
+        }
         args.cmdline = cmdline;
         Ok(args)
     }
@@ -273,6 +268,7 @@ fn disk_spec(d: &Drive) -> Result<DiskSpec, Refusal> {
     let mut config = BlockConfig::new(DiskSource::Path(PathBuf::from(path)));
     config.read_only = d.is_read_only;
     config.poll_us = DEFAULT_POLL_US;
+    config.rate_limiter = limits::from_api(d.rate_limiter.as_ref());
     config.engine = match d.io_engine {
         Some(IoEngine::Async) => EngineKind::IoUring,
         Some(IoEngine::Sync) | None => EngineKind::Sync,
@@ -300,6 +296,8 @@ fn net_spec(n: &NetworkInterface) -> Result<NetSpec, Refusal> {
         mtu: None,
         queues: None,
         poll_us: 0,
+        rx_rate_limiter: limits::from_api(n.rx_rate_limiter.as_ref()),
+        tx_rate_limiter: limits::from_api(n.tx_rate_limiter.as_ref()),
     })
 }
 
@@ -391,9 +389,6 @@ mod tests {
         assert!(err(r.set_boot(fifo_boot)).contains("not a regular file"));
         let _ = std::fs::remove_file(&fifo);
         let exe = existing_file();
-        let mut d = drive("a", &exe, false);
-        d.rate_limiter = Some(serde_json::json!({"bandwidth": {"size": 1, "refill_time": 1}}));
-        assert!(err(r.set_drive(d)).contains("rate limiters"));
         r.set_drive(drive("root1", &exe, true)).unwrap();
         assert!(err(r.set_drive(drive("root2", &exe, true))).contains("already a root"));
         let update = DriveUpdate {

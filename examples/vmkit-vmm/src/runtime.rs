@@ -231,8 +231,9 @@ impl Running {
         Ok(())
     }
 
-    /// `PATCH /drives/{id}` on the running VM: the disk serves a new image (the guest gets a
-    /// configuration-change interrupt with its capacity).
+    /// `PATCH /drives/{id}` on the running VM: the disk gets a new rate limiter (the buckets
+    /// given replace its own), and serves a new image (the guest gets a configuration-change
+    /// interrupt with its capacity).
     fn patch_drive(&mut self, update: &DriveUpdate) -> Result<(), String> {
         let id = &update.drive_id;
         if self.guest_ids.is_none() {
@@ -241,21 +242,21 @@ impl Running {
                 "drive {id}: resume the microVM before changing its drive"
             ));
         }
-        if update.rate_limiter.as_ref().is_some_and(|r| !r.is_null()) {
-            return Err(format!(
-                "drive {id}: rate limiters are not supported by vmkit yet"
-            ));
-        }
         let (_, disk) = self
             .parts
             .drives
             .iter()
             .find(|(d, _)| d == id)
             .ok_or_else(|| format!("drive {id}: no such drive"))?;
+        let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(patch) = &update.rate_limiter {
+            let limiter = crate::limits::patched(disk.rate_limiter().config(), patch);
+            disk.update_rate_limiter(limiter);
+            log::info!("drive {id}: rate limiter {limiter:?}");
+        }
         let Some(path) = &update.path_on_host else {
             return Ok(());
         };
-        let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
         disk.replace_disk(std::path::PathBuf::from(path))
             .map_err(|e| format!("drive {id}: {path}: {e}"))?;
         log::info!("drive {id} now serves {path}");
