@@ -1,0 +1,195 @@
+//! Rate limiters end to end: the test guest's own throughput measurement (its TSC) against
+//! the limit given on the command line, and the VMM's event thread staying idle while the
+//! guest is held. The bands are generous sanity bounds (the issue's acceptance check: within
+//! 10% of 10 MiB/s), not benchmarks; each test prints its exact figures.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::test_guest;
+
+/// A sparse disk image in the temp dir, removed on drop.
+struct Image(PathBuf);
+
+impl Image {
+    fn new(name: &str, mib: u64) -> Self {
+        let path = std::env::temp_dir().join(format!("vmkit-rl-{name}-{}.img", std::process::id()));
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(mib << 20).unwrap();
+        Image(path)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// What a run printed, and the CPU time (user + system) of the VMM's main thread — the
+/// event loop that serves the devices — against the run's wall time.
+struct Measured {
+    stdout: String,
+    stderr: String,
+    main_thread_cpu: Duration,
+    wall: Duration,
+}
+
+/// The main thread's utime + stime, from `/proc/PID/task/PID/stat` (clock ticks).
+fn main_thread_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) end with ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): utime is field 14, stime 15.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `vmkit --kernel <test guest> ARGS…`, its main thread's CPU sampled every 50 ms until it
+/// exits (at most 120 s).
+fn measure(args: &[&str]) -> Measured {
+    let guest = test_guest();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vmkit"))
+        .arg("--kernel")
+        .arg(&guest)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmkit");
+    let pid = child.id();
+    let start = Instant::now();
+    let mut ticks = 0;
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(120), "vmkit hung");
+        if let Some(t) = main_thread_ticks(pid) {
+            ticks = t;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let wall = start.elapsed();
+    let out = child.wait_with_output().unwrap();
+    // SAFETY: sysconf reads a constant.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).unwrap_or(100);
+    let m = Measured {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        main_thread_cpu: Duration::from_millis(ticks * 1000 / hz.max(1)),
+        wall,
+    };
+    assert_eq!(out.status.code(), Some(0), "{}\n{}", m.stdout, m.stderr);
+    m
+}
+
+/// The number after `key` in the guest's line that starts with `prefix` (`"MiB/s"` after
+/// `", "`, say): the figure before the unit `unit`.
+fn figure(out: &str, prefix: &str, unit: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no '{prefix}' line in:\n{out}"));
+    let before = line
+        .split_once(&format!(" {unit}"))
+        .unwrap_or_else(|| panic!("no {unit} in '{line}'"))
+        .0;
+    let number = before.rsplit([' ', '(']).next().unwrap();
+    number
+        .parse()
+        .unwrap_or_else(|_| panic!("'{number}' in '{line}'"))
+}
+
+fn report(what: &str, target: f64, got: f64, unit: &str, m: &Measured) {
+    let cpu = m.main_thread_cpu.as_secs_f64() / m.wall.as_secs_f64() * 100.0;
+    let line = format!(
+        "rate limit {what}: target {target} {unit}, measured {got:.1} {unit} ({:+.1}%); \
+         VMM main thread {:?} CPU in {:?} ({cpu:.1}%)",
+        (got / target - 1.0) * 100.0,
+        m.main_thread_cpu,
+        m.wall
+    );
+    eprintln!("{line}");
+    let _ = std::io::stderr().flush();
+}
+
+/// Sequential 128 KiB reads, 4 in flight, for `secs` seconds, on a disk limited by `limit`;
+/// returns the guest's MiB/s.
+fn blk_bandwidth(limit: &str, secs: u32) -> (f64, Measured) {
+    let img = Image::new(&format!("bw-{limit}"), 512);
+    let disk = format!("path={},serial=rl,bw={limit}", img.path());
+    let cmdline = format!("test=blk-serial bench=blk-seq128k:4:{secs}");
+    let m = measure(&["--disk", &disk, "--cmdline", &cmdline]);
+    let got = figure(&m.stdout, "bench blk-seq128k qd4:", "MiB/s");
+    (got, m)
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn blk_bandwidth_holds_10_mib_per_second_with_the_vmm_idle() {
+    let (got, m) = blk_bandwidth("10M", 4);
+    report("blk bw=10M", 10.0, got, "MiB/s", &m);
+    // The issue's acceptance check: within 10% of 10 MiB/s (the guest alone reads several
+    // times faster). The first 100 ms bucket adds 2.5% over 4 s.
+    assert!((9.0..=11.0).contains(&got), "{got} MiB/s\n{}", m.stdout);
+    // The guest is held most of the time; the event thread sleeps on the limiter's timer
+    // rather than polling (it wakes at most once per request here).
+    let cpu = m.main_thread_cpu.as_secs_f64() / m.wall.as_secs_f64();
+    assert!(
+        cpu < 0.2,
+        "main thread {:?} in {:?}",
+        m.main_thread_cpu,
+        m.wall
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn blk_bandwidth_follows_other_limits() {
+    for (limit, target) in [("5M", 5.0), ("50M", 50.0)] {
+        let (got, m) = blk_bandwidth(limit, 3);
+        report(&format!("blk bw={limit}"), target, got, "MiB/s", &m);
+        assert!(
+            got >= target * 0.8 && got <= target * 1.1,
+            "{limit}: {got} MiB/s\n{}",
+            m.stdout
+        );
+    }
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn blk_iops_limit() {
+    let img = Image::new("iops", 512);
+    let disk = format!("path={},serial=rl,iops=500", img.path());
+    let m = measure(&[
+        "--disk",
+        &disk,
+        "--cmdline",
+        "test=blk-serial bench=blk-rand4k:4:3",
+    ]);
+    let got = figure(&m.stdout, "bench blk-rand4k qd4:", "req/s");
+    report("blk iops=500", 500.0, got, "req/s", &m);
+    assert!((400.0..=550.0).contains(&got), "{got} req/s\n{}", m.stdout);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn rng_bandwidth_limit() {
+    // 1 MiB of entropy read by the guest at 256 KiB/s: about 4 s.
+    let m = measure(&["--rng-bw", "256K", "--cmdline", "test=virtio-rng"]);
+    assert!(m.stdout.contains("test virtio-rng: ok"), "{}", m.stdout);
+    let got = figure(&m.stdout, "virtio-rng: 1048576 bytes in", "KiB/s");
+    report("rng --rng-bw 256K", 256.0, got, "KiB/s", &m);
+    assert!((205.0..=282.0).contains(&got), "{got} KiB/s\n{}", m.stdout);
+    let _ = &m.stderr;
+}
