@@ -59,9 +59,14 @@ fn main_thread_ticks(pid: u32) -> Option<u64> {
 /// exits (at most 120 s).
 fn measure(args: &[&str]) -> Measured {
     let guest = test_guest();
+    let mut all = vec!["--kernel", guest.to_str().unwrap()];
+    all.extend_from_slice(args);
+    measure_vmkit(&all)
+}
+
+/// `vmkit ARGS…`, measured as [`measure`] does.
+fn measure_vmkit(args: &[&str]) -> Measured {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmkit"))
-        .arg("--kernel")
-        .arg(&guest)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -229,4 +234,89 @@ fn net_transmit_frames_limit() {
         start.elapsed()
     );
     assert!((1600.0..=2300.0).contains(&got), "{got} frames/s\n{stdout}");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_config_file_s_rate_limiters_hold_the_drive_and_the_entropy() {
+    let dir = common::api::Dir::new("rl-config");
+    let img = Image::new("config", 512);
+    // Firecracker's objects: 1 MiB refilled in 100 ms (10 MiB/s); 64 KiB in 125 ms (512 KiB/s).
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": test_guest(),
+                        "boot_args": "test=virtio-rng,blk-serial bench=blk-seq128k:4:3"},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "drives": [{"drive_id": "rootfs", "path_on_host": img.path(), "is_root_device": false,
+                    "rate_limiter": {"bandwidth": {"size": 1048576, "refill_time": 100}}}],
+        "entropy": {"rate_limiter": {"bandwidth": {"size": 65536, "refill_time": 125}}},
+        "metrics": {"metrics_path": dir.file("metrics")},
+    });
+    let path = dir.file("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let m = measure_vmkit(&["--config-file", path.to_str().unwrap(), "--no-api"]);
+    let blk = figure(&m.stdout, "bench blk-seq128k qd4:", "MiB/s");
+    let rng = figure(&m.stdout, "virtio-rng: 1048576 bytes in", "KiB/s");
+    report("config file drive 1 MiB / 100 ms", 10.0, blk, "MiB/s", &m);
+    report(
+        "config file entropy 64 KiB / 125 ms",
+        512.0,
+        rng,
+        "KiB/s",
+        &m,
+    );
+    assert!((8.0..=11.0).contains(&blk), "{blk} MiB/s\n{}", m.stdout);
+    assert!((410.0..=563.0).contains(&rng), "{rng} KiB/s\n{}", m.stdout);
+    // The device metrics count the holds.
+    let metrics = std::fs::read_to_string(dir.file("metrics")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    for device in ["block_rootfs", "entropy"] {
+        let held = last[device]["throttled"].as_u64();
+        assert!(held.is_some_and(|n| n > 0), "{device}: {metrics}");
+    }
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn patching_a_running_drive_s_rate_limiter_lifts_it() {
+    use common::api::{Dir, Vmkit};
+    let dir = Dir::new("rl-patch");
+    let img = Image::new("patch", 1024);
+    let vm = Vmkit::start(&dir, &[]);
+    vm.expect(
+        204,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+    );
+    let boot = serde_json::json!({
+        "kernel_image_path": test_guest(), "boot_args": "test=blk-serial bench=blk-seq128k:4:6",
+    });
+    vm.expect(204, "PUT", "/boot-source", Some(&boot.to_string()));
+    // 1 MiB/s through the API.
+    let drive = serde_json::json!({
+        "drive_id": "data", "path_on_host": img.path(), "is_root_device": false,
+        "rate_limiter": {"bandwidth": {"size": 131072, "refill_time": 125}},
+    });
+    vm.expect(204, "PUT", "/drives/data", Some(&drive.to_string()));
+    let typo =
+        r#"{"drive_id": "data", "rate_limiter": {"bandwith": {"size": 1, "refill_time": 1}}}"#;
+    vm.expect(400, "PATCH", "/drives/data", Some(typo));
+    vm.action("InstanceStart");
+    vm.wait_serial("test blk-serial: ok", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    // Lifted while the guest reads: a bucket of size 0 is no limit (Firecracker's rule).
+    let lift =
+        r#"{"drive_id": "data", "rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}}}"#;
+    vm.expect(204, "PATCH", "/drives/data", Some(lift));
+    let (code, stderr) = vm.wait(Duration::from_secs(60));
+    let serial = vm_serial(&dir);
+    assert_eq!(code, Some(0), "{stderr}\n{serial}");
+    let got = figure(&serial, "bench blk-seq128k qd4:", "MiB/s");
+    eprintln!("rate limit lifted after ~1 s of 6 at 1 MiB/s: {got:.1} MiB/s on average");
+    // Held to 1 MiB/s throughout it would be about 1; lifted, the guest reads far faster.
+    assert!(got > 3.0, "{got} MiB/s\n{serial}");
+}
+
+fn vm_serial(dir: &common::api::Dir) -> String {
+    std::fs::read_to_string(dir.file("serial")).unwrap_or_default()
 }
