@@ -380,6 +380,17 @@ impl<M: MappedMemory> Block<M> {
     }
 }
 
+/// The data bytes a request costs in the rate limiter's bandwidth bucket: a read's or a
+/// write's data, nothing for the others (as Firecracker counts them).
+fn data_bytes(kind: &RequestKind) -> u64 {
+    match kind {
+        RequestKind::In { data, .. } | RequestKind::Out { data, .. } => {
+            data.iter().map(|s| u64::from(s.len)).sum()
+        }
+        _ => 0,
+    }
+}
+
 /// Interrupts the driver for every queue that used buffers, as its suppression rules allow.
 fn signal_all<M: MappedMemory>(ctx: &mut ActivateContext<M>) {
     for q in ctx.queues_mut() {
@@ -498,13 +509,7 @@ impl<M: MappedMemory> Requests<M> {
             }
         };
         // Every request is an operation; reads and writes count their data's bytes.
-        let data_bytes = match &req.kind {
-            RequestKind::In { data, .. } | RequestKind::Out { data, .. } => {
-                data.iter().map(|s| u64::from(s.len)).sum()
-            }
-            _ => 0,
-        };
-        if !self.limiter.consume(data_bytes, 1) {
+        if !self.limiter.consume(data_bytes(&req.kind), 1) {
             return Started::Throttled;
         }
         let status = req.status;
