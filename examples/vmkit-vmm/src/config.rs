@@ -205,6 +205,9 @@ pub struct NetSpec {
     pub rx_rate_limiter: RateLimiterConfig,
     /// Transmitted frames' rate limiter.
     pub tx_rate_limiter: RateLimiterConfig,
+    /// The API's `iface_id` (`None` for `--net`): what `PATCH /network-interfaces/{id}`
+    /// finds it by.
+    pub id: Option<String>,
 }
 
 /// `--vsock`.
@@ -323,6 +326,7 @@ pub fn parse_net(s: &str) -> Result<NetSpec, String> {
         poll_us,
         rx_rate_limiter,
         tx_rate_limiter,
+        id: None,
     })
 }
 

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use vmkit_api::model::{
     BootSource, Drive, DriveUpdate, Entropy, HugePages, IoEngine, MachineConfig, NetworkInterface,
-    VmConfig, Vsock,
+    NetworkInterfaceUpdate, VmConfig, Vsock,
 };
 use vmkit_virtio_blk::{BlockConfig, DiskSource, EngineKind};
 
@@ -180,6 +180,24 @@ impl Resources {
         Ok(())
     }
 
+    /// `PATCH /network-interfaces/{id}` before the start: new rate limiters (the buckets
+    /// given replace the card's).
+    pub fn patch_net(&mut self, u: NetworkInterfaceUpdate) -> Result<(), Refusal> {
+        let Some(n) = self.nets.iter_mut().find(|n| n.iface_id == u.iface_id) else {
+            return Err(format!("interface {}: no such interface", u.iface_id));
+        };
+        for (current, patch) in [
+            (&mut n.rx_rate_limiter, &u.rx_rate_limiter),
+            (&mut n.tx_rate_limiter, &u.tx_rate_limiter),
+        ] {
+            if let Some(patch) = patch {
+                let merged = limits::patched(limits::from_api(current.as_ref()), patch);
+                *current = limits::to_api(merged);
+            }
+        }
+        Ok(())
+    }
+
     /// `PUT /vsock`.
     pub fn set_vsock(&mut self, v: Vsock) -> Result<(), Refusal> {
         if v.guest_cid < 3 || v.guest_cid == u32::MAX {
@@ -298,6 +316,7 @@ fn net_spec(n: &NetworkInterface) -> Result<NetSpec, Refusal> {
         poll_us: 0,
         rx_rate_limiter: limits::from_api(n.rx_rate_limiter.as_ref()),
         tx_rate_limiter: limits::from_api(n.tx_rate_limiter.as_ref()),
+        id: Some(n.iface_id.clone()),
     })
 }
 
@@ -411,5 +430,63 @@ mod tests {
             tx_rate_limiter: None,
         };
         assert!(err(r.set_net(n)).contains("multicast"));
+    }
+
+    #[test]
+    fn rate_limiters_reach_the_devices_and_patches_merge() {
+        let mut r = Resources::default();
+        let exe = existing_file();
+        r.set_boot(BootSource {
+            kernel_image_path: exe.clone(),
+            boot_args: None,
+            initrd_path: None,
+        })
+        .unwrap();
+        let mut d = drive("data", &exe, false);
+        d.rate_limiter =
+            serde_json::from_str(r#"{"bandwidth": {"size": 1048576, "refill_time": 100}}"#)
+                .unwrap();
+        r.set_drive(d).unwrap();
+        let n: NetworkInterface = serde_json::from_str(
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0",
+                "tx_rate_limiter": {"ops": {"size": 100, "refill_time": 100}}}"#,
+        )
+        .unwrap();
+        r.set_net(n).unwrap();
+        r.set_entropy(
+            serde_json::from_str(r#"{"rate_limiter": {"ops": {"size": 5, "refill_time": 1000}}}"#)
+                .unwrap(),
+        )
+        .unwrap();
+        // Before the start, patches merge: the drive keeps its bandwidth and gains ops.
+        let patch: DriveUpdate = serde_json::from_str(
+            r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 10, "refill_time": 10}}}"#,
+        )
+        .unwrap();
+        r.patch_drive(patch).unwrap();
+        let patch: NetworkInterfaceUpdate = serde_json::from_str(
+            r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 10, "refill_time": 1}}}"#,
+        )
+        .unwrap();
+        r.patch_net(patch).unwrap();
+        let unknown: NetworkInterfaceUpdate =
+            serde_json::from_str(r#"{"iface_id": "eth9"}"#).unwrap();
+        assert!(r
+            .patch_net(unknown)
+            .unwrap_err()
+            .contains("no such interface"));
+        let args = r.to_args(&base()).unwrap();
+        let disk = args.disk[0].config.rate_limiter;
+        assert_eq!(disk.bandwidth.unwrap().rate_per_second(), 10 << 20);
+        assert_eq!(disk.ops.unwrap().rate_per_second(), 1000);
+        let net = &args.net[0];
+        assert_eq!(net.id.as_deref(), Some("eth0"));
+        assert_eq!(net.tx_rate_limiter.ops.unwrap().rate_per_second(), 1000);
+        assert_eq!(
+            net.rx_rate_limiter.bandwidth.unwrap().rate_per_second(),
+            10_000
+        );
+        let rng = args.rng_rate_limiter.unwrap();
+        assert!(args.rng && rng.ops.unwrap().rate_per_second() == 5);
     }
 }
