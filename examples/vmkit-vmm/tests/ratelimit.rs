@@ -320,3 +320,73 @@ fn patching_a_running_drive_s_rate_limiter_lifts_it() {
 fn vm_serial(dir: &common::api::Dir) -> String {
     std::fs::read_to_string(dir.file("serial")).unwrap_or_default()
 }
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, not_root),
+    ignore = "needs /dev/kvm and root (network namespace, TAP)"
+)]
+fn patching_a_running_card_s_transmit_limit_lifts_it() {
+    let ns = vmkit_netns::NetNs::create("rl-patch", 1).expect("network namespace with a TAP");
+    let dir = common::api::Dir::new("rl-net-patch");
+    let sock = dir.file("api.sock");
+    // 100 frames a second, for 5 s of sending; lifted through the API after about 2 s.
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": test_guest(),
+                        "boot_args": format!("bench=net-tx:5 net_ip={} net_peer={} net_port=5557",
+                                             ns.guest_ip, ns.host_ip)},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": ns.tap,
+                                "guest_mac": "52:54:00:12:34:56",
+                                "tx_rate_limiter": {"ops": {"size": 10, "refill_time": 100}}}],
+    });
+    let path = dir.file("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmkit"));
+    cmd.arg("--config-file")
+        .arg(&path)
+        .arg("--api-sock")
+        .arg(&sock);
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn vmkit in the namespace");
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let patch = |id: &str, body: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "%{http_code}", "-X", "PATCH", "--unix-socket"])
+            .arg(&sock)
+            .arg(format!("http://localhost/network-interfaces/{id}"))
+            .args([
+                "-H",
+                "Content-Type: application/json",
+                "--data-binary",
+                body,
+            ])
+            .output()
+            .expect("run curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let answer = patch("eth1", r#"{"iface_id": "eth1"}"#);
+    assert!(
+        answer.ends_with("400") && answer.contains("no such interface"),
+        "{answer}"
+    );
+    // A bucket of size 0 is no limit (Firecracker's rule).
+    let lift = r#"{"iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}"#;
+    assert_eq!(patch("eth0", lift), "204");
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let got = figure(&stdout, "bench net-tx: ", "frames/s");
+    eprintln!("rate limit net tx_ops=100 lifted after ~2 s of 5: {got:.0} frames/s on average");
+    // Held to 100 a second throughout it would be about 150 (the 256 buffers queued).
+    assert!(got > 1000.0, "{got} frames/s\n{stdout}");
+}
