@@ -390,3 +390,50 @@ fn patching_a_running_card_s_transmit_limit_lifts_it() {
     // Held to 100 a second throughout it would be about 150 (the 256 buffers queued).
     assert!(got > 1000.0, "{got} frames/s\n{stdout}");
 }
+
+#[test]
+#[cfg_attr(
+    any(no_kvm, not_root),
+    ignore = "needs /dev/kvm and root (network namespace, TAP)"
+)]
+fn net_receive_frames_limit() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let ns = vmkit_netns::NetNs::create("rl-rx", 1).expect("network namespace with a TAP");
+    // The host floods the guest with UDP frames from inside the namespace until told to
+    // stop; the guest counts what reaches it for 3 s, held to 1000 frames a second.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (guest_ip, done) = (ns.guest_ip, stop.clone());
+    let sender = ns.spawn_in(move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("a UDP socket");
+        let mut sent = 0u64;
+        while !done.load(Ordering::Relaxed) {
+            // ARP may not be resolved yet, and the TAP drops what the guest leaves: errors
+            // are expected while flooding.
+            if socket.send_to(&[0x76; 22], (guest_ip, 5558)).is_ok() {
+                sent += 1;
+            }
+            if sent.is_multiple_of(64) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        sent
+    });
+    let net = format!("tap={},mac=52:54:00:12:34:56,rx_ops=1000", ns.tap);
+    let cmdline = format!("bench=net-rx:3 net_ip={guest_ip} net_port=5558");
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmkit"));
+    cmd.arg("--kernel").arg(test_guest());
+    cmd.args(["--net", &net, "--cmdline", &cmdline]);
+    let out = cmd.stdin(Stdio::null()).output().expect("run vmkit");
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().expect("the sender");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let got = figure(&stdout, "bench net-rx: ", "frames/s");
+    eprintln!(
+        "rate limit net rx_ops=1000: target 1000 frames/s, measured {got:.0} frames/s \
+         ({:+.1}%), {sent} frames sent by the host",
+        (got / 1000.0 - 1.0) * 100.0
+    );
+    assert!((800.0..=1100.0).contains(&got), "{got} frames/s\n{stdout}");
+}
