@@ -177,3 +177,79 @@ fn updating_the_limiter_lets_held_requests_go() {
     assert_eq!(used_idx(&mem), 3);
     assert_eq!(status(&mem, 2), S_OK);
 }
+
+#[test]
+fn one_limiter_holds_every_queue() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let img = TempImage::filled(1 << 20, 0x5A);
+    // Two queues: rings at 0xA0000 and 0xC0000, used rings a page further.
+    let rings: Vec<_> = [0xA_0000u64, 0xC_0000]
+        .iter()
+        .map(|base| MockSplitQueue::create(&mem, GuestAddress(*base), 16))
+        .collect();
+    let queues = rings
+        .iter()
+        .enumerate()
+        .map(|(i, vq)| {
+            let mut q: Queue = vq.create_queue().unwrap();
+            let used = 0xA_0000 + 0x2_0000 * i as u64 + 0x1_0000;
+            q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+            (i as u16, q, EventFd::new(EFD_NONBLOCK).unwrap())
+        })
+        .collect();
+    let ctx = ActivateContext::new(
+        mem.clone(),
+        FEATURE_VERSION_1,
+        queues,
+        RecordingInterrupt::new(),
+        NeedsReset::new(),
+    );
+    let mut config = BlockConfig::new(&img.0);
+    config.queues = 2;
+    config.poll_us = 100;
+    // Two requests, refilled in 20 ms.
+    config.rate_limiter.ops = Some(TokenBucketConfig {
+        size: 2,
+        one_time_burst: 0,
+        refill_time_ms: 20,
+    });
+    let mut dev = Block::new(config).unwrap();
+    let timer = dev.readable_fds().unwrap();
+    dev.ack_features(FEATURE_VERSION_1);
+    dev.activate(ctx).unwrap();
+    let used = |i: u64| -> u16 {
+        mem.read_obj(GuestAddress(0xA_0000 + 0x2_0000 * i + 0x1_0002))
+            .unwrap()
+    };
+    // Queue 0: three reads (chains 0-2); queue 1: one (chain 3).
+    let mut chains = Vec::new();
+    for i in 0..3 {
+        chains.extend(request(&mem, i, T_IN));
+    }
+    rings[0].add_desc_chains(&chains, 0).unwrap();
+    let mut one: Vec<_> = request(&mem, 3, T_IN).into();
+    // Chain 3's descriptors sit at 9..12 of its own table: renumber to 0..3.
+    one[0] = desc(0x2_0300, 16, VRING_DESC_F_NEXT as u16, 1);
+    one[1] = desc(
+        0x4_3000,
+        4096,
+        (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+        2,
+    );
+    rings[1].add_desc_chains(&one, 0).unwrap();
+    dev.process_queue(0);
+    assert_eq!(used(0), 2);
+    assert!(dev.rate_limiter().is_throttled());
+    // The other queue is held too.
+    dev.process_queue(1);
+    assert_eq!(used(1), 0);
+    // One token comes back every 10 ms: the timer fires for each held request in turn.
+    let (token, fd) = &timer[0];
+    for _ in 0..2 {
+        wait_readable(fd);
+        dev.process_device_event(*token);
+    }
+    assert_eq!((used(0), used(1)), (3, 1), "both served as the timer fired");
+    assert_eq!(status(&mem, 3), S_OK);
+    assert!(!dev.rate_limiter().is_throttled());
+}
