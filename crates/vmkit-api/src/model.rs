@@ -3,8 +3,8 @@
 //! Field names, optional fields and enum spellings follow Firecracker's OpenAPI document
 //! (`firecracker.yaml`). Every type refuses unknown fields, as Firecracker does, so a typo
 //! is a 400 rather than a silently ignored setting. Fields for features a VMM may lack
-//! (rate limiters, vhost-user sockets, SMT...) are parsed, so the VMM can refuse them
-//! by name with [`Unsupported`](crate::ApiError).
+//! (vhost-user sockets, SMT...) are parsed, so the VMM can refuse them by name with
+//! [`Unsupported`](crate::ApiError).
 
 use serde::{Deserialize, Serialize};
 
@@ -68,8 +68,32 @@ pub struct BootSource {
     pub initrd_path: Option<String>,
 }
 
-/// Firecracker's `rate_limiter` object: kept as JSON, for a VMM to accept or refuse.
-pub type RateLimiter = serde_json::Value;
+/// Firecracker's `rate_limiter` object: a bandwidth bucket (bytes) and an operations
+/// bucket, each optional (`null` or absent: not limited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    /// Operations (requests, frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+/// Firecracker's `TokenBucket`: `size` tokens, refilled from empty in `refill_time` ms, plus
+/// `one_time_burst` tokens once. A `size` or `refill_time` of 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    /// The bucket's capacity.
+    pub size: u64,
+    /// Extra tokens available once, at the start (not refilled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds to refill the bucket from empty.
+    pub refill_time: u64,
+}
 
 /// `PUT /drives/{drive_id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -149,6 +173,21 @@ pub struct NetworkInterface {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rx_rate_limiter: Option<RateLimiter>,
     /// A transmit rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: new rate limiters for a running card (the
+/// buckets given replace the card's own).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterfaceUpdate {
+    /// The card's name; must match the path's `{iface_id}`.
+    pub iface_id: String,
+    /// A new receive rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// A new transmit rate limiter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiter>,
 }
@@ -389,6 +428,39 @@ mod tests {
         )
         .is_err());
         assert!(serde_json::from_str::<VmStateChange>(r#"{"state": "Stopped"}"#).is_err());
+    }
+
+    #[test]
+    fn rate_limiters_parse_as_firecracker_spells_them() {
+        let d: Drive = serde_json::from_str(
+            r#"{"drive_id": "a", "path_on_host": "/d", "is_root_device": false,
+                "rate_limiter": {"bandwidth": {"size": 1048576, "one_time_burst": 4096,
+                                               "refill_time": 100},
+                                 "ops": {"size": 100, "refill_time": 1000}}}"#,
+        )
+        .unwrap();
+        let r = d.rate_limiter.unwrap();
+        let bw = r.bandwidth.unwrap();
+        assert_eq!(
+            (bw.size, bw.one_time_burst, bw.refill_time),
+            (1 << 20, Some(4096), 100)
+        );
+        assert_eq!(r.ops.unwrap().one_time_burst, None);
+        let n: NetworkInterface = serde_json::from_str(
+            r#"{"iface_id": "e", "host_dev_name": "t", "rx_rate_limiter": null,
+                "tx_rate_limiter": {"ops": null}}"#,
+        )
+        .unwrap();
+        assert_eq!(n.rx_rate_limiter, None);
+        assert_eq!(n.tx_rate_limiter, Some(RateLimiter::default()));
+        // A typo or a negative size is a 400, never a silent "no limit".
+        for bad in [
+            r#"{"rate_limiter": {"bandwith": {"size": 1, "refill_time": 1}}}"#,
+            r#"{"rate_limiter": {"ops": {"size": -1, "refill_time": 1}}}"#,
+            r#"{"rate_limiter": {"ops": {"size": 1}}}"#,
+        ] {
+            assert!(serde_json::from_str::<Entropy>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::model::{
     ActionType, BootSource, Drive, DriveUpdate, Entropy, InstanceAction, Logger, MachineConfig,
-    Metrics, NetworkInterface, VmStateChange, VmStateRequest, Vsock,
+    Metrics, NetworkInterface, NetworkInterfaceUpdate, VmStateChange, VmStateRequest, Vsock,
 };
 
 /// A request of the API, parsed and checked against Firecracker's schema.
@@ -28,6 +28,8 @@ pub enum ApiRequest {
     PatchDrive(DriveUpdate),
     /// `PUT /network-interfaces/{iface_id}`.
     PutNetworkInterface(NetworkInterface),
+    /// `PATCH /network-interfaces/{iface_id}`.
+    PatchNetworkInterface(NetworkInterfaceUpdate),
     /// `PUT /vsock`.
     PutVsock(Vsock),
     /// `PUT /entropy`.
@@ -198,6 +200,12 @@ impl ApiRequest {
                 check_id("iface_id", &iface.iface_id, id)?;
                 ApiRequest::PutNetworkInterface(iface)
             }
+            ("PATCH", "network-interfaces", id) => {
+                let id = id_of(id).ok_or_else(invalid)?;
+                let update: NetworkInterfaceUpdate = body(body_bytes)?;
+                check_id("iface_id", &update.iface_id, id)?;
+                ApiRequest::PatchNetworkInterface(update)
+            }
             ("PUT", "vsock", "") => ApiRequest::PutVsock(body(body_bytes)?),
             ("PUT", "entropy", "") => ApiRequest::PutEntropy(body(body_bytes)?),
             ("PUT", "actions", "") => {
@@ -209,7 +217,7 @@ impl ApiRequest {
             (_, r, _) if UNSUPPORTED.contains(&r) => {
                 return Err(ApiError::Unsupported(format!("/{r}")))
             }
-            ("PATCH", "machine-config" | "network-interfaces", _) => {
+            ("PATCH", "machine-config", _) => {
                 return Err(ApiError::Unsupported(format!("PATCH /{resource}")))
             }
             _ => return Err(invalid()),
@@ -259,6 +267,20 @@ mod tests {
             r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#,
         );
         assert!(matches!(n, Ok(ApiRequest::PutNetworkInterface(_))));
+        let n = parse(
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth0","tx_rate_limiter":{"ops":{"size":10,"refill_time":100}}}"#,
+        );
+        assert!(
+            matches!(n, Ok(ApiRequest::PatchNetworkInterface(u)) if u.tx_rate_limiter.is_some())
+        );
+        let other = parse(
+            "PATCH",
+            "/network-interfaces/eth0",
+            r#"{"iface_id":"eth1"}"#,
+        );
+        assert!(other.is_err());
         let v = parse("PUT", "/vsock", r#"{"guest_cid":3,"uds_path":"/v"}"#);
         assert!(matches!(v, Ok(ApiRequest::PutVsock(_))));
         assert_eq!(

@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_virtio::{
     ActivateContext, ActivateError, ActiveQueue, Chain, Counter, DeviceMetrics, MappedMemory,
-    VirtioDevice,
+    RateLimiter, RateLimiterConfig, VirtioDevice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -32,6 +32,8 @@ pub const CONFIG_SPACE_SIZE: usize = 60;
 
 /// The token of the io_uring completion eventfd in [`VirtioDevice::device_events`].
 const COMPLETION_EVENT: u16 = 0;
+/// The token of the rate limiter's timerfd in [`VirtioDevice::readable_fds`].
+const LIMITER_EVENT: u16 = 1;
 
 /// Counters of a [`Block`] device.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,6 +111,19 @@ struct Requests<M: MappedMemory> {
     stats: BlockStats,
     /// The VMM's counters ([`BlockConfig::metrics`]).
     metrics: Arc<dyn DeviceMetrics>,
+    /// [`BlockConfig::rate_limiter`]: while it is throttled no request is taken.
+    limiter: RateLimiter,
+}
+
+/// What became of a request [`Requests::start`] was handed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Started {
+    /// Answered already (status written), with this used length.
+    Answered(u32),
+    /// In flight in the engine.
+    InFlight,
+    /// Not started: the rate limiter has no tokens for it (the chain goes back).
+    Throttled,
 }
 
 /// The virtio-blk device. Put it on a transport as `Arc<Mutex<Block>>`; it works on any
@@ -195,6 +210,7 @@ impl<M: MappedMemory> Block<M> {
                 completions: Vec::new(),
                 stats: BlockStats::default(),
                 metrics: config.metrics,
+                limiter: RateLimiter::new(config.rate_limiter).map_err(Error::RateLimiter)?,
             },
             disk,
             queue_sizes: vec![config.queue_size; queues],
@@ -258,6 +274,36 @@ impl<M: MappedMemory> Block<M> {
         done += r.resume_starved(ctx, &limits);
         signal_all(ctx);
         done
+    }
+
+    /// Replaces the rate limiter's buckets (full, new ones) with `config`'s, running or not:
+    /// what Firecracker's `PATCH /drives/{id}` with a `rate_limiter` does. Queues the old
+    /// limiter held are served again at once.
+    pub fn update_rate_limiter(&mut self, config: RateLimiterConfig) {
+        self.requests.limiter.update(config);
+        self.resume_throttled();
+    }
+
+    /// The rate limiter (its buckets' levels, whether it holds the queues).
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.requests.limiter
+    }
+
+    /// The limiter's timer fired (or it was updated): serves every queue again.
+    fn resume_throttled(&mut self) {
+        self.requests.limiter.timer_expired();
+        let limits = self.limits();
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        let indices: Vec<u16> = ctx.queues().map(|q| q.index()).collect();
+        for q in ctx.queues_mut() {
+            q.set_throttled(false);
+        }
+        for index in indices {
+            self.requests.run(ctx, index, &limits);
+        }
+        signal_all(ctx);
     }
 
     /// Swaps the image under the device, running or not — what Firecracker's
@@ -359,6 +405,17 @@ impl<M: MappedMemory> Block<M> {
     }
 }
 
+/// The data bytes a request costs in the rate limiter's bandwidth bucket: a read's or a
+/// write's data, nothing for the others (as Firecracker counts them).
+fn data_bytes(kind: &RequestKind) -> u64 {
+    match kind {
+        RequestKind::In { data, .. } | RequestKind::Out { data, .. } => {
+            data.iter().map(|s| u64::from(s.len)).sum()
+        }
+        _ => 0,
+    }
+}
+
 /// Interrupts the driver for every queue that used buffers, as its suppression rules allow.
 fn signal_all<M: MappedMemory>(ctx: &mut ActivateContext<M>) {
     for q in ctx.queues_mut() {
@@ -403,6 +460,12 @@ impl<M: MappedMemory> Requests<M> {
             };
             self.set_starved(index, false);
             done += self.take_requests(q, limits);
+            if self.limiter.is_throttled() {
+                // Every queue waits for the limiter's timer, unpolled.
+                for q in ctx.queues_mut() {
+                    q.set_throttled(true);
+                }
+            }
             if let Err(e) = self.engine.commit() {
                 log::warn!("virtio-blk: submitting I/O: {e}");
             }
@@ -425,14 +488,24 @@ impl<M: MappedMemory> Requests<M> {
                 self.set_starved(q.index(), true);
                 return done;
             }
+            if self.limiter.is_throttled() {
+                return done;
+            }
             let index = q.index();
             let Ok(Some(chain)) = q.pop() else {
                 return done;
             };
             let head = chain.head();
+            let started = self.start(&chain, index, limits);
+            if started == Started::Throttled {
+                // Back in the available ring, for when the timer fires.
+                q.undo_pop();
+                self.metrics.inc(Counter::Throttled);
+                return done;
+            }
             self.stats.requests += 1;
             self.metrics.inc(Counter::Requests);
-            if let Some(len) = self.start(&chain, index, limits) {
+            if let Started::Answered(len) = started {
                 // An error leaves the device in DEVICE_NEEDS_RESET; `pop` then stops.
                 let _ = q.complete(head, len);
                 done += 1;
@@ -440,9 +513,8 @@ impl<M: MappedMemory> Requests<M> {
         }
     }
 
-    /// Parses and starts one request. `Some(used length)` when it is answered already
-    /// (status written), `None` when it is in flight.
-    fn start(&mut self, chain: &Chain<'_, M>, queue: u16, limits: &Limits) -> Option<u32> {
+    /// Parses and starts one request, if the rate limiter has the tokens for it.
+    fn start(&mut self, chain: &Chain<'_, M>, queue: u16, limits: &Limits) -> Started {
         let mem = chain.memory();
         let answer = |status: GuestAddress, s: u8| -> u32 {
             // The status byte was checked to be device-writable guest memory.
@@ -450,7 +522,7 @@ impl<M: MappedMemory> Requests<M> {
         };
         let Ok(descs) = chain.descriptors() else {
             self.stats.bad_requests += 1;
-            return Some(0);
+            return Started::Answered(0);
         };
         let req = match request::parse(mem, descs, limits) {
             Ok(r) => r,
@@ -462,13 +534,17 @@ impl<M: MappedMemory> Requests<M> {
                     self.stats.bad_requests += 1;
                     self.metrics.inc(Counter::Malformed);
                 }
-                return Some(status.map_or(0, |s| answer(s, error.status())));
+                return Started::Answered(status.map_or(0, |s| answer(s, error.status())));
             }
         };
+        // Every request is an operation; reads and writes count their data's bytes.
+        if !self.limiter.consume(data_bytes(&req.kind), 1) {
+            return Started::Throttled;
+        }
         let status = req.status;
         if req.is_write() && self.read_only {
             self.stats.read_only_refusals += 1;
-            return Some(answer(status, S_IOERR));
+            return Started::Answered(answer(status, S_IOERR));
         }
         let ok_len = req.data_written_len().saturating_add(1);
         let writethrough = self.acked & bit(VIRTIO_BLK_F_FLUSH) == 0;
@@ -492,11 +568,11 @@ impl<M: MappedMemory> Requests<M> {
             RequestKind::Flush => (BlockOp::Flush, Op::Flush, 0, Vec::new()),
             RequestKind::GetId { data } => {
                 if request::scatter(mem, &data, &self.serial).is_err() {
-                    return Some(answer(status, S_IOERR));
+                    return Started::Answered(answer(status, S_IOERR));
                 }
                 self.stats.get_ids += 1;
                 let written = answer(status, S_OK);
-                return Some(if written == 1 { ok_len } else { 0 });
+                return Started::Answered(if written == 1 { ok_len } else { 0 });
             }
             RequestKind::Discard { ranges } => {
                 let ranges = ranges.iter().map(|r| r.bytes()).collect();
@@ -518,7 +594,7 @@ impl<M: MappedMemory> Requests<M> {
             }
             RequestKind::Unsupported { .. } => {
                 self.stats.unsupported += 1;
-                return Some(answer(status, S_UNSUPP));
+                return Started::Answered(answer(status, S_UNSUPP));
             }
         };
         let pending = Pending {
@@ -530,7 +606,10 @@ impl<M: MappedMemory> Requests<M> {
             bytes,
             filled,
         };
-        self.submit(mem, op, pending)
+        match self.submit(mem, op, pending) {
+            Some(len) => Started::Answered(len),
+            None => Started::InFlight,
+        }
     }
 
     /// Hands `op` to the engine: `Some(used length)` when it finished at once.
@@ -719,9 +798,11 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
         if context.queues().next().is_none() {
             return Err(ActivateError::MissingQueue(0));
         }
+        let throttled = self.requests.limiter.is_throttled();
         for q in context.queues_mut() {
             q.set_poll(self.poll);
             q.set_metrics(self.requests.metrics.clone());
+            q.set_throttled(throttled);
         }
         self.requests.engine.attach(context.memory().clone());
         self.active = Some(context);
@@ -745,9 +826,17 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
         }
     }
 
+    fn readable_fds(&self) -> io::Result<Vec<(u16, std::os::fd::OwnedFd)>> {
+        Ok(vec![(LIMITER_EVENT, self.requests.limiter.timer_fd()?)])
+    }
+
     fn process_device_event(&mut self, token: u16) {
-        if token == COMPLETION_EVENT {
-            self.process_completions();
+        match token {
+            COMPLETION_EVENT => {
+                self.process_completions();
+            }
+            LIMITER_EVENT => self.resume_throttled(),
+            _ => {}
         }
     }
 

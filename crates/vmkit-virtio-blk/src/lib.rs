@@ -62,7 +62,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use vmkit_virtio::{DeviceMetrics, NoMetrics};
+use vmkit_virtio::{DeviceMetrics, NoMetrics, RateLimiterConfig};
 
 pub use device::{Block, BlockStats, CONFIG_SPACE_SIZE};
 pub use disk::{Disk, DiskOptions, DEFAULT_DIRECT_ALIGN};
@@ -168,6 +168,10 @@ pub struct BlockConfig {
     /// What the engine reports as each request's transfer and sync finish (default
     /// [`NoObserver`]): a seam for tracing and for the durability tests.
     pub observer: Arc<dyn IoObserver>,
+    /// Firecracker's `rate_limiter`: bytes of `IN`/`OUT` data and requests (every request
+    /// is an operation, a `FLUSH` included; only reads and writes count bytes). Default:
+    /// none; [`Block::update_rate_limiter`] changes it at run time.
+    pub rate_limiter: RateLimiterConfig,
 }
 
 impl BlockConfig {
@@ -187,6 +191,7 @@ impl BlockConfig {
             poll_us: 0,
             metrics: Arc::new(NoMetrics),
             observer: Arc::new(NoObserver),
+            rate_limiter: RateLimiterConfig::default(),
         }
     }
 
@@ -310,6 +315,9 @@ pub enum Error {
     /// The io_uring instance (or its eventfd) could not be set up.
     #[error("failed to set up io_uring: {0}")]
     IoUring(#[source] io::Error),
+    /// The rate limiter's timerfd could not be created.
+    #[error("failed to set up the rate limiter: {0}")]
+    RateLimiter(#[source] io::Error),
     /// [`Block::replace_disk`]: the engine could not be switched to the new image (it still
     /// had I/O in flight after the device waited for it); the old image is still served.
     #[error("failed to switch the engine to the new disk image: {0}")]

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmkit_virtio::{
-    ActivateContext, ActivateError, Counter, DeviceMetrics, IoVecs, MappedMemory, VirtioDevice,
+    ActivateContext, ActivateError, Counter, DeviceMetrics, IoVecs, MappedMemory, RateLimiter,
+    RateLimiterConfig, VirtioDevice,
 };
 
 use crate::backend::NetBackend;
@@ -24,6 +25,11 @@ pub const NET_DEVICE_TYPE: u32 = 1;
 pub const CONFIG_SPACE_SIZE: usize = 12;
 /// Ethernet header plus a VLAN tag: what a frame adds to the MTU.
 const ETH_OVERHEAD: u64 = 18;
+/// The token of the receive rate limiter's timerfd (the backends' are their pair index,
+/// below 0x8000).
+const RX_LIMITER: u16 = 0xFFF0;
+/// The token of the transmit rate limiter's timerfd.
+const TX_LIMITER: u16 = 0xFFF1;
 
 /// One queue pair: its backend and the receive buffers it holds.
 struct Pair {
@@ -51,6 +57,11 @@ pub struct Net<M: MappedMemory = GuestMemoryMmap> {
     queue_refused: u64,
     /// The VMM's counters ([`NetConfig::metrics`]).
     metrics: Arc<dyn DeviceMetrics>,
+    /// [`NetConfig::rx_rate_limiter`]: frames are read while no bucket is in debt, and
+    /// charged once their size is known.
+    rx_limiter: RateLimiter,
+    /// [`NetConfig::tx_rate_limiter`]: a frame without tokens stays in the ring.
+    tx_limiter: RateLimiter,
 }
 
 impl<M: MappedMemory> fmt::Debug for Net<M> {
@@ -103,6 +114,8 @@ impl<M: MappedMemory> Net<M> {
         let offered = offered_features(pairs, &config) | crate::Offloads(guest).guest_features();
         // Receive and transmit queue of each pair, then the control queue.
         let queue_sizes = vec![config.queue_size; usize::from(pairs) * 2 + 1];
+        let rx_limiter = RateLimiter::new(config.rx_rate_limiter).map_err(Error::RateLimiter)?;
+        let tx_limiter = RateLimiter::new(config.tx_rate_limiter).map_err(Error::RateLimiter)?;
         let mut net = Self {
             mac: config.mac,
             mtu: config.mtu,
@@ -126,6 +139,8 @@ impl<M: MappedMemory> Net<M> {
             stats: NetStats::default(),
             queue_refused: 0,
             metrics: config.metrics,
+            rx_limiter,
+            tx_limiter,
         };
         // Until a driver asks for more pairs, only the first one's backend receives.
         net.enable_backends(1);
@@ -195,6 +210,7 @@ impl<M: MappedMemory> Net<M> {
         let own = self.mac;
         let (filter, stats, iov) = (&self.filter, &mut self.stats, &mut self.iov);
         let queue_refused = &mut self.queue_refused;
+        let (limiter, metrics) = (&mut self.rx_limiter, &*self.metrics);
         let Some(p) = self.pairs.get_mut(usize::from(pair)) else {
             return;
         };
@@ -202,6 +218,14 @@ impl<M: MappedMemory> Net<M> {
             return;
         };
         loop {
+            if limiter.is_throttled() {
+                break;
+            }
+            if !limiter.may_proceed() {
+                // Frames stay in the backend until the timer fires.
+                metrics.inc(Counter::Throttled);
+                break;
+            }
             let refused = &mut stats.rx_bad_chains;
             if !p.rx.fill(q, need, mergeable, refused, queue_refused) {
                 stats.rx_waits += 1;
@@ -215,7 +239,11 @@ impl<M: MappedMemory> Net<M> {
             // SAFETY: the iovecs point into guest memory `q` keeps mapped, into buffers the
             // queue checked to be device-writable and inside guest memory.
             match unsafe { p.backend.recv(iov.as_slice()) } {
-                Ok(n) => deliver(p, q, n, mergeable, filter, own.as_ref(), stats),
+                Ok(n) => {
+                    let bytes = n.saturating_sub(NET_HDR_LEN) as u64;
+                    limiter.charge(bytes, 1);
+                    deliver(p, q, n, mergeable, filter, own.as_ref(), stats);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -242,13 +270,25 @@ impl<M: MappedMemory> Net<M> {
         let features = self.acked;
         let (stats, iov) = (&mut self.stats, &mut self.iov);
         let queue_refused = &mut self.queue_refused;
+        let (limiter, metrics) = (&mut self.tx_limiter, &*self.metrics);
         let Some(p) = self.pairs.get_mut(usize::from(pair)) else {
             return;
         };
         let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(pair * 2 + 1)) else {
             return;
         };
-        while let Ok(Some(chain)) = q.pop() {
+        while !limiter.is_throttled() {
+            let Ok(Some(chain)) = q.pop() else {
+                break;
+            };
+            let bytes = chain.descriptors().map_or(0, frame_bytes);
+            if !limiter.consume(bytes, 1) {
+                // Back in the ring, for when the timer fires; the queue is not polled.
+                q.undo_pop();
+                q.set_throttled(true);
+                metrics.inc(Counter::Throttled);
+                break;
+            }
             let result = match chain.descriptors() {
                 Ok(descs) => send_chain(chain.memory(), descs, features, p.backend.as_mut(), iov),
                 Err(_) => {
@@ -261,6 +301,50 @@ impl<M: MappedMemory> Net<M> {
             let _ = q.complete(head, 0);
         }
         let _ = q.signal_used();
+    }
+
+    /// Replaces the receive and transmit rate limiters' buckets at run time (Firecracker's
+    /// `PATCH /network-interfaces/{id}`); what they held is served again.
+    pub fn update_rate_limiters(&mut self, rx: RateLimiterConfig, tx: RateLimiterConfig) {
+        self.rx_limiter.update(rx);
+        self.tx_limiter.update(tx);
+        self.resume_rx();
+        self.resume_tx();
+    }
+
+    /// The receive rate limiter.
+    pub fn rx_rate_limiter(&self) -> &RateLimiter {
+        &self.rx_limiter
+    }
+
+    /// The transmit rate limiter.
+    pub fn tx_rate_limiter(&self) -> &RateLimiter {
+        &self.tx_limiter
+    }
+
+    /// The receive limiter's timer fired: frames waiting on the backends are read.
+    fn resume_rx(&mut self) {
+        self.rx_limiter.timer_expired();
+        for pair in 0..self.active_pairs {
+            self.process_rx(pair);
+        }
+    }
+
+    /// The transmit limiter's timer fired: the transmit queues are served again.
+    fn resume_tx(&mut self) {
+        self.tx_limiter.timer_expired();
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        for pair in 0..self.pairs.len() {
+            // At most 0x8000 pairs: the index fits.
+            if let Some(q) = ctx.queue_mut((pair * 2 + 1) as u16) {
+                q.set_throttled(false);
+            }
+        }
+        for pair in 0..self.active_pairs {
+            self.process_tx(pair);
+        }
     }
 
     /// Runs every command on the control queue.
@@ -348,6 +432,12 @@ fn offered_features(pairs: u16, config: &NetConfig) -> u64 {
         bits.push(VIRTIO_NET_F_MTU);
     }
     bits.into_iter().fold(0, |f, b| f | (1 << b))
+}
+
+/// The frame bytes (header not counted) of a transmit chain, for the rate limiter.
+fn frame_bytes(descs: &[vmkit_virtio::Descriptor]) -> u64 {
+    let total = descs.iter().map(|d| u64::from(d.len())).sum::<u64>();
+    total.saturating_sub(NET_HDR_LEN as u64)
 }
 
 /// Places an `n`-byte frame just read into `p`'s held buffers: dropped (buffers kept for
@@ -475,6 +565,7 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
             // At most 0x8000 pairs: the index fits.
             if let Some(q) = context.queue_mut((pair * 2 + 1) as u16) {
                 q.set_poll(self.poll);
+                q.set_throttled(self.tx_limiter.is_throttled());
             }
         }
         self.active = Some(context);
@@ -504,11 +595,17 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
                 fds.push((i as u16, fd));
             }
         }
+        fds.push((RX_LIMITER, self.rx_limiter.timer_fd()?));
+        fds.push((TX_LIMITER, self.tx_limiter.timer_fd()?));
         Ok(fds)
     }
 
     fn process_device_event(&mut self, token: u16) {
-        self.process_rx(token);
+        match token {
+            RX_LIMITER => self.resume_rx(),
+            TX_LIMITER => self.resume_tx(),
+            pair => self.process_rx(pair),
+        }
     }
 
     fn reset(&mut self) -> Option<ActivateContext<M>> {

@@ -61,7 +61,7 @@
 
 use std::sync::Arc;
 
-use vmkit_virtio::{Counter, DeviceMetrics, NoMetrics};
+use vmkit_virtio::{Counter, DeviceMetrics, NoMetrics, RateLimiterConfig};
 
 mod backend;
 pub mod ctrl;
@@ -124,6 +124,9 @@ pub enum Error {
     /// A polling window above [`MAX_POLL_US`].
     #[error("poll_us={0}: at most {MAX_POLL_US} microseconds")]
     Poll(u32),
+    /// A rate limiter's timerfd could not be created.
+    #[error("failed to set up a rate limiter: {0}")]
+    RateLimiter(#[source] std::io::Error),
 }
 
 /// Configuration of a [`Net`].
@@ -144,6 +147,12 @@ pub struct NetConfig {
     /// Where the device counts (default [`NoMetrics`]); the crate's README says what each
     /// [`Counter`] means here.
     pub metrics: Arc<dyn DeviceMetrics>,
+    /// Firecracker's `rx_rate_limiter`: bytes (frame, header not counted) and frames
+    /// received. Default: none.
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// Firecracker's `tx_rate_limiter`: bytes (frame, header not counted) and frames sent.
+    /// Default: none.
+    pub tx_rate_limiter: RateLimiterConfig,
 }
 
 impl NetConfig {
@@ -156,6 +165,8 @@ impl NetConfig {
             queue_size: NET_QUEUE_SIZE,
             poll_us: 0,
             metrics: Arc::new(NoMetrics),
+            rx_rate_limiter: RateLimiterConfig::default(),
+            tx_rate_limiter: RateLimiterConfig::default(),
         }
     }
 

@@ -14,7 +14,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_virtio::test_utils::{activate_context, guest_memory, mock_queue, RecordingInterrupt};
-use vmkit_virtio::{NeedsReset, VirtioDevice, FEATURE_VERSION_1};
+use vmkit_virtio::{AtomicMetrics, Counter, NeedsReset, VirtioDevice, FEATURE_VERSION_1};
 use vmkit_virtio_net::ctrl::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
 use vmkit_virtio_net::*;
 
@@ -57,16 +57,16 @@ fn rig_with(
     chains: &[&[RawDescriptor]],
     setup: impl FnOnce(&GuestMemoryMmap),
 ) -> Rig {
-    rig_full(pairs, features, chains, setup, None)
+    rig_full(pairs, features, chains, setup, |c| c)
 }
 
-/// [`rig_with`], counting into `metrics` when given.
+/// [`rig_with`], with `tune` changing the configuration (metrics, rate limiters).
 fn rig_full(
     pairs: usize,
     features: u64,
     chains: &[&[RawDescriptor]],
     setup: impl FnOnce(&GuestMemoryMmap),
-    metrics: Option<Arc<dyn vmkit_virtio::DeviceMetrics>>,
+    tune: impl FnOnce(NetConfig) -> NetConfig,
 ) -> Rig {
     let mem = guest_memory(16 << 20);
     setup(&mem);
@@ -81,10 +81,7 @@ fn rig_full(
     }
     let mut config = NetConfig::new(backends);
     config.mac = Some(MAC);
-    if let Some(m) = metrics {
-        config = config.with_metrics(m);
-    }
-    let mut dev = Net::new(config).unwrap();
+    let mut dev = Net::new(tune(config)).unwrap();
     dev.ack_features(features | FEATURE_VERSION_1);
     let (mut queues, mut used, mut avail) = (Vec::new(), Vec::new(), Vec::new());
     for (i, c) in chains.iter().enumerate() {
@@ -422,13 +419,9 @@ fn metrics_count_frames_bytes_drops_and_malformed_chains() {
     ];
     let metrics = Arc::new(AtomicMetrics::new());
     let features = bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_CTRL_RX);
-    let mut r = rig_full(
-        1,
-        features,
-        &[&rx, &tx, &ctrl],
-        setup,
-        Some(metrics.clone()),
-    );
+    let mut r = rig_full(1, features, &[&rx, &tx, &ctrl], setup, |c| {
+        c.with_metrics(metrics.clone())
+    });
     // Activation already filled the receive buffers: the short chain was refused (and
     // returned, with an interrupt).
     let at_start = metrics.snapshot();
@@ -487,4 +480,106 @@ fn metrics_count_frames_bytes_drops_and_malformed_chains() {
     let got = metrics.snapshot().since(&before);
     assert_eq!(got, expected, "{:?}", r.dev.stats());
     assert_eq!(metrics.snapshot().malformed, 4);
+}
+
+/// Waits (at most 10 s) for `fd` to be readable.
+fn wait_readable(fd: &impl std::os::fd::AsRawFd) {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+    assert_eq!(n, 1, "the timer fired");
+}
+
+#[test]
+fn transmit_past_the_rate_limit_waits_in_the_ring_for_the_timer() {
+    use vmkit_virtio::{RateLimiterConfig, TokenBucketConfig};
+    let payload = frame([0xff; 6], 60, 3);
+    let setup = |mem: &GuestMemoryMmap| {
+        mem.write_slice(&[0u8; 12], GuestAddress(0x1_0000)).unwrap();
+        mem.write_slice(&payload, GuestAddress(0x1_1000)).unwrap();
+    };
+    // Three frames; two frames refilled in 20 ms.
+    let tx: Vec<_> = (0..3u16)
+        .flat_map(|i| {
+            [
+                desc(0x1_0000, 12, NEXT, 2 * i + 1),
+                desc(0x1_1000, 60, 0, 0),
+            ]
+        })
+        .collect();
+    let metrics = Arc::new(AtomicMetrics::new());
+    let mut r = rig_full(1, 0, &[&[], &tx], setup, |mut c| {
+        c.tx_rate_limiter = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 2,
+                one_time_burst: 0,
+                refill_time_ms: 20,
+            }),
+        };
+        c.with_metrics(metrics.clone())
+    });
+    let fds = r.dev.readable_fds().unwrap();
+    r.dev.process_queue(1);
+    assert_eq!(r.dev.stats().tx_frames, 2);
+    assert_eq!(r.used_idx(1), 2, "the third is still in the ring");
+    assert!(r.dev.tx_rate_limiter().is_throttled());
+    assert_eq!(metrics.get(Counter::Throttled), 1);
+    // The transmit limiter's timer is the last fd.
+    let (token, fd) = fds.last().unwrap();
+    wait_readable(fd);
+    r.dev.process_device_event(*token);
+    assert_eq!(r.dev.stats().tx_frames, 3);
+    assert_eq!(r.used_idx(1), 3);
+    for _ in 0..3 {
+        assert_eq!(r.recv_host(0).len(), 72);
+    }
+}
+
+#[test]
+fn receive_past_the_rate_limit_waits_in_the_backend_for_the_timer() {
+    use vmkit_virtio::{RateLimiterConfig, TokenBucketConfig};
+    let rx: Vec<_> = (0..3u64)
+        .map(|i| desc(0x1_0000 + i * 0x1000, 2048, WRITE, 0))
+        .collect();
+    // 100 bytes refilled in 20 ms: frames are read while the bucket is not in debt.
+    let mut r = rig_full(
+        1,
+        0,
+        &[&rx, &[]],
+        |_| {},
+        |mut c| {
+            c.rx_rate_limiter = RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig {
+                    size: 100,
+                    one_time_burst: 0,
+                    refill_time_ms: 20,
+                }),
+                ops: None,
+            };
+            c
+        },
+    );
+    let fds = r.dev.readable_fds().unwrap();
+    for seed in 0..3 {
+        r.hosts[0]
+            .send(&with_header(&frame(MAC, 100, seed)))
+            .unwrap();
+    }
+    r.dev.process_device_event(0);
+    // 100 bytes: the bucket is empty, not in debt; 200: in debt, the third waits.
+    assert_eq!(r.dev.stats().rx_frames, 2);
+    assert!(r.dev.rx_rate_limiter().is_throttled());
+    // The backend becoming readable again does not bypass the limiter.
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.stats().rx_frames, 2);
+    let (token, fd) = &fds[fds.len() - 2];
+    wait_readable(fd);
+    r.dev.process_device_event(*token);
+    assert_eq!(r.dev.stats().rx_frames, 3);
+    assert_eq!(r.used_idx(0), 3);
 }

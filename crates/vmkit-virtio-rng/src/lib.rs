@@ -37,8 +37,8 @@ use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmkit_virtio::{
-    ActivateContext, ActivateError, Counter, Descriptor, DeviceMetrics, NoMetrics, VirtioDevice,
-    VirtioMemory,
+    ActivateContext, ActivateError, Counter, Descriptor, DeviceMetrics, NoMetrics, RateLimiter,
+    RateLimiterConfig, VirtioDevice, VirtioMemory,
 };
 
 /// The virtio device ID of an entropy device.
@@ -54,7 +54,13 @@ pub enum Error {
     /// The per-request bound is 0: the device could never serve a request.
     #[error("max_bytes_per_chain must be at least 1")]
     ZeroLimit,
+    /// The rate limiter's timerfd could not be created.
+    #[error("failed to set up the rate limiter: {0}")]
+    RateLimiter(#[source] io::Error),
 }
+
+/// The token of the rate limiter's timerfd in [`VirtioDevice::readable_fds`].
+const LIMITER_EVENT: u16 = 0;
 
 /// Configuration of an [`Rng`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,6 +101,7 @@ pub struct Rng<M: VirtioMemory = GuestMemoryMmap> {
     buffer: Vec<u8>,
     stats: RngStats,
     metrics: Arc<dyn DeviceMetrics>,
+    limiter: RateLimiter,
 }
 
 impl Rng {
@@ -117,7 +124,37 @@ impl<M: VirtioMemory> Rng<M> {
             buffer: Vec::new(),
             stats: RngStats::default(),
             metrics: Arc::new(NoMetrics),
+            limiter: RateLimiter::new(RateLimiterConfig::default()).map_err(Error::RateLimiter)?,
         })
+    }
+
+    /// Limits the entropy the guest gets: Firecracker's `rate_limiter` of `PUT /entropy`
+    /// (bytes: what a request can be given, at most `max_bytes_per_chain`; operations:
+    /// requests). A request past the limit stays in the ring until the limiter's timer
+    /// fires. Default: no limit.
+    pub fn with_rate_limiter(mut self, config: RateLimiterConfig) -> Self {
+        self.limiter.update(config);
+        self
+    }
+
+    /// Replaces the rate limiter's buckets at run time; held requests are served again.
+    pub fn update_rate_limiter(&mut self, config: RateLimiterConfig) {
+        self.limiter.update(config);
+        self.resume();
+    }
+
+    /// The rate limiter (its buckets, whether it holds the queue).
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// The limiter's timer fired: the queue is served again.
+    fn resume(&mut self) {
+        self.limiter.timer_expired();
+        if let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(0)) {
+            q.set_throttled(false);
+        }
+        self.serve_queue(0);
     }
 
     /// Counts into `metrics` (default [`NoMetrics`]): `requests` (every chain), `read_ops`
@@ -238,20 +275,54 @@ impl<M: VirtioMemory> VirtioDevice<M> for Rng<M> {
         let mut context = context;
         for q in context.queues_mut() {
             q.set_metrics(self.metrics.clone());
+            q.set_throttled(self.limiter.is_throttled());
         }
         self.active = Some(context);
         Ok(())
     }
 
     fn process_queue(&mut self, index: u16) {
+        self.metrics.inc(Counter::Notifications);
+        self.serve_queue(index);
+    }
+
+    fn readable_fds(&self) -> io::Result<Vec<(u16, std::os::fd::OwnedFd)>> {
+        Ok(vec![(LIMITER_EVENT, self.limiter.timer_fd()?)])
+    }
+
+    fn process_device_event(&mut self, token: u16) {
+        if token == LIMITER_EVENT {
+            self.resume();
+        }
+    }
+
+    fn reset(&mut self) -> Option<ActivateContext<M>> {
+        self.active.take()
+    }
+}
+
+impl<M: VirtioMemory> Rng<M> {
+    /// Serves the requests of queue `index` while the rate limiter allows.
+    fn serve_queue(&mut self, index: u16) {
         let limit = self.config.max_bytes_per_chain;
         let (buffer, stats, metrics) = (&mut self.buffer, &mut self.stats, &*self.metrics);
-        metrics.inc(Counter::Notifications);
+        let limiter = &mut self.limiter;
         let Some(q) = self.active.as_mut().and_then(|c| c.queue_mut(index)) else {
             return;
         };
         // A ring error ends the loop with the device in DEVICE_NEEDS_RESET: nothing more to do.
-        while let Ok(Some(chain)) = q.pop() {
+        while !limiter.is_throttled() {
+            let Ok(Some(chain)) = q.pop() else {
+                break;
+            };
+            let cost = chain.descriptors().map_or(0, |d| offered_bytes(d, limit));
+            if !limiter.consume(u64::from(cost), 1) {
+                // Back in the ring, for when the timer fires; the queue is not polled.
+                q.undo_pop();
+                q.set_throttled(true);
+                metrics.inc(Counter::Throttled);
+                break;
+            }
             stats.requests += 1;
             metrics.inc(Counter::Requests);
             let n = match chain.descriptors() {
@@ -271,10 +342,15 @@ impl<M: VirtioMemory> VirtioDevice<M> for Rng<M> {
         }
         let _ = q.signal_used();
     }
+}
 
-    fn reset(&mut self) -> Option<ActivateContext<M>> {
-        self.active.take()
-    }
+/// The bytes a request can be given: its device-writable room, at most `limit`.
+fn offered_bytes(descs: &[Descriptor], limit: u32) -> u32 {
+    let room = descs
+        .iter()
+        .filter(|d| d.is_write_only())
+        .fold(0u32, |n, d| n.saturating_add(d.len()));
+    room.min(limit)
 }
 
 #[cfg(test)]

@@ -403,3 +403,51 @@ fn metrics_count_requests_bytes_and_malformed_chains() {
     assert_eq!(metrics.snapshot(), expected);
     assert_eq!(dev.stats().bytes, 112);
 }
+
+#[test]
+fn entropy_past_the_rate_limit_waits_for_the_timer() {
+    use std::os::fd::AsRawFd;
+    use vmkit_virtio::{RateLimiterConfig, TokenBucketConfig};
+
+    let mem = guest_memory(MEM);
+    let vq = MockSplitQueue::new(&mem, 16);
+    // Three requests of 1000 bytes.
+    let chains: Vec<_> = (0..3u16)
+        .map(|i| desc(0x1_0000 + u64::from(i) * 0x1000, 1000, WRITE, 0))
+        .collect();
+    vq.add_desc_chains(&chains, 0).unwrap();
+    let queue = mock_queue(&vq);
+    let used = GuestAddress(queue.used_ring());
+    let irq = RecordingInterrupt::new();
+    let (ctx, _) = activate_context(&mem, FEATURE_VERSION_1, vec![(0, queue)], irq);
+    // 2000 bytes, refilled in 20 ms: two requests now, the third when the timer fires.
+    let mut dev = Rng::new(RngConfig::default())
+        .unwrap()
+        .with_rate_limiter(RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 2000,
+                one_time_burst: 0,
+                refill_time_ms: 20,
+            }),
+            ops: None,
+        });
+    let timer = dev.readable_fds().unwrap();
+    dev.activate(ctx).unwrap();
+    dev.process_queue(0);
+    let used_idx = |mem: &GuestMemoryMmap| mem.read_obj::<u16>(used.unchecked_add(2)).unwrap();
+    assert_eq!(used_idx(&mem), 2);
+    assert!(dev.rate_limiter().is_throttled());
+    assert_eq!(dev.stats().bytes, 2000);
+    let (token, fd) = &timer[0];
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+    assert_eq!(n, 1, "the timer fired");
+    dev.process_device_event(*token);
+    assert_eq!(used_idx(&mem), 3);
+    assert_eq!(dev.stats().bytes, 3000);
+}

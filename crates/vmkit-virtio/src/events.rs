@@ -168,7 +168,12 @@ impl<M: VirtioMemory> QueueEventHandler<M> {
             return false;
         }
         let watch = self.queues[q].watch.clone();
-        match watch.ring().filter(|_| !watch.poll().is_zero()) {
+        // A queue its device's rate limiter holds is not polled: the device's timer brings
+        // it back.
+        match watch
+            .ring()
+            .filter(|_| !watch.poll().is_zero() && !watch.throttled())
+        {
             Some((memory, avail_ring)) => self.poll_queue(index, &watch, &memory, avail_ring),
             None => self.lock().process_queue(index),
         }
@@ -189,6 +194,9 @@ impl<M: VirtioMemory> QueueEventHandler<M> {
         let mut seen = read_avail_idx(memory, avail_ring);
         self.lock().process_queue(index);
         for _ in 0..MAX_POLL_ROUNDS {
+            if watch.throttled() {
+                break;
+            }
             let deadline = Instant::now() + watch.poll();
             let mut arrived = false;
             while Instant::now() < deadline && seen.is_some() {
@@ -363,6 +371,7 @@ mod tests {
     /// A `Counter` on a one-queue mock ring (used ring at 0x1000) polled for `window`, and
     /// the handler watching it.
     struct Rig {
+        watch: Arc<QueueWatch<GuestMemoryMmap>>,
         mem: GuestMemoryMmap,
         device: Arc<Mutex<dyn VirtioDevice>>,
         handler: QueueEventHandler,
@@ -396,9 +405,10 @@ mod tests {
         }));
         let handler = QueueEventHandler::with_watches(
             device.clone(),
-            vec![(0, notifier.try_clone().unwrap(), watch)],
+            vec![(0, notifier.try_clone().unwrap(), watch.clone())],
         );
         Rig {
+            watch,
             mem,
             device,
             handler,
@@ -417,6 +427,7 @@ mod tests {
             notifier,
             chains,
             calls,
+            ..
         } = rig(Duration::from_millis(200));
         // The same rings as the rig's (the mock writes where its own layout says).
         let vq = MockSplitQueue::new(&mem, 16);
@@ -442,6 +453,28 @@ mod tests {
         assert_eq!(chains.load(Ordering::SeqCst), 2);
         assert!(calls.load(Ordering::SeqCst) >= 3, "notified, polled, final");
         assert!(notifier.read().is_err(), "no notification was needed");
+    }
+
+    #[test]
+    fn a_throttled_queue_is_not_polled() {
+        let Rig {
+            mem,
+            watch,
+            mut handler,
+            notifier,
+            calls,
+            ..
+        } = rig(Duration::from_secs(30));
+        let vq = MockSplitQueue::new(&mem, 16);
+        add_chain(&vq, 0);
+        watch.set_throttled(true);
+        notifier.write(1).unwrap();
+        let start = Instant::now();
+        assert!(handler.handle(0));
+        // One call (the device sees the notification), no 30 s window of polling.
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(start.elapsed() < Duration::from_secs(10));
+        assert!(!watch.polling());
     }
 
     #[test]

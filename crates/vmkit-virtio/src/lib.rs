@@ -11,6 +11,7 @@
 //! | [`Chain`] | a popped chain: head, checked descriptors (indirect tables followed; loops, over-long chains and buffers outside RAM refused) |
 //! | [`QueueEventHandler`] | an event-manager subscriber calling `process_queue` when a queue's eventfd fires, and polling a queue without the device's lock when the device asked for it |
 //! | [`DeviceMetrics`], [`Counter`], [`AtomicMetrics`] | per-device counters a VMM injects into a device's configuration and reads back; [`ActiveQueue::set_metrics`] counts interrupts and malformed chains in one place |
+//! | [`RateLimiter`] (module [`rate_limiter`]) | Firecracker-style token buckets (bandwidth and operations, one-time burst) with a timerfd that ends a throttled period; [`ActiveQueue::set_throttled`] keeps a throttled queue from being polled |
 //! | [`IoVecs`], [`mark_dirty`] | guest buffers as `iovec`s for `readv`/`writev`/io_uring, and marking what the kernel wrote there dirty |
 //! | [`MmioTransport`] | virtio-mmio version 2 as a vm-device [`MutDeviceMmio`](vm_device::MutDeviceMmio), with the status and feature negotiation state machine |
 //! | [`MmioInterrupt`] | InterruptStatus/ACK and ConfigGeneration over one [`InterruptLine`](vmkit_irq::InterruptLine) |
@@ -107,6 +108,7 @@ mod mmio;
 #[cfg(feature = "pci")]
 pub mod pci;
 mod queue;
+pub mod rate_limiter;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
 
@@ -128,4 +130,5 @@ pub use mmio::{
     MMIO_VERSION, QUEUE_NOTIFY_OFFSET,
 };
 pub use queue::{chain_descriptors, ActiveQueue, Chain, ChainError};
+pub use rate_limiter::{RateLimiter, RateLimiterConfig, TokenBucketConfig};
 pub use virtio_queue::desc::split::Descriptor;

@@ -54,11 +54,13 @@ pub enum Counter {
     Interrupts,
     /// Connections reset (vsock: a `RST` sent or received).
     Resets,
+    /// Times a rate limiter stopped the device serving a queue (each arms its timer once).
+    Throttled,
 }
 
 impl Counter {
     /// How many counters there are.
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 13;
 
     /// Every counter, in declaration order (the order of [`MetricsSnapshot::iter`]).
     pub const ALL: [Counter; Counter::COUNT] = [
@@ -74,6 +76,7 @@ impl Counter {
         Counter::Notifications,
         Counter::Interrupts,
         Counter::Resets,
+        Counter::Throttled,
     ];
 
     /// A stable `snake_case` name, for the VMM's output.
@@ -91,6 +94,7 @@ impl Counter {
             Counter::Notifications => "notifications",
             Counter::Interrupts => "interrupts",
             Counter::Resets => "resets",
+            Counter::Throttled => "throttled",
         }
     }
 
@@ -179,6 +183,7 @@ impl AtomicMetrics {
             notifications: v(Counter::Notifications),
             interrupts: v(Counter::Interrupts),
             resets: v(Counter::Resets),
+            throttled: v(Counter::Throttled),
         }
     }
 
@@ -226,6 +231,8 @@ pub struct MetricsSnapshot {
     pub interrupts: u64,
     /// [`Counter::Resets`].
     pub resets: u64,
+    /// [`Counter::Throttled`].
+    pub throttled: u64,
 }
 
 impl MetricsSnapshot {
@@ -244,6 +251,7 @@ impl MetricsSnapshot {
             Counter::Notifications => self.notifications,
             Counter::Interrupts => self.interrupts,
             Counter::Resets => self.resets,
+            Counter::Throttled => self.throttled,
         }
     }
 
@@ -276,6 +284,7 @@ impl MetricsSnapshot {
             Counter::Notifications => &mut self.notifications,
             Counter::Interrupts => &mut self.interrupts,
             Counter::Resets => &mut self.resets,
+            Counter::Throttled => &mut self.throttled,
         }
     }
 }

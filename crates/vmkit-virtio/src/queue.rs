@@ -159,6 +159,8 @@ pub(crate) struct QueueWatch<M> {
     poll_ns: AtomicU64,
     /// Set while the handler polls: an empty ring leaves notifications suppressed.
     polling: AtomicBool,
+    /// Set while the device's rate limiter holds the queue: the handler does not poll it.
+    throttled: AtomicBool,
     /// Guest memory and the available ring's address, while the queue is active.
     ring: Mutex<Option<(M, GuestAddress)>>,
 }
@@ -168,6 +170,7 @@ impl<M> Default for QueueWatch<M> {
         Self {
             poll_ns: AtomicU64::new(0),
             polling: AtomicBool::new(false),
+            throttled: AtomicBool::new(false),
             ring: Mutex::new(None),
         }
     }
@@ -182,8 +185,17 @@ impl<M: Clone> QueueWatch<M> {
         self.polling.store(on, Ordering::SeqCst);
     }
 
-    fn polling(&self) -> bool {
+    pub(crate) fn polling(&self) -> bool {
         self.polling.load(Ordering::SeqCst)
+    }
+
+    /// Whether the device's rate limiter holds the queue.
+    pub(crate) fn throttled(&self) -> bool {
+        self.throttled.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn set_throttled(&self, on: bool) {
+        self.throttled.store(on, Ordering::SeqCst);
     }
 
     /// Guest memory and the available ring's address, while the queue is active.
@@ -205,6 +217,7 @@ impl<M> QueueWatch<M> {
         *self.lock_ring() = None;
         self.poll_ns.store(0, Ordering::Relaxed);
         self.polling.store(false, Ordering::SeqCst);
+        self.throttled.store(false, Ordering::SeqCst);
     }
 }
 
@@ -361,6 +374,20 @@ impl<M: VirtioMemory> ActiveQueue<M> {
     pub fn set_poll(&mut self, window: Duration) {
         let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
         self.watch.poll_ns.store(ns, Ordering::Relaxed);
+    }
+
+    /// Marks the queue held by the device's rate limiter (`true`) or served again
+    /// (`false`). While it is held, the transport's event handler does not poll it after a
+    /// notification (nor goes on polling it), so a throttled queue costs nothing until the
+    /// device's timer fires; the device takes no chain from it meanwhile (a chain it took
+    /// and cannot serve yet goes back with [`undo_pop`](Self::undo_pop)).
+    pub fn set_throttled(&mut self, throttled: bool) {
+        self.watch.set_throttled(throttled);
+    }
+
+    /// Whether [`set_throttled`](Self::set_throttled) holds the queue.
+    pub fn is_throttled(&self) -> bool {
+        self.watch.throttled()
     }
 
     /// Puts the device in `DEVICE_NEEDS_RESET` for `error`, once, and returns it.

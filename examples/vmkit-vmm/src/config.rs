@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use vmkit_virtio::RateLimiterConfig;
 use vmkit_virtio_blk::{BlockConfig, DiskSource, EngineKind};
+
+use crate::limits::{check_rates, disk_rate_key, net_rate_key, parse_rng_bw, set_rate};
 
 /// The reference VMM of vmkit: boots a Linux kernel (bzImage or ELF) or a PVH kernel.
 #[derive(Debug, Clone, Parser)]
@@ -41,6 +44,10 @@ pub struct Args {
     /// Add a virtio-rng device (entropy from the host's getrandom).
     #[arg(long)]
     pub rng: bool,
+    /// Limit the virtio-rng device (implies `--rng`) to RATE bytes a second (e.g. 1M; K, M,
+    /// G: powers of 1024).
+    #[arg(long = "rng-bw", value_parser = parse_rng_bw, value_name = "RATE")]
+    pub rng_rate_limiter: Option<RateLimiterConfig>,
     /// A virtio-console (the guest's hvc0): stdio, `file=PATH[,max_size=SIZE]` (as for
     /// `--serial`), pty or off. With stdio, host stdin goes to the console rather than to
     /// the serial port.
@@ -53,6 +60,9 @@ pub struct Args {
     pub output_buffer: usize,
     /// A virtio-blk disk (repeatable):
     /// `path=FILE[,readonly=on][,direct=on][,lock=off][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`.
+    /// `[,bw=RATE][,bw_burst=SIZE][,iops=N][,iops_burst=N]`: bw limits the guest to RATE
+    /// bytes a second (10M: K, M, G are powers of 1024), iops to N requests a second, each
+    /// with an optional one-time burst on top.
     /// In this and every `key=value` option, a comma inside a value is written `,,`
     /// (`path=a,,b.img` is the file `a,b.img`), and a key given twice is an error.
     #[arg(long, value_parser = parse_disk, value_name = "SPEC")]
@@ -60,7 +70,9 @@ pub struct Args {
     /// A virtio-net card (repeatable), on an existing TAP interface:
     /// `tap=NAME[,mac=MAC][,mtu=N][,queues=N][,poll_us=N]` (one queue pair per vCPU by default
     /// when the TAP is multi-queue), or on a TAP fd this process inherited:
-    /// `fd=N[,mac=MAC][,mtu=N][,poll_us=N]`.
+    /// `fd=N[,mac=MAC][,mtu=N][,poll_us=N]`; both take rate limits per direction:
+    /// `[,rx_bw=RATE][,tx_bw=RATE][,rx_ops=N][,tx_ops=N]` (bytes and frames a second) and
+    /// their one-time bursts `rx_bw_burst=`, `tx_bw_burst=`, `rx_ops_burst=`, `tx_ops_burst=`.
     #[arg(long, value_parser = parse_net, value_name = "SPEC")]
     pub net: Vec<NetSpec>,
     /// A virtio-vsock device with Firecracker's hybrid vsock host side:
@@ -246,6 +258,13 @@ pub struct NetSpec {
     pub queues: Option<u16>,
     /// Transmit ring polling after a notification, in µs (0: none).
     pub poll_us: u32,
+    /// Received frames' rate limiter.
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// Transmitted frames' rate limiter.
+    pub tx_rate_limiter: RateLimiterConfig,
+    /// The API's `iface_id` (`None` for `--net`): what `PATCH /network-interfaces/{id}`
+    /// finds it by.
+    pub id: Option<String>,
 }
 
 /// `--vsock`.
@@ -358,7 +377,17 @@ pub fn parse_mac(v: &str) -> Result<[u8; 6], String> {
 pub fn parse_net(s: &str) -> Result<NetSpec, String> {
     let (mut backend, mut mac, mut mtu, mut queues) = (None, None, None, None);
     let mut poll_us = 0;
+    let (mut rx_rate_limiter, mut tx_rate_limiter) = Default::default();
     for (k, v) in &key_values(s)? {
+        if let Some((rx, key)) = net_rate_key(k) {
+            let limiter = if rx {
+                &mut rx_rate_limiter
+            } else {
+                &mut tx_rate_limiter
+            };
+            set_rate(limiter, k, key, v)?;
+            continue;
+        }
         match k.as_str() {
             "tap" | "fd" if backend.is_some() => return Err("give one of tap= and fd=".into()),
             "tap" if !v.is_empty() => backend = Some(NetBackendSpec::Tap(v.to_string())),
@@ -377,12 +406,17 @@ pub fn parse_net(s: &str) -> Result<NetSpec, String> {
     if matches!(backend, NetBackendSpec::Fd(fd) if fd < 3) {
         return Err("fd= must be an inherited TAP fd, not 0, 1 or 2".into());
     }
+    check_rates(&rx_rate_limiter, "rx_", "ops")?;
+    check_rates(&tx_rate_limiter, "tx_", "ops")?;
     Ok(NetSpec {
         backend,
         mac,
         mtu,
         queues,
         poll_us,
+        rx_rate_limiter,
+        tx_rate_limiter,
+        id: None,
     })
 }
 
@@ -415,6 +449,9 @@ fn number<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, String> {
 /// Sets one `key=value` of a `--disk` on `spec`.
 fn disk_option(spec: &mut DiskSpec, k: &str, v: &str) -> Result<(), String> {
     let c = &mut spec.config;
+    if let Some(key) = disk_rate_key(k) {
+        return set_rate(&mut c.rate_limiter, k, key, v);
+    }
     match k {
         "path" if !v.is_empty() => c.source = DiskSource::Path(PathBuf::from(v)),
         "readonly" => c.read_only = on_off(k, v)?,
@@ -441,6 +478,7 @@ fn disk_option(spec: &mut DiskSpec, k: &str, v: &str) -> Result<(), String> {
 
 /// Parses
 /// `path=FILE[,readonly=on][,direct=on][,lock=off][,engine=sync|io_uring][,serial=ID][,queues=N][,poll_us=N]`
+/// `[,bw=RATE][,bw_burst=SIZE][,iops=N][,iops_burst=N]`
 /// into vmkit-virtio-blk's `BlockConfig` and checks it against that crate's limits
 /// (`BlockConfig::check`), the only ones: this parser repeats none of them.
 pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
@@ -457,6 +495,7 @@ pub fn parse_disk(s: &str) -> Result<DiskSpec, String> {
     if matches!(&spec.config.source, DiskSource::Path(p) if p.as_os_str().is_empty()) {
         return Err("path=FILE is required".into());
     }
+    check_rates(&spec.config.rate_limiter, "", "iops")?;
     spec.config.check().map_err(|e| e.to_string())?;
     Ok(spec)
 }
@@ -645,10 +684,48 @@ mod tests {
             ("path=a,direct", "key=value"),
             ("path=a,poll_us=5000", "poll_us"),
             ("path=a,poll_us=-1", "not a number"),
+            ("path=a,bw=0", "above 0"),
+            ("path=a,bw=fast", "not a size"),
+            ("path=a,bw_burst=1M", "bw_burst= needs bw="),
+            ("path=a,iops_burst=8", "iops_burst= needs iops="),
         ] {
             let e = parse_disk(bad).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn disk_and_net_rate_limits() {
+        let d = parse_disk("path=a,bw=10M,bw_burst=1M,iops=1000").unwrap();
+        let l = d.config.rate_limiter;
+        let bw = l.bandwidth.unwrap();
+        assert_eq!(
+            (bw.rate_per_second(), bw.one_time_burst),
+            (10 << 20, 1 << 20)
+        );
+        assert_eq!(l.ops.unwrap().rate_per_second(), 1000);
+        assert!(parse_disk("path=a")
+            .unwrap()
+            .config
+            .rate_limiter
+            .is_unlimited());
+        let n = parse_net("tap=t,rx_bw=1M,tx_ops=100,tx_ops_burst=10").unwrap();
+        assert_eq!(
+            n.rx_rate_limiter.bandwidth.unwrap().rate_per_second(),
+            1 << 20
+        );
+        assert_eq!(n.rx_rate_limiter.ops, None);
+        assert_eq!(n.tx_rate_limiter.ops.unwrap().one_time_burst, 10);
+        assert!(n.tx_rate_limiter.bandwidth.is_none());
+        let e = parse_net("tap=t,rx_bw_burst=1").unwrap_err();
+        assert!(e.contains("rx_bw_burst= needs rx_bw="), "{e}");
+        assert!(parse_net("tap=t,rx_iops=1")
+            .unwrap_err()
+            .contains("unknown"));
+        let a = Args::try_parse_from(["vmkit", "--rng-bw", "64K"]).unwrap();
+        let rng = a.rng_rate_limiter.unwrap().bandwidth.unwrap();
+        assert_eq!(rng.rate_per_second(), 64 << 10);
+        assert!(Args::try_parse_from(["vmkit", "--rng-bw", "0"]).is_err());
     }
 
     #[test]

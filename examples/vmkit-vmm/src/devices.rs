@@ -21,6 +21,7 @@ use vmkit_memory::layout::{GED_ADDR, GED_GSI};
 use vmkit_virtio::{AtomicMetrics, VirtioDevice};
 use vmkit_virtio_blk::{Block, DiskSource};
 use vmkit_virtio_console::{Console, ConsoleConfig, ConsoleInput, Pty};
+use vmkit_virtio_net::Net;
 use vmkit_virtio_rng::{Rng, RngConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
@@ -170,6 +171,8 @@ pub struct VirtioDevices {
     pub metrics: Vec<(String, Arc<AtomicMetrics>)>,
     /// The disks with an API `drive_id`, for `PATCH /drives/{id}`.
     pub drives: Vec<(String, Arc<Mutex<Block>>)>,
+    /// The cards with an API `iface_id`, for `PATCH /network-interfaces/{id}`.
+    pub nets: Vec<(String, Arc<Mutex<Net>>)>,
     /// virtio-mmio only: the devices, for the kernel command line.
     mmio: Option<MmioPlatform>,
     /// Lives as long as the VM.
@@ -216,10 +219,19 @@ impl VirtioDevices {
             }
             devices.push(disk);
         }
+        let mut nets = Vec::new();
         for (i, spec) in args.net.iter().enumerate() {
             let m = counters(format!("net{i}"));
-            let net = crate::net::open_net(spec, args.cpus, &mut net_fds, m)?;
-            devices.push(Arc::new(Mutex::new(net)));
+            let net = Arc::new(Mutex::new(crate::net::open_net(
+                spec,
+                args.cpus,
+                &mut net_fds,
+                m,
+            )?));
+            if let Some(id) = &spec.id {
+                nets.push((id.clone(), net.clone()));
+            }
+            devices.push(net);
         }
         if let Some(spec) = &args.vsock {
             let mut config = VsockConfig::new(spec.cid, spec.socket.clone());
@@ -227,8 +239,10 @@ impl VirtioDevices {
             let vsock = Vsock::new(config)?.with_metrics(counters("vsock".into()));
             devices.push(Arc::new(Mutex::new(vsock)));
         }
-        if args.rng {
-            let rng = Rng::new(RngConfig::default())?.with_metrics(counters("entropy".into()));
+        if args.rng || args.rng_rate_limiter.is_some() {
+            let rng = Rng::new(RngConfig::default())?
+                .with_metrics(counters("entropy".into()))
+                .with_rate_limiter(args.rng_rate_limiter.unwrap_or_default());
             devices.push(Arc::new(Mutex::new(rng)));
         }
         let mut console_input_subscriber = None;
@@ -251,6 +265,7 @@ impl VirtioDevices {
             devices: devices.clone(),
             metrics,
             drives,
+            nets,
             mmio: None,
             _console_pty: console_pty,
         };

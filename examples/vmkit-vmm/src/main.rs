@@ -14,6 +14,7 @@ mod error;
 mod host;
 mod io;
 mod landlock;
+mod limits;
 mod logger;
 mod metrics;
 mod net;

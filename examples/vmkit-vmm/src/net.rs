@@ -35,6 +35,8 @@ pub fn open_net(
     config.mtu = spec.mtu;
     config.poll_us = spec.poll_us;
     config.metrics = metrics;
+    config.rx_rate_limiter = spec.rx_rate_limiter;
+    config.tx_rate_limiter = spec.tx_rate_limiter;
     Net::new(config).map_err(err)
 }
 

@@ -6,13 +6,14 @@ use std::path::PathBuf;
 
 use vmkit_api::model::{
     BootSource, Drive, DriveUpdate, Entropy, HugePages, IoEngine, MachineConfig, NetworkInterface,
-    VmConfig, Vsock,
+    NetworkInterfaceUpdate, VmConfig, Vsock,
 };
 use vmkit_virtio_blk::{BlockConfig, DiskSource, EngineKind};
 
 use crate::config::{
     parse_mac, Args, DiskSpec, NetBackendSpec, NetSpec, VsockSpec, DEFAULT_POLL_US,
 };
+use crate::limits;
 
 /// The resources set so far.
 #[derive(Debug, Clone, Default)]
@@ -42,15 +43,6 @@ fn readable(what: &str, path: &str) -> Result<(), Refusal> {
         Ok(m) if m.is_file() => Ok(()),
         Ok(_) => Err(format!("{what} {path} is not a regular file")),
         Err(e) => Err(format!("cannot read {what} {path}: {e}")),
-    }
-}
-
-fn no_rate_limiter(what: &str, limiter: &Option<serde_json::Value>) -> Result<(), Refusal> {
-    match limiter {
-        None | Some(serde_json::Value::Null) => Ok(()),
-        Some(_) => Err(format!(
-            "{what}: rate limiters are not supported by vmkit yet"
-        )),
     }
 }
 
@@ -135,7 +127,6 @@ impl Resources {
                 "drive {id}: vhost-user drives (socket) are not supported by vmkit"
             ));
         }
-        no_rate_limiter(&format!("drive {id}"), &d.rate_limiter)?;
         let path = d
             .path_on_host
             .as_deref()
@@ -156,9 +147,9 @@ impl Resources {
         Ok(())
     }
 
-    /// `PATCH /drives/{id}` before the start: a new image.
+    /// `PATCH /drives/{id}` before the start: a new image, a new rate limiter (the buckets
+    /// it gives replace the drive's).
     pub fn patch_drive(&mut self, u: DriveUpdate) -> Result<(), Refusal> {
-        no_rate_limiter(&format!("drive {}", u.drive_id), &u.rate_limiter)?;
         let Some(drive) = self.drives.iter().find(|d| d.drive_id == u.drive_id) else {
             return Err(format!("drive {}: no such drive", u.drive_id));
         };
@@ -166,14 +157,16 @@ impl Resources {
         if let Some(p) = u.path_on_host {
             drive.path_on_host = Some(p);
         }
+        if let Some(patch) = &u.rate_limiter {
+            let current = limits::from_api(drive.rate_limiter.as_ref());
+            drive.rate_limiter = limits::to_api(limits::patched(current, patch));
+        }
         self.set_drive(drive)
     }
 
     /// `PUT /network-interfaces/{id}`.
     pub fn set_net(&mut self, n: NetworkInterface) -> Result<(), Refusal> {
         let id = &n.iface_id;
-        no_rate_limiter(&format!("interface {id}"), &n.rx_rate_limiter)?;
-        no_rate_limiter(&format!("interface {id}"), &n.tx_rate_limiter)?;
         if n.host_dev_name.is_empty() {
             return Err(format!("interface {id}: host_dev_name is empty"));
         }
@@ -183,6 +176,24 @@ impl Resources {
         match self.nets.iter_mut().find(|o| o.iface_id == *id) {
             Some(old) => *old = n,
             None => self.nets.push(n),
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}` before the start: new rate limiters (the buckets
+    /// given replace the card's).
+    pub fn patch_net(&mut self, u: NetworkInterfaceUpdate) -> Result<(), Refusal> {
+        let Some(n) = self.nets.iter_mut().find(|n| n.iface_id == u.iface_id) else {
+            return Err(format!("interface {}: no such interface", u.iface_id));
+        };
+        for (current, patch) in [
+            (&mut n.rx_rate_limiter, &u.rx_rate_limiter),
+            (&mut n.tx_rate_limiter, &u.tx_rate_limiter),
+        ] {
+            if let Some(patch) = patch {
+                let merged = limits::patched(limits::from_api(current.as_ref()), patch);
+                *current = limits::to_api(merged);
+            }
         }
         Ok(())
     }
@@ -201,7 +212,6 @@ impl Resources {
 
     /// `PUT /entropy`.
     pub fn set_entropy(&mut self, e: Entropy) -> Result<(), Refusal> {
-        no_rate_limiter("entropy", &e.rate_limiter)?;
         self.entropy = Some(e);
         Ok(())
     }
@@ -253,7 +263,10 @@ impl Resources {
                 poll_us: 0,
             });
         }
-        args.rng |= self.entropy.is_some();
+        if let Some(e) = &self.entropy {
+            args.rng = true;
+            args.rng_rate_limiter = Some(limits::from_api(e.rate_limiter.as_ref()));
+        }
         args.cmdline = cmdline;
         Ok(args)
     }
@@ -273,6 +286,7 @@ fn disk_spec(d: &Drive) -> Result<DiskSpec, Refusal> {
     let mut config = BlockConfig::new(DiskSource::Path(PathBuf::from(path)));
     config.read_only = d.is_read_only;
     config.poll_us = DEFAULT_POLL_US;
+    config.rate_limiter = limits::from_api(d.rate_limiter.as_ref());
     config.engine = match d.io_engine {
         Some(IoEngine::Async) => EngineKind::IoUring,
         Some(IoEngine::Sync) | None => EngineKind::Sync,
@@ -300,6 +314,9 @@ fn net_spec(n: &NetworkInterface) -> Result<NetSpec, Refusal> {
         mtu: None,
         queues: None,
         poll_us: 0,
+        rx_rate_limiter: limits::from_api(n.rx_rate_limiter.as_ref()),
+        tx_rate_limiter: limits::from_api(n.tx_rate_limiter.as_ref()),
+        id: Some(n.iface_id.clone()),
     })
 }
 
@@ -391,9 +408,6 @@ mod tests {
         assert!(err(r.set_boot(fifo_boot)).contains("not a regular file"));
         let _ = std::fs::remove_file(&fifo);
         let exe = existing_file();
-        let mut d = drive("a", &exe, false);
-        d.rate_limiter = Some(serde_json::json!({"bandwidth": {"size": 1, "refill_time": 1}}));
-        assert!(err(r.set_drive(d)).contains("rate limiters"));
         r.set_drive(drive("root1", &exe, true)).unwrap();
         assert!(err(r.set_drive(drive("root2", &exe, true))).contains("already a root"));
         let update = DriveUpdate {
@@ -416,5 +430,63 @@ mod tests {
             tx_rate_limiter: None,
         };
         assert!(err(r.set_net(n)).contains("multicast"));
+    }
+
+    #[test]
+    fn rate_limiters_reach_the_devices_and_patches_merge() {
+        let mut r = Resources::default();
+        let exe = existing_file();
+        r.set_boot(BootSource {
+            kernel_image_path: exe.clone(),
+            boot_args: None,
+            initrd_path: None,
+        })
+        .unwrap();
+        let mut d = drive("data", &exe, false);
+        d.rate_limiter =
+            serde_json::from_str(r#"{"bandwidth": {"size": 1048576, "refill_time": 100}}"#)
+                .unwrap();
+        r.set_drive(d).unwrap();
+        let n: NetworkInterface = serde_json::from_str(
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0",
+                "tx_rate_limiter": {"ops": {"size": 100, "refill_time": 100}}}"#,
+        )
+        .unwrap();
+        r.set_net(n).unwrap();
+        r.set_entropy(
+            serde_json::from_str(r#"{"rate_limiter": {"ops": {"size": 5, "refill_time": 1000}}}"#)
+                .unwrap(),
+        )
+        .unwrap();
+        // Before the start, patches merge: the drive keeps its bandwidth and gains ops.
+        let patch: DriveUpdate = serde_json::from_str(
+            r#"{"drive_id": "data", "rate_limiter": {"ops": {"size": 10, "refill_time": 10}}}"#,
+        )
+        .unwrap();
+        r.patch_drive(patch).unwrap();
+        let patch: NetworkInterfaceUpdate = serde_json::from_str(
+            r#"{"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 10, "refill_time": 1}}}"#,
+        )
+        .unwrap();
+        r.patch_net(patch).unwrap();
+        let unknown: NetworkInterfaceUpdate =
+            serde_json::from_str(r#"{"iface_id": "eth9"}"#).unwrap();
+        assert!(r
+            .patch_net(unknown)
+            .unwrap_err()
+            .contains("no such interface"));
+        let args = r.to_args(&base()).unwrap();
+        let disk = args.disk[0].config.rate_limiter;
+        assert_eq!(disk.bandwidth.unwrap().rate_per_second(), 10 << 20);
+        assert_eq!(disk.ops.unwrap().rate_per_second(), 1000);
+        let net = &args.net[0];
+        assert_eq!(net.id.as_deref(), Some("eth0"));
+        assert_eq!(net.tx_rate_limiter.ops.unwrap().rate_per_second(), 1000);
+        assert_eq!(
+            net.rx_rate_limiter.bandwidth.unwrap().rate_per_second(),
+            10_000
+        );
+        let rng = args.rng_rate_limiter.unwrap();
+        assert!(args.rng && rng.ops.unwrap().rate_per_second() == 5);
     }
 }

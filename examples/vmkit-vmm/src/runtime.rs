@@ -8,12 +8,15 @@ use std::time::{Duration, Instant};
 use event_manager::{
     EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
 };
-use vmkit_api::model::{ActionType, DriveUpdate, InstanceState, MachineConfig, VmStateRequest};
+use vmkit_api::model::{
+    ActionType, DriveUpdate, InstanceState, MachineConfig, NetworkInterfaceUpdate, VmStateRequest,
+};
 use vmkit_api::{ApiCall, ApiRequest, ApiResponse};
 use vmkit_kvm::VcpuThreads;
 use vmkit_legacy::{EventFdExit, ExitNotifier, ExitReason, Ged, I8042};
 use vmkit_virtio::VirtioDevice;
 use vmkit_virtio_blk::Block;
+use vmkit_virtio_net::Net;
 use vmm_sys_util::epoll::EventSet;
 
 use crate::devices::Subscriber;
@@ -62,6 +65,8 @@ pub struct Parts {
     pub machine: MachineConfig,
     /// The disks by `drive_id`, for `PATCH /drives/{id}`.
     pub drives: Vec<(String, Arc<Mutex<Block>>)>,
+    /// The network cards by `iface_id`, for `PATCH /network-interfaces/{id}`.
+    pub nets: Vec<(String, Arc<Mutex<Net>>)>,
     /// `--landlock` restricts what may be opened.
     pub landlocked: bool,
 }
@@ -185,6 +190,7 @@ impl Running {
                 refused("the microVM is already running".into())
             }
             ApiRequest::PatchDrive(update) => done(self.patch_drive(update)),
+            ApiRequest::PatchNetworkInterface(update) => done(self.patch_net(update)),
             _ => refused(
                 "the requested operation is not supported after starting the microVM".into(),
             ),
@@ -234,8 +240,9 @@ impl Running {
         Ok(())
     }
 
-    /// `PATCH /drives/{id}` on the running VM: the disk serves a new image (the guest gets a
-    /// configuration-change interrupt with its capacity).
+    /// `PATCH /drives/{id}` on the running VM: the disk gets a new rate limiter (the buckets
+    /// given replace its own), and serves a new image (the guest gets a configuration-change
+    /// interrupt with its capacity).
     fn patch_drive(&mut self, update: &DriveUpdate) -> Result<(), String> {
         let id = &update.drive_id;
         if self.guest_ids.is_none() {
@@ -244,25 +251,52 @@ impl Running {
                 "drive {id}: resume the microVM before changing its drive"
             ));
         }
-        if update.rate_limiter.as_ref().is_some_and(|r| !r.is_null()) {
-            return Err(format!(
-                "drive {id}: rate limiters are not supported by vmkit yet"
-            ));
-        }
         let (_, disk) = self
             .parts
             .drives
             .iter()
             .find(|(d, _)| d == id)
             .ok_or_else(|| format!("drive {id}: no such drive"))?;
+        let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(patch) = &update.rate_limiter {
+            let limiter = crate::limits::patched(disk.rate_limiter().config(), patch);
+            disk.update_rate_limiter(limiter);
+            log::info!("drive {id}: rate limiter {limiter:?}");
+        }
         let Some(path) = &update.path_on_host else {
             return Ok(());
         };
-        let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
         let landlocked = self.parts.landlocked;
         disk.replace_disk(std::path::PathBuf::from(path))
             .map_err(|e| crate::landlock::drive_error(landlocked, id, path, &e))?;
         log::info!("drive {id} now serves {path}");
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{id}` on the running VM: new rate limiters (the buckets
+    /// given replace the card's own); what they held is served at once.
+    fn patch_net(&mut self, update: &NetworkInterfaceUpdate) -> Result<(), String> {
+        let id = &update.iface_id;
+        if self.guest_ids.is_none() {
+            return Err(format!(
+                "interface {id}: resume the microVM before changing its interface"
+            ));
+        }
+        let (_, net) = self
+            .parts
+            .nets
+            .iter()
+            .find(|(n, _)| n == id)
+            .ok_or_else(|| format!("interface {id}: no such interface"))?;
+        let mut net = net.lock().unwrap_or_else(|p| p.into_inner());
+        let patch = |current: vmkit_virtio::RateLimiterConfig, p: &Option<_>| match p {
+            Some(p) => crate::limits::patched(current, p),
+            None => current,
+        };
+        let rx = patch(net.rx_rate_limiter().config(), &update.rx_rate_limiter);
+        let tx = patch(net.tx_rate_limiter().config(), &update.tx_rate_limiter);
+        net.update_rate_limiters(rx, tx);
+        log::info!("interface {id}: rate limiters rx {rx:?} tx {tx:?}");
         Ok(())
     }
 

@@ -111,6 +111,7 @@ fn configure(resources: &mut Resources, request: ApiRequest) -> ApiResponse {
         ApiRequest::PutDrive(d) => done(resources.set_drive(d)),
         ApiRequest::PatchDrive(u) => done(resources.patch_drive(u)),
         ApiRequest::PutNetworkInterface(n) => done(resources.set_net(n)),
+        ApiRequest::PatchNetworkInterface(u) => done(resources.patch_net(u)),
         ApiRequest::PutVsock(v) => done(resources.set_vsock(v)),
         ApiRequest::PutEntropy(e) => done(resources.set_entropy(e)),
         ApiRequest::Action(ActionType::SendCtrlAltDel) | ApiRequest::PatchVm(_) => {

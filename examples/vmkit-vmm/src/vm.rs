@@ -244,6 +244,7 @@ impl Vm {
             i8042: self.legacy.i8042.clone(),
             ged: self.legacy.ged.clone(),
             drives: self.virtio.drives.clone(),
+            nets: self.virtio.nets.clone(),
             machine,
             landlocked,
         };

@@ -272,6 +272,7 @@ pub fn model_json(api: &ApiRequest) -> Option<String> {
         ApiRequest::PutDrive(v) => serde_json::to_string(v),
         ApiRequest::PatchDrive(v) => serde_json::to_string(v),
         ApiRequest::PutNetworkInterface(v) => serde_json::to_string(v),
+        ApiRequest::PatchNetworkInterface(v) => serde_json::to_string(v),
         ApiRequest::PutVsock(v) => serde_json::to_string(v),
         ApiRequest::PutEntropy(v) => serde_json::to_string(v),
         ApiRequest::Action(a) => serde_json::to_string(&InstanceAction { action_type: *a }),
@@ -289,6 +290,7 @@ pub fn check_request(method: &str, path: &str, api: &ApiRequest) {
         ApiRequest::PutDrive(d) => Some(&d.drive_id),
         ApiRequest::PatchDrive(d) => Some(&d.drive_id),
         ApiRequest::PutNetworkInterface(n) => Some(&n.iface_id),
+        ApiRequest::PatchNetworkInterface(n) => Some(&n.iface_id),
         _ => None,
     };
     if let Some(id) = id {

@@ -1,0 +1,255 @@
+//! The rate limiter on the request path: a request without tokens stays in the available
+//! ring (not completed, not lost), the queues are held (unpolled) until the limiter's timer
+//! fires, and then served; reads and writes count bytes, every request (a `FLUSH` too) an
+//! operation.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use common::TempImage;
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmkit_virtio::test_utils::RecordingInterrupt;
+use vmkit_virtio::{
+    ActivateContext, AtomicMetrics, Counter, NeedsReset, RateLimiterConfig, TokenBucketConfig,
+    VirtioDevice, FEATURE_VERSION_1,
+};
+use vmkit_virtio_blk::request::{S_OK, T_FLUSH, T_IN};
+use vmkit_virtio_blk::{Block, BlockConfig};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+const USED: u64 = 0x1000;
+
+fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+}
+
+/// A 4 KiB read (or a flush) as chain `i`: header at 0x2_0000 + i * 0x100, data at
+/// 0x4_0000 + i * 0x1000, status at 0x8_0000 + i.
+fn request(mem: &GuestMemoryMmap, i: u16, kind: u32) -> [RawDescriptor; 3] {
+    let (header, data, status) = (
+        0x2_0000 + u64::from(i) * 0x100,
+        0x4_0000 + u64::from(i) * 0x1000,
+        0x8_0000 + u64::from(i),
+    );
+    mem.write_obj(kind, GuestAddress(header)).unwrap();
+    mem.write_obj(0u64, GuestAddress(header + 8)).unwrap();
+    mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+    let (next, write) = (VRING_DESC_F_NEXT as u16, VRING_DESC_F_WRITE as u16);
+    let first = i * 3;
+    [
+        desc(header, 16, next, first + 1),
+        desc(data, 4096, write | next, first + 2),
+        desc(status, 1, write, 0),
+    ]
+}
+
+fn status(mem: &GuestMemoryMmap, i: u16) -> u8 {
+    mem.read_obj(GuestAddress(0x8_0000 + u64::from(i))).unwrap()
+}
+
+fn used_idx(mem: &GuestMemoryMmap) -> u16 {
+    mem.read_obj(GuestAddress(USED + 2)).unwrap()
+}
+
+/// Waits (at most 10 s) for `fd` to be readable.
+fn wait_readable(fd: &impl AsRawFd) {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, 10_000) };
+    assert_eq!(n, 1, "the timer fired");
+}
+
+#[test]
+fn requests_past_the_limit_wait_in_the_ring_for_the_timer() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let img = TempImage::filled(1 << 20, 0x5A);
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    let ctx = ActivateContext::new(
+        mem.clone(),
+        FEATURE_VERSION_1,
+        vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
+        RecordingInterrupt::new(),
+        NeedsReset::new(),
+    );
+    let metrics = Arc::new(AtomicMetrics::new());
+    let mut config = BlockConfig::new(&img.0).with_metrics(metrics.clone());
+    // 8 KiB a second in bytes; 3 operations refilled in 30 ms.
+    config.rate_limiter = RateLimiterConfig {
+        bandwidth: Some(TokenBucketConfig {
+            size: 8192,
+            one_time_burst: 0,
+            refill_time_ms: 1000,
+        }),
+        ops: Some(TokenBucketConfig {
+            size: 3,
+            one_time_burst: 0,
+            refill_time_ms: 30,
+        }),
+    };
+    let mut dev = Block::new(config).unwrap();
+    let timer = dev.readable_fds().unwrap();
+    assert_eq!(timer.len(), 1, "the limiter's timer is watched");
+    dev.ack_features(FEATURE_VERSION_1);
+    dev.activate(ctx).unwrap();
+
+    // Three reads of 4 KiB and a flush.
+    let mut chains = Vec::new();
+    for (i, kind) in [T_IN, T_IN, T_FLUSH, T_IN].into_iter().enumerate() {
+        chains.extend(request(&mem, i as u16, kind));
+    }
+    vq.add_desc_chains(&chains, 0).unwrap();
+    dev.process_queue(0);
+    // Two reads (8 KiB) and the flush (no bytes, one operation): the ops bucket is empty.
+    assert_eq!(used_idx(&mem), 3);
+    assert_eq!(
+        [status(&mem, 0), status(&mem, 1), status(&mem, 2)],
+        [S_OK; 3]
+    );
+    assert_eq!(status(&mem, 3), 0xff, "the fourth waits");
+    assert!(dev.rate_limiter().is_throttled());
+    assert_eq!(metrics.get(Counter::Throttled), 1);
+    assert_eq!(
+        metrics.get(Counter::Requests),
+        3,
+        "the held one is not counted"
+    );
+    // Notified again while held: nothing is taken, and nothing more is counted.
+    dev.process_queue(0);
+    assert_eq!(used_idx(&mem), 3);
+    assert_eq!(metrics.get(Counter::Throttled), 1);
+
+    // The ops bucket refills in 30 ms, but the bytes bucket needs 500 ms for 4 KiB: the
+    // timer fires for the longer wait, and the fourth read is served then.
+    let (token, fd) = &timer[0];
+    wait_readable(fd);
+    dev.process_device_event(*token);
+    assert_eq!(used_idx(&mem), 4);
+    assert_eq!(status(&mem, 3), S_OK);
+    assert!(!dev.rate_limiter().is_throttled());
+    assert_eq!(metrics.get(Counter::Requests), 4);
+}
+
+#[test]
+fn updating_the_limiter_lets_held_requests_go() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let img = TempImage::filled(1 << 20, 0x5A);
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    let ctx = ActivateContext::new(
+        mem.clone(),
+        FEATURE_VERSION_1,
+        vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
+        RecordingInterrupt::new(),
+        NeedsReset::new(),
+    );
+    let mut config = BlockConfig::new(&img.0);
+    // One operation an hour.
+    config.rate_limiter.ops = Some(TokenBucketConfig {
+        size: 1,
+        one_time_burst: 0,
+        refill_time_ms: 3_600_000,
+    });
+    let mut dev = Block::new(config).unwrap();
+    dev.ack_features(FEATURE_VERSION_1);
+    dev.activate(ctx).unwrap();
+    let mut chains = Vec::new();
+    for i in 0..3 {
+        chains.extend(request(&mem, i, T_IN));
+    }
+    vq.add_desc_chains(&chains, 0).unwrap();
+    dev.process_queue(0);
+    assert_eq!(used_idx(&mem), 1);
+    // Firecracker's PATCH /drives with a rate limiter: no limit now.
+    dev.update_rate_limiter(RateLimiterConfig::default());
+    assert_eq!(used_idx(&mem), 3);
+    assert_eq!(status(&mem, 2), S_OK);
+}
+
+#[test]
+fn one_limiter_holds_every_queue() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let img = TempImage::filled(1 << 20, 0x5A);
+    // Two queues: rings at 0xA0000 and 0xC0000, used rings a page further.
+    let rings: Vec<_> = [0xA_0000u64, 0xC_0000]
+        .iter()
+        .map(|base| MockSplitQueue::create(&mem, GuestAddress(*base), 16))
+        .collect();
+    let queues = rings
+        .iter()
+        .enumerate()
+        .map(|(i, vq)| {
+            let mut q: Queue = vq.create_queue().unwrap();
+            let used = 0xA_0000 + 0x2_0000 * i as u64 + 0x1_0000;
+            q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+            (i as u16, q, EventFd::new(EFD_NONBLOCK).unwrap())
+        })
+        .collect();
+    let ctx = ActivateContext::new(
+        mem.clone(),
+        FEATURE_VERSION_1,
+        queues,
+        RecordingInterrupt::new(),
+        NeedsReset::new(),
+    );
+    let mut config = BlockConfig::new(&img.0);
+    config.queues = 2;
+    config.poll_us = 100;
+    // Two requests, refilled in 20 ms.
+    config.rate_limiter.ops = Some(TokenBucketConfig {
+        size: 2,
+        one_time_burst: 0,
+        refill_time_ms: 20,
+    });
+    let mut dev = Block::new(config).unwrap();
+    let timer = dev.readable_fds().unwrap();
+    dev.ack_features(FEATURE_VERSION_1);
+    dev.activate(ctx).unwrap();
+    let used = |i: u64| -> u16 {
+        mem.read_obj(GuestAddress(0xA_0000 + 0x2_0000 * i + 0x1_0002))
+            .unwrap()
+    };
+    // Queue 0: three reads (chains 0-2); queue 1: one (chain 3).
+    let mut chains = Vec::new();
+    for i in 0..3 {
+        chains.extend(request(&mem, i, T_IN));
+    }
+    rings[0].add_desc_chains(&chains, 0).unwrap();
+    let mut one: Vec<_> = request(&mem, 3, T_IN).into();
+    // Chain 3's descriptors sit at 9..12 of its own table: renumber to 0..3.
+    one[0] = desc(0x2_0300, 16, VRING_DESC_F_NEXT as u16, 1);
+    one[1] = desc(
+        0x4_3000,
+        4096,
+        (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) as u16,
+        2,
+    );
+    rings[1].add_desc_chains(&one, 0).unwrap();
+    dev.process_queue(0);
+    assert_eq!(used(0), 2);
+    assert!(dev.rate_limiter().is_throttled());
+    // The other queue is held too.
+    dev.process_queue(1);
+    assert_eq!(used(1), 0);
+    // One token comes back every 10 ms: the timer fires for each held request in turn.
+    let (token, fd) = &timer[0];
+    for _ in 0..2 {
+        wait_readable(fd);
+        dev.process_device_event(*token);
+    }
+    assert_eq!((used(0), used(1)), (3, 1), "both served as the timer fired");
+    assert_eq!(status(&mem, 3), S_OK);
+    assert!(!dev.rate_limiter().is_throttled());
+}
