@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use common::TempImage;
@@ -14,7 +13,7 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmkit_virtio::test_utils::RecordingInterrupt;
+use vmkit_virtio::test_utils::{wait_readable, RecordingInterrupt};
 use vmkit_virtio::{
     ActivateContext, AtomicMetrics, Counter, NeedsReset, RateLimiterConfig, TokenBucketConfig,
     VirtioDevice, FEATURE_VERSION_1,
@@ -55,18 +54,6 @@ fn status(mem: &GuestMemoryMmap, i: u16) -> u8 {
 
 fn used_idx(mem: &GuestMemoryMmap) -> u16 {
     mem.read_obj(GuestAddress(USED + 2)).unwrap()
-}
-
-/// Waits (at most 10 s) for `fd` to be readable.
-fn wait_readable(fd: &impl AsRawFd) {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, 10_000) };
-    assert_eq!(n, 1, "the timer fired");
 }
 
 #[test]
@@ -133,7 +120,10 @@ fn requests_past_the_limit_wait_in_the_ring_for_the_timer() {
     // The ops bucket refills in 30 ms, but the bytes bucket needs 500 ms for 4 KiB: the
     // timer fires for the longer wait, and the fourth read is served then.
     let (token, fd) = &timer[0];
-    wait_readable(fd);
+    assert!(
+        wait_readable(fd, std::time::Duration::from_secs(10)),
+        "the timer fired"
+    );
     dev.process_device_event(*token);
     assert_eq!(used_idx(&mem), 4);
     assert_eq!(status(&mem, 3), S_OK);
@@ -246,7 +236,10 @@ fn one_limiter_holds_every_queue() {
     // One token comes back every 10 ms: the timer fires for each held request in turn.
     let (token, fd) = &timer[0];
     for _ in 0..2 {
-        wait_readable(fd);
+        assert!(
+            wait_readable(fd, std::time::Duration::from_secs(10)),
+            "the timer fired"
+        );
         dev.process_device_event(*token);
     }
     assert_eq!((used(0), used(1)), (3, 1), "both served as the timer fired");

@@ -13,7 +13,9 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
-use vmkit_virtio::test_utils::{activate_context, guest_memory, mock_queue, RecordingInterrupt};
+use vmkit_virtio::test_utils::{
+    activate_context, guest_memory, mock_queue, wait_readable, RecordingInterrupt,
+};
 use vmkit_virtio::{AtomicMetrics, Counter, NeedsReset, VirtioDevice, FEATURE_VERSION_1};
 use vmkit_virtio_net::ctrl::{VIRTIO_NET_ERR, VIRTIO_NET_OK};
 use vmkit_virtio_net::*;
@@ -482,18 +484,6 @@ fn metrics_count_frames_bytes_drops_and_malformed_chains() {
     assert_eq!(metrics.snapshot().malformed, 4);
 }
 
-/// Waits (at most 10 s) for `fd` to be readable.
-fn wait_readable(fd: &impl std::os::fd::AsRawFd) {
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, 10_000) };
-    assert_eq!(n, 1, "the timer fired");
-}
-
 #[test]
 fn transmit_past_the_rate_limit_waits_in_the_ring_for_the_timer() {
     use vmkit_virtio::{RateLimiterConfig, TokenBucketConfig};
@@ -531,7 +521,10 @@ fn transmit_past_the_rate_limit_waits_in_the_ring_for_the_timer() {
     assert_eq!(metrics.get(Counter::Throttled), 1);
     // The transmit limiter's timer is the last fd.
     let (token, fd) = fds.last().unwrap();
-    wait_readable(fd);
+    assert!(
+        wait_readable(fd, std::time::Duration::from_secs(10)),
+        "the timer fired"
+    );
     r.dev.process_device_event(*token);
     assert_eq!(r.dev.stats().tx_frames, 3);
     assert_eq!(r.used_idx(1), 3);
@@ -578,7 +571,10 @@ fn receive_past_the_rate_limit_waits_in_the_backend_for_the_timer() {
     r.dev.process_device_event(0);
     assert_eq!(r.dev.stats().rx_frames, 2);
     let (token, fd) = &fds[fds.len() - 2];
-    wait_readable(fd);
+    assert!(
+        wait_readable(fd, std::time::Duration::from_secs(10)),
+        "the timer fired"
+    );
     r.dev.process_device_event(*token);
     assert_eq!(r.dev.stats().rx_frames, 3);
     assert_eq!(r.used_idx(0), 3);

@@ -406,7 +406,6 @@ fn metrics_count_requests_bytes_and_malformed_chains() {
 
 #[test]
 fn entropy_past_the_rate_limit_waits_for_the_timer() {
-    use std::os::fd::AsRawFd;
     use vmkit_virtio::{RateLimiterConfig, TokenBucketConfig};
 
     let mem = guest_memory(MEM);
@@ -439,14 +438,10 @@ fn entropy_past_the_rate_limit_waits_for_the_timer() {
     assert!(dev.rate_limiter().is_throttled());
     assert_eq!(dev.stats().bytes, 2000);
     let (token, fd) = &timer[0];
-    let mut p = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, 10_000) };
-    assert_eq!(n, 1, "the timer fired");
+    assert!(
+        vmkit_virtio::test_utils::wait_readable(fd, std::time::Duration::from_secs(10)),
+        "the timer fired"
+    );
     dev.process_device_event(*token);
     assert_eq!(used_idx(&mem), 3);
     assert_eq!(dev.stats().bytes, 3000);

@@ -36,6 +36,19 @@ pub fn guest_memory(size: usize) -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).expect("failed to map guest memory")
 }
 
+/// Waits at most `timeout` for `fd` to become readable (a device's timerfd, an eventfd);
+/// whether it did.
+pub fn wait_readable(fd: &impl std::os::fd::AsRawFd, timeout: std::time::Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `p` is one valid pollfd that outlives the call; poll writes only its revents.
+    unsafe { libc::poll(&mut p, 1, ms) == 1 }
+}
+
 /// An interrupt that records what it is asked to raise.
 #[derive(Debug, Default)]
 pub struct RecordingInterrupt {
