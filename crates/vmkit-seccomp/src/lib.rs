@@ -1,0 +1,232 @@
+//! Per-thread seccomp allow-lists for KVM VMMs, built on the rust-vmm
+//! [`seccompiler`] crate.
+//!
+//! A VMM runs three kinds of thread, and each needs far less of the kernel than the
+//! process as a whole: [`ThreadKind::Vcpu`] (`KVM_RUN` and the exits it dispatches,
+//! including the MMIO/PIO writes that activate and reset virtio devices),
+//! [`ThreadKind::Vmm`] (the event loop: device queues, io_uring, timers, the API's calls'
+//! effects) and [`ThreadKind::Api`] (the HTTP server on a Unix socket). [`filter`] builds
+//! the BPF program of one kind for a [`SeccompLevel`]; [`apply`] installs it in the calling
+//! thread. `ioctl` is filtered by request number: each thread gets exactly the KVM, TUN
+//! and tty requests it issues once the guest runs.
+//!
+//! # The allow-lists
+//!
+//! Every kind allows the [`common`] calls (what Rust's standard library, the allocator and
+//! thread exit need, with `fcntl` limited to the descriptor-flag commands and `tgkill`
+//! to `SIGABRT`) and then:
+//!
+//! | thread | syscalls | `ioctl` requests |
+//! |--------|----------|------------------|
+//! | vCPU | `eventfd2 io_uring_setup io_uring_register io_uring_enter epoll_ctl` | `KVM_RUN KVM_IOEVENTFD KVM_IRQFD KVM_SET_GSI_ROUTING KVM_SIGNAL_MSI KVM_IRQ_LINE TUNSETOFFLOAD TUNSETQUEUE FIONBIO` |
+//! | VMM | `epoll_wait epoll_pwait epoll_ctl eventfd2 timerfd_create timerfd_settime timerfd_gettime readv writev preadv pwritev pread64 pwrite64 lseek fsync fdatasync fallocate ftruncate flock openat statx newfstatat fstat unlink io_uring_setup io_uring_register io_uring_enter socket(AF_UNIX) connect accept4 shutdown sendmsg recvmsg sendto recvfrom getsockopt poll ppoll dup getrusage` and `tgkill` with the vCPU kick signal | `KVM_IRQ_LINE KVM_SIGNAL_MSI KVM_IRQFD KVM_IOEVENTFD KVM_SET_GSI_ROUTING TUNSETOFFLOAD TUNSETQUEUE TCGETS TCSETS FIONBIO` |
+//! | API | `epoll_wait epoll_pwait epoll_ctl accept4 unlink`, and with [`Options::user`] `setresuid setresgid setgroups` pinned to that user | `FIONBIO` |
+//!
+//! [`allowed`] lists them by name, [`ioctls`] the requests with their numbers (computed
+//! with vmm-sys-util's `ioctl_*_nr!` macros and kvm-bindings' structures).
+//!
+//! # Example
+//!
+//! ```
+//! use vmkit_seccomp::{filter, Options, SeccompLevel, ThreadKind};
+//!
+//! let options = Options { level: SeccompLevel::Kill, ..Options::default() };
+//! let program = filter(ThreadKind::Vcpu, &options).unwrap().expect("a filter");
+//! assert!(!program.is_empty());
+//! // In the vCPU thread, before its first KVM_RUN: vmkit_seccomp::apply(&program)
+//! let off = Options { level: SeccompLevel::Off, ..Options::default() };
+//! assert!(filter(ThreadKind::Vcpu, &off).unwrap().is_none());
+//! ```
+
+#![deny(missing_docs)]
+
+mod ioctls;
+mod lists;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub use seccompiler::BpfProgram;
+use seccompiler::{
+    SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    TargetArch,
+};
+
+pub use ioctls::{ioctls, Ioctl};
+pub use lists::{allowed, common, Syscall};
+
+/// The errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// seccompiler refused a rule or the filter (a bug in the lists).
+    #[error("cannot build the seccomp filter: {0}")]
+    Build(String),
+    /// The kernel refused the filter (`PR_SET_NO_NEW_PRIVS` or `seccomp(2)` failed).
+    #[error("cannot install the seccomp filter: {0}")]
+    Apply(String),
+    /// `prctl(PR_SET_NO_NEW_PRIVS)` failed.
+    #[error("cannot set no_new_privs: {0}")]
+    NoNewPrivs(std::io::Error),
+}
+
+/// The kinds of thread of a VMM, each with its own allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThreadKind {
+    /// A vCPU thread: `KVM_RUN` and the exits it dispatches (device activation and reset
+    /// included).
+    Vcpu,
+    /// The VMM's event thread (the main thread): device queues, timers, the API's effects.
+    Vmm,
+    /// The API server's thread.
+    Api,
+}
+
+impl ThreadKind {
+    /// All kinds.
+    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Vmm, ThreadKind::Api];
+
+    /// A short name: `vcpu`, `vmm`, `api`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Vmm => "vmm",
+            ThreadKind::Api => "api",
+        }
+    }
+}
+
+impl fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What happens to a call outside the allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompLevel {
+    /// The process is killed (`SECCOMP_RET_KILL_PROCESS`, the status says `SIGSYS`).
+    #[default]
+    Kill,
+    /// The call is allowed and logged by the kernel (the audit log or `dmesg`).
+    Log,
+    /// No filter.
+    Off,
+}
+
+/// The user a VMM drops to (`--user UID:GID`): the API thread, which exists when the
+/// VMM's main thread calls `setresuid`, takes part in glibc's broadcast of the change, so
+/// its filter allows exactly these ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserIds {
+    /// The user id.
+    pub uid: u32,
+    /// The group id (also the only supplementary group).
+    pub gid: u32,
+}
+
+/// How to build a filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// The action on a call outside the list.
+    pub level: SeccompLevel,
+    /// The user the process drops to while the API thread runs under its filter.
+    pub user: Option<UserIds>,
+    /// The signal the VMM thread sends to vCPU threads to bring them out of `KVM_RUN`
+    /// (vmm-sys-util's `SIGRTMIN()` by default, as vmkit-vcpu's kick).
+    pub kick_signal: i32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            level: SeccompLevel::Kill,
+            user: None,
+            kick_signal: vmm_sys_util::signal::SIGRTMIN(),
+        }
+    }
+}
+
+/// One argument condition: `arg[index] == value` (32-bit compare, as the kernel's `int`
+/// and `unsigned int` arguments).
+fn eq(index: u8, value: u64) -> std::result::Result<SeccompCondition, Error> {
+    SeccompCondition::new(index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, value)
+        .map_err(|e| Error::Build(e.to_string()))
+}
+
+fn rules_of(call: &Syscall) -> std::result::Result<Vec<SeccompRule>, Error> {
+    call.args
+        .iter()
+        .map(|conds| {
+            let conditions = conds
+                .iter()
+                .map(|&(i, v)| eq(i, v))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            SeccompRule::new(conditions).map_err(|e| Error::Build(e.to_string()))
+        })
+        .collect()
+}
+
+/// The BPF program for `kind` at `options.level`; `None` with [`SeccompLevel::Off`].
+///
+/// # Errors
+///
+/// [`Error::Build`] if seccompiler refuses the rules (not expected: the lists are tested).
+pub fn filter(kind: ThreadKind, options: &Options) -> Result<Option<BpfProgram>, Error> {
+    let mismatch = match options.level {
+        SeccompLevel::Off => return Ok(None),
+        SeccompLevel::Kill => SeccompAction::KillProcess,
+        SeccompLevel::Log => SeccompAction::Log,
+    };
+    // `None`: allowed whatever its arguments (another entry's conditions change nothing).
+    let mut merged: BTreeMap<i64, Option<Vec<SeccompRule>>> = BTreeMap::new();
+    for call in allowed(kind, options) {
+        let new = rules_of(&call)?;
+        let entry = merged.entry(call.nr).or_insert_with(|| Some(Vec::new()));
+        match (entry.as_mut(), new.is_empty()) {
+            (Some(_), true) => *entry = None,
+            (Some(rules), false) => rules.extend(new),
+            (None, _) => {}
+        }
+    }
+    let rules = merged
+        .into_iter()
+        .map(|(nr, rules)| (nr, rules.unwrap_or_default()))
+        .collect();
+    let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, target_arch()?)
+        .map_err(|e| Error::Build(e.to_string()))?;
+    let program: BpfProgram = filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| Error::Build(e.to_string()))?;
+    Ok(Some(program))
+}
+
+fn target_arch() -> Result<TargetArch, Error> {
+    TargetArch::try_from(std::env::consts::ARCH).map_err(|e| Error::Build(e.to_string()))
+}
+
+/// Installs `program` in the calling thread (with `PR_SET_NO_NEW_PRIVS`, which seccomp
+/// requires of an unprivileged caller). Threads this one spawns afterwards inherit it;
+/// it cannot be removed.
+///
+/// # Errors
+///
+/// [`Error::Apply`] if the kernel refuses it.
+pub fn apply(program: &BpfProgram) -> Result<(), Error> {
+    seccompiler::apply_filter(program).map_err(|e| Error::Apply(e.to_string()))
+}
+
+/// Sets `PR_SET_NO_NEW_PRIVS` on the calling thread (inherited by the threads it spawns
+/// and by anything it executes): no `execve` can gain privileges (setuid bits, file
+/// capabilities) from then on.
+///
+/// # Errors
+///
+/// [`Error::NoNewPrivs`] if `prctl` fails.
+pub fn set_no_new_privs() -> Result<(), Error> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only and touches no memory.
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(Error::NoNewPrivs(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
