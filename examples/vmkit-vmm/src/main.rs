@@ -4,7 +4,8 @@
 //! signals, [`logger`], [`metrics`]) → [`setup`] (the VM described by the command line, a
 //! config file or the API, via [`resources`]) → [`vm`] (the stages: machine, vCPUs,
 //! devices, kernel) → [`runtime`] (the run: API calls, pause, shutdown) → [`devices`],
-//! [`io`], [`terminal`], [`signals`], [`stats`], [`error`].
+//! [`io`], [`terminal`], [`signals`], [`stats`], [`error`]; [`sandbox`] (seccomp, `--user`)
+//! at its points in [`host`] and [`vm`].
 
 mod config;
 mod devices;
@@ -16,6 +17,7 @@ mod metrics;
 mod net;
 mod resources;
 mod runtime;
+mod sandbox;
 mod setup;
 mod signals;
 mod stats;
@@ -74,7 +76,8 @@ fn run(args: &Args) -> Result<Option<ExitReason>> {
     let signals = signals::Signals::block().map_err(Error::Signals)?;
     let logger =
         logger::Logger::install(args.log_level, args.log_file.as_deref()).map_err(Error::Log)?;
-    let mut host = host::Host::open(args, signals, logger)?;
+    let sandbox = sandbox::Sandbox::new(args)?;
+    let mut host = host::Host::open(args, signals, logger, sandbox)?;
     let started = match (&args.kernel, &args.config_file) {
         (Some(_), _) => Some(setup::from_args(args)?),
         (None, Some(path)) => Some(setup::from_config_file(path, args, &mut host)?),
