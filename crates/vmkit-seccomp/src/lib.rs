@@ -230,3 +230,219 @@ pub fn set_no_new_privs() -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Output};
+
+    use super::*;
+
+    fn names(kind: ThreadKind, options: &Options) -> Vec<&'static str> {
+        allowed(kind, options).iter().map(|s| s.name).collect()
+    }
+
+    #[test]
+    fn every_filter_compiles_and_off_is_none() {
+        let user = Some(UserIds {
+            uid: 65534,
+            gid: 65534,
+        });
+        for kind in ThreadKind::ALL {
+            for level in [SeccompLevel::Kill, SeccompLevel::Log] {
+                for user in [None, user] {
+                    let options = Options {
+                        level,
+                        user,
+                        ..Options::default()
+                    };
+                    let program = filter(kind, &options).unwrap().unwrap();
+                    assert!(program.len() > 10, "{kind} {level:?}");
+                }
+            }
+            let off = Options {
+                level: SeccompLevel::Off,
+                ..Options::default()
+            };
+            assert!(filter(kind, &off).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn no_list_can_run_programs_spawn_threads_or_change_the_user_unasked() {
+        let forbidden = [
+            "execve",
+            "execveat",
+            "fork",
+            "vfork",
+            "clone",
+            "clone3",
+            "ptrace",
+            "mount",
+            "setuid",
+            "setresuid",
+            "setgid",
+            "setgroups",
+            "prctl",
+            "seccomp",
+            "kill",
+            "bpf",
+            "process_vm_writev",
+            "init_module",
+            "kexec_load",
+            "getppid",
+        ];
+        for kind in ThreadKind::ALL {
+            let list = names(kind, &Options::default());
+            for name in forbidden {
+                assert!(!list.contains(&name), "{kind} allows {name}");
+            }
+        }
+    }
+
+    #[test]
+    fn each_list_holds_what_its_thread_needs() {
+        let o = Options::default();
+        let has = |k, n: &str| names(k, &o).contains(&n);
+        for kind in ThreadKind::ALL {
+            for n in [
+                "read",
+                "write",
+                "close",
+                "futex",
+                "rt_sigreturn",
+                "ioctl",
+                "exit",
+            ] {
+                assert!(has(kind, n), "{kind} lacks {n}");
+            }
+        }
+        for n in ["io_uring_setup", "eventfd2", "epoll_ctl"] {
+            assert!(has(ThreadKind::Vcpu, n), "vcpu lacks {n}");
+        }
+        for n in [
+            "epoll_wait",
+            "preadv",
+            "pwritev",
+            "fdatasync",
+            "openat",
+            "io_uring_enter",
+        ] {
+            assert!(has(ThreadKind::Vmm, n), "vmm lacks {n}");
+        }
+        for n in ["epoll_wait", "accept4", "recvfrom", "sendto"] {
+            assert!(has(ThreadKind::Api, n), "api lacks {n}");
+        }
+        assert!(!has(ThreadKind::Api, "openat"));
+        assert!(!has(ThreadKind::Vcpu, "openat"));
+        assert!(!has(ThreadKind::Vcpu, "socket"));
+    }
+
+    #[test]
+    fn only_the_api_list_with_a_user_holds_the_id_calls_pinned_to_it() {
+        let user = UserIds {
+            uid: 1000,
+            gid: 100,
+        };
+        let o = Options {
+            user: Some(user),
+            ..Options::default()
+        };
+        let api = allowed(ThreadKind::Api, &o);
+        let setresuid = api.iter().find(|s| s.name == "setresuid").unwrap();
+        assert_eq!(setresuid.args, [vec![(0, 1000), (1, 1000), (2, 1000)]]);
+        let setresgid = api.iter().find(|s| s.name == "setresgid").unwrap();
+        assert_eq!(setresgid.args, [vec![(0, 100), (1, 100), (2, 100)]]);
+        for kind in [ThreadKind::Vcpu, ThreadKind::Vmm] {
+            assert!(!names(kind, &o).contains(&"setresuid"), "{kind}");
+        }
+    }
+
+    /// The variable that makes [`child`] run a case in a re-executed test binary (seccomp
+    /// filters are per thread and cannot be removed: never in the test process itself).
+    const CHILD: &str = "VMKIT_SECCOMP_TEST_CHILD";
+
+    fn in_child(case: &str) -> Output {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tests::child", "--nocapture", "--test-threads=1"])
+            .env(CHILD, case)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("child: filter installed"),
+            "{case}: {stdout}"
+        );
+        out
+    }
+
+    /// In a child: installs `KIND`'s filter at `LEVEL`, prints, makes the call `CALL`
+    /// (`getppid`, or `ioctl-tcgets` on stdin), prints again.
+    #[test]
+    fn child() {
+        let Ok(case) = std::env::var(CHILD) else {
+            return;
+        };
+        let mut words = case.split(' ');
+        let kind = match words.next() {
+            Some("vcpu") => ThreadKind::Vcpu,
+            Some("vmm") => ThreadKind::Vmm,
+            _ => ThreadKind::Api,
+        };
+        let level = match words.next() {
+            Some("log") => SeccompLevel::Log,
+            _ => SeccompLevel::Kill,
+        };
+        let options = Options {
+            level,
+            ..Options::default()
+        };
+        apply(&filter(kind, &options).unwrap().unwrap()).unwrap();
+        // An allowed call works.
+        // SAFETY: getpid takes no arguments.
+        let pid = unsafe { libc::syscall(libc::SYS_getpid) };
+        assert_eq!(pid, i64::from(std::process::id()));
+        println!("child: filter installed");
+        let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+        match words.next() {
+            // SAFETY: TCGETS writes a termios into `termios`, which is large enough.
+            Some("ioctl-tcgets") => unsafe {
+                libc::ioctl(0, libc::TCGETS, termios.as_mut_ptr());
+            },
+            // SAFETY: getppid takes no arguments.
+            _ => unsafe {
+                libc::syscall(libc::SYS_getppid);
+            },
+        }
+        println!("child: survived");
+    }
+
+    fn killed_by_sigsys(out: &Output) -> bool {
+        out.status.signal() == Some(libc::SIGSYS)
+    }
+
+    #[test]
+    fn a_forbidden_call_kills_with_sigsys_and_an_allowed_one_works() {
+        for kind in ["vcpu", "vmm", "api"] {
+            let out = in_child(&format!("{kind} kill getppid"));
+            assert!(killed_by_sigsys(&out), "{kind}: {:?}", out.status);
+            assert!(!String::from_utf8_lossy(&out.stdout).contains("survived"));
+        }
+    }
+
+    #[test]
+    fn with_log_the_forbidden_call_goes_through() {
+        let out = in_child("vcpu log getppid");
+        assert!(out.status.success(), "{:?}", out.status);
+        assert!(String::from_utf8_lossy(&out.stdout).contains("child: survived"));
+    }
+
+    #[test]
+    fn ioctl_is_filtered_by_request() {
+        // TCGETS is on the VMM thread's list (the terminal), not on a vCPU's.
+        let vmm = in_child("vmm kill ioctl-tcgets");
+        assert!(vmm.status.success(), "{:?}", vmm.status);
+        let vcpu = in_child("vcpu kill ioctl-tcgets");
+        assert!(killed_by_sigsys(&vcpu), "{:?}", vcpu.status);
+    }
+}

@@ -237,7 +237,15 @@ fn vmm(options: &Options) -> Vec<Syscall> {
 /// streams), removing the socket file when it ends; with a user to drop to, glibc's
 /// broadcast of `setresuid`/`setresgid`/`setgroups` with exactly those ids.
 fn api(options: &Options) -> Vec<Syscall> {
-    let mut v = any!(epoll_wait, epoll_pwait, epoll_ctl, accept4, unlink);
+    let mut v = any!(
+        epoll_wait,
+        epoll_pwait,
+        epoll_ctl,
+        accept4,
+        recvfrom,
+        sendto,
+        unlink
+    );
     if let Some(user) = options.user {
         let (uid, gid) = (u64::from(user.uid), u64::from(user.gid));
         v.push(with("setgroups", sys::setgroups, vec![vec![(0, 1)]]));
