@@ -29,6 +29,8 @@ pub struct Ioctl {
     pub request: u64,
 }
 
+// `c_ulong` is 32 bits on some targets.
+#[allow(clippy::useless_conversion)]
 fn ioctl(name: &'static str, request: libc::c_ulong) -> Ioctl {
     Ioctl {
         name,
