@@ -142,11 +142,18 @@ fn ioctl_rule(kind: ThreadKind) -> Syscall {
     with("ioctl", sys::ioctl, one_of(1, &requests))
 }
 
-/// A vCPU thread's own calls: what device reset does on it (a disk waits for its io_uring
-/// requests in flight; vsock drains its host-side epoll set, drops its connections'
-/// registrations and re-arms its timer).
+/// A vCPU thread's own calls: what the guest's register writes do on it — an MSI-X vector
+/// programmed gets an irqfd (`eventfd2`, then `KVM_IRQFD` and a new routing table), and
+/// device reset: a disk waits for its io_uring requests in flight, vsock drains its
+/// host-side epoll set, drops its connections' registrations and re-arms its timer.
 fn vcpu() -> Vec<Syscall> {
-    any!(io_uring_enter, epoll_wait, epoll_ctl, timerfd_settime)
+    any!(
+        eventfd2,
+        io_uring_enter,
+        epoll_wait,
+        epoll_ctl,
+        timerfd_settime
+    )
 }
 
 /// The VMM thread's own calls: the event loop, the devices' backends (files, io_uring,
