@@ -219,6 +219,7 @@ fn a_forbidden_call_on_any_thread_kills_vmkit_with_sigsys_unless_log_or_off() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+#[cfg_attr(not_root, ignore = "needs root (to become another user)")]
 fn user_drops_every_thread_to_nobody_after_the_disk_is_open() {
     let dir = Dir::new("user");
     // The guest can use the disk nobody may open: vmkit opened it before the drop.
