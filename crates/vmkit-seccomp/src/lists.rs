@@ -77,6 +77,9 @@ mod sys {
         fsync = SYS_fsync,
         fdatasync = SYS_fdatasync,
         fallocate = SYS_fallocate,
+        pwrite64 = SYS_pwrite64,
+        access = SYS_access,
+        poll = SYS_poll,
         flock = SYS_flock,
         openat = SYS_openat,
         statx = SYS_statx,
@@ -146,14 +149,12 @@ fn ioctl_rule(kind: ThreadKind) -> Syscall {
 /// programmed gets an irqfd (`eventfd2`, then `KVM_IRQFD` and a new routing table), and
 /// device reset: a disk waits for its io_uring requests in flight, vsock drains its
 /// host-side epoll set, drops its connections' registrations and re-arms its timer.
+///
+/// Guest output written on the vCPU (a UART's bytes) goes through a non-blocking sink that
+/// checks its descriptor with a zero-timeout `poll` and `send`s to a socket.
+#[rustfmt::skip]
 fn vcpu() -> Vec<Syscall> {
-    any!(
-        eventfd2,
-        io_uring_enter,
-        epoll_wait,
-        epoll_ctl,
-        timerfd_settime
-    )
+    any!(eventfd2, io_uring_enter, epoll_wait, epoll_ctl, timerfd_settime, poll, sendto)
 }
 
 /// The VMM thread's own calls: the event loop, the devices' backends (files, io_uring,
@@ -164,11 +165,14 @@ fn vcpu() -> Vec<Syscall> {
 fn vmm(options: &Options) -> Vec<Syscall> {
     let mut v = any!(
         epoll_wait, epoll_pwait, epoll_ctl, eventfd2, timerfd_create, timerfd_settime,
-        readv, writev, preadv, pwritev, lseek, fsync, fdatasync, fallocate, flock,
-        openat, statx, newfstatat, fstat, unlink,
+        readv, writev, preadv, pwritev, pwrite64, lseek, fsync, fdatasync, fallocate, flock,
+        openat, statx, newfstatat, fstat, access, unlink, poll,
         io_uring_setup, io_uring_register, io_uring_enter,
         connect, accept4, shutdown, sendto, recvfrom, getsockopt, getrusage,
     );
+    // A disk image's lock (a `PATCH /drives` image): open file description locks.
+    let locks = [libc::F_OFD_SETLK, libc::F_OFD_GETLK].map(|c| c as u64);
+    v.push(with("fcntl", sys::fcntl, one_of(1, &locks)));
     v.push(with(
         "socket",
         sys::socket,
