@@ -14,6 +14,10 @@ pub enum Error {
     /// A system call of the server failed (epoll, eventfd, thread).
     #[error("API server: {0}")]
     Io(#[source] std::io::Error),
+    /// The server thread's prologue ([`ApiServer::spawn_with`](crate::ApiServer::spawn_with))
+    /// failed: nothing is served.
+    #[error("API server: {0}")]
+    Prologue(String),
     /// A config file is not valid JSON of Firecracker's layout.
     #[error("config file: {0}")]
     Config(String),

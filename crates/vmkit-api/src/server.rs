@@ -124,14 +124,45 @@ impl ApiServer {
     ///
     /// [`Error::Io`] if the thread or its epoll set cannot be created.
     pub fn spawn<H: Handler + 'static>(self, handler: H) -> Result<ServerThread> {
+        self.spawn_with(handler, || Ok(()))
+    }
+
+    /// [`spawn`](Self::spawn), with `prologue` run first on the server's thread, before it
+    /// serves anything (to install a seccomp filter, say). Returns once it has run.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] as [`spawn`](Self::spawn); [`Error::Prologue`] if `prologue` fails
+    /// (the thread ends, nothing is served).
+    pub fn spawn_with<H, P>(self, handler: H, prologue: P) -> Result<ServerThread>
+    where
+        H: Handler + 'static,
+        P: FnOnce() -> std::result::Result<(), String> + Send + 'static,
+    {
         let stop = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC).map_err(Error::Io)?;
         let stop_copy = stop.try_clone().map_err(Error::Io)?;
         let path = self.path.clone();
         let mut server = Serving::new(self, handler, stop_copy)?;
+        let (ready_tx, ready) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("vmkit-api".into())
-            .spawn(move || server.run())
+            .spawn(move || {
+                let started = prologue();
+                let ok = started.is_ok();
+                let _ = ready_tx.send(started);
+                if ok {
+                    server.run();
+                }
+            })
             .map_err(Error::Io)?;
+        let started = ready
+            .recv()
+            .unwrap_or_else(|_| Err("the API thread ended before its prologue".into()));
+        if let Err(message) = started {
+            let _ = thread.join();
+            let _ = std::fs::remove_file(&path);
+            return Err(Error::Prologue(message));
+        }
         Ok(ServerThread { stop, thread, path })
     }
 }
@@ -387,6 +418,36 @@ mod tests {
             })
             .unwrap();
         (thread, path)
+    }
+
+    #[test]
+    fn the_prologue_runs_on_the_server_thread_and_a_failed_one_serves_nothing() {
+        let dir = std::env::temp_dir().join(format!("vmkit-api-{}-prologue", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let handler = |_: ApiRequest| ApiResponse::no_content();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = ApiServer::bind(&path, Limits::default())
+            .unwrap()
+            .spawn_with(handler, move || {
+                let name = std::thread::current().name().map(String::from);
+                tx.send(name).unwrap();
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(rx.recv().unwrap().as_deref(), Some("vmkit-api"));
+        thread.stop();
+        let err = ApiServer::bind(&path, Limits::default())
+            .unwrap()
+            .spawn_with(handler, || Err("no filter".into()))
+            .unwrap_err();
+        assert_eq!(err.to_string(), "API server: no filter");
+        assert!(
+            !path.exists(),
+            "the socket of a server that never served is removed"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn connect(path: &Path) -> UnixStream {

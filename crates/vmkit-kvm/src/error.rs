@@ -64,6 +64,15 @@ pub enum Error {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// A vCPU thread's prologue ([`Vcpus::start_with`](crate::Vcpus::start_with)) failed:
+    /// no vCPU ran.
+    #[error("vCPU {index}: {message}")]
+    VcpuPrologue {
+        /// The vCPU.
+        index: u32,
+        /// What failed.
+        message: String,
+    },
     /// The bus refused a range (an overlap), or the window/GSI allocators ran out.
     #[error("{0}")]
     Bus(#[from] vmkit_bus::Error),

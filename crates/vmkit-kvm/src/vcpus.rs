@@ -1,7 +1,7 @@
 //! vCPUs: created and set up for a VM, then run one thread each on the VM's bus, and every
 //! way a vCPU stops mapped, here and only here, to the reason the VM ends.
 
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -167,30 +167,86 @@ impl Vcpus {
     /// with [`VcpuThreads::pause`] and [`VcpuThreads::resume`], stop them all with
     /// [`VcpuThreads::stop`].
     pub fn start(self, bus: Arc<IoBus>, exit: Arc<dyn ExitNotifier>) -> Result<VcpuThreads> {
+        self.start_with(bus, exit, Arc::new(|_| Ok(())))
+    }
+
+    /// [`start`](Self::start), with `prologue` run first in each vCPU thread, before its
+    /// first `KVM_RUN` (to install a seccomp filter, say). Returns once every prologue has
+    /// run; if one fails, no vCPU runs, the threads end, and the error names the vCPU.
+    pub fn start_with(
+        self,
+        bus: Arc<IoBus>,
+        exit: Arc<dyn ExitNotifier>,
+        prologue: Arc<VcpuPrologue>,
+    ) -> Result<VcpuThreads> {
         install_kick_handler().map_err(|source| Error::SetupVcpu { index: 0, source })?;
         let control = VcpuControl::new();
         let exits = Arc::new(BusExits(bus));
         let mut threads = Vec::with_capacity(self.vcpus.len());
+        let mut gates = Vec::with_capacity(self.vcpus.len());
         let counters = self.vcpus.iter().map(Vcpu::counters).collect();
+        let (ready_tx, ready) = mpsc::channel();
         for mut vcpu in self.vcpus {
             let (exits, control, exit) = (exits.clone(), control.clone(), exit.clone());
+            let (ready_tx, prologue) = (ready_tx.clone(), prologue.clone());
+            let (gate, wait) = mpsc::channel::<bool>();
             let thread = thread::Builder::new()
                 .name(format!("vcpu{}", vcpu.index()))
                 .spawn(move || {
+                    let _ = ready_tx.send((vcpu.index(), prologue(vcpu.index())));
+                    if wait.recv() != Ok(true) {
+                        return VcpuStats::default();
+                    }
                     let stopped = vcpu.run(&*exits, &control);
                     if let Some(reason) = exit_reason(vcpu.index(), stopped) {
                         exit.notify_exit(reason);
                     }
                     vcpu.stats()
                 })
-                .map_err(Error::Thread)?;
+                .map_err(Error::Thread);
+            let thread = match thread {
+                Ok(t) => t,
+                Err(e) => {
+                    open_gates(&gates, false);
+                    return Err(e);
+                }
+            };
             threads.push(thread);
+            gates.push(gate);
+        }
+        drop(ready_tx);
+        let failed = (0..threads.len())
+            .filter_map(|_| match ready.recv() {
+                Ok((_, Ok(()))) => None,
+                Ok((index, Err(message))) => Some(Error::VcpuPrologue { index, message }),
+                Err(_) => Some(Error::VcpuPrologue {
+                    index: 0,
+                    message: "a vCPU thread ended before its prologue".into(),
+                }),
+            })
+            .next();
+        open_gates(&gates, failed.is_none());
+        if let Some(e) = failed {
+            for t in threads {
+                let _ = t.join();
+            }
+            return Err(e);
         }
         Ok(VcpuThreads {
             control,
             threads,
             counters,
         })
+    }
+}
+
+/// What a vCPU thread runs first, given the vCPU's index: `Err` stops the start.
+pub type VcpuPrologue = dyn Fn(u32) -> std::result::Result<(), String> + Send + Sync;
+
+fn open_gates(gates: &[mpsc::Sender<bool>], run: bool) {
+    for gate in gates {
+        // A thread that already ended does not need to be told.
+        let _ = gate.send(run);
     }
 }
 

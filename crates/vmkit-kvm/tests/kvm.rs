@@ -222,3 +222,46 @@ fn virtio_pci_notify_ioeventfds_follow_bar_moves() {
     assert_eq!(status, [0]);
     assert!(!m.bus().mmio_read(bar + 0x14, &mut status).is_handled());
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_failed_vcpu_prologue_fails_the_start_and_no_guest_code_runs() {
+    let m = machine();
+    let vcpus = two_vcpus(&m);
+    // The counter loop of the pause test: the guest ran if the counter moved.
+    let counter = GuestAddress(0x20_0000);
+    load_code(
+        &m,
+        &vcpus,
+        &[0xFF, 0x05, 0x00, 0x00, 0x20, 0x00, 0xEB, 0xF8],
+    );
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let prologue = Arc::new(move |index: u32| {
+        s.lock()
+            .unwrap()
+            .push((index, std::thread::current().name().map(String::from)));
+        if index == 1 {
+            Err("no filter for you".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    let err = vcpus
+        .start_with(m.bus().clone(), m.exit().clone(), prologue)
+        .unwrap_err();
+    assert_eq!(err.to_string(), "vCPU 1: no filter for you");
+    let mut seen = seen.lock().unwrap().clone();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [(0, Some("vcpu0".into())), (1, Some("vcpu1".into()))],
+        "each prologue runs in its own vCPU thread"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        m.memory().read_obj::<u32>(counter).unwrap(),
+        0,
+        "the guest ran"
+    );
+}

@@ -149,6 +149,20 @@ pub struct Args {
     #[arg(long, value_name = "PATH[:ro]", value_parser = parse_landlock_allow,
           requires = "landlock")]
     pub landlock_allow: Vec<LandlockAllow>,
+    /// The seccomp filters of vmkit's threads (vCPU, event loop, API; see "Sandboxing" in
+    /// README.md): kill (a call outside a thread's list kills vmkit with SIGSYS), log (the
+    /// kernel logs it, the call goes through) or off.
+    #[arg(long, value_enum, default_value_t = SeccompMode::Kill, value_name = "MODE")]
+    pub seccomp: SeccompMode,
+    /// Run as this user once /dev/kvm, the disks, TAPs and sockets are open and the devices
+    /// are built, before the guest runs: `UID:GID` (numbers; the only group is GID).
+    #[arg(long, value_parser = parse_user, value_name = "UID:GID")]
+    pub user: Option<vmkit_seccomp::UserIds>,
+    /// Tests only (the `seccomp-test-hook` feature, never in release builds): make the
+    /// named thread kind (vcpu, vmm, api) call a syscall outside its list once the VM runs.
+    #[cfg(feature = "seccomp-test-hook")]
+    #[arg(long, hide = true, value_name = "KIND")]
+    pub seccomp_test_violate: Option<String>,
 }
 
 /// One `--landlock-allow`.
@@ -173,6 +187,34 @@ pub fn parse_landlock_allow(s: &str) -> Result<LandlockAllow, String> {
     Ok(LandlockAllow {
         path: PathBuf::from(path),
         read_only,
+    })
+}
+
+/// `--seccomp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// A call outside a thread's list kills the process (SIGSYS).
+    Kill,
+    /// A call outside a thread's list is logged by the kernel and goes through.
+    Log,
+    /// No filters.
+    Off,
+}
+
+/// `--user UID:GID`.
+pub fn parse_user(s: &str) -> Result<vmkit_seccomp::UserIds, String> {
+    let (uid, gid) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected UID:GID (numbers)"))?;
+    let id = |v: &str, what: &str| {
+        v.parse::<u32>()
+            .ok()
+            .filter(|&n| n != u32::MAX)
+            .ok_or_else(|| format!("{s:?}: the {what} {v:?} is not a number below 4294967295"))
+    };
+    Ok(vmkit_seccomp::UserIds {
+        uid: id(uid, "UID")?,
+        gid: id(gid, "GID")?,
     })
 }
 
@@ -579,6 +621,26 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn user_ids_are_two_numbers() {
+        let u = super::parse_user("65534:100").unwrap();
+        assert_eq!((u.uid, u.gid), (65534, 100));
+        assert!(super::parse_user("0:0").is_ok());
+        for bad in [
+            "",
+            "65534",
+            "nobody:nogroup",
+            "1:",
+            ":1",
+            "1:2:3",
+            "-1:0",
+            "4294967295:0",
+        ] {
+            let e = super::parse_user(bad).unwrap_err();
+            assert!(!e.contains('\n'), "{bad}: {e}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -28,6 +28,9 @@ pub enum Error {
         /// The host's RAM.
         host: u64,
     },
+    /// The sandbox (seccomp filters, `--user`) could not be set up.
+    #[error("sandbox: {0}")]
+    Sandbox(String),
     /// The KVM platform (VM, memory, vCPUs, device attachment) failed.
     #[error("{0}")]
     Platform(#[from] vmkit_kvm::Error),

@@ -13,6 +13,7 @@ use crate::config::Args;
 use crate::error::{Error, Result};
 use crate::logger::Logger;
 use crate::metrics::Metrics;
+use crate::sandbox::Sandbox;
 use crate::signals::Signals;
 
 /// The API: its server thread and the VMM's end of its channel.
@@ -42,12 +43,15 @@ pub struct Host {
     pub id: String,
     /// `--shutdown-timeout`.
     pub shutdown_timeout: Duration,
+    /// The seccomp filters and `--user`, for the VM's start.
+    pub sandbox: Sandbox,
 }
 
 impl Host {
     /// Opens the API socket (`--api-sock`) and the metrics file; `signals` must have been
-    /// blocked before any thread started.
-    pub fn open(args: &Args, signals: Signals, logger: Logger) -> Result<Self> {
+    /// blocked before any thread started. The API thread installs its filter from
+    /// `sandbox` first.
+    pub fn open(args: &Args, signals: Signals, logger: Logger, sandbox: Sandbox) -> Result<Self> {
         let interval =
             (args.metrics_interval > 0).then(|| Duration::from_secs(args.metrics_interval));
         let mut host = Self {
@@ -58,6 +62,7 @@ impl Host {
             metrics: Metrics::new(interval),
             id: args.id.clone(),
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+            sandbox,
         };
         let counters = host.api_counters.clone();
         host.metrics.add(
@@ -74,7 +79,8 @@ impl Host {
         }
         if let Some(path) = &args.api_sock {
             let (sender, calls) = vmkit_api::channel()?;
-            let server = ApiServer::bind(path, Limits::default())?.spawn(sender)?;
+            let prologue = host.sandbox.api_prologue();
+            let server = ApiServer::bind(path, Limits::default())?.spawn_with(sender, prologue)?;
             log::info!("API on {}", path.display());
             host.api = Some(Api { server, calls });
         }

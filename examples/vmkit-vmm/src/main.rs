@@ -5,7 +5,8 @@
 //! config file or the API, via [`resources`]) → [`vm`] (the stages: machine, vCPUs,
 //! devices, kernel; [`landlock`] just before the vCPUs start) → [`runtime`] (the run: API
 //! calls, pause, shutdown) → [`devices`], [`output`], [`io`], [`terminal`], [`signals`],
-//! [`stats`], [`descriptors`], [`error`].
+//! [`stats`], [`descriptors`], [`error`]; [`sandbox`] (seccomp, `--user`) at its points in
+//! [`host`] and [`vm`].
 
 mod config;
 mod descriptors;
@@ -21,6 +22,7 @@ mod net;
 mod output;
 mod resources;
 mod runtime;
+mod sandbox;
 mod setup;
 mod signals;
 mod stats;
@@ -80,7 +82,8 @@ fn run(args: &Args) -> Result<Option<ExitReason>> {
     let signals = signals::Signals::block().map_err(Error::Signals)?;
     let logger =
         logger::Logger::install(args.log_level, args.log_file.as_deref()).map_err(Error::Log)?;
-    let mut host = host::Host::open(args, signals, logger)?;
+    let sandbox = sandbox::Sandbox::new(args)?;
+    let mut host = host::Host::open(args, signals, logger, sandbox)?;
     let started = match (&args.kernel, &args.config_file) {
         (Some(_), _) => Some(setup::from_args(args)?),
         (None, Some(path)) => Some(setup::from_config_file(path, args, &mut host)?),

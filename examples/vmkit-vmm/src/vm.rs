@@ -223,7 +223,17 @@ impl Vm {
         if self.print_stats {
             stats::entering_guest();
         }
-        let threads = self.vcpus.start(self.machine.bus().clone(), exit.clone())?;
+        // Everything is open and built: the user drops, the vCPUs start under their filter,
+        // and this thread takes its own, the last.
+        host.sandbox.drop_user()?;
+        let prologue = host.sandbox.vcpu_prologue();
+        let threads = self
+            .vcpus
+            .start_with(self.machine.bus().clone(), exit.clone(), prologue)?;
+        if let Err(e) = host.sandbox.enter_vmm() {
+            threads.stop();
+            return Err(e);
+        }
         for (i, counters) in threads.counters().iter().enumerate() {
             host.metrics
                 .add(format!("vcpu{i}"), vcpu_metrics(counters.clone()));

@@ -1,0 +1,171 @@
+//! The sandbox: what vmkit gives up before the guest runs. `PR_SET_NO_NEW_PRIVS` at once;
+//! a seccomp filter per thread (`--seccomp`, the lists of the vmkit-seccomp crate) — the
+//! API thread's when it starts, each vCPU thread's before its first `KVM_RUN`, the main
+//! thread's last, once every other thread exists (a filter is inherited by threads spawned
+//! after it, and stacked filters must all allow a call); and `--user`, once everything is
+//! open and built, before the vCPUs start.
+
+use std::sync::Arc;
+
+use vmkit_kvm::VcpuPrologue;
+use vmkit_seccomp::{BpfProgram, Options, SeccompLevel, ThreadKind, UserIds};
+
+use crate::config::{Args, SeccompMode};
+use crate::error::{Error, Result};
+
+/// The filters, built once at the start (a list seccompiler refuses fails the start, not
+/// a thread), and the user to drop to.
+pub struct Sandbox {
+    vcpu: Option<BpfProgram>,
+    vmm: Option<BpfProgram>,
+    api: Option<BpfProgram>,
+    user: Option<UserIds>,
+    /// `--seccomp-test-violate`: the thread kind that breaks its list.
+    violate: Option<ThreadKind>,
+}
+
+fn build(kind: ThreadKind, options: &Options) -> Result<Option<BpfProgram>> {
+    vmkit_seccomp::filter(kind, options).map_err(|e| Error::Sandbox(format!("{kind}: {e}")))
+}
+
+impl Sandbox {
+    /// Sets `PR_SET_NO_NEW_PRIVS` (also with `--seccomp off`) and builds the filters.
+    pub fn new(args: &Args) -> Result<Self> {
+        vmkit_seccomp::set_no_new_privs().map_err(|e| Error::Sandbox(e.to_string()))?;
+        let options = Options {
+            level: match args.seccomp {
+                SeccompMode::Kill => SeccompLevel::Kill,
+                SeccompMode::Log => SeccompLevel::Log,
+                SeccompMode::Off => SeccompLevel::Off,
+            },
+            user: args.user,
+            kick_signal: vmkit_vcpu::kick_signal(),
+        };
+        Ok(Self {
+            vcpu: build(ThreadKind::Vcpu, &options)?,
+            vmm: build(ThreadKind::Vmm, &options)?,
+            api: build(ThreadKind::Api, &options)?,
+            user: args.user,
+            violate: test_hook::violation(args),
+        })
+    }
+
+    /// What the API thread runs first: its filter.
+    pub fn api_prologue(&self) -> impl FnOnce() -> std::result::Result<(), String> + Send {
+        let (program, violate) = (self.api.clone(), self.violate);
+        move || {
+            install(program.as_ref())?;
+            test_hook::maybe_violate(violate, ThreadKind::Api);
+            Ok(())
+        }
+    }
+
+    /// What each vCPU thread runs before its first `KVM_RUN`: its filter.
+    pub fn vcpu_prologue(&self) -> Arc<VcpuPrologue> {
+        let (program, violate) = (self.vcpu.clone(), self.violate);
+        Arc::new(move |index| {
+            install(program.as_ref())?;
+            if index == 0 {
+                test_hook::maybe_violate(violate, ThreadKind::Vcpu);
+            }
+            Ok(())
+        })
+    }
+
+    /// The main thread's filter: the last, once every other thread runs.
+    pub fn enter_vmm(&self) -> Result<()> {
+        install(self.vmm.as_ref()).map_err(Error::Sandbox)?;
+        test_hook::maybe_violate(self.violate, ThreadKind::Vmm);
+        Ok(())
+    }
+
+    /// `--user`: drops to that user and group (the only supplementary group), and checks
+    /// that root cannot be regained.
+    pub fn drop_user(&self) -> Result<()> {
+        match self.user {
+            Some(user) => drop_to(user).map_err(|e| Error::Sandbox(format!("--user: {e}"))),
+            None => Ok(()),
+        }
+    }
+}
+
+fn install(program: Option<&BpfProgram>) -> std::result::Result<(), String> {
+    match program {
+        Some(p) => vmkit_seccomp::apply(p).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
+}
+
+fn last_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// `setgroups`, `setresgid`, `setresuid` (glibc applies each to every thread of the
+/// process), then `getresuid`/`getresgid` to check, and a raw `setuid(0)` (this thread only)
+/// that must fail.
+fn drop_to(user: UserIds) -> std::result::Result<(), String> {
+    let UserIds { uid, gid } = user;
+    let groups = [gid];
+    // SAFETY: `groups` is a valid array of one gid_t for the call.
+    if unsafe { libc::setgroups(1, groups.as_ptr()) } != 0 {
+        return Err(last_error("setgroups"));
+    }
+    // SAFETY: integer arguments only.
+    if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+        return Err(last_error("setresgid"));
+    }
+    // SAFETY: integer arguments only.
+    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+        return Err(last_error("setresuid"));
+    }
+    let (mut r, mut e, mut s) = (0, 0, 0);
+    // SAFETY: the three pointers are to live u32s for the call.
+    if unsafe { libc::getresuid(&mut r, &mut e, &mut s) } != 0 || [r, e, s] != [uid; 3] {
+        return Err(format!("the user ids are {r}/{e}/{s}, not {uid}"));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::getresgid(&mut r, &mut e, &mut s) } != 0 || [r, e, s] != [gid; 3] {
+        return Err(format!("the group ids are {r}/{e}/{s}, not {gid}"));
+    }
+    // The raw call, not glibc's setuid (which every thread would repeat, and the API
+    // thread's filter allows only the ids above).
+    // SAFETY: integer arguments only.
+    if uid != 0 && unsafe { libc::syscall(libc::SYS_setuid, 0) } == 0 {
+        return Err("setuid(0) succeeded after the drop".into());
+    }
+    Ok(())
+}
+
+/// `--seccomp-test-violate KIND` (the `seccomp-test-hook` feature): the named thread kind
+/// calls `getppid`, which no list allows, right after installing its filter.
+#[cfg(feature = "seccomp-test-hook")]
+mod test_hook {
+    use super::*;
+
+    #[cfg(not(debug_assertions))]
+    compile_error!("the seccomp-test-hook feature is for tests, never for release builds");
+
+    pub fn violation(args: &Args) -> Option<ThreadKind> {
+        let asked = args.seccomp_test_violate.as_deref()?;
+        ThreadKind::ALL.into_iter().find(|k| k.name() == asked)
+    }
+
+    pub fn maybe_violate(violate: Option<ThreadKind>, me: ThreadKind) {
+        if violate == Some(me) {
+            eprintln!("vmkit: seccomp test hook: getppid on the {me} thread");
+            // SAFETY: getppid takes no arguments and cannot fail.
+            unsafe { libc::syscall(libc::SYS_getppid) };
+        }
+    }
+}
+
+#[cfg(not(feature = "seccomp-test-hook"))]
+mod test_hook {
+    use super::*;
+
+    pub fn violation(_: &Args) -> Option<ThreadKind> {
+        None
+    }
+
+    pub fn maybe_violate(_: Option<ThreadKind>, _: ThreadKind) {}
+}
