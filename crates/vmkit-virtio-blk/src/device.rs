@@ -405,13 +405,21 @@ impl<M: MappedMemory> Block<M> {
     }
 }
 
-/// The data bytes a request costs in the rate limiter's bandwidth bucket: a read's or a
-/// write's data, nothing for the others (as Firecracker counts them).
+/// The bytes a request costs in the rate limiter's bandwidth bucket: a read's or a write's
+/// data (as Firecracker counts them), and the bytes a `WRITE_ZEROES` covers (where the file
+/// system can neither punch nor zero a range the zeros are written: up to 16 ranges of
+/// 2 GiB each, which the buckets must bound; one larger than the bucket passes as any
+/// oversize request does and leaves a debt). A `DISCARD` costs no bytes: it is a hole punch
+/// or nothing, never data written. Firecracker offers neither.
 fn data_bytes(kind: &RequestKind) -> u64 {
     match kind {
         RequestKind::In { data, .. } | RequestKind::Out { data, .. } => {
             data.iter().map(|s| u64::from(s.len)).sum()
         }
+        // At most 16 ranges of 2^22 sectors: cannot overflow; saturate all the same.
+        RequestKind::WriteZeroes { ranges } => ranges
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r.bytes().1)),
         _ => 0,
     }
 }
