@@ -275,6 +275,8 @@ pub struct RateLimiter {
     throttled: bool,
     /// The wait the timer was last armed for.
     last_wait: Option<Duration>,
+    /// Arming the timer failed once (and was logged): later failures are not logged.
+    arm_failed: bool,
 }
 
 impl fmt::Debug for RateLimiter {
@@ -318,6 +320,7 @@ impl RateLimiter {
             timer,
             throttled: false,
             last_wait: None,
+            arm_failed: false,
         })
     }
 
@@ -369,7 +372,9 @@ impl RateLimiter {
     /// Takes `bytes` from the bandwidth bucket and `ops` from the operations bucket, both or
     /// neither. `false` when a bucket lacks the tokens, or the limiter is throttled already:
     /// the device must stop serving requests until the timer fires, which this arms for
-    /// when the tokens will be there.
+    /// when the tokens will be there. If the timer cannot be armed (logged once), the
+    /// request passes, taking its tokens into debt: a device that waited would never be
+    /// woken.
     pub fn consume(&mut self, bytes: u64, ops: u64) -> bool {
         if self.throttled {
             return false;
@@ -390,8 +395,9 @@ impl RateLimiter {
                 }
             }
         }
-        if !wait.is_zero() {
-            self.arm(wait.max(min_wait));
+        // Without a timer the device would never resume (its requests go back to the ring
+        // with no wake-up coming): when the timer cannot be armed, the request passes.
+        if !wait.is_zero() && self.arm(wait.max(min_wait)) {
             return false;
         }
         self.take(bytes, ops);
@@ -425,14 +431,22 @@ impl RateLimiter {
         }
     }
 
-    fn arm(&mut self, wait: Duration) {
-        self.throttled = true;
+    /// Arms the timer for `wait` and throttles; `false` (not throttled) when the timer
+    /// cannot be armed, logged the first time.
+    fn arm(&mut self, wait: Duration) -> bool {
         self.last_wait = Some(wait);
         // A zero duration would disarm the timer: `wait` is never zero here.
-        if let Err(e) = self.timer.reset(wait, None) {
-            // Without a timer the device would never resume: let it go on unthrottled.
-            log::warn!("rate limiter: arming the timer: {e}; not throttling");
-            self.throttled = false;
+        match self.timer.reset(wait, None) {
+            Ok(()) => {
+                self.throttled = true;
+                true
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.arm_failed, true) {
+                    log::warn!("rate limiter: arming the timer: {e}; not throttling");
+                }
+                false
+            }
         }
     }
 
@@ -658,6 +672,24 @@ mod tests {
         assert!(l.consume(1, 0));
         assert!(l.consume(u64::MAX, 0), "oversize: passes into debt");
         assert!(!l.consume(1, 0));
+    }
+
+    #[test]
+    fn a_timer_that_cannot_be_armed_lets_requests_pass() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let (mut l, _) = limiter(bucket(10, 0, 1000), bucket(1, 0, 1000));
+        // An eventfd in the timer's place: timerfd_settime fails on it (EINVAL).
+        let not_a_timer = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        // SAFETY: the eventfd's fd is handed over (`into_raw_fd`): the TimerFd owns and
+        // closes it, and nothing else does.
+        l.timer = unsafe { TimerFd::from_raw_fd(not_a_timer.into_raw_fd()) };
+        assert!(l.consume(10, 1));
+        // The buckets are empty and no timer can be armed: the request passes (into debt)
+        // rather than waiting for a wake-up that never comes.
+        assert!(l.consume(10, 1));
+        assert!(!l.is_throttled());
+        assert_eq!(l.bandwidth().unwrap().level(), -10);
+        assert!(l.may_proceed());
     }
 
     #[test]
