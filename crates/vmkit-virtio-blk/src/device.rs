@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_virtio::{
     ActivateContext, ActivateError, ActiveQueue, Chain, Counter, DeviceMetrics, MappedMemory,
-    RateLimiter, RateLimiterConfig, VirtioDevice,
+    RateLimiter, RateLimiterUpdate, VirtioDevice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -276,11 +276,17 @@ impl<M: MappedMemory> Block<M> {
         done
     }
 
-    /// Replaces the rate limiter's buckets (full, new ones) with `config`'s, running or not:
+    /// Replaces the rate limiter's buckets (full, new ones) that `update` names, running or
+    /// not, and keeps the others with their tokens (a
+    /// [`RateLimiterConfig`](vmkit_virtio::RateLimiterConfig) replaces both):
     /// what Firecracker's `PATCH /drives/{id}` with a `rate_limiter` does. Queues the old
-    /// limiter held are served again at once.
-    pub fn update_rate_limiter(&mut self, config: RateLimiterConfig) {
-        self.requests.limiter.update(config);
+    /// limiter held are served again at once (unless the update keeps both buckets).
+    pub fn update_rate_limiter(&mut self, update: impl Into<RateLimiterUpdate>) {
+        let update = update.into();
+        if update.is_keep() {
+            return;
+        }
+        self.requests.limiter.update(update);
         self.resume_throttled();
     }
 

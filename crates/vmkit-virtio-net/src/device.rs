@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmkit_virtio::{
     ActivateContext, ActivateError, Counter, DeviceMetrics, IoVecs, MappedMemory, RateLimiter,
-    RateLimiterConfig, VirtioDevice,
+    RateLimiterUpdate, VirtioDevice,
 };
 
 use crate::backend::NetBackend;
@@ -303,13 +303,26 @@ impl<M: MappedMemory> Net<M> {
         let _ = q.signal_used();
     }
 
-    /// Replaces the receive and transmit rate limiters' buckets at run time (Firecracker's
-    /// `PATCH /network-interfaces/{id}`); what they held is served again.
-    pub fn update_rate_limiters(&mut self, rx: RateLimiterConfig, tx: RateLimiterConfig) {
-        self.rx_limiter.update(rx);
-        self.tx_limiter.update(tx);
-        self.resume_rx();
-        self.resume_tx();
+    /// Replaces the receive and transmit rate limiters' buckets that `rx` and `tx` name at
+    /// run time (Firecracker's `PATCH /network-interfaces/{id}`; a
+    /// [`RateLimiterConfig`](vmkit_virtio::RateLimiterConfig) replaces both of a
+    /// direction's, [`RateLimiterUpdate::default`] keeps them). A kept
+    /// bucket keeps its tokens, and a direction whose buckets are both kept is not touched;
+    /// what an updated direction held is served again.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: impl Into<RateLimiterUpdate>,
+        tx: impl Into<RateLimiterUpdate>,
+    ) {
+        let (rx, tx) = (rx.into(), tx.into());
+        if !rx.is_keep() {
+            self.rx_limiter.update(rx);
+            self.resume_rx();
+        }
+        if !tx.is_keep() {
+            self.tx_limiter.update(tx);
+            self.resume_tx();
+        }
     }
 
     /// The receive rate limiter.

@@ -112,6 +112,43 @@ impl RateLimiterConfig {
     }
 }
 
+/// What an update does to one bucket: Firecracker's `BucketUpdate` (a `PATCH` that leaves a
+/// bucket out keeps it, with its tokens).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BucketUpdate {
+    /// The bucket stays as it is: its configuration, its tokens, its burst left.
+    #[default]
+    Keep,
+    /// The bucket is replaced by a new, full one (`None`, or an unlimited one: no limit).
+    Replace(Option<TokenBucketConfig>),
+}
+
+/// An update of a [`RateLimiter`]'s buckets, each [kept or replaced](BucketUpdate) on its
+/// own. The default keeps both; a [`RateLimiterConfig`] converts into one replacing both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimiterUpdate {
+    /// The bandwidth bucket.
+    pub bandwidth: BucketUpdate,
+    /// The operations bucket.
+    pub ops: BucketUpdate,
+}
+
+impl RateLimiterUpdate {
+    /// Whether it keeps both buckets (changes nothing).
+    pub fn is_keep(&self) -> bool {
+        self.bandwidth == BucketUpdate::Keep && self.ops == BucketUpdate::Keep
+    }
+}
+
+impl From<RateLimiterConfig> for RateLimiterUpdate {
+    fn from(config: RateLimiterConfig) -> Self {
+        Self {
+            bandwidth: BucketUpdate::Replace(config.bandwidth),
+            ops: BucketUpdate::Replace(config.ops),
+        }
+    }
+}
+
 /// A monotonic clock, injectable so the refill arithmetic is tested without sleeping.
 pub trait Clock: Send + fmt::Debug {
     /// Time since an arbitrary fixed origin; never goes back.
@@ -324,14 +361,25 @@ impl RateLimiter {
         })
     }
 
-    /// Replaces the buckets (new, full ones) with `config`'s, as Firecracker's `PATCH` of a
-    /// drive's or an interface's rate limiter does; a throttled device is let go at the next
-    /// timer expiry or call.
-    pub fn update(&mut self, config: RateLimiterConfig) {
+    /// Replaces or keeps each bucket as `update` says, as Firecracker's `PATCH` of a drive's
+    /// or an interface's rate limiter does: a replaced bucket is a new, full one (with its
+    /// one-time burst); a kept one keeps its tokens (and its debt). A [`RateLimiterConfig`]
+    /// replaces both. Unless it keeps both, a throttled device is let go at the next timer
+    /// expiry or call.
+    pub fn update(&mut self, update: impl Into<RateLimiterUpdate>) {
+        let update = update.into();
+        if update.is_keep() {
+            return;
+        }
         let now = self.clock.now();
-        self.config = config;
-        self.bandwidth = config.bandwidth.and_then(|b| TokenBucket::new(b, now));
-        self.ops = config.ops.and_then(|b| TokenBucket::new(b, now));
+        if let BucketUpdate::Replace(b) = update.bandwidth {
+            self.config.bandwidth = b;
+            self.bandwidth = b.and_then(|b| TokenBucket::new(b, now));
+        }
+        if let BucketUpdate::Replace(b) = update.ops {
+            self.config.ops = b;
+            self.ops = b.and_then(|b| TokenBucket::new(b, now));
+        }
         self.throttled = false;
         if let Err(e) = self.timer.clear() {
             log::warn!("rate limiter: disarming the timer: {e}");
@@ -730,6 +778,38 @@ mod tests {
         assert!(l.consume(100, 0));
         l.update(RateLimiterConfig::default());
         assert!(l.is_unlimited());
+    }
+
+    #[test]
+    fn update_keeps_the_buckets_it_does_not_replace() {
+        let (mut l, _) = limiter(bucket(1000, 500, 1000), bucket(10, 0, 1000));
+        assert!(l.consume(1200, 3));
+        assert!(!l.consume(1000, 1));
+        // A new ops bucket only: the bandwidth bucket keeps its level (300) and its spent
+        // burst.
+        l.update(RateLimiterUpdate {
+            bandwidth: BucketUpdate::Keep,
+            ops: BucketUpdate::Replace(bucket(20, 0, 1000)),
+        });
+        assert!(!l.is_throttled());
+        assert_eq!(l.bandwidth().unwrap().level(), 300);
+        assert_eq!(l.bandwidth().unwrap().one_time_burst(), 0);
+        assert_eq!(l.ops().unwrap().level(), 20);
+        assert_eq!(l.config().bandwidth, bucket(1000, 500, 1000));
+        assert_eq!(l.config().ops, bucket(20, 0, 1000));
+        // Replacing the bandwidth bucket keeps the ops bucket's level.
+        assert!(l.consume(100, 5));
+        l.update(RateLimiterUpdate {
+            bandwidth: BucketUpdate::Replace(None),
+            ops: BucketUpdate::Keep,
+        });
+        assert!(l.bandwidth().is_none());
+        assert_eq!(l.ops().unwrap().level(), 15);
+        // Keeping both changes nothing, not even a throttle.
+        assert!(l.consume(0, 15));
+        assert!(!l.consume(0, 1));
+        l.update(RateLimiterUpdate::default());
+        assert!(l.is_throttled());
     }
 
     #[test]
