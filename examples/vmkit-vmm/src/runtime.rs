@@ -258,19 +258,20 @@ impl Running {
             .find(|(d, _)| d == id)
             .ok_or_else(|| format!("drive {id}: no such drive"))?;
         let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
+        // The image first: a PATCH that fails changes nothing (the limiter is not applied
+        // when the new image cannot be opened).
+        if let Some(path) = &update.path_on_host {
+            let landlocked = self.parts.landlocked;
+            disk.replace_disk(std::path::PathBuf::from(path))
+                .map_err(|e| crate::landlock::drive_error(landlocked, id, path, &e))?;
+            log::info!("drive {id} now serves {path}");
+        }
         let limiter = crate::limits::update(update.rate_limiter.as_ref());
         if !limiter.is_keep() {
             disk.update_rate_limiter(limiter);
             let now = disk.rate_limiter().config();
             log::info!("drive {id}: rate limiter {now:?}");
         }
-        let Some(path) = &update.path_on_host else {
-            return Ok(());
-        };
-        let landlocked = self.parts.landlocked;
-        disk.replace_disk(std::path::PathBuf::from(path))
-            .map_err(|e| crate::landlock::drive_error(landlocked, id, path, &e))?;
-        log::info!("drive {id} now serves {path}");
         Ok(())
     }
 
