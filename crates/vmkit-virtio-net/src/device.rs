@@ -283,9 +283,9 @@ impl<M: MappedMemory> Net<M> {
             };
             let bytes = chain.descriptors().map_or(0, frame_bytes);
             if !limiter.consume(bytes, 1) {
-                // Back in the ring, for when the timer fires; the queue is not polled.
+                // Back in the ring, for when the timer fires; no transmit queue is polled
+                // (one limiter holds them all).
                 q.undo_pop();
-                q.set_throttled(true);
                 metrics.inc(Counter::Throttled);
                 break;
             }
@@ -301,6 +301,22 @@ impl<M: MappedMemory> Net<M> {
             let _ = q.complete(head, 0);
         }
         let _ = q.signal_used();
+        if limiter.is_throttled() {
+            self.hold_tx(true);
+        }
+    }
+
+    /// Holds (or lets go) every transmit queue: the transmit limiter is one for all pairs.
+    fn hold_tx(&mut self, held: bool) {
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        for pair in 0..self.pairs.len() {
+            // At most 0x8000 pairs: the index fits.
+            if let Some(q) = ctx.queue_mut((pair * 2 + 1) as u16) {
+                q.set_throttled(held);
+            }
+        }
     }
 
     /// Replaces the receive and transmit rate limiters' buckets that `rx` and `tx` name at
@@ -335,6 +351,16 @@ impl<M: MappedMemory> Net<M> {
         &self.tx_limiter
     }
 
+    /// Whether a rate limiter holds queue `index` (the event handler neither polls it nor
+    /// has the device take its chains until the limiter's timer fires); `false` for a
+    /// queue that is not active.
+    pub fn is_queue_held(&self, index: u16) -> bool {
+        self.active
+            .as_ref()
+            .and_then(|c| c.queue(index))
+            .is_some_and(|q| q.is_throttled())
+    }
+
     /// The receive limiter's timer fired: frames waiting on the backends are read.
     fn resume_rx(&mut self) {
         self.rx_limiter.timer_expired();
@@ -346,15 +372,7 @@ impl<M: MappedMemory> Net<M> {
     /// The transmit limiter's timer fired: the transmit queues are served again.
     fn resume_tx(&mut self) {
         self.tx_limiter.timer_expired();
-        let Some(ctx) = self.active.as_mut() else {
-            return;
-        };
-        for pair in 0..self.pairs.len() {
-            // At most 0x8000 pairs: the index fits.
-            if let Some(q) = ctx.queue_mut((pair * 2 + 1) as u16) {
-                q.set_throttled(false);
-            }
-        }
+        self.hold_tx(false);
         for pair in 0..self.active_pairs {
             self.process_tx(pair);
         }

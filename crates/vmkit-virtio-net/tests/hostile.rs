@@ -654,3 +654,55 @@ fn updating_one_direction_leaves_the_other_alone() {
     assert_eq!(r.dev.stats().rx_frames, 2);
     assert_eq!(r.dev.tx_rate_limiter().ops().unwrap().level(), 50);
 }
+
+#[test]
+fn the_transmit_limiter_holds_every_transmit_queue() {
+    use vmkit_virtio::{RateLimiterConfig, TokenBucketConfig};
+    let payload = frame([0xff; 6], 60, 3);
+    let setup = |mem: &GuestMemoryMmap| {
+        mem.write_slice(&[0u8; 12], GuestAddress(0x1_0000)).unwrap();
+        mem.write_slice(&payload, GuestAddress(0x1_1000)).unwrap();
+    };
+    let one = [desc(0x1_0000, 12, NEXT, 1), desc(0x1_1000, 60, 0, 0)];
+    let two: Vec<_> = (0..2u16)
+        .flat_map(|i| {
+            [
+                desc(0x1_0000, 12, NEXT, 2 * i + 1),
+                desc(0x1_1000, 60, 0, 0),
+            ]
+        })
+        .collect();
+    // Two pairs; one frame an hour, for both.
+    let mut r = rig_full(
+        2,
+        bit(VIRTIO_NET_F_MQ),
+        &[&[], &two, &[], &one],
+        setup,
+        |mut c| {
+            c.tx_rate_limiter = RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(TokenBucketConfig {
+                    size: 1,
+                    one_time_burst: 0,
+                    refill_time_ms: 3_600_000,
+                }),
+            };
+            c
+        },
+    );
+    r.dev.process_queue(1);
+    assert_eq!(r.used_idx(1), 1, "one frame, then held");
+    assert!(r.dev.tx_rate_limiter().is_throttled());
+    // Both transmit queues are held (unpolled), the receive queues are not.
+    assert!(r.dev.is_queue_held(1));
+    assert!(r.dev.is_queue_held(3), "the other pair's transmit queue");
+    assert!(!r.dev.is_queue_held(0) && !r.dev.is_queue_held(2));
+    // Lifted: both let go (pair 0 served; the driver never enabled pair 1 with
+    // MQ_VQ_PAIRS_SET, so its queue is not served).
+    r.dev.update_rate_limiters(
+        vmkit_virtio::RateLimiterUpdate::default(),
+        RateLimiterConfig::default(),
+    );
+    assert!(!r.dev.is_queue_held(1) && !r.dev.is_queue_held(3));
+    assert_eq!(r.used_idx(1), 2);
+}
