@@ -1,10 +1,11 @@
 //! JSON with no key given twice in any object.
 //!
-//! serde's derived structs refuse a field given twice, but a free-form value (the
-//! `rate_limiter` objects kept as [`serde_json::Value`], maps) keeps the last one silently,
-//! and `{"is_read_only": true, "is_read_only": false}` must not mean "writable" there
-//! either. [`parse`] walks the whole document first and refuses any object with a repeated
-//! key, naming it, then deserializes as usual.
+//! serde's derived structs (every body of the model, `rate_limiter` objects included)
+//! refuse a field given twice, but a free-form value (a [`serde_json::Value`], a map) keeps
+//! the last one silently, and `{"is_read_only": true, "is_read_only": false}` must not mean
+//! "writable" anywhere. [`parse`] walks the whole document first and refuses any object
+//! with a repeated key, naming it, then deserializes as usual, so the rule holds whatever
+//! types the model uses.
 
 use std::collections::HashSet;
 use std::fmt;

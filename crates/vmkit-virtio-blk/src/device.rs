@@ -12,7 +12,7 @@ use virtio_bindings::virtio_blk::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmkit_virtio::{
     ActivateContext, ActivateError, ActiveQueue, Chain, Counter, DeviceMetrics, MappedMemory,
-    RateLimiter, RateLimiterConfig, VirtioDevice,
+    RateLimiter, RateLimiterUpdate, VirtioDevice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -276,11 +276,17 @@ impl<M: MappedMemory> Block<M> {
         done
     }
 
-    /// Replaces the rate limiter's buckets (full, new ones) with `config`'s, running or not:
+    /// Replaces the rate limiter's buckets (full, new ones) that `update` names, running or
+    /// not, and keeps the others with their tokens (a
+    /// [`RateLimiterConfig`](vmkit_virtio::RateLimiterConfig) replaces both):
     /// what Firecracker's `PATCH /drives/{id}` with a `rate_limiter` does. Queues the old
-    /// limiter held are served again at once.
-    pub fn update_rate_limiter(&mut self, config: RateLimiterConfig) {
-        self.requests.limiter.update(config);
+    /// limiter held are served again at once (unless the update keeps both buckets).
+    pub fn update_rate_limiter(&mut self, update: impl Into<RateLimiterUpdate>) {
+        let update = update.into();
+        if update.is_keep() {
+            return;
+        }
+        self.requests.limiter.update(update);
         self.resume_throttled();
     }
 
@@ -405,13 +411,21 @@ impl<M: MappedMemory> Block<M> {
     }
 }
 
-/// The data bytes a request costs in the rate limiter's bandwidth bucket: a read's or a
-/// write's data, nothing for the others (as Firecracker counts them).
+/// The bytes a request costs in the rate limiter's bandwidth bucket: a read's or a write's
+/// data (as Firecracker counts them), and the bytes a `WRITE_ZEROES` covers (where the file
+/// system can neither punch nor zero a range the zeros are written: up to 16 ranges of
+/// 2 GiB each, which the buckets must bound; one larger than the bucket passes as any
+/// oversize request does and leaves a debt). A `DISCARD` costs no bytes: it is a hole punch
+/// or nothing, never data written. Firecracker offers neither.
 fn data_bytes(kind: &RequestKind) -> u64 {
     match kind {
         RequestKind::In { data, .. } | RequestKind::Out { data, .. } => {
             data.iter().map(|s| u64::from(s.len)).sum()
         }
+        // At most 16 ranges of 2^22 sectors: cannot overflow; saturate all the same.
+        RequestKind::WriteZeroes { ranges } => ranges
+            .iter()
+            .fold(0u64, |sum, r| sum.saturating_add(r.bytes().1)),
         _ => 0,
     }
 }

@@ -168,8 +168,9 @@ pub struct BlockConfig {
     /// What the engine reports as each request's transfer and sync finish (default
     /// [`NoObserver`]): a seam for tracing and for the durability tests.
     pub observer: Arc<dyn IoObserver>,
-    /// Firecracker's `rate_limiter`: bytes of `IN`/`OUT` data and requests (every request
-    /// is an operation, a `FLUSH` included; only reads and writes count bytes). Default:
+    /// Firecracker's `rate_limiter`: bytes of `IN`/`OUT` data and of the ranges a
+    /// `WRITE_ZEROES` covers, and requests (every request is an operation, a `FLUSH` and a
+    /// `DISCARD` included; a `DISCARD` costs no bytes). Default:
     /// none; [`Block::update_rate_limiter`] changes it at run time.
     pub rate_limiter: RateLimiterConfig,
 }

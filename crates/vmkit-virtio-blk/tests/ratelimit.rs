@@ -1,13 +1,14 @@
 //! The rate limiter on the request path: a request without tokens stays in the available
 //! ring (not completed, not lost), the queues are held (unpolled) until the limiter's timer
-//! fires, and then served; reads and writes count bytes, every request (a `FLUSH` too) an
-//! operation.
+//! fires, and then served; reads, writes and write-zeroes count bytes, every request (a
+//! `FLUSH` too) an operation.
 
 mod common;
 
 use std::sync::Arc;
 
 use common::TempImage;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -18,7 +19,7 @@ use vmkit_virtio::{
     ActivateContext, AtomicMetrics, Counter, NeedsReset, RateLimiterConfig, TokenBucketConfig,
     VirtioDevice, FEATURE_VERSION_1,
 };
-use vmkit_virtio_blk::request::{S_OK, T_FLUSH, T_IN};
+use vmkit_virtio_blk::request::{S_OK, T_DISCARD, T_FLUSH, T_IN, T_WRITE_ZEROES};
 use vmkit_virtio_blk::{Block, BlockConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -131,6 +132,68 @@ fn requests_past_the_limit_wait_in_the_ring_for_the_timer() {
     assert_eq!(metrics.get(Counter::Requests), 4);
 }
 
+/// A `DISCARD` or `WRITE_ZEROES` of 64 KiB (128 sectors from sector 0) as chain `i`: header
+/// at 0x2_0000 + i * 0x100, its one range at 0x4_0000 + i * 0x1000, status at 0x8_0000 + i.
+fn range_request(mem: &GuestMemoryMmap, i: u16, kind: u32) -> [RawDescriptor; 3] {
+    let [header, _, status] = request(mem, i, kind);
+    let range = 0x4_0000 + u64::from(i) * 0x1000;
+    mem.write_obj(0u64, GuestAddress(range)).unwrap();
+    mem.write_obj(128u32, GuestAddress(range + 8)).unwrap();
+    mem.write_obj(0u32, GuestAddress(range + 12)).unwrap();
+    let next = i * 3 + 2;
+    [
+        header,
+        desc(range, 16, VRING_DESC_F_NEXT as u16, next),
+        status,
+    ]
+}
+
+#[test]
+fn write_zeroes_costs_its_bytes_and_discard_an_operation() {
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    let img = TempImage::filled(1 << 20, 0x5A);
+    let vq = MockSplitQueue::new(&mem, 16);
+    let mut queue: Queue = vq.create_queue().unwrap();
+    queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    let features = FEATURE_VERSION_1 | 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+    let ctx = ActivateContext::new(
+        mem.clone(),
+        features,
+        vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
+        RecordingInterrupt::new(),
+        NeedsReset::new(),
+    );
+    let mut config = BlockConfig::new(&img.0);
+    // 8 KiB a second.
+    config.rate_limiter.bandwidth = Some(TokenBucketConfig {
+        size: 8192,
+        one_time_burst: 0,
+        refill_time_ms: 1000,
+    });
+    let mut dev = Block::new(config).unwrap();
+    dev.ack_features(features);
+    dev.activate(ctx).unwrap();
+    let mut chains = Vec::new();
+    chains.extend(range_request(&mem, 0, T_DISCARD));
+    chains.extend(request(&mem, 1, T_IN));
+    chains.extend(range_request(&mem, 2, T_WRITE_ZEROES));
+    chains.extend(request(&mem, 3, T_IN));
+    vq.add_desc_chains(&chains, 0).unwrap();
+    dev.process_queue(0);
+    // The discard costs no bytes, the read 4 KiB; the 64 KiB of zeroes could never fit in
+    // 8 KiB: they pass and leave 60 KiB of debt, which holds the last read for 7.5 s.
+    assert_eq!(used_idx(&mem), 3);
+    assert_eq!(
+        [status(&mem, 0), status(&mem, 1), status(&mem, 2)],
+        [S_OK; 3]
+    );
+    assert_eq!(status(&mem, 3), 0xff, "held by the zeroes' debt");
+    assert!(dev.rate_limiter().is_throttled());
+    // 4 KiB - 64 KiB, plus what refilled meanwhile (8 bytes a millisecond).
+    let level = dev.rate_limiter().bandwidth().unwrap().level();
+    assert!((4096 - 65536..-(56 << 10)).contains(&level), "{level}");
+}
+
 #[test]
 fn updating_the_limiter_lets_held_requests_go() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -233,16 +296,21 @@ fn one_limiter_holds_every_queue() {
     // The other queue is held too.
     dev.process_queue(1);
     assert_eq!(used(1), 0);
-    // One token comes back every 10 ms: the timer fires for each held request in turn.
+    // One token comes back every 10 ms: the timer fires for each held request in turn, or
+    // for both if this thread runs late (then the first expiry serves both and arms no
+    // timer). Wait on the timer only while the limiter holds the queues.
     let (token, fd) = &timer[0];
-    for _ in 0..2 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (used(0), used(1)) != (3, 1) {
         assert!(
-            wait_readable(fd, std::time::Duration::from_secs(10)),
-            "the timer fired"
+            dev.rate_limiter().is_throttled(),
+            "requests left in the ring with no timer armed: {:?}",
+            (used(0), used(1))
         );
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(wait_readable(fd, left), "the timer fired");
         dev.process_device_event(*token);
     }
-    assert_eq!((used(0), used(1)), (3, 1), "both served as the timer fired");
     assert_eq!(status(&mem, 3), S_OK);
     assert!(!dev.rate_limiter().is_throttled());
 }

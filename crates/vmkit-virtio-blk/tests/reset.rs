@@ -237,16 +237,22 @@ fn reset_returns_at_once_and_orphans_never_touch_the_rings() {
 #[test]
 fn io_uring_reset_with_direct_reads_in_flight() {
     let img = TempImage::filled(4 << 20, 0x6B);
-    let dev = Arc::new(Mutex::new(
-        Block::new({
-            let mut c = BlockConfig::new(&img.0);
-            c.engine = EngineKind::IoUring;
-            c.direct = true;
-            c.poll_us = 0;
-            c
-        })
-        .unwrap(),
-    ));
+    let block = Block::new({
+        let mut c = BlockConfig::new(&img.0);
+        c.engine = EngineKind::IoUring;
+        c.direct = true;
+        c.poll_us = 0;
+        c
+    });
+    let block = match block {
+        Err(e @ vmkit_virtio_blk::Error::DirectUnsupported { .. }) => {
+            // tmpfs before Linux 6.6 has no O_DIRECT: nothing to test here.
+            eprintln!("skipped: the temporary directory's file system has no O_DIRECT: {e}");
+            return;
+        }
+        b => b.unwrap(),
+    };
+    let dev = Arc::new(Mutex::new(block));
     let h = Harness::new(dev.clone());
     let mut drv = VirtIOBlk::<GuestHal, _>::new(h.transport()).unwrap();
     // The reads must still be at the disk when the device reaps after the last

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmkit_virtio::{
     ActivateContext, ActivateError, Counter, DeviceMetrics, IoVecs, MappedMemory, RateLimiter,
-    RateLimiterConfig, VirtioDevice,
+    RateLimiterUpdate, VirtioDevice,
 };
 
 use crate::backend::NetBackend;
@@ -283,9 +283,9 @@ impl<M: MappedMemory> Net<M> {
             };
             let bytes = chain.descriptors().map_or(0, frame_bytes);
             if !limiter.consume(bytes, 1) {
-                // Back in the ring, for when the timer fires; the queue is not polled.
+                // Back in the ring, for when the timer fires; no transmit queue is polled
+                // (one limiter holds them all).
                 q.undo_pop();
-                q.set_throttled(true);
                 metrics.inc(Counter::Throttled);
                 break;
             }
@@ -301,15 +301,44 @@ impl<M: MappedMemory> Net<M> {
             let _ = q.complete(head, 0);
         }
         let _ = q.signal_used();
+        if limiter.is_throttled() {
+            self.hold_tx(true);
+        }
     }
 
-    /// Replaces the receive and transmit rate limiters' buckets at run time (Firecracker's
-    /// `PATCH /network-interfaces/{id}`); what they held is served again.
-    pub fn update_rate_limiters(&mut self, rx: RateLimiterConfig, tx: RateLimiterConfig) {
-        self.rx_limiter.update(rx);
-        self.tx_limiter.update(tx);
-        self.resume_rx();
-        self.resume_tx();
+    /// Holds (or lets go) every transmit queue: the transmit limiter is one for all pairs.
+    fn hold_tx(&mut self, held: bool) {
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        for pair in 0..self.pairs.len() {
+            // At most 0x8000 pairs: the index fits.
+            if let Some(q) = ctx.queue_mut((pair * 2 + 1) as u16) {
+                q.set_throttled(held);
+            }
+        }
+    }
+
+    /// Replaces the receive and transmit rate limiters' buckets that `rx` and `tx` name at
+    /// run time (Firecracker's `PATCH /network-interfaces/{id}`; a
+    /// [`RateLimiterConfig`](vmkit_virtio::RateLimiterConfig) replaces both of a
+    /// direction's, [`RateLimiterUpdate::default`] keeps them). A kept
+    /// bucket keeps its tokens, and a direction whose buckets are both kept is not touched;
+    /// what an updated direction held is served again.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: impl Into<RateLimiterUpdate>,
+        tx: impl Into<RateLimiterUpdate>,
+    ) {
+        let (rx, tx) = (rx.into(), tx.into());
+        if !rx.is_keep() {
+            self.rx_limiter.update(rx);
+            self.resume_rx();
+        }
+        if !tx.is_keep() {
+            self.tx_limiter.update(tx);
+            self.resume_tx();
+        }
     }
 
     /// The receive rate limiter.
@@ -320,6 +349,16 @@ impl<M: MappedMemory> Net<M> {
     /// The transmit rate limiter.
     pub fn tx_rate_limiter(&self) -> &RateLimiter {
         &self.tx_limiter
+    }
+
+    /// Whether a rate limiter holds queue `index` (the event handler neither polls it nor
+    /// has the device take its chains until the limiter's timer fires); `false` for a
+    /// queue that is not active.
+    pub fn is_queue_held(&self, index: u16) -> bool {
+        self.active
+            .as_ref()
+            .and_then(|c| c.queue(index))
+            .is_some_and(|q| q.is_throttled())
     }
 
     /// The receive limiter's timer fired: frames waiting on the backends are read.
@@ -333,15 +372,7 @@ impl<M: MappedMemory> Net<M> {
     /// The transmit limiter's timer fired: the transmit queues are served again.
     fn resume_tx(&mut self) {
         self.tx_limiter.timer_expired();
-        let Some(ctx) = self.active.as_mut() else {
-            return;
-        };
-        for pair in 0..self.pairs.len() {
-            // At most 0x8000 pairs: the index fits.
-            if let Some(q) = ctx.queue_mut((pair * 2 + 1) as u16) {
-                q.set_throttled(false);
-            }
-        }
+        self.hold_tx(false);
         for pair in 0..self.active_pairs {
             self.process_tx(pair);
         }

@@ -579,3 +579,130 @@ fn receive_past_the_rate_limit_waits_in_the_backend_for_the_timer() {
     assert_eq!(r.dev.stats().rx_frames, 3);
     assert_eq!(r.used_idx(0), 3);
 }
+
+#[test]
+fn updating_one_direction_leaves_the_other_alone() {
+    use vmkit_virtio::{BucketUpdate, RateLimiterConfig, RateLimiterUpdate, TokenBucketConfig};
+    let rx: Vec<_> = (0..3u64)
+        .map(|i| desc(0x1_0000 + i * 0x1000, 2048, WRITE, 0))
+        .collect();
+    // Receive: 100 bytes refilled in an hour, and 10 frames; transmit: 5 frames.
+    let bucket = |size, refill_time_ms| {
+        Some(TokenBucketConfig {
+            size,
+            one_time_burst: 0,
+            refill_time_ms,
+        })
+    };
+    let metrics = Arc::new(AtomicMetrics::new());
+    let mut r = rig_full(
+        1,
+        0,
+        &[&rx, &[]],
+        |_| {},
+        |mut c| {
+            c.rx_rate_limiter = RateLimiterConfig {
+                bandwidth: bucket(100, 3_600_000),
+                ops: bucket(10, 3_600_000),
+            };
+            c.tx_rate_limiter.ops = bucket(5, 3_600_000);
+            c.with_metrics(metrics.clone())
+        },
+    );
+    for seed in 0..3 {
+        r.hosts[0]
+            .send(&with_header(&frame(MAC, 100, seed)))
+            .unwrap();
+    }
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.stats().rx_frames, 2);
+    assert!(r.dev.rx_rate_limiter().is_throttled());
+    let rx_before = r.dev.rx_rate_limiter().bandwidth().unwrap().level();
+    let throttled = metrics.get(Counter::Throttled);
+    // A PATCH of the transmit limiter only: receive keeps its debt and stays held.
+    let tx = RateLimiterConfig {
+        bandwidth: None,
+        ops: bucket(50, 1000),
+    };
+    r.dev.update_rate_limiters(RateLimiterUpdate::default(), tx);
+    assert_eq!(r.dev.tx_rate_limiter().ops().unwrap().level(), 50);
+    assert!(r.dev.rx_rate_limiter().is_throttled());
+    assert_eq!(
+        r.dev.rx_rate_limiter().bandwidth().unwrap().level(),
+        rx_before
+    );
+    assert_eq!(
+        metrics.get(Counter::Throttled),
+        throttled,
+        "receive was not let go and held again"
+    );
+    r.dev.process_device_event(0);
+    assert_eq!(r.dev.stats().rx_frames, 2, "the third still waits");
+    // A new receive ops bucket only: the bandwidth bucket keeps its debt, so the third
+    // frame still waits (for the timer), and the ops bucket is the new one.
+    let ops_only = RateLimiterUpdate {
+        bandwidth: BucketUpdate::Keep,
+        ops: BucketUpdate::Replace(bucket(20, 1000)),
+    };
+    r.dev
+        .update_rate_limiters(ops_only, RateLimiterUpdate::default());
+    assert_eq!(
+        r.dev.rx_rate_limiter().bandwidth().unwrap().level(),
+        rx_before
+    );
+    assert_eq!(r.dev.rx_rate_limiter().ops().unwrap().level(), 20);
+    assert_eq!(r.dev.stats().rx_frames, 2);
+    assert_eq!(r.dev.tx_rate_limiter().ops().unwrap().level(), 50);
+}
+
+#[test]
+fn the_transmit_limiter_holds_every_transmit_queue() {
+    use vmkit_virtio::{RateLimiterConfig, TokenBucketConfig};
+    let payload = frame([0xff; 6], 60, 3);
+    let setup = |mem: &GuestMemoryMmap| {
+        mem.write_slice(&[0u8; 12], GuestAddress(0x1_0000)).unwrap();
+        mem.write_slice(&payload, GuestAddress(0x1_1000)).unwrap();
+    };
+    let one = [desc(0x1_0000, 12, NEXT, 1), desc(0x1_1000, 60, 0, 0)];
+    let two: Vec<_> = (0..2u16)
+        .flat_map(|i| {
+            [
+                desc(0x1_0000, 12, NEXT, 2 * i + 1),
+                desc(0x1_1000, 60, 0, 0),
+            ]
+        })
+        .collect();
+    // Two pairs; one frame an hour, for both.
+    let mut r = rig_full(
+        2,
+        bit(VIRTIO_NET_F_MQ),
+        &[&[], &two, &[], &one],
+        setup,
+        |mut c| {
+            c.tx_rate_limiter = RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(TokenBucketConfig {
+                    size: 1,
+                    one_time_burst: 0,
+                    refill_time_ms: 3_600_000,
+                }),
+            };
+            c
+        },
+    );
+    r.dev.process_queue(1);
+    assert_eq!(r.used_idx(1), 1, "one frame, then held");
+    assert!(r.dev.tx_rate_limiter().is_throttled());
+    // Both transmit queues are held (unpolled), the receive queues are not.
+    assert!(r.dev.is_queue_held(1));
+    assert!(r.dev.is_queue_held(3), "the other pair's transmit queue");
+    assert!(!r.dev.is_queue_held(0) && !r.dev.is_queue_held(2));
+    // Lifted: both let go (pair 0 served; the driver never enabled pair 1 with
+    // MQ_VQ_PAIRS_SET, so its queue is not served).
+    r.dev.update_rate_limiters(
+        vmkit_virtio::RateLimiterUpdate::default(),
+        RateLimiterConfig::default(),
+    );
+    assert!(!r.dev.is_queue_held(1) && !r.dev.is_queue_held(3));
+    assert_eq!(r.used_idx(1), 2);
+}

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmkit_virtio::{
     ActivateContext, ActivateError, Counter, Descriptor, DeviceMetrics, NoMetrics, RateLimiter,
-    RateLimiterConfig, VirtioDevice, VirtioMemory,
+    RateLimiterConfig, RateLimiterUpdate, VirtioDevice, VirtioMemory,
 };
 
 /// The virtio device ID of an entropy device.
@@ -137,9 +137,15 @@ impl<M: VirtioMemory> Rng<M> {
         self
     }
 
-    /// Replaces the rate limiter's buckets at run time; held requests are served again.
-    pub fn update_rate_limiter(&mut self, config: RateLimiterConfig) {
-        self.limiter.update(config);
+    /// Replaces the rate limiter's buckets that `update` names at run time (a
+    /// [`RateLimiterConfig`] replaces both; a kept bucket keeps its tokens); held requests
+    /// are served again.
+    pub fn update_rate_limiter(&mut self, update: impl Into<RateLimiterUpdate>) {
+        let update = update.into();
+        if update.is_keep() {
+            return;
+        }
+        self.limiter.update(update);
         self.resume();
     }
 

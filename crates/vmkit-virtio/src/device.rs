@@ -118,9 +118,10 @@ pub trait VirtioDevice<M: VirtioMemory = GuestMemoryMmap>: Send {
 
     /// Returns the device to its state before activation (negotiated features forgotten),
     /// giving back the context it was activated with, if any. The device writes no ring
-    /// and no buffer after it returns. It should return at once (a vCPU waits on it): host
-    /// I/O still in flight may be left to finish into guest buffers (the memory stays
-    /// mapped while the device holds a clone of it), as long as its completions are
+    /// and no status after it returns (no used entry, no request status, no interrupt). It
+    /// should return at once (a vCPU waits on it): host I/O still in flight may be left to
+    /// finish, and orphaned reads may still fill their guest buffers (the memory stays
+    /// mapped while the device holds a clone of it), as long as their completions are
     /// dropped and a re-activated device does not hand the driver's new buffers out before
     /// that I/O is over.
     fn reset(&mut self) -> Option<ActivateContext<M>>;

@@ -130,5 +130,7 @@ pub use mmio::{
     MMIO_VERSION, QUEUE_NOTIFY_OFFSET,
 };
 pub use queue::{chain_descriptors, ActiveQueue, Chain, ChainError};
-pub use rate_limiter::{RateLimiter, RateLimiterConfig, TokenBucketConfig};
+pub use rate_limiter::{
+    BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterUpdate, TokenBucketConfig,
+};
 pub use virtio_queue::desc::split::Descriptor;

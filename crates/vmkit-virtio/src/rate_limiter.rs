@@ -112,6 +112,43 @@ impl RateLimiterConfig {
     }
 }
 
+/// What an update does to one bucket: Firecracker's `BucketUpdate` (a `PATCH` that leaves a
+/// bucket out keeps it, with its tokens).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BucketUpdate {
+    /// The bucket stays as it is: its configuration, its tokens, its burst left.
+    #[default]
+    Keep,
+    /// The bucket is replaced by a new, full one (`None`, or an unlimited one: no limit).
+    Replace(Option<TokenBucketConfig>),
+}
+
+/// An update of a [`RateLimiter`]'s buckets, each [kept or replaced](BucketUpdate) on its
+/// own. The default keeps both; a [`RateLimiterConfig`] converts into one replacing both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimiterUpdate {
+    /// The bandwidth bucket.
+    pub bandwidth: BucketUpdate,
+    /// The operations bucket.
+    pub ops: BucketUpdate,
+}
+
+impl RateLimiterUpdate {
+    /// Whether it keeps both buckets (changes nothing).
+    pub fn is_keep(&self) -> bool {
+        self.bandwidth == BucketUpdate::Keep && self.ops == BucketUpdate::Keep
+    }
+}
+
+impl From<RateLimiterConfig> for RateLimiterUpdate {
+    fn from(config: RateLimiterConfig) -> Self {
+        Self {
+            bandwidth: BucketUpdate::Replace(config.bandwidth),
+            ops: BucketUpdate::Replace(config.ops),
+        }
+    }
+}
+
 /// A monotonic clock, injectable so the refill arithmetic is tested without sleeping.
 pub trait Clock: Send + fmt::Debug {
     /// Time since an arbitrary fixed origin; never goes back.
@@ -275,6 +312,8 @@ pub struct RateLimiter {
     throttled: bool,
     /// The wait the timer was last armed for.
     last_wait: Option<Duration>,
+    /// Arming the timer failed once (and was logged): later failures are not logged.
+    arm_failed: bool,
 }
 
 impl fmt::Debug for RateLimiter {
@@ -318,17 +357,29 @@ impl RateLimiter {
             timer,
             throttled: false,
             last_wait: None,
+            arm_failed: false,
         })
     }
 
-    /// Replaces the buckets (new, full ones) with `config`'s, as Firecracker's `PATCH` of a
-    /// drive's or an interface's rate limiter does; a throttled device is let go at the next
-    /// timer expiry or call.
-    pub fn update(&mut self, config: RateLimiterConfig) {
+    /// Replaces or keeps each bucket as `update` says, as Firecracker's `PATCH` of a drive's
+    /// or an interface's rate limiter does: a replaced bucket is a new, full one (with its
+    /// one-time burst); a kept one keeps its tokens (and its debt). A [`RateLimiterConfig`]
+    /// replaces both. Unless it keeps both, a throttled device is let go at the next timer
+    /// expiry or call.
+    pub fn update(&mut self, update: impl Into<RateLimiterUpdate>) {
+        let update = update.into();
+        if update.is_keep() {
+            return;
+        }
         let now = self.clock.now();
-        self.config = config;
-        self.bandwidth = config.bandwidth.and_then(|b| TokenBucket::new(b, now));
-        self.ops = config.ops.and_then(|b| TokenBucket::new(b, now));
+        if let BucketUpdate::Replace(b) = update.bandwidth {
+            self.config.bandwidth = b;
+            self.bandwidth = b.and_then(|b| TokenBucket::new(b, now));
+        }
+        if let BucketUpdate::Replace(b) = update.ops {
+            self.config.ops = b;
+            self.ops = b.and_then(|b| TokenBucket::new(b, now));
+        }
         self.throttled = false;
         if let Err(e) = self.timer.clear() {
             log::warn!("rate limiter: disarming the timer: {e}");
@@ -369,7 +420,9 @@ impl RateLimiter {
     /// Takes `bytes` from the bandwidth bucket and `ops` from the operations bucket, both or
     /// neither. `false` when a bucket lacks the tokens, or the limiter is throttled already:
     /// the device must stop serving requests until the timer fires, which this arms for
-    /// when the tokens will be there.
+    /// when the tokens will be there. If the timer cannot be armed (logged once), the
+    /// request passes, taking its tokens into debt: a device that waited would never be
+    /// woken.
     pub fn consume(&mut self, bytes: u64, ops: u64) -> bool {
         if self.throttled {
             return false;
@@ -390,8 +443,9 @@ impl RateLimiter {
                 }
             }
         }
-        if !wait.is_zero() {
-            self.arm(wait.max(min_wait));
+        // Without a timer the device would never resume (its requests go back to the ring
+        // with no wake-up coming): when the timer cannot be armed, the request passes.
+        if !wait.is_zero() && self.arm(wait.max(min_wait)) {
             return false;
         }
         self.take(bytes, ops);
@@ -425,14 +479,22 @@ impl RateLimiter {
         }
     }
 
-    fn arm(&mut self, wait: Duration) {
-        self.throttled = true;
+    /// Arms the timer for `wait` and throttles; `false` (not throttled) when the timer
+    /// cannot be armed, logged the first time.
+    fn arm(&mut self, wait: Duration) -> bool {
         self.last_wait = Some(wait);
         // A zero duration would disarm the timer: `wait` is never zero here.
-        if let Err(e) = self.timer.reset(wait, None) {
-            // Without a timer the device would never resume: let it go on unthrottled.
-            log::warn!("rate limiter: arming the timer: {e}; not throttling");
-            self.throttled = false;
+        match self.timer.reset(wait, None) {
+            Ok(()) => {
+                self.throttled = true;
+                true
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.arm_failed, true) {
+                    log::warn!("rate limiter: arming the timer: {e}; not throttling");
+                }
+                false
+            }
         }
     }
 
@@ -661,6 +723,24 @@ mod tests {
     }
 
     #[test]
+    fn a_timer_that_cannot_be_armed_lets_requests_pass() {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        let (mut l, _) = limiter(bucket(10, 0, 1000), bucket(1, 0, 1000));
+        // An eventfd in the timer's place: timerfd_settime fails on it (EINVAL).
+        let not_a_timer = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        // SAFETY: the eventfd's fd is handed over (`into_raw_fd`): the TimerFd owns and
+        // closes it, and nothing else does.
+        l.timer = unsafe { TimerFd::from_raw_fd(not_a_timer.into_raw_fd()) };
+        assert!(l.consume(10, 1));
+        // The buckets are empty and no timer can be armed: the request passes (into debt)
+        // rather than waiting for a wake-up that never comes.
+        assert!(l.consume(10, 1));
+        assert!(!l.is_throttled());
+        assert_eq!(l.bandwidth().unwrap().level(), -10);
+        assert!(l.may_proceed());
+    }
+
+    #[test]
     fn the_timer_fires_and_is_watchable() {
         let (mut l, _) = limiter(bucket(1, 0, 1), None);
         let fd = l.timer_fd().unwrap();
@@ -698,6 +778,38 @@ mod tests {
         assert!(l.consume(100, 0));
         l.update(RateLimiterConfig::default());
         assert!(l.is_unlimited());
+    }
+
+    #[test]
+    fn update_keeps_the_buckets_it_does_not_replace() {
+        let (mut l, _) = limiter(bucket(1000, 500, 1000), bucket(10, 0, 1000));
+        assert!(l.consume(1200, 3));
+        assert!(!l.consume(1000, 1));
+        // A new ops bucket only: the bandwidth bucket keeps its level (300) and its spent
+        // burst.
+        l.update(RateLimiterUpdate {
+            bandwidth: BucketUpdate::Keep,
+            ops: BucketUpdate::Replace(bucket(20, 0, 1000)),
+        });
+        assert!(!l.is_throttled());
+        assert_eq!(l.bandwidth().unwrap().level(), 300);
+        assert_eq!(l.bandwidth().unwrap().one_time_burst(), 0);
+        assert_eq!(l.ops().unwrap().level(), 20);
+        assert_eq!(l.config().bandwidth, bucket(1000, 500, 1000));
+        assert_eq!(l.config().ops, bucket(20, 0, 1000));
+        // Replacing the bandwidth bucket keeps the ops bucket's level.
+        assert!(l.consume(100, 5));
+        l.update(RateLimiterUpdate {
+            bandwidth: BucketUpdate::Replace(None),
+            ops: BucketUpdate::Keep,
+        });
+        assert!(l.bandwidth().is_none());
+        assert_eq!(l.ops().unwrap().level(), 15);
+        // Keeping both changes nothing, not even a throttle.
+        assert!(l.consume(0, 15));
+        assert!(!l.consume(0, 1));
+        l.update(RateLimiterUpdate::default());
+        assert!(l.is_throttled());
     }
 
     #[test]

@@ -191,76 +191,114 @@ fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<B
     })
 }
 
-impl VirtioDevices {
-    /// Builds the disks, network cards, rng and console the command line asks for and
-    /// attaches them; the console writes to a sink of `outputs`.
-    pub fn add(
-        machine: &Machine,
-        args: &Args,
-        mut net_fds: InheritedFds,
-        outputs: &mut Outputs,
-    ) -> Result<Self> {
-        let mut devices: Vec<Arc<Mutex<dyn VirtioDevice>>> = Vec::new();
-        let mut metrics = Vec::new();
-        let mut counters = |name: String| {
-            let m = Arc::new(AtomicMetrics::new());
-            metrics.push((name, m.clone()));
-            m
-        };
+/// The devices being built, in the order they are attached, and their counters.
+#[derive(Default)]
+struct Built {
+    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    metrics: Vec<(String, Arc<AtomicMetrics>)>,
+}
+
+impl Built {
+    /// New counters for a device, written under `name`.
+    fn counters(&mut self, name: String) -> Arc<AtomicMetrics> {
+        let m = Arc::new(AtomicMetrics::new());
+        self.metrics.push((name, m.clone()));
+        m
+    }
+
+    /// The disks, with those that have an API `drive_id`.
+    fn disks(&mut self, args: &Args) -> Result<Vec<(String, Arc<Mutex<Block>>)>> {
         let mut drives = Vec::new();
         for (i, spec) in args.disk.iter().enumerate() {
             let name = spec
                 .id
                 .as_ref()
                 .map_or(format!("block{i}"), |id| format!("block_{id}"));
-            let disk = Arc::new(Mutex::new(open_disk(args, i, counters(name))?));
+            let disk = Arc::new(Mutex::new(open_disk(args, i, self.counters(name))?));
             if let Some(id) = &spec.id {
                 drives.push((id.clone(), disk.clone()));
             }
-            devices.push(disk);
+            self.devices.push(disk);
         }
+        Ok(drives)
+    }
+
+    /// The network cards, with those that have an API `iface_id`.
+    fn nets(
+        &mut self,
+        args: &Args,
+        net_fds: &mut InheritedFds,
+    ) -> Result<Vec<(String, Arc<Mutex<Net>>)>> {
         let mut nets = Vec::new();
         for (i, spec) in args.net.iter().enumerate() {
-            let m = counters(format!("net{i}"));
-            let net = Arc::new(Mutex::new(crate::net::open_net(
-                spec,
-                args.cpus,
-                &mut net_fds,
-                m,
-            )?));
+            let m = self.counters(format!("net{i}"));
+            let net = crate::net::open_net(spec, args.cpus, net_fds, m)?;
+            let net = Arc::new(Mutex::new(net));
             if let Some(id) = &spec.id {
                 nets.push((id.clone(), net.clone()));
             }
-            devices.push(net);
+            self.devices.push(net);
         }
+        Ok(nets)
+    }
+
+    /// The vsock and the entropy device, if asked for.
+    fn vsock_and_rng(&mut self, args: &Args) -> Result<()> {
         if let Some(spec) = &args.vsock {
             let mut config = VsockConfig::new(spec.cid, spec.socket.clone());
             config.poll_us = spec.poll_us;
-            let vsock = Vsock::new(config)?.with_metrics(counters("vsock".into()));
-            devices.push(Arc::new(Mutex::new(vsock)));
+            let vsock = Vsock::new(config)?.with_metrics(self.counters("vsock".into()));
+            self.devices.push(Arc::new(Mutex::new(vsock)));
         }
         if args.rng || args.rng_rate_limiter.is_some() {
             let rng = Rng::new(RngConfig::default())?
-                .with_metrics(counters("entropy".into()))
+                .with_metrics(self.counters("entropy".into()))
                 .with_rate_limiter(args.rng_rate_limiter.unwrap_or_default());
-            devices.push(Arc::new(Mutex::new(rng)));
+            self.devices.push(Arc::new(Mutex::new(rng)));
         }
-        let mut console_input_subscriber = None;
-        let mut console_pty = None;
-        if let Some(ends) = console_ends(&args.console, outputs)? {
-            let config = ConsoleConfig::new(ends.output).with_metrics(counters("console".into()));
-            let console = Console::new(config)?;
-            let escape = match args.console {
-                ConsoleOutput::Stdio => Escape::for_stdin(machine.exit().clone()),
-                _ => None,
-            };
-            console_input_subscriber = console_input(ends.input, console.input(), escape);
-            console_pty = ends.pty;
-            devices.push(Arc::new(Mutex::new(console)));
-        }
+        Ok(())
+    }
+
+    /// The console, if asked for: its host input's subscriber and its pty, if any.
+    fn console(
+        &mut self,
+        machine: &Machine,
+        args: &Args,
+        outputs: &mut Outputs,
+    ) -> Result<(Option<Subscriber>, Option<Pty>)> {
+        let Some(ends) = console_ends(&args.console, outputs)? else {
+            return Ok((None, None));
+        };
+        let config = ConsoleConfig::new(ends.output).with_metrics(self.counters("console".into()));
+        let console = Console::new(config)?;
+        let escape = match args.console {
+            ConsoleOutput::Stdio => Escape::for_stdin(machine.exit().clone()),
+            _ => None,
+        };
+        let input = console_input(ends.input, console.input(), escape);
+        self.devices.push(Arc::new(Mutex::new(console)));
+        Ok((input, ends.pty))
+    }
+}
+
+impl VirtioDevices {
+    /// Builds the disks, network cards, vsock, rng and console the command line asks for
+    /// and attaches them; the console writes to a sink of `outputs`.
+    pub fn add(
+        machine: &Machine,
+        args: &Args,
+        mut net_fds: InheritedFds,
+        outputs: &mut Outputs,
+    ) -> Result<Self> {
+        let mut built = Built::default();
+        let drives = built.disks(args)?;
+        let nets = built.nets(args, &mut net_fds)?;
+        built.vsock_and_rng(args)?;
+        let (console_input, console_pty) = built.console(machine, args, outputs)?;
+        let Built { devices, metrics } = built;
         let mut this = Self {
             subscribers: Vec::new(),
-            console_input: console_input_subscriber,
+            console_input,
             dsdt: Vec::new(),
             devices: devices.clone(),
             metrics,

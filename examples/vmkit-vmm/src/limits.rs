@@ -3,7 +3,7 @@
 //! both mapped on vmkit-virtio's `RateLimiterConfig`.
 
 use vmkit_api::model;
-use vmkit_virtio::{RateLimiterConfig, TokenBucketConfig};
+use vmkit_virtio::{BucketUpdate, RateLimiterConfig, RateLimiterUpdate, TokenBucketConfig};
 
 use crate::config::parse_size;
 
@@ -133,6 +133,23 @@ pub fn patched(current: RateLimiterConfig, patch: &model::RateLimiter) -> RateLi
     }
 }
 
+/// The update a `PATCH`'s `rate_limiter` makes to a running device's limiter (`None`: no
+/// object, nothing changes): a bucket it gives is replaced by a new, full one; one it leaves
+/// out keeps its tokens, as in Firecracker.
+pub fn update(patch: Option<&model::RateLimiter>) -> RateLimiterUpdate {
+    let Some(p) = patch else {
+        return RateLimiterUpdate::default();
+    };
+    let replace = |b: Option<model::TokenBucket>| match b {
+        Some(b) => BucketUpdate::Replace(Some(bucket(b))),
+        None => BucketUpdate::Keep,
+    };
+    RateLimiterUpdate {
+        bandwidth: replace(p.bandwidth),
+        ops: replace(p.ops),
+    }
+}
+
 /// The API's form of `limiter` (`None` when it limits nothing), for a resource kept in
 /// Firecracker's model.
 pub fn to_api(limiter: RateLimiterConfig) -> Option<model::RateLimiter> {
@@ -200,5 +217,13 @@ mod tests {
         let lift: model::RateLimiter =
             serde_json::from_str(r#"{"bandwidth": {"size": 0, "refill_time": 0}}"#).unwrap();
         assert!(patched(l, &lift).is_unlimited());
+        // On a running device, only the buckets given are replaced.
+        let u = update(Some(&patch));
+        assert_eq!(u.bandwidth, BucketUpdate::Keep);
+        assert_eq!(
+            u.ops,
+            BucketUpdate::Replace(Some(bucket(patch.ops.unwrap())))
+        );
+        assert!(update(None).is_keep());
     }
 }

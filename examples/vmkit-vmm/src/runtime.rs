@@ -258,18 +258,20 @@ impl Running {
             .find(|(d, _)| d == id)
             .ok_or_else(|| format!("drive {id}: no such drive"))?;
         let mut disk = disk.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(patch) = &update.rate_limiter {
-            let limiter = crate::limits::patched(disk.rate_limiter().config(), patch);
-            disk.update_rate_limiter(limiter);
-            log::info!("drive {id}: rate limiter {limiter:?}");
+        // The image first: a PATCH that fails changes nothing (the limiter is not applied
+        // when the new image cannot be opened).
+        if let Some(path) = &update.path_on_host {
+            let landlocked = self.parts.landlocked;
+            disk.replace_disk(std::path::PathBuf::from(path))
+                .map_err(|e| crate::landlock::drive_error(landlocked, id, path, &e))?;
+            log::info!("drive {id} now serves {path}");
         }
-        let Some(path) = &update.path_on_host else {
-            return Ok(());
-        };
-        let landlocked = self.parts.landlocked;
-        disk.replace_disk(std::path::PathBuf::from(path))
-            .map_err(|e| crate::landlock::drive_error(landlocked, id, path, &e))?;
-        log::info!("drive {id} now serves {path}");
+        let limiter = crate::limits::update(update.rate_limiter.as_ref());
+        if !limiter.is_keep() {
+            disk.update_rate_limiter(limiter);
+            let now = disk.rate_limiter().config();
+            log::info!("drive {id}: rate limiter {now:?}");
+        }
         Ok(())
     }
 
@@ -289,13 +291,14 @@ impl Running {
             .find(|(n, _)| n == id)
             .ok_or_else(|| format!("interface {id}: no such interface"))?;
         let mut net = net.lock().unwrap_or_else(|p| p.into_inner());
-        let patch = |current: vmkit_virtio::RateLimiterConfig, p: &Option<_>| match p {
-            Some(p) => crate::limits::patched(current, p),
-            None => current,
-        };
-        let rx = patch(net.rx_rate_limiter().config(), &update.rx_rate_limiter);
-        let tx = patch(net.tx_rate_limiter().config(), &update.tx_rate_limiter);
+        // Only the directions, and in them the buckets, the PATCH gives change.
+        let rx = crate::limits::update(update.rx_rate_limiter.as_ref());
+        let tx = crate::limits::update(update.tx_rate_limiter.as_ref());
         net.update_rate_limiters(rx, tx);
+        let (rx, tx) = (
+            net.rx_rate_limiter().config(),
+            net.tx_rate_limiter().config(),
+        );
         log::info!("interface {id}: rate limiters rx {rx:?} tx {tx:?}");
         Ok(())
     }

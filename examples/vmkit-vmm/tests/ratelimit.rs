@@ -68,8 +68,15 @@ fn measure(args: &[&str]) -> Measured {
 
 /// `vmkit ARGS…`, measured as [`measure`] does.
 fn measure_vmkit(args: &[&str]) -> Measured {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vmkit"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmkit"));
+    cmd.args(args);
+    measure_command(cmd)
+}
+
+/// `cmd` (vmkit, or vmkit in a network namespace), measured as [`measure`] does; the CPU
+/// figure is the main thread's of the process `cmd` starts.
+fn measure_command(mut cmd: Command) -> Measured {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -151,6 +158,44 @@ fn count(out: &str, prefix: &str) -> f64 {
     n.parse().unwrap_or_else(|_| panic!("'{n}' in '{line}'"))
 }
 
+/// The guest's frames/s of `bench=net-tx` or `net-rx` (`what`), and the same on the host's
+/// clock: the frames it counted over the host's time from its start line
+/// (`bench net-tx: sending …`; `bench net-rx: first frame`, as the guest's interval starts
+/// there) to its result (`bench net-tx: N frames in …`).
+fn net_frames_s(m: &Measured, what: &str) -> (f64, f64) {
+    let prefix = format!("bench {what}: ");
+    let got = figure(&m.stdout, &prefix, "frames/s");
+    let at = m
+        .lines
+        .iter()
+        .position(|(_, l)| l.starts_with(&prefix) && l.contains("frames/s"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no '{prefix}' result in:
+{}",
+                m.stdout
+            )
+        });
+    let (end, line) = &m.lines[at];
+    let frames: f64 = line[prefix.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no frame count in '{line}'"));
+    let (start, _) = m.lines[..at]
+        .iter()
+        .rev()
+        .find(|(_, l)| l.starts_with(&prefix))
+        .unwrap_or_else(|| {
+            panic!(
+                "no '{prefix}' start line in:
+{}",
+                m.stdout
+            )
+        });
+    (got, frames / end.saturating_sub(*start).as_secs_f64())
+}
+
 /// Prints the figures; `got` is the guest's, `host` the same on the host's clock.
 fn report(what: &str, target: f64, (got, host): (f64, f64), unit: &str, m: &Measured) {
     let cpu = m.main_thread_cpu.as_secs_f64() / m.wall.as_secs_f64() * 100.0;
@@ -203,10 +248,12 @@ fn in_band((got, host): (f64, f64), band: std::ops::RangeInclusive<f64>) -> bool
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn blk_bandwidth_holds_10_mib_per_second_with_the_vmm_idle() {
-    let (got, m) = blk_bandwidth("10M", 4);
+    // 6 s: a stall of the guest on a busy host (time a token bucket does not give back)
+    // weighs less, and so does the first bucket.
+    let (got, m) = blk_bandwidth("10M", 6);
     report("blk bw=10M", 10.0, got, "MiB/s", &m);
     // The issue's acceptance check: within 10% of 10 MiB/s (the guest alone reads several
-    // times faster). The first 100 ms bucket adds 2.5% over 4 s.
+    // times faster). The first 100 ms bucket adds 1.7% over 6 s.
     assert!(in_band(got, 9.0..=11.0), "{got:?} MiB/s\n{}", m.stdout);
     // The guest is held most of the time; the event thread sleeps on the limiter's timer
     // rather than polling (it wakes at most once per request here).
@@ -283,24 +330,17 @@ fn net_transmit_frames_limit() {
     let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmkit"));
     cmd.arg("--kernel").arg(&guest);
     cmd.args(["--net", &net, "--cmdline", &cmdline]);
-    let start = Instant::now();
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .expect("run vmkit in the namespace");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let m = measure_command(cmd);
     // Frames the guest queued: the ones sent plus the 256 transmit buffers still full, and
     // the first bucket (200 frames) is full at the start: about 7% over 3 s. Without the limit
     // the guest queues some 48 000 a second.
-    let got = figure(&stdout, "bench net-tx: ", "frames/s");
-    eprintln!(
-        "rate limit net tx_ops=2000: target 2000 frames/s, measured {got:.0} frames/s \
-         ({:+.1}%) in {:?}",
-        (got / 2000.0 - 1.0) * 100.0,
-        start.elapsed()
+    let got = net_frames_s(&m, "net-tx");
+    report("net tx_ops=2000", 2000.0, got, "frames/s", &m);
+    assert!(
+        in_band(got, 1600.0..=2300.0),
+        "{got:?} frames/s\n{}",
+        m.stdout
     );
-    assert!((1600.0..=2300.0).contains(&got), "{got} frames/s\n{stdout}");
 }
 
 #[test]
@@ -381,6 +421,50 @@ fn patching_a_running_drive_s_rate_limiter_lifts_it() {
     eprintln!("rate limit lifted after ~1 s of 6 at 1 MiB/s: {got:.1} MiB/s on average");
     // Held to 1 MiB/s throughout it would be about 1; lifted, the guest reads far faster.
     assert!(got > 3.0, "{got} MiB/s\n{serial}");
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_patch_whose_image_fails_leaves_the_rate_limiter() {
+    use common::api::{Dir, Vmkit};
+    let dir = Dir::new("rl-patch-bad");
+    let img = Image::new("patch-bad", 1024);
+    let vm = Vmkit::start(&dir, &[]);
+    vm.expect(
+        204,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+    );
+    let boot = serde_json::json!({
+        "kernel_image_path": test_guest(), "boot_args": "test=blk-serial bench=blk-seq128k:4:4",
+    });
+    vm.expect(204, "PUT", "/boot-source", Some(&boot.to_string()));
+    // 1 MiB/s.
+    let drive = serde_json::json!({
+        "drive_id": "data", "path_on_host": img.path(), "is_root_device": false,
+        "rate_limiter": {"bandwidth": {"size": 131072, "refill_time": 125}},
+    });
+    vm.expect(204, "PUT", "/drives/data", Some(&drive.to_string()));
+    vm.action("InstanceStart");
+    vm.wait_serial("test blk-serial: ok", Duration::from_secs(30));
+    // A lift with an image that cannot be opened: refused, and nothing of it applied.
+    let missing = dir.file("no-such-image");
+    let bad = serde_json::json!({
+        "drive_id": "data", "path_on_host": missing,
+        "rate_limiter": {"bandwidth": {"size": 0, "refill_time": 0}},
+    });
+    vm.expect(400, "PATCH", "/drives/data", Some(&bad.to_string()));
+    let (code, stderr) = vm.wait(Duration::from_secs(60));
+    let serial = vm_serial(&dir);
+    assert_eq!(code, Some(0), "{stderr}\n{serial}");
+    let got = figure(&serial, "bench blk-seq128k qd4:", "MiB/s");
+    eprintln!("after a refused PATCH lifting the 1 MiB/s limit: {got:.1} MiB/s");
+    // Still held to 1 MiB/s (lifted, the guest reads many times faster).
+    assert!(
+        got < 2.0,
+        "{got} MiB/s: the refused PATCH lifted the limit\n{serial}"
+    );
 }
 
 fn vm_serial(dir: &common::api::Dir) -> String {
@@ -490,16 +574,15 @@ fn net_receive_frames_limit() {
     let mut cmd = ns.command(env!("CARGO_BIN_EXE_vmkit"));
     cmd.arg("--kernel").arg(test_guest());
     cmd.args(["--net", &net, "--cmdline", &cmdline]);
-    let out = cmd.stdin(Stdio::null()).output().expect("run vmkit");
+    let m = measure_command(cmd);
     stop.store(true, Ordering::Relaxed);
     let sent = sender.join().expect("the sender");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
-    let got = figure(&stdout, "bench net-rx: ", "frames/s");
-    eprintln!(
-        "rate limit net rx_ops=1000: target 1000 frames/s, measured {got:.0} frames/s \
-         ({:+.1}%), {sent} frames sent by the host",
-        (got / 1000.0 - 1.0) * 100.0
+    let got = net_frames_s(&m, "net-rx");
+    report("net rx_ops=1000", 1000.0, got, "frames/s", &m);
+    eprintln!("{sent} frames sent by the host");
+    assert!(
+        in_band(got, 800.0..=1100.0),
+        "{got:?} frames/s\n{}",
+        m.stdout
     );
-    assert!((800.0..=1100.0).contains(&got), "{got} frames/s\n{stdout}");
 }

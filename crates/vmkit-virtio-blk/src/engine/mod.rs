@@ -93,8 +93,11 @@ pub trait BlockEngine<M: MappedMemory = GuestMemoryMmap>: Send + fmt::Debug {
 
     /// Orphans of [`detach`](Self::detach) (and cancellations) not reaped yet. A device
     /// must not let a driver that re-activated it reuse buffers while this is not 0: an
-    /// orphaned read could still land in them. Default: 0 (engines that complete in
-    /// [`submit`](Self::submit)).
+    /// orphaned read could still land in them. Default: 0, right only for engines that
+    /// complete every operation in [`submit`](Self::submit): an asynchronous engine (one
+    /// whose operations can still be at the kernel after [`detach`](Self::detach)) must
+    /// override it, or a re-activated device could hand out buffers an orphaned read is
+    /// about to fill.
     fn cancelling(&self) -> usize {
         0
     }
