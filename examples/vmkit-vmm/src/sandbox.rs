@@ -1,9 +1,11 @@
 //! The sandbox: what vmkit gives up before the guest runs. `PR_SET_NO_NEW_PRIVS` at once;
 //! a seccomp filter per thread (`--seccomp`, the lists of the vmkit-seccomp crate) — the
-//! API thread's when it starts, each vCPU thread's before its first `KVM_RUN`, the main
+//! API thread's when it starts, each vCPU thread's first thing in the thread, the main
 //! thread's last, once every other thread exists (a filter is inherited by threads spawned
-//! after it, and stacked filters must all allow a call); and `--user`, once everything is
-//! open and built, before the vCPUs start.
+//! after it, and stacked filters must all allow a call), and only then does any vCPU enter
+//! the guest (the vCPU threads wait, parked, for the main thread's filter: no guest
+//! instruction runs before every filter is installed); and `--user`, once everything is
+//! open and built, before the vCPU threads start.
 
 use std::sync::Arc;
 
@@ -72,7 +74,8 @@ impl Sandbox {
         })
     }
 
-    /// The main thread's filter: the last, once every other thread runs.
+    /// The main thread's filter: the last, once every other thread exists (the vCPUs
+    /// parked before the guest).
     pub fn enter_vmm(&self) -> Result<()> {
         install(self.vmm.as_ref()).map_err(Error::Sandbox)?;
         test_hook::maybe_violate(self.violate, ThreadKind::Vmm);
@@ -152,6 +155,11 @@ mod test_hook {
 
     pub fn maybe_violate(violate: Option<ThreadKind>, me: ThreadKind) {
         if violate == Some(me) {
+            if me == ThreadKind::Vmm {
+                // Time for a guest let in before this thread's filter to show on its serial
+                // port (tests/seccomp.rs checks none did).
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
             eprintln!("vmkit: seccomp test hook: getppid on the {me} thread");
             // SAFETY: getppid takes no arguments and cannot fail.
             unsafe { libc::syscall(libc::SYS_getppid) };
