@@ -411,7 +411,10 @@ impl OutputSink {
         } else if is_nonblocking(raw)? || kind == libc::S_IFREG || kind == libc::S_IFBLK {
             Mode::Write
         } else if is_terminal(raw) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, BLOCKING_TERMINAL));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                BLOCKING_TERMINAL,
+            ));
         } else {
             Mode::Gated
         };
@@ -686,7 +689,10 @@ mod tests {
         let s = sink(1000, None);
         let e = s.connect(slave.try_clone().unwrap()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
-        assert!(e.to_string().starts_with("a terminal in blocking mode"), "{e}");
+        assert!(
+            e.to_string().starts_with("a terminal in blocking mode"),
+            "{e}"
+        );
         // Its own non-blocking description: far more than the pty takes, its reader never
         // reads, and the writer must still return (guarded: a blocked write fails the test
         // instead of hanging it).
