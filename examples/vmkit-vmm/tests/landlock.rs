@@ -174,6 +174,9 @@ fn the_api_thread_is_restricted_too_and_still_removes_its_socket() {
             secret.display()
         );
         assert!(stderr.contains(&said), "--landlock {landlock}: {stderr}");
-        assert!(!api.exists(), "api.sock left behind (--landlock {landlock})");
+        assert!(
+            !api.exists(),
+            "api.sock left behind (--landlock {landlock})"
+        );
     }
 }
