@@ -2,7 +2,7 @@
 //! vmkit-legacy's bounded, non-blocking [`OutputSink`]: the sinks are made with the devices
 //! and connected by the last stage of the build ([`Outputs::open`]), so a start that fails
 //! earlier leaves an existing output file untouched; the event loop drains them
-//! ([`OutputDrain`](crate::io::OutputDrain)) and the metrics count what they dropped.
+//! ([`OutputDrain`]) and the metrics count what they dropped.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, OwnedFd};

@@ -7,6 +7,7 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
+#[cfg(feature = "seccomp-test-hook")]
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -178,6 +179,7 @@ fn with_seccomp_off_no_thread_has_a_filter_but_no_new_privs_holds() {
 }
 
 /// `vmkit` on the test guest (which powers off at once) with the API, `args` added.
+#[cfg(feature = "seccomp-test-hook")]
 fn short_run(dir: &Dir, args: &[&str]) -> std::process::Output {
     let guest = test_guest();
     let api = dir.file("api.sock");
