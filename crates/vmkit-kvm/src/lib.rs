@@ -64,4 +64,6 @@ pub use events::ExitWatcher;
 pub use machine::{open_kvm, Machine, MachineConfig};
 pub use mmio::{MmioPlatform, MmioSlot};
 pub use pci::PciPlatform;
-pub use vcpus::{exit_reason, BusExits, VcpuConfig, VcpuPrologue, VcpuThreads, Vcpus, MAX_VCPUS};
+pub use vcpus::{
+    exit_reason, BusExits, ParkedVcpus, VcpuConfig, VcpuPrologue, VcpuThreads, Vcpus, MAX_VCPUS,
+};

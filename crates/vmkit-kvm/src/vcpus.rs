@@ -179,15 +179,33 @@ impl Vcpus {
         exit: Arc<dyn ExitNotifier>,
         prologue: Arc<VcpuPrologue>,
     ) -> Result<VcpuThreads> {
+        Ok(self.prepare_with(bus, exit, prologue)?.run())
+    }
+
+    /// The first half of [`start_with`](Self::start_with): spawns the threads and runs
+    /// `prologue` in each, then parks them before their first `KVM_RUN` until
+    /// [`ParkedVcpus::run`] (or [`ParkedVcpus::abort`], or a drop, which end them without
+    /// running the guest). Between the two the caller can do what must come before any guest
+    /// instruction, such as installing its own thread's seccomp filter.
+    pub fn prepare_with(
+        self,
+        bus: Arc<IoBus>,
+        exit: Arc<dyn ExitNotifier>,
+        prologue: Arc<VcpuPrologue>,
+    ) -> Result<ParkedVcpus> {
         install_kick_handler().map_err(|source| Error::SetupVcpu { index: 0, source })?;
         let control = VcpuControl::new();
         let exits = Arc::new(BusExits(bus));
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        let mut gates = Vec::with_capacity(self.vcpus.len());
         let counters = self.vcpus.iter().map(Vcpu::counters).collect();
+        let mut parked = ParkedVcpus {
+            control,
+            threads: Vec::with_capacity(self.vcpus.len()),
+            gates: Vec::with_capacity(self.vcpus.len()),
+            counters,
+        };
         let (ready_tx, ready) = mpsc::channel();
         for mut vcpu in self.vcpus {
-            let (exits, control, exit) = (exits.clone(), control.clone(), exit.clone());
+            let (exits, control, exit) = (exits.clone(), parked.control.clone(), exit.clone());
             let (ready_tx, prologue) = (ready_tx.clone(), prologue.clone());
             let (gate, wait) = mpsc::channel::<bool>();
             let thread = thread::Builder::new()
@@ -203,19 +221,12 @@ impl Vcpus {
                     }
                     vcpu.stats()
                 })
-                .map_err(Error::Thread);
-            let thread = match thread {
-                Ok(t) => t,
-                Err(e) => {
-                    open_gates(&gates, false);
-                    return Err(e);
-                }
-            };
-            threads.push(thread);
-            gates.push(gate);
+                .map_err(Error::Thread)?;
+            parked.threads.push(thread);
+            parked.gates.push(gate);
         }
         drop(ready_tx);
-        let failed = (0..threads.len())
+        let failed = (0..parked.threads.len())
             .filter_map(|_| match ready.recv() {
                 Ok((_, Ok(()))) => None,
                 Ok((index, Err(message))) => Some(Error::VcpuPrologue { index, message }),
@@ -225,18 +236,62 @@ impl Vcpus {
                 }),
             })
             .next();
-        open_gates(&gates, failed.is_none());
-        if let Some(e) = failed {
-            for t in threads {
-                let _ = t.join();
-            }
-            return Err(e);
+        match failed {
+            // The drop ends the threads.
+            Some(e) => Err(e),
+            None => Ok(parked),
         }
-        Ok(VcpuThreads {
-            control,
-            threads,
-            counters,
-        })
+    }
+}
+
+/// vCPU threads whose prologues have run, parked before their first `KVM_RUN`
+/// ([`Vcpus::prepare_with`]): no guest instruction runs until [`run`](Self::run). Dropped
+/// without `run`, the threads end without running the guest (as [`abort`](Self::abort)).
+#[derive(Debug)]
+pub struct ParkedVcpus {
+    control: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<VcpuStats>>,
+    gates: Vec<mpsc::Sender<bool>>,
+    counters: Vec<Arc<VcpuCounters>>,
+}
+
+impl ParkedVcpus {
+    /// Lets the vCPUs into the guest.
+    pub fn run(mut self) -> VcpuThreads {
+        open_gates(&std::mem::take(&mut self.gates), true);
+        VcpuThreads {
+            control: self.control.clone(),
+            threads: std::mem::take(&mut self.threads),
+            counters: std::mem::take(&mut self.counters),
+        }
+    }
+
+    /// Ends the threads without running the guest, and waits for them.
+    pub fn abort(self) {
+        drop(self);
+    }
+
+    /// Each vCPU's exit counters, in vCPU order (all zero while parked).
+    pub fn counters(&self) -> &[Arc<VcpuCounters>] {
+        &self.counters
+    }
+}
+
+impl Drop for ParkedVcpus {
+    fn drop(&mut self) {
+        if self.threads.is_empty() {
+            // Let in (`run`): the threads are `VcpuThreads`' now.
+            return;
+        }
+        open_gates(&self.gates, false);
+        // Stopped as running vCPUs are (a no-op for threads that were parked): a drop never
+        // waits on a guest.
+        let threads = VcpuThreads {
+            control: self.control.clone(),
+            threads: std::mem::take(&mut self.threads),
+            counters: Vec::new(),
+        };
+        threads.stop();
     }
 }
 

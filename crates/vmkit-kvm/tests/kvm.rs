@@ -265,3 +265,39 @@ fn a_failed_vcpu_prologue_fails_the_start_and_no_guest_code_runs() {
         "the guest ran"
     );
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn prepared_vcpus_run_no_guest_code_until_let_in_and_an_abort_runs_none() {
+    let counter = GuestAddress(0x20_0000);
+    let code = [0xFF, 0x05, 0x00, 0x00, 0x20, 0x00, 0xEB, 0xF8];
+    let prologue = Arc::new(|_: u32| Ok(()));
+    for let_in in [true, false] {
+        let m = machine();
+        let vcpus = two_vcpus(&m);
+        // The counter loop of the pause test: the guest ran if the counter moved.
+        load_code(&m, &vcpus, &code);
+        let read = || m.memory().read_obj::<u32>(counter).unwrap();
+        let parked = vcpus
+            .prepare_with(m.bus().clone(), m.exit().clone(), prologue.clone())
+            .unwrap();
+        // What the caller does here (its own filter) comes before any guest instruction: a
+        // guest let in already would have counted to thousands by now.
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(read(), 0, "the guest ran before it was let in");
+        if !let_in {
+            parked.abort();
+            std::thread::sleep(Duration::from_millis(100));
+            assert_eq!(read(), 0, "the guest ran after an abort");
+            continue;
+        }
+        let threads = parked.run();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while read() == 0 {
+            assert!(Instant::now() < deadline, "the guest never ran once let in");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        threads.pause(Duration::from_secs(10)).unwrap();
+        assert!(threads.stop().iter().all(Option::is_some));
+    }
+}

@@ -113,8 +113,10 @@ struct Inner {
 /// - The descriptor should be non-blocking and the VMM's own open file description:
 ///   [`reopen_nonblocking`] makes one from a shared stdout without touching the parent's
 ///   (setting `O_NONBLOCK` on an inherited stdout would change it for the shell too).
-///   Sockets are written with `MSG_DONTWAIT` whatever their flags; a blocking pipe or
-///   terminal is polled before each write of at most `PIPE_BUF` bytes.
+///   Sockets are written with `MSG_DONTWAIT` whatever their flags; a blocking pipe is
+///   polled before each write of at most `PIPE_BUF` bytes (which `POLLOUT` guarantees room
+///   for). A terminal in blocking mode is refused: `POLLOUT` there promises no room for any
+///   given write (a reader's XOFF stops it), so no write to it could be sure not to block.
 ///
 /// ```
 /// use std::io::{Read, Write};
@@ -174,6 +176,16 @@ fn is_nonblocking(fd: RawFd) -> io::Result<bool> {
     Ok(flags & libc::O_NONBLOCK != 0)
 }
 
+/// Why [`OutputSink::connect`] refuses a terminal in blocking mode.
+const BLOCKING_TERMINAL: &str = "a terminal in blocking mode can block any write, even after \
+     poll says it is writable (a reader that sent XOFF, a line discipline out of room): give \
+     a non-blocking descriptor (reopen_nonblocking opens one through /proc/self/fd)";
+
+fn is_terminal(fd: RawFd) -> bool {
+    // SAFETY: isatty only queries the descriptor (TCGETS).
+    unsafe { libc::isatty(fd) == 1 }
+}
+
 /// Waits at most `timeout_ms` (0: not at all) for `fd` to be writable.
 fn writable(fd: RawFd, timeout_ms: i32) -> bool {
     let mut p = libc::pollfd {
@@ -194,7 +206,8 @@ fn writable(fd: RawFd, timeout_ms: i32) -> bool {
 /// socket is duplicated (close-on-exec): a file never blocks for a reader, a duplicate keeps
 /// the shared offset (`vmkit > log` appends where the shell left off), and a socket is
 /// written with `MSG_DONTWAIT`. When opening again fails (no `/proc`, a FIFO without a
-/// reader), `fd` is duplicated and the sink polls before each write.
+/// reader), `fd` is duplicated and the sink polls before each write (a pipe), or refuses it
+/// (a terminal: see [`OutputSink`]).
 pub fn reopen_nonblocking(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let kind = file_type(fd.as_raw_fd())?;
     if kind == libc::S_IFIFO || kind == libc::S_IFCHR {
@@ -385,6 +398,11 @@ impl OutputSink {
 
     /// Sends the output to `fd` from now on (see [`reopen_nonblocking`] for stdout),
     /// starting with what was buffered before.
+    ///
+    /// # Errors
+    ///
+    /// `fstat` or `fcntl` on `fd` failing; [`io::ErrorKind::InvalidInput`] for a terminal in
+    /// blocking mode (see above).
     pub fn connect(&self, fd: OwnedFd) -> io::Result<()> {
         let raw = fd.as_raw_fd();
         let kind = file_type(raw)?;
@@ -392,6 +410,11 @@ impl OutputSink {
             Mode::Send
         } else if is_nonblocking(raw)? || kind == libc::S_IFREG || kind == libc::S_IFBLK {
             Mode::Write
+        } else if is_terminal(raw) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                BLOCKING_TERMINAL,
+            ));
         } else {
             Mode::Gated
         };
@@ -639,6 +662,55 @@ mod tests {
         got.extend(read_all(&mut r));
         assert_eq!(got.len() as u64, st.written + st.buffered);
         assert_eq!(got, data[..got.len()]);
+    }
+
+    /// A pty pair: the master (never read here), the slave (blocking).
+    fn pty() -> (OwnedFd, OwnedFd) {
+        let (mut master, mut slave) = (-1, -1);
+        // SAFETY: the two pointers are to live ints; the name, termios and winsize are NULL.
+        let ret = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(ret, 0, "{}", io::Error::last_os_error());
+        // SAFETY: openpty opened both and nothing else owns them.
+        unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+    }
+
+    #[test]
+    fn a_blocking_terminal_is_refused_and_a_reopened_one_never_blocks() {
+        let (_master, slave) = pty();
+        assert!(!is_nonblocking(slave.as_raw_fd()).unwrap());
+        let s = sink(1000, None);
+        let e = s.connect(slave.try_clone().unwrap()).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(
+            e.to_string().starts_with("a terminal in blocking mode"),
+            "{e}"
+        );
+        // Its own non-blocking description: far more than the pty takes, its reader never
+        // reads, and the writer must still return (guarded: a blocked write fails the test
+        // instead of hanging it).
+        let reopened = reopen_nonblocking(slave.as_fd()).unwrap();
+        assert!(!is_nonblocking(slave.as_raw_fd()).unwrap());
+        s.connect(reopened).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let mut dev = s.clone();
+        std::thread::spawn(move || {
+            dev.write_all(&pattern(1 << 20)).unwrap();
+            done.send(()).unwrap();
+        });
+        finished
+            .recv_timeout(Duration::from_secs(20))
+            .expect("a write to a terminal nobody reads blocked");
+        let st = s.stats();
+        assert!(st.dropped > 0 && st.buffered == 1000, "{st:?}");
+        assert_eq!(st.written + st.buffered + st.dropped, 1 << 20);
     }
 
     #[test]

@@ -163,6 +163,11 @@ pub struct Args {
     #[cfg(feature = "seccomp-test-hook")]
     #[arg(long, hide = true, value_name = "KIND")]
     pub seccomp_test_violate: Option<String>,
+    /// Tests only (the `seccomp-test-hook` feature): the API thread, once restricted by
+    /// `--landlock`, tries to open this file for reading and says how that went.
+    #[cfg(feature = "seccomp-test-hook")]
+    #[arg(long, hide = true, value_name = "PATH")]
+    pub landlock_test_api_open: Option<PathBuf>,
 }
 
 /// One `--landlock-allow`.

@@ -3,9 +3,13 @@
 //!
 //! Applied on the main thread just before the vCPU threads are spawned, so it binds the main
 //! thread (the event loop, the devices, the API's requests as the VM serves them) and every
-//! vCPU thread. The API's server thread, spawned earlier, is not restricted; it only accepts
-//! connections and parses requests (and removes its socket file at the end), and opens no file.
-//! What is allowed (a file, or a directory and all beneath it):
+//! vCPU thread. The API's server thread, spawned earlier, restricts itself first thing
+//! ([`restrict_api_thread`]) to removing its own socket at the end: it only accepts
+//! connections and parses requests, and opens no file. (Landlock ABI 8's `TSYNC`, the crate's
+//! `RestrictSelfAttr::all_threads`, would restrict every thread in one call, but needs a newer
+//! kernel than many run, 6.18 has ABI 7, and would stack the main thread's rules on the API
+//! thread: its own ruleset works on every kernel with Landlock.)
+//! What the main thread is allowed (a file, or a directory and all beneath it):
 //!
 //! | path | access |
 //! |---|---|
@@ -40,6 +44,8 @@ pub enum Grant {
     ReadWrite,
     /// A directory of Unix sockets: connect to them, remove files in it.
     Sockets,
+    /// A directory: remove files in it (the API socket's, for the API thread).
+    RemoveFiles,
 }
 
 /// The paths `--landlock` allows, from the VM's description.
@@ -113,6 +119,7 @@ fn access(grant: Grant) -> BitFlags<AccessFs> {
         Grant::Read => AccessFs::ReadFile | AccessFs::ReadDir,
         Grant::ReadWrite => AccessFs::ReadFile | AccessFs::ReadDir | AccessFs::WriteFile,
         Grant::Sockets => AccessFs::ResolveUnix | AccessFs::RemoveFile,
+        Grant::RemoveFiles => AccessFs::RemoveFile.into(),
     }
 }
 
@@ -123,10 +130,17 @@ pub fn enforce(rules: Option<&Rules>) -> crate::error::Result<bool> {
     restrict(rules).map_err(crate::error::Error::Landlock)
 }
 
-fn restrict(rules: Option<&Rules>) -> Result<bool, String> {
-    let Some(rules) = rules else {
-        return Ok(false);
-    };
+/// The API thread's own restriction (`--landlock`): no file system access at all but removing
+/// files in the directory of its socket `socket` (which it does at the end). Called on the
+/// API thread, first thing.
+pub fn restrict_api_thread(socket: &Path) -> Result<(), String> {
+    let rules = Rules(vec![(parent(socket), Grant::RemoveFiles)]);
+    restrict(Some(&rules)).map(|_| ())
+}
+
+/// A ruleset that handles every file system right the kernel knows (Landlock itself
+/// required).
+fn ruleset() -> Result<landlock::RulesetCreated, String> {
     // The crate's error lists every right it asked for: the cause is the kernel's.
     let unsupported = |_: landlock::RulesetError| {
         "--landlock: this kernel does not provide Landlock (it needs CONFIG_SECURITY_LANDLOCK \
@@ -141,7 +155,14 @@ fn restrict(rules: Option<&Rules>) -> Result<bool, String> {
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(ABI::V10))
         .map_err(|e| format!("--landlock: {e}"))?;
-    let mut created = ruleset.create().map_err(|e| format!("--landlock: {e}"))?;
+    ruleset.create().map_err(|e| format!("--landlock: {e}"))
+}
+
+fn restrict(rules: Option<&Rules>) -> Result<bool, String> {
+    let Some(rules) = rules else {
+        return Ok(false);
+    };
+    let mut created = ruleset()?;
     for (path, grant) in rules.paths() {
         let fd = PathFd::new(path)
             .map_err(|e| format!("--landlock: cannot open {}: {e}", path.display()))?;

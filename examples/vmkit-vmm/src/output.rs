@@ -95,10 +95,13 @@ impl Outputs {
         Ok(sink)
     }
 
-    /// The last stage of the build: opens the output files (created or truncated, never
-    /// through a symbolic link) and stdout's own non-blocking description, and connects the
-    /// sinks. Nothing may fail after this but starting the vCPUs.
+    /// The last stage of the build: opens the output files (created if missing, never
+    /// through a symbolic link) and stdout's own non-blocking description, then truncates the
+    /// files, then connects the sinks. Every file is opened before any is truncated, so a file
+    /// that cannot be opened leaves the others as they were. Nothing may fail after this but
+    /// starting the vCPUs.
     pub fn open(&self) -> Result<()> {
+        let mut opened = Vec::with_capacity(self.sinks.len());
         for (_, sink, target) in &self.sinks {
             let (what, path, fd) = match target {
                 Target::Connected => continue,
@@ -107,14 +110,20 @@ impl Outputs {
                     Path::new("-"),
                     vmkit_legacy::reopen_nonblocking(std::io::stdout().as_fd()),
                 ),
-                Target::File { what, path } => (*what, path.as_path(), create(path)),
+                Target::File { what, path } => (*what, path.as_path(), open_output(path)),
             };
-            let open_error = |source| Error::Open {
+            let open_error = move |source| Error::Open {
                 what,
                 path: path.display().to_string(),
                 source,
             };
-            sink.connect(fd.map_err(open_error)?).map_err(open_error)?;
+            opened.push((sink, fd.map_err(open_error)?, open_error));
+        }
+        for (_, fd, open_error) in &opened {
+            truncate(fd).map_err(open_error)?;
+        }
+        for (sink, fd, open_error) in opened {
+            sink.connect(fd).map_err(open_error)?;
         }
         Ok(())
     }
@@ -156,38 +165,34 @@ impl Outputs {
     }
 }
 
-/// Creates or truncates `path` for writing: close-on-exec, a symbolic link refused
-/// (`O_NOFOLLOW`), non-blocking once open (a FIFO there then never blocks the sink).
-fn create(path: &Path) -> std::io::Result<OwnedFd> {
+/// Opens `path` for writing, created if missing, not truncated yet ([`truncate`]):
+/// close-on-exec, a symbolic link refused (`O_NOFOLLOW`), non-blocking (a FIFO there never
+/// blocks the start or the sink; one with no reader yet is an error, `ENXIO`).
+fn open_output(path: &Path) -> std::io::Result<OwnedFd> {
     let file = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => std::io::Error::new(
                 e.kind(),
                 "it is a symbolic link, which is refused (name the file it points to)",
             ),
+            Some(libc::ENXIO) => std::io::Error::new(
+                e.kind(),
+                "it is a FIFO nobody reads: start its reader first",
+            ),
             _ => e,
         })?;
-    set_nonblocking(&file)?;
     Ok(file.into())
 }
 
-fn set_nonblocking(file: &File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    // SAFETY: F_GETFL/F_SETFL on a descriptor this function's caller owns; the description
-    // was opened here, so nobody else sees the flag.
-    let ok = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+/// Empties `fd` if it is a regular file (a FIFO, a terminal or a device is written as is).
+fn truncate(fd: &OwnedFd) -> std::io::Result<()> {
+    let file = File::from(fd.try_clone()?);
+    if file.metadata()?.is_file() {
+        file.set_len(0)?;
     }
+    Ok(())
 }

@@ -1,10 +1,13 @@
 //! The sandbox: what vmkit gives up before the guest runs. `PR_SET_NO_NEW_PRIVS` at once;
 //! a seccomp filter per thread (`--seccomp`, the lists of the vmkit-seccomp crate) — the
-//! API thread's when it starts, each vCPU thread's before its first `KVM_RUN`, the main
+//! API thread's when it starts, each vCPU thread's first thing in the thread, the main
 //! thread's last, once every other thread exists (a filter is inherited by threads spawned
-//! after it, and stacked filters must all allow a call); and `--user`, once everything is
-//! open and built, before the vCPUs start.
+//! after it, and stacked filters must all allow a call), and only then does any vCPU enter
+//! the guest (the vCPU threads wait, parked, for the main thread's filter: no guest
+//! instruction runs before every filter is installed); and `--user`, once everything is
+//! open and built, before the vCPU threads start.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vmkit_kvm::VcpuPrologue;
@@ -22,6 +25,10 @@ pub struct Sandbox {
     user: Option<UserIds>,
     /// `--seccomp-test-violate`: the thread kind that breaks its list.
     violate: Option<ThreadKind>,
+    /// With `--landlock`: the API socket, whose directory is all the API thread may touch.
+    api_landlock: Option<PathBuf>,
+    /// `--landlock-test-api-open`: what the API thread tries to open once restricted.
+    api_probe: Option<PathBuf>,
 }
 
 fn build(kind: ThreadKind, options: &Options) -> Result<Option<BpfProgram>> {
@@ -47,13 +54,22 @@ impl Sandbox {
             api: build(ThreadKind::Api, &options)?,
             user: args.user,
             violate: test_hook::violation(args),
+            api_landlock: args.api_sock.clone().filter(|_| args.landlock),
+            api_probe: test_hook::api_probe(args),
         })
     }
 
-    /// What the API thread runs first: its filter.
+    /// What the API thread runs first: with `--landlock` its own Landlock ruleset (the
+    /// main thread's, applied later, does not reach a thread that exists already), then its
+    /// filter.
     pub fn api_prologue(&self) -> impl FnOnce() -> std::result::Result<(), String> + Send {
         let (program, violate) = (self.api.clone(), self.violate);
+        let (landlock, probe) = (self.api_landlock.clone(), self.api_probe.clone());
         move || {
+            if let Some(socket) = &landlock {
+                crate::landlock::restrict_api_thread(socket)?;
+            }
+            test_hook::probe_open(probe.as_deref());
             install(program.as_ref())?;
             test_hook::maybe_violate(violate, ThreadKind::Api);
             Ok(())
@@ -72,7 +88,8 @@ impl Sandbox {
         })
     }
 
-    /// The main thread's filter: the last, once every other thread runs.
+    /// The main thread's filter: the last, once every other thread exists (the vCPUs
+    /// parked before the guest).
     pub fn enter_vmm(&self) -> Result<()> {
         install(self.vmm.as_ref()).map_err(Error::Sandbox)?;
         test_hook::maybe_violate(self.violate, ThreadKind::Vmm);
@@ -137,7 +154,8 @@ fn drop_to(user: UserIds) -> std::result::Result<(), String> {
 }
 
 /// `--seccomp-test-violate KIND` (the `seccomp-test-hook` feature): the named thread kind
-/// calls `getppid`, which no list allows, right after installing its filter.
+/// calls `getppid`, which no list allows, right after installing its filter; and
+/// `--landlock-test-api-open PATH`: the API thread tries to open `PATH` once restricted.
 #[cfg(feature = "seccomp-test-hook")]
 mod test_hook {
     use super::*;
@@ -150,8 +168,31 @@ mod test_hook {
         ThreadKind::ALL.into_iter().find(|k| k.name() == asked)
     }
 
+    pub fn api_probe(args: &Args) -> Option<PathBuf> {
+        args.landlock_test_api_open.clone()
+    }
+
+    /// `--landlock-test-api-open PATH`: opens `path` for reading and says how that went.
+    pub fn probe_open(path: Option<&Path>) {
+        if let Some(path) = path {
+            let result = match std::fs::File::open(path) {
+                Ok(_) => "opened".to_string(),
+                Err(e) => e.to_string(),
+            };
+            eprintln!(
+                "vmkit: landlock test hook: the API thread opens {}: {result}",
+                path.display()
+            );
+        }
+    }
+
     pub fn maybe_violate(violate: Option<ThreadKind>, me: ThreadKind) {
         if violate == Some(me) {
+            if me == ThreadKind::Vmm {
+                // Time for a guest let in before this thread's filter to show on its serial
+                // port (tests/seccomp.rs checks none did).
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
             eprintln!("vmkit: seccomp test hook: getppid on the {me} thread");
             // SAFETY: getppid takes no arguments and cannot fail.
             unsafe { libc::syscall(libc::SYS_getppid) };
@@ -168,4 +209,10 @@ mod test_hook {
     }
 
     pub fn maybe_violate(_: Option<ThreadKind>, _: ThreadKind) {}
+
+    pub fn api_probe(_: &Args) -> Option<PathBuf> {
+        None
+    }
+
+    pub fn probe_open(_: Option<&Path>) {}
 }

@@ -223,17 +223,16 @@ impl Vm {
         if self.print_stats {
             stats::entering_guest();
         }
-        // Everything is open and built: the user drops, the vCPUs start under their filter,
-        // and this thread takes its own, the last.
+        // Everything is open and built: the user drops, the vCPU threads start and take
+        // their filter, this thread takes its own, the last, and only then are the vCPUs let
+        // into the guest (if this thread's filter fails, they end without running it).
         host.sandbox.drop_user()?;
         let prologue = host.sandbox.vcpu_prologue();
-        let threads = self
+        let parked = self
             .vcpus
-            .start_with(self.machine.bus().clone(), exit.clone(), prologue)?;
-        if let Err(e) = host.sandbox.enter_vmm() {
-            threads.stop();
-            return Err(e);
-        }
+            .prepare_with(self.machine.bus().clone(), exit.clone(), prologue)?;
+        host.sandbox.enter_vmm()?;
+        let threads = parked.run();
         for (i, counters) in threads.counters().iter().enumerate() {
             host.metrics
                 .add(format!("vcpu{i}"), vcpu_metrics(counters.clone()));

@@ -112,8 +112,8 @@ fn devices_work_and_patch_drives_is_limited_to_the_allowed_paths() {
         std::fs::read_to_string(&console).unwrap_or_default(),
         "hello from the virtio console\n"
     );
-    // The vsock socket (in an allowed directory) and the API's (removed by its unrestricted
-    // thread) are gone.
+    // The vsock socket (in an allowed directory) and the API's (removed by its thread, whose
+    // own ruleset allows just that) are gone.
     assert!(!dir.file("v.sock").exists(), "v.sock left behind");
     assert!(!dir.file("api.sock").exists(), "api.sock left behind");
 }
@@ -137,4 +137,46 @@ fn an_allowed_path_that_is_not_there_is_one_line_at_start() {
         "{}",
         run.context()
     );
+}
+
+/// The API's server thread exists before the main thread restricts itself (and Landlock binds
+/// only the thread that asks and those it spawns later): it restricts itself, to removing its
+/// socket at the end. The test hook makes it open a file nobody allowed.
+#[test]
+#[cfg_attr(
+    any(no_kvm, no_landlock),
+    ignore = "needs /dev/kvm and a kernel with Landlock"
+)]
+#[cfg(feature = "seccomp-test-hook")]
+fn the_api_thread_is_restricted_too_and_still_removes_its_socket() {
+    let dir = Dir::new("landlock-api");
+    let secret = dir.file("secret");
+    std::fs::write(&secret, b"x").unwrap();
+    let api = dir.file("api.sock");
+    let guest = test_guest();
+    for (landlock, expected) in [(true, "Permission denied"), (false, "opened")] {
+        let mut args = vec![
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--api-sock",
+            api.to_str().unwrap(),
+            "--landlock-test-api-open",
+            secret.to_str().unwrap(),
+        ];
+        if landlock {
+            args.push("--landlock");
+        }
+        let out = common::vmkit(&args, Duration::from_secs(120));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        let said = format!(
+            "landlock test hook: the API thread opens {}: {expected}",
+            secret.display()
+        );
+        assert!(stderr.contains(&said), "--landlock {landlock}: {stderr}");
+        assert!(
+            !api.exists(),
+            "api.sock left behind (--landlock {landlock})"
+        );
+    }
 }

@@ -264,6 +264,77 @@ fn a_symbolic_link_as_output_file_is_refused() {
     }
 }
 
+/// An output file that cannot be opened (a symbolic link, a missing directory) fails the
+/// start before any other output file is truncated: every file is opened, then all are
+/// truncated.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn an_output_file_that_cannot_be_opened_leaves_the_others_untouched() {
+    let dir = Dir::new("open-then-truncate");
+    let serial = dir.file("serial.log");
+    let link = dir.file("console-link");
+    std::os::unix::fs::symlink(dir.file("elsewhere"), &link).unwrap();
+    let missing = dir.file("no-such-dir/console.log");
+    let guest = test_guest();
+    for (console, why) in [
+        (&link, "is a symbolic link, which is refused"),
+        (&missing, "No such file or directory"),
+    ] {
+        std::fs::write(&serial, b"yesterday's log\n").unwrap();
+        let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        File::options()
+            .write(true)
+            .open(&serial)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        // The serial port's sink comes first: its file is opened before the console's fails.
+        let out = vmkit(
+            &[
+                "--kernel",
+                guest.to_str().unwrap(),
+                "--serial",
+                &format!("file={}", serial.display()),
+                "--console",
+                &format!("file={}", console.display()),
+            ],
+            Duration::from_secs(30),
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(why), "{err}");
+        assert_eq!(std::fs::read(&serial).unwrap(), b"yesterday's log\n");
+        assert_eq!(std::fs::metadata(&serial).unwrap().mtime(), 1_000_000_000);
+    }
+}
+
+/// A FIFO as output file with nobody reading it is a one-line error at start, not a start
+/// blocked forever in `open` (the helper kills vmkit and fails the test after 30 s).
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_fifo_nobody_reads_is_an_error_not_a_hang() {
+    let dir = Dir::new("fifo");
+    let fifo = dir.file("serial.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that lives for the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let guest = test_guest();
+    let out = vmkit(
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--serial",
+            &format!("file={}", fifo.display()),
+        ],
+        Duration::from_secs(30),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("it is a FIFO nobody reads"), "{err}");
+}
+
 /// `max_size=` caps an output file; the guest runs to its end regardless.
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
