@@ -24,7 +24,7 @@ fn cpu_time_us() -> u64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// The moment setup ended and the guest is about to run.
+/// The moment the vCPUs were let into the guest (every seccomp filter installed).
 pub fn entering_guest() {
     eprintln!(
         "vmkit: entering guest at monotonic_ns={} cpu_us={}",

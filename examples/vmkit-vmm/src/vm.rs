@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, SubscriberOps};
 use vmkit_boot::linux_loader::cmdline::Cmdline;
 use vmkit_boot::{BootConfig, EntryPoint, ProtocolChoice};
-use vmkit_kvm::{ExitWatcher, Machine, MachineConfig, VcpuConfig, Vcpus};
+use vmkit_kvm::{ExitWatcher, Machine, MachineConfig, VcpuConfig, VcpuThreads, Vcpus};
 use vmkit_legacy::ExitReason;
 use vmkit_memory::layout::CMDLINE_MAX_SIZE;
 use vmkit_memory::{Backing, MemoryConfig};
@@ -220,19 +220,10 @@ impl Vm {
         // The operator's keys go to the guest while it runs; restored on every way out.
         let _raw = self.stdin_to_guest.then(|| RawMode::enter(0)).flatten();
         let landlocked = crate::landlock::enforce(self.landlock.as_ref())?;
+        let threads = enter_guest(self.vcpus, &self.machine, host)?;
         if self.print_stats {
             stats::entering_guest();
         }
-        // Everything is open and built: the user drops, the vCPU threads start and take
-        // their filter, this thread takes its own, the last, and only then are the vCPUs let
-        // into the guest (if this thread's filter fails, they end without running it).
-        host.sandbox.drop_user()?;
-        let prologue = host.sandbox.vcpu_prologue();
-        let parked = self
-            .vcpus
-            .prepare_with(self.machine.bus().clone(), exit.clone(), prologue)?;
-        host.sandbox.enter_vmm()?;
-        let threads = parked.run();
         for (i, counters) in threads.counters().iter().enumerate() {
             host.metrics
                 .add(format!("vcpu{i}"), vcpu_metrics(counters.clone()));
@@ -265,6 +256,17 @@ impl Vm {
         }
         Ok(end)
     }
+}
+
+/// The last stage, everything open and built: the user drops, the vCPU threads start and
+/// take their filter, this thread takes its own, the last, and only then are the vCPUs let
+/// into the guest (if this thread's filter fails, they end without running it).
+fn enter_guest(vcpus: Vcpus, machine: &Machine, host: &Host) -> Result<VcpuThreads> {
+    host.sandbox.drop_user()?;
+    let prologue = host.sandbox.vcpu_prologue();
+    let parked = vcpus.prepare_with(machine.bus().clone(), machine.exit().clone(), prologue)?;
+    host.sandbox.enter_vmm()?;
+    Ok(parked.run())
 }
 
 /// A vCPU's exits by kind as a metrics group.
