@@ -5,6 +5,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use io_uring::register::Restriction;
 use io_uring::{opcode, types, IoUring};
 use vm_memory::{GuestMemoryMmap, Permissions};
 use vmkit_virtio::MappedMemory;
@@ -82,14 +83,35 @@ impl<M: MappedMemory> std::fmt::Debug for IoUringEngine<M> {
     }
 }
 
+/// The only operations an engine's ring accepts (`IORING_RESTRICTION_SQE_OP`): the
+/// transfers, the sync, and the cancellation of a reset's orphans. Anything else submitted
+/// to it completes with `-EACCES`.
+const ALLOWED_OPS: [u8; 4] = [
+    opcode::Readv::CODE,
+    opcode::Writev::CODE,
+    opcode::Fsync::CODE,
+    opcode::AsyncCancel::CODE,
+];
+
 impl<M: MappedMemory> IoUringEngine<M> {
     /// An engine on `disk` keeping up to `max_in_flight` operations in flight (rounded up
     /// to a power of two, at most [`MAX_IN_FLIGHT`]).
     pub fn new(disk: Arc<Disk>, max_in_flight: u32) -> io::Result<Self> {
         let entries = max_in_flight.clamp(8, MAX_IN_FLIGHT).next_power_of_two();
-        let ring = IoUring::builder().dontfork().build(entries)?;
+        // Disabled until restricted: the ring can then carry only the operations this
+        // engine submits, and no further registration, whatever else is written into its
+        // (process-visible) submission queue. Seccomp never sees io_uring's operations, so
+        // without this a thread allowed `io_uring_enter` could open files or sockets
+        // through the ring (Firecracker restricts its rings the same way).
+        let ring = IoUring::builder()
+            .dontfork()
+            .setup_r_disabled()
+            .build(entries)?;
         let eventfd = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
-        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        let submitter = ring.submitter();
+        submitter.register_eventfd(eventfd.as_raw_fd())?;
+        submitter.register_restrictions(&mut ALLOWED_OPS.map(Restriction::sqe_op))?;
+        submitter.register_enable_rings()?;
         let capacity = ring.params().sq_entries() as usize;
         Ok(Self {
             ring,
@@ -473,5 +495,49 @@ impl<M: MappedMemory> Drop for IoUringEngine<M> {
         // The kernel may still write guest memory for requests in flight: wait for them
         // before the iovecs and the memory clone are dropped.
         self.wait_all();
+    }
+}
+
+#[cfg(test)]
+mod restriction_tests {
+    use super::*;
+    use crate::disk::DiskOptions;
+    use crate::DiskSource;
+
+    /// The ring takes only the engine's own operations: an `OPENAT` (what code that took
+    /// over a thread allowed `io_uring_enter` would submit) completes with `EACCES`, and
+    /// nothing more can be registered. Without the restriction the open succeeds.
+    #[test]
+    fn the_ring_refuses_operations_the_engine_does_not_submit() {
+        let path =
+            std::env::temp_dir().join(format!("vmkit-uring-restricted-{}.img", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let options = DiskOptions {
+            read_only: false,
+            direct: false,
+            block_size: 512,
+            lock: false,
+        };
+        let disk = Arc::new(Disk::open(DiskSource::Path(path.clone()), options).unwrap());
+        let mut engine = IoUringEngine::<vm_memory::GuestMemoryMmap>::new(disk, 8).unwrap();
+        let name = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        let open = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), name.as_ptr())
+            .flags(libc::O_RDONLY | libc::O_CLOEXEC)
+            .build()
+            .user_data(u64::MAX);
+        // SAFETY: `name` outlives the operation: its completion is waited for below.
+        unsafe { engine.ring.submission().push(&open).unwrap() };
+        engine.ring.submit_and_wait(1).unwrap();
+        let result = engine.ring.completion().next().unwrap().result();
+        if result >= 0 {
+            // SAFETY: the descriptor the unrestricted open returned is ours to close.
+            unsafe { libc::close(result) };
+        }
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(result, -libc::EACCES, "an OPENAT went through the ring");
+        assert!(
+            engine.ring.submitter().register_files(&[0]).is_err(),
+            "a registration went through"
+        );
     }
 }
