@@ -17,15 +17,16 @@
 //! sigaltstack mmap munmap mprotect madvise mremap brk exit exit_group sched_yield
 //! clock_gettime clock_nanosleep nanosleep getrandom gettid getpid restart_syscall`, `fcntl`
 //! limited to `F_GETFD F_SETFD F_GETFL F_SETFL F_DUPFD_CLOEXEC`, and `tgkill` and
-//! `rt_sigaction` limited to `SIGABRT` (an abort stays an abort) — and then:
+//! `rt_sigaction` limited to `SIGABRT` (an abort stays an abort; `tgkill` only to this
+//! process, whose id the filter is built with) — and then:
 //!
 //! | thread | its own syscalls | `ioctl` requests |
 //! |--------|------------------|------------------|
-//! | vCPU | `eventfd2 io_uring_enter epoll_wait epoll_ctl timerfd_settime poll sendto` (an MSI-X vector the guest programs gets an irqfd; guest output from a UART goes through a non-blocking sink; device reset on the vCPU: a disk waits for its requests in flight, vsock drops its connections) | `KVM_RUN KVM_IRQ_LINE KVM_SIGNAL_MSI KVM_IRQFD KVM_IOEVENTFD KVM_SET_GSI_ROUTING TUNSETOFFLOAD TUNSETQUEUE FIONBIO` |
-//! | VMM | `epoll_wait epoll_pwait epoll_ctl eventfd2 timerfd_create timerfd_settime readv writev preadv pwritev pwrite64 lseek fsync fdatasync fallocate flock openat statx newfstatat fstat access unlink poll io_uring_setup io_uring_register io_uring_enter connect accept4 shutdown sendto recvfrom getsockopt getrusage`, `socket` for `AF_UNIX` only, `fcntl` also with `F_OFD_SETLK F_OFD_GETLK` (disk image locks), `tgkill` also with the vCPU kick signal | `KVM_IRQ_LINE KVM_SIGNAL_MSI KVM_IRQFD KVM_IOEVENTFD KVM_SET_GSI_ROUTING TUNSETOFFLOAD TUNSETQUEUE TCGETS TCSETS FIONBIO` |
+//! | vCPU | `eventfd2 io_uring_enter epoll_wait epoll_ctl timerfd_settime poll sendto readv accept4 recvfrom` (an MSI-X vector the guest programs gets an irqfd; guest output from a UART goes through a non-blocking sink; device activation reads what waited for the driver: net the TAP's frames, vsock early host clients; device reset: vsock drops its connections) | `KVM_RUN KVM_IRQ_LINE KVM_SIGNAL_MSI KVM_IRQFD KVM_IOEVENTFD KVM_SET_GSI_ROUTING TUNSETOFFLOAD TUNSETQUEUE FIONBIO` |
+//! | VMM | `epoll_wait epoll_pwait epoll_ctl eventfd2 timerfd_create timerfd_settime readv writev preadv pwritev pwrite64 lseek fsync fdatasync fallocate flock openat statx newfstatat fstat access unlink poll io_uring_enter connect accept4 shutdown sendto recvfrom getsockopt getrusage`, `socket` for `AF_UNIX` only, `fcntl` also with `F_OFD_SETLK F_OFD_GETLK` (disk image locks), `tgkill` also with the vCPU kick signal | `KVM_IRQ_LINE KVM_SIGNAL_MSI KVM_IRQFD KVM_IOEVENTFD KVM_SET_GSI_ROUTING TUNSETOFFLOAD TUNSETQUEUE TCGETS TCSETS FIONBIO` |
 //! | API | `epoll_wait epoll_pwait epoll_ctl accept4 recvfrom sendto unlink`, and with [`Options::user`] `setgroups(1, …)`, `setresgid` and `setresuid` with exactly those ids | `FIONBIO` |
 //!
-//! That is 34 syscalls for a vCPU thread, 61 for the VMM thread and 34 (37 with a user)
+//! That is 37 syscalls for a vCPU thread, 59 for the VMM thread and 34 (37 with a user)
 //! for the API thread, `ioctl` counted once.
 //!
 //! [`allowed`] lists them by name, [`ioctls`] the requests with their numbers (computed
@@ -373,8 +374,8 @@ mod tests {
             n.len()
         };
         let o = Options::default();
-        assert_eq!(distinct(ThreadKind::Vcpu, &o), 34);
-        assert_eq!(distinct(ThreadKind::Vmm, &o), 61);
+        assert_eq!(distinct(ThreadKind::Vcpu, &o), 37);
+        assert_eq!(distinct(ThreadKind::Vmm, &o), 59);
         assert_eq!(distinct(ThreadKind::Api, &o), 34);
         let user = Options {
             user: Some(UserIds { uid: 1, gid: 1 }),
@@ -438,7 +439,23 @@ mod tests {
         assert_eq!(pid, i64::from(std::process::id()));
         println!("child: filter installed");
         let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
+        let target = words.clone().nth(1).and_then(|p| p.parse::<i64>().ok());
         match words.next() {
+            // SAFETY: tgkill takes plain numbers; the target is a process of the test's.
+            Some("abort-other") => unsafe {
+                let pid = target.unwrap_or(0);
+                libc::syscall(libc::SYS_tgkill, pid, pid, libc::SIGABRT);
+            },
+            // SAFETY: as above, this process's own thread.
+            Some("abort-self") => unsafe {
+                let pid = i64::from(std::process::id());
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    pid,
+                    libc::syscall(libc::SYS_gettid),
+                    libc::SIGABRT,
+                );
+            },
             // SAFETY: TCGETS writes a termios into `termios`, which is large enough.
             Some("ioctl-tcgets") => unsafe {
                 libc::ioctl(0, libc::TCGETS, termios.as_mut_ptr());
@@ -469,6 +486,22 @@ mod tests {
         let out = in_child("vcpu log getppid");
         assert!(out.status.success(), "{:?}", out.status);
         assert!(String::from_utf8_lossy(&out.stdout).contains("child: survived"));
+    }
+
+    /// `tgkill` with `SIGABRT` reaches this process only: another process (a `sleep` of the
+    /// test's) is out of reach (SIGSYS, and it lives on), while this process's own abort
+    /// goes through.
+    #[test]
+    fn sigabrt_reaches_only_this_process() {
+        let mut other = Command::new("sleep").arg("30").spawn().unwrap();
+        let out = in_child(&format!("vcpu kill abort-other {}", other.id()));
+        let alive = other.try_wait().unwrap().is_none();
+        let _ = other.kill();
+        let _ = other.wait();
+        assert!(killed_by_sigsys(&out), "{:?}", out.status);
+        assert!(alive, "another process got the SIGABRT");
+        let own = in_child("vcpu kill abort-self");
+        assert_eq!(own.status.signal(), Some(libc::SIGABRT), "{:?}", own.status);
     }
 
     #[test]

@@ -61,8 +61,6 @@ mod sys {
         rt_sigaction = SYS_rt_sigaction,
         ioctl = SYS_ioctl,
         eventfd2 = SYS_eventfd2,
-        io_uring_setup = SYS_io_uring_setup,
-        io_uring_register = SYS_io_uring_register,
         io_uring_enter = SYS_io_uring_enter,
         epoll_ctl = SYS_epoll_ctl,
         epoll_wait = SYS_epoll_wait,
@@ -129,10 +127,13 @@ pub fn common() -> Vec<Syscall> {
     ]
     .map(|c| c as u64);
     v.push(with("fcntl", sys::fcntl, one_of(1, &fcntl_cmds)));
+    // To this process only: the thread group is this process's id (the filters are built in
+    // the process that installs them, and vmkit never forks).
+    let pid = u64::from(std::process::id());
     v.push(with(
         "tgkill",
         sys::tgkill,
-        one_of(2, &[libc::SIGABRT as u64]),
+        vec![vec![(0, pid), (2, libc::SIGABRT as u64)]],
     ));
     // abort() puts SIGABRT's default action back before raising it again.
     let abort = one_of(0, &[libc::SIGABRT as u64]);
@@ -147,14 +148,22 @@ fn ioctl_rule(kind: ThreadKind) -> Syscall {
 
 /// A vCPU thread's own calls: what the guest's register writes do on it — an MSI-X vector
 /// programmed gets an irqfd (`eventfd2`, then `KVM_IRQFD` and a new routing table), and
-/// device reset: a disk waits for its io_uring requests in flight, vsock drains its
+/// device reset: a disk cancels its io_uring requests in flight, vsock drains its
 /// host-side epoll set, drops its connections' registrations and re-arms its timer.
 ///
 /// Guest output written on the vCPU (a UART's bytes) goes through a non-blocking sink that
 /// checks its descriptor with a zero-timeout `poll` and `send`s to a socket.
+///
+/// Device activation (the guest's `DRIVER_OK` write) serves what waited for the driver:
+/// virtio-net reads the frames the TAP already holds into buffers the driver may have
+/// posted before `DRIVER_OK` (`readv`), vsock accepts host clients that connected before
+/// the driver was ready and reads their `CONNECT` lines (`accept4`, `recvfrom`).
 #[rustfmt::skip]
 fn vcpu() -> Vec<Syscall> {
-    any!(eventfd2, io_uring_enter, epoll_wait, epoll_ctl, timerfd_settime, poll, sendto)
+    any!(
+        eventfd2, io_uring_enter, epoll_wait, epoll_ctl, timerfd_settime, poll, sendto,
+        readv, accept4, recvfrom,
+    )
 }
 
 /// The VMM thread's own calls: the event loop, the devices' backends (files, io_uring,
@@ -167,7 +176,7 @@ fn vmm(options: &Options) -> Vec<Syscall> {
         epoll_wait, epoll_pwait, epoll_ctl, eventfd2, timerfd_create, timerfd_settime,
         readv, writev, preadv, pwritev, pwrite64, lseek, fsync, fdatasync, fallocate, flock,
         openat, statx, newfstatat, fstat, access, unlink, poll,
-        io_uring_setup, io_uring_register, io_uring_enter,
+        io_uring_enter,
         connect, accept4, shutdown, sendto, recvfrom, getsockopt, getrusage,
     );
     // A disk image's lock (a `PATCH /drives` image): open file description locks.
@@ -179,7 +188,8 @@ fn vmm(options: &Options) -> Vec<Syscall> {
         one_of(0, &[libc::AF_UNIX as u64]),
     ));
     let kick = options.kick_signal as u64;
-    v.push(with("tgkill", sys::tgkill, one_of(2, &[kick])));
+    let pid = u64::from(std::process::id());
+    v.push(with("tgkill", sys::tgkill, vec![vec![(0, pid), (2, kick)]]));
     v
 }
 
