@@ -217,8 +217,14 @@ pub fn parse_user(s: &str) -> Result<vmkit_seccomp::UserIds, String> {
             .filter(|&n| n != u32::MAX)
             .ok_or_else(|| format!("{s:?}: the {what} {v:?} is not a number below 4294967295"))
     };
+    let uid = id(uid, "UID")?;
+    if uid == 0 {
+        return Err(format!(
+            "{s:?}: UID 0 is root, which keeps every privilege; leave --user out instead"
+        ));
+    }
     Ok(vmkit_seccomp::UserIds {
-        uid: id(uid, "UID")?,
+        uid,
         gid: id(gid, "GID")?,
     })
 }
@@ -630,7 +636,11 @@ mod tests {
     fn user_ids_are_two_numbers() {
         let u = super::parse_user("65534:100").unwrap();
         assert_eq!((u.uid, u.gid), (65534, 100));
-        assert!(super::parse_user("0:0").is_ok());
+        assert!(
+            super::parse_user("0:0").is_err(),
+            "root is not a user to drop to"
+        );
+        assert!(super::parse_user("1000:0").is_ok());
         for bad in [
             "",
             "65534",

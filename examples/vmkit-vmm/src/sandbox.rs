@@ -147,8 +147,47 @@ fn drop_to(user: UserIds) -> std::result::Result<(), String> {
     // The raw call, not glibc's setuid (which every thread would repeat, and the API
     // thread's filter allows only the ids above).
     // SAFETY: integer arguments only.
-    if uid != 0 && unsafe { libc::syscall(libc::SYS_setuid, 0) } == 0 {
+    if unsafe { libc::syscall(libc::SYS_setuid, 0) } == 0 {
         return Err("setuid(0) succeeded after the drop".into());
+    }
+    no_capabilities_left()
+}
+
+/// Leaving uid 0 clears the capability sets, unless securebits (`SECBIT_KEEP_CAPS`,
+/// `SECBIT_NO_SETUID_FIXUP`, e.g. from systemd's `SecureBits=`) or file capabilities kept
+/// them: checked with `capget` (not /proc, which Landlock may hide by now). The ambient
+/// set is a subset of the permitted one, so an empty permitted set empties it too.
+fn no_capabilities_left() -> std::result::Result<(), String> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget reads the header and writes two `Data` (version 3's layout, 64-bit
+    // sets in two halves) into `data`, which holds two.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(last_error("capget"));
+    }
+    let left = data.iter().any(|d| d.effective != 0 || d.permitted != 0);
+    if left {
+        return Err(
+            "capabilities survived the drop (securebits or file capabilities keep them); \
+                    start vmkit without them"
+                .into(),
+        );
     }
     Ok(())
 }
