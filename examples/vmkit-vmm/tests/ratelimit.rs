@@ -384,31 +384,11 @@ fn a_config_file_s_rate_limiters_hold_the_drive_and_the_entropy() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn patching_a_running_drive_s_rate_limiter_lifts_it() {
-    use common::api::{Dir, Vmkit};
-    let dir = Dir::new("rl-patch");
-    let img = Image::new("patch", 1024);
-    let vm = Vmkit::start(&dir, &[]);
-    vm.expect(
-        204,
-        "PUT",
-        "/machine-config",
-        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
-    );
-    let boot = serde_json::json!({
-        "kernel_image_path": test_guest(), "boot_args": "test=blk-serial bench=blk-seq128k:4:6",
+    let (dir, vm, _img) = drive_held_to_1_mib_per_second("patch", 6, |vm| {
+        let typo =
+            r#"{"drive_id": "data", "rate_limiter": {"bandwith": {"size": 1, "refill_time": 1}}}"#;
+        vm.expect(400, "PATCH", "/drives/data", Some(typo));
     });
-    vm.expect(204, "PUT", "/boot-source", Some(&boot.to_string()));
-    // 1 MiB/s through the API.
-    let drive = serde_json::json!({
-        "drive_id": "data", "path_on_host": img.path(), "is_root_device": false,
-        "rate_limiter": {"bandwidth": {"size": 131072, "refill_time": 125}},
-    });
-    vm.expect(204, "PUT", "/drives/data", Some(&drive.to_string()));
-    let typo =
-        r#"{"drive_id": "data", "rate_limiter": {"bandwith": {"size": 1, "refill_time": 1}}}"#;
-    vm.expect(400, "PATCH", "/drives/data", Some(typo));
-    vm.action("InstanceStart");
-    vm.wait_serial("test blk-serial: ok", Duration::from_secs(30));
     std::thread::sleep(Duration::from_secs(1));
     // Lifted while the guest reads: a bucket of size 0 is no limit (Firecracker's rule).
     let lift =
@@ -426,28 +406,7 @@ fn patching_a_running_drive_s_rate_limiter_lifts_it() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_patch_whose_image_fails_leaves_the_rate_limiter() {
-    use common::api::{Dir, Vmkit};
-    let dir = Dir::new("rl-patch-bad");
-    let img = Image::new("patch-bad", 1024);
-    let vm = Vmkit::start(&dir, &[]);
-    vm.expect(
-        204,
-        "PUT",
-        "/machine-config",
-        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
-    );
-    let boot = serde_json::json!({
-        "kernel_image_path": test_guest(), "boot_args": "test=blk-serial bench=blk-seq128k:4:4",
-    });
-    vm.expect(204, "PUT", "/boot-source", Some(&boot.to_string()));
-    // 1 MiB/s.
-    let drive = serde_json::json!({
-        "drive_id": "data", "path_on_host": img.path(), "is_root_device": false,
-        "rate_limiter": {"bandwidth": {"size": 131072, "refill_time": 125}},
-    });
-    vm.expect(204, "PUT", "/drives/data", Some(&drive.to_string()));
-    vm.action("InstanceStart");
-    vm.wait_serial("test blk-serial: ok", Duration::from_secs(30));
+    let (dir, vm, _img) = drive_held_to_1_mib_per_second("patch-bad", 4, |_| {});
     // A lift with an image that cannot be opened: refused, and nothing of it applied.
     let missing = dir.file("no-such-image");
     let bad = serde_json::json!({
@@ -465,6 +424,40 @@ fn a_patch_whose_image_fails_leaves_the_rate_limiter() {
         got < 2.0,
         "{got} MiB/s: the refused PATCH lifted the limit\n{serial}"
     );
+}
+
+/// A VM configured through the API whose drive `data` (a 1 GiB image) is held to 1 MiB/s
+/// by a rate limiter, the guest reading it for `secs` s (`bench=blk-seq128k:4:SECS`);
+/// `before_start` runs before InstanceStart. Returns once the guest found its disk.
+fn drive_held_to_1_mib_per_second(
+    name: &str,
+    secs: u32,
+    before_start: impl FnOnce(&common::api::Vmkit),
+) -> (common::api::Dir, common::api::Vmkit, Image) {
+    use common::api::{Dir, Vmkit};
+    let dir = Dir::new(&format!("rl-{name}"));
+    let img = Image::new(name, 1024);
+    let vm = Vmkit::start(&dir, &[]);
+    vm.expect(
+        204,
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+    );
+    let boot = serde_json::json!({
+        "kernel_image_path": test_guest(),
+        "boot_args": format!("test=blk-serial bench=blk-seq128k:4:{secs}"),
+    });
+    vm.expect(204, "PUT", "/boot-source", Some(&boot.to_string()));
+    let drive = serde_json::json!({
+        "drive_id": "data", "path_on_host": img.path(), "is_root_device": false,
+        "rate_limiter": {"bandwidth": {"size": 131072, "refill_time": 125}},
+    });
+    vm.expect(204, "PUT", "/drives/data", Some(&drive.to_string()));
+    before_start(&vm);
+    vm.action("InstanceStart");
+    vm.wait_serial("test blk-serial: ok", Duration::from_secs(30));
+    (dir, vm, img)
 }
 
 fn vm_serial(dir: &common::api::Dir) -> String {
