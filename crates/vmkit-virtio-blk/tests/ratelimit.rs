@@ -57,20 +57,34 @@ fn used_idx(mem: &GuestMemoryMmap) -> u16 {
     mem.read_obj(GuestAddress(USED + 2)).unwrap()
 }
 
+/// A device on `config` with `features`, activated on `vq` (one queue, its used ring at
+/// `USED`).
+fn activated(
+    mem: &GuestMemoryMmap,
+    vq: &MockSplitQueue<GuestMemoryMmap>,
+    features: u64,
+    config: BlockConfig,
+) -> Block {
+    let mut queue: Queue = vq.create_queue().unwrap();
+    queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    let ctx = ActivateContext::new(
+        mem.clone(),
+        features,
+        vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
+        RecordingInterrupt::new(),
+        NeedsReset::new(),
+    );
+    let mut dev = Block::new(config).unwrap();
+    dev.ack_features(features);
+    dev.activate(ctx).unwrap();
+    dev
+}
+
 #[test]
 fn requests_past_the_limit_wait_in_the_ring_for_the_timer() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let img = TempImage::filled(1 << 20, 0x5A);
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-    let ctx = ActivateContext::new(
-        mem.clone(),
-        FEATURE_VERSION_1,
-        vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
-        RecordingInterrupt::new(),
-        NeedsReset::new(),
-    );
     let metrics = Arc::new(AtomicMetrics::new());
     let mut config = BlockConfig::new(&img.0).with_metrics(metrics.clone());
     // 8 KiB a second in bytes; 3 operations refilled in 30 ms.
@@ -86,11 +100,9 @@ fn requests_past_the_limit_wait_in_the_ring_for_the_timer() {
             refill_time_ms: 30,
         }),
     };
-    let mut dev = Block::new(config).unwrap();
+    let mut dev = activated(&mem, &vq, FEATURE_VERSION_1, config);
     let timer = dev.readable_fds().unwrap();
     assert_eq!(timer.len(), 1, "the limiter's timer is watched");
-    dev.ack_features(FEATURE_VERSION_1);
-    dev.activate(ctx).unwrap();
 
     // Three reads of 4 KiB and a flush.
     let mut chains = Vec::new();
@@ -153,16 +165,7 @@ fn write_zeroes_costs_its_bytes_and_discard_an_operation() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let img = TempImage::filled(1 << 20, 0x5A);
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
     let features = FEATURE_VERSION_1 | 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
-    let ctx = ActivateContext::new(
-        mem.clone(),
-        features,
-        vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
-        RecordingInterrupt::new(),
-        NeedsReset::new(),
-    );
     let mut config = BlockConfig::new(&img.0);
     // 8 KiB a second.
     config.rate_limiter.bandwidth = Some(TokenBucketConfig {
@@ -170,9 +173,7 @@ fn write_zeroes_costs_its_bytes_and_discard_an_operation() {
         one_time_burst: 0,
         refill_time_ms: 1000,
     });
-    let mut dev = Block::new(config).unwrap();
-    dev.ack_features(features);
-    dev.activate(ctx).unwrap();
+    let mut dev = activated(&mem, &vq, features, config);
     let mut chains = Vec::new();
     chains.extend(range_request(&mem, 0, T_DISCARD));
     chains.extend(request(&mem, 1, T_IN));
@@ -199,15 +200,6 @@ fn updating_the_limiter_lets_held_requests_go() {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
     let img = TempImage::filled(1 << 20, 0x5A);
     let vq = MockSplitQueue::new(&mem, 16);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-    let ctx = ActivateContext::new(
-        mem.clone(),
-        FEATURE_VERSION_1,
-        vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
-        RecordingInterrupt::new(),
-        NeedsReset::new(),
-    );
     let mut config = BlockConfig::new(&img.0);
     // One operation an hour.
     config.rate_limiter.ops = Some(TokenBucketConfig {
@@ -215,9 +207,7 @@ fn updating_the_limiter_lets_held_requests_go() {
         one_time_burst: 0,
         refill_time_ms: 3_600_000,
     });
-    let mut dev = Block::new(config).unwrap();
-    dev.ack_features(FEATURE_VERSION_1);
-    dev.activate(ctx).unwrap();
+    let mut dev = activated(&mem, &vq, FEATURE_VERSION_1, config);
     let mut chains = Vec::new();
     for i in 0..3 {
         chains.extend(request(&mem, i, T_IN));
