@@ -18,13 +18,10 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_FLUSH;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmkit_virtio::test_utils::RecordingInterrupt;
-use vmkit_virtio::{ActivateContext, NeedsReset, VirtioDevice, FEATURE_VERSION_1};
+use vmkit_virtio::{VirtioDevice, FEATURE_VERSION_1};
 use vmkit_virtio_blk::request::{S_OK, T_FLUSH, T_OUT};
 use vmkit_virtio_blk::{Block, BlockConfig, EngineKind, IoObserver};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const USED: u64 = 0x1000;
 const HEADER: u64 = 0x2_0000;
@@ -95,15 +92,6 @@ impl Setup {
         ));
         let img = TempImage::filled(1 << 20, 0);
         let vq = MockSplitQueue::new(mem, 16);
-        let mut queue: Queue = vq.create_queue().unwrap();
-        queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-        let ctx = ActivateContext::new(
-            mem.clone(),
-            features,
-            vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
-            RecordingInterrupt::new(),
-            NeedsReset::new(),
-        );
         let rec = Arc::new(Recorder {
             memory: mem.clone(),
             steps: Mutex::new(Vec::new()),
@@ -111,9 +99,7 @@ impl Setup {
         let mut config = BlockConfig::new(&img.0);
         config.engine = engine;
         config.observer = rec.clone();
-        let mut dev = Block::new(config).unwrap();
-        dev.ack_features(features);
-        dev.activate(ctx).unwrap();
+        let dev = common::activated_on_mock(mem, &vq, USED, features, config);
         Setup {
             mem: mem.clone(),
             vq,

@@ -57,27 +57,13 @@ fn used_idx(mem: &GuestMemoryMmap) -> u16 {
     mem.read_obj(GuestAddress(USED + 2)).unwrap()
 }
 
-/// A device on `config` with `features`, activated on `vq` (one queue, its used ring at
-/// `USED`).
 fn activated(
     mem: &GuestMemoryMmap,
     vq: &MockSplitQueue<GuestMemoryMmap>,
     features: u64,
     config: BlockConfig,
 ) -> Block {
-    let mut queue: Queue = vq.create_queue().unwrap();
-    queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-    let ctx = ActivateContext::new(
-        mem.clone(),
-        features,
-        vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
-        RecordingInterrupt::new(),
-        NeedsReset::new(),
-    );
-    let mut dev = Block::new(config).unwrap();
-    dev.ack_features(features);
-    dev.activate(ctx).unwrap();
-    dev
+    common::activated_on_mock(mem, vq, USED, features, config)
 }
 
 #[test]

@@ -203,3 +203,31 @@ impl ReadsInFlight {
         }
     }
 }
+
+/// A device on `config` with `features`, activated on the mock queue `vq` as queue 0, its
+/// used ring at `used` (a device driven by hand, without a transport).
+pub fn activated_on_mock(
+    mem: &vm_memory::GuestMemoryMmap,
+    vq: &virtio_queue::mock::MockSplitQueue<vm_memory::GuestMemoryMmap>,
+    used: u64,
+    features: u64,
+    config: BlockConfig,
+) -> Block {
+    use virtio_queue::Queue;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    let mut queue: Queue = vq.create_queue().unwrap();
+    queue
+        .try_set_used_ring_address(vm_memory::GuestAddress(used))
+        .unwrap();
+    let ctx = vmkit_virtio::ActivateContext::new(
+        mem.clone(),
+        features,
+        vec![(0, queue, EventFd::new(EFD_NONBLOCK).unwrap())],
+        vmkit_virtio::test_utils::RecordingInterrupt::new(),
+        vmkit_virtio::NeedsReset::new(),
+    );
+    let mut dev = Block::new(config).unwrap();
+    dev.ack_features(features);
+    dev.activate(ctx).unwrap();
+    dev
+}
