@@ -173,8 +173,12 @@ pub struct VirtioDevices {
     pub drives: Vec<(String, Arc<Mutex<Block>>)>,
     /// The cards with an API `iface_id`, for `PATCH /network-interfaces/{id}`.
     pub nets: Vec<(String, Arc<Mutex<Net>>)>,
-    /// virtio-mmio only: the devices, for the kernel command line.
-    mmio: Option<MmioPlatform>,
+    /// The devices by type, in attach order, for snapshots.
+    pub handles: Vec<Handle>,
+    /// virtio-mmio: the transports (the kernel command line, snapshots).
+    pub mmio: Option<MmioPlatform>,
+    /// virtio-pci: the transports (snapshots).
+    pub pci: Option<PciPlatform>,
     /// Lives as long as the VM.
     _console_pty: Option<Pty>,
 }
@@ -191,10 +195,26 @@ fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<B
     })
 }
 
+/// A virtio device by its type, for its snapshot state.
+#[derive(Clone)]
+pub enum Handle {
+    /// A disk.
+    Block(Arc<Mutex<Block>>),
+    /// A network card.
+    Net(Arc<Mutex<Net>>),
+    /// The vsock device.
+    Vsock(Arc<Mutex<Vsock>>),
+    /// The entropy device.
+    Rng(Arc<Mutex<Rng>>),
+    /// The console.
+    Console(Arc<Mutex<Console>>),
+}
+
 /// The devices being built, in the order they are attached, and their counters.
 #[derive(Default)]
 struct Built {
     devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    handles: Vec<Handle>,
     metrics: Vec<(String, Arc<AtomicMetrics>)>,
 }
 
@@ -218,6 +238,7 @@ impl Built {
             if let Some(id) = &spec.id {
                 drives.push((id.clone(), disk.clone()));
             }
+            self.handles.push(Handle::Block(disk.clone()));
             self.devices.push(disk);
         }
         Ok(drives)
@@ -237,6 +258,7 @@ impl Built {
             if let Some(id) = &spec.id {
                 nets.push((id.clone(), net.clone()));
             }
+            self.handles.push(Handle::Net(net.clone()));
             self.devices.push(net);
         }
         Ok(nets)
@@ -248,13 +270,17 @@ impl Built {
             let mut config = VsockConfig::new(spec.cid, spec.socket.clone());
             config.poll_us = spec.poll_us;
             let vsock = Vsock::new(config)?.with_metrics(self.counters("vsock".into()));
-            self.devices.push(Arc::new(Mutex::new(vsock)));
+            let vsock = Arc::new(Mutex::new(vsock));
+            self.handles.push(Handle::Vsock(vsock.clone()));
+            self.devices.push(vsock);
         }
         if args.rng || args.rng_rate_limiter.is_some() {
             let rng = Rng::new(RngConfig::default())?
                 .with_metrics(self.counters("entropy".into()))
                 .with_rate_limiter(args.rng_rate_limiter.unwrap_or_default());
-            self.devices.push(Arc::new(Mutex::new(rng)));
+            let rng = Arc::new(Mutex::new(rng));
+            self.handles.push(Handle::Rng(rng.clone()));
+            self.devices.push(rng);
         }
         Ok(())
     }
@@ -276,7 +302,9 @@ impl Built {
             _ => None,
         };
         let input = console_input(ends.input, console.input(), escape);
-        self.devices.push(Arc::new(Mutex::new(console)));
+        let console = Arc::new(Mutex::new(console));
+        self.handles.push(Handle::Console(console.clone()));
+        self.devices.push(console);
         Ok((input, ends.pty))
     }
 }
@@ -295,7 +323,11 @@ impl VirtioDevices {
         let nets = built.nets(args, &mut net_fds)?;
         built.vsock_and_rng(args)?;
         let (console_input, console_pty) = built.console(machine, args, outputs)?;
-        let Built { devices, metrics } = built;
+        let Built {
+            devices,
+            handles,
+            metrics,
+        } = built;
         let mut this = Self {
             subscribers: Vec::new(),
             console_input,
@@ -304,7 +336,9 @@ impl VirtioDevices {
             metrics,
             drives,
             nets,
+            handles,
             mmio: None,
+            pci: None,
             _console_pty: console_pty,
         };
         match args.transport {
@@ -341,6 +375,7 @@ impl VirtioDevices {
             self.subscribers.push(Arc::new(Mutex::new(handler)));
         }
         self.dsdt = vec![pci.dsdt_device()];
+        self.pci = Some(pci);
         Ok(())
     }
 

@@ -25,6 +25,7 @@ mod runtime;
 mod sandbox;
 mod setup;
 mod signals;
+mod snapshot;
 mod stats;
 mod terminal;
 mod vm;

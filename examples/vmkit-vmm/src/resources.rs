@@ -86,6 +86,16 @@ impl Resources {
         &self.machine
     }
 
+    /// Whether nothing was configured yet (a snapshot may still be loaded).
+    pub fn is_empty(&self) -> bool {
+        self.boot.is_none()
+            && self.drives.is_empty()
+            && self.nets.is_empty()
+            && self.vsock.is_none()
+            && self.entropy.is_none()
+            && self.machine == MachineConfig::default()
+    }
+
     /// `PUT /machine-config`.
     pub fn set_machine(&mut self, m: MachineConfig) -> Result<(), Refusal> {
         let max = vmkit_kvm::MAX_VCPUS;

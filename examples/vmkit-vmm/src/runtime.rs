@@ -9,7 +9,8 @@ use event_manager::{
     EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
 };
 use vmkit_api::model::{
-    ActionType, DriveUpdate, InstanceState, MachineConfig, NetworkInterfaceUpdate, VmStateRequest,
+    ActionType, DriveUpdate, InstanceState, MachineConfig, NetworkInterfaceUpdate, SnapshotCreate,
+    VmStateRequest,
 };
 use vmkit_api::{ApiCall, ApiRequest, ApiResponse};
 use vmkit_kvm::VcpuThreads;
@@ -69,6 +70,8 @@ pub struct Parts {
     pub nets: Vec<(String, Arc<Mutex<Net>>)>,
     /// `--landlock` restricts what may be opened.
     pub landlocked: bool,
+    /// What a snapshot reads.
+    pub sources: crate::snapshot::Sources,
 }
 
 /// A running VM.
@@ -96,8 +99,9 @@ struct Shutdown {
 }
 
 impl Running {
-    /// Puts the host's fds and the guest-facing subscribers into the loop.
-    pub fn new(mut parts: Parts, host: &Host) -> Self {
+    /// Puts the host's fds and, unless the VM starts `paused`, the guest-facing
+    /// subscribers into the loop.
+    pub fn new(mut parts: Parts, host: &Host, paused: bool) -> Self {
         parts.events.add_subscriber(Arc::new(Mutex::new(Doorbell(
             std::os::fd::AsRawFd::as_raw_fd(&host.signals),
         ))));
@@ -109,16 +113,17 @@ impl Running {
         for input in &parts.host_input {
             parts.events.add_subscriber(input.clone());
         }
-        let ids = parts
-            .guest_facing
-            .iter()
-            .map(|s| parts.events.add_subscriber(s.clone()))
-            .collect();
-        Self {
+        let mut running = Self {
             parts,
-            guest_ids: Some(ids),
+            guest_ids: None,
             shutdown: None,
+        };
+        if paused {
+            log::info!("paused: resume with PATCH /vm {{\"state\": \"Resumed\"}}");
+        } else {
+            running.readd();
         }
+        running
     }
 
     /// Runs until the VM ends; returns why, and the vCPU threads to stop.
@@ -191,6 +196,11 @@ impl Running {
             }
             ApiRequest::PatchDrive(update) => done(self.patch_drive(update)),
             ApiRequest::PatchNetworkInterface(update) => done(self.patch_net(update)),
+            ApiRequest::CreateSnapshot(request) => done(self.create_snapshot(request)),
+            ApiRequest::LoadSnapshot(_) => refused(
+                "a snapshot can only be loaded into a new vmkit process, before it is configured"
+                    .into(),
+            ),
             _ => refused(
                 "the requested operation is not supported after starting the microVM".into(),
             ),
@@ -300,6 +310,21 @@ impl Running {
             net.tx_rate_limiter().config(),
         );
         log::info!("interface {id}: rate limiters rx {rx:?} tx {tx:?}");
+        Ok(())
+    }
+
+    /// `PUT /snapshot/create`: only while paused (no device or vCPU changes memory).
+    fn create_snapshot(&mut self, request: &SnapshotCreate) -> Result<(), String> {
+        if self.guest_ids.is_some() {
+            return Err("pause the microVM before creating a snapshot".into());
+        }
+        let created = crate::snapshot::create(&mut self.parts.sources, &self.parts.threads, request)?;
+        log::info!(
+            "snapshot {} created: {} bytes of memory written in {} µs",
+            request.snapshot_path,
+            created.memory_bytes,
+            created.micros
+        );
         Ok(())
     }
 
