@@ -28,7 +28,7 @@
 //! )?;
 //! // A virtio-rng on virtio-mmio: window, pin, irqfd, ioeventfd, bus registration.
 //! let mut mmio = MmioPlatform::new(&machine)?;
-//! let rng = Arc::new(Mutex::new(Rng::new(RngConfig::default())?));
+//! let rng = Arc::new(Mutex::new(Rng::for_memory(RngConfig::default())?));
 //! let handler = mmio.attach(machine.memory().clone(), rng)?;
 //! let mut cmdline = linux_loader::cmdline::Cmdline::new(4096)?;
 //! cmdline.insert_str("console=ttyS0")?;

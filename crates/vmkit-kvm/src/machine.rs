@@ -5,11 +5,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmkit_bus::IoBus;
 use vmkit_irq::{EventFdLine, Irqchip, IrqchipConfig};
 use vmkit_legacy::EventFdExit;
-use vmkit_memory::{create_guest_memory, register_memory_slots, MemoryConfig, MemorySlots};
+use vmkit_memory::{
+    create_guest_memory, register_memory_slots, GuestRam, MemoryConfig, MemorySlots,
+};
 
 use crate::{Error, Result};
 
@@ -42,7 +43,7 @@ impl MachineConfig {
 pub struct Machine {
     kvm: Kvm,
     vm: Arc<VmFd>,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     // Declared after `vm`: the slots are dropped (and the mappings with them) only after the
     // VM that uses them.
     _slots: MemorySlots,
@@ -98,7 +99,7 @@ impl Machine {
     }
 
     /// Guest RAM.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestRam {
         &self.memory
     }
 

@@ -1,10 +1,11 @@
 //! Guest memory as KVM memory slots.
 
+use std::any::Any;
 use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vm_memory::mmap::MmapRegion;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::{Error, Result};
@@ -16,7 +17,8 @@ use crate::{Error, Result};
 /// reference (the mappings live on while a [`GuestMemoryMmap`] clone holds them).
 #[derive(Debug)]
 pub struct MemorySlots {
-    regions: Vec<Arc<MmapRegion>>,
+    // The regions' `Arc<MmapRegion<B>>`, whatever their bitmap type `B`.
+    regions: Vec<Arc<dyn Any + Send + Sync>>,
 }
 
 impl MemorySlots {
@@ -27,7 +29,10 @@ impl MemorySlots {
 }
 
 /// Registers every region of `mem` with `vm` as a memory slot, slots numbered from 0.
-pub fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<MemorySlots> {
+pub fn register_memory_slots<B>(vm: &VmFd, mem: &GuestMemoryMmap<B>) -> Result<MemorySlots>
+where
+    B: Bitmap + Send + Sync + 'static,
+{
     let mut regions = Vec::with_capacity(mem.num_regions());
     for (slot, region) in mem.iter().enumerate() {
         // Slot numbers are bounded by the number of regions, a handful.
@@ -51,6 +56,7 @@ pub fn register_memory_slots(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<MemoryS
                 source,
             }
         })?;
+        let mapping: Arc<dyn Any + Send + Sync> = mapping;
         regions.push(mapping);
     }
     Ok(MemorySlots { regions })
