@@ -67,3 +67,4 @@ pub use pci::PciPlatform;
 pub use vcpus::{
     exit_reason, BusExits, ParkedVcpus, VcpuConfig, VcpuPrologue, VcpuThreads, Vcpus, MAX_VCPUS,
 };
+pub use vmkit_memory::{DirtyPages, GuestRam};

@@ -50,7 +50,10 @@ pub type GuestRam = GuestMemoryMmap<Option<AtomicBitmap>>;
 #[cfg(feature = "kvm")]
 mod kvm;
 #[cfg(feature = "kvm")]
-pub use kvm::{register_memory_slots, MemorySlots};
+pub use kvm::{register_memory_slots, register_memory_slots_with, MemorySlots};
+
+mod dirty;
+pub use dirty::{take_bitmap_dirty, DirtyPages};
 
 pub mod layout;
 use layout::{MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
@@ -109,6 +112,37 @@ pub enum Error {
         size: u64,
         /// What madvise reported.
         source: std::io::Error,
+    },
+    /// Pages outside guest RAM (or straddling two regions) were to be marked dirty.
+    #[error("{len} bytes at {addr:#x} are not inside one region of guest RAM")]
+    OutsideRam {
+        /// Guest physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A dirty bitmap does not fit the region it was given for.
+    #[error("a dirty bitmap of {words} words does not fit guest memory region {region}")]
+    DirtyBitmap {
+        /// The region's index.
+        region: usize,
+        /// The bitmap's length in 64-bit words.
+        words: usize,
+    },
+    /// The dirty log was asked for, but the memory slots do not log dirty pages.
+    #[cfg(feature = "kvm")]
+    #[error(
+        "dirty page tracking is off: the memory slots were registered without KVM's dirty log"
+    )]
+    DirtyLogOff,
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[cfg(feature = "kvm")]
+    #[error("KVM cannot give the dirty log of memory slot {slot}: {source}")]
+    GetDirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// The ioctl's error.
+        source: kvm_ioctls::Error,
     },
     /// vm-memory rejected the set of regions.
     #[error("cannot build guest memory: {0}")]
