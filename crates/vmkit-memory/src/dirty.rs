@@ -159,7 +159,7 @@ impl DirtyPages {
     }
 
     /// The dirty pages as byte ranges of the memory file (region after region, see
-    /// [`crate::snapshot`]), adjacent pages joined, in ascending order.
+    /// `snapshot`), adjacent pages joined, in ascending order.
     pub fn file_ranges(&self) -> Vec<Range<u64>> {
         let mut ranges: Vec<Range<u64>> = Vec::new();
         for r in &self.regions {
