@@ -14,6 +14,7 @@ use vmkit_bus::pio_range;
 use vmkit_kvm::{Machine, MachineConfig, MmioPlatform, PciPlatform, VcpuConfig, Vcpus};
 use vmkit_legacy::{ExitReason, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT};
 use vmkit_memory::layout::{PCI_BAR_WINDOW, PCI_ECAM, VIRTIO_MMIO_WINDOW};
+use vmkit_memory::GuestRam;
 use vmkit_vcpu::CpuTemplate;
 use vmkit_virtio::{VirtioDevice, MMIO_MAGIC_VALUE};
 use vmkit_virtio_rng::{Rng, RngConfig};
@@ -43,8 +44,8 @@ fn load_code(m: &Machine, vcpus: &Vcpus, code: &[u8]) {
     vcpus.set_entry(m.memory(), pvh).unwrap();
 }
 
-fn rng() -> Arc<Mutex<dyn VirtioDevice>> {
-    Arc::new(Mutex::new(Rng::new(RngConfig::default()).unwrap()))
+fn rng() -> Arc<Mutex<dyn VirtioDevice<GuestRam>>> {
+    Arc::new(Mutex::new(Rng::for_memory(RngConfig::default()).unwrap()))
 }
 
 /// Whether an ioeventfd is registered at `addr` (any length, no datamatch): KVM refuses a

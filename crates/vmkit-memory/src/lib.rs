@@ -8,7 +8,8 @@
 //! * [`MemoryLayout`] splits a guest's RAM around the 32-bit MMIO gap: RAM below
 //!   [`MMIO_GAP_START`] (3 GiB), the rest above 4 GiB. Pure
 //!   arithmetic, no KVM.
-//! * [`create_guest_memory`] maps that layout as a vm-memory [`GuestMemoryMmap`], anonymous and
+//! * [`create_guest_memory`] maps that layout as [`GuestRam`] (vm-memory's `GuestMemoryMmap`, with
+//!   a dirty-page bitmap per region when [`MemoryConfig::track_dirty`] asks), anonymous and
 //!   `MAP_NORESERVE` (host pages are only taken when the guest touches them), optionally backed
 //!   by huge pages, and left out of core dumps (`MADV_DONTDUMP`) unless
 //!   [`MemoryConfig::dumpable`] says otherwise.
@@ -31,13 +32,28 @@
 //! ```
 #![deny(missing_docs)]
 
+use std::num::NonZeroUsize;
+
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// Guest RAM as every vmkit crate and VMM holds it: vm-memory's mmap backend with an optional
+/// dirty-page bitmap per region.
+///
+/// `None` (the default, [`MemoryConfig::track_dirty`] `false`) costs nothing: the bitmap
+/// calls on every write are a test of the `Option`. `Some` (tracking on) marks each 4 KiB
+/// page that the VMM or a device writes through vm-memory; pages the guest writes are KVM's
+/// business (its dirty log), not this bitmap's.
+pub type GuestRam = GuestMemoryMmap<Option<AtomicBitmap>>;
 
 #[cfg(feature = "kvm")]
 mod kvm;
 #[cfg(feature = "kvm")]
-pub use kvm::{register_memory_slots, MemorySlots};
+pub use kvm::{register_memory_slots, register_memory_slots_with, MemorySlots};
+
+mod dirty;
+pub use dirty::{take_bitmap_dirty, DirtyPages};
 
 pub mod layout;
 use layout::{MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
@@ -96,6 +112,37 @@ pub enum Error {
         size: u64,
         /// What madvise reported.
         source: std::io::Error,
+    },
+    /// Pages outside guest RAM (or straddling two regions) were to be marked dirty.
+    #[error("{len} bytes at {addr:#x} are not inside one region of guest RAM")]
+    OutsideRam {
+        /// Guest physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A dirty bitmap does not fit the region it was given for.
+    #[error("a dirty bitmap of {words} words does not fit guest memory region {region}")]
+    DirtyBitmap {
+        /// The region's index.
+        region: usize,
+        /// The bitmap's length in 64-bit words.
+        words: usize,
+    },
+    /// The dirty log was asked for, but the memory slots do not log dirty pages.
+    #[cfg(feature = "kvm")]
+    #[error(
+        "dirty page tracking is off: the memory slots were registered without KVM's dirty log"
+    )]
+    DirtyLogOff,
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[cfg(feature = "kvm")]
+    #[error("KVM cannot give the dirty log of memory slot {slot}: {source}")]
+    GetDirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// The ioctl's error.
+        source: kvm_ioctls::Error,
     },
     /// vm-memory rejected the set of regions.
     #[error("cannot build guest memory: {0}")]
@@ -202,6 +249,10 @@ pub struct MemoryConfig {
     /// every region is `MADV_DONTDUMP`, so a crashing VMM does not write the guest's memory
     /// (its secrets, and gigabytes) to disk. `true` for debugging a guest from a VMM core.
     pub dumpable: bool,
+    /// Whether each region carries a dirty-page bitmap ([`GuestRam`]'s `Some`), marking
+    /// every page written through vm-memory (device and VMM writes), for diff snapshots.
+    /// `false` (the default): no bitmap, no cost.
+    pub track_dirty: bool,
 }
 
 impl MemoryConfig {
@@ -211,6 +262,7 @@ impl MemoryConfig {
             size,
             backing: Backing::default(),
             dumpable: false,
+            track_dirty: false,
         }
     }
 }
@@ -218,8 +270,14 @@ impl MemoryConfig {
 /// Size of the huge pages used by [`Backing::HugePages`].
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
+/// The granule of the dirty bitmaps: a 4 KiB page, as KVM's dirty log.
+const DIRTY_PAGE_SIZE: NonZeroUsize = match NonZeroUsize::new(PAGE_SIZE as usize) {
+    Some(n) => n,
+    None => panic!("the page size is not zero"),
+};
+
 /// Maps guest RAM as laid out by [`MemoryLayout::new`].
-pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
+pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestRam> {
     let layout = MemoryLayout::new(config.size)?;
     let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
     if config.backing == Backing::HugePages {
@@ -241,7 +299,10 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
     for &(addr, size) in layout.regions() {
         // `MemoryLayout::new` checked that the total fits in usize.
         let len = size as usize;
-        let mapping = MmapRegionBuilder::new(len)
+        let bitmap = config
+            .track_dirty
+            .then(|| AtomicBitmap::new(len, DIRTY_PAGE_SIZE));
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
             .with_hugetlbfs(config.backing == Backing::HugePages)
@@ -266,7 +327,7 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
         let region = GuestRegionMmap::new(mapping, addr).ok_or(Error::TooLarge(size))?;
         regions.push(region);
     }
-    Ok(GuestMemoryMmap::from_regions(regions)?)
+    Ok(GuestRam::from_regions(regions)?)
 }
 
 /// Asks the kernel to back `len` bytes at `ptr` with transparent huge pages. Only advice: a
@@ -365,6 +426,26 @@ mod tests {
         assert_eq!(mem.read_obj::<u64>(last).unwrap(), 0x1122_3344_5566_7788);
         // One byte past the end is not guest memory.
         assert!(mem.write_obj(0u8, GuestAddress(16 << 20)).is_err());
+    }
+
+    #[test]
+    fn dirty_bitmaps_only_when_tracking_and_mark_written_pages() {
+        use vm_memory::bitmap::Bitmap;
+        let plain = create_guest_memory(&MemoryConfig::new(4 << 20)).unwrap();
+        assert!(plain.iter().all(|r| r.bitmap().is_none()));
+        let tracked = create_guest_memory(&MemoryConfig {
+            track_dirty: true,
+            ..MemoryConfig::new(4 << 20)
+        })
+        .unwrap();
+        let region = tracked.iter().next().unwrap();
+        assert!(!region.bitmap().dirty_at(0x3000));
+        tracked.write_obj(1u32, GuestAddress(0x3ffe)).unwrap();
+        // A write across a page boundary marks both pages, and only them.
+        assert!(region.bitmap().dirty_at(0x3000));
+        assert!(region.bitmap().dirty_at(0x4000));
+        assert!(!region.bitmap().dirty_at(0x2000));
+        assert!(!region.bitmap().dirty_at(0x5000));
     }
 
     #[test]

@@ -7,7 +7,6 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
-use vm_memory::GuestMemoryMmap;
 use vmkit_boot::linux_loader::cmdline::Cmdline;
 use vmkit_boot::DsdtDevice;
 use vmkit_bus::{mmio_range, pio_range};
@@ -18,6 +17,7 @@ use vmkit_legacy::{
     GED_REGISTER_SIZE, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
 use vmkit_memory::layout::{GED_ADDR, GED_GSI};
+use vmkit_memory::GuestRam;
 use vmkit_virtio::{AtomicMetrics, VirtioDevice};
 use vmkit_virtio_blk::{Block, DiskSource};
 use vmkit_virtio_console::{Console, ConsoleConfig, ConsoleInput, Pty};
@@ -156,6 +156,11 @@ fn console_ends(spec: &ConsoleOutput, outputs: &mut Outputs) -> Result<Option<Co
     })
 }
 
+/// A disk, shared between its transport and the API's `PATCH /drives`.
+pub type SharedBlock = Arc<Mutex<Block<GuestRam>>>;
+/// A network card, shared between its transport and the API's `PATCH /network-interfaces`.
+pub type SharedNet = Arc<Mutex<Net<GuestRam>>>;
+
 /// The virtio devices of the VM, attached, with what the rest of the VMM needs of them.
 pub struct VirtioDevices {
     /// The queue event handlers, for the event loop (out of it while the VM is paused).
@@ -166,13 +171,13 @@ pub struct VirtioDevices {
     /// How the guest learns of them through ACPI.
     pub dsdt: Vec<DsdtDevice>,
     /// The devices, for a pause to quiesce them.
-    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
     /// Each device's counters, with the name its metrics are written under.
     pub metrics: Vec<(String, Arc<AtomicMetrics>)>,
     /// The disks with an API `drive_id`, for `PATCH /drives/{id}`.
-    pub drives: Vec<(String, Arc<Mutex<Block>>)>,
+    pub drives: Vec<(String, SharedBlock)>,
     /// The cards with an API `iface_id`, for `PATCH /network-interfaces/{id}`.
-    pub nets: Vec<(String, Arc<Mutex<Net>>)>,
+    pub nets: Vec<(String, SharedNet)>,
     /// The devices by type, in attach order, for snapshots.
     pub handles: Vec<Handle>,
     /// virtio-mmio: the transports (the kernel command line, snapshots).
@@ -183,10 +188,10 @@ pub struct VirtioDevices {
     _console_pty: Option<Pty>,
 }
 
-fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<Block> {
+fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<Block<GuestRam>> {
     let spec = &args.disk[index];
     let config = spec.block_config(args.cpus).with_metrics(metrics);
-    Block::new(config).map_err(|source| Error::Disk {
+    Block::for_memory(config).map_err(|source| Error::Disk {
         path: match &spec.config.source {
             DiskSource::Path(p) => p.display().to_string(),
             DiskSource::File(_) => format!("#{index}"),
@@ -199,21 +204,21 @@ fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<B
 #[derive(Clone)]
 pub enum Handle {
     /// A disk.
-    Block(Arc<Mutex<Block>>),
+    Block(SharedBlock),
     /// A network card.
-    Net(Arc<Mutex<Net>>),
+    Net(SharedNet),
     /// The vsock device.
-    Vsock(Arc<Mutex<Vsock>>),
+    Vsock(Arc<Mutex<Vsock<GuestRam>>>),
     /// The entropy device.
-    Rng(Arc<Mutex<Rng>>),
+    Rng(Arc<Mutex<Rng<GuestRam>>>),
     /// The console.
-    Console(Arc<Mutex<Console>>),
+    Console(Arc<Mutex<Console<GuestRam>>>),
 }
 
 /// The devices being built, in the order they are attached, and their counters.
 #[derive(Default)]
 struct Built {
-    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
     handles: Vec<Handle>,
     metrics: Vec<(String, Arc<AtomicMetrics>)>,
 }
@@ -227,7 +232,7 @@ impl Built {
     }
 
     /// The disks, with those that have an API `drive_id`.
-    fn disks(&mut self, args: &Args) -> Result<Vec<(String, Arc<Mutex<Block>>)>> {
+    fn disks(&mut self, args: &Args) -> Result<Vec<(String, SharedBlock)>> {
         let mut drives = Vec::new();
         for (i, spec) in args.disk.iter().enumerate() {
             let name = spec
@@ -249,7 +254,7 @@ impl Built {
         &mut self,
         args: &Args,
         net_fds: &mut InheritedFds,
-    ) -> Result<Vec<(String, Arc<Mutex<Net>>)>> {
+    ) -> Result<Vec<(String, SharedNet)>> {
         let mut nets = Vec::new();
         for (i, spec) in args.net.iter().enumerate() {
             let m = self.counters(format!("net{i}"));
@@ -269,13 +274,13 @@ impl Built {
         if let Some(spec) = &args.vsock {
             let mut config = VsockConfig::new(spec.cid, spec.socket.clone());
             config.poll_us = spec.poll_us;
-            let vsock = Vsock::new(config)?.with_metrics(self.counters("vsock".into()));
+            let vsock = Vsock::for_memory(config)?.with_metrics(self.counters("vsock".into()));
             let vsock = Arc::new(Mutex::new(vsock));
             self.handles.push(Handle::Vsock(vsock.clone()));
             self.devices.push(vsock);
         }
         if args.rng || args.rng_rate_limiter.is_some() {
-            let rng = Rng::new(RngConfig::default())?
+            let rng = Rng::for_memory(RngConfig::default())?
                 .with_metrics(self.counters("entropy".into()))
                 .with_rate_limiter(args.rng_rate_limiter.unwrap_or_default());
             let rng = Arc::new(Mutex::new(rng));
@@ -296,7 +301,7 @@ impl Built {
             return Ok((None, None));
         };
         let config = ConsoleConfig::new(ends.output).with_metrics(self.counters("console".into()));
-        let console = Console::new(config)?;
+        let console = Console::for_memory(config)?;
         let escape = match args.console {
             ConsoleOutput::Stdio => Escape::for_stdin(machine.exit().clone()),
             _ => None,
@@ -351,7 +356,7 @@ impl VirtioDevices {
     fn attach_mmio(
         &mut self,
         machine: &Machine,
-        devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+        devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
     ) -> Result<()> {
         let mut mmio = MmioPlatform::new(machine)?;
         for device in devices {
@@ -366,12 +371,11 @@ impl VirtioDevices {
     fn attach_pci(
         &mut self,
         machine: &Machine,
-        devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+        devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
     ) -> Result<()> {
         let mut pci = PciPlatform::new(machine)?;
         for device in devices {
-            let memory: GuestMemoryMmap = machine.memory().clone();
-            let (_, handler) = pci.attach(memory, device)?;
+            let (_, handler) = pci.attach(machine.memory().clone(), device)?;
             self.subscribers.push(Arc::new(Mutex::new(handler)));
         }
         self.dsdt = vec![pci.dsdt_device()];

@@ -15,12 +15,11 @@ use vmkit_api::model::{
 use vmkit_api::{ApiCall, ApiRequest, ApiResponse};
 use vmkit_kvm::VcpuThreads;
 use vmkit_legacy::{EventFdExit, ExitNotifier, ExitReason, Ged, I8042};
+use vmkit_memory::GuestRam;
 use vmkit_virtio::VirtioDevice;
-use vmkit_virtio_blk::Block;
-use vmkit_virtio_net::Net;
 use vmm_sys_util::epoll::EventSet;
 
-use crate::devices::Subscriber;
+use crate::devices::{SharedBlock, SharedNet, Subscriber};
 use crate::host::Host;
 use crate::signals;
 
@@ -53,7 +52,7 @@ pub struct Parts {
     /// output written before a pause keeps flowing, while paused).
     pub host_input: Vec<Subscriber>,
     /// The virtio devices, quiesced at a pause.
-    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
     /// The vCPU threads.
     pub threads: VcpuThreads,
     /// Where the VM's end is reported.
@@ -65,9 +64,9 @@ pub struct Parts {
     /// What `GET /machine-config` reports.
     pub machine: MachineConfig,
     /// The disks by `drive_id`, for `PATCH /drives/{id}`.
-    pub drives: Vec<(String, Arc<Mutex<Block>>)>,
+    pub drives: Vec<(String, SharedBlock)>,
     /// The network cards by `iface_id`, for `PATCH /network-interfaces/{id}`.
-    pub nets: Vec<(String, Arc<Mutex<Net>>)>,
+    pub nets: Vec<(String, SharedNet)>,
     /// `--landlock` restricts what may be opened.
     pub landlocked: bool,
     /// What a snapshot reads.
