@@ -71,8 +71,8 @@ pub use boot::{restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs};
 pub use cpuid::{CpuidConfig, CpuidMask, CpuidReg, CpuidTemplate};
 pub use identity::{CpuIdentity, CpuidWord};
 pub use run::{
-    install_kick_handler, kick, kick_signal, ControlledLoop, Vcpu, VcpuControl, VcpuCounters,
-    VcpuExitHandler, VcpuStats, VcpuStop,
+    install_kick_handler, kick, kick_signal, ControlledLoop, ParkedTask, Vcpu, VcpuControl,
+    VcpuCounters, VcpuExitHandler, VcpuStats, VcpuStop,
 };
 pub use state::{
     complete_pending_io, restore_state, save_state, FpuState, MsrEntry, VcpuState, MAX_MSRS,
