@@ -6,7 +6,7 @@ use kvm_ioctls::Kvm;
 use crate::{Error, Result};
 
 /// A CPUID output register.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CpuidReg {
     /// EAX.
     Eax,
