@@ -179,6 +179,40 @@ fn virtio_mmio_devices_get_windows_pins_ioeventfds_and_descriptions() {
     assert_eq!(mmio.dsdt_devices().len(), 2);
 }
 
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn virtio_mmio_states_restore_into_the_same_devices_of_another_vm() {
+    let m = machine();
+    let mut mmio = MmioPlatform::new(&m).unwrap();
+    let _h0 = mmio.attach(m.memory().clone(), rng()).unwrap();
+    let _h1 = mmio.attach(m.memory().clone(), rng()).unwrap();
+    let base = VIRTIO_MMIO_WINDOW.start;
+    // The guest's driver of the second device got as far as DRIVER (status 3).
+    assert!(m
+        .bus()
+        .mmio_write(base + 0x1070, &3u32.to_le_bytes())
+        .is_handled());
+    let states = mmio.states();
+    assert_eq!(states.len(), 2);
+    assert_eq!((states[0].common.status, states[1].common.status), (0, 3));
+
+    let m2 = machine();
+    let mut mmio2 = MmioPlatform::new(&m2).unwrap();
+    let _g0 = mmio2.attach(m2.memory().clone(), rng()).unwrap();
+    let err = mmio2.restore(&states).unwrap_err().to_string();
+    assert!(err.contains("2 virtio-mmio devices but 1"), "{err}");
+    let _g1 = mmio2.attach(m2.memory().clone(), rng()).unwrap();
+    let mut wrong = states.clone();
+    wrong[1].common.device_type = 2;
+    let err = mmio2.restore(&wrong).unwrap_err().to_string();
+    assert!(err.contains("virtio device 1"), "{err}");
+    mmio2.restore(&states).unwrap();
+    let mut status = [0u8; 4];
+    assert!(m2.bus().mmio_read(base + 0x1070, &mut status).is_handled());
+    assert_eq!(u32::from_le_bytes(status), 3);
+    assert_eq!(mmio2.states(), states);
+}
+
 fn ecam_write(m: &Machine, device: u8, reg: u64, value: u32) {
     let addr = PCI_ECAM.start + (u64::from(device) << 15) + reg;
     assert!(m.bus().mmio_write(addr, &value.to_le_bytes()).is_handled());
