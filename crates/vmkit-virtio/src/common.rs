@@ -641,8 +641,11 @@ impl<M: VirtioMemory> VirtioState<M> {
     }
 
     /// Checks `state` against this transport's device and the rules a driver meets.
-    fn check(&self, state: &VirtioTransportState) -> Result<()> {
+    pub(crate) fn check(&self, state: &VirtioTransportState) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidState(m));
+        if self.status != 0 || self.activated || self.activation_pending {
+            return bad("the transport is in use; restore into a freshly built one".into());
+        }
         if state.device_type != self.device_type {
             return bad(format!(
                 "saved device type {} but the device is type {}",
@@ -737,11 +740,6 @@ impl<M: VirtioMemory> VirtioState<M> {
         interrupt: &Arc<dyn VirtioInterrupt>,
     ) -> Result<bool> {
         self.check(state)?;
-        if self.status != 0 || self.activated || self.activation_pending {
-            return Err(Error::InvalidState(
-                "the transport is in use; restore into a freshly built one".into(),
-            ));
-        }
         for (i, (slot, q)) in self.slots.iter_mut().zip(&state.queues).enumerate() {
             slot.queue = Queue::try_from(virtio_queue::QueueState::from(q.queue))
                 .map_err(|e| Error::InvalidState(format!("queue {i}: {e}")))?;

@@ -134,5 +134,7 @@ pub use queue::{chain_descriptors, ActiveQueue, Chain, ChainError};
 pub use rate_limiter::{
     BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterUpdate, TokenBucketConfig,
 };
+#[cfg(feature = "pci")]
+pub use state::PciTransportState;
 pub use state::{MmioTransportState, QueueSlotState, QueueSnapshot, VirtioTransportState};
 pub use virtio_queue::desc::split::Descriptor;

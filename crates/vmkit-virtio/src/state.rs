@@ -117,3 +117,23 @@ pub struct MmioTransportState {
     /// The ConfigGeneration register.
     pub config_generation: u32,
 }
+
+/// The state of a [`PciTransport`](crate::pci::PciTransport) (feature `pci`).
+#[cfg(feature = "pci")]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PciTransportState {
+    /// Status, features and queues.
+    pub common: VirtioTransportState,
+    /// The function's configuration space (command register, BAR 0, MSI-X control…).
+    pub config: vmkit_pci::ConfigSpaceState,
+    /// The MSI-X table, pending bits, enable and function mask.
+    pub msix: vmkit_pci::MsixState,
+    /// The ISR status bits not yet read.
+    pub isr: u8,
+    /// `config_msix_vector`.
+    pub config_vector: u16,
+    /// Each queue's `queue_msix_vector`.
+    pub queue_vectors: Vec<u16>,
+    /// The configuration generation.
+    pub config_generation: u32,
+}
