@@ -259,6 +259,80 @@ fn virtio_pci_notify_ioeventfds_follow_bar_moves() {
 
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn virtio_pci_states_restore_bar_ioeventfds_and_msi_routes_into_another_vm() {
+    let m = machine();
+    let mut pci = PciPlatform::new(&m).unwrap();
+    let (bdf, _h) = pci.attach(m.memory().clone(), rng()).unwrap();
+    let bar = PCI_BAR_WINDOW.start;
+    // The guest moves BAR 0, enables MSI-X (the capability found by walking the list) and
+    // programs vector 1.
+    let new = bar + 0x10_0000;
+    ecam_write(&m, bdf.device, 0x04, 0x4);
+    ecam_write(&m, bdf.device, 0x10, new as u32);
+    ecam_write(&m, bdf.device, 0x14, 0);
+    ecam_write(&m, bdf.device, 0x04, 0x6);
+    let mut cap = [0u8; 1];
+    let mut at = 0x34u64;
+    let ecam = PCI_ECAM.start + (u64::from(bdf.device) << 15);
+    loop {
+        assert!(m.bus().mmio_read(ecam + at, &mut cap).is_handled());
+        let mut id = [0u8; 1];
+        assert!(m
+            .bus()
+            .mmio_read(ecam + u64::from(cap[0]), &mut id)
+            .is_handled());
+        at = u64::from(cap[0]);
+        if id[0] == 0x11 {
+            break;
+        }
+        at += 1;
+    }
+    let msix_control = ecam + at + 2;
+    assert!(m
+        .bus()
+        .mmio_write(msix_control, &0x8000u16.to_le_bytes())
+        .is_handled());
+    let table = new + 0x4000 + 16;
+    for (off, v) in [(0u64, 0xFEE0_0000u32), (8, 0x41), (12, 0)] {
+        assert!(m
+            .bus()
+            .mmio_write(table + off, &v.to_le_bytes())
+            .is_handled());
+    }
+    // The MSI routes of the VM (every vector has one while MSI-X is enabled).
+    let routed = |m: &Machine| -> Vec<vmkit_irq::MsiMessage> {
+        (24..64)
+            .filter_map(|gsi| m.irqchip().lock().unwrap().routing().msi(gsi))
+            .collect()
+    };
+    let msg = vmkit_irq::MsiMessage {
+        address: 0xFEE0_0000,
+        data: 0x41,
+    };
+    assert!(routed(&m).contains(&msg));
+    let states = pci.states();
+    assert_eq!(states.len(), 1);
+
+    let m2 = machine();
+    let mut pci2 = PciPlatform::new(&m2).unwrap();
+    let err = pci2.restore(&states).unwrap_err().to_string();
+    assert!(err.contains("1 virtio-pci devices but 0"), "{err}");
+    let (bdf2, _h2) = pci2.attach(m2.memory().clone(), rng()).unwrap();
+    assert_eq!(bdf2, bdf);
+    assert!(ioeventfd_at(&m2, bar + 0x3000));
+    assert!(routed(&m2).is_empty());
+    pci2.restore(&states).unwrap();
+    // BAR 0 where the guest had put it, the notify ioeventfd with it, the MSI route back.
+    assert_eq!(pci2.bus().bar_mapping(bdf.device, 0).unwrap().address, new);
+    assert!(ioeventfd_at(&m2, new + 0x3000));
+    assert!(!ioeventfd_at(&m2, bar + 0x3000));
+    assert_eq!(routed(&m2), routed(&m));
+    assert!(routed(&m2).contains(&msg));
+    assert_eq!(pci2.states(), states);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_failed_vcpu_prologue_fails_the_start_and_no_guest_code_runs() {
     let m = machine();
     let vcpus = two_vcpus(&m);
