@@ -82,6 +82,25 @@ pub enum Error {
     /// The PCI bus refused a device (full, or a place it cannot use).
     #[error("PCI: {0}")]
     Pci(#[from] vmkit_pci::Error),
+    /// A snapshot holds another number of virtio transports than the VMM attached.
+    #[error("restore: the snapshot has {saved} {transport} devices but {attached} are attached")]
+    TransportCount {
+        /// "virtio-mmio" or "virtio-pci".
+        transport: &'static str,
+        /// How many states the snapshot holds.
+        saved: usize,
+        /// How many devices are attached.
+        attached: usize,
+    },
+    /// A saved transport state does not fit the device attached in its place.
+    #[error("restore: virtio device {index} (attach order): {source}")]
+    TransportRestore {
+        /// The device's position in attach order.
+        index: usize,
+        /// What the transport refused.
+        #[source]
+        source: vmkit_virtio::Error,
+    },
     /// `KVM_IOEVENTFD` failed.
     #[error("cannot register an ioeventfd at {addr:#x}: {source}")]
     IoEvent {

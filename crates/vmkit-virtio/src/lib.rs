@@ -109,6 +109,7 @@ mod mmio;
 pub mod pci;
 mod queue;
 pub mod rate_limiter;
+mod state;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
 
@@ -133,4 +134,7 @@ pub use queue::{chain_descriptors, ActiveQueue, Chain, ChainError};
 pub use rate_limiter::{
     BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterUpdate, TokenBucketConfig,
 };
+#[cfg(feature = "pci")]
+pub use state::PciTransportState;
+pub use state::{MmioTransportState, QueueSlotState, QueueSnapshot, VirtioTransportState};
 pub use virtio_queue::desc::split::Descriptor;
