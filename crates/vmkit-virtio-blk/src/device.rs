@@ -230,6 +230,27 @@ impl<M: MappedMemory> Block<M> {
         self.requests.read_only
     }
 
+    /// The logical block size.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The number of request queues.
+    pub fn queue_count(&self) -> u16 {
+        // At most MAX_QUEUES (256), checked by `BlockConfig::check`.
+        self.queue_sizes.len() as u16
+    }
+
+    /// The serial, zero-padded (snapshot/restore).
+    pub(crate) fn serial_bytes(&self) -> [u8; ID_BYTES] {
+        self.requests.serial
+    }
+
+    /// Replaces the serial (snapshot/restore).
+    pub(crate) fn set_serial(&mut self, serial: [u8; ID_BYTES]) {
+        self.requests.serial = serial;
+    }
+
     /// Whether the data path uses `O_DIRECT`, and its buffer alignment.
     pub fn direct(&self) -> Option<u32> {
         self.disk.direct().then(|| self.disk.direct_align())
