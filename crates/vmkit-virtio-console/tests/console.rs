@@ -230,6 +230,40 @@ fn reset_and_use_again() {
     assert_eq!(recv_exact(&h, &mut driver, 5), b"later");
 }
 
+#[test]
+fn input_not_yet_given_to_the_guest_survives_a_restore() {
+    let (dev, sink) = console();
+    let h = Harness::new(dev.clone());
+    let mut driver = VirtIOConsole::<GuestHal, _>::new(h.transport()).unwrap();
+    // virtio-drivers posts one page at a time: most of this waits in the device.
+    let data = pattern(10_000, 9);
+    assert_eq!(dev.lock().unwrap().enqueue_input(&data), 10_000);
+    // The guest reads a little of its first buffer (the rest of which is guest memory's).
+    for want in &data[..100] {
+        assert_eq!(driver.recv(true).unwrap(), Some(*want));
+    }
+    let pending = dev.lock().unwrap().pending_input();
+    assert_eq!(pending, 10_000 - 4096, "input left in the device");
+    let state = dev.lock().unwrap().state();
+    assert_eq!(state.pending_input, &data[10_000 - pending..]);
+    drop(driver);
+    drop(h);
+
+    // A console built afresh: the transport activates it, the rest reaches the guest.
+    let (fresh, fresh_sink) = console();
+    fresh.lock().unwrap().restore(&state).unwrap();
+    let h = Harness::new(fresh.clone());
+    let mut driver = VirtIOConsole::<GuestHal, _>::new(h.transport()).unwrap();
+    assert_eq!(
+        recv_exact(&h, &mut driver, pending),
+        &data[10_000 - pending..]
+    );
+    // And it works both ways.
+    driver.send_bytes(b"after").unwrap();
+    assert_eq!(fresh_sink.take(), b"after");
+    assert!(sink.take().is_empty());
+}
+
 // ---- hostile rings ----
 
 const MEM: usize = 0x40_0000;
