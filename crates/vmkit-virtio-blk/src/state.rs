@@ -46,7 +46,8 @@ impl<M: MappedMemory> Block<M> {
     /// Restores `state` into a device freshly built from its image, before the transport
     /// re-activates it: the image, read-only mode, block size and queue count must be what
     /// the guest saw (a different one is an error naming both values); the serial is taken
-    /// from the state.
+    /// from the state. The activation that follows serves the requests the driver had made
+    /// available (their notification may not have reached the paused device).
     pub fn restore(&mut self, state: &BlockState) -> Result<(), Error> {
         if state.serial.len() > ID_BYTES {
             return Err(Error::SerialTooLong(state.serial.len()));
@@ -78,7 +79,7 @@ impl<M: MappedMemory> Block<M> {
         }
         let mut serial = [0u8; ID_BYTES];
         serial[..state.serial.len()].copy_from_slice(&state.serial);
-        self.set_serial(serial);
+        self.set_restored(serial);
         Ok(())
     }
 }

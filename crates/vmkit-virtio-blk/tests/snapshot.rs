@@ -125,6 +125,10 @@ fn quiesced_state_restores_into_a_fresh_device_that_continues_the_ring() {
         assert_eq!(ring.data(1, 4096), sectors(9, 0, 4096));
         assert_eq!(ring.data(2, 4096), sectors(3, 8, 4096));
 
+        // The driver makes a write available while the VM is paused: its notification
+        // never reaches the device.
+        ring.offer(T_OUT, 16, 9, Some(&sectors(7, 16, 4096)));
+
         let state = dev.state();
         let ctx = dev.reset().expect("was active");
         drop(dev);
@@ -134,15 +138,24 @@ fn quiesced_state_restores_into_a_fresh_device_that_continues_the_ring() {
         fresh.restore(&state).unwrap();
         fresh.ack_features(FEATURE_VERSION_1);
         fresh.activate(ctx).unwrap();
-        ring.offer(T_IN, 0, 9, None);
-        ring.offer(T_GET_ID, 0, 10, None);
+        // The activation served the request left in the ring.
+        common::settle(&mut fresh);
+        assert_eq!(
+            ring.used_idx(),
+            10,
+            "{engine:?}: the waiting write was served"
+        );
+        assert_eq!(ring.status(9), S_OK);
+        assert_eq!(img.read_at(16 * 512, 4096), sectors(7, 16, 4096));
+        ring.offer(T_IN, 0, 10, None);
+        ring.offer(T_GET_ID, 0, 11, None);
         fresh.process_queue(0);
         common::settle(&mut fresh);
-        assert_eq!(ring.used_idx(), 11, "{engine:?}: the ring continued");
-        assert_eq!(ring.status(9), S_OK);
-        assert_eq!(ring.data(9, 4096), sectors(9, 0, 4096), "{engine:?}");
+        assert_eq!(ring.used_idx(), 12, "{engine:?}: the ring continued");
         assert_eq!(ring.status(10), S_OK);
-        assert_eq!(&ring.data(10, 11), b"snap-serial");
+        assert_eq!(ring.data(10, 4096), sectors(9, 0, 4096), "{engine:?}");
+        assert_eq!(ring.status(11), S_OK);
+        assert_eq!(&ring.data(11, 11), b"snap-serial");
     }
 }
 
