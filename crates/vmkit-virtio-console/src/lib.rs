@@ -220,6 +220,9 @@ pub struct Console<M: VirtioMemory = GuestMemoryMmap> {
     scratch: Vec<u8>,
     stats: ConsoleStats,
     metrics: Arc<dyn DeviceMetrics>,
+    /// Restored and not activated since: the next activation serves the transmit queue
+    /// once (output made available while the VM was paused lost its notification).
+    restored: bool,
 }
 
 impl<M: VirtioMemory> fmt::Debug for Console<M> {
@@ -262,6 +265,7 @@ impl<M: VirtioMemory> Console<M> {
             scratch: Vec::new(),
             stats: ConsoleStats::default(),
             metrics: config.metrics,
+            restored: false,
         })
     }
 
@@ -314,7 +318,8 @@ impl<M: VirtioMemory> Console<M> {
 
     /// Restores `state` into a freshly built console, before its transport re-activates
     /// it: the buffered input becomes the saved input (delivered to the guest's receive
-    /// buffers on activation).
+    /// buffers on activation), and that activation also serves the transmit queue once
+    /// (output made available while the VM was paused lost its notification).
     ///
     /// # Errors
     ///
@@ -329,6 +334,8 @@ impl<M: VirtioMemory> Console<M> {
         }
         input.data.clear();
         input.data.extend(&state.pending_input);
+        drop(input);
+        self.restored = true;
         Ok(())
     }
 
@@ -588,6 +595,9 @@ impl<M: VirtioMemory> VirtioDevice<M> for Console<M> {
         self.active = Some(context);
         // Input typed before the driver was ready goes to buffers posted before DRIVER_OK.
         self.fill_rx();
+        if std::mem::take(&mut self.restored) {
+            self.transmit();
+        }
         Ok(())
     }
 
@@ -603,6 +613,7 @@ impl<M: VirtioMemory> VirtioDevice<M> for Console<M> {
     fn reset(&mut self) -> Option<ActivateContext<M>> {
         // Buffered input stays for the next activation.
         lock(&self.input).kick = None;
+        self.restored = false;
         self.active.take()
     }
 }

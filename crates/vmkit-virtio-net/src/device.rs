@@ -191,7 +191,8 @@ impl<M: MappedMemory> Net<M> {
     /// Restores `state` into a device freshly built on its backends (the same TAPs, or the
     /// ones a network override names), before the transport re-activates it: the MAC, MTU
     /// and receive filter become the saved ones, and the activation that follows uses the
-    /// saved number of queue pairs.
+    /// saved number of queue pairs and serves every queue once (what the driver made
+    /// available while the VM was paused lost its notification with the old VMM).
     ///
     /// # Errors
     ///
@@ -648,8 +649,20 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
         // One pair until the driver asks for more; frames that arrived before the driver
         // was ready are read.
         self.active_pairs = 0;
-        let pairs = self.restored_pairs.take().unwrap_or(1);
-        self.set_pairs(pairs);
+        match self.restored_pairs.take() {
+            None => self.set_pairs(1),
+            Some(pairs) => {
+                self.set_pairs(pairs);
+                // What the driver made available while the VM was paused lost its
+                // notification with the old VMM: serve every queue once.
+                for pair in 0..pairs {
+                    self.process_tx(pair);
+                }
+                if self.has(VIRTIO_NET_F_CTRL_VQ) {
+                    self.process_ctrl();
+                }
+            }
+        }
         Ok(())
     }
 

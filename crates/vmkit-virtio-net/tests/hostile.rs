@@ -748,6 +748,19 @@ fn quiesce_returns_held_buffers_and_a_restored_device_keeps_pairs_and_filter() {
     assert_eq!(r.used_idx(0), 2, "the held receive buffer went back");
     assert_eq!(r.used_len(0, 1), 0);
 
+    // The driver queues a frame on the second pair while the VM is paused: its
+    // notification never reaches the device.
+    let out = with_header(&frame([0xff; 6], 60, 4));
+    r.mem.write_slice(&out, GuestAddress(0x3_0000)).unwrap();
+    r.mem
+        .write_obj(
+            desc(0x3_0000, out.len() as u32, 0, 0),
+            GuestAddress(RINGS[3]),
+        )
+        .unwrap();
+    r.mem.write_obj(0u16, r.avail[3].unchecked_add(4)).unwrap();
+    r.mem.write_obj(1u16, r.avail[3].unchecked_add(2)).unwrap();
+
     let state = r.dev.state();
     assert_eq!(state.active_pairs, 2);
     assert!(!state.promiscuous);
@@ -770,6 +783,10 @@ fn quiesce_returns_held_buffers_and_a_restored_device_keeps_pairs_and_filter() {
     fresh.activate(ctx).unwrap();
     r.dev = fresh;
     r.hosts = hosts;
+    // Sent during the activation already: a read that would block fails the test.
+    r.hosts[1].set_nonblocking(true).unwrap();
+    assert_eq!(r.recv_host(1), out, "the waiting frame went out");
+    assert_eq!(r.used_idx(3), 1);
     assert_eq!(r.dev.active_pairs(), 2, "pairs in use restored");
     assert_eq!(enabled[1].lock().unwrap().last(), Some(&true));
     assert!(!r.dev.rx_filter().promiscuous, "filter restored");

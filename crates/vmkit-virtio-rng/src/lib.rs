@@ -118,6 +118,9 @@ pub struct Rng<M: VirtioMemory = GuestMemoryMmap> {
     stats: RngStats,
     metrics: Arc<dyn DeviceMetrics>,
     limiter: RateLimiter,
+    /// Restored and not activated since: the next activation serves the queue once (a
+    /// request made available while the VM was paused lost its notification).
+    restored: bool,
 }
 
 impl Rng {
@@ -141,6 +144,7 @@ impl<M: VirtioMemory> Rng<M> {
             stats: RngStats::default(),
             metrics: Arc::new(NoMetrics),
             limiter: RateLimiter::new(RateLimiterConfig::default()).map_err(Error::RateLimiter)?,
+            restored: false,
         })
     }
 
@@ -206,12 +210,15 @@ impl<M: VirtioMemory> Rng<M> {
         }
     }
 
-    /// Restores `state` into a freshly built device, before its transport re-activates it.
-    /// A state of another version is refused.
+    /// Restores `state` into a freshly built device, before its transport re-activates it;
+    /// that activation serves the requests already in the ring (made available while the
+    /// VM was paused, their notification lost with the old VMM). A state of another version
+    /// is refused.
     pub fn restore(&mut self, state: &RngState) -> Result<(), Error> {
         if state.version != RNG_STATE_VERSION {
             return Err(Error::StateVersion(state.version));
         }
+        self.restored = true;
         Ok(())
     }
 }
@@ -317,6 +324,9 @@ impl<M: VirtioMemory> VirtioDevice<M> for Rng<M> {
             q.set_throttled(self.limiter.is_throttled());
         }
         self.active = Some(context);
+        if std::mem::take(&mut self.restored) {
+            self.serve_queue(0);
+        }
         Ok(())
     }
 
@@ -336,6 +346,7 @@ impl<M: VirtioMemory> VirtioDevice<M> for Rng<M> {
     }
 
     fn reset(&mut self) -> Option<ActivateContext<M>> {
+        self.restored = false;
         self.active.take()
     }
 }

@@ -360,8 +360,10 @@ impl<M: VirtioMemory> VirtioDevice<M> for Vsock<M> {
         self.active = Some(context);
         if std::mem::take(&mut self.restored) {
             // The driver's sockets were connected to host sockets of the VMM that took the
-            // snapshot: the driver resets them.
+            // snapshot: the driver resets them. Packets it queued while the VM was paused
+            // (their notification lost with the old VMM) are taken: each gets a reset.
             self.transport_reset();
+            self.counted(|dev| dev.process_tx());
         }
         // Host clients may have connected before the driver was ready.
         self.counted(|dev| {

@@ -609,9 +609,28 @@ fn a_restored_device_resets_the_transport_once_and_serves_again() {
     r.push(2, 0);
     assert_eq!(r.used_idx(2), 0);
 
+    // The driver queues a connection request while the VM is paused: its notification
+    // never reaches the device.
+    r.mem
+        .write_slice(
+            &H::new(OP_REQUEST, 5002, 9).bytes(),
+            GuestAddress(0x10_0000),
+        )
+        .unwrap();
+    r.set(1, 0, desc(0x10_0000, HDR, 0, 0));
+    let n = r.pushed[1];
+    r.mem
+        .write_obj(0u16, r.avail[1].unchecked_add(4 + 2 * u64::from(n % 16)))
+        .unwrap();
+    r.pushed[1] = n + 1;
+    r.mem
+        .write_obj(r.pushed[1], r.avail[1].unchecked_add(2))
+        .unwrap();
+
     let state = r.dev.state();
     assert_eq!(state.guest_cid, CID);
     let ctx = r.dev.reset().expect("was active");
+    let listener = UnixListener::bind(r.dir.join("w.sock_9")).unwrap();
     // The restored device is built on its own socket path (a vsock override).
     let mut fresh = Vsock::new(VsockConfig::new(CID + 1, r.dir.join("w.sock"))).unwrap();
     fresh.restore(&state).unwrap();
@@ -627,13 +646,19 @@ fn a_restored_device_resets_the_transport_once_and_serves_again() {
     r.set(2, 1, desc(0x30_1000, 8, WRITE, 0));
     r.push(2, 1);
     assert_eq!(r.used_idx(2), 1);
+    // The request queued while paused was taken on activation, after the reset.
+    listener.set_nonblocking(true).unwrap();
+    let _queued_host = listener.accept().expect("the queued request connected");
+    assert_eq!(r.dev.connections(), 1);
 
     // The driver connects again, through the new device to the new path.
-    let listener = UnixListener::bind(r.dir.join("w.sock_9")).unwrap();
     r.send(H::new(OP_REQUEST, 5001, 9), None);
     let _new_host = listener.accept().unwrap();
-    assert_eq!(r.dev.connections(), 1);
-    assert_eq!(r.receive(1), [(OP_RESPONSE, 9, 5001, HDR)]);
+    assert_eq!(r.dev.connections(), 2);
+    assert_eq!(
+        r.receive(2),
+        [(OP_RESPONSE, 9, 5002, HDR), (OP_RESPONSE, 9, 5001, HDR)]
+    );
 }
 
 #[test]
