@@ -33,7 +33,6 @@ mod vm;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use vmkit_legacy::ExitReason;
 
 use crate::config::Args;
@@ -58,7 +57,7 @@ mod status {
 
 /// Parses the command line; on an error prints one line (not clap's usage block).
 fn parse_args() -> std::result::Result<Args, ExitCode> {
-    Args::try_parse().map_err(|e| {
+    Args::try_parse_checked().map_err(|e| {
         use clap::error::ErrorKind;
         if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
             print!("{e}");
