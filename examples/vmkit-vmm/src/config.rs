@@ -220,12 +220,9 @@ const RESTORE_CONFLICTS: [&str; 16] = [
     "config_file",
 ];
 
-// The restore stage (issue 16) reads these names; until it is wired, only the tests do.
 /// The file of a snapshot directory that holds the VM's state.
-#[allow(dead_code)]
 pub const SNAPSHOT_STATE_FILE: &str = "vmstate";
 /// The file of a snapshot directory that holds guest RAM.
-#[allow(dead_code)]
 pub const SNAPSHOT_MEMORY_FILE: &str = "memory";
 
 /// What `--restore` and its companion flags ask for, checked.
@@ -245,7 +242,6 @@ pub struct RestoreArgs {
     pub track_dirty_pages: bool,
 }
 
-#[allow(dead_code)] // Read by the restore stage (issue 16), not wired yet.
 impl RestoreArgs {
     /// `DIR/vmstate`: the VM's state.
     pub fn state_file(&self) -> PathBuf {

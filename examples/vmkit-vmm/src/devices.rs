@@ -12,7 +12,7 @@ use vmkit_boot::DsdtDevice;
 use vmkit_bus::{mmio_range, pio_range};
 use vmkit_kvm::{Machine, MmioPlatform, PciPlatform};
 use vmkit_legacy::{
-    AcpiSleep, AcpiSleepConfig, DebugPort, ExitNotifier, Ged, Serial, SerialConfig,
+    AcpiSleep, AcpiSleepConfig, DebugPort, ExitNotifier, Ged, Serial, SerialConfig, SerialState,
     ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT,
     GED_REGISTER_SIZE, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
@@ -54,8 +54,14 @@ pub struct LegacyDevices {
 
 impl LegacyDevices {
     /// Puts them on `machine`'s bus, reporting power-off and reset to its exit notifier;
-    /// the serial port writes to a sink of `outputs`.
-    pub fn add(machine: &Machine, args: &Args, outputs: &mut Outputs) -> Result<Self> {
+    /// the serial port writes to a sink of `outputs`, and starts in `serial_state` (a
+    /// snapshot's) when given.
+    pub fn add(
+        machine: &Machine,
+        args: &Args,
+        outputs: &mut Outputs,
+        serial_state: Option<&SerialState>,
+    ) -> Result<Self> {
         let bus = machine.bus();
         let exit = machine.exit().clone();
         let input_drained = match args.serial {
@@ -71,7 +77,7 @@ impl LegacyDevices {
                 Box::new(outputs.file("serial_file", "serial output file", f)?)
             }
         };
-        let serial = Arc::new(Mutex::new(GuestSerial::with_config(SerialConfig {
+        let config = SerialConfig {
             interrupt: machine.line(COM1_GSI)?,
             out,
             input_drained: input_drained
@@ -79,7 +85,13 @@ impl LegacyDevices {
                 .map(EventFd::try_clone)
                 .transpose()
                 .map_err(Error::EventFd)?,
-        })));
+        };
+        let serial = match serial_state {
+            None => GuestSerial::with_config(config),
+            Some(state) => GuestSerial::from_state(config, state)
+                .map_err(|e| Error::Restore(format!("serial port: {e}")))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         bus.register_pio(pio_range(COM1_PORT, SERIAL_PORT_COUNT)?, serial.clone())?;
         let i8042 = I8042::new(exit.clone(), machine.line(I8042_GSI)?);
         let i8042 = Arc::new(Mutex::new(i8042));

@@ -84,7 +84,11 @@ fn run(args: &Args) -> Result<Option<ExitReason>> {
         logger::Logger::install(args.log_level, args.log_file.as_deref()).map_err(Error::Log)?;
     let sandbox = sandbox::Sandbox::new(args)?;
     let mut host = host::Host::open(args, signals, logger, sandbox)?;
+    let restore = args.restore_args().map_err(Error::Restore)?;
     let started = match (&args.kernel, &args.config_file) {
+        _ if restore.is_some() => restore
+            .map(|r| setup::from_snapshot(args, &setup::Restore::of_cli(&r)))
+            .transpose()?,
         (Some(_), _) => Some(setup::from_args(args)?),
         (None, Some(path)) => Some(setup::from_config_file(path, args, &mut host)?),
         (None, None) if host.has_api() => setup::through_api(args, &mut host)?,

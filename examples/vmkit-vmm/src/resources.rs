@@ -111,9 +111,6 @@ impl Resources {
         if m.smt {
             return Err("smt (two threads per core) is not supported by vmkit".into());
         }
-        if m.track_dirty_pages {
-            return Err("track_dirty_pages is not supported by vmkit (no snapshots yet)".into());
-        }
         cpu_template(m.cpu_template.as_deref())?;
         self.machine = m;
         Ok(())
@@ -244,6 +241,7 @@ impl Resources {
         args.cpus = u32::from(m.vcpu_count);
         args.memory = m.mem_size_mib << 20;
         args.hugepages = m.huge_pages == Some(HugePages::Huge2M);
+        args.track_dirty_pages |= m.track_dirty_pages;
         args.no_thp &= !args.hugepages;
         if m.cpu_template.is_some() {
             args.cpu_template = cpu_template(m.cpu_template.as_deref())?;

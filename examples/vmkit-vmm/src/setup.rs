@@ -10,7 +10,7 @@ use vmkit_api::model::{
 };
 use vmkit_api::{ApiRequest, ApiResponse};
 
-use crate::config::Args;
+use crate::config::{Args, RestoreArgs};
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::resources::Resources;
@@ -98,6 +98,21 @@ pub struct Restore {
 }
 
 impl Restore {
+    /// `--restore DIR` and its companions.
+    pub fn of_cli(r: &RestoreArgs) -> Self {
+        Self {
+            state: r.state_file(),
+            memory: Some(r.memory_file()),
+            overrides: Overrides {
+                drives: r.drives.iter().map(|d| (d.id.clone(), d.path.clone())).collect(),
+                nets: r.nets.iter().map(|n| (n.id.clone(), n.tap.clone())).collect(),
+                vsock: r.vsock.clone(),
+            },
+            track_dirty_pages: r.track_dirty_pages,
+            resume: !r.paused,
+        }
+    }
+
     /// `PUT /snapshot/load`'s request.
     fn of_api(load: &SnapshotLoad) -> std::result::Result<Self, String> {
         let memory = load.memory()?;

@@ -173,10 +173,16 @@ struct Devices {
     virtio: VirtioDevices,
 }
 
-/// The legacy and virtio devices `args` ask for, on `machine`.
-fn add_devices(machine: &Machine, args: &Args, net_fds: InheritedFds) -> Result<Devices> {
+/// The legacy and virtio devices `args` ask for, on `machine` (the serial port in
+/// `serial`'s state, a snapshot's, when given).
+fn add_devices(
+    machine: &Machine,
+    args: &Args,
+    net_fds: InheritedFds,
+    serial: Option<&vmkit_legacy::SerialState>,
+) -> Result<Devices> {
     let mut outputs = Outputs::new(args.output_buffer);
-    let legacy = LegacyDevices::add(machine, args, &mut outputs)?;
+    let legacy = LegacyDevices::add(machine, args, &mut outputs, serial)?;
     let virtio = VirtioDevices::add(machine, args, net_fds, &mut outputs)?;
     Ok(Devices {
         outputs,
@@ -202,7 +208,7 @@ impl Vm {
         let inputs = Inputs::open(args)?;
         let machine = create_machine(args, None)?;
         let vcpus = create_vcpus(&machine, args)?;
-        let mut devices = add_devices(&machine, args, net_fds)?;
+        let mut devices = add_devices(&machine, args, net_fds, None)?;
         let cmdline = kernel_cmdline(args, &vcpus, &devices.virtio)?;
         let dsdt = std::mem::take(&mut devices.virtio.dsdt);
         let entry = load_kernel(&machine, args, inputs, &cmdline, dsdt)?;
@@ -218,8 +224,8 @@ impl Vm {
         let net_fds = InheritedFds::claim(&args.net)?;
         let machine = create_machine(args, Some(&loaded))?;
         let vcpus = create_vcpus(&machine, args)?;
-        let devices = add_devices(&machine, args, net_fds)?;
         let state = &loaded.state;
+        let devices = add_devices(&machine, args, net_fds, Some(&state.serial))?;
         vcpus
             .restore_states(&state.vcpus)
             .map_err(|e| Error::Restore(format!("vCPUs: {e}")))?;

@@ -24,12 +24,6 @@ use crate::config::Args;
 use crate::devices::{GuestSerial, Handle, LegacyDevices, VirtioDevices};
 use crate::snapshot::spec::VmSpec;
 
-/// Where `vmkit --restore DIR` finds (and `PUT /snapshot/create` on a CLI-named directory
-/// writes) the state file.
-pub const STATE_FILE: &str = "vmstate";
-/// Likewise, the memory file.
-pub const MEMORY_FILE: &str = "memory";
-
 /// A snapshot read and checked, ready to build a VM from.
 pub struct Loaded {
     /// The state.
@@ -155,16 +149,13 @@ fn restore_device(handle: &Handle, state: &DeviceState, index: usize) -> Result<
     r.map_err(|e| format!("virtio device {index}: {e}"))
 }
 
-/// The legacy devices', the virtio devices' and their transports' saved states put back,
+/// The i8042's, the GED's, the virtio devices' and their transports' saved states put back
 /// in that order (a transport re-activates its device last).
 pub fn restore_devices(
     legacy: &LegacyDevices,
     virtio: &VirtioDevices,
     state: &VmState,
 ) -> Result<(), String> {
-    lock(&legacy.serial)
-        .restore(&state.serial)
-        .map_err(|e| format!("serial port: {e}"))?;
     lock(&legacy.i8042)
         .restore(&state.i8042)
         .map_err(|e| format!("i8042: {e}"))?;
