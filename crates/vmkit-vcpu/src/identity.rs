@@ -103,7 +103,8 @@ impl CpuIdentity {
     /// reads back (`KVM_GET_CPUID2` on a scratch VM). Where KVM emulates guest kernel mode
     /// (kvm_pvm) the processor's own bits pass through beyond the supported set, so a saved
     /// CPUID holds them too; on hardware-assisted KVM the read-back adds only the dynamic
-    /// bits, which are not compared.
+    /// bits, which are not compared. The scratch VM needs `KVM_CREATE_VM`: call this before
+    /// a seccomp filter forbids it.
     pub fn host(kvm: &Kvm) -> Result<Self> {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

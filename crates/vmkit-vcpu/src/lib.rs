@@ -27,8 +27,8 @@
 //! use kvm_ioctls::Kvm;
 //! use vm_memory::GuestAddress;
 //! use vmkit_vcpu::{
-//!     install_kick_handler, setup_entry, CpuidConfig, CpuidTemplate, Vcpu, VcpuControl,
-//!     VcpuExitHandler,
+//!     install_kick_handler, setup_entry, CpuIdentity, CpuidConfig, CpuidTemplate, Vcpu,
+//!     VcpuControl, VcpuExitHandler,
 //! };
 //! use vmkit_boot::EntryPoint;
 //!
@@ -56,6 +56,10 @@
 //! install_kick_handler()?;
 //! let control = VcpuControl::new();
 //! let stop = vcpu.run(&NoDevices, &control)?;
+//! // Stopped (or parked, on its own thread): its state, for a snapshot.
+//! let msrs = kvm.get_msr_index_list()?;
+//! let state = vcpu.save_state(msrs.as_slice())?;
+//! CpuIdentity::host(&kvm)?.check_compatible(&state.cpuid)?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]

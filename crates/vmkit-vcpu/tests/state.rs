@@ -28,6 +28,11 @@ struct Vm<M> {
 /// A VM with an in-kernel irqchip and one vCPU set up as vmkit-kvm does; with `entry`, it
 /// starts at the code (a fresh VM for a restore gets no entry state).
 fn vm(kvm: &Kvm, entry: bool) -> Vm<impl GuestMemoryBackend> {
+    vm_with(kvm, entry.then_some(&CODE[..]))
+}
+
+/// [`vm`] with `code` at the entry, or no entry state.
+fn vm_with(kvm: &Kvm, code: Option<&[u8]>) -> Vm<impl GuestMemoryBackend> {
     let vm = kvm.create_vm().unwrap();
     let mem = vmkit_memory::create_guest_memory(&vmkit_memory::MemoryConfig::new(RAM)).unwrap();
     let slots = vmkit_memory::register_memory_slots(&vm, &mem).unwrap();
@@ -44,8 +49,8 @@ fn vm(kvm: &Kvm, entry: bool) -> Vm<impl GuestMemoryBackend> {
     setup_msrs(&fd, &msrs).unwrap();
     setup_fpu(&fd).unwrap();
     setup_lint(&fd).unwrap();
-    if entry {
-        mem.write_slice(&CODE, GuestAddress(0x1000)).unwrap();
+    if let Some(code) = code {
+        mem.write_slice(code, GuestAddress(0x1000)).unwrap();
         let pvh = vmkit_boot::EntryPoint::Pvh {
             entry: GuestAddress(0x1000),
             start_info: GuestAddress(0x6000),
@@ -165,4 +170,42 @@ fn hostile_states_are_refused_with_an_error() {
         let e = restore_state(&b.fd, &s).unwrap_err().to_string();
         assert!(e.starts_with(what), "{what}: {e}");
     }
+}
+
+/// The TSC deadline MSR of a state (0 when absent).
+fn tsc_deadline(s: &VcpuState) -> u64 {
+    s.msrs
+        .iter()
+        .find(|m| m.index == 0x6e0)
+        .map_or(0, |m| m.data)
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn an_armed_tsc_deadline_timer_survives_the_restore() {
+    // The LAPIC timer in TSC-deadline mode, armed far ahead (the TSC + 2^40), then an `out`:
+    let code = [
+        0xc7, 0x05, 0xf0, 0x00, 0xe0, 0xfe, 0xff, 0x01, 0x00, 0x00, // mov [SVR], 0x1ff
+        0xc7, 0x05, 0x20, 0x03, 0xe0, 0xfe, 0x40, 0x00, 0x04, 0x00, // mov [LVTT], 0x40040
+        0x0f, 0x31, // rdtsc
+        0x81, 0xc2, 0x00, 0x01, 0x00, 0x00, // add edx, 0x100
+        0xb9, 0xe0, 0x06, 0x00, 0x00, // mov ecx, 0x6e0
+        0x0f, 0x30, // wrmsr
+        0xe7, 0x80, // out 0x80, eax
+        0xeb, 0xfc, // jmp to the out
+    ];
+    let kvm = Kvm::new().unwrap();
+    let mut a = vm_with(&kvm, Some(&code));
+    next_out(&mut a.fd);
+    complete_pending_io(&mut a.fd).unwrap();
+    let saved = save_state(&a.fd, &a.msrs).unwrap();
+    assert_ne!(tsc_deadline(&saved), 0, "the guest armed the timer");
+    let b = vm_with(&kvm, None);
+    restore_state(&b.fd, &saved).unwrap();
+    let back = save_state(&b.fd, &b.msrs).unwrap();
+    assert_eq!(
+        tsc_deadline(&back),
+        tsc_deadline(&saved),
+        "the deadline is set again once the LAPIC is in deadline mode"
+    );
 }
