@@ -1,6 +1,6 @@
 //! Guest RAM for x86_64 KVM virtual machines.
 //!
-//! This crate does four things and nothing else:
+//! This crate does five things and nothing else:
 //!
 //! * [`layout`] is the guest physical address map: every fixed address a vmkit crate or VMM
 //!   uses (boot data, the MMIO gap and the device windows in it, interrupt assignments),
@@ -14,7 +14,10 @@
 //!   by huge pages, and left out of core dumps (`MADV_DONTDUMP`) unless
 //!   [`MemoryConfig::dumpable`] says otherwise.
 //! * [`register_memory_slots`] (feature `kvm`, on by default) hands the regions to KVM as
-//!   memory slots.
+//!   memory slots, with KVM's dirty log if asked ([`register_memory_slots_with`]).
+//! * [`DirtyPages`] and [`snapshot`]: the pages written since a point (KVM's dirty log, the
+//!   regions' bitmaps), and guest RAM to and from a sparse memory file; a memory file mapped
+//!   `MAP_PRIVATE` as RAM ([`MemoryConfig::file`]).
 //!
 //! ```
 //! use vm_memory::{Bytes, GuestAddress};
@@ -32,11 +35,13 @@
 //! ```
 #![deny(missing_docs)]
 
+use std::fs::File;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 /// Guest RAM as every vmkit crate and VMM holds it: vm-memory's mmap backend with an optional
 /// dirty-page bitmap per region.
@@ -54,6 +59,7 @@ pub use kvm::{register_memory_slots, register_memory_slots_with, MemorySlots};
 
 mod dirty;
 pub use dirty::{take_bitmap_dirty, DirtyPages};
+pub mod snapshot;
 
 pub mod layout;
 use layout::{MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
@@ -144,6 +150,49 @@ pub enum Error {
         /// The ioctl's error.
         source: kvm_ioctls::Error,
     },
+    /// A memory file could not be written or read.
+    #[error("memory file: {what} at offset {offset:#x} failed: {source}")]
+    SnapshotIo {
+        /// What was being done.
+        what: &'static str,
+        /// Where in the file.
+        offset: u64,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A range of a memory file to read lies outside the RAM or the file.
+    #[error("memory file range of {len} bytes at offset {offset:#x} lies outside the {ram} bytes of RAM or the {file} byte file")]
+    BadRange {
+        /// Offset of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// RAM size.
+        ram: u64,
+        /// File size.
+        file: u64,
+    },
+    /// The memory file to restore from cannot be opened.
+    #[error("cannot open memory file {path}: {source}")]
+    MemoryFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The memory file to restore from is not the size of the RAM.
+    #[error("memory file {path} holds {actual} bytes, but the guest has {expected} bytes of RAM")]
+    MemoryFileSize {
+        /// The file.
+        path: PathBuf,
+        /// The RAM size.
+        expected: u64,
+        /// The file's size.
+        actual: u64,
+    },
+    /// Huge pages cannot back memory mapped from a file.
+    #[error("guest memory from a memory file cannot be backed by huge pages")]
+    HugePagesWithFile,
     /// vm-memory rejected the set of regions.
     #[error("cannot build guest memory: {0}")]
     Regions(#[from] vm_memory::GuestRegionCollectionError),
@@ -253,6 +302,12 @@ pub struct MemoryConfig {
     /// every page written through vm-memory (device and VMM writes), for diff snapshots.
     /// `false` (the default): no bitmap, no cost.
     pub track_dirty: bool,
+    /// A memory file to map the RAM from (a snapshot's, see [`snapshot`]): each region is
+    /// mapped `MAP_PRIVATE` from its offset in the file, so pages load on first touch, VMs
+    /// restored from one file share the host's page cache, and what the guest writes never
+    /// reaches the file. The file must be the RAM's size; not with [`Backing::HugePages`].
+    /// `None` (the default): anonymous memory.
+    pub file: Option<PathBuf>,
 }
 
 impl MemoryConfig {
@@ -263,6 +318,7 @@ impl MemoryConfig {
             backing: Backing::default(),
             dumpable: false,
             track_dirty: false,
+            file: None,
         }
     }
 }
@@ -276,11 +332,39 @@ const DIRTY_PAGE_SIZE: NonZeroUsize = match NonZeroUsize::new(PAGE_SIZE as usize
     None => panic!("the page size is not zero"),
 };
 
-/// Maps guest RAM as laid out by [`MemoryLayout::new`].
+/// Maps guest RAM as laid out by [`MemoryLayout::new`]: anonymous, or `MAP_PRIVATE` from
+/// [`MemoryConfig::file`].
 pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestRam> {
     let layout = MemoryLayout::new(config.size)?;
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let flags = map_flags(config, &layout)?;
+    let file = open_memory_file(config, &layout)?;
+    let mut regions = Vec::with_capacity(layout.regions().len());
+    let mut file_offset = 0u64;
+    for &(addr, size) in layout.regions() {
+        let from_file = match &file {
+            Some(f) => Some(FileOffset::new(
+                f.try_clone()
+                    .map_err(|source| memory_file_error(config, source))?,
+                file_offset,
+            )),
+            None => None,
+        };
+        regions.push(map_region(config, flags, from_file, addr, size)?);
+        file_offset += size;
+    }
+    Ok(GuestRam::from_regions(regions)?)
+}
+
+/// The mmap flags for `config`'s backing.
+fn map_flags(config: &MemoryConfig, layout: &MemoryLayout) -> Result<i32> {
+    let mut flags = libc::MAP_PRIVATE;
+    if config.file.is_none() {
+        flags |= libc::MAP_ANONYMOUS;
+    }
     if config.backing == Backing::HugePages {
+        if config.file.is_some() {
+            return Err(Error::HugePagesWithFile);
+        }
         // No MAP_NORESERVE here: with it, mmap succeeds on an empty hugetlb pool and the first
         // guest touch dies of SIGBUS. Without it, a short pool is an mmap error up front.
         flags |= libc::MAP_HUGETLB;
@@ -295,39 +379,75 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestRam> {
     } else {
         flags |= libc::MAP_NORESERVE;
     }
-    let mut regions = Vec::with_capacity(layout.regions().len());
-    for &(addr, size) in layout.regions() {
-        // `MemoryLayout::new` checked that the total fits in usize.
-        let len = size as usize;
-        let bitmap = config
-            .track_dirty
-            .then(|| AtomicBitmap::new(len, DIRTY_PAGE_SIZE));
-        let mapping = MmapRegionBuilder::new_with_bitmap(len, bitmap)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags)
-            .with_hugetlbfs(config.backing == Backing::HugePages)
-            .build()
-            .map_err(|source| Error::Mmap {
-                huge_pages: config.backing == Backing::HugePages,
-                addr: addr.0,
-                size,
-                source,
-            })?;
-        if config.backing == Backing::TransparentHugePages {
-            advise_huge_pages(mapping.as_ptr(), len);
-        }
-        if !config.dumpable {
-            advise_dont_dump(mapping.as_ptr(), len).map_err(|source| Error::DontDump {
-                addr: addr.0,
-                size,
-                source,
-            })?;
-        }
-        // The layout's regions never wrap around the address space.
-        let region = GuestRegionMmap::new(mapping, addr).ok_or(Error::TooLarge(size))?;
-        regions.push(region);
+    Ok(flags)
+}
+
+fn memory_file_error(config: &MemoryConfig, source: std::io::Error) -> Error {
+    Error::MemoryFile {
+        path: config.file.clone().unwrap_or_default(),
+        source,
     }
-    Ok(GuestRam::from_regions(regions)?)
+}
+
+/// `config.file` opened read-only (a private mapping never writes it back), checked to be
+/// the RAM's size.
+fn open_memory_file(config: &MemoryConfig, layout: &MemoryLayout) -> Result<Option<File>> {
+    let Some(path) = &config.file else {
+        return Ok(None);
+    };
+    let file = File::open(path).map_err(|source| memory_file_error(config, source))?;
+    let meta = file
+        .metadata()
+        .map_err(|source| memory_file_error(config, source))?;
+    if !meta.is_file() || meta.len() != layout.size() {
+        return Err(Error::MemoryFileSize {
+            path: path.clone(),
+            expected: layout.size(),
+            actual: meta.len(),
+        });
+    }
+    Ok(Some(file))
+}
+
+/// One region of `size` bytes at `addr`, mapped with `flags` (from `file` if given), advised
+/// as `config` says.
+fn map_region(
+    config: &MemoryConfig,
+    flags: i32,
+    file: Option<FileOffset>,
+    addr: GuestAddress,
+    size: u64,
+) -> Result<GuestRegionMmap<Option<AtomicBitmap>>> {
+    // `MemoryLayout::new` checked that the total fits in usize.
+    let len = size as usize;
+    let bitmap = config
+        .track_dirty
+        .then(|| AtomicBitmap::new(len, DIRTY_PAGE_SIZE));
+    let mut builder = MmapRegionBuilder::new_with_bitmap(len, bitmap)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags)
+        .with_hugetlbfs(config.backing == Backing::HugePages);
+    if let Some(file) = file {
+        builder = builder.with_file_offset(file);
+    }
+    let mapping = builder.build().map_err(|source| Error::Mmap {
+        huge_pages: config.backing == Backing::HugePages,
+        addr: addr.0,
+        size,
+        source,
+    })?;
+    if config.backing == Backing::TransparentHugePages {
+        advise_huge_pages(mapping.as_ptr(), len);
+    }
+    if !config.dumpable {
+        advise_dont_dump(mapping.as_ptr(), len).map_err(|source| Error::DontDump {
+            addr: addr.0,
+            size,
+            source,
+        })?;
+    }
+    // The layout's regions never wrap around the address space.
+    GuestRegionMmap::new(mapping, addr).ok_or(Error::TooLarge(size))
 }
 
 /// Asks the kernel to back `len` bytes at `ptr` with transparent huge pages. Only advice: a
