@@ -43,6 +43,9 @@
 //! ```
 #![deny(missing_docs)]
 
+#[cfg(feature = "vm")]
+pub mod vm;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -138,6 +141,12 @@ pub enum Error {
     /// The payload decoded but bytes of it were left over.
     #[error("state file payload has {0} undecoded bytes at its end")]
     TrailingPayload(usize),
+    /// The state decoded but a value is out of range (feature `vm`).
+    #[error("invalid snapshot state: {0}")]
+    Invalid(String),
+    /// The snapshot's vCPUs cannot run on this host's CPU (feature `vm`).
+    #[error("the snapshot was taken on an incompatible CPU: {0}")]
+    Incompatible(String),
 }
 
 /// Result of this crate's functions.

@@ -106,9 +106,16 @@ fn create_machine(args: &Args, loaded: Option<&Loaded>) -> Result<Machine> {
     // Out of core dumps (MemoryConfig's default): a VMM core holds no guest RAM.
     config.memory = MemoryConfig {
         backing,
+        // A snapshot's base memory file, mapped privately: pages load on first touch.
+        file: loaded.and_then(|l| l.layers.first()).map(|l| l.path.clone()),
         ..MemoryConfig::new(args.memory)
     };
-    Ok(Machine::new(&config)?)
+    config.track_dirty_pages = args.track_dirty_pages;
+    let machine = Machine::new(&config)?;
+    if let Some(loaded) = loaded {
+        crate::snapshot::overlay_diffs(&machine, &loaded.layers).map_err(Error::Restore)?;
+    }
+    Ok(machine)
 }
 
 /// The kernel command line: the user's, what the CPU template needs, the virtio-mmio
@@ -251,7 +258,7 @@ impl Vm {
         snapshots: Snapshots,
     ) -> Result<Self> {
         let Devices {
-            mut outputs,
+            outputs,
             legacy,
             virtio,
         } = devices;

@@ -18,7 +18,9 @@ use std::time::Instant;
 use vmkit_api::model::{SnapshotCreate, SnapshotType};
 use vmkit_kvm::{Machine, MmioPlatform, PciPlatform, VcpuThreads};
 use vmkit_legacy::{Ged, I8042};
-use vmkit_snapshot::{DeviceState, MemoryLayer, MemoryRecord, SnapshotKind, TransportStates, VmState};
+use vmkit_snapshot::vm::PAGE_SIZE;
+use vmkit_snapshot::vm::{DeviceState, MemoryLayer, MemoryRecord, TransportStates, VmState};
+use vmkit_snapshot::SnapshotKind;
 
 use crate::config::Args;
 use crate::devices::{GuestSerial, Handle, LegacyDevices, VirtioDevices};
@@ -71,14 +73,17 @@ pub fn load(path: &Path, memory: Option<&Path>) -> Result<Loaded, String> {
     })
 }
 
-/// Opens every memory layer, base first.
-pub fn open_layers(layers: &[MemoryLayer]) -> Result<Vec<File>, String> {
-    layers
-        .iter()
-        .map(|l| {
-            File::open(&l.path).map_err(|e| format!("memory file {}: {e}", l.path.display()))
-        })
-        .collect()
+/// Reads the diffs above the base layer (mapped by the machine) into `machine`'s memory,
+/// in order.
+pub fn overlay_diffs(machine: &Machine, layers: &[MemoryLayer]) -> Result<(), String> {
+    for layer in layers.iter().skip(1) {
+        let path = layer.path.display();
+        let file = File::open(&layer.path).map_err(|e| format!("memory file {path}: {e}"))?;
+        let ranges = layer.ranges.as_deref().unwrap_or_default();
+        vmkit_memory::snapshot::overlay(machine.memory(), &file, ranges)
+            .map_err(|e| format!("memory file {path}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// What a snapshot of the VM needs beyond its parts.
@@ -116,7 +121,7 @@ impl Snapshots {
     }
 }
 
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+fn lock<T: ?Sized>(m: &Arc<Mutex<T>>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -263,26 +268,26 @@ fn write_memory(src: &Sources, request: &SnapshotCreate) -> Result<(MemoryRecord
     let (layer, written) = match (diff, dirty) {
         (true, Some(dirty)) => {
             let w = vmkit_memory::snapshot::write_dirty(memory, &file, &dirty).map_err(|e| bad(&e))?;
+            let bytes = w.pages_written * PAGE_SIZE;
             let layer = MemoryLayer {
                 path: path.clone(),
-                pages: Some(w.ranges),
+                ranges: Some(w.ranges),
             };
-            (layer, w.bytes)
+            (layer, bytes)
         }
         _ => {
             let w = vmkit_memory::snapshot::write_full(memory, &file).map_err(|e| bad(&e))?;
             let layer = MemoryLayer {
                 path: path.clone(),
-                pages: None,
+                ranges: None,
             };
-            (layer, w.bytes)
+            (layer, w.pages_written * PAGE_SIZE)
         }
     };
-    file.sync_all().map_err(|e| bad(&e))?;
     let mut layers = if diff { snapshots.layers.clone() } else { Vec::new() };
     layers.push(layer);
     let record = MemoryRecord {
-        size: vmkit_memory::GuestMemoryBackend::last_addr(memory).0,
+        size: vmkit_memory::snapshot::file_size(memory),
         layers,
     };
     Ok((record, written))
