@@ -4,9 +4,10 @@
 #![allow(non_snake_case)]
 
 use kvm_bindings::{
-    kvm_cpuid2, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irq_routing, kvm_irqfd,
-    kvm_lapic_state, kvm_mp_state, kvm_msi, kvm_msrs, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs, kvm_xsave, KVMIO,
+    kvm_clock_data, kvm_cpuid2, kvm_debugregs, kvm_dirty_log, kvm_fpu, kvm_ioeventfd,
+    kvm_irq_level, kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state,
+    kvm_msi, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    KVMIO,
 };
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -31,6 +32,11 @@ ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
 ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
 ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
 
 /// The TUN driver's ioctl type (`'T'`).
 const TUNIO: u32 = b'T' as u32;
@@ -86,6 +92,17 @@ fn vcpu_state() -> Vec<Ioctl> {
     ]
 }
 
+/// The VM-wide state reads of a snapshot, on the VMM thread while the VM is paused: the
+/// irqchip, the PIT, the clock, and the pages written since the last snapshot.
+fn vm_state() -> Vec<Ioctl> {
+    vec![
+        ioctl("KVM_GET_IRQCHIP", KVM_GET_IRQCHIP()),
+        ioctl("KVM_GET_PIT2", KVM_GET_PIT2()),
+        ioctl("KVM_GET_CLOCK", KVM_GET_CLOCK()),
+        ioctl("KVM_GET_DIRTY_LOG", KVM_GET_DIRTY_LOG()),
+    ]
+}
+
 /// The TAP requests a virtio-net device makes when the guest activates it or changes its
 /// queues and offloads.
 fn tap() -> Vec<Ioctl> {
@@ -109,6 +126,7 @@ pub fn ioctls(kind: ThreadKind) -> Vec<Ioctl> {
         }
         ThreadKind::Vmm => {
             let mut v = interrupts();
+            v.extend(vm_state());
             v.extend(tap());
             v.extend([
                 ioctl("TCGETS", libc::TCGETS as libc::c_ulong),
@@ -146,6 +164,10 @@ mod tests {
         assert_eq!(KVM_GET_TSC_KHZ(), 0xaea3);
         assert_eq!(KVM_GET_XCRS(), 0x8188_aea6);
         assert_eq!(KVM_GET_XSAVE2(), 0x9000_aecf);
+        assert_eq!(KVM_GET_DIRTY_LOG(), 0x4010_ae42);
+        assert_eq!(KVM_GET_IRQCHIP(), 0xc208_ae62);
+        assert_eq!(KVM_GET_CLOCK(), 0x8030_ae7c);
+        assert_eq!(KVM_GET_PIT2(), 0x8070_ae9f);
         assert_eq!(TUNSETOFFLOAD(), libc::TUNSETOFFLOAD as libc::c_ulong);
         assert_eq!(TUNSETQUEUE(), libc::TUNSETQUEUE as libc::c_ulong);
     }

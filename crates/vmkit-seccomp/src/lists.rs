@@ -168,14 +168,16 @@ fn vcpu() -> Vec<Syscall> {
 
 /// The VMM thread's own calls: the event loop, the devices' backends (files, io_uring,
 /// TAP, Unix sockets for vsock), timers, and the API's effects (`PATCH /drives` opens,
-/// checks and locks a file, `PUT /logger` and `PUT /metrics` open theirs), the run's
-/// resource usage for `--stats`.
+/// checks and locks a file, `PUT /logger` and `PUT /metrics` open theirs; `PUT
+/// /snapshot/create` writes a sparse memory file (`ftruncate`, `pread64` of
+/// `/proc/self/pagemap` to skip pages never touched) and a state file it renames into
+/// place), the run's resource usage for `--stats`.
 #[rustfmt::skip]
 fn vmm(options: &Options) -> Vec<Syscall> {
     let mut v = any!(
         epoll_wait, epoll_pwait, epoll_ctl, eventfd2, timerfd_create, timerfd_settime,
-        readv, writev, preadv, pwritev, pwrite64, lseek, fsync, fdatasync, fallocate, flock,
-        openat, statx, newfstatat, fstat, access, unlink, poll,
+        readv, writev, preadv, pwritev, pread64, pwrite64, lseek, fsync, fdatasync, fallocate,
+        ftruncate, flock, openat, statx, newfstatat, fstat, access, unlink, rename, poll,
         io_uring_enter,
         connect, accept4, shutdown, sendto, recvfrom, getsockopt, getrusage,
     );

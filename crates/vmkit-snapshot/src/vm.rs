@@ -26,8 +26,6 @@ pub struct VmState {
     /// resources), in the VMM's own format (JSON): what a restore builds before it puts
     /// the states below back.
     pub spec: String,
-    /// The CPU the snapshot was taken on.
-    pub cpu: vmkit_vcpu::CpuIdentity,
     /// Where guest memory is.
     pub memory: MemoryRecord,
     /// Each vCPU, in index order.

@@ -220,7 +220,7 @@ impl Vm {
         let dsdt = std::mem::take(&mut devices.virtio.dsdt);
         let entry = load_kernel(&machine, args, inputs, &cmdline, dsdt)?;
         vcpus.set_entry(machine.memory(), entry)?;
-        let snapshots = Snapshots::booted(args);
+        let snapshots = Snapshots::new(args, Vec::new());
         Self::finish(args, machine, vcpus, devices, snapshots)
     }
 
@@ -243,7 +243,7 @@ impl Vm {
             .lock_irqchip()
             .restore_state(machine.vm(), &state.irqchip)
             .map_err(|e| Error::Restore(format!("irqchip: {e}")))?;
-        let mut snapshots = Snapshots::restored(args, &loaded);
+        let mut snapshots = Snapshots::new(args, loaded.layers.clone());
         snapshots.start_paused = !resume;
         Self::finish(args, machine, vcpus, devices, snapshots)
     }

@@ -1249,7 +1249,7 @@ fn clones_of_the_linux_guest_snapshotted_at_init_pass_the_device_tests() {
         .iter()
         .map(|d| {
             fs::copy(&s.disk, d.file("disk.img")).unwrap();
-            let drive = format!("0={}", d.file("disk.img").display());
+            let drive = format!("block0={}", d.file("disk.img").display());
             let console = format!("file={}", d.file("hvc0").display());
             let snap_dir = snap.file("");
             Vmkit::start(

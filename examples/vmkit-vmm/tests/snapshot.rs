@@ -70,7 +70,7 @@ fn load(dir: &Dir, state: &Path, memory: &Path, image: &Path) -> Vmkit {
         "snapshot_path": state,
         "mem_backend": {"backend_type": "File", "backend_path": memory},
         "resume_vm": true,
-        "drive_overrides": [{"drive_id": "0", "path_on_host": image}],
+        "drive_overrides": [{"drive_id": "block0", "path_on_host": image}],
     });
     vm.expect(204, "PUT", "/snapshot/load", Some(&body.to_string()));
     vm

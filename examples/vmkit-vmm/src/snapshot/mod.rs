@@ -18,6 +18,7 @@ use std::time::Instant;
 use vmkit_api::model::{SnapshotCreate, SnapshotType};
 use vmkit_kvm::{Machine, MmioPlatform, PciPlatform, VcpuThreads};
 use vmkit_legacy::{Ged, I8042};
+use vmkit_vcpu::CpuIdentity;
 use vmkit_snapshot::vm::PAGE_SIZE;
 use vmkit_snapshot::vm::{DeviceState, MemoryLayer, MemoryRecord, TransportStates, VmState};
 use vmkit_snapshot::SnapshotKind;
@@ -58,7 +59,7 @@ pub fn load(path: &Path, memory: Option<&Path>) -> Result<Loaded, String> {
     let spec: VmSpec = serde_json::from_str(&state.spec)
         .map_err(|e| format!("{}: the VM description: {e}", path.display()))?;
     let kvm = vmkit_kvm::open_kvm().map_err(|e| e.to_string())?;
-    let host = vmkit_vcpu::CpuIdentity::host(&kvm).map_err(|e| e.to_string())?;
+    let host = CpuIdentity::host(&kvm).map_err(|e| format!("this host's CPU: {e}"))?;
     state
         .check(&host)
         .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -100,21 +101,11 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// A VM booted from `args`.
-    pub fn booted(args: &Args) -> Self {
+    /// A VM built from `args`; `layers` is its memory's snapshot files (none when booted).
+    pub fn new(args: &Args, layers: Vec<MemoryLayer>) -> Self {
         Self {
             spec: VmSpec::of(args),
-            layers: Vec::new(),
-            track_dirty: args.track_dirty_pages,
-            start_paused: false,
-        }
-    }
-
-    /// A VM restored from `loaded` (with `args` from its spec and the overrides).
-    pub fn restored(args: &Args, loaded: &Loaded) -> Self {
-        Self {
-            spec: VmSpec::of(args),
-            layers: loaded.layers.clone(),
+            layers,
             track_dirty: args.track_dirty_pages,
             start_paused: false,
         }
@@ -219,7 +210,6 @@ fn vm_state(
     vcpus: Vec<vmkit_vcpu::VcpuState>,
     memory: MemoryRecord,
 ) -> Result<VmState, String> {
-    let kvm = src.machine.kvm();
     let transports = match &src.transports {
         Transports::Mmio(mmio) => TransportStates::Mmio(mmio.states()),
         Transports::Pci(pci) => TransportStates::Pci(pci.states()),
@@ -227,7 +217,6 @@ fn vm_state(
     };
     Ok(VmState {
         spec: serde_json::to_string(&src.snapshots.spec).map_err(|e| e.to_string())?,
-        cpu: vmkit_vcpu::CpuIdentity::host(kvm).map_err(|e| e.to_string())?,
         memory,
         vcpus,
         irqchip: src

@@ -149,9 +149,9 @@ impl DiskRecord {
         })
     }
 
-    /// Its `drive_id`, or its place.
+    /// Its `drive_id`, or `block<N>` by its place (its metrics' name).
     pub fn name(&self, index: usize) -> String {
-        self.id.clone().unwrap_or_else(|| index.to_string())
+        self.id.clone().unwrap_or_else(|| format!("block{index}"))
     }
 }
 
@@ -191,9 +191,9 @@ impl NetRecord {
         })
     }
 
-    /// Its `iface_id`, or its place.
+    /// Its `iface_id`, or `net<N>` by its place (its metrics' name).
     pub fn name(&self, index: usize) -> String {
-        self.id.clone().unwrap_or_else(|| index.to_string())
+        self.id.clone().unwrap_or_else(|| format!("net{index}"))
     }
 }
 
@@ -281,7 +281,7 @@ impl VmSpec {
 
 /// What a restore changes in the saved shape: each clone needs its own disk images, TAPs
 /// and vsock socket. Drives and cards are named by their API id, or by their place
-/// (`0`, `1`, …) when they have none.
+/// (`block0`, `net1`, …: their metrics' names) when they have none.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Overrides {
     /// `(drive, image)`.
