@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use vmkit_memory::snapshot::FileRange;
+pub use vmkit_memory::snapshot::FileRange;
 
 use crate::{Error, Result};
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::api::{Dir, Vmkit};
 use common::test_guest;
+use vmkit_snapshot::vm::{TransportStates, VmState};
 
 /// Rounds of the guest's `soak` test: long enough to snapshot between round 2 and the end.
 const ROUNDS: u32 = 8;
@@ -52,13 +53,15 @@ fn create(vm: &Vmkit, state: &Path, memory: &Path, kind: &str) {
     vm.expect(204, "PUT", "/snapshot/create", Some(&body.to_string()));
 }
 
-/// The soak lines from round `from` on: what a run prints after that point.
+/// The soak results from round `from` on: what a run prints after that point, but the
+/// timer tick counts (which vary from run to run).
 fn soak_lines(serial: &str, from: u32) -> Vec<String> {
     let marker = format!("soak: round {from} ok");
     let start = serial.find(&marker).map_or(0, |i| i + marker.len());
     serial[start..]
         .lines()
         .filter(|l| l.starts_with("soak:") || l.starts_with("test "))
+        .filter(|l| !l.starts_with("soak: ticks"))
         .map(str::to_string)
         .collect()
 }
@@ -112,4 +115,170 @@ fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
 
 fn restored_serial(dir: &Dir) -> String {
     std::fs::read_to_string(dir.file("serial")).unwrap_or_default()
+}
+
+/// `vmkit --restore DIR` with the disk `image`, the serial port to `DIR`'s `serial`.
+fn restore_cli(dir: &Dir, snapshot: &Dir, image: &Path, extra: &[&str]) -> Vmkit {
+    let snapshot_dir = snapshot.file("");
+    let drive = format!("block0={}", image.display());
+    let mut args = vec!["--restore", snapshot_dir.to_str().unwrap(), "--restore-drive", &drive];
+    args.extend_from_slice(extra);
+    Vmkit::start(dir, &args)
+}
+
+/// `vmkit --restore DIR` expected to fail before the guest runs: its status and stderr.
+fn restore_fails(snapshot: &Dir, image: &Path) -> (Option<i32>, String) {
+    let snapshot_dir = snapshot.file("");
+    let drive = format!("block0={}", image.display());
+    let out = common::vmkit(
+        &["--restore", snapshot_dir.to_str().unwrap(), "--restore-drive", &drive, "--serial", "off"],
+        TIMEOUT,
+    );
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Allocated bytes of `path` (a sparse file's data).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_diff_snapshot_holds_the_dirtied_pages_and_restores_on_the_full_one() {
+    let dir = Dir::new("snap-diff");
+    let vm = soak(&dir, &["--track-dirty-pages"]);
+    vm.wait_serial("soak: round 1 ok", TIMEOUT);
+    vm.set_state("Paused");
+    let full = Dir::new("snap-diff-full");
+    create(&vm, &full.file("vmstate"), &full.file("memory"), "Full");
+    vm.set_state("Resumed");
+    vm.wait_serial("soak: round 3 ok", TIMEOUT);
+    vm.set_state("Paused");
+    let diff = Dir::new("snap-diff-diff");
+    create(&vm, &diff.file("vmstate"), &diff.file("memory"), "Diff");
+    let image = dir.file("clone.img");
+    std::fs::copy(dir.file("disk.img"), &image).unwrap();
+    vm.signal(libc::SIGKILL);
+    let _ = vm.wait(TIMEOUT);
+
+    // Two rounds dirty the guest's stack, heap and rings: a few pages, far fewer than the
+    // full snapshot's, and within the RAM.
+    let (full_bytes, diff_bytes) = (allocated(&full.file("memory")), allocated(&diff.file("memory")));
+    eprintln!("full snapshot: {full_bytes} bytes of memory, diff: {diff_bytes}");
+    assert!(diff_bytes > 0 && diff_bytes < full_bytes / 2, "{diff_bytes} vs {full_bytes}");
+
+    // The diff names the full one's memory as its base: restored on it, the guest goes on
+    // from round 3.
+    let again = Dir::new("snap-diff-restored");
+    let restored = restore_cli(&again, &diff, &image, &[]);
+    let (code, stderr) = restored.wait(TIMEOUT);
+    let serial = restored_serial(&again);
+    assert_eq!(code, Some(0), "{stderr}\n{serial}");
+    assert!(!serial.contains("soak: round 3 ok"), "{serial}");
+    assert!(serial.contains("soak: round 4 ok"), "{serial}");
+    assert!(serial.contains(&format!("soak: {ROUNDS} rounds ok")), "{serial}");
+
+    // Without the base layer, the diff alone is refused.
+    std::fs::remove_file(full.file("memory")).unwrap();
+    let (code, stderr) = restore_fails(&diff, &image);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("memory") && stderr.lines().count() == 1, "{stderr}");
+}
+
+/// A snapshot of the soak guest after round 1, its disk image, and the state decoded.
+struct Taken {
+    dir: Dir,
+    image: PathBuf,
+    bytes: Vec<u8>,
+}
+
+fn take(name: &str) -> Taken {
+    let dir = Dir::new(name);
+    let vm = soak(&dir, &[]);
+    vm.wait_serial("soak: round 1 ok", TIMEOUT);
+    vm.set_state("Paused");
+    create(&vm, &dir.file("vmstate"), &dir.file("memory"), "Full");
+    vm.signal(libc::SIGKILL);
+    let _ = vm.wait(TIMEOUT);
+    let bytes = std::fs::read(dir.file("vmstate")).unwrap();
+    let image = dir.file("disk.img");
+    Taken { dir, image, bytes }
+}
+
+/// `vmkit --restore` of a copy of `taken` whose state file is `state`: it must fail with
+/// status 1 and one line on stderr naming `what`.
+fn refused(taken: &Taken, case: &str, state: &[u8], what: &str) {
+    let snap = Dir::new(&format!("snap-bad-{case}"));
+    std::fs::write(snap.file("vmstate"), state).unwrap();
+    std::os::unix::fs::symlink(taken.dir.file("memory"), snap.file("memory")).unwrap();
+    let (code, stderr) = restore_fails(&snap, &taken.image);
+    eprintln!("{case}: {}", stderr.trim_end());
+    assert_eq!(code, Some(1), "{case}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{case}: not one line:\n{stderr}");
+    assert!(
+        stderr.starts_with("vmkit: cannot restore the snapshot:") && stderr.contains(what),
+        "{case}: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{case}: {stderr}");
+}
+
+/// The state with `change` made to it, re-encoded (a valid checksum over a hostile value).
+fn changed(taken: &Taken, change: impl FnOnce(&mut VmState)) -> Vec<u8> {
+    let (header, mut state): (_, VmState) = vmkit_snapshot::decode_state(&taken.bytes).unwrap();
+    change(&mut state);
+    vmkit_snapshot::encode_state(header.kind, &state).unwrap()
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn damaged_and_hostile_state_files_are_one_line_errors() {
+    let t = take("snap-bad");
+    let b = &t.bytes;
+    refused(&t, "empty", &[], "truncated");
+    refused(&t, "truncated", &b[..b.len() / 2], "");
+    let mut flipped = b.clone();
+    flipped[b.len() / 2] ^= 0x10;
+    refused(&t, "flipped", &flipped, "checksum");
+    let mut magic = b.clone();
+    magic[0] = b'X';
+    refused(&t, "magic", &magic, "magic");
+    let mut version = b.clone();
+    version[8] = 99;
+    refused(&t, "version", &version, "version 99");
+    refused(&t, "no-vcpus", &changed(&t, |s| s.vcpus.clear()), "vCPUs");
+    refused(&t, "memory-size", &changed(&t, |s| s.memory.size = 4097), "memory size");
+    let far = |s: &mut VmState| {
+        s.memory.layers.push(vmkit_snapshot::vm::MemoryLayer {
+            path: "/nonexistent".into(),
+            ranges: Some(vec![vmkit_memory_range(u64::MAX - 4095, 4096)]),
+        })
+    };
+    refused(&t, "diff-range", &changed(&t, far), "range");
+    let queue = |s: &mut VmState| {
+        if let TransportStates::Mmio(t) = &mut s.transports {
+            t[0].common.queues[0].queue.size = 3;
+        }
+    };
+    refused(&t, "queue-size", &changed(&t, queue), "queue 0");
+    let vendor = |s: &mut VmState| {
+        for v in &mut s.vcpus {
+            if let Some(leaf0) = v.cpuid.iter_mut().find(|e| e.function == 0) {
+                leaf0.ebx = u32::from_le_bytes(*b"Othe");
+            }
+        }
+    };
+    refused(&t, "vendor", &changed(&t, vendor), "CPU");
+    let too_many = |s: &mut VmState| s.vcpus = vec![s.vcpus[0].clone(); 300];
+    refused(&t, "vcpu-count", &changed(&t, too_many), "vCPUs");
+    // The memory file gone: named.
+    let snap = Dir::new("snap-bad-nomem");
+    std::fs::write(snap.file("vmstate"), b).unwrap();
+    let (code, stderr) = restore_fails(&snap, &t.image);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("memory") && stderr.lines().count() == 1, "{stderr}");
+}
+
+fn vmkit_memory_range(offset: u64, len: u64) -> vmkit_snapshot::vm::FileRange {
+    vmkit_snapshot::vm::FileRange { offset, len }
 }

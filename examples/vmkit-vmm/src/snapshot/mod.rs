@@ -63,6 +63,14 @@ pub fn load(path: &Path, memory: Option<&Path>) -> Result<Loaded, String> {
     state
         .check(&host)
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    if state.memory.size != spec.memory {
+        return Err(format!(
+            "{}: the memory record's {} bytes are not the VM's {}",
+            path.display(),
+            state.memory.size,
+            spec.memory
+        ));
+    }
     let mut layers = state.memory.layers.clone();
     if let (Some(top), Some(file)) = (layers.last_mut(), memory) {
         top.path = file.to_path_buf();

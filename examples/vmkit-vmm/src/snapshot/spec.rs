@@ -25,8 +25,8 @@ pub struct VmSpec {
     pub pci: bool,
     /// A virtio-console exists.
     pub console: bool,
-    /// The entropy device exists, and its limiter.
-    pub rng: Option<Option<model::RateLimiter>>,
+    /// The entropy device.
+    pub rng: Option<RngRecord>,
     /// The disks, in attach order.
     pub disks: Vec<DiskRecord>,
     /// The network cards, in attach order.
@@ -35,6 +35,19 @@ pub struct VmSpec {
     pub vsock: Option<VsockRecord>,
     /// The kernel command line the guest booted with (for the operator's information).
     pub cmdline: String,
+}
+
+/// The entropy device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RngRecord {
+    /// Its rate limiter.
+    pub rate_limiter: Option<model::RateLimiter>,
+}
+
+/// A path as the snapshot records it: absolute, so that a restore from another directory
+/// opens the same file.
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// One disk.
@@ -103,7 +116,7 @@ impl DiskRecord {
         let c = spec.block_config(cpus);
         Self {
             path: match &c.source {
-                DiskSource::Path(p) => Some(p.clone()),
+                DiskSource::Path(p) => Some(absolute(p)),
                 DiskSource::File(_) => None,
             },
             id: spec.id.clone(),
@@ -206,8 +219,9 @@ impl VmSpec {
             cpu_template: args.cpu_template.name().to_string(),
             pci: args.transport == Transport::Pci,
             console: args.console != ConsoleOutput::Off,
-            rng: (args.rng || args.rng_rate_limiter.is_some())
-                .then(|| args.rng_rate_limiter.and_then(limits::to_api)),
+            rng: (args.rng || args.rng_rate_limiter.is_some()).then(|| RngRecord {
+                rate_limiter: args.rng_rate_limiter.and_then(limits::to_api),
+            }),
             disks: args
                 .disk
                 .iter()
@@ -216,7 +230,7 @@ impl VmSpec {
             nets: args.net.iter().map(NetRecord::of).collect(),
             vsock: args.vsock.as_ref().map(|v| VsockRecord {
                 cid: v.cid,
-                socket: v.socket.clone(),
+                socket: absolute(&v.socket),
                 poll_us: v.poll_us,
             }),
             cmdline: args.cmdline.clone(),
@@ -254,7 +268,7 @@ impl VmSpec {
         args.rng_rate_limiter = self
             .rng
             .as_ref()
-            .map(|l| limits::from_api(l.as_ref()));
+            .map(|r| limits::from_api(r.rate_limiter.as_ref()));
         args.disk = self
             .disks
             .iter()
