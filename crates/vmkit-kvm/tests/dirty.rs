@@ -1,16 +1,22 @@
-//! Dirty page tracking on this host's KVM: the pages a guest writes (KVM's dirty log) and
-//! those written through vm-memory (the regions' bitmaps) come back from
-//! `Machine::take_dirty_pages`, exactly, once. Reported as ignored where there is no
-//! /dev/kvm.
+//! Dirty page tracking and memory files on this host's KVM: the pages a guest writes (KVM's
+//! dirty log) and those written through vm-memory (the regions' bitmaps) come back from
+//! `Machine::take_dirty_pages`, exactly, once; a full memory file plus the diff of those
+//! pages rebuilds the RAM; a machine whose RAM is mapped from a memory file runs a guest
+//! without writing to the file. Reported as ignored where there is no /dev/kvm.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use std::fs::File;
+use std::path::PathBuf;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmkit_boot::EntryPoint;
 use vmkit_bus::pio_range;
 use vmkit_kvm::{Error, Machine, MachineConfig, VcpuConfig, Vcpus};
 use vmkit_legacy::{ExitReason, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT};
+use vmkit_memory::snapshot::{overlay, write_dirty, write_full};
+use vmkit_memory::GuestRam;
 use vmkit_vcpu::CpuTemplate;
 
 fn tracked_machine() -> Machine {
@@ -46,6 +52,53 @@ fn one_vcpu_running(m: &Machine, code: &[u8]) -> Vcpus {
     vcpus
 }
 
+/// A file in the temporary directory, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new(name: &str) -> (Self, File) {
+        let path =
+            std::env::temp_dir().join(format!("vmkit-kvm-dirty-{}-{name}", std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        (Self(path), file)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Every byte of `mem`, regions concatenated (as a memory file lays them out).
+fn ram_bytes(mem: &GuestRam) -> Vec<u8> {
+    let mut out = Vec::new();
+    for r in mem.iter() {
+        let mut buf = vec![0u8; r.len() as usize];
+        mem.read_slice(&mut buf, r.start_addr()).unwrap();
+        out.extend_from_slice(&buf);
+    }
+    out
+}
+
+/// Waits for the guest to end the VM with a reset, and stops the vCPU threads.
+fn run_to_reset(m: &Machine, vcpus: Vcpus) {
+    let threads = vcpus.start(m.bus().clone(), m.exit().clone()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while m.exit().reason().is_none() {
+        assert!(Instant::now() < deadline, "the guest never reset");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(m.exit().reason(), Some(ExitReason::Reset));
+    threads.stop();
+}
+
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn guest_and_device_writes_are_the_dirty_pages_and_are_taken_once() {
@@ -66,14 +119,10 @@ fn guest_and_device_writes_are_the_dirty_pages_and_are_taken_once() {
     );
     assert_eq!(m.take_dirty_pages().unwrap().count(), 0, "cleared");
 
-    let threads = vcpus.start(m.bus().clone(), m.exit().clone()).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while m.exit().reason().is_none() {
-        assert!(Instant::now() < deadline, "the guest never reset");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(m.exit().reason(), Some(ExitReason::Reset));
-    threads.stop();
+    // A full memory file of the state before the run.
+    let (base_path, base) = TempFile::new("base");
+    write_full(m.memory(), &base).unwrap();
+    run_to_reset(&m, vcpus);
     // A device-style write through vm-memory.
     m.memory().write_obj(3u8, GuestAddress(0x40_0000)).unwrap();
 
@@ -92,6 +141,69 @@ fn guest_and_device_writes_are_the_dirty_pages_and_are_taken_once() {
         0,
         "both logs cleared"
     );
+
+    // The base file plus a diff of exactly those pages is the RAM as it is now.
+    let (_diff_path, diff) = TempFile::new("diff");
+    let stats = write_dirty(m.memory(), &diff, &dirty).unwrap();
+    assert_eq!(stats.pages_written, 4);
+    let restored = vmkit_memory::create_guest_memory(&vmkit_memory::MemoryConfig {
+        file: Some(base_path.0.clone()),
+        ..vmkit_memory::MemoryConfig::new(64 << 20)
+    })
+    .unwrap();
+    assert_eq!(
+        restored.read_obj::<u32>(GuestAddress(0x20_0000)).unwrap(),
+        0
+    );
+    overlay(&restored, &diff, &stats.ranges).unwrap();
+    assert_eq!(
+        restored.read_obj::<u32>(GuestAddress(0x20_0000)).unwrap(),
+        1
+    );
+    assert!(
+        ram_bytes(&restored) == ram_bytes(m.memory()),
+        "RAM rebuilt exactly"
+    );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn a_machine_on_a_memory_file_runs_its_guest_privately() {
+    // The guest's code and a counter at 0x200000, in a memory file.
+    let code = [
+        0xFF, 0x05, 0x00, 0x00, 0x20, 0x00, // inc dword [0x200000]
+        0xB0, 0xFE, 0xE6, 0x64, 0xEB, 0xFE, // mov al, 0xFE; out 0x64, al; jmp $
+    ];
+    let first = Machine::new(&MachineConfig::new(64 << 20)).unwrap();
+    first
+        .memory()
+        .write_slice(&code, GuestAddress(0x10_0000))
+        .unwrap();
+    first
+        .memory()
+        .write_obj(41u32, GuestAddress(0x20_0000))
+        .unwrap();
+    let (path, file) = TempFile::new("machine");
+    write_full(first.memory(), &file).unwrap();
+    drop(first);
+
+    let mut config = MachineConfig::new(64 << 20);
+    config.memory.file = Some(path.0.clone());
+    let m = Machine::new(&config).unwrap();
+    assert_eq!(
+        m.memory().read_obj::<u32>(GuestAddress(0x20_0000)).unwrap(),
+        41
+    );
+    // The code comes again with the entry state (the same bytes as in the file).
+    let vcpus = one_vcpu_running(&m, &code);
+    run_to_reset(&m, vcpus);
+    assert_eq!(
+        m.memory().read_obj::<u32>(GuestAddress(0x20_0000)).unwrap(),
+        42
+    );
+    let mut word = [0u8; 4];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut word, 0x20_0000).unwrap();
+    assert_eq!(u32::from_le_bytes(word), 41, "the file is untouched");
 }
 
 #[test]

@@ -163,14 +163,20 @@ impl DirtyPages {
     pub fn file_ranges(&self) -> Vec<Range<u64>> {
         let mut ranges: Vec<Range<u64>> = Vec::new();
         for r in &self.regions {
-            for page in 0..r.pages {
-                if !r.is_set(page) {
-                    continue;
-                }
-                let start = r.file_offset + page * PAGE_SIZE;
-                match ranges.last_mut() {
-                    Some(last) if last.end == start => last.end += PAGE_SIZE,
-                    _ => ranges.push(start..start + PAGE_SIZE),
+            // Word by word: a clean stretch of 64 pages costs one test.
+            for (w, &word) in (0u64..).zip(&r.bits) {
+                let mut bits = word;
+                while bits != 0 {
+                    let page = w * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    if page >= r.pages {
+                        break;
+                    }
+                    let start = r.file_offset + page * PAGE_SIZE;
+                    match ranges.last_mut() {
+                        Some(last) if last.end == start => last.end += PAGE_SIZE,
+                        _ => ranges.push(start..start + PAGE_SIZE),
+                    }
                 }
             }
         }

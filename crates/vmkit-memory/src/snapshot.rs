@@ -183,8 +183,10 @@ pub fn write_dirty<B: Bitmap>(
 }
 
 /// Reads `ranges` of `file` (a diff from [`write_dirty`]) into `mem` at the same offsets.
-/// Each range must lie inside the RAM and the file: the ranges come from a snapshot's state
-/// file, which is not trusted.
+/// Every range must lie inside the RAM and the file, checked before anything is read: the
+/// ranges come from a snapshot's state file, which is not trusted. The writes go through
+/// vm-memory, so with [`crate::MemoryConfig::track_dirty`] they mark their pages dirty
+/// (take the dirty pages once after a restore to start clean).
 pub fn overlay<B: Bitmap>(
     mem: &GuestMemoryMmap<B>,
     file: &File,
@@ -199,18 +201,16 @@ pub fn overlay<B: Bitmap>(
             source,
         })?
         .len();
+    check_ranges(ranges, size.min(file_len)).map_err(|r| Error::BadRange {
+        offset: r.offset,
+        len: r.len,
+        ram: size,
+        file: file_len,
+    })?;
     let mut buf = vec![0u8; (CHUNK_PAGES * PAGE_SIZE) as usize];
     for r in ranges {
-        let end = r.offset.checked_add(r.len);
-        if end.is_none_or(|end| end > size || end > file_len) {
-            return Err(Error::BadRange {
-                offset: r.offset,
-                len: r.len,
-                ram: size,
-                file: file_len,
-            });
-        }
         let mut offset = r.offset;
+        // Checked above.
         let end = r.offset + r.len;
         while offset < end {
             let len = (end - offset).min(CHUNK_PAGES * PAGE_SIZE);
@@ -226,6 +226,18 @@ pub fn overlay<B: Bitmap>(
         }
     }
     Ok(())
+}
+
+/// The first of `ranges` that does not end within `limit` bytes, if any (for a state
+/// file's validation before a restore: `limit` is the RAM size).
+pub fn check_ranges(ranges: &[FileRange], limit: u64) -> std::result::Result<(), FileRange> {
+    match ranges
+        .iter()
+        .find(|r| r.offset.checked_add(r.len).is_none_or(|end| end > limit))
+    {
+        Some(r) => Err(*r),
+        None => Ok(()),
+    }
 }
 
 /// Empties `file` and sizes it to the RAM size (all holes).
@@ -579,6 +591,21 @@ mod tests {
             let e = overlay(&mem, &file, &[FileRange { offset, len }]).unwrap_err();
             assert!(matches!(e, Error::BadRange { .. }), "{e}");
         }
+        // Nothing is read when any range is bad, even after good ones.
+        mem.write_obj(5u8, GuestAddress(0)).unwrap();
+        let good_then_bad = [
+            FileRange {
+                offset: 0,
+                len: 0x1000,
+            },
+            FileRange {
+                offset: 4 << 20,
+                len: 1,
+            },
+        ];
+        assert!(overlay(&mem, &file, &good_then_bad).is_err());
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 5);
+        assert_eq!(check_ranges(&good_then_bad, 4 << 20), Err(good_then_bad[1]));
         // A file shorter than its ranges.
         file.set_len(0x1000).unwrap();
         let e = overlay(

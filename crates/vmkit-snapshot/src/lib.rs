@@ -194,6 +194,13 @@ pub struct Header {
 /// `payload` in a state file's bytes: header, postcard payload, checksum.
 pub fn encode_state<T: Serialize>(kind: SnapshotKind, payload: &T) -> Result<Vec<u8>> {
     let body = postcard::to_allocvec(payload).map_err(|e| Error::Encode(e.to_string()))?;
+    encode_raw(kind, &body)
+}
+
+/// A state file's bytes around an already encoded payload `body`: header and checksum.
+/// (What [`encode_state`] does after postcard; for tools and fuzzers that make payloads of
+/// their own.)
+pub fn encode_raw(kind: SnapshotKind, body: &[u8]) -> Result<Vec<u8>> {
     let total = (HEADER_SIZE + body.len() + TRAILER_SIZE) as u64;
     if total > MAX_STATE_SIZE {
         return Err(Error::TooLarge {
@@ -211,7 +218,7 @@ pub fn encode_state<T: Serialize>(kind: SnapshotKind, payload: &T) -> Result<Vec
     version[..n].copy_from_slice(&ours[..n]);
     out.extend_from_slice(&version);
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     let crc = CRC.checksum(&out);
     out.extend_from_slice(&crc.to_le_bytes());
     Ok(out)

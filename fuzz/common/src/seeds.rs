@@ -117,6 +117,10 @@ fn generate(target: &str) -> Vec<Vec<u8>> {
         // Random bytes rarely make an HTTP request: well-formed traffic instead.
         seeds.extend(crate::api::seeds());
     }
+    if target == "snapshot_state" {
+        // Random bytes never pass the checksum: valid state files and sealed payloads.
+        seeds.extend(crate::snapshot_state::seeds());
+    }
     seeds
 }
 
