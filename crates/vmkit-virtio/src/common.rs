@@ -610,10 +610,19 @@ impl<M: VirtioMemory> VirtioState<M> {
             .slots
             .iter()
             .zip(&self.watches)
-            .map(|(slot, watch)| {
+            .enumerate()
+            .map(|(i, (slot, watch))| {
                 let mut queue = crate::state::QueueSnapshot::from(slot.queue.state());
                 if slot.active {
                     (queue.next_avail, queue.next_used) = watch.positions();
+                    let held = queue.next_avail.wrapping_sub(queue.next_used);
+                    if held != 0 {
+                        log::warn!(
+                            "{}: queue {i}: {held} chains taken and not completed at the \
+                             snapshot; a restored device will not complete them",
+                            self.name
+                        );
+                    }
                 }
                 QueueSlotState {
                     ready: slot.ready,
