@@ -610,10 +610,19 @@ impl<M: VirtioMemory> VirtioState<M> {
             .slots
             .iter()
             .zip(&self.watches)
-            .map(|(slot, watch)| {
+            .enumerate()
+            .map(|(i, (slot, watch))| {
                 let mut queue = crate::state::QueueSnapshot::from(slot.queue.state());
                 if slot.active {
                     (queue.next_avail, queue.next_used) = watch.positions();
+                    let held = queue.next_avail.wrapping_sub(queue.next_used);
+                    if held != 0 {
+                        log::warn!(
+                            "{}: queue {i}: {held} chains taken and not completed at the \
+                             snapshot; a restored device will not complete them",
+                            self.name
+                        );
+                    }
                 }
                 QueueSlotState {
                     ready: slot.ready,
@@ -688,8 +697,15 @@ impl<M: VirtioMemory> VirtioState<M> {
         if state.activation_pending && (!driver_ok || state.dma_allowed || state.activated) {
             return bad("activation pending out of order".into());
         }
+        let event_idx = state.driver_features & FEATURE_RING_EVENT_IDX != 0;
         for (i, (q, &max)) in state.queues.iter().zip(&self.max_sizes).enumerate() {
             self.check_queue(i, q, max, state.activated)?;
+            if q.active && q.queue.event_idx_enabled != event_idx {
+                return bad(format!(
+                    "queue {i}: EVENT_IDX {} but the driver's features say {event_idx}",
+                    q.queue.event_idx_enabled
+                ));
+            }
         }
         Ok(())
     }
@@ -704,6 +720,15 @@ impl<M: VirtioMemory> VirtioState<M> {
         }
         if q.invalid & !(BAD_SIZE | BAD_DESC | BAD_DRIVER | BAD_DEVICE) != 0 {
             return bad(format!("invalid-field bits {:#x} unknown", q.invalid));
+        }
+        let rings = [q.queue.desc_table, q.queue.avail_ring, q.queue.used_ring];
+        for (area, bit) in [BAD_DESC, BAD_DRIVER, BAD_DEVICE].into_iter().enumerate() {
+            if q.invalid & bit == 0 && q.addrs[area] != rings[area] {
+                return bad(format!(
+                    "area register {:#x} is not the ring address {:#x} it was taken for",
+                    q.addrs[area], rings[area]
+                ));
+            }
         }
         if Queue::try_from(virtio_queue::QueueState::from(q.queue)).is_err() {
             return bad(format!(

@@ -289,10 +289,13 @@ impl<M: VirtioMemory> MmioTransport<M> {
                 "virtio-mmio always allows DMA".into(),
             ));
         }
-        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
-        let activated = self.state.restore(&state.common, &interrupt)?;
+        self.state.check(&state.common)?;
+        // Before the activation: a device may interrupt as it starts (vsock's transport
+        // reset event), and that must not be overwritten.
         self.interrupt
             .set_registers(state.interrupt_status, state.config_generation);
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        let activated = self.state.restore(&state.common, &interrupt)?;
         if activated {
             self.state.kick(&*interrupt);
         }

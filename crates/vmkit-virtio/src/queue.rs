@@ -546,6 +546,28 @@ impl<M: VirtioMemory> ActiveQueue<M> {
         }
     }
 
+    /// Gives back the `count` chains taken last and not completed, unused: the following
+    /// pops return them again, and a snapshot taken now records them as available, not
+    /// taken. For a device that holds chains it has not filled (receive buffers waiting for
+    /// host input) when it is asked to rest for a snapshot: a restored device starts from the
+    /// saved ring position and would never complete chains taken before it. The chains
+    /// given back must be the last ones taken (a device holding receive chains in the order
+    /// it took them and filling the oldest first has exactly those); `count` is capped at
+    /// the number taken and not completed. Returns how many were given back.
+    pub fn give_back(&mut self, count: u16) -> u16 {
+        let outstanding = self.queue.next_avail().wrapping_sub(self.queue.next_used());
+        let n = count.min(outstanding);
+        for _ in 0..n {
+            self.queue.go_to_previous_position();
+        }
+        if n > 0 {
+            self.undoable = false;
+            self.redo = true;
+            self.watch.record_positions(&self.queue);
+        }
+        n
+    }
+
     /// Puts chain `head` in the used ring with `len` bytes written into its buffers.
     ///
     /// # Errors

@@ -344,7 +344,7 @@ fn hostile_transport_states_are_refused() {
     rng.request_entropy(&mut buf).unwrap();
     let good = h.mmio().state();
     type Edit = fn(&mut vmkit_virtio::MmioTransportState);
-    let cases: [(&str, Edit); 12] = [
+    let cases: [(&str, Edit); 14] = [
         ("device type", |s| s.common.device_type = 2),
         ("offered", |s| s.common.offered_features = 0),
         ("queues", |s| s.common.queues.clear()),
@@ -353,7 +353,12 @@ fn hostile_transport_states_are_refused() {
         ("size 3", |s| s.common.queues[0].queue.size = 3),
         ("0x1001", |s| s.common.queues[0].queue.desc_table = 0x1001),
         ("outside guest memory", |s| {
-            s.common.queues[0].queue.used_ring = 1 << 40
+            s.common.queues[0].queue.used_ring = 1 << 40;
+            s.common.queues[0].addrs[2] = 1 << 40;
+        }),
+        ("area register", |s| s.common.queues[0].addrs[0] += 0x1000),
+        ("EVENT_IDX", |s| {
+            s.common.queues[0].queue.event_idx_enabled ^= true;
         }),
         ("ahead", |s| s.common.queues[0].queue.next_avail = 1000),
         ("DRIVER_OK", |s| s.common.status = 0x3),

@@ -108,6 +108,7 @@ fn generate(target: &str) -> Vec<Vec<u8>> {
         "virtio_pci" => Some(crate::virtio_pci::reaches_goal),
         "console" => Some(crate::console::reaches_goal),
         "rng" => Some(crate::rng::reaches_goal),
+        "transport_restore" => Some(crate::transport_restore::reaches_goal),
         _ => None,
     };
     if let Some(goal) = goal {
