@@ -154,12 +154,14 @@ impl MemoryRecord {
 }
 
 impl VmState {
-    /// Everything a restore relies on before it builds anything: counts and sizes in
-    /// bounds, one device per transport, each vCPU's own checks, this host's CPU able to
-    /// run the saved vCPUs.
-    pub fn check(&self, host: &vmkit_vcpu::CpuIdentity) -> Result<()> {
+    /// What can be checked without a host: counts and sizes in bounds, one device per
+    /// transport, the memory record, each vCPU's own checks.
+    pub fn validate(&self) -> Result<()> {
         if self.vcpus.is_empty() || self.vcpus.len() > MAX_VCPUS {
-            return Err(invalid(format!("{} vCPUs (1 to {MAX_VCPUS})", self.vcpus.len())));
+            return Err(invalid(format!(
+                "{} vCPUs (1 to {MAX_VCPUS})",
+                self.vcpus.len()
+            )));
         }
         if self.devices.len() > MAX_DEVICES || self.transports.len() != self.devices.len() {
             return Err(invalid(format!(
@@ -173,6 +175,13 @@ impl VmState {
             v.validate()
                 .map_err(|e| invalid(format!("vCPU {i}: {e}")))?;
         }
+        Ok(())
+    }
+
+    /// Everything a restore relies on before it builds anything: [`validate`](Self::validate),
+    /// and this host's CPU (`host`) able to run every saved vCPU.
+    pub fn check(&self, host: &vmkit_vcpu::CpuIdentity) -> Result<()> {
+        self.validate()?;
         for (i, v) in self.vcpus.iter().enumerate() {
             host.check_compatible(&v.cpuid)
                 .map_err(|e| Error::Incompatible(format!("vCPU {i}: {e}")))?;
