@@ -114,6 +114,11 @@ fn create_machine(args: &Args, loaded: Option<&Loaded>) -> Result<Machine> {
     let machine = Machine::new(&config)?;
     if let Some(loaded) = loaded {
         crate::snapshot::overlay_diffs(&machine, &loaded.layers).map_err(Error::Restore)?;
+        if args.track_dirty_pages {
+            // The overlay's writes are the snapshot's pages, not the guest's: a diff starts
+            // from here.
+            machine.take_dirty_pages()?;
+        }
     }
     Ok(machine)
 }

@@ -260,7 +260,11 @@ fn write_memory(src: &Sources, request: &SnapshotCreate) -> Result<(MemoryRecord
         .then(|| src.machine.take_dirty_pages())
         .transpose()
         .map_err(|e| format!("dirty pages: {e}"))?;
-    let file = create_file(&path).map_err(|e| bad(&e))?;
+    // Written under a temporary name and renamed over `path`: the file this VM's memory is
+    // mapped from (a restored VM's) may be `path`, and writing into it would change the
+    // guest's pages that were never copied.
+    let temporary = temporary_name(&path);
+    let file = create_file(&temporary).map_err(|e| bad(&e))?;
     let memory = src.machine.memory();
     let (layer, written) = match (diff, dirty) {
         (true, Some(dirty)) => {
@@ -281,6 +285,7 @@ fn write_memory(src: &Sources, request: &SnapshotCreate) -> Result<(MemoryRecord
             (layer, w.pages_written * PAGE_SIZE)
         }
     };
+    std::fs::rename(&temporary, &path).map_err(|e| bad(&e))?;
     let mut layers = if diff { snapshots.layers.clone() } else { Vec::new() };
     layers.push(layer);
     let record = MemoryRecord {
@@ -288,6 +293,13 @@ fn write_memory(src: &Sources, request: &SnapshotCreate) -> Result<(MemoryRecord
         layers,
     };
     Ok((record, written))
+}
+
+/// `path` with `.tmp` appended.
+fn temporary_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
 }
 
 /// Creates (or truncates) a memory file: a regular file, never through a symbolic link.
@@ -314,16 +326,25 @@ pub fn create(
     let vcpus = threads
         .save_states()
         .map_err(|e| format!("vCPUs: {e}"))?;
-    let (memory, written) = write_memory(src, request)?;
+    let (memory, written) = write_memory(src, request).inspect_err(|_| {
+        // The dirty pages were taken: a later diff would miss them. The next snapshot
+        // must be a full one.
+        src.snapshots.layers.clear();
+    })?;
     let layers = memory.layers.clone();
     let kind = match memory.layers.len() {
         1 => SnapshotKind::Full,
         _ => SnapshotKind::Diff,
     };
-    let state = vm_state(src, vcpus, memory)?;
     let path = Path::new(&request.snapshot_path);
-    vmkit_snapshot::write_state(path, kind, &state)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let written_state = vm_state(src, vcpus, memory).and_then(|state| {
+        vmkit_snapshot::write_state(path, kind, &state)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    });
+    if let Err(e) = written_state {
+        src.snapshots.layers.clear();
+        return Err(e);
+    }
     src.snapshots.layers = layers;
     Ok(Created {
         memory_bytes: written,
