@@ -375,7 +375,7 @@ mod tests {
         };
         let o = Options::default();
         assert_eq!(distinct(ThreadKind::Vcpu, &o), 37);
-        assert_eq!(distinct(ThreadKind::Vmm, &o), 59);
+        assert_eq!(distinct(ThreadKind::Vmm, &o), 62);
         assert_eq!(distinct(ThreadKind::Api, &o), 34);
         let user = Options {
             user: Some(UserIds { uid: 1, gid: 1 }),
@@ -389,7 +389,7 @@ mod tests {
                 ioctls(ThreadKind::Vmm),
                 ioctls(ThreadKind::Api)
             ),
-            (21, 10, 1)
+            (21, 14, 1)
         );
     }
 

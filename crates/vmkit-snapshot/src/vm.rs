@@ -125,7 +125,9 @@ impl MemoryRecord {
         }
         for (i, layer) in self.layers.iter().enumerate().skip(1) {
             let Some(ranges) = &layer.ranges else {
-                return Err(invalid(format!("memory layer {i} is full but not the first")));
+                return Err(invalid(format!(
+                    "memory layer {i} is full but not the first"
+                )));
             };
             self.check_ranges(i, ranges)?;
         }

@@ -317,7 +317,8 @@ impl Running {
         if self.guest_ids.is_some() {
             return Err("pause the microVM before creating a snapshot".into());
         }
-        let created = crate::snapshot::create(&mut self.parts.sources, &self.parts.threads, request)?;
+        let created =
+            crate::snapshot::create(&mut self.parts.sources, &self.parts.threads, request)?;
         log::info!(
             "snapshot {} created: {} bytes of memory written in {} µs",
             request.snapshot_path,

@@ -104,8 +104,16 @@ impl Restore {
             state: r.state_file(),
             memory: Some(r.memory_file()),
             overrides: Overrides {
-                drives: r.drives.iter().map(|d| (d.id.clone(), d.path.clone())).collect(),
-                nets: r.nets.iter().map(|n| (n.id.clone(), n.tap.clone())).collect(),
+                drives: r
+                    .drives
+                    .iter()
+                    .map(|d| (d.id.clone(), d.path.clone()))
+                    .collect(),
+                nets: r
+                    .nets
+                    .iter()
+                    .map(|n| (n.id.clone(), n.tap.clone()))
+                    .collect(),
                 vsock: r.vsock.clone(),
             },
             track_dirty_pages: r.track_dirty_pages,
@@ -133,7 +141,10 @@ impl Restore {
                     .iter()
                     .map(|n| (n.iface_id.clone(), n.host_dev_name.clone()))
                     .collect(),
-                vsock: load.vsock_override.as_ref().map(|v| PathBuf::from(&v.uds_path)),
+                vsock: load
+                    .vsock_override
+                    .as_ref()
+                    .map(|v| PathBuf::from(&v.uds_path)),
             },
             track_dirty_pages: load.tracks_dirty_pages(),
             resume: load.resume_vm,
@@ -144,7 +155,8 @@ impl Restore {
 /// Builds the VM a snapshot describes, `base` giving the host's side.
 pub fn from_snapshot(base: &Args, restore: &Restore) -> Result<Started> {
     let refused = |e: String| Error::Restore(e);
-    let mut loaded = crate::snapshot::load(&restore.state, restore.memory.as_deref()).map_err(refused)?;
+    let mut loaded =
+        crate::snapshot::load(&restore.state, restore.memory.as_deref()).map_err(refused)?;
     loaded.spec.apply(&restore.overrides).map_err(refused)?;
     let mut args = loaded.spec.to_args(base).map_err(refused)?;
     args.track_dirty_pages = restore.track_dirty_pages;
@@ -199,7 +211,9 @@ fn configure(resources: &mut Resources, request: ApiRequest) -> ApiResponse {
         ApiRequest::PutEntropy(e) => done(resources.set_entropy(e)),
         ApiRequest::Action(ActionType::SendCtrlAltDel)
         | ApiRequest::PatchVm(_)
-        | ApiRequest::CreateSnapshot(_) => ApiResponse::error(400, "the microVM is not running yet"),
+        | ApiRequest::CreateSnapshot(_) => {
+            ApiResponse::error(400, "the microVM is not running yet")
+        }
         ApiRequest::LoadSnapshot(_) => ApiResponse::error(
             400,
             "loading a snapshot is not allowed after configuring boot-specific resources",
@@ -230,9 +244,9 @@ pub fn through_api(base: &Args, host: &mut Host) -> Result<Option<Started>> {
                     host.respond(call, info);
                 }
                 ApiRequest::LoadSnapshot(ref load) if resources.is_empty() => {
-                    match Restore::of_api(load).and_then(|r| {
-                        from_snapshot(base, &r).map_err(|e| e.to_string())
-                    }) {
+                    match Restore::of_api(load)
+                        .and_then(|r| from_snapshot(base, &r).map_err(|e| e.to_string()))
+                    {
                         Ok(started) => {
                             host.respond(call, ApiResponse::no_content());
                             return Ok(Some(started));

@@ -107,7 +107,9 @@ fn create_machine(args: &Args, loaded: Option<&Loaded>) -> Result<Machine> {
     config.memory = MemoryConfig {
         backing,
         // A snapshot's base memory file, mapped privately: pages load on first touch.
-        file: loaded.and_then(|l| l.layers.first()).map(|l| l.path.clone()),
+        file: loaded
+            .and_then(|l| l.layers.first())
+            .map(|l| l.path.clone()),
         ..MemoryConfig::new(args.memory)
     };
     config.track_dirty_pages = args.track_dirty_pages;

@@ -1185,7 +1185,10 @@ fn check_clone(i: usize, dir: &common::api::Dir, s: &Scratch, token: &str, code:
     let serial = vm_serial(dir);
     assert_eq!(code, Some(GUEST_RESET), "clone {i}:\n{serial}");
     assert!(serial.contains("VMKIT-RELEASED"), "clone {i}:\n{serial}");
-    assert!(!serial.contains("VMKIT-LINUX-READY"), "clone {i} booted again:\n{serial}");
+    assert!(
+        !serial.contains("VMKIT-LINUX-READY"),
+        "clone {i} booted again:\n{serial}"
+    );
     for dev in ["blk", "rng", "console"] {
         assert!(
             serial.contains(&format!("VMKIT-RESULT {dev} ok")),
@@ -1199,7 +1202,10 @@ fn check_clone(i: usize, dir: &common::api::Dir, s: &Scratch, token: &str, code:
         "clone {i}: the guest's write reached its own image"
     );
     let hvc = fs::read_to_string(dir.file("hvc0")).unwrap_or_default();
-    assert!(hvc.contains(&format!("VMKIT-HVC0 token={token}")), "clone {i}: {hvc:?}");
+    assert!(
+        hvc.contains(&format!("VMKIT-HVC0 token={token}")),
+        "clone {i}: {hvc:?}"
+    );
 }
 
 /// The Linux guest snapshotted at /init (before its device tests), then restored in
@@ -1224,13 +1230,28 @@ fn clones_of_the_linux_guest_snapshotted_at_init_pass_the_device_tests() {
     let vm = Vmkit::start(
         &dir,
         &[
-            "--kernel", &a.kernel_mmio, "--initramfs", &a.initramfs, "--cpu-template", "pvm",
-            "--memory", "128M", "--rng", "--console", &console, "--disk", &disk,
-            "--cmdline", &cmdline,
+            "--kernel",
+            &a.kernel_mmio,
+            "--initramfs",
+            &a.initramfs,
+            "--cpu-template",
+            "pvm",
+            "--memory",
+            "128M",
+            "--rng",
+            "--console",
+            &console,
+            "--disk",
+            &disk,
+            "--cmdline",
+            &cmdline,
         ],
     );
     vm.wait_serial("VMKIT-HOLD", Duration::from_secs(300));
-    eprintln!("linux-snapshot: boot to /init's hold: {:?}", booted.elapsed());
+    eprintln!(
+        "linux-snapshot: boot to /init's hold: {:?}",
+        booted.elapsed()
+    );
     vm.set_state("Paused");
     let snap = Dir::new("linux-snap-files");
     let body = serde_json::json!({
@@ -1243,7 +1264,9 @@ fn clones_of_the_linux_guest_snapshotted_at_init_pass_the_device_tests() {
     let _ = vm.wait(Duration::from_secs(30));
     let original = fs::read(&s.disk).unwrap();
 
-    let dirs: Vec<Dir> = (0..CLONES).map(|i| Dir::new(&format!("linux-clone{i}"))).collect();
+    let dirs: Vec<Dir> = (0..CLONES)
+        .map(|i| Dir::new(&format!("linux-clone{i}")))
+        .collect();
     let started = Instant::now();
     let clones: Vec<Vmkit> = dirs
         .iter()
@@ -1255,8 +1278,12 @@ fn clones_of_the_linux_guest_snapshotted_at_init_pass_the_device_tests() {
             Vmkit::start(
                 d,
                 &[
-                    "--restore", snap_dir.to_str().unwrap(), "--restore-drive", &drive,
-                    "--console", &console,
+                    "--restore",
+                    snap_dir.to_str().unwrap(),
+                    "--restore-drive",
+                    &drive,
+                    "--console",
+                    &console,
                 ],
             )
         })
@@ -1273,8 +1300,15 @@ fn clones_of_the_linux_guest_snapshotted_at_init_pass_the_device_tests() {
         started.elapsed()
     );
     for (i, (d, (code, stderr))) in dirs.iter().zip(codes).enumerate() {
-        assert!(stderr.is_empty() || code == Some(GUEST_RESET), "clone {i}: {stderr}");
+        assert!(
+            stderr.is_empty() || code == Some(GUEST_RESET),
+            "clone {i}: {stderr}"
+        );
         check_clone(i, d, &s, &token, code);
     }
-    assert_eq!(fs::read(&s.disk).unwrap(), original, "the snapshot's own image was not written");
+    assert_eq!(
+        fs::read(&s.disk).unwrap(),
+        original,
+        "the snapshot's own image was not written"
+    );
 }

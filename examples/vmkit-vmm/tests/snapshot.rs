@@ -88,7 +88,10 @@ fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
     let (code, stderr) = vm.wait(TIMEOUT);
     let unbroken = std::fs::read_to_string(whole.file("serial")).unwrap();
     assert_eq!(code, Some(0), "{stderr}\n{unbroken}");
-    assert!(unbroken.contains(&format!("soak: {ROUNDS} rounds ok")), "{unbroken}");
+    assert!(
+        unbroken.contains(&format!("soak: {ROUNDS} rounds ok")),
+        "{unbroken}"
+    );
 
     let dir = Dir::new("snap-mid");
     let vm = soak(&dir, &[]);
@@ -107,10 +110,20 @@ fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
     let (code, stderr) = restored.wait(TIMEOUT);
     let serial = restored_serial(&again);
     assert_eq!(code, Some(0), "{stderr}\n{serial}");
-    assert!(!serial.contains("soak: round 1 ok"), "the restored VM booted again:\n{serial}");
+    assert!(
+        !serial.contains("soak: round 1 ok"),
+        "the restored VM booted again:\n{serial}"
+    );
     let after = soak_lines(&serial, 2);
-    assert_eq!(after, soak_lines(&unbroken, 2), "restored:\n{serial}\nunbroken:\n{unbroken}");
-    assert!(serial.contains(&format!("soak: {ROUNDS} rounds ok")), "{serial}");
+    assert_eq!(
+        after,
+        soak_lines(&unbroken, 2),
+        "restored:\n{serial}\nunbroken:\n{unbroken}"
+    );
+    assert!(
+        serial.contains(&format!("soak: {ROUNDS} rounds ok")),
+        "{serial}"
+    );
 }
 
 fn restored_serial(dir: &Dir) -> String {
@@ -121,7 +134,12 @@ fn restored_serial(dir: &Dir) -> String {
 fn restore_cli(dir: &Dir, snapshot: &Dir, image: &Path, extra: &[&str]) -> Vmkit {
     let snapshot_dir = snapshot.file("");
     let drive = format!("block0={}", image.display());
-    let mut args = vec!["--restore", snapshot_dir.to_str().unwrap(), "--restore-drive", &drive];
+    let mut args = vec![
+        "--restore",
+        snapshot_dir.to_str().unwrap(),
+        "--restore-drive",
+        &drive,
+    ];
     args.extend_from_slice(extra);
     Vmkit::start(dir, &args)
 }
@@ -131,10 +149,20 @@ fn restore_fails(snapshot: &Dir, image: &Path) -> (Option<i32>, String) {
     let snapshot_dir = snapshot.file("");
     let drive = format!("block0={}", image.display());
     let out = common::vmkit(
-        &["--restore", snapshot_dir.to_str().unwrap(), "--restore-drive", &drive, "--serial", "off"],
+        &[
+            "--restore",
+            snapshot_dir.to_str().unwrap(),
+            "--restore-drive",
+            &drive,
+            "--serial",
+            "off",
+        ],
         TIMEOUT,
     );
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Allocated bytes of `path` (a sparse file's data).
@@ -164,9 +192,15 @@ fn a_diff_snapshot_holds_the_dirtied_pages_and_restores_on_the_full_one() {
 
     // Two rounds dirty the guest's stack, heap and rings: a few pages, far fewer than the
     // full snapshot's, and within the RAM.
-    let (full_bytes, diff_bytes) = (allocated(&full.file("memory")), allocated(&diff.file("memory")));
+    let (full_bytes, diff_bytes) = (
+        allocated(&full.file("memory")),
+        allocated(&diff.file("memory")),
+    );
     eprintln!("full snapshot: {full_bytes} bytes of memory, diff: {diff_bytes}");
-    assert!(diff_bytes > 0 && diff_bytes < full_bytes / 2, "{diff_bytes} vs {full_bytes}");
+    assert!(
+        diff_bytes > 0 && diff_bytes < full_bytes / 2,
+        "{diff_bytes} vs {full_bytes}"
+    );
 
     // The diff names the full one's memory as its base: restored on it, the guest goes on
     // from round 3.
@@ -177,13 +211,19 @@ fn a_diff_snapshot_holds_the_dirtied_pages_and_restores_on_the_full_one() {
     assert_eq!(code, Some(0), "{stderr}\n{serial}");
     assert!(!serial.contains("soak: round 3 ok"), "{serial}");
     assert!(serial.contains("soak: round 4 ok"), "{serial}");
-    assert!(serial.contains(&format!("soak: {ROUNDS} rounds ok")), "{serial}");
+    assert!(
+        serial.contains(&format!("soak: {ROUNDS} rounds ok")),
+        "{serial}"
+    );
 
     // Without the base layer, the diff alone is refused.
     std::fs::remove_file(full.file("memory")).unwrap();
     let (code, stderr) = restore_fails(&diff, &image);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("memory") && stderr.lines().count() == 1, "{stderr}");
+    assert!(
+        stderr.contains("memory") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
 }
 
 /// A snapshot of the soak guest after round 1, its disk image, and the state decoded.
@@ -247,7 +287,12 @@ fn damaged_and_hostile_state_files_are_one_line_errors() {
     version[8] = 99;
     refused(&t, "version", &version, "version 99");
     refused(&t, "no-vcpus", &changed(&t, |s| s.vcpus.clear()), "vCPUs");
-    refused(&t, "memory-size", &changed(&t, |s| s.memory.size = 4097), "memory size");
+    refused(
+        &t,
+        "memory-size",
+        &changed(&t, |s| s.memory.size = 4097),
+        "memory size",
+    );
     let far = |s: &mut VmState| {
         s.memory.layers.push(vmkit_snapshot::vm::MemoryLayer {
             path: "/nonexistent".into(),
@@ -276,7 +321,10 @@ fn damaged_and_hostile_state_files_are_one_line_errors() {
     std::fs::write(snap.file("vmstate"), b).unwrap();
     let (code, stderr) = restore_fails(&snap, &t.image);
     assert_eq!(code, Some(1), "{stderr}");
-    assert!(stderr.contains("memory") && stderr.lines().count() == 1, "{stderr}");
+    assert!(
+        stderr.contains("memory") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
 }
 
 fn vmkit_memory_range(offset: u64, len: u64) -> vmkit_snapshot::vm::FileRange {

@@ -18,10 +18,10 @@ use std::time::Instant;
 use vmkit_api::model::{SnapshotCreate, SnapshotType};
 use vmkit_kvm::{Machine, MmioPlatform, PciPlatform, VcpuThreads};
 use vmkit_legacy::{Ged, I8042};
-use vmkit_vcpu::CpuIdentity;
 use vmkit_snapshot::vm::PAGE_SIZE;
 use vmkit_snapshot::vm::{DeviceState, MemoryLayer, MemoryRecord, TransportStates, VmState};
 use vmkit_snapshot::SnapshotKind;
+use vmkit_vcpu::CpuIdentity;
 
 use crate::config::Args;
 use crate::devices::{GuestSerial, Handle, LegacyDevices, VirtioDevices};
@@ -268,7 +268,8 @@ fn write_memory(src: &Sources, request: &SnapshotCreate) -> Result<(MemoryRecord
     let memory = src.machine.memory();
     let (layer, written) = match (diff, dirty) {
         (true, Some(dirty)) => {
-            let w = vmkit_memory::snapshot::write_dirty(memory, &file, &dirty).map_err(|e| bad(&e))?;
+            let w =
+                vmkit_memory::snapshot::write_dirty(memory, &file, &dirty).map_err(|e| bad(&e))?;
             let bytes = w.pages_written * PAGE_SIZE;
             let layer = MemoryLayer {
                 path: path.clone(),
@@ -286,7 +287,11 @@ fn write_memory(src: &Sources, request: &SnapshotCreate) -> Result<(MemoryRecord
         }
     };
     std::fs::rename(&temporary, &path).map_err(|e| bad(&e))?;
-    let mut layers = if diff { snapshots.layers.clone() } else { Vec::new() };
+    let mut layers = if diff {
+        snapshots.layers.clone()
+    } else {
+        Vec::new()
+    };
     layers.push(layer);
     let record = MemoryRecord {
         size: vmkit_memory::snapshot::file_size(memory),
@@ -323,9 +328,7 @@ pub fn create(
     let start = Instant::now();
     // The vCPUs first: reading them completes an instruction a VM exit left half done
     // (a string `ins` writes guest memory), before memory is written.
-    let vcpus = threads
-        .save_states()
-        .map_err(|e| format!("vCPUs: {e}"))?;
+    let vcpus = threads.save_states().map_err(|e| format!("vCPUs: {e}"))?;
     let (memory, written) = write_memory(src, request).inspect_err(|_| {
         // The dirty pages were taken: a later diff would miss them. The next snapshot
         // must be a full one.

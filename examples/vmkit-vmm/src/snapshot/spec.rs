@@ -256,7 +256,8 @@ impl VmSpec {
         match (self.console, &base.console) {
             (true, ConsoleOutput::Off) => {
                 return Err(
-                    "the snapshot has a virtio-console: give it a destination with --console".into(),
+                    "the snapshot has a virtio-console: give it a destination with --console"
+                        .into(),
                 )
             }
             (false, c) if *c != ConsoleOutput::Off => {
