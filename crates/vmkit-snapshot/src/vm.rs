@@ -104,7 +104,7 @@ impl MemoryRecord {
     /// Sizes, layer counts and ranges in bounds: the first layer full, the others diffs
     /// whose ranges are page-aligned, ascending, disjoint and inside RAM.
     pub fn validate(&self) -> Result<()> {
-        if self.size == 0 || self.size % PAGE_SIZE != 0 {
+        if self.size == 0 || !self.size.is_multiple_of(PAGE_SIZE) {
             return Err(invalid(format!(
                 "memory size {} is not a whole number of pages",
                 self.size
@@ -139,8 +139,8 @@ impl MemoryRecord {
         for r in ranges {
             let end = r.offset.checked_add(r.len);
             let ok = r.len > 0
-                && r.offset % PAGE_SIZE == 0
-                && r.len % PAGE_SIZE == 0
+                && r.offset.is_multiple_of(PAGE_SIZE)
+                && r.len.is_multiple_of(PAGE_SIZE)
                 && r.offset >= next
                 && end.is_some_and(|e| e <= self.size);
             if !ok {
