@@ -1117,13 +1117,17 @@ mod tests {
         assert!(!Args::try_parse_from(["vmkit"]).unwrap().landlock);
     }
 
+    /// `vmkit EXTRA…` parsed.
+    fn parse_restore(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec!["vmkit"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    /// `--restore` and its companions, in full and alone.
     #[test]
-    fn restore_flags() {
-        let parse = |extra: &[&str]| {
-            let mut argv = vec!["vmkit"];
-            argv.extend_from_slice(extra);
-            Args::try_parse_from(argv)
-        };
+    fn restore_flags_parse_into_restore_args() {
+        let parse = parse_restore;
         let a = parse(&[
             "--restore",
             "/s",
@@ -1177,6 +1181,12 @@ mod tests {
                 .unwrap()
                 .track_dirty_pages
         );
+    }
+
+    /// The flags that describe a VM conflict with `--restore`; the companions need it.
+    #[test]
+    fn restore_conflicts_and_companions_are_usage_errors() {
+        let parse = parse_restore;
         // A flag that describes the VM conflicts with the snapshot's description.
         for flags in [
             &["--kernel", "k"][..],
@@ -1215,6 +1225,12 @@ mod tests {
                 "{flags:?}"
             );
         }
+    }
+
+    /// Malformed `ID=VALUE`s, TAP names, and an ID given twice.
+    #[test]
+    fn restore_ids_and_taps_are_checked() {
+        let parse = parse_restore;
         for (bad, says) in [
             ("a", "is not ID=TAP"),
             ("=t", "is not ID=TAP"),

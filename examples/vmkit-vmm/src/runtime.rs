@@ -125,8 +125,12 @@ impl Running {
         running
     }
 
-    /// Runs until the VM ends; returns why, and the vCPU threads to stop.
-    pub fn until_end(mut self, host: &mut Host) -> (ExitReason, VcpuThreads) {
+    /// Runs until the VM ends; returns why, the vCPU threads to stop, and the machine (to
+    /// drop once they are stopped).
+    pub fn until_end(
+        mut self,
+        host: &mut Host,
+    ) -> (ExitReason, VcpuThreads, crate::snapshot::Sources) {
         let end = loop {
             if let Some(end) = self.parts.exit.reason() {
                 break end;
@@ -144,7 +148,7 @@ impl Running {
             self.check_grace_period(host);
             host.metrics.tick();
         };
-        (end, self.parts.threads)
+        (end, self.parts.threads, self.parts.sources)
     }
 
     fn end(&self, reason: ExitReason) {

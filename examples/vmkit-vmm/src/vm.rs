@@ -31,7 +31,7 @@ use crate::metrics::MetricsSource;
 use crate::net::InheritedFds;
 use crate::output::Outputs;
 use crate::runtime::{Parts, Running};
-use crate::snapshot::{Loaded, Snapshots, Sources, Transports};
+use crate::snapshot::{Loaded, Snapshots, Sources};
 use crate::stats;
 use crate::terminal::RawMode;
 
@@ -289,7 +289,7 @@ impl Vm {
     /// ends; returns why. The host's API calls and signals are served meanwhile; the
     /// device counters join its metrics.
     pub fn run(
-        self,
+        mut self,
         host: &mut Host,
         machine: vmkit_api::model::MachineConfig,
     ) -> Result<ExitReason> {
@@ -334,22 +334,12 @@ impl Vm {
             nets: self.virtio.nets.clone(),
             machine,
             landlocked,
-            sources: Sources {
-                machine: self.machine,
-                serial: self.legacy.serial.clone(),
-                i8042: self.legacy.i8042.clone(),
-                ged: self.legacy.ged.clone(),
-                handles: self.virtio.handles.clone(),
-                transports: match (self.virtio.mmio, self.virtio.pci) {
-                    (Some(m), _) => Transports::Mmio(m),
-                    (None, Some(p)) => Transports::Pci(p),
-                    (None, None) => Transports::None,
-                },
-                snapshots: self.snapshots,
-            },
+            sources: Sources::new(self.machine, &self.legacy, &mut self.virtio, self.snapshots),
         };
-        let (end, threads) = Running::new(parts, host, paused).until_end(host);
+        let (end, threads, sources) = Running::new(parts, host, paused).until_end(host);
         let vcpu_stats = threads.stop();
+        // The machine (memory, VM) outlives the vCPU threads.
+        drop(sources);
         self.outputs.finish();
         if self.print_stats {
             stats::vcpus_stopped(&vcpu_stats, self.legacy.debug_port.stats().writes);

@@ -212,6 +212,32 @@ pub struct Sources {
     pub snapshots: Snapshots,
 }
 
+impl Sources {
+    /// The machine and what a snapshot reads of the devices (the transports are taken out
+    /// of `virtio`).
+    pub fn new(
+        machine: Machine,
+        legacy: &LegacyDevices,
+        virtio: &mut VirtioDevices,
+        snapshots: Snapshots,
+    ) -> Self {
+        let transports = match (virtio.mmio.take(), virtio.pci.take()) {
+            (Some(m), _) => Transports::Mmio(m),
+            (None, Some(p)) => Transports::Pci(p),
+            (None, None) => Transports::None,
+        };
+        Self {
+            machine,
+            serial: legacy.serial.clone(),
+            i8042: legacy.i8042.clone(),
+            ged: legacy.ged.clone(),
+            handles: virtio.handles.clone(),
+            transports,
+            snapshots,
+        }
+    }
+}
+
 /// Everything but memory, read from the paused VM.
 fn vm_state(
     src: &Sources,

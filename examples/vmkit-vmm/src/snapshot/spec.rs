@@ -332,3 +332,125 @@ impl VmSpec {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn args(argv: &[&str]) -> Args {
+        let mut all = vec!["vmkit"];
+        all.extend_from_slice(argv);
+        Args::try_parse_from(all).unwrap()
+    }
+
+    fn booted() -> Args {
+        args(&[
+            "--kernel",
+            "k",
+            "--cpus",
+            "2",
+            "--memory",
+            "256M",
+            "--transport",
+            "pci",
+            "--disk",
+            "path=/d/root.img,readonly=on,engine=io_uring,bw=10M",
+            "--disk",
+            "path=/d/data.img,queues=2",
+            "--net",
+            "tap=tap0,mac=02:00:00:00:00:01,mtu=1400,rx_ops=1000",
+            "--vsock",
+            "cid=3,socket=/v.sock",
+            "--rng-bw",
+            "256K",
+            "--console",
+            "pty",
+            "--cmdline",
+            "quiet",
+        ])
+    }
+
+    #[test]
+    fn the_shape_builds_the_same_devices_again() {
+        let a = booted();
+        let spec = VmSpec::of(&a);
+        let json = serde_json::to_string(&spec).unwrap();
+        let back: VmSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec);
+        let base = args(&["--restore", "/s", "--console", "file=/tmp/c"]);
+        let r = back.to_args(&base).unwrap();
+        assert_eq!(
+            (r.cpus, r.memory, r.transport),
+            (2, 256 << 20, Transport::Pci)
+        );
+        assert_eq!(r.disk.len(), 2);
+        for (d, orig) in r.disk.iter().zip(&a.disk) {
+            let (x, y) = (d.block_config(r.cpus), orig.block_config(a.cpus));
+            assert_eq!(
+                (x.read_only, x.engine, x.queues, x.rate_limiter),
+                (y.read_only, y.engine, y.queues, y.rate_limiter)
+            );
+        }
+        assert_eq!(r.net, a.net);
+        assert_eq!(r.vsock, a.vsock);
+        assert_eq!(r.rng_rate_limiter, a.rng_rate_limiter);
+        assert!(r.rng);
+        // Where output goes is the restoring command line's.
+        assert_eq!(r.console, base.console);
+        assert_eq!(r.cmdline, "quiet");
+    }
+
+    #[test]
+    fn overrides_name_drives_and_cards_by_id_or_place() {
+        let mut spec = VmSpec::of(&booted());
+        let o = Overrides {
+            drives: vec![("block1".into(), "/clone/data.img".into())],
+            nets: vec![("net0".into(), "tap7".into())],
+            vsock: Some("/clone/v.sock".into()),
+        };
+        spec.apply(&o).unwrap();
+        assert_eq!(
+            spec.disks[1].path.as_deref(),
+            Some(std::path::Path::new("/clone/data.img"))
+        );
+        assert_eq!(
+            spec.disks[0].path.as_deref(),
+            Some(std::path::Path::new("/d/root.img"))
+        );
+        assert_eq!(spec.nets[0].tap.as_deref(), Some("tap7"));
+        assert_eq!(spec.vsock.unwrap().socket, PathBuf::from("/clone/v.sock"));
+        let mut spec = VmSpec::of(&booted());
+        let unknown = Overrides {
+            drives: vec![("rootfs".into(), "/x".into())],
+            ..Overrides::default()
+        };
+        assert!(spec
+            .apply(&unknown)
+            .unwrap_err()
+            .contains("no drive rootfs"));
+        let no_vsock = VmSpec::of(&args(&["--kernel", "k"]));
+        let o = Overrides {
+            vsock: Some("/v".into()),
+            ..Overrides::default()
+        };
+        assert!(no_vsock.clone().apply(&o).unwrap_err().contains("no vsock"));
+    }
+
+    #[test]
+    fn the_console_needs_a_destination_and_fds_need_an_override() {
+        let spec = VmSpec::of(&booted());
+        let e = spec.to_args(&args(&["--restore", "/s"])).unwrap_err();
+        assert!(e.contains("--console"), "{e}");
+        let plain = VmSpec::of(&args(&["--kernel", "k"]));
+        let e = plain
+            .to_args(&args(&["--restore", "/s", "--console", "pty"]))
+            .unwrap_err();
+        assert!(e.contains("no virtio-console"), "{e}");
+        let mut fd = VmSpec::of(&args(&["--kernel", "k", "--disk", "path=/d"]));
+        fd.disks[0].path = None;
+        let e = fd.to_args(&args(&["--restore", "/s"])).unwrap_err();
+        assert!(e.contains("--restore-drive") && e.contains("block0"), "{e}");
+    }
+}
