@@ -330,3 +330,58 @@ fn damaged_and_hostile_state_files_are_one_line_errors() {
 fn vmkit_memory_range(offset: u64, len: u64) -> vmkit_snapshot::vm::FileRange {
     vmkit_snapshot::vm::FileRange { offset, len }
 }
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_api_refuses_snapshots_out_of_order_and_a_load_can_wait_paused() {
+    let dir = Dir::new("snap-order");
+    let vm = soak(&dir, &[]);
+    vm.wait_serial("soak: round 1 ok", TIMEOUT);
+    let (state, memory) = (dir.file("vmstate"), dir.file("memory"));
+    let body = serde_json::json!({"snapshot_path": state, "mem_file_path": memory});
+    // Running: refused, nothing written.
+    let e = vm.expect(400, "PUT", "/snapshot/create", Some(&body.to_string()));
+    assert!(e.contains("pause"), "{e}");
+    assert!(!state.exists() && !memory.exists());
+    vm.set_state("Paused");
+    // A diff without dirty page tracking: refused.
+    let diff = serde_json::json!({
+        "snapshot_path": state, "mem_file_path": memory, "snapshot_type": "Diff",
+    });
+    let e = vm.expect(400, "PUT", "/snapshot/create", Some(&diff.to_string()));
+    assert!(e.contains("track_dirty_pages"), "{e}");
+    vm.expect(204, "PUT", "/snapshot/create", Some(&body.to_string()));
+    // A load into a running VM: refused.
+    let load = serde_json::json!({"snapshot_path": state, "mem_file_path": memory});
+    vm.expect(400, "PUT", "/snapshot/load", Some(&load.to_string()));
+    let image = dir.file("clone.img");
+    std::fs::copy(dir.file("disk.img"), &image).unwrap();
+    vm.signal(libc::SIGKILL);
+    let _ = vm.wait(TIMEOUT);
+
+    // A load after configuring: refused.
+    let other = Dir::new("snap-order-configured");
+    let configured = Vmkit::start(&other, &[]);
+    configured.expect(204, "PUT", "/entropy", Some("{}"));
+    let e = configured.expect(400, "PUT", "/snapshot/load", Some(&load.to_string()));
+    assert!(e.contains("after configuring"), "{e}");
+    configured.signal(libc::SIGKILL);
+    let _ = configured.wait(TIMEOUT);
+
+    // resume_vm false: the VM waits, paused, and goes on when resumed.
+    let again = Dir::new("snap-order-paused");
+    let vm = Vmkit::start(&again, &[]);
+    let load = serde_json::json!({
+        "snapshot_path": state, "mem_file_path": memory, "resume_vm": false,
+        "drive_overrides": [{"drive_id": "block0", "path_on_host": image}],
+    });
+    vm.expect(204, "PUT", "/snapshot/load", Some(&load.to_string()));
+    assert_eq!(common::api::state(&vm), "Paused");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!restored_serial(&again).contains("soak: round"), "ran while paused");
+    vm.set_state("Resumed");
+    let (code, stderr) = vm.wait(TIMEOUT);
+    let serial = restored_serial(&again);
+    assert_eq!(code, Some(0), "{stderr}\n{serial}");
+    assert!(serial.contains(&format!("soak: {ROUNDS} rounds ok")), "{serial}");
+}
