@@ -79,12 +79,13 @@ fn load(dir: &Dir, state: &Path, memory: &Path, image: &Path) -> Vmkit {
     vm
 }
 
-#[test]
-#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
-fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
+/// The soak guest on `transport`, run whole, then snapshotted after round 2 and restored in
+/// a new process: the restored run prints what the whole one printed after round 2.
+fn mid_test(transport: &str) {
+    let extra = ["--transport", transport];
     // The unbroken run, for what the restored one must print.
-    let whole = Dir::new("snap-whole");
-    let vm = soak(&whole, &[]);
+    let whole = Dir::new(&format!("snap-whole-{transport}"));
+    let vm = soak(&whole, &extra);
     let (code, stderr) = vm.wait(TIMEOUT);
     let unbroken = std::fs::read_to_string(whole.file("serial")).unwrap();
     assert_eq!(code, Some(0), "{stderr}\n{unbroken}");
@@ -93,8 +94,8 @@ fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
         "{unbroken}"
     );
 
-    let dir = Dir::new("snap-mid");
-    let vm = soak(&dir, &[]);
+    let dir = Dir::new(&format!("snap-mid-{transport}"));
+    let vm = soak(&dir, &extra);
     vm.wait_serial("soak: round 2 ok", TIMEOUT);
     vm.set_state("Paused");
     let (state, memory) = (dir.file("vmstate"), dir.file("memory"));
@@ -105,7 +106,7 @@ fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
     vm.signal(libc::SIGKILL);
     let _ = vm.wait(TIMEOUT);
 
-    let again = Dir::new("snap-restored");
+    let again = Dir::new(&format!("snap-restored-{transport}"));
     let restored = load(&again, &state, &memory, &image);
     let (code, stderr) = restored.wait(TIMEOUT);
     let serial = restored_serial(&again);
@@ -124,6 +125,19 @@ fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
         serial.contains(&format!("soak: {ROUNDS} rounds ok")),
         "{serial}"
     );
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
+    mid_test("mmio");
+}
+
+/// The same on virtio-pci: configuration space, BARs and MSI-X vectors come back.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn the_test_guest_on_virtio_pci_snapshotted_mid_test_passes_in_a_new_process() {
+    mid_test("pci");
 }
 
 fn restored_serial(dir: &Dir) -> String {
