@@ -699,17 +699,17 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
     }
 
     fn quiesce(&mut self) {
-        // Receive chains held for the next frame go back to the driver, empty: a snapshot
-        // taken now must not hold buffers the driver gave (the restored rings are past
-        // them, and a restored device would never use them). A driver sees a receive
-        // shorter than a header (Linux counts it in `rx_length_errors`) and posts new ones.
+        // Receive chains held for the next frame are given back to the queue, unused: a
+        // snapshot taken now must not hold buffers the driver gave (a restored device
+        // starts from the saved ring position and would never use them). The next frame
+        // takes them again; the driver sees nothing.
         let Some(ctx) = self.active.as_mut() else {
             return;
         };
         for (pair, p) in self.pairs.iter_mut().enumerate() {
             // At most 0x8000 pairs: the index fits.
             if let Some(q) = ctx.queue_mut((pair * 2) as u16) {
-                if p.rx.return_all(q) > 0 {
+                if p.rx.give_back(q) > 0 {
                     let _ = q.signal_used();
                 }
             }

@@ -708,7 +708,7 @@ fn the_transmit_limiter_holds_every_transmit_queue() {
 }
 
 #[test]
-fn quiesce_returns_held_buffers_and_a_restored_device_keeps_pairs_and_filter() {
+fn quiesce_gives_held_buffers_back_and_a_restored_device_keeps_pairs_and_filter() {
     let features = bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_CTRL_RX) | bit(VIRTIO_NET_F_MQ);
     let rx: Vec<_> = (0..4)
         .map(|i| desc(0x1_0000 + 0x1000 * i, 2048, WRITE, 0))
@@ -743,10 +743,16 @@ fn quiesce_returns_held_buffers_and_a_restored_device_keeps_pairs_and_filter() {
     r.dev.process_device_event(0);
     assert_eq!(r.used_idx(0), 1);
     // The device took the next buffer for a frame that has not come: quiesce gives it
-    // back, empty.
+    // back to the ring, unused (nothing in the used ring)...
     r.dev.quiesce();
-    assert_eq!(r.used_idx(0), 2, "the held receive buffer went back");
-    assert_eq!(r.used_len(0, 1), 0);
+    assert_eq!(r.used_idx(0), 1, "nothing completed");
+    // ...and the next frame lands in it, whole.
+    let second = with_header(&frame(MAC, 90, 2));
+    r.hosts[0].send(&second).unwrap();
+    r.dev.process_device_event(0);
+    assert_eq!(r.used_idx(0), 2);
+    assert_eq!(r.used_len(0, 1) as usize, second.len());
+    r.dev.quiesce();
 
     // The driver queues a frame on the second pair while the VM is paused: its
     // notification never reaches the device.

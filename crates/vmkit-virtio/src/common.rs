@@ -740,6 +740,13 @@ impl<M: VirtioMemory> VirtioState<M> {
         if (q.active && !activated) || (activated && q.ready && !q.active) {
             return bad("active without a running device, or ready and not active".into());
         }
+        if !q.active && (q.queue.next_avail != 0 || q.queue.next_used != 0) {
+            // A queue the device never ran starts at 0 (a reset zeroes it too).
+            return bad(format!(
+                "not running but at ring positions {}/{}",
+                q.queue.next_avail, q.queue.next_used
+            ));
+        }
         if q.active {
             if q.invalid != 0 {
                 return bad("active with an invalid field".into());
@@ -810,15 +817,16 @@ impl<M: VirtioMemory> VirtioState<M> {
         Ok(())
     }
 
-    /// Raises each active queue's interrupt and the configuration interrupt once, after a
-    /// restored activation: a spurious interrupt is harmless, a lost one hangs a driver.
+    /// Raises each active queue's interrupt once, after a restored activation: a spurious
+    /// used-buffer interrupt is harmless, a lost one hangs a driver. Not the configuration
+    /// interrupt: it would tell the driver the configuration changed (and bump the
+    /// generation) when it did not; a pending one is in the restored interrupt status.
     pub(crate) fn kick(&self, interrupt: &dyn VirtioInterrupt) {
         for (i, slot) in self.slots.iter().enumerate() {
             if let (true, Ok(i)) = (slot.active, u16::try_from(i)) {
                 let _ = interrupt.trigger(crate::InterruptReason::Queue(i));
             }
         }
-        let _ = interrupt.trigger(crate::InterruptReason::Config);
     }
 }
 

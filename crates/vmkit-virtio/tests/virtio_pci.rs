@@ -282,7 +282,7 @@ fn rng_continues_after_restore_into_a_new_pci_transport() {
         events.contains(&SinkEvent::Update(1, Some(m1), false)),
         "{events:?}"
     );
-    // The queue's vector and the configuration vector, once each, after the routes.
+    // The queue's vector once, after the routes (not the configuration's: nothing changed).
     let triggers: Vec<_> = events
         .iter()
         .filter_map(|e| match e {
@@ -290,7 +290,7 @@ fn rng_continues_after_restore_into_a_new_pci_transport() {
             _ => None,
         })
         .collect();
-    assert_eq!(triggers, vec![1, 0]);
+    assert_eq!(triggers, vec![1]);
     assert!(h.device().is_activated());
     assert_eq!(h.device().interrupt().queue_vector(0), 1);
     assert_eq!(

@@ -118,6 +118,9 @@ impl Running {
             shutdown: None,
         };
         if paused {
+            // A restored device served what its queues held as it started: finish that, as
+            // a pause does, before anything reads guest memory.
+            running.quiesce_devices();
             log::info!("paused: resume with PATCH /vm {{\"state\": \"Resumed\"}}");
         } else {
             running.readd();
@@ -224,11 +227,17 @@ impl Running {
             self.readd();
             return Err(format!("cannot pause the vCPUs: {e}"));
         }
+        self.quiesce_devices();
+        log::info!("paused");
+        Ok(())
+    }
+
+    /// Every virtio device completes what it has in flight (nothing touches guest memory
+    /// afterwards until it is served again).
+    fn quiesce_devices(&self) {
         for device in &self.parts.devices {
             device.lock().unwrap_or_else(|p| p.into_inner()).quiesce();
         }
-        log::info!("paused");
-        Ok(())
     }
 
     fn readd(&mut self) {
@@ -321,6 +330,7 @@ impl Running {
         if self.guest_ids.is_some() {
             return Err("pause the microVM before creating a snapshot".into());
         }
+        self.quiesce_devices();
         let created =
             crate::snapshot::create(&mut self.parts.sources, &self.parts.threads, request)?;
         log::info!(

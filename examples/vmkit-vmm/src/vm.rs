@@ -239,17 +239,19 @@ impl Vm {
         let machine = create_machine(args, Some(&loaded))?;
         let vcpus = create_vcpus(&machine, args)?;
         let state = &loaded.state;
-        let devices = add_devices(&machine, args, net_fds, Some(&state.serial))?;
         vcpus
             .restore_states(&state.vcpus)
             .map_err(|e| Error::Restore(format!("vCPUs: {e}")))?;
-        crate::snapshot::restore_devices(&devices.legacy, &devices.virtio, state)
-            .map_err(Error::Restore)?;
-        // Last, closest to the first instruction: the irqchip and the guest's clock.
+        // The LAPICs, then the PICs, IOAPIC, PIT and clock, before any device: restoring
+        // the devices raises their pending interrupts, which must reach restored chips
+        // (KVM_SET_IRQCHIP would drop them).
         machine
             .lock_irqchip()
             .restore_state(machine.vm(), &state.irqchip)
             .map_err(|e| Error::Restore(format!("irqchip: {e}")))?;
+        let devices = add_devices(&machine, args, net_fds, Some(&state.serial))?;
+        crate::snapshot::restore_devices(&devices.legacy, &devices.virtio, state)
+            .map_err(Error::Restore)?;
         let mut snapshots = Snapshots::new(args, loaded.layers.clone());
         snapshots.start_paused = !resume;
         Self::finish(args, machine, vcpus, devices, snapshots)

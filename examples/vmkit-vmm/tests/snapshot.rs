@@ -392,10 +392,16 @@ fn the_api_refuses_snapshots_out_of_order_and_a_load_can_wait_paused() {
     vm.expect(204, "PUT", "/snapshot/load", Some(&load.to_string()));
     assert_eq!(common::api::state(&vm), "Paused");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!restored_serial(&again).contains("soak: round"), "ran while paused");
+    assert!(
+        !restored_serial(&again).contains("soak: round"),
+        "ran while paused"
+    );
     vm.set_state("Resumed");
     let (code, stderr) = vm.wait(TIMEOUT);
     let serial = restored_serial(&again);
     assert_eq!(code, Some(0), "{stderr}\n{serial}");
-    assert!(serial.contains(&format!("soak: {ROUNDS} rounds ok")), "{serial}");
+    assert!(
+        serial.contains(&format!("soak: {ROUNDS} rounds ok")),
+        "{serial}"
+    );
 }

@@ -238,12 +238,8 @@ impl Sources {
     }
 }
 
-/// Everything but memory, read from the paused VM.
-fn vm_state(
-    src: &Sources,
-    vcpus: Vec<vmkit_vcpu::VcpuState>,
-    memory: MemoryRecord,
-) -> Result<VmState, String> {
+/// Everything but memory (its record is filled in once written).
+fn vm_state(src: &Sources, vcpus: Vec<vmkit_vcpu::VcpuState>) -> Result<VmState, String> {
     let transports = match &src.transports {
         Transports::Mmio(mmio) => TransportStates::Mmio(mmio.states()),
         Transports::Pci(pci) => TransportStates::Pci(pci.states()),
@@ -251,7 +247,10 @@ fn vm_state(
     };
     Ok(VmState {
         spec: serde_json::to_string(&src.snapshots.spec).map_err(|e| e.to_string())?,
-        memory,
+        memory: MemoryRecord {
+            size: vmkit_memory::snapshot::file_size(src.machine.memory()),
+            layers: Vec::new(),
+        },
         vcpus,
         irqchip: src
             .machine
@@ -353,28 +352,34 @@ pub fn create(
 ) -> Result<Created, String> {
     let start = Instant::now();
     // The vCPUs first: reading them completes an instruction a VM exit left half done
-    // (a string `ins` writes guest memory), before memory is written.
+    // (a string `ins` writes guest memory), before memory is written. The irqchip and the
+    // devices right after, close to the LAPICs (the in-kernel PIT keeps counting).
     let vcpus = threads.save_states().map_err(|e| format!("vCPUs: {e}"))?;
-    let (memory, written) = write_memory(src, request).inspect_err(|_| {
-        // The dirty pages were taken: a later diff would miss them. The next snapshot
-        // must be a full one.
-        src.snapshots.layers.clear();
-    })?;
-    let layers = memory.layers.clone();
-    let kind = match memory.layers.len() {
+    let mut state = vm_state(src, vcpus)?;
+    let written = write_memory(src, request).map(|(memory, written)| {
+        state.memory = memory;
+        written
+    });
+    let path = Path::new(&request.snapshot_path);
+    let kind = match state.memory.layers.len() {
         1 => SnapshotKind::Full,
         _ => SnapshotKind::Diff,
     };
-    let path = Path::new(&request.snapshot_path);
-    let written_state = vm_state(src, vcpus, memory).and_then(|state| {
+    let done = written.and_then(|written| {
         vmkit_snapshot::write_state(path, kind, &state)
+            .map(|()| written)
             .map_err(|e| format!("{}: {e}", path.display()))
     });
-    if let Err(e) = written_state {
-        src.snapshots.layers.clear();
-        return Err(e);
-    }
-    src.snapshots.layers = layers;
+    let written = match done {
+        Ok(written) => written,
+        Err(e) => {
+            // The dirty pages were taken: a later diff would miss them. The next snapshot
+            // must be a full one.
+            src.snapshots.layers.clear();
+            return Err(e);
+        }
+    };
+    src.snapshots.layers = state.memory.layers;
     Ok(Created {
         memory_bytes: written,
         micros: start.elapsed().as_micros(),
