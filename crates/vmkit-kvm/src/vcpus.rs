@@ -12,8 +12,8 @@ use vmkit_bus::IoBus;
 use vmkit_legacy::{ExitNotifier, ExitReason};
 use vmkit_vcpu::{
     install_kick_handler, kick, restore_state, restrict_cr4, setup_entry, setup_fpu, setup_lint,
-    setup_msrs, CpuTemplate, CpuidConfig, CpuidTemplate, ParkedTask, Vcpu, VcpuControl,
-    VcpuCounters, VcpuExitHandler, VcpuState, VcpuStats, VcpuStop,
+    setup_msrs, CpuIdentity, CpuTemplate, CpuidConfig, CpuidTemplate, ParkedTask, Vcpu,
+    VcpuControl, VcpuCounters, VcpuExitHandler, VcpuState, VcpuStats, VcpuStop,
 };
 
 use crate::{Error, Result};
@@ -63,6 +63,8 @@ pub struct Vcpus {
     clearcpuid: Option<String>,
     /// KVM's MSR list: what a saved state holds.
     msrs: Arc<[u32]>,
+    /// What KVM supports (`KVM_GET_SUPPORTED_CPUID`), for [`cpu_identity`](Self::cpu_identity).
+    supported: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 /// How long [`VcpuThreads::save_states`] waits for the parked vCPUs to read their state.
@@ -124,6 +126,7 @@ impl Vcpus {
             template: config.template,
             clearcpuid: None,
             msrs: msrs.as_slice().into(),
+            supported: template.supported().to_vec(),
         };
         this.read_back_cpuid()?;
         Ok(this)
@@ -146,6 +149,14 @@ impl Vcpus {
             log::warn!("this host's KVM does not hide {visible} from CPUID; the kernel is told with clearcpuid=");
         }
         Ok(())
+    }
+
+    /// This host's CPU as these vCPUs see it (KVM's supported list and what vCPU 0 reads
+    /// back), to check a snapshot's saved CPUID against before
+    /// [`restore_states`](Self::restore_states) replaces it: no scratch VM.
+    pub fn cpu_identity(&self) -> Result<CpuIdentity> {
+        CpuIdentity::of_vcpu(&self.supported, self.vcpus[0].fd())
+            .map_err(|source| Error::SetupVcpu { index: 0, source })
     }
 
     /// How many.

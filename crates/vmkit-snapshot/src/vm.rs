@@ -180,10 +180,16 @@ impl VmState {
         Ok(())
     }
 
-    /// Everything a restore relies on before it builds anything: [`validate`](Self::validate),
-    /// and this host's CPU (`host`) able to run every saved vCPU.
+    /// Everything a restore relies on: [`validate`](Self::validate), and this host's CPU
+    /// (`host`) able to run every saved vCPU ([`check_cpu`](Self::check_cpu)).
     pub fn check(&self, host: &vmkit_vcpu::CpuIdentity) -> Result<()> {
         self.validate()?;
+        self.check_cpu(host)
+    }
+
+    /// This host's CPU (`host`) able to run every saved vCPU: the vendor, and no CPUID
+    /// feature it lacks.
+    pub fn check_cpu(&self, host: &vmkit_vcpu::CpuIdentity) -> Result<()> {
         for (i, v) in self.vcpus.iter().enumerate() {
             host.check_compatible(&v.cpuid)
                 .map_err(|e| Error::Incompatible(format!("vCPU {i}: {e}")))?;

@@ -72,6 +72,11 @@ impl CpuidTemplate {
         Ok(Self { base })
     }
 
+    /// The entries it starts from (what KVM supports, from [`from_kvm`](Self::from_kvm)).
+    pub fn supported(&self) -> &[kvm_cpuid_entry2] {
+        self.base.as_slice()
+    }
+
     /// Starts from the given entries (for tests, or a saved CPU model).
     pub fn from_entries(entries: &[kvm_cpuid_entry2]) -> Result<Self> {
         let base = CpuId::from_entries(entries).map_err(|_| Error::TooManyCpuidEntries)?;

@@ -2,7 +2,7 @@
 //! guest was shown, against what this host's KVM supports.
 
 use kvm_bindings::{kvm_cpuid_entry2, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::Kvm;
+use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 
 use crate::cpuid::CpuidReg;
@@ -113,6 +113,20 @@ impl CpuIdentity {
         let vm = kvm.create_vm().map_err(Error::ScratchVm)?;
         let vcpu = vm.create_vcpu(0).map_err(Error::ScratchVm)?;
         vcpu.set_cpuid2(&supported).map_err(Error::VcpuCpuid)?;
+        let effective = vcpu
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(Error::VcpuCpuid)?;
+        id.widen(effective.as_slice());
+        Ok(id)
+    }
+
+    /// This host's, without a scratch VM: the supported list widened by what `vcpu` (a vCPU
+    /// of the VM being built, its CPUID set from `supported` through a CPU template) reads
+    /// back. Checked against a snapshot taken with the same template, it answers the same
+    /// question as [`host`](Self::host) — can this host's KVM show the saved bits — at the
+    /// cost of one `KVM_GET_CPUID2`.
+    pub fn of_vcpu(supported: &[kvm_cpuid_entry2], vcpu: &VcpuFd) -> Result<Self> {
+        let mut id = Self::from_supported(supported);
         let effective = vcpu
             .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::VcpuCpuid)?;

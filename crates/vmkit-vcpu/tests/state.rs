@@ -1,6 +1,7 @@
 //! Saving a vCPU's state and restoring it into a fresh VM on this host's KVM, with a few
 //! bytes of 32-bit guest code. Reported as ignored where there is no /dev/kvm.
 
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmkit_vcpu::*;
@@ -123,6 +124,12 @@ fn a_restored_vcpu_continues_where_it_was_saved() {
         .unwrap();
 
     let mut b = vm(&kvm, false);
+    // The restoring VM's own vCPU answers the same question without a scratch VM.
+    let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+    CpuIdentity::of_vcpu(supported.as_slice(), &b.fd)
+        .unwrap()
+        .check_compatible(&saved.cpuid)
+        .unwrap();
     copy_ram(&a.mem, &b.mem);
     restore_state(&b.fd, &saved).unwrap();
     let read_back = save_state(&b.fd, &b.msrs).unwrap();

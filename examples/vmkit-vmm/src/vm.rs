@@ -239,6 +239,7 @@ impl Vm {
         let machine = create_machine(args, Some(&loaded))?;
         let vcpus = create_vcpus(&machine, args)?;
         let state = &loaded.state;
+        crate::snapshot::check_cpu(&vcpus, &loaded).map_err(Error::Restore)?;
         vcpus
             .restore_states(&state.vcpus)
             .map_err(|e| Error::Restore(format!("vCPUs: {e}")))?;

@@ -21,7 +21,6 @@ use vmkit_legacy::{Ged, I8042};
 use vmkit_snapshot::vm::PAGE_SIZE;
 use vmkit_snapshot::vm::{DeviceState, MemoryLayer, MemoryRecord, TransportStates, VmState};
 use vmkit_snapshot::SnapshotKind;
-use vmkit_vcpu::CpuIdentity;
 
 use crate::config::Args;
 use crate::devices::{GuestSerial, Handle, LegacyDevices, VirtioDevices};
@@ -51,17 +50,17 @@ pub fn absolute(path: &Path) -> std::io::Result<PathBuf> {
     std::path::absolute(path)
 }
 
-/// Reads the state file at `path` and checks it against this host: its CPU, and that its
-/// memory layers exist. `memory` replaces the top layer's file (the load's `mem_file_path`).
+/// Reads the state file at `path` and checks it (counts, sizes, memory layers, each vCPU's
+/// state; the host's CPU comes later, [`check_cpu`]). `memory` replaces the top layer's
+/// file (the load's `mem_file_path`).
 pub fn load(path: &Path, memory: Option<&Path>) -> Result<Loaded, String> {
     let (_, state): (_, VmState) =
         vmkit_snapshot::read_state(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let spec: VmSpec = serde_json::from_str(&state.spec)
         .map_err(|e| format!("{}: the VM description: {e}", path.display()))?;
-    let kvm = vmkit_kvm::open_kvm().map_err(|e| e.to_string())?;
-    let host = CpuIdentity::host(&kvm).map_err(|e| format!("this host's CPU: {e}"))?;
+    // The CPU is checked once the vCPUs exist (`check_cpu`).
     state
-        .check(&host)
+        .validate()
         .map_err(|e| format!("{}: {e}", path.display()))?;
     if state.memory.size != spec.memory {
         return Err(format!(
@@ -80,6 +79,15 @@ pub fn load(path: &Path, memory: Option<&Path>) -> Result<Loaded, String> {
         spec,
         layers,
     })
+}
+
+/// Whether this host's CPU, as `vcpus` (built with the snapshot's CPU template) see it,
+/// can run the snapshot's vCPUs.
+pub fn check_cpu(vcpus: &vmkit_kvm::Vcpus, loaded: &Loaded) -> Result<(), String> {
+    let host = vcpus
+        .cpu_identity()
+        .map_err(|e| format!("this host's CPU: {e}"))?;
+    loaded.state.check_cpu(&host).map_err(|e| e.to_string())
 }
 
 /// Reads the diffs above the base layer (mapped by the machine) into `machine`'s memory,
