@@ -275,10 +275,33 @@ def boot_once(vmkit):
     return entry, released, p.cpu_us
 
 
+def entry_only(args):
+    """Spawn -> the --stats stamp with nothing else running in this script (no reader
+    threads, serial off), the process killed there: (ns, cpu_us)."""
+    t0 = now()
+    p = subprocess.Popen(args + ["--serial", "off"], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    buf = b""
+    while not (ENTRY.search(buf) and buf.endswith(b"\n")):
+        chunk = p.stderr.read1(4096)
+        if not chunk:
+            raise RuntimeError(f"no entry stamp: {buf.decode(errors='replace')}")
+        buf += chunk
+    p.kill()
+    p.wait()
+    m = ENTRY.search(buf)
+    return int(m.group(1)) - t0, int(m.group(2))
+
+
 def bench_restore(vmkit, runs, qemu):
     snap = take_hold_snapshot(vmkit, "restore-snap")
     qsnap = qemu_save(qemu) if qemu else None
     res = {"vmkit --restore": [], "vmkit boot": [], "QEMU -incoming": [], "QEMU boot": []}
+    alone = {"vmkit --restore": [], "vmkit boot": []}
+    for _ in range(runs):
+        alone["vmkit --restore"].append(entry_only([vmkit, "--restore", snap, "--stats"]))
+        alone["vmkit boot"].append(entry_only([vmkit, "--kernel", GUEST, "--memory", "128M",
+                                               "--cmdline", "hold=serial", "--stats"]))
     for _ in range(runs):
         res["vmkit --restore"].append(restore_once(vmkit, snap))
         res["vmkit boot"].append(boot_once(vmkit))
@@ -298,6 +321,10 @@ def bench_restore(vmkit, runs, qemu):
         c = f"{med([x[2] for x in v]) / 1000:.2f} ms" if v[0][0] is not None else "n/a"
         r = [x[1] for x in v]
         print(f"| {k} | {e} | {c} | {ms(med(r)):.2f}, {ms(min(r)):.2f}, {ms(max(r)):.2f} ms |")
+    print(f"\nAlone (no reader threads, `--serial off`, killed at entry; {runs} each, interleaved): "
+          + "; ".join(f"{k}: spawn -> entered {ms(med([x[0] for x in v])):.2f} ms median, "
+                      f"{ms(min(x[0] for x in v)):.2f} min, VMM CPU {med([x[1] for x in v]) / 1000:.2f} ms"
+                      for k, v in alone.items()))
     if QEMU_LINES:
         print(f"\nQEMU's restored guest printed: {sorted(QEMU_LINES)}")
     breakdown(vmkit, snap)
