@@ -23,6 +23,9 @@
 #   vmkit_vsock_bytes=N          vsock: bytes moved each way on each connection
 #   vmkit_wait=N                 after the tests, wait up to N seconds (for a Ctrl-Alt-Del:
 #                                "VMKIT-WAITING" says when) before ending the VM
+#   vmkit_hold=1                 before the tests, print "VMKIT-HOLD" and wait for a Ctrl-Alt-Del
+#                                (a snapshot is taken there; each VM restored from it is released
+#                                with one and runs the tests: "VMKIT-RELEASED")
 #
 # Everything here runs under an emulated guest kernel on kvm_pvm hosts (about 1 us per kernel
 # instruction), so the I/O is kept to KiB, and echo/read/case (shell built-ins) are preferred to
@@ -227,6 +230,18 @@ test_console() {
   result console ok wrote=token
 }
 
+if [ -n "$vmkit_hold" ]; then
+  held=1
+  trap 'held=' INT
+  echo "VMKIT-HOLD"
+  while [ -n "$held" ]; do
+    sleep 1 &
+    wait $!
+  done
+  trap ctrl_alt_del INT
+  read up idle </proc/uptime
+  echo "VMKIT-RELEASED uptime=$up"
+fi
 for dev in $(echo "$vmkit_test" | tr , ' '); do
   case "$dev" in
     blk) test_blk ;;

@@ -342,6 +342,208 @@ pub struct Version {
     pub firecracker_version: String,
 }
 
+/// `PUT /snapshot/create`: write the paused VM's state and memory to files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// The file the VM's state (vCPUs, devices) is written to.
+    pub snapshot_path: String,
+    /// The file guest memory is written to.
+    pub mem_file_path: String,
+    /// `"Full"` (all of memory, the default) or `"Diff"` (the pages dirtied since the last
+    /// snapshot; needs dirty-page tracking).
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+}
+
+/// The kinds of `PUT /snapshot/create`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotType {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// Only the pages written since the previous snapshot (or the start).
+    Diff,
+}
+
+/// `PUT /snapshot/load`: build the VM from a snapshot instead of a configuration.
+///
+/// Guest memory comes from `mem_file_path` or `mem_backend` (exactly one:
+/// [`ApiRequest::parse`](crate::ApiRequest::parse) refuses neither and both, as
+/// Firecracker does). `network_overrides`, `drive_overrides` and `vsock_override` give
+/// host resources other than the ones the snapshot was taken with; `drive_overrides` and
+/// `vsock_override` are vmkit's own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    /// The VM's state file, as `PUT /snapshot/create` wrote it.
+    pub snapshot_path: String,
+    /// The memory file (Firecracker deprecates it for `mem_backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    /// Where guest memory comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackend>,
+    /// Firecracker's older name of `track_dirty_pages` (either one turns tracking on).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub enable_diff_snapshots: bool,
+    /// Track dirty pages in the loaded VM, for a later `Diff` snapshot.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub track_dirty_pages: bool,
+    /// Run the vCPUs once loaded (else the VM stays paused until `PATCH /vm`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub resume_vm: bool,
+    /// Network cards to attach to other TAP interfaces.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// Drives to open from other images (vmkit's own).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drive_overrides: Vec<DriveOverride>,
+    /// Another host socket for the vsock device (vmkit's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Firecracker's `mem_backend` of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// What `backend_path` is.
+    pub backend_type: MemBackendType,
+    /// The memory file, or the userfaultfd handler's Unix socket.
+    pub backend_path: String,
+}
+
+/// The kinds of memory backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemBackendType {
+    /// A memory file, mapped privately (pages load on first touch).
+    File,
+    /// A userfaultfd page-fault handler listening on a Unix socket.
+    Uffd,
+}
+
+/// One of `network_overrides`: the card `iface_id` uses the TAP `host_dev_name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The card's name, as it was configured.
+    pub iface_id: String,
+    /// The host's TAP interface to use instead.
+    pub host_dev_name: String,
+}
+
+/// One of `drive_overrides`: the drive `drive_id` opens `path_on_host`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    /// The drive's name, as it was configured.
+    pub drive_id: String,
+    /// The image to open instead (of the same capacity).
+    pub path_on_host: String,
+}
+
+/// `vsock_override`: the vsock device's host side on another Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    /// The Unix socket host programs connect to.
+    pub uds_path: String,
+}
+
+impl SnapshotCreate {
+    /// Checks what serde cannot: no path is empty.
+    ///
+    /// # Errors
+    ///
+    /// A one-line reason naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        non_empty("snapshot_path", &self.snapshot_path)?;
+        non_empty("mem_file_path", &self.mem_file_path)
+    }
+}
+
+impl SnapshotLoad {
+    /// Where guest memory comes from: `mem_backend`, or `mem_file_path` as a `File` backend.
+    ///
+    /// # Errors
+    ///
+    /// Neither or both given (Firecracker's messages).
+    pub fn memory(&self) -> Result<MemBackend, String> {
+        match (&self.mem_file_path, &self.mem_backend) {
+            (Some(_), Some(_)) => Err("too many fields: either `mem_backend` or \
+                 `mem_file_path` exclusively is required"
+                .into()),
+            (None, None) => {
+                Err("missing field: either `mem_backend` or `mem_file_path` is required".into())
+            }
+            (Some(path), None) => Ok(MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: path.clone(),
+            }),
+            (None, Some(backend)) => Ok(backend.clone()),
+        }
+    }
+
+    /// Whether the loaded VM tracks dirty pages (`track_dirty_pages` or its older name).
+    pub fn tracks_dirty_pages(&self) -> bool {
+        self.track_dirty_pages || self.enable_diff_snapshots
+    }
+
+    /// Checks what serde cannot: one memory source, no empty path or name, no card or
+    /// drive overridden twice.
+    ///
+    /// # Errors
+    ///
+    /// A one-line reason naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        non_empty("snapshot_path", &self.snapshot_path)?;
+        let memory = self.memory()?;
+        let field = match self.mem_backend {
+            Some(_) => "mem_backend.backend_path",
+            None => "mem_file_path",
+        };
+        non_empty(field, &memory.backend_path)?;
+        for (i, n) in self.network_overrides.iter().enumerate() {
+            non_empty("network_overrides: iface_id", &n.iface_id)?;
+            non_empty("network_overrides: host_dev_name", &n.host_dev_name)?;
+            let earlier = self.network_overrides.iter().take(i);
+            if earlier.into_iter().any(|e| e.iface_id == n.iface_id) {
+                return Err(format!(
+                    "network_overrides: the iface_id {:?} is given twice",
+                    n.iface_id
+                ));
+            }
+        }
+        for (i, d) in self.drive_overrides.iter().enumerate() {
+            non_empty("drive_overrides: drive_id", &d.drive_id)?;
+            non_empty("drive_overrides: path_on_host", &d.path_on_host)?;
+            let earlier = self.drive_overrides.iter().take(i);
+            if earlier.into_iter().any(|e| e.drive_id == d.drive_id) {
+                return Err(format!(
+                    "drive_overrides: the drive_id {:?} is given twice",
+                    d.drive_id
+                ));
+            }
+        }
+        match &self.vsock_override {
+            Some(v) => non_empty("vsock_override: uds_path", &v.uds_path),
+            None => Ok(()),
+        }
+    }
+}
+
+fn non_empty(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Err(format!("{field} is empty"));
+    }
+    Ok(())
+}
+
 /// A whole VM in one file: Firecracker's `--config-file` layout.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

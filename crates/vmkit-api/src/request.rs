@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use crate::model::{
     ActionType, BootSource, Drive, DriveUpdate, Entropy, InstanceAction, Logger, MachineConfig,
-    Metrics, NetworkInterface, NetworkInterfaceUpdate, VmStateChange, VmStateRequest, Vsock,
+    Metrics, NetworkInterface, NetworkInterfaceUpdate, SnapshotCreate, SnapshotLoad, VmStateChange,
+    VmStateRequest, Vsock,
 };
 
 /// A request of the API, parsed and checked against Firecracker's schema.
@@ -42,6 +43,11 @@ pub enum ApiRequest {
     PutLogger(Logger),
     /// `PUT /metrics`.
     PutMetrics(Metrics),
+    /// `PUT /snapshot/create` (paths checked non-empty).
+    CreateSnapshot(SnapshotCreate),
+    /// `PUT /snapshot/load` (checked with [`SnapshotLoad::validate`]: one memory source,
+    /// no empty path, no override given twice).
+    LoadSnapshot(SnapshotLoad),
 }
 
 /// A response: a status and, for `GET`s and errors, a JSON body.
@@ -129,7 +135,6 @@ impl ApiError {
 const UNSUPPORTED: &[&str] = &[
     "balloon",
     "mmds",
-    "snapshot",
     "cpu-config",
     "hotplug",
     "serial",
@@ -214,6 +219,16 @@ impl ApiRequest {
             ("PATCH", "vm", "") => ApiRequest::PatchVm(body::<VmStateChange>(body_bytes)?.state),
             ("PUT", "logger", "") => ApiRequest::PutLogger(body(body_bytes)?),
             ("PUT", "metrics", "") => ApiRequest::PutMetrics(body(body_bytes)?),
+            ("PUT", "snapshot", "create") => {
+                let create: SnapshotCreate = body(body_bytes)?;
+                create.validate().map_err(ApiError::Body)?;
+                ApiRequest::CreateSnapshot(create)
+            }
+            ("PUT", "snapshot", "load") => {
+                let load: SnapshotLoad = body(body_bytes)?;
+                load.validate().map_err(ApiError::Body)?;
+                ApiRequest::LoadSnapshot(load)
+            }
             (_, r, _) if UNSUPPORTED.contains(&r) => {
                 return Err(ApiError::Unsupported(format!("/{r}")))
             }
@@ -228,6 +243,7 @@ impl ApiRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{MemBackendType, SnapshotType};
 
     fn parse(method: &str, path: &str, body: &str) -> Result<ApiRequest, ApiError> {
         ApiRequest::parse(method, path, body.as_bytes())
@@ -313,10 +329,8 @@ mod tests {
             err("PUT", "/balloon", "{}"),
             "/balloon is not supported by vmkit"
         );
-        assert_eq!(
-            err("PUT", "/snapshot/create", "{}"),
-            "/snapshot is not supported by vmkit"
-        );
+        assert!(err("PUT", "/snapshot/restore", "{}").starts_with("Invalid request method"));
+        assert!(err("GET", "/snapshot/create", "").starts_with("Invalid request method"));
         assert!(err("PUT", "/actions", "").contains("no body"));
         assert!(err("PUT", "/actions", "{").contains("deserializing"));
         assert!(err("PUT", "/actions", r#"{"action_type":"Reboot"}"#).contains("unknown variant"));
@@ -345,6 +359,171 @@ mod tests {
             ApiResponse::from(parse("GET", "/x", "").unwrap_err()).status,
             400
         );
+    }
+
+    #[test]
+    fn snapshot_requests_parse_as_firecracker_spells_them() {
+        let c = parse(
+            "PUT",
+            "/snapshot/create",
+            r#"{"snapshot_path":"/s/vmstate","mem_file_path":"/s/memory","snapshot_type":"Diff"}"#,
+        );
+        let Ok(ApiRequest::CreateSnapshot(c)) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            (c.snapshot_path.as_str(), c.mem_file_path.as_str()),
+            ("/s/vmstate", "/s/memory")
+        );
+        assert_eq!(c.snapshot_type, SnapshotType::Diff);
+        let c = parse(
+            "PUT",
+            "/snapshot/create/",
+            r#"{"snapshot_path":"a","mem_file_path":"b"}"#,
+        );
+        assert!(
+            matches!(c, Ok(ApiRequest::CreateSnapshot(c)) if c.snapshot_type == SnapshotType::Full)
+        );
+        let l = parse(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path":"/s/vmstate",
+                "mem_backend":{"backend_type":"File","backend_path":"/s/memory"},
+                "enable_diff_snapshots":true,"resume_vm":true,
+                "network_overrides":[{"iface_id":"eth0","host_dev_name":"tap1"}],
+                "drive_overrides":[{"drive_id":"root","path_on_host":"/s/root.img"}],
+                "vsock_override":{"uds_path":"/s/v.sock"}}"#,
+        );
+        let Ok(ApiRequest::LoadSnapshot(l)) = l else {
+            panic!("{l:?}")
+        };
+        assert!(l.resume_vm && l.tracks_dirty_pages() && !l.track_dirty_pages);
+        let memory = l.memory().unwrap();
+        assert_eq!(
+            (memory.backend_type, memory.backend_path.as_str()),
+            (MemBackendType::File, "/s/memory")
+        );
+        assert_eq!(l.network_overrides[0].host_dev_name, "tap1");
+        assert_eq!(l.drive_overrides[0].path_on_host, "/s/root.img");
+        assert_eq!(l.vsock_override.unwrap().uds_path, "/s/v.sock");
+        // The older `mem_file_path` is a File backend; nothing else is required.
+        let l = parse(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path":"a","mem_file_path":"b"}"#,
+        );
+        let Ok(ApiRequest::LoadSnapshot(l)) = l else {
+            panic!("{l:?}")
+        };
+        assert_eq!(l.memory().unwrap().backend_type, MemBackendType::File);
+        assert!(!l.resume_vm && !l.tracks_dirty_pages());
+        assert!(l.network_overrides.is_empty() && l.vsock_override.is_none());
+        let uffd = parse(
+            "PUT",
+            "/snapshot/load",
+            r#"{"snapshot_path":"a","track_dirty_pages":true,
+                "mem_backend":{"backend_type":"Uffd","backend_path":"/u.sock"}}"#,
+        );
+        assert!(matches!(uffd, Ok(ApiRequest::LoadSnapshot(l))
+            if l.tracks_dirty_pages()
+                && l.memory().unwrap().backend_type == MemBackendType::Uffd));
+    }
+
+    #[test]
+    fn bad_snapshot_requests_are_refused_with_a_reason() {
+        let err = |p: &str, b: &str| parse("PUT", p, b).unwrap_err().to_string();
+        for (path, body, says) in [
+            ("/snapshot/create", "", "no body"),
+            (
+                "/snapshot/create",
+                r#"{"snapshot_path":"a"}"#,
+                "missing field `mem_file_path`",
+            ),
+            (
+                "/snapshot/create",
+                r#"{"snapshot_path":"a","mem_file_path":"b","snapshot_type":"Full","version":"1"}"#,
+                "unknown field `version`",
+            ),
+            (
+                "/snapshot/create",
+                r#"{"snapshot_path":"a","mem_file_path":"b","snapshot_type":"Partial"}"#,
+                "unknown variant `Partial`",
+            ),
+            (
+                "/snapshot/create",
+                r#"{"snapshot_path":"","mem_file_path":"b"}"#,
+                "snapshot_path is empty",
+            ),
+            (
+                "/snapshot/create",
+                r#"{"snapshot_path":"a","mem_file_path":"b","mem_file_path":"c"}"#,
+                "duplicate field `mem_file_path`",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a"}"#,
+                "missing field: either",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_file_path":"b",
+                    "mem_backend":{"backend_type":"File","backend_path":"b"}}"#,
+                "too many fields",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_backend":{"backend_type":"Disk","backend_path":"b"}}"#,
+                "unknown variant `Disk`",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_backend":{"backend_type":"File","backend_path":""}}"#,
+                "mem_backend.backend_path is empty",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_file_path":"b","resume_vm":"yes"}"#,
+                "invalid type",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_file_path":"b","network_overrides":[
+                    {"iface_id":"eth0","host_dev_name":"t1"},
+                    {"iface_id":"eth0","host_dev_name":"t2"}]}"#,
+                "the iface_id \"eth0\" is given twice",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_file_path":"b","network_overrides":[
+                    {"iface_id":"eth0","host_dev_name":""}]}"#,
+                "host_dev_name is empty",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_file_path":"b","drive_overrides":[
+                    {"drive_id":"r","path_on_host":"x"},{"drive_id":"r","path_on_host":"y"}]}"#,
+                "the drive_id \"r\" is given twice",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_file_path":"b","drive_overrides":[
+                    {"drive_id":"r","path":"x"}]}"#,
+                "unknown field `path`",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_file_path":"b","vsock_override":{"uds_path":""}}"#,
+                "uds_path is empty",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path":"a","mem_file_path":"b","vsock_override":{"uds_path":"x","cid":3}}"#,
+                "unknown field `cid`",
+            ),
+        ] {
+            let e = err(path, body);
+            assert!(e.contains(says), "{body}: {e}");
+        }
     }
 
     #[test]

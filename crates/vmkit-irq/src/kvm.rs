@@ -1,7 +1,8 @@
 //! The in-kernel interrupt controllers of KVM (x86_64): PIC, IOAPIC, PIT, GSI routing, irqfd.
 
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_pit_config, KvmIrqRouting, KVM_IRQCHIP_IOAPIC,
+    kvm_clock_data, kvm_irq_routing_entry, kvm_irqchip, kvm_irqchip__bindgen_ty_1, kvm_pit_config,
+    kvm_pit_state2, KvmIrqRouting, KVM_CLOCK_TSC_STABLE, KVM_IRQCHIP_IOAPIC,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
     KVM_MAX_IRQ_ROUTES, KVM_PIT_SPEAKER_DUMMY,
 };
@@ -38,6 +39,15 @@ pub enum Error {
     /// Creating an eventfd failed.
     #[error("cannot create an eventfd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// Reading the irqchip, PIT or clock state failed.
+    #[error("cannot read the {0} state: {1}")]
+    GetState(&'static str, #[source] kvm_ioctls::Error),
+    /// KVM refused a saved irqchip, PIT or clock state.
+    #[error("cannot restore the {0} state: {1}")]
+    SetState(&'static str, #[source] kvm_ioctls::Error),
+    /// A saved irqchip state that does not fit this irqchip.
+    #[error("invalid irqchip state: {0}")]
+    InvalidState(String),
 }
 
 /// Result of the KVM functions.
@@ -60,6 +70,65 @@ impl Default for IrqchipConfig {
 #[derive(Debug)]
 pub struct Irqchip {
     routing: GsiRouting,
+    pit: bool,
+}
+
+/// Bytes of a `kvm_irqchip`'s chip state (the PIC or IOAPIC registers, padded).
+pub const IRQCHIP_STATE_BYTES: usize = 512;
+
+/// The in-kernel interrupt controllers' state and the VM's clock, for snapshots. The PIC and
+/// IOAPIC states are KVM's `kvm_irqchip` chip bytes ([`IRQCHIP_STATE_BYTES`] each).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct IrqchipState {
+    /// The master 8259 PIC.
+    pub pic_master: Vec<u8>,
+    /// The slave 8259 PIC.
+    pub pic_slave: Vec<u8>,
+    /// The IOAPIC.
+    pub ioapic: Vec<u8>,
+    /// The i8254 PIT, when the irqchip has one.
+    pub pit: Option<kvm_pit_state2>,
+    /// The KVM clock (`KVM_GET_CLOCK`), `KVM_CLOCK_TSC_STABLE` cleared (`KVM_SET_CLOCK`
+    /// refuses it).
+    pub clock: kvm_clock_data,
+}
+
+const CHIPS: [(u32, &str); 3] = [
+    (KVM_IRQCHIP_PIC_MASTER, "master PIC"),
+    (KVM_IRQCHIP_PIC_SLAVE, "slave PIC"),
+    (KVM_IRQCHIP_IOAPIC, "IOAPIC"),
+];
+
+fn get_chip(vm: &VmFd, chip_id: u32, name: &'static str) -> Result<Vec<u8>> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip)
+        .map_err(|e| Error::GetState(name, e))?;
+    // SAFETY: every member of the union is plain bytes and integers, so any bit pattern is a
+    // valid `dummy` byte array, which spans the whole union.
+    let bytes = unsafe { chip.chip.dummy };
+    Ok(bytes.iter().map(|b| *b as u8).collect())
+}
+
+fn set_chip(vm: &VmFd, chip_id: u32, name: &'static str, bytes: &[u8]) -> Result<()> {
+    let mut dummy = [0; IRQCHIP_STATE_BYTES];
+    if bytes.len() != dummy.len() {
+        return Err(Error::InvalidState(format!(
+            "the {name} state has {} bytes, not {IRQCHIP_STATE_BYTES}",
+            bytes.len()
+        )));
+    }
+    for (d, s) in dummy.iter_mut().zip(bytes) {
+        *d = *s as _;
+    }
+    let chip = kvm_irqchip {
+        chip_id,
+        pad: 0,
+        chip: kvm_irqchip__bindgen_ty_1 { dummy },
+    };
+    vm.set_irqchip(&chip).map_err(|e| Error::SetState(name, e))
 }
 
 impl Irqchip {
@@ -78,7 +147,58 @@ impl Irqchip {
         }
         let routing = GsiRouting::legacy();
         routing.apply(vm)?;
-        Ok(Self { routing })
+        Ok(Self {
+            routing,
+            pit: config.pit,
+        })
+    }
+
+    /// Reads the PICs, the IOAPIC, the PIT (when created) and the KVM clock, for a snapshot
+    /// of a paused VM.
+    pub fn save_state(&self, vm: &VmFd) -> Result<IrqchipState> {
+        let [master, slave, ioapic] = CHIPS.map(|(id, name)| get_chip(vm, id, name));
+        let pit = if self.pit {
+            Some(vm.get_pit2().map_err(|e| Error::GetState("PIT", e))?)
+        } else {
+            None
+        };
+        let mut clock = vm
+            .get_clock()
+            .map_err(|e| Error::GetState("KVM clock", e))?;
+        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        Ok(IrqchipState {
+            pic_master: master?,
+            pic_slave: slave?,
+            ioapic: ioapic?,
+            pit,
+            clock,
+        })
+    }
+
+    /// Writes `state` into this (freshly created) irqchip before any vCPU runs: the PICs, the
+    /// IOAPIC, the PIT, and the KVM clock (with the flags KVM gave, as Firecracker does:
+    /// where `KVM_CLOCK_REALTIME` is set, KVM moves the clock on by the wall time elapsed
+    /// since the save). A state with a PIT for an irqchip without one, or the other way
+    /// round, or chip states of the wrong size are errors.
+    pub fn restore_state(&self, vm: &VmFd, state: &IrqchipState) -> Result<()> {
+        if state.pit.is_some() != self.pit {
+            return Err(Error::InvalidState(format!(
+                "the state {} a PIT, this irqchip {}",
+                if state.pit.is_some() { "has" } else { "lacks" },
+                if self.pit { "has one" } else { "has none" }
+            )));
+        }
+        let chips = [&state.pic_master, &state.pic_slave, &state.ioapic];
+        for ((id, name), bytes) in CHIPS.iter().zip(chips) {
+            set_chip(vm, *id, name, bytes)?;
+        }
+        if let Some(pit) = &state.pit {
+            vm.set_pit2(pit).map_err(|e| Error::SetState("PIT", e))?;
+        }
+        let mut clock = state.clock;
+        clock.flags &= !KVM_CLOCK_TSC_STABLE;
+        vm.set_clock(&clock)
+            .map_err(|e| Error::SetState("KVM clock", e))
     }
 
     /// The routing table as installed.
@@ -303,5 +423,71 @@ pub(crate) mod tests {
         // A second irqchip in the same VM is refused with a clear error.
         let e = Irqchip::new(&vm, IrqchipConfig::default()).unwrap_err();
         assert!(e.to_string().contains("irqchip"), "{e}");
+    }
+
+    /// The IOAPIC's redirection entry `pin` in its chip bytes (after base address, IOREGSEL,
+    /// ID, IRR and padding: 24 bytes).
+    fn redirection(bytes: &mut [u8], pin: usize) -> &mut [u8] {
+        &mut bytes[24 + pin * 8..32 + pin * 8]
+    }
+
+    #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+    fn irqchip_state_moves_to_a_fresh_vm() {
+        let a = vm();
+        let chip_a = Irqchip::new(&a, IrqchipConfig::default()).unwrap();
+        // The guest programmed IOAPIC pin 5: vector 0x35, unmasked, level-triggered.
+        let mut ioapic = get_chip(&a, KVM_IRQCHIP_IOAPIC, "IOAPIC").unwrap();
+        redirection(&mut ioapic, 5).copy_from_slice(&(0x35u64 | 1 << 15).to_le_bytes());
+        set_chip(&a, KVM_IRQCHIP_IOAPIC, "IOAPIC", &ioapic).unwrap();
+        let saved = chip_a.save_state(&a).unwrap();
+        assert_eq!(saved.ioapic, ioapic);
+        assert_eq!(saved.clock.flags & KVM_CLOCK_TSC_STABLE, 0);
+        let pit = saved.pit.expect("a PIT");
+
+        let b = vm();
+        let chip_b = Irqchip::new(&b, IrqchipConfig::default()).unwrap();
+        let fresh = chip_b.save_state(&b).unwrap();
+        assert_ne!(fresh.ioapic, saved.ioapic);
+        chip_b.restore_state(&b, &saved).unwrap();
+        let back = chip_b.save_state(&b).unwrap();
+        assert_eq!(
+            (&back.pic_master, &back.pic_slave, &back.ioapic),
+            (&saved.pic_master, &saved.pic_slave, &saved.ioapic)
+        );
+        let back_pit = back.pit.unwrap();
+        for (x, y) in back_pit.channels.iter().zip(pit.channels.iter()) {
+            assert_eq!((x.count, x.mode, x.gate), (y.count, y.mode, y.gate));
+        }
+        assert!(
+            back.clock.clock >= saved.clock.clock,
+            "the clock goes on from the saved time"
+        );
+    }
+
+    #[test]
+    #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+    fn a_mismatched_irqchip_state_is_refused() {
+        let a = vm();
+        let chip = Irqchip::new(&a, IrqchipConfig::default()).unwrap();
+        let good = chip.save_state(&a).unwrap();
+        let mut short = good.clone();
+        short.ioapic.pop();
+        assert_eq!(
+            chip.restore_state(&a, &short).unwrap_err().to_string(),
+            "invalid irqchip state: the IOAPIC state has 511 bytes, not 512"
+        );
+        let no_pit = IrqchipState {
+            pit: None,
+            ..good.clone()
+        };
+        assert_eq!(
+            chip.restore_state(&a, &no_pit).unwrap_err().to_string(),
+            "invalid irqchip state: the state lacks a PIT, this irqchip has one"
+        );
+        let b = vm();
+        let pitless = Irqchip::new(&b, IrqchipConfig { pit: false }).unwrap();
+        assert!(pitless.save_state(&b).unwrap().pit.is_none());
+        assert!(pitless.restore_state(&b, &good).is_err());
     }
 }

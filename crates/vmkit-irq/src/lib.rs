@@ -10,7 +10,8 @@
 //!   installs the PC's legacy GSI routing ([`GsiRouting`], MSI routes too);
 //!   [`Irqchip::line`] hands out irqfd-backed lines; [`MsiGsiAllocator`] hands out GSIs above
 //!   the IOAPIC pins for MSI routes; [`KvmMsiSink`] is the [`MsiVectorSink`] that turns a
-//!   function's vectors into KVM MSI routes with an irqfd each.
+//!   function's vectors into KVM MSI routes with an irqfd each; [`IrqchipState`] is the
+//!   irqchip's, PIT's and KVM clock's state for snapshots ([`Irqchip::save_state`]).
 //!
 //! A device crate depends on `vmkit-irq = { version = "0.1", default-features = false }`:
 //!
@@ -40,7 +41,9 @@ mod msi;
 
 pub use alloc::{AllocError, MsiGsiAllocator};
 #[cfg(feature = "kvm")]
-pub use kvm::{Error, GsiRouting, Irqchip, IrqchipConfig, Result};
+pub use kvm::{
+    Error, GsiRouting, Irqchip, IrqchipConfig, IrqchipState, Result, IRQCHIP_STATE_BYTES,
+};
 #[cfg(feature = "kvm")]
 pub use kvm_msi::KvmMsiSink;
 pub use line::{CountingLine, EventFdLine, InterruptLine};

@@ -61,6 +61,43 @@ pub enum Error {
         /// The timeout.
         timeout: std::time::Duration,
     },
+    /// A vCPU state was asked for while the vCPUs run.
+    #[error("the vCPUs must be paused to save their state")]
+    NotPaused,
+    /// A vCPU has returned (reset, power-off, error): it has no state to save.
+    #[error("vCPU {index} has stopped (the guest reset, powered off or failed): no state to save")]
+    VcpuGone {
+        /// The vCPU.
+        index: usize,
+    },
+    /// Reading a vCPU's state failed.
+    #[error("cannot save the state of vCPU {index}: {source}")]
+    SaveVcpu {
+        /// The vCPU.
+        index: usize,
+        /// What vmkit-vcpu reported.
+        source: vmkit_vcpu::Error,
+    },
+    /// The parked vCPUs did not read their state in time (the pause was withdrawn, or a
+    /// vCPU thread is stuck).
+    #[error("the vCPUs did not save their state within {0:?}")]
+    SaveTimeout(std::time::Duration),
+    /// A snapshot with another number of vCPUs than this VM's.
+    #[error("the snapshot has {saved} vCPUs, this VM {here}")]
+    VcpuCount {
+        /// vCPUs in the snapshot.
+        saved: usize,
+        /// vCPUs created here.
+        here: usize,
+    },
+    /// Writing a saved state into a vCPU failed.
+    #[error("cannot restore vCPU {index}: {source}")]
+    RestoreVcpu {
+        /// The vCPU.
+        index: u32,
+        /// What vmkit-vcpu reported.
+        source: vmkit_vcpu::Error,
+    },
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
@@ -82,6 +119,25 @@ pub enum Error {
     /// The PCI bus refused a device (full, or a place it cannot use).
     #[error("PCI: {0}")]
     Pci(#[from] vmkit_pci::Error),
+    /// A snapshot holds another number of virtio transports than the VMM attached.
+    #[error("restore: the snapshot has {saved} {transport} devices but {attached} are attached")]
+    TransportCount {
+        /// "virtio-mmio" or "virtio-pci".
+        transport: &'static str,
+        /// How many states the snapshot holds.
+        saved: usize,
+        /// How many devices are attached.
+        attached: usize,
+    },
+    /// A saved transport state does not fit the device attached in its place.
+    #[error("restore: virtio device {index} (attach order): {source}")]
+    TransportRestore {
+        /// The device's position in attach order.
+        index: usize,
+        /// What the transport refused.
+        #[source]
+        source: vmkit_virtio::Error,
+    },
     /// `KVM_IOEVENTFD` failed.
     #[error("cannot register an ioeventfd at {addr:#x}: {source}")]
     IoEvent {

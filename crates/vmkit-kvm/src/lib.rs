@@ -28,7 +28,7 @@
 //! )?;
 //! // A virtio-rng on virtio-mmio: window, pin, irqfd, ioeventfd, bus registration.
 //! let mut mmio = MmioPlatform::new(&machine)?;
-//! let rng = Arc::new(Mutex::new(Rng::new(RngConfig::default())?));
+//! let rng = Arc::new(Mutex::new(Rng::for_memory(RngConfig::default())?));
 //! let handler = mmio.attach(machine.memory().clone(), rng)?;
 //! let mut cmdline = linux_loader::cmdline::Cmdline::new(4096)?;
 //! cmdline.insert_str("console=ttyS0")?;
@@ -67,3 +67,4 @@ pub use pci::PciPlatform;
 pub use vcpus::{
     exit_reason, BusExits, ParkedVcpus, VcpuConfig, VcpuPrologue, VcpuThreads, Vcpus, MAX_VCPUS,
 };
+pub use vmkit_memory::{DirtyPages, GuestRam};

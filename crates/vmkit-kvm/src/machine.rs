@@ -5,11 +5,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmkit_bus::IoBus;
 use vmkit_irq::{EventFdLine, Irqchip, IrqchipConfig};
 use vmkit_legacy::EventFdExit;
-use vmkit_memory::{create_guest_memory, register_memory_slots, MemoryConfig, MemorySlots};
+use vmkit_memory::{
+    create_guest_memory, register_memory_slots_with, take_bitmap_dirty, DirtyPages, GuestRam,
+    MemoryConfig, MemorySlots,
+};
 
 use crate::{Error, Result};
 
@@ -20,6 +22,12 @@ pub struct MachineConfig {
     pub memory: MemoryConfig,
     /// The in-kernel interrupt controllers (PIT or not).
     pub irqchip: IrqchipConfig,
+    /// Track the pages written since the last [`Machine::take_dirty_pages`], for diff
+    /// snapshots: the memory slots log dirty pages in KVM (`KVM_MEM_LOG_DIRTY_PAGES`) and
+    /// the regions carry vm-memory dirty bitmaps (device and VMM writes), whatever
+    /// `memory.track_dirty` says. Costs a write fault per page the guest writes after each
+    /// take.
+    pub track_dirty_pages: bool,
 }
 
 impl MachineConfig {
@@ -28,6 +36,7 @@ impl MachineConfig {
         Self {
             memory: MemoryConfig::new(memory),
             irqchip: IrqchipConfig::default(),
+            track_dirty_pages: false,
         }
     }
 }
@@ -42,10 +51,10 @@ impl MachineConfig {
 pub struct Machine {
     kvm: Kvm,
     vm: Arc<VmFd>,
-    memory: GuestMemoryMmap,
+    memory: GuestRam,
     // Declared after `vm`: the slots are dropped (and the mappings with them) only after the
     // VM that uses them.
-    _slots: MemorySlots,
+    slots: MemorySlots,
     irqchip: Arc<Mutex<Irqchip>>,
     bus: Arc<IoBus>,
     exit: Arc<EventFdExit>,
@@ -72,15 +81,18 @@ impl Machine {
     pub fn new(config: &MachineConfig) -> Result<Self> {
         let kvm = open_kvm()?;
         let vm = Arc::new(kvm.create_vm().map_err(Error::CreateVm)?);
-        let memory = create_guest_memory(&config.memory)?;
-        let slots = register_memory_slots(&vm, &memory)?;
+        let memory = create_guest_memory(&MemoryConfig {
+            track_dirty: config.memory.track_dirty || config.track_dirty_pages,
+            ..config.memory.clone()
+        })?;
+        let slots = register_memory_slots_with(&vm, &memory, config.track_dirty_pages)?;
         let irqchip = Irqchip::new(&vm, config.irqchip)?;
         let exit = EventFdExit::new()?;
         Ok(Self {
             kvm,
             vm,
             memory,
-            _slots: slots,
+            slots,
             irqchip: Arc::new(Mutex::new(irqchip)),
             bus: Arc::new(IoBus::new()),
             exit: Arc::new(exit),
@@ -98,8 +110,21 @@ impl Machine {
     }
 
     /// Guest RAM.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestRam {
         &self.memory
+    }
+
+    /// The pages written since the machine was built or since the last call: those the
+    /// guest wrote (KVM's dirty log of every slot) and those devices and the VMM wrote
+    /// through vm-memory (the regions' bitmaps); both are cleared. Call it with the vCPUs
+    /// and devices paused, or pages written meanwhile land in one take or the next.
+    ///
+    /// An error unless the machine was built with
+    /// [`track_dirty_pages`](MachineConfig::track_dirty_pages).
+    pub fn take_dirty_pages(&self) -> Result<DirtyPages> {
+        let mut dirty = self.slots.take_dirty_log(&self.vm)?;
+        dirty.union(&take_bitmap_dirty(&self.memory))?;
+        Ok(dirty)
     }
 
     /// The in-kernel PIC, IOAPIC and PIT, and the GSI routing table.

@@ -11,7 +11,9 @@ use vmkit_boot::{DsdtDevice, IrqTrigger};
 use vmkit_bus::{GsiAllocator, IoBus, MmioAllocator};
 use vmkit_irq::Irqchip;
 use vmkit_memory::layout::{VIRTIO_MMIO_GSIS, VIRTIO_MMIO_WINDOW};
-use vmkit_virtio::{MmioTransport, QueueEventHandler, VirtioDevice, VirtioMemory, MMIO_SIZE};
+use vmkit_virtio::{
+    MmioTransport, MmioTransportState, QueueEventHandler, VirtioDevice, VirtioMemory, MMIO_SIZE,
+};
 
 use crate::machine::lock;
 use crate::{Error, Machine, Result};
@@ -25,6 +27,22 @@ pub struct MmioSlot {
     pub gsi: u32,
 }
 
+/// A transport of any guest memory type, for snapshots.
+trait Stateful: Send + Sync {
+    fn state(&self) -> MmioTransportState;
+    fn restore(&self, state: &MmioTransportState) -> vmkit_virtio::Result<()>;
+}
+
+impl<M: VirtioMemory> Stateful for Mutex<MmioTransport<M>> {
+    fn state(&self) -> MmioTransportState {
+        lock(self).state()
+    }
+
+    fn restore(&self, state: &MmioTransportState) -> vmkit_virtio::Result<()> {
+        lock(self).restore(state)
+    }
+}
+
 /// The virtio-mmio devices of a VM.
 pub struct MmioPlatform {
     vm: Arc<VmFd>,
@@ -33,6 +51,8 @@ pub struct MmioPlatform {
     windows: MmioAllocator,
     gsis: GsiAllocator,
     placed: Vec<MmioSlot>,
+    /// Each attached transport, in attach order.
+    transports: Vec<Arc<dyn Stateful>>,
 }
 
 impl std::fmt::Debug for MmioPlatform {
@@ -66,6 +86,7 @@ impl MmioPlatform {
             windows: MmioAllocator::new(VIRTIO_MMIO_WINDOW)?,
             gsis: GsiAllocator::new(VIRTIO_MMIO_GSIS)?,
             placed: Vec::new(),
+            transports: Vec::new(),
         })
     }
 
@@ -92,10 +113,40 @@ impl MmioPlatform {
                 })?;
         }
         let handler = transport.queue_event_handler()?;
-        self.bus
-            .register_mmio(range, Arc::new(Mutex::new(transport)))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.bus.register_mmio(range, transport.clone())?;
         self.placed.push(MmioSlot { base, gsi });
+        self.transports.push(transport);
         Ok(handler)
+    }
+
+    /// Each transport's state, in attach order, for a snapshot (the VM paused and the
+    /// devices quiesced).
+    pub fn states(&self) -> Vec<MmioTransportState> {
+        self.transports.iter().map(|t| t.state()).collect()
+    }
+
+    /// Restores `states` into the transports, in attach order, before the guest runs: the
+    /// VMM attached the same devices in the same order (and restored each device's own
+    /// state) first. See [`MmioTransport::restore`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TransportCount`] when the number of states is not the number of devices;
+    /// [`Error::TransportRestore`] naming the device a state does not fit.
+    pub fn restore(&self, states: &[MmioTransportState]) -> Result<()> {
+        if states.len() != self.transports.len() {
+            return Err(Error::TransportCount {
+                transport: "virtio-mmio",
+                saved: states.len(),
+                attached: self.transports.len(),
+            });
+        }
+        for (index, (t, s)) in self.transports.iter().zip(states).enumerate() {
+            t.restore(s)
+                .map_err(|source| Error::TransportRestore { index, source })?;
+        }
+        Ok(())
     }
 
     /// Where each device went, in the order they were attached.

@@ -15,7 +15,7 @@ use vmkit_irq::{Irqchip, KvmMsiSink, MsiGsiAllocator};
 use vmkit_memory::layout::{LAST_GSI, PCI_BAR_WINDOW, PCI_ECAM};
 use vmkit_pci::{BarEvent, BarObserver, Bdf, ForbiddenRanges, PciBus};
 use vmkit_virtio::pci::{PciTransport, VIRTIO_PCI_BAR};
-use vmkit_virtio::{QueueEventHandler, VirtioDevice, VirtioMemory};
+use vmkit_virtio::{PciTransportState, QueueEventHandler, VirtioDevice, VirtioMemory};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::machine::lock;
@@ -65,6 +65,22 @@ impl BarObserver for NotifyFollower {
     }
 }
 
+/// A transport of any guest memory type, for snapshots.
+trait Stateful: Send + Sync {
+    fn state(&self) -> PciTransportState;
+    fn restore(&self, state: &PciTransportState) -> vmkit_virtio::Result<()>;
+}
+
+impl<M: VirtioMemory> Stateful for Mutex<PciTransport<M>> {
+    fn state(&self) -> PciTransportState {
+        lock(self).state()
+    }
+
+    fn restore(&self, state: &PciTransportState) -> vmkit_virtio::Result<()> {
+        lock(self).restore(state)
+    }
+}
+
 /// PCI bus 0 of a VM, with virtio devices on it.
 pub struct PciPlatform {
     vm: Arc<VmFd>,
@@ -73,6 +89,8 @@ pub struct PciPlatform {
     bars: MmioAllocator,
     gsis: Arc<Mutex<MsiGsiAllocator>>,
     follower: Arc<NotifyFollower>,
+    /// Each attached function's slot and transport, in attach order.
+    transports: Vec<(u8, Arc<dyn Stateful>)>,
 }
 
 impl std::fmt::Debug for PciPlatform {
@@ -130,6 +148,7 @@ impl PciPlatform {
             bars: MmioAllocator::new(PCI_BAR_WINDOW)?,
             gsis: Arc::new(Mutex::new(MsiGsiAllocator::new(LAST_GSI))),
             follower,
+            transports: Vec::new(),
         })
     }
 
@@ -157,7 +176,9 @@ impl PciPlatform {
             follow.push((n.addr - base, fd));
         }
         let handler = function.queue_event_handler()?;
-        let bdf = self.bus.add_device(Arc::new(Mutex::new(function)))?;
+        let function = Arc::new(Mutex::new(function));
+        let bdf = self.bus.add_device(function.clone())?;
+        self.transports.push((bdf.device, function));
         // Before decoding starts, so the follower registers the ioeventfds at the BAR.
         lock(&self.follower.notifiers).insert(bdf.device, follow);
         self.bus.enable_decoding(bdf.device);
@@ -165,6 +186,38 @@ impl PciPlatform {
             return Err(Error::Pci(vmkit_pci::Error::InvalidBarAddress(base)));
         }
         Ok((bdf, handler))
+    }
+
+    /// Each function's state, in attach order, for a snapshot (the VM paused and the
+    /// devices quiesced).
+    pub fn states(&self) -> Vec<PciTransportState> {
+        self.transports.iter().map(|(_, t)| t.state()).collect()
+    }
+
+    /// Restores `states` into the functions, in attach order, before the guest runs: the VMM
+    /// attached the same devices in the same order (and restored each device's own state)
+    /// first. Each function gets its configuration space, MSI-X table (its vectors' KVM MSI
+    /// routes programmed again) and virtio state (see `PciTransport::restore`); then the bus
+    /// maps its BARs where the state says, and the notify ioeventfds follow.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::TransportCount`] when the number of states is not the number of functions;
+    /// [`Error::TransportRestore`] naming the function a state does not fit.
+    pub fn restore(&self, states: &[PciTransportState]) -> Result<()> {
+        if states.len() != self.transports.len() {
+            return Err(Error::TransportCount {
+                transport: "virtio-pci",
+                saved: states.len(),
+                attached: self.transports.len(),
+            });
+        }
+        for (index, ((slot, t), s)) in self.transports.iter().zip(states).enumerate() {
+            t.restore(s)
+                .map_err(|source| Error::TransportRestore { index, source })?;
+            self.bus.refresh_mappings(*slot);
+        }
+        Ok(())
     }
 
     /// The bus.

@@ -1,7 +1,7 @@
 //! vCPUs: created and set up for a VM, then run one thread each on the VM's bus, and every
 //! way a vCPU stops mapped, here and only here, to the reason the VM ends.
 
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
@@ -11,9 +11,9 @@ use vmkit_boot::EntryPoint;
 use vmkit_bus::IoBus;
 use vmkit_legacy::{ExitNotifier, ExitReason};
 use vmkit_vcpu::{
-    install_kick_handler, kick, restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs,
-    CpuTemplate, CpuidConfig, CpuidTemplate, Vcpu, VcpuControl, VcpuCounters, VcpuExitHandler,
-    VcpuStats, VcpuStop,
+    install_kick_handler, kick, restore_state, restrict_cr4, setup_entry, setup_fpu, setup_lint,
+    setup_msrs, CpuIdentity, CpuTemplate, CpuidConfig, CpuidTemplate, ParkedTask, Vcpu,
+    VcpuControl, VcpuCounters, VcpuExitHandler, VcpuState, VcpuStats, VcpuStop,
 };
 
 use crate::{Error, Result};
@@ -61,7 +61,14 @@ pub struct Vcpus {
     vcpus: Vec<Vcpu>,
     template: CpuTemplate,
     clearcpuid: Option<String>,
+    /// KVM's MSR list: what a saved state holds.
+    msrs: Arc<[u32]>,
+    /// What KVM supports (`KVM_GET_SUPPORTED_CPUID`), for [`cpu_identity`](Self::cpu_identity).
+    supported: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
+
+/// How long [`VcpuThreads::save_states`] waits for the parked vCPUs to read their state.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn check_count(kvm: &Kvm, count: u32) -> Result<()> {
     if count == 0 {
@@ -118,6 +125,8 @@ impl Vcpus {
             vcpus,
             template: config.template,
             clearcpuid: None,
+            msrs: msrs.as_slice().into(),
+            supported: template.supported().to_vec(),
         };
         this.read_back_cpuid()?;
         Ok(this)
@@ -142,6 +151,14 @@ impl Vcpus {
         Ok(())
     }
 
+    /// This host's CPU as these vCPUs see it (KVM's supported list and what vCPU 0 reads
+    /// back), to check a snapshot's saved CPUID against before
+    /// [`restore_states`](Self::restore_states) replaces it: no scratch VM.
+    pub fn cpu_identity(&self) -> Result<CpuIdentity> {
+        CpuIdentity::of_vcpu(&self.supported, self.vcpus[0].fd())
+            .map_err(|source| Error::SetupVcpu { index: 0, source })
+    }
+
     /// How many.
     pub fn count(&self) -> u32 {
         self.vcpus.len() as u32
@@ -160,6 +177,25 @@ impl Vcpus {
         let err = |source| Error::SetupVcpu { index: 0, source };
         setup_entry(boot, memory, entry).map_err(err)?;
         restrict_cr4(boot, self.template).map_err(err)
+    }
+
+    /// Writes saved states into the vCPUs, one per vCPU in order, instead of
+    /// [`set_entry`](Self::set_entry) (the vCPUs then continue where they were saved). The
+    /// count must match.
+    pub fn restore_states(&self, states: &[VcpuState]) -> Result<()> {
+        if states.len() != self.vcpus.len() {
+            return Err(Error::VcpuCount {
+                saved: states.len(),
+                here: self.vcpus.len(),
+            });
+        }
+        for (vcpu, state) in self.vcpus.iter().zip(states) {
+            restore_state(vcpu.fd(), state).map_err(|source| Error::RestoreVcpu {
+                index: vcpu.index(),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Starts one thread per vCPU (named `vcpuN`), dispatching exits on `bus`. A vCPU that
@@ -202,6 +238,7 @@ impl Vcpus {
             threads: Vec::with_capacity(self.vcpus.len()),
             gates: Vec::with_capacity(self.vcpus.len()),
             counters,
+            msrs: self.msrs.clone(),
         };
         let (ready_tx, ready) = mpsc::channel();
         for mut vcpu in self.vcpus {
@@ -253,6 +290,7 @@ pub struct ParkedVcpus {
     threads: Vec<JoinHandle<VcpuStats>>,
     gates: Vec<mpsc::Sender<bool>>,
     counters: Vec<Arc<VcpuCounters>>,
+    msrs: Arc<[u32]>,
 }
 
 impl ParkedVcpus {
@@ -263,7 +301,16 @@ impl ParkedVcpus {
             control: self.control.clone(),
             threads: std::mem::take(&mut self.threads),
             counters: std::mem::take(&mut self.counters),
+            msrs: self.msrs.clone(),
         }
+    }
+
+    /// Starts the vCPU threads paused (for a VM restored with `resume_vm: false`): each
+    /// parks before its first `KVM_RUN`, [`VcpuThreads::is_paused`] holds, their state can
+    /// be saved, and [`VcpuThreads::resume`] lets them into the guest.
+    pub fn run_paused(self) -> VcpuThreads {
+        self.control.request_pause();
+        self.run()
     }
 
     /// Ends the threads without running the guest, and waits for them.
@@ -290,6 +337,7 @@ impl Drop for ParkedVcpus {
             control: self.control.clone(),
             threads: std::mem::take(&mut self.threads),
             counters: Vec::new(),
+            msrs: self.msrs.clone(),
         };
         threads.stop();
     }
@@ -331,7 +379,11 @@ pub struct VcpuThreads {
     control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<VcpuStats>>,
     counters: Vec<Arc<VcpuCounters>>,
+    msrs: Arc<[u32]>,
 }
+
+/// Each vCPU's saved state or error, by vCPU index, filled by the vCPU threads.
+type StateSlots = Mutex<Vec<Option<vmkit_vcpu::Result<VcpuState>>>>;
 
 impl VcpuThreads {
     /// Each vCPU's live exit counters, in vCPU order (for metrics while they run).
@@ -377,6 +429,46 @@ impl VcpuThreads {
     /// [`resume`](Self::resume) since).
     pub fn is_paused(&self) -> bool {
         self.control.is_pause_requested()
+    }
+
+    /// Reads every vCPU's state, in vCPU order, for a snapshot. Only while paused
+    /// ([`pause`](Self::pause), or [`ParkedVcpus::run_paused`]); each vCPU reads its own on
+    /// its thread, where it is parked, after completing a port or MMIO exit it was parked
+    /// on (one `KVM_RUN` with `immediate_exit`, which runs no guest code). A vCPU that has
+    /// returned (reset, power-off, error) has no state to give: an error.
+    pub fn save_states(&self) -> Result<Vec<VcpuState>> {
+        if !self.is_paused() {
+            return Err(Error::NotPaused);
+        }
+        if let Some(index) = self.threads.iter().position(JoinHandle::is_finished) {
+            return Err(Error::VcpuGone { index });
+        }
+        let count = self.threads.len();
+        let slots: Arc<StateSlots> = Arc::new(Mutex::new((0..count).map(|_| None).collect()));
+        let (into, msrs) = (slots.clone(), self.msrs.clone());
+        let task: Arc<ParkedTask> = Arc::new(move |vcpu: &mut Vcpu| {
+            let state = vcpu.save_state(&msrs);
+            let mut slots = into.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(slot) = usize::try_from(vcpu.index())
+                .ok()
+                .and_then(|i| slots.get_mut(i))
+            {
+                *slot = Some(state);
+            }
+        });
+        if !self.control.serve_parked(task, count, SAVE_TIMEOUT) {
+            return Err(Error::SaveTimeout(SAVE_TIMEOUT));
+        }
+        let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut *slots)
+            .into_iter()
+            .enumerate()
+            .map(|(index, slot)| match slot {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(source)) => Err(Error::SaveVcpu { index, source }),
+                None => Err(Error::VcpuGone { index }),
+            })
+            .collect()
     }
 
     /// Stops every vCPU (a kick interrupts one inside `KVM_RUN`, paused ones are woken) and
@@ -436,6 +528,7 @@ mod tests {
             control,
             threads,
             counters: Vec::new(),
+            msrs: Arc::from([]),
         };
         (threads, tx, busy)
     }

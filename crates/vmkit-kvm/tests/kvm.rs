@@ -14,6 +14,7 @@ use vmkit_bus::pio_range;
 use vmkit_kvm::{Machine, MachineConfig, MmioPlatform, PciPlatform, VcpuConfig, Vcpus};
 use vmkit_legacy::{ExitReason, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT};
 use vmkit_memory::layout::{PCI_BAR_WINDOW, PCI_ECAM, VIRTIO_MMIO_WINDOW};
+use vmkit_memory::GuestRam;
 use vmkit_vcpu::CpuTemplate;
 use vmkit_virtio::{VirtioDevice, MMIO_MAGIC_VALUE};
 use vmkit_virtio_rng::{Rng, RngConfig};
@@ -43,8 +44,8 @@ fn load_code(m: &Machine, vcpus: &Vcpus, code: &[u8]) {
     vcpus.set_entry(m.memory(), pvh).unwrap();
 }
 
-fn rng() -> Arc<Mutex<dyn VirtioDevice>> {
-    Arc::new(Mutex::new(Rng::new(RngConfig::default()).unwrap()))
+fn rng() -> Arc<Mutex<dyn VirtioDevice<GuestRam>>> {
+    Arc::new(Mutex::new(Rng::for_memory(RngConfig::default()).unwrap()))
 }
 
 /// Whether an ioeventfd is registered at `addr` (any length, no datamatch): KVM refuses a
@@ -179,6 +180,40 @@ fn virtio_mmio_devices_get_windows_pins_ioeventfds_and_descriptions() {
     assert_eq!(mmio.dsdt_devices().len(), 2);
 }
 
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn virtio_mmio_states_restore_into_the_same_devices_of_another_vm() {
+    let m = machine();
+    let mut mmio = MmioPlatform::new(&m).unwrap();
+    let _h0 = mmio.attach(m.memory().clone(), rng()).unwrap();
+    let _h1 = mmio.attach(m.memory().clone(), rng()).unwrap();
+    let base = VIRTIO_MMIO_WINDOW.start;
+    // The guest's driver of the second device got as far as DRIVER (status 3).
+    assert!(m
+        .bus()
+        .mmio_write(base + 0x1070, &3u32.to_le_bytes())
+        .is_handled());
+    let states = mmio.states();
+    assert_eq!(states.len(), 2);
+    assert_eq!((states[0].common.status, states[1].common.status), (0, 3));
+
+    let m2 = machine();
+    let mut mmio2 = MmioPlatform::new(&m2).unwrap();
+    let _g0 = mmio2.attach(m2.memory().clone(), rng()).unwrap();
+    let err = mmio2.restore(&states).unwrap_err().to_string();
+    assert!(err.contains("2 virtio-mmio devices but 1"), "{err}");
+    let _g1 = mmio2.attach(m2.memory().clone(), rng()).unwrap();
+    let mut wrong = states.clone();
+    wrong[1].common.device_type = 2;
+    let err = mmio2.restore(&wrong).unwrap_err().to_string();
+    assert!(err.contains("virtio device 1"), "{err}");
+    mmio2.restore(&states).unwrap();
+    let mut status = [0u8; 4];
+    assert!(m2.bus().mmio_read(base + 0x1070, &mut status).is_handled());
+    assert_eq!(u32::from_le_bytes(status), 3);
+    assert_eq!(mmio2.states(), states);
+}
+
 fn ecam_write(m: &Machine, device: u8, reg: u64, value: u32) {
     let addr = PCI_ECAM.start + (u64::from(device) << 15) + reg;
     assert!(m.bus().mmio_write(addr, &value.to_le_bytes()).is_handled());
@@ -221,6 +256,80 @@ fn virtio_pci_notify_ioeventfds_follow_bar_moves() {
     assert!(m.bus().mmio_read(new + 0x14, &mut status).is_handled());
     assert_eq!(status, [0]);
     assert!(!m.bus().mmio_read(bar + 0x14, &mut status).is_handled());
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn virtio_pci_states_restore_bar_ioeventfds_and_msi_routes_into_another_vm() {
+    let m = machine();
+    let mut pci = PciPlatform::new(&m).unwrap();
+    let (bdf, _h) = pci.attach(m.memory().clone(), rng()).unwrap();
+    let bar = PCI_BAR_WINDOW.start;
+    // The guest moves BAR 0, enables MSI-X (the capability found by walking the list) and
+    // programs vector 1.
+    let new = bar + 0x10_0000;
+    ecam_write(&m, bdf.device, 0x04, 0x4);
+    ecam_write(&m, bdf.device, 0x10, new as u32);
+    ecam_write(&m, bdf.device, 0x14, 0);
+    ecam_write(&m, bdf.device, 0x04, 0x6);
+    let mut cap = [0u8; 1];
+    let mut at = 0x34u64;
+    let ecam = PCI_ECAM.start + (u64::from(bdf.device) << 15);
+    loop {
+        assert!(m.bus().mmio_read(ecam + at, &mut cap).is_handled());
+        let mut id = [0u8; 1];
+        assert!(m
+            .bus()
+            .mmio_read(ecam + u64::from(cap[0]), &mut id)
+            .is_handled());
+        at = u64::from(cap[0]);
+        if id[0] == 0x11 {
+            break;
+        }
+        at += 1;
+    }
+    let msix_control = ecam + at + 2;
+    assert!(m
+        .bus()
+        .mmio_write(msix_control, &0x8000u16.to_le_bytes())
+        .is_handled());
+    let table = new + 0x4000 + 16;
+    for (off, v) in [(0u64, 0xFEE0_0000u32), (8, 0x41), (12, 0)] {
+        assert!(m
+            .bus()
+            .mmio_write(table + off, &v.to_le_bytes())
+            .is_handled());
+    }
+    // The MSI routes of the VM (every vector has one while MSI-X is enabled).
+    let routed = |m: &Machine| -> Vec<vmkit_irq::MsiMessage> {
+        (24..64)
+            .filter_map(|gsi| m.irqchip().lock().unwrap().routing().msi(gsi))
+            .collect()
+    };
+    let msg = vmkit_irq::MsiMessage {
+        address: 0xFEE0_0000,
+        data: 0x41,
+    };
+    assert!(routed(&m).contains(&msg));
+    let states = pci.states();
+    assert_eq!(states.len(), 1);
+
+    let m2 = machine();
+    let mut pci2 = PciPlatform::new(&m2).unwrap();
+    let err = pci2.restore(&states).unwrap_err().to_string();
+    assert!(err.contains("1 virtio-pci devices but 0"), "{err}");
+    let (bdf2, _h2) = pci2.attach(m2.memory().clone(), rng()).unwrap();
+    assert_eq!(bdf2, bdf);
+    assert!(ioeventfd_at(&m2, bar + 0x3000));
+    assert!(routed(&m2).is_empty());
+    pci2.restore(&states).unwrap();
+    // BAR 0 where the guest had put it, the notify ioeventfd with it, the MSI route back.
+    assert_eq!(pci2.bus().bar_mapping(bdf.device, 0).unwrap().address, new);
+    assert!(ioeventfd_at(&m2, new + 0x3000));
+    assert!(!ioeventfd_at(&m2, bar + 0x3000));
+    assert_eq!(routed(&m2), routed(&m));
+    assert!(routed(&m2).contains(&msg));
+    assert_eq!(pci2.states(), states);
 }
 
 #[test]

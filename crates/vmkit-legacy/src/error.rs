@@ -24,6 +24,9 @@ pub enum Error {
     /// Raising a device's interrupt failed (what was sent is queued all the same).
     #[error("failed to raise the interrupt: {0}")]
     Interrupt(#[source] io::Error),
+    /// A saved device state (a snapshot's) that is out of range; nothing was restored.
+    #[error("invalid device state: {0}")]
+    State(String),
 }
 
 /// A `Result` with this crate's [`Error`].

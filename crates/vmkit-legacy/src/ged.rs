@@ -97,6 +97,43 @@ impl Ged {
     }
 }
 
+/// The state of a [`Ged`] for a snapshot: the events the guest has not read.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GedState {
+    /// Pending event bits ([`GED_EVENT_POWER_BUTTON`]).
+    pub pending: u8,
+}
+
+impl Ged {
+    /// The device's state for a snapshot.
+    pub fn state(&self) -> GedState {
+        GedState {
+            pending: self.pending,
+        }
+    }
+
+    /// Restores `state` into a freshly built device before the guest runs; raises the
+    /// interrupt again if an event is pending (a spurious one only makes the guest read 0).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::State`] (nothing restored) for event bits this device does not have;
+    /// [`Error::Interrupt`] if the interrupt cannot be raised (the state is restored).
+    pub fn restore(&mut self, state: &GedState) -> Result<()> {
+        let unknown = state.pending & !GED_EVENT_POWER_BUTTON;
+        if unknown != 0 {
+            return Err(Error::State(format!(
+                "ged: unknown event bits {unknown:#04x}"
+            )));
+        }
+        self.pending = state.pending;
+        if self.pending != 0 {
+            self.interrupt.trigger().map_err(Error::Interrupt)?;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Debug for Ged {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Ged")
@@ -152,6 +189,27 @@ mod tests {
         assert_eq!(read(&mut ged), 0, "a read acknowledges the event");
         assert_eq!(ged.pending(), 0);
         assert_eq!(irq.count(), 1, "reads raise nothing");
+    }
+
+    #[test]
+    fn a_pending_press_survives_a_restore_and_raises_again() {
+        let (mut ged, _) = fixture();
+        ged.power_button().unwrap();
+        let state = ged.state();
+        let (mut fresh, irq) = fixture();
+        fresh.restore(&state).unwrap();
+        assert_eq!(irq.count(), 1);
+        assert_eq!(read(&mut fresh), GED_EVENT_POWER_BUTTON);
+        // Nothing pending: nothing raised.
+        let (mut idle, irq) = fixture();
+        idle.restore(&GedState { pending: 0 }).unwrap();
+        assert_eq!(irq.count(), 0);
+        let err = idle.restore(&GedState { pending: 0x82 }).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid device state: ged: unknown event bits 0x82"
+        );
+        assert_eq!(idle.pending(), 0);
     }
 
     #[test]

@@ -406,6 +406,114 @@ impl I8042 {
     }
 }
 
+/// The state of an [`I8042`] for a snapshot: the controller's registers, a command waiting
+/// for its parameter, the byte it answered, and the keyboard's queued bytes. Counters are
+/// not saved.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// The command byte ("CTR").
+    pub ctr: u8,
+    /// The output port.
+    pub outp: u8,
+    /// Whether the last write went to the command port (status bit 3).
+    pub last_write_command: bool,
+    /// The controller command (0x60, 0xD1, 0xD2, 0xD3 or 0xD4) waiting for its parameter.
+    pub pending_command: Option<u8>,
+    /// The controller's answer the guest has not read.
+    pub reply: Option<u8>,
+    /// The keyboard command (0xED, 0xF0 or 0xF3) waiting for its parameter.
+    pub kbd_param_for: Option<u8>,
+    /// Bytes from the keyboard the guest has not read (at most
+    /// [`I8042_KBD_BUFFER_SIZE`]).
+    pub kbd: Vec<u8>,
+    /// The keyboard's last byte (sent again on `RESEND`).
+    pub kbd_last_sent: u8,
+}
+
+impl Param {
+    fn command(self) -> u8 {
+        match self {
+            Param::Ctr => CMD_WRITE_CTR,
+            Param::OutputPort => CMD_WRITE_OUTP,
+            Param::KbdOutput => CMD_WRITE_KBD_OUT,
+            Param::AuxLoop => CMD_WRITE_AUX_OUT,
+            Param::AuxDevice => CMD_WRITE_AUX,
+        }
+    }
+
+    fn of_command(cmd: u8) -> Option<Self> {
+        [
+            Param::Ctr,
+            Param::OutputPort,
+            Param::KbdOutput,
+            Param::AuxLoop,
+            Param::AuxDevice,
+        ]
+        .into_iter()
+        .find(|p| p.command() == cmd)
+    }
+}
+
+impl I8042 {
+    /// The controller's state for a snapshot.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            outp: self.outp,
+            last_write_command: self.last_write_command,
+            pending_command: self.pending.map(Param::command),
+            reply: self.reply,
+            kbd_param_for: self.kbd_param_for,
+            kbd: self.kbd.iter().copied().collect(),
+            kbd_last_sent: self.kbd_last_sent,
+        }
+    }
+
+    /// Restores `state` into a freshly built controller before the guest runs; raises the
+    /// keyboard interrupt if a byte waits for the guest and the interrupt is enabled (a
+    /// spurious one is harmless, a lost one is not).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::State`] (nothing restored) for more keyboard bytes than the buffer holds,
+    /// or a pending controller or keyboard command that takes no parameter;
+    /// [`Error::Interrupt`] if the interrupt cannot be raised (the state is restored).
+    pub fn restore(&mut self, state: &I8042State) -> Result<()> {
+        let bad = |what: String| Err(Error::State(format!("i8042: {what}")));
+        if state.kbd.len() > I8042_KBD_BUFFER_SIZE {
+            return bad(format!(
+                "{} keyboard bytes queued; the buffer holds {I8042_KBD_BUFFER_SIZE}",
+                state.kbd.len()
+            ));
+        }
+        let pending = match state.pending_command {
+            None => None,
+            Some(cmd) => match Param::of_command(cmd) {
+                Some(p) => Some(p),
+                None => return bad(format!("command {cmd:#04x} takes no parameter")),
+            },
+        };
+        if let Some(cmd) = state.kbd_param_for {
+            if ![KBD_SET_LEDS, KBD_SCANCODE_SET, KBD_SET_TYPEMATIC].contains(&cmd) {
+                return bad(format!("keyboard command {cmd:#04x} takes no parameter"));
+            }
+        }
+        self.ctr = state.ctr;
+        self.outp = state.outp;
+        self.last_write_command = state.last_write_command;
+        self.pending = pending;
+        self.reply = state.reply;
+        self.kbd_param_for = state.kbd_param_for;
+        self.kbd.clear();
+        self.kbd.extend(&state.kbd);
+        self.kbd_last_sent = state.kbd_last_sent;
+        self.raise().map_err(|e| {
+            self.stats.interrupt_errors += 1;
+            Error::Interrupt(e)
+        })
+    }
+}
+
 impl fmt::Debug for I8042 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("I8042")
@@ -464,6 +572,80 @@ mod tests {
             kbd: I8042::new(exit.clone(), irq.clone()),
             exit,
             irq,
+        }
+    }
+
+    #[test]
+    fn state_moves_to_a_fresh_controller_mid_command() {
+        let mut f = fixture();
+        // The guest disables the keyboard interrupt... then asks to write the CTR, and a
+        // snapshot comes before the parameter.
+        f.command(CMD_WRITE_CTR);
+        f.write(CTR_SYS);
+        f.command(CMD_WRITE_CTR);
+        f.kbd.send_scancodes(&[0x1C, 0xF0, 0x1C]).unwrap();
+        let state = f.kbd.state();
+        assert_eq!(state.pending_command, Some(CMD_WRITE_CTR));
+        assert_eq!(state.kbd, [0x1C, 0xF0, 0x1C]);
+
+        let mut g = fixture();
+        g.kbd.restore(&state).unwrap();
+        assert_eq!(g.kbd.state(), state);
+        assert_eq!(g.irq.count(), 0, "the keyboard interrupt is off");
+        // The parameter goes where the saved command said: the CTR, interrupt back on.
+        g.write(CTR_INITIAL);
+        assert_eq!(
+            g.irq.count(),
+            1,
+            "queued bytes raise once the interrupt is enabled"
+        );
+        assert_eq!(g.status() & STS_OBF, STS_OBF);
+        assert_eq!([g.read(), g.read(), g.read()], [0x1C, 0xF0, 0x1C]);
+        assert_eq!(g.status() & STS_OBF, 0);
+        assert!(g.exit.reasons().is_empty());
+    }
+
+    #[test]
+    fn a_restore_raises_for_a_byte_waiting() {
+        let mut f = fixture();
+        f.command(CMD_READ_CTR);
+        let mut g = fixture();
+        g.kbd.restore(&f.kbd.state()).unwrap();
+        assert_eq!(g.irq.count(), 1);
+        assert_eq!(g.read(), CTR_INITIAL);
+    }
+
+    #[test]
+    fn hostile_states_are_refused_and_change_nothing() {
+        let mut f = fixture();
+        let good = f.kbd.state();
+        let cases: [(I8042State, &str); 3] = [
+            (
+                I8042State {
+                    kbd: vec![0; 17],
+                    ..good.clone()
+                },
+                "invalid device state: i8042: 17 keyboard bytes queued; the buffer holds 16",
+            ),
+            (
+                I8042State {
+                    pending_command: Some(CMD_SELF_TEST),
+                    ..good.clone()
+                },
+                "invalid device state: i8042: command 0xaa takes no parameter",
+            ),
+            (
+                I8042State {
+                    kbd_param_for: Some(KBD_RESET),
+                    ..good.clone()
+                },
+                "invalid device state: i8042: keyboard command 0xff takes no parameter",
+            ),
+        ];
+        for (state, message) in cases {
+            let ctr_before = f.kbd.state();
+            assert_eq!(f.kbd.restore(&state).unwrap_err().to_string(), message);
+            assert_eq!(f.kbd.state(), ctr_before);
         }
     }
 

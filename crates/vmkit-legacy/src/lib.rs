@@ -21,6 +21,12 @@
 //! outside a device's ports, are ignored (reads return `0xFF`): nothing a guest does
 //! panics.
 //!
+//! Snapshot/restore: [`Serial::state`] / [`Serial::from_state`] ([`SerialState`]: vm-superio's
+//! registers and unread input), [`I8042::state`] / [`I8042::restore`] ([`I8042State`]),
+//! [`Ged::state`] / [`Ged::restore`] ([`GedState`]). [`AcpiSleep`] has no state to save
+//! (its status register never holds `WAK_STS`: there is no S3), nor has [`DebugPort`]
+//! beyond its counters. A state out of range is [`Error::State`], never a panic.
+//!
 //! # Example
 //!
 //! ```
@@ -87,15 +93,16 @@ pub use acpi::{
 pub use debug_port::{DebugPort, DebugPortStats, DEBUG_PORT_COUNT};
 pub use error::{Error, Result};
 pub use exit::{EventFdExit, ExitNotifier, ExitReason, ExitTrigger};
-pub use ged::{Ged, GED_EVENT_POWER_BUTTON, GED_REGISTER_SIZE};
+pub use ged::{Ged, GedState, GED_EVENT_POWER_BUTTON, GED_REGISTER_SIZE};
 pub use i8042::{
-    I8042Stats, CTRL_ALT_DEL_SCANCODES, I8042, I8042_KBD_BUFFER_SIZE, I8042_PORT_COUNT,
+    I8042State, I8042Stats, CTRL_ALT_DEL_SCANCODES, I8042, I8042_KBD_BUFFER_SIZE, I8042_PORT_COUNT,
 };
 pub use output::{
     reopen_nonblocking, OutputSink, OutputSinkConfig, OutputStats, DEFAULT_OUTPUT_BUFFER,
 };
 pub use serial::{
-    InterruptTrigger, Serial, SerialConfig, SerialStats, SERIAL_FIFO_SIZE, SERIAL_PORT_COUNT,
+    InterruptTrigger, Serial, SerialConfig, SerialState, SerialStats, SERIAL_FIFO_SIZE,
+    SERIAL_PORT_COUNT,
 };
 
 /// Base port of COM1.

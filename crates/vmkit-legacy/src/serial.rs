@@ -8,6 +8,8 @@ use std::sync::Arc;
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
 use vm_superio::serial::{Error as SerialError, SerialEvents};
+
+use crate::error::{Error, Result};
 use vm_superio::Trigger;
 use vmkit_irq::InterruptLine;
 use vmm_sys_util::eventfd::EventFd;
@@ -82,6 +84,33 @@ impl SerialEvents for Events {
     }
 }
 
+/// A serde mirror of vm-superio's [`SerialState`](vm_superio::SerialState) (which has no
+/// serde support), for [`SerialState`]'s `uart` field.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "vm_superio::SerialState")]
+struct UartStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// The state of a [`Serial`] for a snapshot: vm-superio's [`SerialState`](vm_superio::SerialState)
+/// (registers and the receive FIFO). The wrapper's own fields are counters, not saved.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialState {
+    /// The UART's registers and the input the guest has not read yet (at most
+    /// [`SERIAL_FIFO_SIZE`] bytes).
+    #[serde(with = "UartStateDef")]
+    pub uart: vm_superio::SerialState,
+}
+
 /// Configuration of a [`Serial`].
 pub struct SerialConfig<W> {
     /// The UART's interrupt (GSI 4 for COM1).
@@ -131,6 +160,53 @@ impl<W: Write + Send> Serial<W> {
                 config.out,
             ),
             interrupt_errors: 0,
+        }
+    }
+
+    /// A UART as `config` says, in the state `state` (a snapshot's): the guest finds its
+    /// registers and unread input as they were, and the interrupt is raised if one was
+    /// pending (a spurious one is harmless, a lost one is not). Built afresh rather than
+    /// restored in place because vm-superio rebuilds a UART from its state only with the
+    /// output writer moved in.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::State`] for more input than the FIFO holds; [`Error::Interrupt`] if the
+    /// pending interrupt cannot be raised.
+    pub fn from_state(config: SerialConfig<W>, state: &SerialState) -> Result<Self> {
+        let len = state.uart.in_buffer.len();
+        if len > SERIAL_FIFO_SIZE {
+            return Err(Error::State(format!(
+                "serial: {len} bytes of input; the FIFO holds {SERIAL_FIFO_SIZE}"
+            )));
+        }
+        let events = Events {
+            input_drained: config.input_drained,
+            tx_bytes: AtomicU64::new(0),
+            tx_lost: AtomicU64::new(0),
+        };
+        let inner = vm_superio::Serial::from_state(
+            &state.uart,
+            InterruptTrigger(config.interrupt),
+            events,
+            config.out,
+        )
+        .map_err(|e| match e {
+            SerialError::Trigger(e) | SerialError::IOError(e) => Error::Interrupt(e),
+            SerialError::FullFifo => Error::State(format!(
+                "serial: {len} bytes of input; the FIFO holds {SERIAL_FIFO_SIZE}"
+            )),
+        })?;
+        Ok(Self {
+            inner,
+            interrupt_errors: 0,
+        })
+    }
+
+    /// The UART's state for a snapshot (registers, unread input).
+    pub fn state(&self) -> SerialState {
+        SerialState {
+            uart: self.inner.state(),
         }
     }
 
@@ -376,6 +452,64 @@ mod tests {
         fn trigger(&self) -> io::Result<()> {
             Err(io::Error::other("no irqfd"))
         }
+    }
+
+    #[test]
+    fn state_moves_registers_and_unread_input_to_a_new_uart() {
+        let (mut s, _line) = serial();
+        wr(&mut s, LCR, 0x83); // DLAB on, 8N1
+        wr(&mut s, 0, 0x0C); // divisor 12: 9600 baud
+        wr(&mut s, LCR, 0x03);
+        wr(&mut s, SCR, 0x5A);
+        wr(&mut s, IER, 0x01);
+        assert_eq!(s.enqueue_input(b"abc"), 3);
+        let state = s.state();
+        assert_eq!(state.uart.in_buffer, b"abc");
+
+        let line = Arc::new(CountingLine::new());
+        let config = SerialConfig {
+            interrupt: line.clone(),
+            out: Vec::new(),
+            input_drained: None,
+        };
+        let mut r = Serial::from_state(config, &state).unwrap();
+        assert_eq!(r.state(), state);
+        assert_eq!(
+            line.count(),
+            1,
+            "the pending receive interrupt is raised again"
+        );
+        assert_eq!(rd(&mut r, SCR), 0x5A);
+        assert_eq!(rd(&mut r, IIR), 0xC4);
+        assert_eq!(rd(&mut r, RBR), b'a');
+        assert_eq!(rd(&mut r, RBR), b'b');
+        assert_eq!(rd(&mut r, RBR), b'c');
+        assert_eq!(rd(&mut r, LSR) & 0x01, 0);
+        wr(&mut r, LCR, 0x83);
+        assert_eq!(rd(&mut r, 0), 0x0C, "the divisor survived");
+        wr(&mut r, LCR, 0x03);
+        wr(&mut r, THR, b'z');
+        assert_eq!(r.writer().as_slice(), b"z");
+    }
+
+    #[test]
+    fn a_state_with_more_input_than_the_fifo_is_refused() {
+        let state = SerialState {
+            uart: vm_superio::SerialState {
+                in_buffer: vec![0; SERIAL_FIFO_SIZE + 1],
+                ..Default::default()
+            },
+        };
+        let config = SerialConfig {
+            interrupt: Arc::new(CountingLine::new()),
+            out: Vec::new(),
+            input_drained: None,
+        };
+        let err = Serial::from_state(config, &state).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid device state: serial: 65 bytes of input; the FIFO holds 64"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Guest RAM for x86_64 KVM virtual machines.
 //!
-//! This crate does four things and nothing else:
+//! This crate does five things and nothing else:
 //!
 //! * [`layout`] is the guest physical address map: every fixed address a vmkit crate or VMM
 //!   uses (boot data, the MMIO gap and the device windows in it, interrupt assignments),
@@ -8,12 +8,16 @@
 //! * [`MemoryLayout`] splits a guest's RAM around the 32-bit MMIO gap: RAM below
 //!   [`MMIO_GAP_START`] (3 GiB), the rest above 4 GiB. Pure
 //!   arithmetic, no KVM.
-//! * [`create_guest_memory`] maps that layout as a vm-memory [`GuestMemoryMmap`], anonymous and
+//! * [`create_guest_memory`] maps that layout as [`GuestRam`] (vm-memory's `GuestMemoryMmap`, with
+//!   a dirty-page bitmap per region when [`MemoryConfig::track_dirty`] asks), anonymous and
 //!   `MAP_NORESERVE` (host pages are only taken when the guest touches them), optionally backed
 //!   by huge pages, and left out of core dumps (`MADV_DONTDUMP`) unless
 //!   [`MemoryConfig::dumpable`] says otherwise.
 //! * [`register_memory_slots`] (feature `kvm`, on by default) hands the regions to KVM as
-//!   memory slots.
+//!   memory slots, with KVM's dirty log if asked ([`register_memory_slots_with`]).
+//! * [`DirtyPages`] and [`snapshot`]: the pages written since a point (KVM's dirty log, the
+//!   regions' bitmaps), and guest RAM to and from a sparse memory file; a memory file mapped
+//!   `MAP_PRIVATE` as RAM ([`MemoryConfig::file`]).
 //!
 //! ```
 //! use vm_memory::{Bytes, GuestAddress};
@@ -31,13 +35,31 @@
 //! ```
 #![deny(missing_docs)]
 
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+
+/// Guest RAM as every vmkit crate and VMM holds it: vm-memory's mmap backend with an optional
+/// dirty-page bitmap per region.
+///
+/// `None` (the default, [`MemoryConfig::track_dirty`] `false`) costs nothing: the bitmap
+/// calls on every write are a test of the `Option`. `Some` (tracking on) marks each 4 KiB
+/// page that the VMM or a device writes through vm-memory; pages the guest writes are KVM's
+/// business (its dirty log), not this bitmap's.
+pub type GuestRam = GuestMemoryMmap<Option<AtomicBitmap>>;
 
 #[cfg(feature = "kvm")]
 mod kvm;
 #[cfg(feature = "kvm")]
-pub use kvm::{register_memory_slots, MemorySlots};
+pub use kvm::{register_memory_slots, register_memory_slots_with, MemorySlots};
+
+mod dirty;
+pub use dirty::{take_bitmap_dirty, DirtyPages};
+pub mod snapshot;
 
 pub mod layout;
 use layout::{MMIO_GAP_END, MMIO_GAP_START, PAGE_SIZE};
@@ -97,6 +119,80 @@ pub enum Error {
         /// What madvise reported.
         source: std::io::Error,
     },
+    /// Pages outside guest RAM (or straddling two regions) were to be marked dirty.
+    #[error("{len} bytes at {addr:#x} are not inside one region of guest RAM")]
+    OutsideRam {
+        /// Guest physical address.
+        addr: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A dirty bitmap does not fit the region it was given for.
+    #[error("a dirty bitmap of {words} words does not fit guest memory region {region}")]
+    DirtyBitmap {
+        /// The region's index.
+        region: usize,
+        /// The bitmap's length in 64-bit words.
+        words: usize,
+    },
+    /// The dirty log was asked for, but the memory slots do not log dirty pages.
+    #[cfg(feature = "kvm")]
+    #[error(
+        "dirty page tracking is off: the memory slots were registered without KVM's dirty log"
+    )]
+    DirtyLogOff,
+    /// `KVM_GET_DIRTY_LOG` failed.
+    #[cfg(feature = "kvm")]
+    #[error("KVM cannot give the dirty log of memory slot {slot}: {source}")]
+    GetDirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// The ioctl's error.
+        source: kvm_ioctls::Error,
+    },
+    /// A memory file could not be written or read.
+    #[error("memory file: {what} at offset {offset:#x} failed: {source}")]
+    SnapshotIo {
+        /// What was being done.
+        what: &'static str,
+        /// Where in the file.
+        offset: u64,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A range of a memory file to read lies outside the RAM or the file.
+    #[error("memory file range of {len} bytes at offset {offset:#x} lies outside the {ram} bytes of RAM or the {file} byte file")]
+    BadRange {
+        /// Offset of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// RAM size.
+        ram: u64,
+        /// File size.
+        file: u64,
+    },
+    /// The memory file to restore from cannot be opened.
+    #[error("cannot open memory file {path}: {source}")]
+    MemoryFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The memory file to restore from is not the size of the RAM.
+    #[error("memory file {path} holds {actual} bytes, but the guest has {expected} bytes of RAM")]
+    MemoryFileSize {
+        /// The file.
+        path: PathBuf,
+        /// The RAM size.
+        expected: u64,
+        /// The file's size.
+        actual: u64,
+    },
+    /// Huge pages cannot back memory mapped from a file.
+    #[error("guest memory from a memory file cannot be backed by huge pages")]
+    HugePagesWithFile,
     /// vm-memory rejected the set of regions.
     #[error("cannot build guest memory: {0}")]
     Regions(#[from] vm_memory::GuestRegionCollectionError),
@@ -202,6 +298,16 @@ pub struct MemoryConfig {
     /// every region is `MADV_DONTDUMP`, so a crashing VMM does not write the guest's memory
     /// (its secrets, and gigabytes) to disk. `true` for debugging a guest from a VMM core.
     pub dumpable: bool,
+    /// Whether each region carries a dirty-page bitmap ([`GuestRam`]'s `Some`), marking
+    /// every page written through vm-memory (device and VMM writes), for diff snapshots.
+    /// `false` (the default): no bitmap, no cost.
+    pub track_dirty: bool,
+    /// A memory file to map the RAM from (a snapshot's, see [`snapshot`]): each region is
+    /// mapped `MAP_PRIVATE` from its offset in the file, so pages load on first touch, VMs
+    /// restored from one file share the host's page cache, and what the guest writes never
+    /// reaches the file. The file must be the RAM's size; not with [`Backing::HugePages`].
+    /// `None` (the default): anonymous memory.
+    pub file: Option<PathBuf>,
 }
 
 impl MemoryConfig {
@@ -211,6 +317,8 @@ impl MemoryConfig {
             size,
             backing: Backing::default(),
             dumpable: false,
+            track_dirty: false,
+            file: None,
         }
     }
 }
@@ -218,11 +326,45 @@ impl MemoryConfig {
 /// Size of the huge pages used by [`Backing::HugePages`].
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
 
-/// Maps guest RAM as laid out by [`MemoryLayout::new`].
-pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
+/// The granule of the dirty bitmaps: a 4 KiB page, as KVM's dirty log.
+const DIRTY_PAGE_SIZE: NonZeroUsize = match NonZeroUsize::new(PAGE_SIZE as usize) {
+    Some(n) => n,
+    None => panic!("the page size is not zero"),
+};
+
+/// Maps guest RAM as laid out by [`MemoryLayout::new`]: anonymous, or `MAP_PRIVATE` from
+/// [`MemoryConfig::file`].
+pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestRam> {
     let layout = MemoryLayout::new(config.size)?;
-    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    let flags = map_flags(config, &layout)?;
+    let file = open_memory_file(config, &layout)?;
+    let mut regions = Vec::with_capacity(layout.regions().len());
+    let mut file_offset = 0u64;
+    for &(addr, size) in layout.regions() {
+        let from_file = match &file {
+            Some(f) => Some(FileOffset::new(
+                f.try_clone()
+                    .map_err(|source| memory_file_error(config, source))?,
+                file_offset,
+            )),
+            None => None,
+        };
+        regions.push(map_region(config, flags, from_file, addr, size)?);
+        file_offset += size;
+    }
+    Ok(GuestRam::from_regions(regions)?)
+}
+
+/// The mmap flags for `config`'s backing.
+fn map_flags(config: &MemoryConfig, layout: &MemoryLayout) -> Result<i32> {
+    let mut flags = libc::MAP_PRIVATE;
+    if config.file.is_none() {
+        flags |= libc::MAP_ANONYMOUS;
+    }
     if config.backing == Backing::HugePages {
+        if config.file.is_some() {
+            return Err(Error::HugePagesWithFile);
+        }
         // No MAP_NORESERVE here: with it, mmap succeeds on an empty hugetlb pool and the first
         // guest touch dies of SIGBUS. Without it, a short pool is an mmap error up front.
         flags |= libc::MAP_HUGETLB;
@@ -237,36 +379,75 @@ pub fn create_guest_memory(config: &MemoryConfig) -> Result<GuestMemoryMmap> {
     } else {
         flags |= libc::MAP_NORESERVE;
     }
-    let mut regions = Vec::with_capacity(layout.regions().len());
-    for &(addr, size) in layout.regions() {
-        // `MemoryLayout::new` checked that the total fits in usize.
-        let len = size as usize;
-        let mapping = MmapRegionBuilder::new(len)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(flags)
-            .with_hugetlbfs(config.backing == Backing::HugePages)
-            .build()
-            .map_err(|source| Error::Mmap {
-                huge_pages: config.backing == Backing::HugePages,
-                addr: addr.0,
-                size,
-                source,
-            })?;
-        if config.backing == Backing::TransparentHugePages {
-            advise_huge_pages(mapping.as_ptr(), len);
-        }
-        if !config.dumpable {
-            advise_dont_dump(mapping.as_ptr(), len).map_err(|source| Error::DontDump {
-                addr: addr.0,
-                size,
-                source,
-            })?;
-        }
-        // The layout's regions never wrap around the address space.
-        let region = GuestRegionMmap::new(mapping, addr).ok_or(Error::TooLarge(size))?;
-        regions.push(region);
+    Ok(flags)
+}
+
+fn memory_file_error(config: &MemoryConfig, source: std::io::Error) -> Error {
+    Error::MemoryFile {
+        path: config.file.clone().unwrap_or_default(),
+        source,
     }
-    Ok(GuestMemoryMmap::from_regions(regions)?)
+}
+
+/// `config.file` opened read-only (a private mapping never writes it back), checked to be
+/// the RAM's size.
+fn open_memory_file(config: &MemoryConfig, layout: &MemoryLayout) -> Result<Option<File>> {
+    let Some(path) = &config.file else {
+        return Ok(None);
+    };
+    let file = File::open(path).map_err(|source| memory_file_error(config, source))?;
+    let meta = file
+        .metadata()
+        .map_err(|source| memory_file_error(config, source))?;
+    if !meta.is_file() || meta.len() != layout.size() {
+        return Err(Error::MemoryFileSize {
+            path: path.clone(),
+            expected: layout.size(),
+            actual: meta.len(),
+        });
+    }
+    Ok(Some(file))
+}
+
+/// One region of `size` bytes at `addr`, mapped with `flags` (from `file` if given), advised
+/// as `config` says.
+fn map_region(
+    config: &MemoryConfig,
+    flags: i32,
+    file: Option<FileOffset>,
+    addr: GuestAddress,
+    size: u64,
+) -> Result<GuestRegionMmap<Option<AtomicBitmap>>> {
+    // `MemoryLayout::new` checked that the total fits in usize.
+    let len = size as usize;
+    let bitmap = config
+        .track_dirty
+        .then(|| AtomicBitmap::new(len, DIRTY_PAGE_SIZE));
+    let mut builder = MmapRegionBuilder::new_with_bitmap(len, bitmap)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(flags)
+        .with_hugetlbfs(config.backing == Backing::HugePages);
+    if let Some(file) = file {
+        builder = builder.with_file_offset(file);
+    }
+    let mapping = builder.build().map_err(|source| Error::Mmap {
+        huge_pages: config.backing == Backing::HugePages,
+        addr: addr.0,
+        size,
+        source,
+    })?;
+    if config.backing == Backing::TransparentHugePages {
+        advise_huge_pages(mapping.as_ptr(), len);
+    }
+    if !config.dumpable {
+        advise_dont_dump(mapping.as_ptr(), len).map_err(|source| Error::DontDump {
+            addr: addr.0,
+            size,
+            source,
+        })?;
+    }
+    // The layout's regions never wrap around the address space.
+    GuestRegionMmap::new(mapping, addr).ok_or(Error::TooLarge(size))
 }
 
 /// Asks the kernel to back `len` bytes at `ptr` with transparent huge pages. Only advice: a
@@ -365,6 +546,26 @@ mod tests {
         assert_eq!(mem.read_obj::<u64>(last).unwrap(), 0x1122_3344_5566_7788);
         // One byte past the end is not guest memory.
         assert!(mem.write_obj(0u8, GuestAddress(16 << 20)).is_err());
+    }
+
+    #[test]
+    fn dirty_bitmaps_only_when_tracking_and_mark_written_pages() {
+        use vm_memory::bitmap::Bitmap;
+        let plain = create_guest_memory(&MemoryConfig::new(4 << 20)).unwrap();
+        assert!(plain.iter().all(|r| r.bitmap().is_none()));
+        let tracked = create_guest_memory(&MemoryConfig {
+            track_dirty: true,
+            ..MemoryConfig::new(4 << 20)
+        })
+        .unwrap();
+        let region = tracked.iter().next().unwrap();
+        assert!(!region.bitmap().dirty_at(0x3000));
+        tracked.write_obj(1u32, GuestAddress(0x3ffe)).unwrap();
+        // A write across a page boundary marks both pages, and only them.
+        assert!(region.bitmap().dirty_at(0x3000));
+        assert!(region.bitmap().dirty_at(0x4000));
+        assert!(!region.bitmap().dirty_at(0x2000));
+        assert!(!region.bitmap().dirty_at(0x5000));
     }
 
     #[test]

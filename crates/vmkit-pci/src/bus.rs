@@ -441,15 +441,35 @@ impl PciBus {
         let Some(dev) = self.device(bdf.device) else {
             return;
         };
+        lock_dev(&dev).write_config(offset, data);
+        self.remap(bdf, &dev);
+    }
+
+    /// Brings the mappings of the device in `slot`'s BARs in line with its command and BAR
+    /// registers (telling the [`BarObserver`] what moved), as after a guest configuration
+    /// write: for a device whose configuration space was restored from a snapshot behind the
+    /// bus's back.
+    pub fn refresh_mappings(&self, slot: u8) {
+        let Some(dev) = self.device(slot) else {
+            return;
+        };
+        let bdf = Bdf {
+            bus: 0,
+            device: slot,
+            function: 0,
+        };
+        self.remap(bdf, &dev);
+    }
+
+    fn remap(&self, bdf: Bdf, dev: &SharedDevice) {
         let (bars, command) = {
-            let mut d = lock_dev(&dev);
-            d.write_config(offset, data);
+            let mut d = lock_dev(dev);
             let mut b = [0u8; 2];
             d.read_config(offsets::COMMAND, &mut b);
             let bars: Vec<PciBar> = (0..6).filter_map(|i| d.bar(i)).collect();
             (bars, u16::from_le_bytes(b))
         };
-        let (events, observer) = self.update_mappings(bdf, &dev, &bars, command);
+        let (events, observer) = self.update_mappings(bdf, dev, &bars, command);
         for event in &events {
             log::debug!(
                 "pci {bdf}: BAR {} {:x?} -> {:x?}",
@@ -457,7 +477,7 @@ impl PciBus {
                 event.old,
                 event.new
             );
-            lock_dev(&dev).bar_moved(event.bar.index, event.old, event.new);
+            lock_dev(dev).bar_moved(event.bar.index, event.old, event.new);
             if let Some(o) = &observer {
                 o.bar_event(event);
             }

@@ -166,6 +166,13 @@ impl fmt::Debug for ConfigSpace {
     }
 }
 
+/// The state of a [`ConfigSpace`] for a snapshot: its 1024 registers.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConfigSpaceState {
+    /// The 32-bit registers, offset 0 first.
+    pub regs: Vec<u32>,
+}
+
 /// The identity of a function: what the header's read-only fields say.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PciIds {
@@ -416,6 +423,47 @@ impl ConfigSpace {
         o < end && o + len > start
     }
 
+    /// The registers, for a snapshot.
+    pub fn state(&self) -> ConfigSpaceState {
+        ConfigSpaceState {
+            regs: self.regs.clone(),
+        }
+    }
+
+    /// Restores the guest-writable bits of `state` into this configuration space, built the
+    /// same way (same IDs, BARs and capabilities). The bus does not see this: a VMM has it
+    /// bring the BAR mappings in line afterwards (`PciBus::refresh_mappings`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for a register count other than 1024 or a read-only bit that
+    /// differs (another function's state); nothing is changed then.
+    pub fn restore(&mut self, state: &ConfigSpaceState) -> Result<()> {
+        if state.regs.len() != self.regs.len() {
+            return Err(Error::InvalidState(format!(
+                "{} configuration registers, not {}",
+                state.regs.len(),
+                self.regs.len()
+            )));
+        }
+        let differs = self
+            .regs
+            .iter()
+            .zip(&self.wmask)
+            .zip(&state.regs)
+            .position(|((r, m), s)| (r ^ s) & !m != 0);
+        if let Some(i) = differs {
+            return Err(Error::InvalidState(format!(
+                "configuration register {:#x}: read-only bits differ (another function?)",
+                4 * i
+            )));
+        }
+        for ((r, m), s) in self.regs.iter_mut().zip(&self.wmask).zip(&state.regs) {
+            *r = (*r & !m) | (s & m);
+        }
+        Ok(())
+    }
+
     /// Appends a capability: `id`, the next pointer (filled in by the next capability), then
     /// `body`. The capability is padded to a multiple of 4 bytes and read-only (use
     /// [`set_writable`](Self::set_writable) for its writable fields). Returns its offset.
@@ -459,6 +507,51 @@ mod tests {
 
     fn w32(c: &mut ConfigSpace, off: u16, v: u32) {
         c.write(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn state_restores_writable_bits_and_refuses_another_function() {
+        let mut a = cs();
+        a.add_bar(
+            0,
+            BarKind::Memory32 {
+                prefetchable: false,
+            },
+            0x1000,
+            0,
+        )
+        .unwrap();
+        w32(&mut a, 0x10, 0xC000_0000);
+        w32(&mut a, 0x04, 0x6);
+        w32(&mut a, 0x3C, 0x0B);
+        let state = a.state();
+        let mut b = cs();
+        b.add_bar(
+            0,
+            BarKind::Memory32 {
+                prefetchable: false,
+            },
+            0x1000,
+            0,
+        )
+        .unwrap();
+        b.restore(&state).unwrap();
+        assert_eq!(b.state(), state);
+        assert_eq!(b.bar(0).unwrap().address, 0xC000_0000);
+        assert_eq!(b.command(), 0x6);
+
+        // Another device ID, a missing register, a read-only bit set: refused, unchanged.
+        let mut other = state.clone();
+        other.regs[0] = 0x1041_1AF4;
+        let err = b.restore(&other).unwrap_err().to_string();
+        assert!(err.contains("register 0x0"), "{err}");
+        let mut short = state.clone();
+        short.regs.pop();
+        assert!(matches!(b.restore(&short), Err(Error::InvalidState(_))));
+        let mut ro = state.clone();
+        ro.regs[0x3C / 4] |= 0x100; // the interrupt pin
+        assert!(matches!(b.restore(&ro), Err(Error::InvalidState(_))));
+        assert_eq!(b.state(), state);
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub enum Error {
     /// Registering on the IoBus failed (an overlap with another device, say).
     #[error("{0}")]
     Bus(#[from] vmkit_bus::Error),
+    /// A saved configuration space or MSI-X state does not fit the function it is restored
+    /// into, or holds a value out of range.
+    #[error("PCI state restore: {0}")]
+    InvalidState(String),
     /// The ECAM or BAR window is empty, misaligned or wraps around.
     #[error("invalid window {base:#x}+{size:#x}")]
     InvalidWindow {

@@ -70,6 +70,19 @@ impl State {
     }
 }
 
+/// The state of an [`MsixTable`] for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// Each entry: message address low, address high, data, vector control.
+    pub entries: Vec<[u32; 4]>,
+    /// Each vector's pending bit.
+    pub pending: Vec<bool>,
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_mask: bool,
+}
+
 /// What the sink must hear after a state change: routes to update, vectors to deliver.
 #[derive(Default)]
 struct Effects {
@@ -335,6 +348,72 @@ impl MsixTable {
         }
     }
 
+    /// The table, pending bits, enable and function mask, for a snapshot.
+    pub fn state(&self) -> MsixState {
+        let s = self.lock();
+        MsixState {
+            entries: s
+                .entries
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                .collect(),
+            pending: s.pending.clone(),
+            enabled: s.enabled,
+            function_mask: s.function_mask,
+        }
+    }
+
+    /// Restores `state` into this table (of the same size), before the guest runs: every
+    /// vector's route is given to the sink again (a VMM's KVM MSI routes are re-programmed),
+    /// and a pending vector that is not masked is delivered (a spurious interrupt is
+    /// harmless, a lost one is not).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for another vector count or a value no guest write could
+    /// leave (reserved control or address bits); nothing is changed then.
+    pub fn restore(&self, state: &MsixState) -> Result<()> {
+        let vectors = self.vectors();
+        if state.entries.len() != vectors || state.pending.len() != vectors {
+            return Err(Error::InvalidState(format!(
+                "{} MSI-X entries and {} pending bits for a table of {vectors}",
+                state.entries.len(),
+                state.pending.len()
+            )));
+        }
+        if let Some(v) = state
+            .entries
+            .iter()
+            .position(|e| e[0] & 3 != 0 || e[3] & !MSIX_VECTOR_MASKED != 0)
+        {
+            return Err(Error::InvalidState(format!(
+                "MSI-X entry {v}: reserved address or control bits set"
+            )));
+        }
+        let mut fx = Effects::default();
+        {
+            let mut s = self.lock();
+            for (e, saved) in s.entries.iter_mut().zip(&state.entries) {
+                *e = Entry {
+                    addr_lo: saved[0],
+                    addr_hi: saved[1],
+                    data: saved[2],
+                    control: saved[3],
+                };
+            }
+            s.pending.copy_from_slice(&state.pending);
+            s.enabled = state.enabled;
+            s.function_mask = state.function_mask;
+            for v in 0..s.entries.len() {
+                let (msg, masked) = s.route(v);
+                fx.updates.push((v as u16, msg, masked));
+            }
+            Self::flush_pending(&mut s, &mut fx);
+        }
+        self.apply(fx);
+        Ok(())
+    }
+
     /// Drops every pending message (the device was reset: what it signalled before must not
     /// reach the new driver session). Table entries, masks and the enable bit stay: they
     /// belong to the PCI function, which was not reset.
@@ -381,6 +460,58 @@ mod tests {
         let mut b = [0u8; 8];
         t.read_pba(0, &mut b);
         u64::from_le_bytes(b)
+    }
+
+    #[test]
+    fn state_restores_routes_and_delivers_what_was_pending() {
+        let a = MsixTable::new(3, RecordingSink::new()).unwrap();
+        a.set_control(MSIX_CONTROL_ENABLE);
+        w(&a, 16, 0xFEE0_1000);
+        w(&a, 24, 0x42);
+        w(&a, 28, 0); // vector 1 unmasked
+        w(&a, 32, 0xFEE0_2000);
+        w(&a, 40, 0x43); // vector 2 stays masked…
+        assert!(a.trigger(2).unwrap()); // …and pending
+        let state = a.state();
+        assert_eq!(state.entries[1], [0xFEE0_1000, 0, 0x42, 0]);
+        assert_eq!(state.pending, vec![false, false, true]);
+
+        let sink = RecordingSink::new();
+        let b = MsixTable::new(3, sink.clone()).unwrap();
+        b.restore(&state).unwrap();
+        assert_eq!(b.state(), state);
+        let m1 = MsiMessage {
+            address: 0xFEE0_1000,
+            data: 0x42,
+        };
+        let events = sink.take();
+        // Every vector's route given again, vector 1 unmasked; vector 2 still pending.
+        assert!(
+            events.contains(&SinkEvent::Update(1, Some(m1), false)),
+            "{events:?}"
+        );
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(b.is_pending(2));
+        w(&b, 44, 0); // unmasking delivers it
+        assert_eq!(sink.triggers(), vec![2]);
+    }
+
+    #[test]
+    fn hostile_msix_states_are_refused() {
+        let a = MsixTable::new(3, RecordingSink::new()).unwrap();
+        let good = a.state();
+        let b = MsixTable::new(2, RecordingSink::new()).unwrap();
+        assert!(matches!(b.restore(&good), Err(Error::InvalidState(_))));
+        let mut s = good.clone();
+        s.pending.pop();
+        assert!(matches!(a.restore(&s), Err(Error::InvalidState(_))));
+        let mut s = good.clone();
+        s.entries[1][3] = 0x8000_0001;
+        let err = a.restore(&s).unwrap_err().to_string();
+        assert!(err.contains("entry 1"), "{err}");
+        let mut s = good;
+        s.entries[0][0] = 0xFEE0_0002;
+        assert!(matches!(a.restore(&s), Err(Error::InvalidState(_))));
     }
 
     #[test]

@@ -478,3 +478,30 @@ fn hostile_accesses_never_panic() {
     }
     assert_eq!(r.bus.add_device(dev(1, 0, 0)).unwrap_err(), Error::BusFull);
 }
+
+#[test]
+fn refresh_mappings_follows_a_configuration_restored_behind_the_bus() {
+    let mut r = rig();
+    let d = dev(0x1044, 0, 0);
+    let bdf = r.bus.add_device(d.clone()).unwrap();
+    // Configuration restored into the device directly: BAR 0 placed, decoding on.
+    let mut saved = dev(0x1044, 0xC000_0000, 0).lock().unwrap().config.state();
+    saved.regs[1] |= u32::from(COMMAND_MEMORY_SPACE);
+    d.lock().unwrap().config.restore(&saved).unwrap();
+    assert_eq!(
+        r.bus.bar_mapping(bdf.device, 0),
+        None,
+        "the bus has not looked yet"
+    );
+    r.bus.refresh_mappings(bdf.device);
+    assert_eq!(
+        r.bus.bar_mapping(bdf.device, 0).map(|b| b.address),
+        Some(0xC000_0000)
+    );
+    let events = r.events.0.lock().unwrap().clone();
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].old, events[0].new), (None, Some(0xC000_0000)));
+    d.lock().unwrap().mem[0] = 0x5A;
+    assert_eq!(r.mem_read(0xC000_0000) & 0xFF, 0x5A);
+    r.bus.refresh_mappings(30); // no device: nothing
+}

@@ -68,6 +68,9 @@ mod sys {
         timerfd_create = SYS_timerfd_create,
         timerfd_settime = SYS_timerfd_settime,
         readv = SYS_readv,
+        pread64 = SYS_pread64,
+        ftruncate = SYS_ftruncate,
+        rename = SYS_rename,
         writev = SYS_writev,
         preadv = SYS_preadv,
         pwritev = SYS_pwritev,
@@ -168,14 +171,16 @@ fn vcpu() -> Vec<Syscall> {
 
 /// The VMM thread's own calls: the event loop, the devices' backends (files, io_uring,
 /// TAP, Unix sockets for vsock), timers, and the API's effects (`PATCH /drives` opens,
-/// checks and locks a file, `PUT /logger` and `PUT /metrics` open theirs), the run's
-/// resource usage for `--stats`.
+/// checks and locks a file, `PUT /logger` and `PUT /metrics` open theirs; `PUT
+/// /snapshot/create` writes a sparse memory file (`ftruncate`, `pread64` of
+/// `/proc/self/pagemap` to skip pages never touched) and a state file it renames into
+/// place), the run's resource usage for `--stats`.
 #[rustfmt::skip]
 fn vmm(options: &Options) -> Vec<Syscall> {
     let mut v = any!(
         epoll_wait, epoll_pwait, epoll_ctl, eventfd2, timerfd_create, timerfd_settime,
-        readv, writev, preadv, pwritev, pwrite64, lseek, fsync, fdatasync, fallocate, flock,
-        openat, statx, newfstatat, fstat, access, unlink, poll,
+        readv, writev, preadv, pwritev, pread64, pwrite64, lseek, fsync, fdatasync, fallocate,
+        ftruncate, flock, openat, statx, newfstatat, fstat, access, unlink, rename, poll,
         io_uring_enter,
         connect, accept4, shutdown, sendto, recvfrom, getsockopt, getrusage,
     );

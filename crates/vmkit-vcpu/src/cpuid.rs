@@ -6,7 +6,7 @@ use kvm_ioctls::Kvm;
 use crate::{Error, Result};
 
 /// A CPUID output register.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CpuidReg {
     /// EAX.
     Eax,
@@ -70,6 +70,11 @@ impl CpuidTemplate {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(Error::SupportedCpuid)?;
         Ok(Self { base })
+    }
+
+    /// The entries it starts from (what KVM supports, from [`from_kvm`](Self::from_kvm)).
+    pub fn supported(&self) -> &[kvm_cpuid_entry2] {
+        self.base.as_slice()
     }
 
     /// Starts from the given entries (for tests, or a saved CPU model).

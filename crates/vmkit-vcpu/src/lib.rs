@@ -18,14 +18,17 @@
 //!   each vCPU parks between two `KVM_RUN`s (on a condition variable) until
 //!   [`VcpuControl::resume`] or [`VcpuControl::stop`]; the run loop checks one atomic before
 //!   each entry.
+//! * Snapshots: [`save_state`] reads a stopped vCPU's whole [`VcpuState`] (serde) after
+//!   [`complete_pending_io`], [`restore_state`] writes it into a fresh vCPU;
+//!   [`CpuIdentity`] tells whether a saved CPUID can run on this host.
 //!
 //! ```no_run
 //! use std::sync::Arc;
 //! use kvm_ioctls::Kvm;
 //! use vm_memory::GuestAddress;
 //! use vmkit_vcpu::{
-//!     install_kick_handler, setup_entry, CpuidConfig, CpuidTemplate, Vcpu, VcpuControl,
-//!     VcpuExitHandler,
+//!     install_kick_handler, setup_entry, CpuIdentity, CpuidConfig, CpuidTemplate, Vcpu,
+//!     VcpuControl, VcpuExitHandler,
 //! };
 //! use vmkit_boot::EntryPoint;
 //!
@@ -53,20 +56,31 @@
 //! install_kick_handler()?;
 //! let control = VcpuControl::new();
 //! let stop = vcpu.run(&NoDevices, &control)?;
+//! // Stopped (or parked, on its own thread): its state, for a snapshot.
+//! let msrs = kvm.get_msr_index_list()?;
+//! let state = vcpu.save_state(msrs.as_slice())?;
+//! CpuIdentity::host(&kvm)?.check_compatible(&state.cpuid)?;
 //! # Ok(()) }
 //! ```
 #![deny(missing_docs)]
 
 mod boot;
 mod cpuid;
+mod identity;
 mod run;
+mod state;
 mod template;
 
 pub use boot::{restrict_cr4, setup_entry, setup_fpu, setup_lint, setup_msrs};
 pub use cpuid::{CpuidConfig, CpuidMask, CpuidReg, CpuidTemplate};
+pub use identity::{CpuIdentity, CpuidWord};
 pub use run::{
-    install_kick_handler, kick, kick_signal, ControlledLoop, Vcpu, VcpuControl, VcpuCounters,
-    VcpuExitHandler, VcpuStats, VcpuStop,
+    install_kick_handler, kick, kick_signal, ControlledLoop, ParkedTask, Vcpu, VcpuControl,
+    VcpuCounters, VcpuExitHandler, VcpuStats, VcpuStop,
+};
+pub use state::{
+    complete_pending_io, restore_state, save_state, FpuState, MsrEntry, VcpuState, MAX_MSRS,
+    MAX_XSAVE_BYTES,
 };
 pub use template::{
     CpuTemplate, UnknownTemplate, CPU_TEMPLATES, CR4_FSGSBASE, CR4_OSXSAVE, CR4_PCIDE, CR4_PKE,
@@ -139,6 +153,52 @@ pub enum Error {
         reason: u64,
         /// Host CPU.
         cpu: u32,
+    },
+    /// Reading part of a vCPU's state failed.
+    #[error("cannot read the vCPU's {0}: {1}")]
+    GetState(&'static str, #[source] kvm_ioctls::Error),
+    /// KVM refused part of a saved vCPU state.
+    #[error("cannot restore the vCPU's {0}: {1}")]
+    SetState(&'static str, #[source] kvm_ioctls::Error),
+    /// A saved vCPU state that cannot be right (a count or size out of range).
+    #[error("invalid vCPU state: {0}")]
+    InvalidState(String),
+    /// The XSAVE buffer could not be allocated.
+    #[error("cannot allocate an XSAVE buffer")]
+    XsaveAlloc,
+    /// More MSRs in one request than KVM takes.
+    #[error("too many MSRs for one request")]
+    TooManyMsrs,
+    /// The scratch VM that reads this host's effective CPUID could not be created.
+    #[error("cannot create a scratch VM to read this host's CPUID: {0}")]
+    ScratchVm(#[source] kvm_ioctls::Error),
+    /// A saved CPU of another vendor.
+    #[error("the snapshot's CPU vendor is {saved:?}, this host's is {host:?}")]
+    CpuVendor {
+        /// The saved vendor string.
+        saved: String,
+        /// This host's.
+        host: String,
+    },
+    /// A saved CPUID feature this host's KVM does not support.
+    #[error("the snapshot's CPU has CPUID leaf {leaf:#x}.{subleaf} {reg:?} bit {bit}, which this host's KVM does not support")]
+    CpuFeature {
+        /// The leaf.
+        leaf: u32,
+        /// The sub-leaf.
+        subleaf: u32,
+        /// The register.
+        reg: CpuidReg,
+        /// The lowest missing bit.
+        bit: u32,
+    },
+    /// A saved XSAVE area larger than this host's.
+    #[error("the snapshot's XSAVE area needs {saved} bytes (CPUID leaf 0xd.0 ECX), this host's KVM supports {host}")]
+    XsaveSize {
+        /// Saved size in bytes.
+        saved: u32,
+        /// This host's.
+        host: u32,
     },
     /// An exit this run loop does not handle.
     #[error("unexpected vCPU exit: {0}")]

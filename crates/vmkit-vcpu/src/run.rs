@@ -96,7 +96,27 @@ struct PauseState {
     live: usize,
     /// Live loops parked at a checkpoint.
     parked: usize,
+    /// The task parked loops serve now ([`VcpuControl::serve_parked`]), with its number.
+    task: Option<(u64, PostedTask)>,
+    /// Number of the last task posted.
+    generation: u64,
+    /// How many loops have served the current task.
+    served: usize,
 }
+
+/// A posted [`ParkedTask`] (a newtype for `Debug`).
+#[derive(Clone)]
+struct PostedTask(Arc<ParkedTask>);
+
+impl std::fmt::Debug for PostedTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PostedTask")
+    }
+}
+
+/// Work for parked vCPUs, run on each vCPU's own thread ([`VcpuControl::serve_parked`]):
+/// reading its state, say, which KVM wants from the thread that runs the vCPU.
+pub type ParkedTask = dyn Fn(&mut Vcpu) + Send + Sync;
 
 /// Shared stop and pause state of a set of vCPUs.
 ///
@@ -208,23 +228,78 @@ impl VcpuControl {
         }
     }
 
+    /// Has every parked vCPU (and each one that parks while this waits) run `task` once on
+    /// its own thread, while the pause holds. Returns `true` once `count` loops have run it,
+    /// `false` if no pause is requested (or it is withdrawn, or a stop comes) or `timeout`
+    /// passes first. Loops parked through [`ControlledLoop::checkpoint`] (no vCPU to give)
+    /// do not serve.
+    pub fn serve_parked(&self, task: Arc<ParkedTask>, count: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut state = self.lock();
+        if !state.paused {
+            return false;
+        }
+        state.generation += 1;
+        state.task = Some((state.generation, PostedTask(task)));
+        state.served = 0;
+        self.resumed.notify_all();
+        let done = loop {
+            if state.served >= count {
+                break true;
+            }
+            if !state.paused || self.is_stopped() {
+                break false;
+            }
+            let left = deadline.map_or(timeout, |d| d.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                break false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        state.task = None;
+        done
+    }
+
     /// Registers a vCPU loop: it counts as live, for [`wait_parked`](Self::wait_parked),
     /// until the returned [`ControlledLoop`] is dropped. [`Vcpu::run`] does this itself; a
     /// VMM with a run loop of its own calls it, then
     /// [`ControlledLoop::checkpoint`] before each `KVM_RUN`.
     pub fn enter(&self) -> ControlledLoop<'_> {
         self.lock().live += 1;
-        ControlledLoop { control: self }
+        ControlledLoop {
+            control: self,
+            served: Cell::new(0),
+        }
     }
 
-    /// The slow path of [`ControlledLoop::checkpoint`]: parks while a pause is requested.
+    /// The slow path of [`ControlledLoop::checkpoint`]: parks while a pause is requested,
+    /// serving each posted task once through `serve` (if given); `served` is the number of
+    /// the last task this loop served.
     #[cold]
-    fn park(&self) -> bool {
+    fn park(&self, served: &Cell<u64>, mut serve: Option<&mut dyn FnMut(&ParkedTask)>) -> bool {
         let mut state = self.lock();
         if state.paused && !self.is_stopped() {
             state.parked += 1;
             self.changed.notify_all();
             while state.paused && !self.is_stopped() {
+                let posted = state.task.as_ref().map(|(n, t)| (*n, t.0.clone()));
+                if let (Some(serve), Some((n, task))) = (serve.as_deref_mut(), posted) {
+                    if n != served.get() {
+                        served.set(n);
+                        drop(state);
+                        serve(&*task);
+                        state = self.lock();
+                        if state.task.as_ref().is_some_and(|(now, _)| *now == n) {
+                            state.served += 1;
+                            self.changed.notify_all();
+                        }
+                        continue;
+                    }
+                }
                 state = self.resumed.wait(state).unwrap_or_else(|p| p.into_inner());
             }
             state.parked -= 1;
@@ -238,6 +313,8 @@ impl VcpuControl {
 #[derive(Debug)]
 pub struct ControlledLoop<'a> {
     control: &'a VcpuControl,
+    /// Number of the last parked task this loop served.
+    served: Cell<u64>,
 }
 
 impl ControlledLoop<'_> {
@@ -249,7 +326,18 @@ impl ControlledLoop<'_> {
         if self.control.flags.load(Ordering::SeqCst) == 0 {
             return true;
         }
-        self.control.park()
+        self.control.park(&self.served, None)
+    }
+
+    /// [`checkpoint`](Self::checkpoint) for a loop that can serve parked tasks
+    /// ([`VcpuControl::serve_parked`]): while parked, `serve` gets each posted task once.
+    #[inline]
+    #[must_use = "false means the loop must stop"]
+    pub fn checkpoint_serving(&self, mut serve: impl FnMut(&ParkedTask)) -> bool {
+        if self.control.flags.load(Ordering::SeqCst) == 0 {
+            return true;
+        }
+        self.control.park(&self.served, Some(&mut serve))
     }
 }
 
@@ -335,6 +423,14 @@ impl Vcpu {
         self.counters.snapshot()
     }
 
+    /// Reads this vCPU's state ([`save_state`](crate::save_state)) after completing a
+    /// handled port or MMIO exit ([`complete_pending_io`](crate::complete_pending_io)). Call
+    /// on the vCPU's thread while it is not in `KVM_RUN` (a [`ParkedTask`] does).
+    pub fn save_state(&mut self, msrs: &[u32]) -> Result<crate::VcpuState> {
+        crate::complete_pending_io(&mut self.fd)?;
+        crate::save_state(&self.fd, msrs)
+    }
+
     /// The live counters, to read from another thread while the vCPU runs.
     pub fn counters(&self) -> Arc<VcpuCounters> {
         self.counters.clone()
@@ -357,8 +453,9 @@ impl Vcpu {
         let _guard = ImmediateExitGuard;
         let control = control.enter();
         loop {
-            // Between two `KVM_RUN`s, the exit before fully handled: a pause parks here.
-            if !control.checkpoint() {
+            // Between two `KVM_RUN`s, the exit before fully handled: a pause parks here, and
+            // parked tasks get this vCPU.
+            if !control.checkpoint_serving(|task| task(self)) {
                 return Ok(VcpuStop::Stopped);
             }
             match self.fd.run() {
@@ -610,5 +707,70 @@ mod tests {
         assert!(l.checkpoint(), "not paused any more: no parking");
         control.stop();
         assert!(!l.checkpoint());
+    }
+
+    /// A loop that serves parked tasks by counting them in `served` (no vCPU to hand over).
+    fn spawn_serving(control: &Arc<VcpuControl>, served: &Arc<AtomicU64>) -> JoinHandle<()> {
+        let (control, served) = (control.clone(), served.clone());
+        thread::spawn(move || {
+            let l = control.enter();
+            while l.checkpoint_serving(|_task| {
+                served.fetch_add(1, Ordering::SeqCst);
+            }) {
+                thread::sleep(Duration::from_micros(100));
+            }
+        })
+    }
+
+    fn noop_task() -> Arc<ParkedTask> {
+        Arc::new(|_: &mut Vcpu| {})
+    }
+
+    #[test]
+    fn parked_loops_serve_each_task_once_and_only_while_paused() {
+        let control = VcpuControl::new();
+        let served = Arc::new(AtomicU64::new(0));
+        assert!(
+            !control.serve_parked(noop_task(), 0, LONG),
+            "not paused: nothing is served"
+        );
+        let loops: Vec<_> = (0..3).map(|_| spawn_serving(&control, &served)).collect();
+        control.request_pause();
+        assert!(control.wait_parked(LONG));
+        assert!(control.serve_parked(noop_task(), 3, LONG));
+        assert_eq!(served.load(Ordering::SeqCst), 3);
+        // A second task is served again, once per loop.
+        assert!(control.serve_parked(noop_task(), 3, LONG));
+        assert_eq!(served.load(Ordering::SeqCst), 6);
+        // More servers than there are loops: times out, and the task is withdrawn.
+        assert!(!control.serve_parked(noop_task(), 4, Duration::from_millis(50)));
+        assert_eq!(served.load(Ordering::SeqCst), 9);
+        control.stop();
+        for l in loops {
+            l.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_loop_that_parks_late_serves_the_posted_task_and_plain_checkpoints_never_do() {
+        let control = VcpuControl::new();
+        let served = Arc::new(AtomicU64::new(0));
+        let work = Arc::new(AtomicU64::new(0));
+        control.request_pause();
+        // Only a plain loop: it parks but cannot serve.
+        let plain = spawn_loop(&control, &work);
+        assert!(control.wait_parked(LONG));
+        assert!(!control.serve_parked(noop_task(), 1, Duration::from_millis(50)));
+        let c = control.clone();
+        let serving = thread::spawn(move || c.serve_parked(noop_task(), 1, LONG));
+        thread::sleep(Duration::from_millis(20));
+        // A serving loop entering during the pause parks and serves the task waiting.
+        let late = spawn_serving(&control, &served);
+        assert!(serving.join().unwrap());
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        assert_eq!(work.load(Ordering::SeqCst), 0, "paused all along");
+        control.stop();
+        assert_eq!(plain.join().unwrap(), VcpuStop::Stopped);
+        late.join().unwrap();
     }
 }

@@ -5,7 +5,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use kvm_ioctls::Kvm;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use vmkit_memory::GuestRam;
 use vmkit_vcpu::*;
 
 #[derive(Default)]
@@ -43,7 +44,7 @@ impl VcpuExitHandler for Recorder {
 }
 
 /// A VM without irqchip (so HLT exits to us) running `code` at 0x1000 in 32-bit mode.
-fn vm_with_code(code: &[u8]) -> (kvm_ioctls::VmFd, Vcpu, GuestMemoryMmap) {
+fn vm_with_code(code: &[u8]) -> (kvm_ioctls::VmFd, Vcpu, GuestRam) {
     let kvm = Kvm::new().expect("open /dev/kvm");
     let vm = kvm.create_vm().unwrap();
     let mem = vmkit_memory::create_guest_memory(&vmkit_memory::MemoryConfig::new(2 << 20)).unwrap();

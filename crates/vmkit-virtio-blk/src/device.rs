@@ -138,6 +138,10 @@ pub struct Block<M: MappedMemory = GuestMemoryMmap> {
     /// How long the event handler polls a queue after a notification (zero: not at all).
     poll: Duration,
     active: Option<ActivateContext<M>>,
+    /// Restored from a snapshot and not activated since: the next activation serves what
+    /// the driver made available before the snapshot (its notification may have been
+    /// taken by the VMM that paused, never to reach this device).
+    restored: bool,
 }
 
 fn bit(b: u32) -> u64 {
@@ -217,6 +221,7 @@ impl<M: MappedMemory> Block<M> {
             block_size: config.block_size,
             poll: Duration::from_micros(u64::from(config.poll_us)),
             active: None,
+            restored: false,
         })
     }
 
@@ -228,6 +233,28 @@ impl<M: MappedMemory> Block<M> {
     /// Whether the disk is read-only.
     pub fn read_only(&self) -> bool {
         self.requests.read_only
+    }
+
+    /// The logical block size.
+    pub fn block_size(&self) -> u32 {
+        self.block_size
+    }
+
+    /// The number of request queues.
+    pub fn queue_count(&self) -> u16 {
+        // At most MAX_QUEUES (256), checked by `BlockConfig::check`.
+        self.queue_sizes.len() as u16
+    }
+
+    /// The serial, zero-padded (snapshot/restore).
+    pub(crate) fn serial_bytes(&self) -> [u8; ID_BYTES] {
+        self.requests.serial
+    }
+
+    /// Replaces the serial and marks the device restored (snapshot/restore).
+    pub(crate) fn set_restored(&mut self, serial: [u8; ID_BYTES]) {
+        self.requests.serial = serial;
+        self.restored = true;
     }
 
     /// Whether the data path uses `O_DIRECT`, and its buffer alignment.
@@ -820,6 +847,15 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
         }
         self.requests.engine.attach(context.memory().clone());
         self.active = Some(context);
+        if std::mem::take(&mut self.restored) {
+            let (limits, queues) = (self.limits(), self.queue_count());
+            if let Some(ctx) = self.active.as_mut() {
+                for index in 0..queues {
+                    self.requests.run(ctx, index, &limits);
+                }
+                signal_all(ctx);
+            }
+        }
         Ok(())
     }
 
@@ -879,6 +915,7 @@ impl<M: MappedMemory> VirtioDevice<M> for Block<M> {
         r.queue_in_flight.fill(0);
         r.starved.fill(false);
         r.acked = 0;
+        self.restored = false;
         self.active.take()
     }
 }

@@ -7,6 +7,7 @@
 //! | [`BlockConfig`] | image (path or opened [`File`]), `read_only`, `direct`, [`EngineKind`], serial, queues, queue size, block size |
 //! | [`request`] | the request parser: a descriptor chain in, a checked [`Request`](request::Request) or the status to answer out |
 //! | [`Disk`] | the opened, validated image both engines work on |
+//! | [`BlockState`] | snapshot/restore: [`Block::state`] and [`Block::restore`] (capacity, read-only, block size, queues checked; serial restored) |
 //! | [`BlockEngine`] | the backend trait; [`SyncEngine`] (`preadv`/`pwritev`) and [`IoUringEngine`] (io_uring, completions on an eventfd) |
 //!
 //! Features offered: `SEG_MAX`, `BLK_SIZE`, `FLUSH`, `RO` (read-only disks), `DISCARD`
@@ -56,6 +57,7 @@ mod device;
 mod disk;
 pub mod engine;
 pub mod request;
+mod state;
 
 use std::fs::File;
 use std::io;
@@ -69,6 +71,7 @@ pub use disk::{Disk, DiskOptions, DEFAULT_DIRECT_ALIGN};
 pub use engine::{
     BlockEngine, BlockOp, Completion, IoObserver, IoUringEngine, NoObserver, SyncEngine,
 };
+pub use state::BlockState;
 
 /// The virtio device ID of a block device.
 pub const BLOCK_DEVICE_TYPE: u32 = 2;
@@ -323,4 +326,29 @@ pub enum Error {
     /// had I/O in flight after the device waited for it); the old image is still served.
     #[error("failed to switch the engine to the new disk image: {0}")]
     ReplaceDisk(#[source] io::Error),
+    /// [`Block::restore`]: the image has another capacity than the one the guest saw.
+    #[error("restored disk image has {image} sectors; the snapshot's had {saved}")]
+    StateCapacity {
+        /// The capacity in the snapshot, in sectors.
+        saved: u64,
+        /// The capacity of the image the device was built on, in sectors.
+        image: u64,
+    },
+    /// [`Block::restore`]: the snapshot's device was read-only and this one is not, or the
+    /// other way round.
+    #[error("the snapshot's disk was {} the restored one is {}", if *saved { "read-only;" } else { "writable;" }, if *saved { "not" } else { "read-only" })]
+    StateReadOnly {
+        /// Whether the snapshot's device was read-only.
+        saved: bool,
+    },
+    /// [`Block::restore`]: a device parameter differs from the snapshot's.
+    #[error("{what} {saved} in the snapshot; the restored device has {device}")]
+    StateMismatch {
+        /// The parameter.
+        what: &'static str,
+        /// Its value in the snapshot.
+        saved: u64,
+        /// Its value in the device built for the restore.
+        device: u64,
+    },
 }

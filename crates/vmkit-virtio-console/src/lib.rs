@@ -16,7 +16,10 @@
 //! - a malformed chain (loop, longer than the queue, bad indirect table) or one with a
 //!   buffer outside guest memory is returned with used length 0 and nothing read or
 //!   written; a corrupt ring (available index running ahead, head index out of range, rings
-//!   unreadable) puts the device in `DEVICE_NEEDS_RESET`.
+//!   unreadable) puts the device in `DEVICE_NEEDS_RESET`;
+//! - **snapshot/restore**: [`Console::state`] saves the input not yet given to the guest
+//!   ([`ConsoleState`]); [`Console::restore`] puts it back into a freshly built console,
+//!   which delivers it once its transport re-activates it.
 //!
 //! [`Pty`] is a small helper for VMMs offering a pseudo-terminal console (raw mode,
 //! non-blocking master, slave kept open); the device itself never touches a terminal.
@@ -113,6 +116,26 @@ pub enum Error {
     /// The per-chain transmit bound is 0: no output could ever leave the guest.
     #[error("max_tx_bytes_per_chain must be at least 1")]
     ZeroTxLimit,
+    /// [`Console::restore`]: the saved input does not fit in this console's buffer.
+    #[error("{saved} bytes of saved console input; the input buffer holds at most {capacity}")]
+    StateInput {
+        /// The bytes of input in the state.
+        saved: usize,
+        /// This console's input capacity.
+        capacity: usize,
+    },
+}
+
+/// The device-specific state of a [`Console`] for a snapshot ([`Console::state`],
+/// [`Console::restore`]): the host input buffered and not yet given to the guest.
+///
+/// The configuration space holds nothing the guest can change (`VIRTIO_CONSOLE_F_SIZE`
+/// and `MULTIPORT` are not offered: cols, rows and `max_nr_ports` read 0), so it is not
+/// saved. Counters are not saved.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConsoleState {
+    /// Input bytes buffered, oldest first.
+    pub pending_input: Vec<u8>,
 }
 
 /// Configuration of a [`Console`].
@@ -197,6 +220,9 @@ pub struct Console<M: VirtioMemory = GuestMemoryMmap> {
     scratch: Vec<u8>,
     stats: ConsoleStats,
     metrics: Arc<dyn DeviceMetrics>,
+    /// Restored and not activated since: the next activation serves the transmit queue
+    /// once (output made available while the VM was paused lost its notification).
+    restored: bool,
 }
 
 impl<M: VirtioMemory> fmt::Debug for Console<M> {
@@ -239,6 +265,7 @@ impl<M: VirtioMemory> Console<M> {
             scratch: Vec::new(),
             stats: ConsoleStats::default(),
             metrics: config.metrics,
+            restored: false,
         })
     }
 
@@ -278,6 +305,38 @@ impl<M: VirtioMemory> Console<M> {
     /// Whether the driver has activated the device.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// The device's state for a snapshot. Nothing is ever in flight (chains are served
+    /// synchronously), so `quiesce` has nothing to wait for; input pushed after this is not
+    /// in the state.
+    pub fn state(&self) -> ConsoleState {
+        ConsoleState {
+            pending_input: lock(&self.input).data.iter().copied().collect(),
+        }
+    }
+
+    /// Restores `state` into a freshly built console, before its transport re-activates
+    /// it: the buffered input becomes the saved input (delivered to the guest's receive
+    /// buffers on activation), and that activation also serves the transmit queue once
+    /// (output made available while the VM was paused lost its notification).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::StateInput`] if the saved input is larger than this console's buffer.
+    pub fn restore(&mut self, state: &ConsoleState) -> Result<(), Error> {
+        let mut input = lock(&self.input);
+        if state.pending_input.len() > input.capacity {
+            return Err(Error::StateInput {
+                saved: state.pending_input.len(),
+                capacity: input.capacity,
+            });
+        }
+        input.data.clear();
+        input.data.extend(&state.pending_input);
+        drop(input);
+        self.restored = true;
+        Ok(())
     }
 
     /// Copies every transmitq chain to the output.
@@ -536,6 +595,9 @@ impl<M: VirtioMemory> VirtioDevice<M> for Console<M> {
         self.active = Some(context);
         // Input typed before the driver was ready goes to buffers posted before DRIVER_OK.
         self.fill_rx();
+        if std::mem::take(&mut self.restored) {
+            self.transmit();
+        }
         Ok(())
     }
 
@@ -551,6 +613,7 @@ impl<M: VirtioMemory> VirtioDevice<M> for Console<M> {
     fn reset(&mut self) -> Option<ActivateContext<M>> {
         // Buffered input stays for the next activation.
         lock(&self.input).kick = None;
+        self.restored = false;
         self.active.take()
     }
 }
@@ -587,6 +650,29 @@ mod tests {
         assert_eq!(c.stats().emergency_bytes, 0);
         assert!(!c.is_active());
         assert!(c.reset().is_none());
+    }
+
+    #[test]
+    fn state_round_trip_and_oversized_input() {
+        let mut c = Console::new(ConsoleConfig::new(Box::new(io::sink()))).unwrap();
+        assert_eq!(c.state().pending_input, b"");
+        c.enqueue_input(b"abc");
+        let state = c.state();
+        assert_eq!(state.pending_input, b"abc");
+        let mut cfg = ConsoleConfig::new(Box::new(io::sink()));
+        cfg.input_capacity = 3;
+        let mut fresh = Console::new(cfg).unwrap();
+        fresh.enqueue_input(b"x");
+        fresh.restore(&state).unwrap();
+        assert_eq!(fresh.state(), state, "the saved input replaces the buffer");
+        let big = ConsoleState {
+            pending_input: vec![0; 4],
+        };
+        assert_eq!(
+            fresh.restore(&big).unwrap_err().to_string(),
+            "4 bytes of saved console input; the input buffer holds at most 3"
+        );
+        assert_eq!(fresh.pending_input(), 3);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::features::*;
 use crate::header::NET_HDR_LEN;
 use crate::rx::RxBuffers;
 use crate::tx::{send_chain, TxDrop, MAX_FRAME_LEN};
-use crate::{Error, NetConfig, NetStats};
+use crate::{Error, NetConfig, NetState, NetStats};
 
 /// The virtio device ID of a network card.
 pub const NET_DEVICE_TYPE: u32 = 1;
@@ -62,6 +62,8 @@ pub struct Net<M: MappedMemory = GuestMemoryMmap> {
     rx_limiter: RateLimiter,
     /// [`NetConfig::tx_rate_limiter`]: a frame without tokens stays in the ring.
     tx_limiter: RateLimiter,
+    /// [`restore`](Self::restore)d: the queue pairs the next activation uses.
+    restored_pairs: Option<u16>,
 }
 
 impl<M: MappedMemory> fmt::Debug for Net<M> {
@@ -141,6 +143,7 @@ impl<M: MappedMemory> Net<M> {
             metrics: config.metrics,
             rx_limiter,
             tx_limiter,
+            restored_pairs: None,
         };
         // Until a driver asks for more pairs, only the first one's backend receives.
         net.enable_backends(1);
@@ -165,6 +168,49 @@ impl<M: MappedMemory> Net<M> {
     /// The receive filter the driver set through the control queue.
     pub fn rx_filter(&self) -> &RxFilter {
         &self.filter
+    }
+
+    /// The device's state for a snapshot: MAC, MTU, queue pairs (all and in use), the
+    /// receive filter. Take it after `quiesce`, which returns the receive buffers the device
+    /// held to the driver (transmit and control chains are served synchronously: nothing
+    /// else is ever in flight).
+    pub fn state(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            mtu: self.mtu,
+            // At most 0x8000 pairs (checked in `for_memory`).
+            pairs: self.pairs.len() as u16,
+            active_pairs: self.restored_pairs.unwrap_or(self.active_pairs),
+            promiscuous: self.filter.promiscuous,
+            all_multicast: self.filter.all_multicast,
+            unicast: self.filter.unicast.clone(),
+            multicast: self.filter.multicast.clone(),
+        }
+    }
+
+    /// Restores `state` into a device freshly built on its backends (the same TAPs, or the
+    /// ones a network override names), before the transport re-activates it: the MAC, MTU
+    /// and receive filter become the saved ones, and the activation that follows uses the
+    /// saved number of queue pairs and serves every queue once (what the driver made
+    /// available while the VM was paused lost its notification with the old VMM).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::State`] for another number of queue pairs than this device's, a MAC or MTU
+    /// where this device has none or the other way round (they decide the features the
+    /// driver negotiated), pairs in use out of range, or filter tables over 256 entries;
+    /// [`Error::Mtu`] for an MTU below 68.
+    pub fn restore(&mut self, state: &NetState) -> Result<(), Error> {
+        let filter = state.validate(
+            self.pairs.len() as u16,
+            self.mac.is_some(),
+            self.mtu.is_some(),
+        )?;
+        self.mac = state.mac;
+        self.mtu = state.mtu;
+        self.filter = filter;
+        self.restored_pairs = Some(state.active_pairs);
+        Ok(())
     }
 
     fn has(&self, bit: u32) -> bool {
@@ -603,7 +649,20 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
         // One pair until the driver asks for more; frames that arrived before the driver
         // was ready are read.
         self.active_pairs = 0;
-        self.set_pairs(1);
+        match self.restored_pairs.take() {
+            None => self.set_pairs(1),
+            Some(pairs) => {
+                self.set_pairs(pairs);
+                // What the driver made available while the VM was paused lost its
+                // notification with the old VMM: serve every queue once.
+                for pair in 0..pairs {
+                    self.process_tx(pair);
+                }
+                if self.has(VIRTIO_NET_F_CTRL_VQ) {
+                    self.process_ctrl();
+                }
+            }
+        }
         Ok(())
     }
 
@@ -639,7 +698,26 @@ impl<M: MappedMemory> VirtioDevice<M> for Net<M> {
         }
     }
 
+    fn quiesce(&mut self) {
+        // Receive chains held for the next frame are given back to the queue, unused: a
+        // snapshot taken now must not hold buffers the driver gave (a restored device
+        // starts from the saved ring position and would never use them). The next frame
+        // takes them again; the driver sees nothing.
+        let Some(ctx) = self.active.as_mut() else {
+            return;
+        };
+        for (pair, p) in self.pairs.iter_mut().enumerate() {
+            // At most 0x8000 pairs: the index fits.
+            if let Some(q) = ctx.queue_mut((pair * 2) as u16) {
+                if p.rx.give_back(q) > 0 {
+                    let _ = q.signal_used();
+                }
+            }
+        }
+    }
+
     fn reset(&mut self) -> Option<ActivateContext<M>> {
+        self.restored_pairs = None;
         for p in &mut self.pairs {
             p.rx.clear();
             if let Err(e) = p.backend.set_offloads(crate::Offloads::default()) {

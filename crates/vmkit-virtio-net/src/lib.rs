@@ -23,7 +23,10 @@
 //!   [`VirtioDevice::readable_fds`](vmkit_virtio::VirtioDevice::readable_fds)), and the
 //!   device reads until it would block;
 //! - **control queue**: [`RxFilter`] (promiscuous until the driver says otherwise, as QEMU
-//!   does), `VQ_PAIRS_SET`; malformed or unknown commands answer `VIRTIO_NET_ERR`.
+//!   does), `VQ_PAIRS_SET`; malformed or unknown commands answer `VIRTIO_NET_ERR`;
+//! - **snapshot/restore**: `quiesce` gives held receive chains back empty; [`Net::state`]
+//!   saves MAC, MTU, queue pairs and the receive filter ([`NetState`]); [`Net::restore`]
+//!   puts them into a device built on the same or other backends.
 //!
 //! Guest memory is written only through the device-writable buffers of receive and control
 //! chains the queue checked; pages the kernel wrote through `readv` are marked dirty.
@@ -69,6 +72,7 @@ mod device;
 mod features;
 mod header;
 mod rx;
+mod state;
 mod tx;
 
 pub use backend::{NetBackend, Tap};
@@ -76,6 +80,7 @@ pub use ctrl::RxFilter;
 pub use device::{Net, CONFIG_SPACE_SIZE, NET_DEVICE_TYPE};
 pub use features::*;
 pub use header::*;
+pub use state::NetState;
 pub use tx::MAX_FRAME_LEN;
 
 /// The default size of each queue.
@@ -127,6 +132,9 @@ pub enum Error {
     /// A rate limiter's timerfd could not be created.
     #[error("failed to set up a rate limiter: {0}")]
     RateLimiter(#[source] std::io::Error),
+    /// [`Net::restore`]: a saved state that is out of range or does not fit this device.
+    #[error("invalid virtio-net state: {0}")]
+    State(String),
 }
 
 /// Configuration of a [`Net`].

@@ -237,6 +237,23 @@ impl RxBuffers {
         n
     }
 
+    /// Gives every held chain back to the queue unused (they are the last ones taken: the
+    /// oldest is filled first): the driver's buffers are available again, the next pops take
+    /// them, and a snapshot records them as available, not taken. A chain that cannot be
+    /// given back (none, while they are the last taken) is completed empty instead. Returns
+    /// how many were completed.
+    pub(crate) fn give_back<M: MappedMemory>(&mut self, q: &mut ActiveQueue<M>) -> u16 {
+        let held = u16::try_from(self.chains.len()).unwrap_or(u16::MAX);
+        let given = q.give_back(held);
+        let completed = held - given;
+        for chain in self.chains.drain(..).take(usize::from(completed)) {
+            let _ = q.complete(chain.head, 0);
+        }
+        self.segments.clear();
+        self.total = 0;
+        completed
+    }
+
     /// Forgets every held chain (the device was reset: the queue is gone).
     pub(crate) fn clear(&mut self) {
         self.segments.clear();

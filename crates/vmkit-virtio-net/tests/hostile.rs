@@ -706,3 +706,121 @@ fn the_transmit_limiter_holds_every_transmit_queue() {
     assert!(!r.dev.is_queue_held(1) && !r.dev.is_queue_held(3));
     assert_eq!(r.used_idx(1), 2);
 }
+
+#[test]
+fn quiesce_gives_held_buffers_back_and_a_restored_device_keeps_pairs_and_filter() {
+    let features = bit(VIRTIO_NET_F_CTRL_VQ) | bit(VIRTIO_NET_F_CTRL_RX) | bit(VIRTIO_NET_F_MQ);
+    let rx: Vec<_> = (0..4)
+        .map(|i| desc(0x1_0000 + 0x1000 * i, 2048, WRITE, 0))
+        .collect();
+    let mut r = rig(2, features, &[&rx, &[], &[], &[], &[]]);
+    let ctrl = |r: &mut Rig, slot: u16, cmd: &[u8]| {
+        let at = 0x2_0000 + 0x100 * u64::from(slot);
+        r.mem.write_slice(cmd, GuestAddress(at)).unwrap();
+        let d = 2 * slot;
+        let table = GuestAddress(RINGS[4]);
+        let chain = [
+            desc(at, cmd.len() as u32, NEXT, d + 1),
+            desc(at + 0x80, 1, WRITE, 0),
+        ];
+        for (i, c) in chain.iter().enumerate() {
+            let at = table.unchecked_add(16 * (u64::from(d) + i as u64));
+            r.mem.write_obj(*c, at).unwrap();
+        }
+        let avail = r.avail[4];
+        r.mem
+            .write_obj(d, avail.unchecked_add(4 + 2 * u64::from(slot)))
+            .unwrap();
+        r.mem.write_obj(slot + 1, avail.unchecked_add(2)).unwrap();
+        r.dev.process_queue(4);
+        let status: u8 = r.mem.read_obj(GuestAddress(at + 0x80)).unwrap();
+        assert_eq!(status, VIRTIO_NET_OK);
+    };
+    // Promiscuous off, two pairs in use.
+    ctrl(&mut r, 0, &[0, 0, 0]);
+    ctrl(&mut r, 1, &[4, 0, 2, 0]);
+    r.hosts[0].send(&with_header(&frame(MAC, 80, 1))).unwrap();
+    r.dev.process_device_event(0);
+    assert_eq!(r.used_idx(0), 1);
+    // The device took the next buffer for a frame that has not come: quiesce gives it
+    // back to the ring, unused (nothing in the used ring)...
+    r.dev.quiesce();
+    assert_eq!(r.used_idx(0), 1, "nothing completed");
+    // ...and the next frame lands in it, whole.
+    let second = with_header(&frame(MAC, 90, 2));
+    r.hosts[0].send(&second).unwrap();
+    r.dev.process_device_event(0);
+    assert_eq!(r.used_idx(0), 2);
+    assert_eq!(r.used_len(0, 1) as usize, second.len());
+    r.dev.quiesce();
+
+    // The driver queues a frame on the second pair while the VM is paused: its
+    // notification never reaches the device.
+    let out = with_header(&frame([0xff; 6], 60, 4));
+    r.mem.write_slice(&out, GuestAddress(0x3_0000)).unwrap();
+    r.mem
+        .write_obj(
+            desc(0x3_0000, out.len() as u32, 0, 0),
+            GuestAddress(RINGS[3]),
+        )
+        .unwrap();
+    r.mem.write_obj(0u16, r.avail[3].unchecked_add(4)).unwrap();
+    r.mem.write_obj(1u16, r.avail[3].unchecked_add(2)).unwrap();
+
+    let state = r.dev.state();
+    assert_eq!(state.active_pairs, 2);
+    assert!(!state.promiscuous);
+    assert_eq!(state.mac, Some(MAC));
+    let ctx = r.dev.reset().expect("was active");
+
+    // A device on new backends (a network override), restored, re-activated on the rings.
+    let (mut backends, mut hosts, mut enabled) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..2 {
+        let (b, h) = socket_backend(ALL_OFFLOADS);
+        enabled.push(b.enabled.clone());
+        backends.push(Box::new(b) as Box<dyn NetBackend>);
+        hosts.push(h);
+    }
+    let mut config = NetConfig::new(backends);
+    config.mac = Some([2, 0, 0, 0, 0, 9]);
+    let mut fresh = Net::new(config).unwrap();
+    fresh.restore(&state).unwrap();
+    fresh.ack_features(features | FEATURE_VERSION_1);
+    fresh.activate(ctx).unwrap();
+    r.dev = fresh;
+    r.hosts = hosts;
+    // Sent during the activation already: a read that would block fails the test.
+    r.hosts[1].set_nonblocking(true).unwrap();
+    assert_eq!(r.recv_host(1), out, "the waiting frame went out");
+    assert_eq!(r.used_idx(3), 1);
+    assert_eq!(r.dev.active_pairs(), 2, "pairs in use restored");
+    assert_eq!(enabled[1].lock().unwrap().last(), Some(&true));
+    assert!(!r.dev.rx_filter().promiscuous, "filter restored");
+    let mut mac = [0u8; 6];
+    r.dev.read_config(0, &mut mac[..4]);
+    r.dev.read_config(4, &mut mac[4..]);
+    assert_eq!(mac, MAC, "the MAC comes from the state");
+    // It works: a frame for another MAC is filtered, one for ours lands in the next buffer.
+    let other = [0x52, 0x54, 0, 0x12, 0x34, 0x99];
+    r.hosts[0].send(&with_header(&frame(other, 80, 2))).unwrap();
+    r.hosts[0].send(&with_header(&frame(MAC, 80, 3))).unwrap();
+    r.dev.process_device_event(0);
+    assert_eq!(r.used_idx(0), 3);
+    assert_eq!(r.dev.stats().rx_filtered, 1);
+    assert_eq!(r.read(0x1_2000 + NET_HDR_LEN as u64, 80), frame(MAC, 80, 3));
+}
+
+#[test]
+fn a_state_that_does_not_fit_the_device_is_refused() {
+    let mut r = rig(1, 0, &[&[], &[]]);
+    let good = r.dev.state();
+    let mut two_pairs = good.clone();
+    two_pairs.pairs = 2;
+    two_pairs.active_pairs = 2;
+    let mut no_mac = good.clone();
+    no_mac.mac = None;
+    for bad in [two_pairs, no_mac] {
+        assert!(matches!(r.dev.restore(&bad), Err(Error::State(_))));
+    }
+    r.dev.restore(&good).unwrap();
+}

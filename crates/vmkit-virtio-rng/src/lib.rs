@@ -57,6 +57,22 @@ pub enum Error {
     /// The rate limiter's timerfd could not be created.
     #[error("failed to set up the rate limiter: {0}")]
     RateLimiter(#[source] io::Error),
+    /// A saved [`RngState`] of a version this crate does not read.
+    #[error("rng state version {0} not supported (this vmkit reads {RNG_STATE_VERSION})")]
+    StateVersion(u32),
+}
+
+/// The version of [`RngState`] this crate writes and reads.
+pub const RNG_STATE_VERSION: u32 = 1;
+
+/// The device-specific state of an [`Rng`] for a snapshot: the device has none beyond
+/// what its transport saves (queues, features), so this holds only a version, checked on
+/// [`Rng::restore`]. Statistics, metrics and rate-limiter buckets are not saved (the
+/// limiter starts full again on restore).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RngState {
+    /// [`RNG_STATE_VERSION`] when written by this crate.
+    pub version: u32,
 }
 
 /// The token of the rate limiter's timerfd in [`VirtioDevice::readable_fds`].
@@ -102,6 +118,9 @@ pub struct Rng<M: VirtioMemory = GuestMemoryMmap> {
     stats: RngStats,
     metrics: Arc<dyn DeviceMetrics>,
     limiter: RateLimiter,
+    /// Restored and not activated since: the next activation serves the queue once (a
+    /// request made available while the VM was paused lost its notification).
+    restored: bool,
 }
 
 impl Rng {
@@ -125,6 +144,7 @@ impl<M: VirtioMemory> Rng<M> {
             stats: RngStats::default(),
             metrics: Arc::new(NoMetrics),
             limiter: RateLimiter::new(RateLimiterConfig::default()).map_err(Error::RateLimiter)?,
+            restored: false,
         })
     }
 
@@ -180,6 +200,26 @@ impl<M: VirtioMemory> Rng<M> {
     /// Whether the driver has activated the device.
     pub fn is_active(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// The device's state for a snapshot, taken while the device is quiesced (the rng
+    /// serves every request synchronously in `process_queue`: nothing is ever in flight).
+    pub fn state(&self) -> RngState {
+        RngState {
+            version: RNG_STATE_VERSION,
+        }
+    }
+
+    /// Restores `state` into a freshly built device, before its transport re-activates it;
+    /// that activation serves the requests already in the ring (made available while the
+    /// VM was paused, their notification lost with the old VMM). A state of another version
+    /// is refused.
+    pub fn restore(&mut self, state: &RngState) -> Result<(), Error> {
+        if state.version != RNG_STATE_VERSION {
+            return Err(Error::StateVersion(state.version));
+        }
+        self.restored = true;
+        Ok(())
     }
 }
 
@@ -284,6 +324,9 @@ impl<M: VirtioMemory> VirtioDevice<M> for Rng<M> {
             q.set_throttled(self.limiter.is_throttled());
         }
         self.active = Some(context);
+        if std::mem::take(&mut self.restored) {
+            self.serve_queue(0);
+        }
         Ok(())
     }
 
@@ -303,6 +346,7 @@ impl<M: VirtioMemory> VirtioDevice<M> for Rng<M> {
     }
 
     fn reset(&mut self) -> Option<ActivateContext<M>> {
+        self.restored = false;
         self.active.take()
     }
 }
@@ -395,5 +439,21 @@ mod tests {
         rng.write_config(0, &[1, 2, 3, 4]);
         assert!(!rng.is_active());
         assert!(rng.reset().is_none());
+    }
+
+    #[test]
+    fn state_round_trip_and_bad_version() {
+        let rng = Rng::new(RngConfig::default()).unwrap();
+        let state = rng.state();
+        assert_eq!(state.version, RNG_STATE_VERSION);
+        let mut fresh = Rng::new(RngConfig::default()).unwrap();
+        fresh.restore(&state).unwrap();
+        assert_eq!(fresh.state(), state);
+        let err = fresh.restore(&RngState { version: 7 }).unwrap_err();
+        assert!(matches!(err, Error::StateVersion(7)));
+        assert_eq!(
+            err.to_string(),
+            "rng state version 7 not supported (this vmkit reads 1)"
+        );
     }
 }

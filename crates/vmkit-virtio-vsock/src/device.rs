@@ -15,7 +15,7 @@ use vmkit_virtio::{
 
 use crate::host::Host;
 use crate::proto::*;
-use crate::{Error, VsockConfig, VsockStats};
+use crate::{Error, VsockConfig, VsockState, VsockStats};
 
 /// The token of the host side's epoll fd in [`VirtioDevice::readable_fds`].
 const HOST_TOKEN: u16 = 0;
@@ -30,6 +30,9 @@ pub struct Vsock<M: VirtioMemory = GuestMemoryMmap> {
     active: Option<ActivateContext<M>>,
     /// A transport-reset event waits for an event-queue buffer.
     event_owed: bool,
+    /// Restored from a snapshot and not activated since: the next activation resets the
+    /// transport (connections forgotten, `TRANSPORT_RESET` sent).
+    restored: bool,
     poll: std::time::Duration,
     /// Chains the queues refused as malformed (and counted so): not counted again.
     queue_refused: u64,
@@ -65,9 +68,7 @@ impl<M: VirtioMemory> Vsock<M> {
     /// [`Error::Cid`] for a CID below 3 or of 2³² − 1 and up, [`Error::QueueSize`],
     /// [`Error::Limits`], [`Error::Poll`], [`Error::PathExists`], [`Error::Bind`], [`Error::Epoll`].
     pub fn for_memory(config: VsockConfig) -> Result<Self, Error> {
-        if config.guest_cid < 3 || config.guest_cid >= u64::from(u32::MAX) {
-            return Err(Error::Cid(config.guest_cid));
-        }
+        check_cid(config.guest_cid)?;
         let size = config.queue_size;
         if !size.is_power_of_two() || size > 0x8000 {
             return Err(Error::QueueSize(size));
@@ -85,6 +86,7 @@ impl<M: VirtioMemory> Vsock<M> {
             host: Host::bind(&config)?,
             active: None,
             event_owed: false,
+            restored: false,
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
             queue_refused: 0,
             metrics: Arc::new(NoMetrics),
@@ -139,6 +141,31 @@ impl<M: VirtioMemory> Vsock<M> {
                 dev.send_event();
             }
         });
+    }
+
+    /// The device's state for a snapshot: the guest CID. Connections are not saved (their
+    /// host sockets cannot be), and nothing is ever in flight: packets are moved between
+    /// the rings and the host sockets synchronously, so `quiesce` has nothing to wait for.
+    pub fn state(&self) -> VsockState {
+        VsockState {
+            guest_cid: self.guest_cid,
+        }
+    }
+
+    /// Restores `state` into a freshly built device (its own socket path), before the
+    /// transport re-activates it: the guest CID becomes the saved one, and the activation
+    /// that follows forgets every connection and puts one
+    /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue, so the driver drops its
+    /// sockets and re-reads the CID (as Firecracker does).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Cid`] for a saved CID below 3 or of 2³² − 1 and up.
+    pub fn restore(&mut self, state: &VsockState) -> Result<(), Error> {
+        check_cid(state.guest_cid)?;
+        self.guest_cid = state.guest_cid;
+        self.restored = true;
+        Ok(())
     }
 
     fn send_event(&mut self) {
@@ -216,6 +243,14 @@ impl<M: VirtioMemory> Vsock<M> {
         }
         let _ = q.signal_used();
     }
+}
+
+/// A guest CID is 3 to 2³² − 2.
+fn check_cid(cid: u64) -> Result<(), Error> {
+    if cid < 3 || cid >= u64::from(u32::MAX) {
+        return Err(Error::Cid(cid));
+    }
+    Ok(())
 }
 
 /// Hands one transmit chain's packet to the host side; a malformed one is counted and
@@ -323,6 +358,13 @@ impl<M: VirtioMemory> VirtioDevice<M> for Vsock<M> {
             q.set_poll(self.poll);
         }
         self.active = Some(context);
+        if std::mem::take(&mut self.restored) {
+            // The driver's sockets were connected to host sockets of the VMM that took the
+            // snapshot: the driver resets them. Packets it queued while the VM was paused
+            // (their notification lost with the old VMM) are taken: each gets a reset.
+            self.transport_reset();
+            self.counted(|dev| dev.process_tx());
+        }
         // Host clients may have connected before the driver was ready.
         self.counted(|dev| {
             dev.host.poll();
@@ -361,6 +403,8 @@ impl<M: VirtioMemory> VirtioDevice<M> for Vsock<M> {
         self.counted(|dev| dev.host.close_all());
         self.acked = 0;
         self.event_owed = false;
+        // A driver that resets the device sets it up afresh: no event is owed to it.
+        self.restored = false;
         self.active.take()
     }
 }

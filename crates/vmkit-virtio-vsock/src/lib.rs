@@ -24,6 +24,9 @@
 //!   side, end of file to the guest), a connection ends with a reset once both sides are
 //!   done, and unknown ports, refused connections, malformed or out-of-credit packets get
 //!   resets. [`Vsock::transport_reset`] sends the event queue's transport-reset event.
+//! - **Snapshot/restore**: [`Vsock::state`] saves the guest CID ([`VsockState`]);
+//!   [`Vsock::restore`] on a freshly built device makes its next activation forget every
+//!   connection and send `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, as Firecracker does.
 //!
 //! The host sockets are watched by an epoll instance of the device's own, whose fd the
 //! transport's event handler watches (through
@@ -85,7 +88,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::fr
 /// The default bound on connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
-/// Errors of [`Vsock::new`].
+/// Errors of [`Vsock::new`] and [`Vsock::restore`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// 0, 1 and 2 are the hypervisor's, the loopback's and the host's; 2³² − 1 is "any".
@@ -116,6 +119,15 @@ pub enum Error {
     /// The device's epoll instance or timer cannot be made.
     #[error("epoll: {0}")]
     Epoll(#[source] std::io::Error),
+}
+
+/// The device-specific state of a [`Vsock`] for a snapshot ([`Vsock::state`],
+/// [`Vsock::restore`]): the guest CID. Connections are not saved: the restored device's
+/// first activation sends the driver `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VsockState {
+    /// The guest's CID (3 to 2³² − 2).
+    pub guest_cid: u64,
 }
 
 /// Configuration of a [`Vsock`].

@@ -593,3 +593,94 @@ fn metrics_count_packets_bytes_drops_resets_and_malformed_chains() {
     };
     assert_eq!(metrics.snapshot().since(&before), expected);
 }
+
+#[test]
+fn a_restored_device_resets_the_transport_once_and_serves_again() {
+    let mut r = rig("restore", DEFAULT_BUF_ALLOC);
+    let listener = UnixListener::bind(r.dir.join("v.sock_9")).unwrap();
+    r.send(H::new(OP_REQUEST, 5000, 9), None);
+    let (_old_host, _) = listener.accept().unwrap();
+    assert_eq!(r.dev.connections(), 1);
+    // The driver's event buffer, offered before the snapshot, unused so far.
+    r.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(0x30_0000))
+        .unwrap();
+    r.set(2, 0, desc(0x30_0000, 8, WRITE, 0));
+    r.push(2, 0);
+    assert_eq!(r.used_idx(2), 0);
+
+    // The driver queues a connection request while the VM is paused: its notification
+    // never reaches the device.
+    r.mem
+        .write_slice(
+            &H::new(OP_REQUEST, 5002, 9).bytes(),
+            GuestAddress(0x10_0000),
+        )
+        .unwrap();
+    r.set(1, 0, desc(0x10_0000, HDR, 0, 0));
+    let n = r.pushed[1];
+    r.mem
+        .write_obj(0u16, r.avail[1].unchecked_add(4 + 2 * u64::from(n % 16)))
+        .unwrap();
+    r.pushed[1] = n + 1;
+    r.mem
+        .write_obj(r.pushed[1], r.avail[1].unchecked_add(2))
+        .unwrap();
+
+    let state = r.dev.state();
+    assert_eq!(state.guest_cid, CID);
+    let ctx = r.dev.reset().expect("was active");
+    let listener = UnixListener::bind(r.dir.join("w.sock_9")).unwrap();
+    // The restored device is built on its own socket path (a vsock override).
+    let mut fresh = Vsock::new(VsockConfig::new(CID + 1, r.dir.join("w.sock"))).unwrap();
+    fresh.restore(&state).unwrap();
+    fresh.ack_features(FEATURE_VERSION_1);
+    fresh.activate(ctx).unwrap();
+    r.dev = fresh;
+    assert_eq!(r.dev.guest_cid(), CID, "the CID comes from the state");
+    assert_eq!(r.used_idx(2), 1, "one event on activation");
+    assert_eq!(r.used_elem(2, 0), (0, 4));
+    let id: u32 = r.mem.read_obj(GuestAddress(0x30_0000)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    // Only one event.
+    r.set(2, 1, desc(0x30_1000, 8, WRITE, 0));
+    r.push(2, 1);
+    assert_eq!(r.used_idx(2), 1);
+    // The request queued while paused was taken on activation, after the reset.
+    listener.set_nonblocking(true).unwrap();
+    let _queued_host = listener.accept().expect("the queued request connected");
+    assert_eq!(r.dev.connections(), 1);
+
+    // The driver connects again, through the new device to the new path.
+    r.send(H::new(OP_REQUEST, 5001, 9), None);
+    let _new_host = listener.accept().unwrap();
+    assert_eq!(r.dev.connections(), 2);
+    assert_eq!(
+        r.receive(2),
+        [(OP_RESPONSE, 9, 5002, HDR), (OP_RESPONSE, 9, 5001, HDR)]
+    );
+}
+
+#[test]
+fn a_restored_state_with_a_reserved_cid_is_refused() {
+    let mut r = rig("restore-cid", DEFAULT_BUF_ALLOC);
+    for cid in [0, 2, u64::from(u32::MAX), u64::MAX] {
+        let err = r.dev.restore(&VsockState { guest_cid: cid }).unwrap_err();
+        assert!(matches!(err, vmkit_virtio_vsock::Error::Cid(c) if c == cid));
+    }
+    assert_eq!(r.dev.guest_cid(), CID);
+}
+
+#[test]
+fn a_driver_reset_before_activation_owes_no_event() {
+    let mut r = rig("restore-reset", DEFAULT_BUF_ALLOC);
+    let state = r.dev.state();
+    let ctx = r.dev.reset().unwrap();
+    r.dev.restore(&state).unwrap();
+    // The driver resets the device before the restored activation: it starts afresh.
+    assert!(r.dev.reset().is_none());
+    r.set(2, 0, desc(0x30_0000, 8, WRITE, 0));
+    r.push(2, 0);
+    r.dev.activate(ctx).unwrap();
+    assert_eq!(r.used_idx(2), 0);
+}

@@ -20,7 +20,11 @@ use crate::device::{
 use crate::events::{lock_device, QueueEventHandler};
 use crate::interrupt::VirtioInterrupt;
 use crate::queue::{QueueWatch, VirtioMemory};
+use crate::state::{QueueSlotState, VirtioTransportState};
 use crate::{ActivateError, Error, Result};
+
+/// The status bits a saved state may hold.
+const KNOWN_STATUS: u32 = S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK | S_FAILED;
 
 /// The largest queue the spec allows.
 pub(crate) const MAX_QUEUE_SIZE: u16 = 32768;
@@ -522,9 +526,10 @@ impl<M: VirtioMemory> VirtioState<M> {
             }
             let index = u16::try_from(i).unwrap_or(u16::MAX);
             let notifier = self.notifiers[i].try_clone().map_err(ActivateError::Io)?;
-            let fresh = Queue::new(slot.queue.max_size())
+            // The slot keeps a copy of the configuration (size, addresses), for snapshots.
+            let copy = Queue::try_from(slot.queue.state())
                 .map_err(|_| ActivateError::MissingQueue(index))?;
-            let queue = std::mem::replace(&mut slot.queue, fresh);
+            let queue = std::mem::replace(&mut slot.queue, copy);
             slot.active = true;
             queues.push((index, queue, notifier, self.watches[i].clone()));
         }
@@ -593,6 +598,233 @@ impl<M: VirtioMemory> VirtioState<M> {
         for (i, chunk) in data.chunks(4).enumerate() {
             if let Some(at) = offset.checked_add(4 * i as u64) {
                 device.write_config(at, chunk);
+            }
+        }
+    }
+}
+
+impl<M: VirtioMemory> VirtioState<M> {
+    /// The state to save; the device is quiesced (its queues do not move).
+    pub(crate) fn save(&self) -> VirtioTransportState {
+        let queues = self
+            .slots
+            .iter()
+            .zip(&self.watches)
+            .enumerate()
+            .map(|(i, (slot, watch))| {
+                let mut queue = crate::state::QueueSnapshot::from(slot.queue.state());
+                if slot.active {
+                    (queue.next_avail, queue.next_used) = watch.positions();
+                    let held = queue.next_avail.wrapping_sub(queue.next_used);
+                    if held != 0 {
+                        log::warn!(
+                            "{}: queue {i}: {held} chains taken and not completed at the \
+                             snapshot; a restored device will not complete them",
+                            self.name
+                        );
+                    }
+                }
+                QueueSlotState {
+                    ready: slot.ready,
+                    invalid: slot.invalid,
+                    active: slot.active,
+                    addrs: slot.addrs,
+                    queue,
+                }
+            })
+            .collect();
+        VirtioTransportState {
+            device_type: self.device_type,
+            offered_features: self.offered,
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            queues,
+            activated: self.activated,
+            needs_reset: self.needs_reset.is_set(),
+            dma_allowed: self.dma_allowed,
+            activation_pending: self.activation_pending,
+        }
+    }
+
+    /// Checks `state` against this transport's device and the rules a driver meets.
+    pub(crate) fn check(&self, state: &VirtioTransportState) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidState(m));
+        if self.status != 0 || self.activated || self.activation_pending {
+            return bad("the transport is in use; restore into a freshly built one".into());
+        }
+        if state.device_type != self.device_type {
+            return bad(format!(
+                "saved device type {} but the device is type {}",
+                state.device_type, self.device_type
+            ));
+        }
+        if state.offered_features != self.offered {
+            return bad(format!(
+                "saved offered features {:#x} but the device offers {:#x}",
+                state.offered_features, self.offered
+            ));
+        }
+        if state.queues.len() != self.slots.len() {
+            return bad(format!(
+                "{} saved queues but the device has {}",
+                state.queues.len(),
+                self.slots.len()
+            ));
+        }
+        if state.status & !KNOWN_STATUS != 0 {
+            return bad(format!("status {:#x} has unknown bits", state.status));
+        }
+        let features_ok = state.status & S_FEATURES_OK != 0;
+        let driver_ok = state.status & S_DRIVER_OK != 0;
+        if features_ok && state.driver_features & !self.offered != 0 {
+            return bad(format!(
+                "driver features {:#x} were not offered ({:#x})",
+                state.driver_features, self.offered
+            ));
+        }
+        if features_ok && state.driver_features & FEATURE_VERSION_1 == 0 {
+            return bad("driver features lack VIRTIO_F_VERSION_1".into());
+        }
+        if driver_ok && !features_ok {
+            return bad("DRIVER_OK without FEATURES_OK".into());
+        }
+        if state.activated && (!driver_ok || !state.dma_allowed) {
+            return bad("activated without DRIVER_OK or without DMA".into());
+        }
+        if state.activation_pending && (!driver_ok || state.dma_allowed || state.activated) {
+            return bad("activation pending out of order".into());
+        }
+        let event_idx = state.driver_features & FEATURE_RING_EVENT_IDX != 0;
+        for (i, (q, &max)) in state.queues.iter().zip(&self.max_sizes).enumerate() {
+            self.check_queue(i, q, max, state.activated)?;
+            if q.active && q.queue.event_idx_enabled != event_idx {
+                return bad(format!(
+                    "queue {i}: EVENT_IDX {} but the driver's features say {event_idx}",
+                    q.queue.event_idx_enabled
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_queue(&self, i: usize, q: &QueueSlotState, max: u16, activated: bool) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidState(format!("queue {i}: {m}")));
+        if q.queue.max_size != max {
+            return bad(format!(
+                "saved maximum size {} but the device's is {max}",
+                q.queue.max_size
+            ));
+        }
+        if q.invalid & !(BAD_SIZE | BAD_DESC | BAD_DRIVER | BAD_DEVICE) != 0 {
+            return bad(format!("invalid-field bits {:#x} unknown", q.invalid));
+        }
+        let rings = [q.queue.desc_table, q.queue.avail_ring, q.queue.used_ring];
+        for (area, bit) in [BAD_DESC, BAD_DRIVER, BAD_DEVICE].into_iter().enumerate() {
+            if q.invalid & bit == 0 && q.addrs[area] != rings[area] {
+                return bad(format!(
+                    "area register {:#x} is not the ring address {:#x} it was taken for",
+                    q.addrs[area], rings[area]
+                ));
+            }
+        }
+        if Queue::try_from(virtio_queue::QueueState::from(q.queue)).is_err() {
+            return bad(format!(
+                "size {} (maximum {max}) or ring addresses {:#x}/{:#x}/{:#x} invalid",
+                q.queue.size, q.queue.desc_table, q.queue.avail_ring, q.queue.used_ring
+            ));
+        }
+        // A running queue the driver wrote ready = 0 to stays active until reset.
+        if (q.active && !activated) || (activated && q.ready && !q.active) {
+            return bad("active without a running device, or ready and not active".into());
+        }
+        if !q.active && (q.queue.next_avail != 0 || q.queue.next_used != 0) {
+            // A queue the device never ran starts at 0 (a reset zeroes it too).
+            return bad(format!(
+                "not running but at ring positions {}/{}",
+                q.queue.next_avail, q.queue.next_used
+            ));
+        }
+        if q.active {
+            if q.invalid != 0 {
+                return bad("active with an invalid field".into());
+            }
+            let used = q.queue.next_avail.wrapping_sub(q.queue.next_used);
+            if used > q.queue.size {
+                return bad(format!(
+                    "next_avail {} is more than the queue size ahead of next_used {}",
+                    q.queue.next_avail, q.queue.next_used
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Restores `state` into this freshly built transport (the device is not reset: it may
+    /// hold restored state of its own): checked; an activated device gets
+    /// its features and is activated with its queues where they were, through the checks of
+    /// `DRIVER_OK` (a ring outside guest memory is an error). Returns whether it activated.
+    pub(crate) fn restore(
+        &mut self,
+        state: &VirtioTransportState,
+        interrupt: &Arc<dyn VirtioInterrupt>,
+    ) -> Result<bool> {
+        self.check(state)?;
+        for (i, (slot, q)) in self.slots.iter_mut().zip(&state.queues).enumerate() {
+            slot.queue = Queue::try_from(virtio_queue::QueueState::from(q.queue))
+                .map_err(|e| Error::InvalidState(format!("queue {i}: {e}")))?;
+            // Activation takes the ready slots; `ready` is set as saved once it ran.
+            slot.ready = q.ready || q.active;
+            slot.invalid = q.invalid;
+            slot.addrs = q.addrs;
+        }
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.status = state.status;
+        self.dma_allowed = state.dma_allowed;
+        self.activation_pending = state.activation_pending;
+        if state.status & S_FEATURES_OK != 0 {
+            lock_device(&self.device).ack_features(self.driver_features);
+        }
+        if state.activated {
+            self.restart(interrupt)?;
+        }
+        for (slot, q) in self.slots.iter_mut().zip(&state.queues) {
+            slot.ready = q.ready;
+        }
+        if state.needs_reset {
+            self.needs_reset.set();
+        }
+        Ok(state.activated)
+    }
+
+    /// Activates the device with the restored queues, every ring checked first.
+    fn restart(&mut self, interrupt: &Arc<dyn VirtioInterrupt>) -> Result<()> {
+        for (i, slot) in self.slots.iter().enumerate() {
+            if slot.ready && !slot.queue.is_valid(&self.memory) {
+                return Err(Error::InvalidState(format!(
+                    "queue {i}: rings outside guest memory"
+                )));
+            }
+        }
+        self.activate(interrupt)
+            .map_err(|e| Error::InvalidState(format!("the device refused to activate: {e}")))?;
+        self.activated = true;
+        Ok(())
+    }
+
+    /// Raises each active queue's interrupt once, after a restored activation: a spurious
+    /// used-buffer interrupt is harmless, a lost one hangs a driver. Not the configuration
+    /// interrupt: it would tell the driver the configuration changed (and bump the
+    /// generation) when it did not; a pending one is in the restored interrupt status.
+    pub(crate) fn kick(&self, interrupt: &dyn VirtioInterrupt) {
+        for (i, slot) in self.slots.iter().enumerate() {
+            if let (true, Ok(i)) = (slot.active, u16::try_from(i)) {
+                let _ = interrupt.trigger(crate::InterruptReason::Queue(i));
             }
         }
     }

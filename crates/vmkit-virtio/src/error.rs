@@ -58,6 +58,10 @@ pub enum Error {
     #[cfg(feature = "pci")]
     #[error("virtio-pci: device type {0} has no PCI device ID (0x1040 + type)")]
     DeviceTypeOutOfRange(u32),
+    /// A saved transport state does not fit the transport it is restored into, or holds a
+    /// value out of range.
+    #[error("transport restore: {0}")]
+    InvalidState(String),
     /// Building the PCI function failed.
     #[cfg(feature = "pci")]
     #[error("virtio-pci: {0}")]

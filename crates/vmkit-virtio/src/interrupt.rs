@@ -79,6 +79,12 @@ impl MmioInterrupt {
         self.generation.load(Ordering::SeqCst)
     }
 
+    /// Sets InterruptStatus and ConfigGeneration (a restored snapshot), without interrupting.
+    pub(crate) fn set_registers(&self, status: u32, generation: u32) {
+        self.status.store(status, Ordering::SeqCst);
+        self.generation.store(generation, Ordering::SeqCst);
+    }
+
     /// Bumps ConfigGeneration without interrupting (the transport does it on reset).
     pub fn bump_config_generation(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);

@@ -15,6 +15,7 @@
 //! | [`IoVecs`], [`mark_dirty`] | guest buffers as `iovec`s for `readv`/`writev`/io_uring, and marking what the kernel wrote there dirty |
 //! | [`MmioTransport`] | virtio-mmio version 2 as a vm-device [`MutDeviceMmio`](vm_device::MutDeviceMmio), with the status and feature negotiation state machine |
 //! | [`MmioInterrupt`] | InterruptStatus/ACK and ConfigGeneration over one [`InterruptLine`](vmkit_irq::InterruptLine) |
+//! | [`MmioTransportState`], [`VirtioTransportState`], [`QueueSnapshot`] | snapshot state (serde) of a transport: [`MmioTransport::state`] while paused, [`MmioTransport::restore`] into a fresh transport (checked; a running device re-activated at its saved ring positions); `PciTransportState` likewise with feature `pci` |
 //! | `pci::PciTransport` (feature `pci`) | virtio-pci modern as a `vmkit_pci::PciDevice`: common/notify/ISR/device capabilities in one 64-bit BAR, MSI-X vector per queue plus config, the same state machine as `MmioTransport`, DMA only while bus mastering is on |
 //! | `test_utils` (feature `test-utils`) | guest memory, a recording interrupt, mock-ring contexts, and a harness running virtio-drivers' drivers against a device in-process (on virtio-pci too, with `pci`) |
 //!
@@ -109,6 +110,7 @@ mod mmio;
 pub mod pci;
 mod queue;
 pub mod rate_limiter;
+mod state;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;
 
@@ -133,4 +135,7 @@ pub use queue::{chain_descriptors, ActiveQueue, Chain, ChainError};
 pub use rate_limiter::{
     BucketUpdate, RateLimiter, RateLimiterConfig, RateLimiterUpdate, TokenBucketConfig,
 };
+#[cfg(feature = "pci")]
+pub use state::PciTransportState;
+pub use state::{MmioTransportState, QueueSlotState, QueueSnapshot, VirtioTransportState};
 pub use virtio_queue::desc::split::Descriptor;

@@ -17,8 +17,11 @@ use crate::device::VirtioDevice;
 #[cfg(test)]
 use crate::device::{ActivateContext, FEATURE_VERSION_1};
 use crate::events::QueueEventHandler;
-use crate::interrupt::{MmioInterrupt, VirtioInterrupt};
+use crate::interrupt::{
+    MmioInterrupt, VirtioInterrupt, INTERRUPT_STATUS_CONFIG, INTERRUPT_STATUS_USED_RING,
+};
 use crate::queue::VirtioMemory;
+use crate::state::MmioTransportState;
 use crate::Result;
 #[cfg(test)]
 use crate::{ActivateError, Error};
@@ -249,6 +252,54 @@ impl<M: VirtioMemory> MmioTransport<M> {
                 "virtio-mmio: write to read-only or unknown register {offset:#x} ignored"
             ),
         }
+    }
+
+    /// The transport's state for a snapshot, taken while the VM is paused and the device
+    /// quiesced (its queues do not move): status, features, queues (with the ring positions
+    /// of the queues the device runs) and the interrupt registers.
+    pub fn state(&self) -> MmioTransportState {
+        MmioTransportState {
+            common: self.state.save(),
+            interrupt_status: self.interrupt.status(),
+            config_generation: self.interrupt.config_generation(),
+        }
+    }
+
+    /// Restores `state` into this freshly built transport of the same device (same type,
+    /// features, queue count and maximum sizes), before the guest runs. Every value is
+    /// checked; when the state says the device ran, the device gets the driver's features and
+    /// is activated with its queues at the saved ring positions, through the checks of a
+    /// guest's `DRIVER_OK` (a ring outside guest memory is an error, not a running device).
+    /// Each running queue's interrupt and the configuration interrupt are then raised once:
+    /// a spurious interrupt is harmless, a lost one would hang the driver.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`](crate::Error::InvalidState) for a state that does not fit
+    /// the device or holds a value out of range, or a device that refuses to activate.
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<()> {
+        if state.interrupt_status & !(INTERRUPT_STATUS_USED_RING | INTERRUPT_STATUS_CONFIG) != 0 {
+            return Err(crate::Error::InvalidState(format!(
+                "interrupt status {:#x} has unknown bits",
+                state.interrupt_status
+            )));
+        }
+        if !state.common.dma_allowed {
+            return Err(crate::Error::InvalidState(
+                "virtio-mmio always allows DMA".into(),
+            ));
+        }
+        self.state.check(&state.common)?;
+        // Before the activation: a device may interrupt as it starts (vsock's transport
+        // reset event), and that must not be overwritten.
+        self.interrupt
+            .set_registers(state.interrupt_status, state.config_generation);
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        let activated = self.state.restore(&state.common, &interrupt)?;
+        if activated {
+            self.state.kick(&*interrupt);
+        }
+        Ok(())
     }
 
     /// Device reset (the driver wrote 0 to Status): the device gives back its context;

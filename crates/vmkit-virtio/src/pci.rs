@@ -79,6 +79,7 @@ use crate::interrupt::{
     InterruptReason, VirtioInterrupt, INTERRUPT_STATUS_CONFIG, INTERRUPT_STATUS_USED_RING,
 };
 use crate::queue::VirtioMemory;
+use crate::state::PciTransportState;
 use crate::{Error, Result};
 
 /// The PCI vendor ID of virtio devices.
@@ -219,6 +220,18 @@ impl PciInterrupt {
             v
         } else {
             VIRTIO_MSI_NO_VECTOR
+        }
+    }
+
+    /// The registers of a saved state (checked by the caller).
+    fn set_registers(&self, state: &PciTransportState) {
+        self.isr.store(u32::from(state.isr), Ordering::SeqCst);
+        self.generation
+            .store(state.config_generation, Ordering::SeqCst);
+        self.config_vector
+            .store(state.config_vector, Ordering::SeqCst);
+        for (v, saved) in self.queue_vectors.iter().zip(&state.queue_vectors) {
+            v.store(*saved, Ordering::SeqCst);
         }
     }
 
@@ -507,6 +520,92 @@ impl<M: VirtioMemory> PciTransport<M> {
     /// The glue to add to the VMM's event manager.
     pub fn queue_event_handler(&self) -> Result<QueueEventHandler<M>> {
         self.state.queue_event_handler()
+    }
+
+    /// The transport's state for a snapshot (VM paused, device quiesced): what
+    /// [`MmioTransport::state`](crate::MmioTransport::state) saves, plus configuration space,
+    /// MSI-X table and PBA, the ISR and the vector assignments.
+    pub fn state(&self) -> PciTransportState {
+        let i = &self.interrupt;
+        PciTransportState {
+            common: self.state.save(),
+            config: self.config.state(),
+            msix: i.msix.state(),
+            isr: i.isr.load(Ordering::SeqCst) as u8,
+            config_vector: i.config_vector(),
+            queue_vectors: i
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::SeqCst))
+                .collect(),
+            config_generation: i.config_generation(),
+        }
+    }
+
+    /// Restores `state` into this freshly built transport of the same device, before the
+    /// guest runs, as [`MmioTransport::restore`](crate::MmioTransport::restore) does, plus
+    /// configuration space (BAR 0, command register), the MSI-X table, PBA and control (each
+    /// vector's route given to the MSI sink again: KVM MSI routes with `KvmMsiSink`), the
+    /// ISR and the vector assignments. Everything is checked before anything changes. The
+    /// bus does not see the configuration change: have it map BAR 0 where the state says
+    /// (`vmkit_pci::PciBus::refresh_mappings`; vmkit-kvm's `PciPlatform::restore` does).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidState`] for a state that does not fit the device or holds a value out
+    /// of range, or a device that refuses to activate.
+    pub fn restore(&mut self, state: &PciTransportState) -> Result<()> {
+        let config = self.check_state(state)?;
+        self.state.check(&state.common)?;
+        self.interrupt
+            .msix
+            .restore(&state.msix)
+            .map_err(|e| Error::InvalidState(e.to_string()))?;
+        self.config = config;
+        self.interrupt.set_registers(state);
+        let interrupt: Arc<dyn VirtioInterrupt> = self.interrupt.clone();
+        if self.state.restore(&state.common, &interrupt)? {
+            self.state.kick(&*interrupt);
+        }
+        Ok(())
+    }
+
+    /// Checks what is PCI-specific in `state`; returns the restored configuration space.
+    fn check_state(&self, state: &PciTransportState) -> Result<ConfigSpace> {
+        let bad = |m: String| Err(Error::InvalidState(m));
+        let vectors = self.interrupt.msix.vectors();
+        let valid = |v: u16| v == VIRTIO_MSI_NO_VECTOR || usize::from(v) < vectors;
+        if state.queue_vectors.len() != self.state.num_queues() {
+            return bad(format!(
+                "{} queue vectors for {} queues",
+                state.queue_vectors.len(),
+                self.state.num_queues()
+            ));
+        }
+        if let Some(v) = std::iter::once(&state.config_vector)
+            .chain(&state.queue_vectors)
+            .find(|v| !valid(**v))
+        {
+            return bad(format!("MSI-X vector {v} of a table of {vectors}"));
+        }
+        if u32::from(state.isr) & !(INTERRUPT_STATUS_USED_RING | INTERRUPT_STATUS_CONFIG) != 0 {
+            return bad(format!("ISR {:#x} has unknown bits", state.isr));
+        }
+        let mut config = self.config.clone();
+        config
+            .restore(&state.config)
+            .map_err(|e| Error::InvalidState(e.to_string()))?;
+        let control = config.read_u16(self.msix_cap + 2);
+        let enabled = control & vmkit_pci::MSIX_CONTROL_ENABLE != 0;
+        let masked = control & vmkit_pci::MSIX_CONTROL_FUNCTION_MASK != 0;
+        if (enabled, masked) != (state.msix.enabled, state.msix.function_mask) {
+            return bad("MSI-X enable or function mask differs from the capability's".into());
+        }
+        let bus_master = config.command() & COMMAND_BUS_MASTER != 0;
+        if bus_master != state.common.dma_allowed {
+            return bad("DMA allowed differs from the command register's bus master bit".into());
+        }
+        Ok(config)
     }
 
     /// Device reset (the driver wrote 0 to `device_status`): as virtio-mmio's, plus the

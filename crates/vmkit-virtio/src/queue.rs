@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::num::Wrapping;
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -163,6 +163,9 @@ pub(crate) struct QueueWatch<M> {
     throttled: AtomicBool,
     /// Guest memory and the available ring's address, while the queue is active.
     ring: Mutex<Option<(M, GuestAddress)>>,
+    /// The active queue's `next_avail << 16 | next_used`, kept by the queue as it moves, so
+    /// the transport can save the ring positions of a queue the device holds.
+    positions: AtomicU32,
 }
 
 impl<M> Default for QueueWatch<M> {
@@ -172,6 +175,7 @@ impl<M> Default for QueueWatch<M> {
             polling: AtomicBool::new(false),
             throttled: AtomicBool::new(false),
             ring: Mutex::new(None),
+            positions: AtomicU32::new(0),
         }
     }
 }
@@ -205,6 +209,17 @@ impl<M: Clone> QueueWatch<M> {
 
     fn activate(&self, memory: M, avail_ring: GuestAddress) {
         *self.lock_ring() = Some((memory, avail_ring));
+    }
+
+    /// The active queue's `(next_avail, next_used)` as it last recorded them.
+    pub(crate) fn positions(&self) -> (u16, u16) {
+        let p = self.positions.load(Ordering::SeqCst);
+        ((p >> 16) as u16, p as u16)
+    }
+
+    fn record_positions(&self, queue: &Queue) {
+        let p = (u32::from(queue.next_avail()) << 16) | u32::from(queue.next_used());
+        self.positions.store(p, Ordering::SeqCst);
     }
 }
 
@@ -298,6 +313,10 @@ impl<M: VirtioMemory> ActiveQueue<M> {
         parts
             .watch
             .activate(parts.memory.clone(), GuestAddress(queue.avail_ring()));
+        parts.watch.record_positions(&queue);
+        // A restored queue starts where it was: nothing is available until the driver's
+        // index moves past `next_avail`.
+        let avail = Wrapping(queue.next_avail());
         Self {
             index,
             queue,
@@ -307,7 +326,7 @@ impl<M: VirtioMemory> ActiveQueue<M> {
             needs_reset: parts.needs_reset,
             watch: parts.watch,
             notifications: true,
-            avail: Wrapping(0),
+            avail,
             unsignalled: false,
             scratch: Vec::new(),
             undoable: false,
@@ -499,6 +518,7 @@ impl<M: VirtioMemory> ActiveQueue<M> {
         let Some(chain) = self.queue.pop_descriptor_chain(&self.memory) else {
             return Err(self.fail(Error::AvailRingUnreadable(self.index)));
         };
+        self.watch.record_positions(&self.queue);
         let head = chain.head_index();
         let raw = chain.clone();
         let checked = collect_chain(chain, &mut self.scratch);
@@ -521,8 +541,31 @@ impl<M: VirtioMemory> ActiveQueue<M> {
     pub fn undo_pop(&mut self) {
         if std::mem::take(&mut self.undoable) {
             self.queue.go_to_previous_position();
+            self.watch.record_positions(&self.queue);
             self.redo = true;
         }
+    }
+
+    /// Gives back the `count` chains taken last and not completed, unused: the following
+    /// pops return them again, and a snapshot taken now records them as available, not
+    /// taken. For a device that holds chains it has not filled (receive buffers waiting for
+    /// host input) when it is asked to rest for a snapshot: a restored device starts from the
+    /// saved ring position and would never complete chains taken before it. The chains
+    /// given back must be the last ones taken (a device holding receive chains in the order
+    /// it took them and filling the oldest first has exactly those); `count` is capped at
+    /// the number taken and not completed. Returns how many were given back.
+    pub fn give_back(&mut self, count: u16) -> u16 {
+        let outstanding = self.queue.next_avail().wrapping_sub(self.queue.next_used());
+        let n = count.min(outstanding);
+        for _ in 0..n {
+            self.queue.go_to_previous_position();
+        }
+        if n > 0 {
+            self.undoable = false;
+            self.redo = true;
+            self.watch.record_positions(&self.queue);
+        }
+        n
     }
 
     /// Puts chain `head` in the used ring with `len` bytes written into its buffers.
@@ -539,6 +582,7 @@ impl<M: VirtioMemory> ActiveQueue<M> {
         self.queue
             .add_used(&self.memory, head, len)
             .map_err(|e| self.ring_error(e))?;
+        self.watch.record_positions(&self.queue);
         self.unsignalled = true;
         Ok(())
     }

@@ -273,3 +273,111 @@ fn config_space_widths() {
     assert_eq!(t.get_status(), DeviceStatus::ACKNOWLEDGE);
     assert_eq!(h.read32(regs::DEVICE_ID), 2);
 }
+
+/// A snapshot mid-use restored into a new transport and device over the same memory: the
+/// driver carries on, the device gets its queue at the saved ring positions.
+#[test]
+fn rng_continues_after_restore_into_a_new_transport() {
+    let (h, dev) = rng_harness(PatternRng::default());
+    let mut rng = VirtIORng::<GuestHal, _>::new(h.transport()).unwrap();
+    let mut buf = [0u8; 16];
+    for _ in 0..5 {
+        assert_eq!(rng.request_entropy(&mut buf).unwrap(), 16);
+    }
+    let state = h.mmio().state();
+    assert!(state.common.activated);
+    let q = &state.common.queues[0];
+    assert!(q.active);
+    assert_eq!((q.queue.next_avail, q.queue.next_used), (5, 5));
+    let size = q.queue.size;
+    assert!(size.is_power_of_two() && size <= 16, "{size}");
+    // Through a serializer, as a VMM writes it to a file.
+    let json = serde_json::to_string(&state).unwrap();
+    let state: vmkit_virtio::MmioTransportState = serde_json::from_str(&json).unwrap();
+
+    // The new device: its own state (the pattern) carried over by hand.
+    let next = dev.lock().unwrap().next;
+    let dev2 = Arc::new(Mutex::new(PatternRng {
+        next,
+        ..PatternRng::default()
+    }));
+    let before = h.interrupts();
+    h.restore_transport(dev2.clone(), &state).unwrap();
+    // One interrupt for the queue (none for the configuration, which did not change).
+    assert_eq!(h.interrupts(), before + 1);
+    {
+        let d = dev2.lock().unwrap();
+        assert_eq!(d.acked, state.common.driver_features);
+        assert_eq!(d.activations, 1);
+        let s = d.active.as_ref().unwrap().queue(0).unwrap().state();
+        assert_eq!((s.next_avail, s.next_used, s.size), (5, 5, size));
+    }
+    assert_eq!(h.mmio().status(), 0xF);
+    assert_eq!(h.mmio().state(), state_after_kick(&state));
+
+    let mut expected = next;
+    for _ in 0..20 {
+        assert_eq!(rng.request_entropy(&mut buf).unwrap(), 16);
+        for b in &buf {
+            expected = expected.wrapping_add(1);
+            assert_eq!(*b, expected);
+        }
+    }
+    let s = h.mmio().state();
+    assert_eq!(s.common.queues[0].queue.next_used, 25);
+}
+
+/// The state after the restore raised its queues' interrupts: the used-ring status bit,
+/// the configuration generation unchanged (no configuration change is announced).
+fn state_after_kick(state: &vmkit_virtio::MmioTransportState) -> vmkit_virtio::MmioTransportState {
+    let mut s = state.clone();
+    s.interrupt_status |= 1;
+    s
+}
+
+#[test]
+fn hostile_transport_states_are_refused() {
+    let (h, _dev) = rng_harness(PatternRng::default());
+    let mut rng = VirtIORng::<GuestHal, _>::new(h.transport()).unwrap();
+    let mut buf = [0u8; 8];
+    rng.request_entropy(&mut buf).unwrap();
+    let good = h.mmio().state();
+    type Edit = fn(&mut vmkit_virtio::MmioTransportState);
+    let cases: [(&str, Edit); 14] = [
+        ("device type", |s| s.common.device_type = 2),
+        ("offered", |s| s.common.offered_features = 0),
+        ("queues", |s| s.common.queues.clear()),
+        ("status", |s| s.common.status |= 0x1000),
+        ("maximum size", |s| s.common.queues[0].queue.max_size = 32),
+        ("size 3", |s| s.common.queues[0].queue.size = 3),
+        ("0x1001", |s| s.common.queues[0].queue.desc_table = 0x1001),
+        ("outside guest memory", |s| {
+            s.common.queues[0].queue.used_ring = 1 << 40;
+            s.common.queues[0].addrs[2] = 1 << 40;
+        }),
+        ("area register", |s| s.common.queues[0].addrs[0] += 0x1000),
+        ("EVENT_IDX", |s| {
+            s.common.queues[0].queue.event_idx_enabled ^= true;
+        }),
+        ("ahead", |s| s.common.queues[0].queue.next_avail = 1000),
+        ("DRIVER_OK", |s| s.common.status = 0x3),
+        ("active", |s| s.common.activated = false),
+        ("interrupt status", |s| s.interrupt_status = 0x80),
+    ];
+    for (expected, edit) in cases {
+        let mut s = good.clone();
+        edit(&mut s);
+        let dev2 = Arc::new(Mutex::new(PatternRng::default()));
+        let err = h.restore_transport(dev2.clone(), &s).unwrap_err();
+        assert!(
+            matches!(err, vmkit_virtio::Error::InvalidState(_)),
+            "{expected}: {err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains(expected), "{expected}: {msg}");
+        assert!(dev2.lock().unwrap().active.is_none(), "{expected}");
+    }
+    // The good state still restores.
+    let dev2 = Arc::new(Mutex::new(PatternRng::default()));
+    h.restore_transport(dev2, &good).unwrap();
+}

@@ -217,3 +217,135 @@ fn bar_relocation_keeps_the_device_working() {
     assert_eq!(rng.request_entropy(&mut buf).unwrap(), 8);
     assert_eq!(h.device().status(), 0xF);
 }
+
+/// Enables MSI-X with queue 0 on vector 1 and the configuration on vector 0, both
+/// programmed and unmasked, as a driver that knows MSI-X would.
+fn enable_msix(h: &PciHarness) {
+    let cap = h.device().msix_capability();
+    let bdf = Bdf {
+        bus: 0,
+        device: HARNESS_PCI_SLOT,
+        function: 0,
+    };
+    h.bus()
+        .config_write(bdf, cap + 2, &MSIX_CONTROL_ENABLE.to_le_bytes());
+    w16(h, common_cfg::MSIX_CONFIG, 0);
+    w16(h, common_cfg::QUEUE_SELECT, 0);
+    w16(h, common_cfg::QUEUE_MSIX_VECTOR, 1);
+    for (entry, data) in [(0u64, 0x30u32), (1, 0x31)] {
+        let at = BAR + 0x4000 + 16 * entry;
+        for (off, v) in [(0, 0xFEE0_0000u32), (8, data), (12, 0)] {
+            assert!(h
+                .vm_bus()
+                .mmio_write(at + off, &v.to_le_bytes())
+                .is_handled());
+        }
+    }
+}
+
+/// A snapshot mid-use restored into a new transport and device on the same bus slot: MSI-X
+/// routes given to the sink again, vectors kept, the driver carries on.
+#[test]
+fn rng_continues_after_restore_into_a_new_pci_transport() {
+    let (h, dev) = harness();
+    let mut rng = VirtIORng::<GuestHal, _>::new(h.transport(CamKind::Ecam)).unwrap();
+    enable_msix(&h);
+    let mut buf = [0u8; 16];
+    for _ in 0..3 {
+        assert_eq!(rng.request_entropy(&mut buf).unwrap(), 16);
+    }
+    let state = h.device().state();
+    assert!(state.common.activated && state.common.dma_allowed);
+    assert!(state.msix.enabled);
+    assert_eq!(
+        (state.config_vector, state.queue_vectors.clone()),
+        (0, vec![1])
+    );
+    let q = &state.common.queues[0].queue;
+    assert_eq!((q.next_avail, q.next_used), (3, 3));
+    let json = serde_json::to_string(&state).unwrap();
+    let state: vmkit_virtio::PciTransportState = serde_json::from_str(&json).unwrap();
+
+    let next = dev.lock().unwrap().next;
+    let dev2 = Arc::new(Mutex::new(PatternRng {
+        next,
+        ..PatternRng::default()
+    }));
+    h.sink().take();
+    h.restore_transport(dev2.clone(), &state).unwrap();
+    let events = h.sink().take();
+    let m1 = MsiMessage {
+        address: 0xFEE0_0000,
+        data: 0x31,
+    };
+    assert!(
+        events.contains(&SinkEvent::Update(1, Some(m1), false)),
+        "{events:?}"
+    );
+    // The queue's vector once, after the routes (not the configuration's: nothing changed).
+    let triggers: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            SinkEvent::Trigger(v) => Some(*v),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(triggers, vec![1]);
+    assert!(h.device().is_activated());
+    assert_eq!(h.device().interrupt().queue_vector(0), 1);
+    assert_eq!(
+        h.bus().bar_mapping(HARNESS_PCI_SLOT, 0).unwrap().address,
+        BAR
+    );
+
+    let mut expected = next;
+    for _ in 0..10 {
+        assert_eq!(rng.request_entropy(&mut buf).unwrap(), 16);
+        for b in &buf {
+            expected = expected.wrapping_add(1);
+            assert_eq!(*b, expected);
+        }
+        assert_eq!(h.sink().triggers(), vec![1], "through vector 1");
+        h.sink().take();
+    }
+    assert_eq!(h.device().state().common.queues[0].queue.next_used, 13);
+}
+
+#[test]
+fn hostile_pci_transport_states_are_refused() {
+    let (h, _dev) = harness();
+    let mut rng = VirtIORng::<GuestHal, _>::new(h.transport(CamKind::Ecam)).unwrap();
+    enable_msix(&h);
+    let mut buf = [0u8; 8];
+    rng.request_entropy(&mut buf).unwrap();
+    let good = h.device().state();
+    type Edit = fn(&mut vmkit_virtio::PciTransportState);
+    let cases: [(&str, Edit); 8] = [
+        ("queue vectors", |s| s.queue_vectors.push(0)),
+        ("vector 9", |s| s.config_vector = 9),
+        ("ISR", |s| s.isr = 0x10),
+        ("register 0x0", |s| s.config.regs[0] = 0x1234_5678),
+        ("configuration registers", |s| s.config.regs.truncate(64)),
+        ("MSI-X entries", |s| {
+            s.msix.entries.pop().map(|_| ()).unwrap_or(())
+        }),
+        ("function mask", |s| s.msix.function_mask = true),
+        ("bus master", |s| s.common.dma_allowed = false),
+    ];
+    for (expected, edit) in cases {
+        let mut s = good.clone();
+        edit(&mut s);
+        let dev2 = Arc::new(Mutex::new(PatternRng::default()));
+        h.sink().take();
+        let err = h.restore_transport(dev2.clone(), &s).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, vmkit_virtio::Error::InvalidState(_)) && msg.contains(expected),
+            "{expected}: {msg}"
+        );
+        assert!(dev2.lock().unwrap().active.is_none(), "{expected}");
+        assert!(h.sink().take().is_empty(), "{expected}: nothing routed");
+    }
+    let dev2 = Arc::new(Mutex::new(PatternRng::default()));
+    h.restore_transport(dev2, &good).unwrap();
+}

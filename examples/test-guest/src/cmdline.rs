@@ -9,7 +9,8 @@
 //! `net_port=N` and `net_bytes=N[K|M|G]`, the `test=virtio-vsock`
 //! parameters `vsock_port=`, `vsock_echo_port=`, `vsock_refused_port=`,
 //! `vsock_listen=`, `vsock_bytes=`, `vsock_conns=`, `vsock_chunk=` and
-//! `vsock_cases=`, `bench=vsock-tx|vsock-rx:SECONDS` and
+//! `vsock_cases=`, the `test=soak` parameter `soak_rounds=N`,
+//! `bench=vsock-tx|vsock-rx:SECONDS` and
 //! `bench=vsock-lat:N`, and any number of
 //! `virtio_mmio.device=SIZE@ADDR[:IRQ[:ID]]` (the form Linux parses).
 //!
@@ -22,6 +23,7 @@ use crate::bench::hold::Hold;
 use crate::bench::net::{Direction, NetBench};
 use crate::bench::vsock::VsockBench;
 use crate::cases::blk_write_flush::WriteFlush;
+use crate::cases::soak;
 use crate::cases::virtio_net::NetParams;
 use crate::cases::virtio_vsock::{SubCases, VsockParams};
 use crate::cases::{BadItem, Selection};
@@ -73,6 +75,8 @@ pub struct Config {
     /// The `vsock_*=` parameters of `test=virtio-vsock` and the vsock
     /// benchmarks.
     pub vsock: VsockParams,
+    /// `soak_rounds=` of `test=soak`.
+    pub soak_rounds: u32,
 }
 
 impl Config {
@@ -92,6 +96,7 @@ impl Config {
             exit: Exit::Poweroff,
             net: NetParams::DEFAULT,
             vsock: VsockParams::DEFAULT,
+            soak_rounds: soak::DEFAULT_ROUNDS,
         };
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
@@ -126,6 +131,12 @@ impl Config {
             | "vsock_bytes" | "vsock_conns" | "vsock_chunk" | "vsock_cases" => {
                 self.vsock_param(key, value)
             }
+            "soak_rounds" => value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=soak::MAX_ROUNDS).contains(n))
+                .map(|n| self.soak_rounds = n)
+                .is_some(),
             other => {
                 println!("cmdline: unknown key {}", other);
                 true

@@ -79,6 +79,7 @@ pub extern "C" fn rust_main(start_info_paddr: u64) -> ! {
         ram,
         net: cfg.net,
         vsock: cfg.vsock,
+        soak_rounds: cfg.soak_rounds,
     };
     cases::run(&ctx, &cfg.tests);
     bench::exits::run(cfg.exit_benches(), info.memmap());

@@ -6,10 +6,10 @@ use std::fmt::Display;
 use std::path::Path;
 
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmkit_boot::{BootConfig, EntryPoint};
 use vmkit_irq::{Irqchip, IrqchipConfig};
 use vmkit_memory::layout::UNASSIGNED_MMIO;
+use vmkit_memory::GuestRam;
 use vmkit_vcpu::{setup_entry, setup_fpu, setup_lint, CpuidConfig, CpuidTemplate};
 
 use crate::run::run;
@@ -60,7 +60,7 @@ fn bare_vcpu(kvm: &Kvm, vm: &VmFd) -> Result<VcpuFd, String> {
 }
 
 /// ACPI tables and the guest in `mem`; its entry point.
-fn load_guest(mem: &GuestMemoryMmap, guest: &Path, cmdline: &str) -> Result<EntryPoint, String> {
+fn load_guest(mem: &GuestRam, guest: &Path, cmdline: &str) -> Result<EntryPoint, String> {
     let rsdp =
         vmkit_boot::create_acpi_tables(mem, &vmkit_boot::AcpiConfig::default()).map_err(text)?;
     let mut kernel = std::fs::File::open(guest).map_err(|e| format!("{}: {e}", guest.display()))?;

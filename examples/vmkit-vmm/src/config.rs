@@ -119,6 +119,36 @@ pub struct Args {
     /// No API socket: the VM comes from `--config-file` (or `--kernel`) alone.
     #[arg(long, conflicts_with = "api_sock")]
     pub no_api: bool,
+    /// Start the VM from a snapshot instead of booting one: DIR holds `vmstate` (the VM's
+    /// state) and `memory` (guest RAM), the names a snapshot taken for `--restore` gets. The
+    /// snapshot says what the VM is (vCPUs, memory, devices, transport), so the flags that
+    /// describe a VM (`--kernel`, `--config-file`, `--cpus`, `--memory`, `--disk`, `--net`,
+    /// `--vsock`, `--rng`, ...) are refused with it; `--serial`, `--console`, the API, logs,
+    /// metrics and the sandbox flags apply as usual.
+    #[arg(long, value_name = "DIR", conflicts_with_all = RESTORE_CONFLICTS)]
+    pub restore: Option<PathBuf>,
+    /// With `--restore` and `--api-sock`: keep the restored VM paused until `PATCH /vm`
+    /// resumes it.
+    #[arg(long, requires_all = ["restore", "api_sock"])]
+    pub restore_paused: bool,
+    /// With `--restore`: open the drive ID (its `drive_id`; the N-th `--disk`, counted from 0,
+    /// is `blockN`, as in the metrics) from PATH instead of the image it was snapshotted with; the capacity
+    /// must be the same (repeatable, one per drive).
+    #[arg(long, value_name = "ID=PATH", value_parser = parse_restore_drive, requires = "restore")]
+    pub restore_drive: Vec<RestoreDrive>,
+    /// With `--restore`: attach the card ID (its `iface_id`; the N-th `--net`, counted from 0,
+    /// is `netN`, as in the metrics) to the TAP interface TAP instead of the one it was snapshotted with
+    /// (repeatable, one per card).
+    #[arg(long, value_name = "ID=TAP", value_parser = parse_restore_net, requires = "restore")]
+    pub restore_net: Vec<RestoreNet>,
+    /// With `--restore`: the vsock device's host side listens on this Unix socket instead of
+    /// the snapshotted one (which must not exist, as for `--vsock`).
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub restore_vsock: Option<PathBuf>,
+    /// Track the pages the guest and the devices write (KVM's dirty log and vmkit's own
+    /// bitmaps), so that a `Diff` snapshot holds only those; with `--restore` too.
+    #[arg(long)]
+    pub track_dirty_pages: bool,
     /// The instance's ID, as `GET /` reports it.
     #[arg(long, default_value = "anonymous-instance", value_name = "ID")]
     pub id: String,
@@ -168,6 +198,151 @@ pub struct Args {
     #[cfg(feature = "seccomp-test-hook")]
     #[arg(long, hide = true, value_name = "PATH")]
     pub landlock_test_api_open: Option<PathBuf>,
+}
+
+/// The flags `--restore` refuses: each describes a VM, which the snapshot already does.
+const RESTORE_CONFLICTS: [&str; 16] = [
+    "kernel",
+    "initramfs",
+    "cmdline",
+    "cpus",
+    "memory",
+    "hugepages",
+    "rng",
+    "rng_rate_limiter",
+    "disk",
+    "net",
+    "vsock",
+    "transport",
+    "no_mmio_cmdline",
+    "cpu_template",
+    "no_pvh",
+    "config_file",
+];
+
+/// The file of a snapshot directory that holds the VM's state.
+pub const SNAPSHOT_STATE_FILE: &str = "vmstate";
+/// The file of a snapshot directory that holds guest RAM.
+pub const SNAPSHOT_MEMORY_FILE: &str = "memory";
+
+/// What `--restore` and its companion flags ask for, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Keep the VM paused once restored (`--restore-paused`).
+    pub paused: bool,
+    /// Drives opened from other images (at most one per ID).
+    pub drives: Vec<RestoreDrive>,
+    /// Cards attached to other TAP interfaces (at most one per ID).
+    pub nets: Vec<RestoreNet>,
+    /// Another host socket for the vsock device.
+    pub vsock: Option<PathBuf>,
+    /// Track dirty pages in the restored VM (`--track-dirty-pages`).
+    pub track_dirty_pages: bool,
+}
+
+impl RestoreArgs {
+    /// `DIR/vmstate`: the VM's state.
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.join(SNAPSHOT_STATE_FILE)
+    }
+
+    /// `DIR/memory`: guest RAM.
+    pub fn memory_file(&self) -> PathBuf {
+        self.dir.join(SNAPSHOT_MEMORY_FILE)
+    }
+}
+
+/// One `--restore-drive ID=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreDrive {
+    /// The drive's ID.
+    pub id: String,
+    /// The image to open instead.
+    pub path: PathBuf,
+}
+
+/// One `--restore-net ID=TAP`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreNet {
+    /// The card's ID.
+    pub id: String,
+    /// The TAP interface to attach it to instead.
+    pub tap: String,
+}
+
+/// Splits `ID=VALUE` at its first `=`; an empty ID or value is an error.
+fn id_value<'a>(s: &'a str, what: &str) -> Result<(&'a str, &'a str), String> {
+    match s.split_once('=') {
+        Some((id, v)) if !id.is_empty() && !v.is_empty() => Ok((id, v)),
+        _ => Err(format!("'{s}' is not ID={what}")),
+    }
+}
+
+/// Parses `--restore-drive ID=PATH` (the path may hold `=`).
+pub fn parse_restore_drive(s: &str) -> Result<RestoreDrive, String> {
+    let (id, path) = id_value(s, "PATH")?;
+    Ok(RestoreDrive {
+        id: id.to_string(),
+        path: PathBuf::from(path),
+    })
+}
+
+/// Parses `--restore-net ID=TAP`; TAP must be a valid interface name (1 to 15 bytes, no
+/// `/`, `:` or white space, not `.` or `..`).
+pub fn parse_restore_net(s: &str) -> Result<RestoreNet, String> {
+    let (id, tap) = id_value(s, "TAP")?;
+    let bad_byte = |b: u8| b == b'/' || b == b':' || b.is_ascii_whitespace();
+    if tap.len() > 15 || tap == "." || tap == ".." || tap.bytes().any(bad_byte) {
+        return Err(format!(
+            "'{tap}' is not an interface name (1 to 15 bytes, no '/', ':' or spaces)"
+        ));
+    }
+    Ok(RestoreNet {
+        id: id.to_string(),
+        tap: tap.to_string(),
+    })
+}
+
+impl Args {
+    /// Parses the command line as clap does, then the checks across flags clap cannot make
+    /// ([`Args::restore_args`]): an error of either is a usage error.
+    pub fn try_parse_checked() -> Result<Self, clap::Error> {
+        let args = Self::try_parse()?;
+        args.restore_args()
+            .map_err(|e| clap::Error::raw(clap::error::ErrorKind::ArgumentConflict, e))?;
+        Ok(args)
+    }
+
+    /// `--restore` and its companions, checked (`None` without `--restore`).
+    ///
+    /// # Errors
+    ///
+    /// A drive or card given twice.
+    pub fn restore_args(&self) -> Result<Option<RestoreArgs>, String> {
+        let Some(dir) = &self.restore else {
+            return Ok(None);
+        };
+        for (i, d) in self.restore_drive.iter().enumerate() {
+            if self.restore_drive.iter().take(i).any(|e| e.id == d.id) {
+                return Err(format!("--restore-drive {}= is given twice", d.id));
+            }
+        }
+        for (i, n) in self.restore_net.iter().enumerate() {
+            if self.restore_net.iter().take(i).any(|e| e.id == n.id) {
+                return Err(format!("--restore-net {}= is given twice", n.id));
+            }
+        }
+        Ok(Some(RestoreArgs {
+            dir: dir.clone(),
+            paused: self.restore_paused,
+            drives: self.restore_drive.clone(),
+            nets: self.restore_net.clone(),
+            vsock: self.restore_vsock.clone(),
+            track_dirty_pages: self.track_dirty_pages,
+        }))
+    }
 }
 
 /// One `--landlock-allow`.
@@ -940,6 +1115,157 @@ mod tests {
             Args::try_parse_from(["vmkit", "--landlock", "--landlock-allow", "/srv:ro"]).unwrap();
         assert!(a.landlock && a.landlock_allow[0].read_only);
         assert!(!Args::try_parse_from(["vmkit"]).unwrap().landlock);
+    }
+
+    /// `vmkit EXTRA…` parsed.
+    fn parse_restore(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec!["vmkit"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    /// `--restore` and its companions, in full and alone.
+    #[test]
+    fn restore_flags_parse_into_restore_args() {
+        let parse = parse_restore;
+        let a = parse(&[
+            "--restore",
+            "/s",
+            "--api-sock",
+            "/a",
+            "--restore-paused",
+            "--restore-drive",
+            "root=/i/r=1.img",
+            "--restore-drive",
+            "block1=/i/d",
+            "--restore-net",
+            "eth0=tap1",
+            "--restore-vsock",
+            "/v.sock",
+            "--track-dirty-pages",
+            "--serial",
+            "off",
+        ])
+        .unwrap();
+        let r = a.restore_args().unwrap().unwrap();
+        assert_eq!(r.state_file(), PathBuf::from("/s/vmstate"));
+        assert_eq!(r.memory_file(), PathBuf::from("/s/memory"));
+        assert!(r.paused && r.track_dirty_pages);
+        assert_eq!(
+            r.drives,
+            [
+                RestoreDrive {
+                    id: "root".into(),
+                    path: "/i/r=1.img".into()
+                },
+                RestoreDrive {
+                    id: "block1".into(),
+                    path: "/i/d".into()
+                }
+            ]
+        );
+        assert_eq!(
+            r.nets,
+            [RestoreNet {
+                id: "eth0".into(),
+                tap: "tap1".into()
+            }]
+        );
+        assert_eq!(r.vsock, Some(PathBuf::from("/v.sock")));
+        let plain = parse(&["--restore", "/s"]).unwrap();
+        let r = plain.restore_args().unwrap().unwrap();
+        assert!(!r.paused && !r.track_dirty_pages && r.drives.is_empty() && r.vsock.is_none());
+        assert_eq!(parse(&["--kernel", "k"]).unwrap().restore_args(), Ok(None));
+        assert!(
+            parse(&["--kernel", "k", "--track-dirty-pages"])
+                .unwrap()
+                .track_dirty_pages
+        );
+    }
+
+    /// The flags that describe a VM conflict with `--restore`; the companions need it.
+    #[test]
+    fn restore_conflicts_and_companions_are_usage_errors() {
+        let parse = parse_restore;
+        // A flag that describes the VM conflicts with the snapshot's description.
+        for flags in [
+            &["--kernel", "k"][..],
+            &["--config-file", "c"],
+            &["--cpus", "2"],
+            &["--memory", "1G"],
+            &["--disk", "path=d"],
+            &["--net", "tap=t"],
+            &["--vsock", "cid=3,socket=v"],
+            &["--rng"],
+            &["--transport", "pci"],
+            &["--cmdline", "quiet"],
+            &["--hugepages"],
+            &["--cpu-template", "pvm"],
+        ] {
+            let mut argv = vec!["--restore", "/s"];
+            argv.extend_from_slice(flags);
+            let e = parse(&argv).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{flags:?}"
+            );
+        }
+        // The companions need --restore (and --restore-paused an API to resume through).
+        for flags in [
+            &["--restore-paused", "--api-sock", "a"][..],
+            &["--restore-drive", "a=b"],
+            &["--restore-net", "a=t"],
+            &["--restore-vsock", "v"],
+            &["--restore", "/s", "--restore-paused"],
+        ] {
+            assert_eq!(
+                parse(flags).unwrap_err().kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{flags:?}"
+            );
+        }
+    }
+
+    /// Malformed `ID=VALUE`s, TAP names, and an ID given twice.
+    #[test]
+    fn restore_ids_and_taps_are_checked() {
+        let parse = parse_restore;
+        for (bad, says) in [
+            ("a", "is not ID=TAP"),
+            ("=t", "is not ID=TAP"),
+            ("a=", "is not ID=TAP"),
+            ("a=tap0123456789abc", "not an interface name"),
+            ("a=t/1", "not an interface name"),
+            ("a=t 1", "not an interface name"),
+            ("a=..", "not an interface name"),
+        ] {
+            let e = parse_restore_net(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert!(parse_restore_net("a=tap0123456789ab").is_ok());
+        assert!(parse_restore_drive("root").unwrap_err().contains("ID=PATH"));
+        assert!(parse_restore_drive("root=").is_err());
+        let twice = parse(&[
+            "--restore",
+            "/s",
+            "--restore-net",
+            "e=a",
+            "--restore-net",
+            "e=b",
+        ]);
+        let e = twice.unwrap().restore_args().unwrap_err();
+        assert!(e.contains("--restore-net e= is given twice"), "{e}");
+        let twice = parse(&[
+            "--restore",
+            "/s",
+            "--restore-drive",
+            "r=a",
+            "--restore-drive",
+            "r=b",
+        ]);
+        let e = twice.unwrap().restore_args().unwrap_err();
+        assert!(e.contains("--restore-drive r= is given twice"), "{e}");
     }
 
     #[test]

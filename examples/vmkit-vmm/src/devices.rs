@@ -7,17 +7,17 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::MutEventSubscriber;
-use vm_memory::GuestMemoryMmap;
 use vmkit_boot::linux_loader::cmdline::Cmdline;
 use vmkit_boot::DsdtDevice;
 use vmkit_bus::{mmio_range, pio_range};
 use vmkit_kvm::{Machine, MmioPlatform, PciPlatform};
 use vmkit_legacy::{
-    AcpiSleep, AcpiSleepConfig, DebugPort, ExitNotifier, Ged, Serial, SerialConfig,
+    AcpiSleep, AcpiSleepConfig, DebugPort, ExitNotifier, Ged, Serial, SerialConfig, SerialState,
     ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT, COM1_GSI, COM1_PORT, DEBUG_PORT, DEBUG_PORT_COUNT,
     GED_REGISTER_SIZE, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
 use vmkit_memory::layout::{GED_ADDR, GED_GSI};
+use vmkit_memory::GuestRam;
 use vmkit_virtio::{AtomicMetrics, VirtioDevice};
 use vmkit_virtio_blk::{Block, DiskSource};
 use vmkit_virtio_console::{Console, ConsoleConfig, ConsoleInput, Pty};
@@ -54,8 +54,14 @@ pub struct LegacyDevices {
 
 impl LegacyDevices {
     /// Puts them on `machine`'s bus, reporting power-off and reset to its exit notifier;
-    /// the serial port writes to a sink of `outputs`.
-    pub fn add(machine: &Machine, args: &Args, outputs: &mut Outputs) -> Result<Self> {
+    /// the serial port writes to a sink of `outputs`, and starts in `serial_state` (a
+    /// snapshot's) when given.
+    pub fn add(
+        machine: &Machine,
+        args: &Args,
+        outputs: &mut Outputs,
+        serial_state: Option<&SerialState>,
+    ) -> Result<Self> {
         let bus = machine.bus();
         let exit = machine.exit().clone();
         let input_drained = match args.serial {
@@ -71,7 +77,7 @@ impl LegacyDevices {
                 Box::new(outputs.file("serial_file", "serial output file", f)?)
             }
         };
-        let serial = Arc::new(Mutex::new(GuestSerial::with_config(SerialConfig {
+        let config = SerialConfig {
             interrupt: machine.line(COM1_GSI)?,
             out,
             input_drained: input_drained
@@ -79,7 +85,13 @@ impl LegacyDevices {
                 .map(EventFd::try_clone)
                 .transpose()
                 .map_err(Error::EventFd)?,
-        })));
+        };
+        let serial = match serial_state {
+            None => GuestSerial::with_config(config),
+            Some(state) => GuestSerial::from_state(config, state)
+                .map_err(|e| Error::Restore(format!("serial port: {e}")))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         bus.register_pio(pio_range(COM1_PORT, SERIAL_PORT_COUNT)?, serial.clone())?;
         let i8042 = I8042::new(exit.clone(), machine.line(I8042_GSI)?);
         let i8042 = Arc::new(Mutex::new(i8042));
@@ -156,6 +168,11 @@ fn console_ends(spec: &ConsoleOutput, outputs: &mut Outputs) -> Result<Option<Co
     })
 }
 
+/// A disk, shared between its transport and the API's `PATCH /drives`.
+pub type SharedBlock = Arc<Mutex<Block<GuestRam>>>;
+/// A network card, shared between its transport and the API's `PATCH /network-interfaces`.
+pub type SharedNet = Arc<Mutex<Net<GuestRam>>>;
+
 /// The virtio devices of the VM, attached, with what the rest of the VMM needs of them.
 pub struct VirtioDevices {
     /// The queue event handlers, for the event loop (out of it while the VM is paused).
@@ -166,23 +183,27 @@ pub struct VirtioDevices {
     /// How the guest learns of them through ACPI.
     pub dsdt: Vec<DsdtDevice>,
     /// The devices, for a pause to quiesce them.
-    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
     /// Each device's counters, with the name its metrics are written under.
     pub metrics: Vec<(String, Arc<AtomicMetrics>)>,
     /// The disks with an API `drive_id`, for `PATCH /drives/{id}`.
-    pub drives: Vec<(String, Arc<Mutex<Block>>)>,
+    pub drives: Vec<(String, SharedBlock)>,
     /// The cards with an API `iface_id`, for `PATCH /network-interfaces/{id}`.
-    pub nets: Vec<(String, Arc<Mutex<Net>>)>,
-    /// virtio-mmio only: the devices, for the kernel command line.
-    mmio: Option<MmioPlatform>,
+    pub nets: Vec<(String, SharedNet)>,
+    /// The devices by type, in attach order, for snapshots.
+    pub handles: Vec<Handle>,
+    /// virtio-mmio: the transports (the kernel command line, snapshots).
+    pub mmio: Option<MmioPlatform>,
+    /// virtio-pci: the transports (snapshots).
+    pub pci: Option<PciPlatform>,
     /// Lives as long as the VM.
     _console_pty: Option<Pty>,
 }
 
-fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<Block> {
+fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<Block<GuestRam>> {
     let spec = &args.disk[index];
     let config = spec.block_config(args.cpus).with_metrics(metrics);
-    Block::new(config).map_err(|source| Error::Disk {
+    Block::for_memory(config).map_err(|source| Error::Disk {
         path: match &spec.config.source {
             DiskSource::Path(p) => p.display().to_string(),
             DiskSource::File(_) => format!("#{index}"),
@@ -191,10 +212,26 @@ fn open_disk(args: &Args, index: usize, metrics: Arc<AtomicMetrics>) -> Result<B
     })
 }
 
+/// A virtio device by its type, for its snapshot state.
+#[derive(Clone)]
+pub enum Handle {
+    /// A disk.
+    Block(SharedBlock),
+    /// A network card.
+    Net(SharedNet),
+    /// The vsock device.
+    Vsock(Arc<Mutex<Vsock<GuestRam>>>),
+    /// The entropy device.
+    Rng(Arc<Mutex<Rng<GuestRam>>>),
+    /// The console.
+    Console(Arc<Mutex<Console<GuestRam>>>),
+}
+
 /// The devices being built, in the order they are attached, and their counters.
 #[derive(Default)]
 struct Built {
-    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
+    handles: Vec<Handle>,
     metrics: Vec<(String, Arc<AtomicMetrics>)>,
 }
 
@@ -207,7 +244,7 @@ impl Built {
     }
 
     /// The disks, with those that have an API `drive_id`.
-    fn disks(&mut self, args: &Args) -> Result<Vec<(String, Arc<Mutex<Block>>)>> {
+    fn disks(&mut self, args: &Args) -> Result<Vec<(String, SharedBlock)>> {
         let mut drives = Vec::new();
         for (i, spec) in args.disk.iter().enumerate() {
             let name = spec
@@ -218,6 +255,7 @@ impl Built {
             if let Some(id) = &spec.id {
                 drives.push((id.clone(), disk.clone()));
             }
+            self.handles.push(Handle::Block(disk.clone()));
             self.devices.push(disk);
         }
         Ok(drives)
@@ -228,7 +266,7 @@ impl Built {
         &mut self,
         args: &Args,
         net_fds: &mut InheritedFds,
-    ) -> Result<Vec<(String, Arc<Mutex<Net>>)>> {
+    ) -> Result<Vec<(String, SharedNet)>> {
         let mut nets = Vec::new();
         for (i, spec) in args.net.iter().enumerate() {
             let m = self.counters(format!("net{i}"));
@@ -237,6 +275,7 @@ impl Built {
             if let Some(id) = &spec.id {
                 nets.push((id.clone(), net.clone()));
             }
+            self.handles.push(Handle::Net(net.clone()));
             self.devices.push(net);
         }
         Ok(nets)
@@ -247,14 +286,18 @@ impl Built {
         if let Some(spec) = &args.vsock {
             let mut config = VsockConfig::new(spec.cid, spec.socket.clone());
             config.poll_us = spec.poll_us;
-            let vsock = Vsock::new(config)?.with_metrics(self.counters("vsock".into()));
-            self.devices.push(Arc::new(Mutex::new(vsock)));
+            let vsock = Vsock::for_memory(config)?.with_metrics(self.counters("vsock".into()));
+            let vsock = Arc::new(Mutex::new(vsock));
+            self.handles.push(Handle::Vsock(vsock.clone()));
+            self.devices.push(vsock);
         }
         if args.rng || args.rng_rate_limiter.is_some() {
-            let rng = Rng::new(RngConfig::default())?
+            let rng = Rng::for_memory(RngConfig::default())?
                 .with_metrics(self.counters("entropy".into()))
                 .with_rate_limiter(args.rng_rate_limiter.unwrap_or_default());
-            self.devices.push(Arc::new(Mutex::new(rng)));
+            let rng = Arc::new(Mutex::new(rng));
+            self.handles.push(Handle::Rng(rng.clone()));
+            self.devices.push(rng);
         }
         Ok(())
     }
@@ -270,13 +313,15 @@ impl Built {
             return Ok((None, None));
         };
         let config = ConsoleConfig::new(ends.output).with_metrics(self.counters("console".into()));
-        let console = Console::new(config)?;
+        let console = Console::for_memory(config)?;
         let escape = match args.console {
             ConsoleOutput::Stdio => Escape::for_stdin(machine.exit().clone()),
             _ => None,
         };
         let input = console_input(ends.input, console.input(), escape);
-        self.devices.push(Arc::new(Mutex::new(console)));
+        let console = Arc::new(Mutex::new(console));
+        self.handles.push(Handle::Console(console.clone()));
+        self.devices.push(console);
         Ok((input, ends.pty))
     }
 }
@@ -295,7 +340,11 @@ impl VirtioDevices {
         let nets = built.nets(args, &mut net_fds)?;
         built.vsock_and_rng(args)?;
         let (console_input, console_pty) = built.console(machine, args, outputs)?;
-        let Built { devices, metrics } = built;
+        let Built {
+            devices,
+            handles,
+            metrics,
+        } = built;
         let mut this = Self {
             subscribers: Vec::new(),
             console_input,
@@ -304,7 +353,9 @@ impl VirtioDevices {
             metrics,
             drives,
             nets,
+            handles,
             mmio: None,
+            pci: None,
             _console_pty: console_pty,
         };
         match args.transport {
@@ -317,7 +368,7 @@ impl VirtioDevices {
     fn attach_mmio(
         &mut self,
         machine: &Machine,
-        devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+        devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
     ) -> Result<()> {
         let mut mmio = MmioPlatform::new(machine)?;
         for device in devices {
@@ -332,15 +383,15 @@ impl VirtioDevices {
     fn attach_pci(
         &mut self,
         machine: &Machine,
-        devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+        devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
     ) -> Result<()> {
         let mut pci = PciPlatform::new(machine)?;
         for device in devices {
-            let memory: GuestMemoryMmap = machine.memory().clone();
-            let (_, handler) = pci.attach(memory, device)?;
+            let (_, handler) = pci.attach(machine.memory().clone(), device)?;
             self.subscribers.push(Arc::new(Mutex::new(handler)));
         }
         self.dsdt = vec![pci.dsdt_device()];
+        self.pci = Some(pci);
         Ok(())
     }
 

@@ -103,6 +103,10 @@ pub enum Error {
     /// The shutdown signals cannot be caught.
     #[error("cannot set up the shutdown signals: {0}")]
     Signals(#[source] std::io::Error),
+    /// A snapshot cannot be restored (unreadable, corrupt, from another CPU, its devices
+    /// refused their state).
+    #[error("cannot restore the snapshot: {0}")]
+    Restore(String),
     /// The event loop could not be set up or run.
     #[error("event loop: {0}")]
     EventLoop(#[from] event_manager::Error),

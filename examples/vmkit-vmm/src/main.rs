@@ -25,6 +25,7 @@ mod runtime;
 mod sandbox;
 mod setup;
 mod signals;
+mod snapshot;
 mod stats;
 mod terminal;
 mod vm;
@@ -32,7 +33,6 @@ mod vm;
 use std::io::Write;
 use std::process::ExitCode;
 
-use clap::Parser;
 use vmkit_legacy::ExitReason;
 
 use crate::config::Args;
@@ -57,7 +57,7 @@ mod status {
 
 /// Parses the command line; on an error prints one line (not clap's usage block).
 fn parse_args() -> std::result::Result<Args, ExitCode> {
-    Args::try_parse().map_err(|e| {
+    Args::try_parse_checked().map_err(|e| {
         use clap::error::ErrorKind;
         if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
             print!("{e}");
@@ -84,7 +84,11 @@ fn run(args: &Args) -> Result<Option<ExitReason>> {
         logger::Logger::install(args.log_level, args.log_file.as_deref()).map_err(Error::Log)?;
     let sandbox = sandbox::Sandbox::new(args)?;
     let mut host = host::Host::open(args, signals, logger, sandbox)?;
+    let restore = args.restore_args().map_err(Error::Restore)?;
     let started = match (&args.kernel, &args.config_file) {
+        _ if restore.is_some() => restore
+            .map(|r| setup::from_snapshot(args, &setup::Restore::of_cli(&r)))
+            .transpose()?,
         (Some(_), _) => Some(setup::from_args(args)?),
         (None, Some(path)) => Some(setup::from_config_file(path, args, &mut host)?),
         (None, None) if host.has_api() => setup::through_api(args, &mut host)?,

@@ -2,6 +2,7 @@
 
 use std::os::fd::{FromRawFd, OwnedFd};
 
+use vmkit_memory::GuestRam;
 use vmkit_virtio_net::{Net, NetBackend, NetConfig, Tap};
 
 use crate::config::{NetBackendSpec, NetSpec};
@@ -13,7 +14,7 @@ pub fn open_net(
     cpus: u32,
     fds: &mut InheritedFds,
     metrics: std::sync::Arc<dyn vmkit_virtio::DeviceMetrics>,
-) -> Result<Net> {
+) -> Result<Net<GuestRam>> {
     let what = match &spec.backend {
         NetBackendSpec::Tap(name) => format!("tap={name}"),
         NetBackendSpec::Fd(fd) => format!("fd={fd}"),
@@ -37,7 +38,7 @@ pub fn open_net(
     config.metrics = metrics;
     config.rx_rate_limiter = spec.rx_rate_limiter;
     config.tx_rate_limiter = spec.tx_rate_limiter;
-    Net::new(config).map_err(err)
+    Net::for_memory(config).map_err(err)
 }
 
 /// `queues` queues of TAP `name`; without `queues=`, one per vCPU if the TAP is

@@ -86,6 +86,16 @@ impl Resources {
         &self.machine
     }
 
+    /// Whether nothing was configured yet (a snapshot may still be loaded).
+    pub fn is_empty(&self) -> bool {
+        self.boot.is_none()
+            && self.drives.is_empty()
+            && self.nets.is_empty()
+            && self.vsock.is_none()
+            && self.entropy.is_none()
+            && self.machine == MachineConfig::default()
+    }
+
     /// `PUT /machine-config`.
     pub fn set_machine(&mut self, m: MachineConfig) -> Result<(), Refusal> {
         let max = vmkit_kvm::MAX_VCPUS;
@@ -100,9 +110,6 @@ impl Resources {
         }
         if m.smt {
             return Err("smt (two threads per core) is not supported by vmkit".into());
-        }
-        if m.track_dirty_pages {
-            return Err("track_dirty_pages is not supported by vmkit (no snapshots yet)".into());
         }
         cpu_template(m.cpu_template.as_deref())?;
         self.machine = m;
@@ -234,6 +241,7 @@ impl Resources {
         args.cpus = u32::from(m.vcpu_count);
         args.memory = m.mem_size_mib << 20;
         args.hugepages = m.huge_pages == Some(HugePages::Huge2M);
+        args.track_dirty_pages |= m.track_dirty_pages;
         args.no_thp &= !args.hugepages;
         if m.cpu_template.is_some() {
             args.cpu_template = cpu_template(m.cpu_template.as_deref())?;

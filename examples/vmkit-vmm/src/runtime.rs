@@ -9,17 +9,17 @@ use event_manager::{
     EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
 };
 use vmkit_api::model::{
-    ActionType, DriveUpdate, InstanceState, MachineConfig, NetworkInterfaceUpdate, VmStateRequest,
+    ActionType, DriveUpdate, InstanceState, MachineConfig, NetworkInterfaceUpdate, SnapshotCreate,
+    VmStateRequest,
 };
 use vmkit_api::{ApiCall, ApiRequest, ApiResponse};
 use vmkit_kvm::VcpuThreads;
 use vmkit_legacy::{EventFdExit, ExitNotifier, ExitReason, Ged, I8042};
+use vmkit_memory::GuestRam;
 use vmkit_virtio::VirtioDevice;
-use vmkit_virtio_blk::Block;
-use vmkit_virtio_net::Net;
 use vmm_sys_util::epoll::EventSet;
 
-use crate::devices::Subscriber;
+use crate::devices::{SharedBlock, SharedNet, Subscriber};
 use crate::host::Host;
 use crate::signals;
 
@@ -52,7 +52,7 @@ pub struct Parts {
     /// output written before a pause keeps flowing, while paused).
     pub host_input: Vec<Subscriber>,
     /// The virtio devices, quiesced at a pause.
-    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice<GuestRam>>>>,
     /// The vCPU threads.
     pub threads: VcpuThreads,
     /// Where the VM's end is reported.
@@ -64,11 +64,13 @@ pub struct Parts {
     /// What `GET /machine-config` reports.
     pub machine: MachineConfig,
     /// The disks by `drive_id`, for `PATCH /drives/{id}`.
-    pub drives: Vec<(String, Arc<Mutex<Block>>)>,
+    pub drives: Vec<(String, SharedBlock)>,
     /// The network cards by `iface_id`, for `PATCH /network-interfaces/{id}`.
-    pub nets: Vec<(String, Arc<Mutex<Net>>)>,
+    pub nets: Vec<(String, SharedNet)>,
     /// `--landlock` restricts what may be opened.
     pub landlocked: bool,
+    /// What a snapshot reads.
+    pub sources: crate::snapshot::Sources,
 }
 
 /// A running VM.
@@ -96,8 +98,9 @@ struct Shutdown {
 }
 
 impl Running {
-    /// Puts the host's fds and the guest-facing subscribers into the loop.
-    pub fn new(mut parts: Parts, host: &Host) -> Self {
+    /// Puts the host's fds and, unless the VM starts `paused`, the guest-facing
+    /// subscribers into the loop.
+    pub fn new(mut parts: Parts, host: &Host, paused: bool) -> Self {
         parts.events.add_subscriber(Arc::new(Mutex::new(Doorbell(
             std::os::fd::AsRawFd::as_raw_fd(&host.signals),
         ))));
@@ -109,20 +112,28 @@ impl Running {
         for input in &parts.host_input {
             parts.events.add_subscriber(input.clone());
         }
-        let ids = parts
-            .guest_facing
-            .iter()
-            .map(|s| parts.events.add_subscriber(s.clone()))
-            .collect();
-        Self {
+        let mut running = Self {
             parts,
-            guest_ids: Some(ids),
+            guest_ids: None,
             shutdown: None,
+        };
+        if paused {
+            // A restored device served what its queues held as it started: finish that, as
+            // a pause does, before anything reads guest memory.
+            running.quiesce_devices();
+            log::info!("paused: resume with PATCH /vm {{\"state\": \"Resumed\"}}");
+        } else {
+            running.readd();
         }
+        running
     }
 
-    /// Runs until the VM ends; returns why, and the vCPU threads to stop.
-    pub fn until_end(mut self, host: &mut Host) -> (ExitReason, VcpuThreads) {
+    /// Runs until the VM ends; returns why, the vCPU threads to stop, and the machine (to
+    /// drop once they are stopped).
+    pub fn until_end(
+        mut self,
+        host: &mut Host,
+    ) -> (ExitReason, VcpuThreads, crate::snapshot::Sources) {
         let end = loop {
             if let Some(end) = self.parts.exit.reason() {
                 break end;
@@ -140,7 +151,7 @@ impl Running {
             self.check_grace_period(host);
             host.metrics.tick();
         };
-        (end, self.parts.threads)
+        (end, self.parts.threads, self.parts.sources)
     }
 
     fn end(&self, reason: ExitReason) {
@@ -191,6 +202,11 @@ impl Running {
             }
             ApiRequest::PatchDrive(update) => done(self.patch_drive(update)),
             ApiRequest::PatchNetworkInterface(update) => done(self.patch_net(update)),
+            ApiRequest::CreateSnapshot(request) => done(self.create_snapshot(request)),
+            ApiRequest::LoadSnapshot(_) => refused(
+                "a snapshot can only be loaded into a new vmkit process, before it is configured"
+                    .into(),
+            ),
             _ => refused(
                 "the requested operation is not supported after starting the microVM".into(),
             ),
@@ -211,11 +227,17 @@ impl Running {
             self.readd();
             return Err(format!("cannot pause the vCPUs: {e}"));
         }
+        self.quiesce_devices();
+        log::info!("paused");
+        Ok(())
+    }
+
+    /// Every virtio device completes what it has in flight (nothing touches guest memory
+    /// afterwards until it is served again).
+    fn quiesce_devices(&self) {
         for device in &self.parts.devices {
             device.lock().unwrap_or_else(|p| p.into_inner()).quiesce();
         }
-        log::info!("paused");
-        Ok(())
     }
 
     fn readd(&mut self) {
@@ -300,6 +322,23 @@ impl Running {
             net.tx_rate_limiter().config(),
         );
         log::info!("interface {id}: rate limiters rx {rx:?} tx {tx:?}");
+        Ok(())
+    }
+
+    /// `PUT /snapshot/create`: only while paused (no device or vCPU changes memory).
+    fn create_snapshot(&mut self, request: &SnapshotCreate) -> Result<(), String> {
+        if self.guest_ids.is_some() {
+            return Err("pause the microVM before creating a snapshot".into());
+        }
+        self.quiesce_devices();
+        let created =
+            crate::snapshot::create(&mut self.parts.sources, &self.parts.threads, request)?;
+        log::info!(
+            "snapshot {} created: {} bytes of memory written in {} µs",
+            request.snapshot_path,
+            created.memory_bytes,
+            created.micros
+        );
         Ok(())
     }
 

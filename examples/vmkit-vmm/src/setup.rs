@@ -2,15 +2,19 @@
 //! API's requests until `InstanceStart`.
 
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
-use vmkit_api::model::{ActionType, InstanceState, MachineConfig, VmConfig};
+use vmkit_api::model::{
+    ActionType, InstanceState, MachineConfig, MemBackendType, SnapshotLoad, VmConfig,
+};
 use vmkit_api::{ApiRequest, ApiResponse};
 
-use crate::config::Args;
+use crate::config::{Args, RestoreArgs};
 use crate::error::{Error, Result};
 use crate::host::Host;
 use crate::resources::Resources;
+use crate::snapshot::spec::Overrides;
 use crate::vm::Vm;
 
 /// A VM built and the description it was built from.
@@ -78,6 +82,97 @@ pub fn from_config_file(path: &Path, base: &Args, host: &mut Host) -> Result<Sta
     })
 }
 
+/// What restoring a snapshot needs: its files, what changes, how it runs.
+#[derive(Debug, Clone, Default)]
+pub struct Restore {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file (`None`: the one the state file names).
+    pub memory: Option<PathBuf>,
+    /// Other disks, TAPs, vsock socket.
+    pub overrides: Overrides,
+    /// Track dirty pages, for a later diff snapshot.
+    pub track_dirty_pages: bool,
+    /// Run the vCPUs at once (else the VM waits, paused, for `PATCH /vm`).
+    pub resume: bool,
+}
+
+impl Restore {
+    /// `--restore DIR` and its companions.
+    pub fn of_cli(r: &RestoreArgs) -> Self {
+        Self {
+            state: r.state_file(),
+            memory: Some(r.memory_file()),
+            overrides: Overrides {
+                drives: r
+                    .drives
+                    .iter()
+                    .map(|d| (d.id.clone(), d.path.clone()))
+                    .collect(),
+                nets: r
+                    .nets
+                    .iter()
+                    .map(|n| (n.id.clone(), n.tap.clone()))
+                    .collect(),
+                vsock: r.vsock.clone(),
+            },
+            track_dirty_pages: r.track_dirty_pages,
+            resume: !r.paused,
+        }
+    }
+
+    /// `PUT /snapshot/load`'s request.
+    fn of_api(load: &SnapshotLoad) -> std::result::Result<Self, String> {
+        let memory = load.memory()?;
+        if memory.backend_type == MemBackendType::Uffd {
+            return Err("mem_backend Uffd is not supported by vmkit: use File".into());
+        }
+        Ok(Self {
+            state: PathBuf::from(&load.snapshot_path),
+            memory: Some(PathBuf::from(memory.backend_path)),
+            overrides: Overrides {
+                drives: load
+                    .drive_overrides
+                    .iter()
+                    .map(|d| (d.drive_id.clone(), PathBuf::from(&d.path_on_host)))
+                    .collect(),
+                nets: load
+                    .network_overrides
+                    .iter()
+                    .map(|n| (n.iface_id.clone(), n.host_dev_name.clone()))
+                    .collect(),
+                vsock: load
+                    .vsock_override
+                    .as_ref()
+                    .map(|v| PathBuf::from(&v.uds_path)),
+            },
+            track_dirty_pages: load.tracks_dirty_pages(),
+            resume: load.resume_vm,
+        })
+    }
+}
+
+/// Builds the VM a snapshot describes, `base` giving the host's side.
+pub fn from_snapshot(base: &Args, restore: &Restore) -> Result<Started> {
+    let refused = |e: String| Error::Restore(e);
+    let mut loaded =
+        crate::snapshot::load(&restore.state, restore.memory.as_deref()).map_err(refused)?;
+    loaded.spec.apply(&restore.overrides).map_err(refused)?;
+    let mut args = loaded.spec.to_args(base).map_err(refused)?;
+    args.track_dirty_pages = restore.track_dirty_pages;
+    let started = Instant::now();
+    let vm = Vm::restore(&args, loaded, restore.resume)?;
+    log::info!(
+        "restored {} in {} µs",
+        restore.state.display(),
+        started.elapsed().as_micros()
+    );
+    Ok(Started {
+        vm,
+        machine: machine_of(&args),
+    })
+}
+
 /// Waits until the API, or a signal, says something; `true` if a signal came.
 fn wait(host: &Host) -> bool {
     let mut fds = [
@@ -114,9 +209,15 @@ fn configure(resources: &mut Resources, request: ApiRequest) -> ApiResponse {
         ApiRequest::PatchNetworkInterface(u) => done(resources.patch_net(u)),
         ApiRequest::PutVsock(v) => done(resources.set_vsock(v)),
         ApiRequest::PutEntropy(e) => done(resources.set_entropy(e)),
-        ApiRequest::Action(ActionType::SendCtrlAltDel) | ApiRequest::PatchVm(_) => {
+        ApiRequest::Action(ActionType::SendCtrlAltDel)
+        | ApiRequest::PatchVm(_)
+        | ApiRequest::CreateSnapshot(_) => {
             ApiResponse::error(400, "the microVM is not running yet")
         }
+        ApiRequest::LoadSnapshot(_) => ApiResponse::error(
+            400,
+            "loading a snapshot is not allowed after configuring boot-specific resources",
+        ),
         other => ApiResponse::error(400, format!("{other:?} cannot be served before the start")),
     }
 }
@@ -141,6 +242,17 @@ pub fn through_api(base: &Args, host: &mut Host) -> Result<Option<Started>> {
                 ApiRequest::GetInstanceInfo => {
                     let info = host.info(InstanceState::NotStarted);
                     host.respond(call, info);
+                }
+                ApiRequest::LoadSnapshot(ref load) if resources.is_empty() => {
+                    match Restore::of_api(load)
+                        .and_then(|r| from_snapshot(base, &r).map_err(|e| e.to_string()))
+                    {
+                        Ok(started) => {
+                            host.respond(call, ApiResponse::no_content());
+                            return Ok(Some(started));
+                        }
+                        Err(e) => host.respond(call, ApiResponse::error(400, e)),
+                    }
                 }
                 ApiRequest::Action(ActionType::InstanceStart) => match start(base, &resources) {
                     Ok(started) => {

@@ -31,6 +31,7 @@ use crate::metrics::MetricsSource;
 use crate::net::InheritedFds;
 use crate::output::Outputs;
 use crate::runtime::{Parts, Running};
+use crate::snapshot::{Loaded, Snapshots, Sources};
 use crate::stats;
 use crate::terminal::RawMode;
 
@@ -48,6 +49,8 @@ pub struct Vm {
     print_stats: bool,
     /// `--landlock`: the paths the running VM may reach.
     landlock: Option<crate::landlock::Rules>,
+    /// What a snapshot of it needs beyond its parts: its shape, its memory's layers.
+    snapshots: Snapshots,
 }
 
 /// The files the command line names, opened before anything else is created.
@@ -85,8 +88,8 @@ fn host_ram() -> u64 {
     (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
 }
 
-/// The VM's memory, irqchip and bus.
-fn create_machine(args: &Args) -> Result<Machine> {
+/// The VM's memory (mapped from a snapshot's files when `loaded`), irqchip and bus.
+fn create_machine(args: &Args, loaded: Option<&Loaded>) -> Result<Machine> {
     let host = host_ram();
     if args.memory > host {
         return Err(Error::MemoryAboveHost {
@@ -103,9 +106,23 @@ fn create_machine(args: &Args) -> Result<Machine> {
     // Out of core dumps (MemoryConfig's default): a VMM core holds no guest RAM.
     config.memory = MemoryConfig {
         backing,
+        // A snapshot's base memory file, mapped privately: pages load on first touch.
+        file: loaded
+            .and_then(|l| l.layers.first())
+            .map(|l| l.path.clone()),
         ..MemoryConfig::new(args.memory)
     };
-    Ok(Machine::new(&config)?)
+    config.track_dirty_pages = args.track_dirty_pages;
+    let machine = Machine::new(&config)?;
+    if let Some(loaded) = loaded {
+        crate::snapshot::overlay_diffs(&machine, &loaded.layers).map_err(Error::Restore)?;
+        if args.track_dirty_pages {
+            // The overlay's writes are the snapshot's pages, not the guest's: a diff starts
+            // from here.
+            machine.take_dirty_pages()?;
+        }
+    }
+    Ok(machine)
 }
 
 /// The kernel command line: the user's, what the CPU template needs, the virtio-mmio
@@ -163,28 +180,99 @@ fn load_kernel(
     Ok(vmkit_boot::load(mem, &mut kernel, boot)?.entry)
 }
 
+/// The devices of a VM being built, with their output sinks.
+struct Devices {
+    outputs: Outputs,
+    legacy: LegacyDevices,
+    virtio: VirtioDevices,
+}
+
+/// The legacy and virtio devices `args` ask for, on `machine` (the serial port in
+/// `serial`'s state, a snapshot's, when given).
+fn add_devices(
+    machine: &Machine,
+    args: &Args,
+    net_fds: InheritedFds,
+    serial: Option<&vmkit_legacy::SerialState>,
+) -> Result<Devices> {
+    let mut outputs = Outputs::new(args.output_buffer);
+    let legacy = LegacyDevices::add(machine, args, &mut outputs, serial)?;
+    let virtio = VirtioDevices::add(machine, args, net_fds, &mut outputs)?;
+    Ok(Devices {
+        outputs,
+        legacy,
+        virtio,
+    })
+}
+
+/// The vCPUs `args` ask for (after the irqchip).
+fn create_vcpus(machine: &Machine, args: &Args) -> Result<Vcpus> {
+    let vcpu_config = VcpuConfig {
+        count: args.cpus,
+        template: args.cpu_template,
+    };
+    Ok(Vcpus::create(machine.kvm(), machine.vm(), &vcpu_config)?)
+}
+
 impl Vm {
     /// Builds the VM `args` describes, stage by stage; nothing runs yet.
     pub fn build(args: &Args) -> Result<Self> {
         // First, before this process opens anything: the TAP fds it inherited.
         let net_fds = InheritedFds::claim(&args.net)?;
         let inputs = Inputs::open(args)?;
-        let machine = create_machine(args)?;
-        let vcpu_config = VcpuConfig {
-            count: args.cpus,
-            template: args.cpu_template,
-        };
-        let vcpus = Vcpus::create(machine.kvm(), machine.vm(), &vcpu_config)?;
-        let mut outputs = Outputs::new(args.output_buffer);
-        let legacy = LegacyDevices::add(&machine, args, &mut outputs)?;
-        let mut virtio = VirtioDevices::add(&machine, args, net_fds, &mut outputs)?;
-        let cmdline = kernel_cmdline(args, &vcpus, &virtio)?;
-        let dsdt = std::mem::take(&mut virtio.dsdt);
+        let machine = create_machine(args, None)?;
+        let vcpus = create_vcpus(&machine, args)?;
+        let mut devices = add_devices(&machine, args, net_fds, None)?;
+        let cmdline = kernel_cmdline(args, &vcpus, &devices.virtio)?;
+        let dsdt = std::mem::take(&mut devices.virtio.dsdt);
         let entry = load_kernel(&machine, args, inputs, &cmdline, dsdt)?;
         vcpus.set_entry(machine.memory(), entry)?;
+        let snapshots = Snapshots::new(args, Vec::new());
+        Self::finish(args, machine, vcpus, devices, snapshots)
+    }
+
+    /// Builds the VM a snapshot describes (`args` from its [`VmSpec`](crate::snapshot::spec::VmSpec)
+    /// and the restoring command line): the same machine and devices, memory mapped from
+    /// the snapshot's files, then every piece's saved state put back; nothing runs yet.
+    pub fn restore(args: &Args, loaded: Loaded, resume: bool) -> Result<Self> {
+        let net_fds = InheritedFds::claim(&args.net)?;
+        let machine = create_machine(args, Some(&loaded))?;
+        let vcpus = create_vcpus(&machine, args)?;
+        let state = &loaded.state;
+        crate::snapshot::check_cpu(&vcpus, &loaded).map_err(Error::Restore)?;
+        vcpus
+            .restore_states(&state.vcpus)
+            .map_err(|e| Error::Restore(format!("vCPUs: {e}")))?;
+        // The LAPICs, then the PICs, IOAPIC, PIT and clock, before any device: restoring
+        // the devices raises their pending interrupts, which must reach restored chips
+        // (KVM_SET_IRQCHIP would drop them).
+        machine
+            .lock_irqchip()
+            .restore_state(machine.vm(), &state.irqchip)
+            .map_err(|e| Error::Restore(format!("irqchip: {e}")))?;
+        let devices = add_devices(&machine, args, net_fds, Some(&state.serial))?;
+        crate::snapshot::restore_devices(&devices.legacy, &devices.virtio, state)
+            .map_err(Error::Restore)?;
+        let mut snapshots = Snapshots::new(args, loaded.layers.clone());
+        snapshots.start_paused = !resume;
+        Self::finish(args, machine, vcpus, devices, snapshots)
+    }
+
+    /// The stages both ways end with: stdin's subscriber and, last, the output files, once
+    /// nothing else can fail (a failed start leaves an existing log as it was).
+    fn finish(
+        args: &Args,
+        machine: Machine,
+        vcpus: Vcpus,
+        devices: Devices,
+        snapshots: Snapshots,
+    ) -> Result<Self> {
+        let Devices {
+            outputs,
+            legacy,
+            virtio,
+        } = devices;
         let stdin = legacy.stdin_subscriber(args, machine.exit().clone());
-        // Last: the output files, once nothing else can fail (a failed start leaves an
-        // existing log as it was).
         outputs.open()?;
         Ok(Self {
             stdin_to_guest: stdin.is_some() || args.console == ConsoleOutput::Stdio,
@@ -196,6 +284,7 @@ impl Vm {
             outputs,
             print_stats: args.stats,
             landlock: crate::landlock::Rules::of(args),
+            snapshots,
         })
     }
 
@@ -203,7 +292,7 @@ impl Vm {
     /// ends; returns why. The host's API calls and signals are served meanwhile; the
     /// device counters join its metrics.
     pub fn run(
-        self,
+        mut self,
         host: &mut Host,
         machine: vmkit_api::model::MachineConfig,
     ) -> Result<ExitReason> {
@@ -220,7 +309,8 @@ impl Vm {
         // The operator's keys go to the guest while it runs; restored on every way out.
         let _raw = self.stdin_to_guest.then(|| RawMode::enter(0)).flatten();
         let landlocked = crate::landlock::enforce(self.landlock.as_ref())?;
-        let threads = enter_guest(self.vcpus, &self.machine, host)?;
+        let paused = self.snapshots.start_paused;
+        let threads = enter_guest(self.vcpus, &self.machine, host, paused)?;
         if self.print_stats {
             stats::entering_guest();
         }
@@ -247,9 +337,12 @@ impl Vm {
             nets: self.virtio.nets.clone(),
             machine,
             landlocked,
+            sources: Sources::new(self.machine, &self.legacy, &mut self.virtio, self.snapshots),
         };
-        let (end, threads) = Running::new(parts, host).until_end(host);
+        let (end, threads, sources) = Running::new(parts, host, paused).until_end(host);
         let vcpu_stats = threads.stop();
+        // The machine (memory, VM) outlives the vCPU threads.
+        drop(sources);
         self.outputs.finish();
         if self.print_stats {
             stats::vcpus_stopped(&vcpu_stats, self.legacy.debug_port.stats().writes);
@@ -261,12 +354,19 @@ impl Vm {
 /// The last stage, everything open and built: the user drops, the vCPU threads start and
 /// take their filter, this thread takes its own, the last, and only then are the vCPUs let
 /// into the guest (if this thread's filter fails, they end without running it).
-fn enter_guest(vcpus: Vcpus, machine: &Machine, host: &Host) -> Result<VcpuThreads> {
+///
+/// `paused` (a snapshot loaded with `resume_vm: false`): the vCPUs stay parked until a
+/// resume.
+fn enter_guest(vcpus: Vcpus, machine: &Machine, host: &Host, paused: bool) -> Result<VcpuThreads> {
     host.sandbox.drop_user()?;
     let prologue = host.sandbox.vcpu_prologue();
     let parked = vcpus.prepare_with(machine.bus().clone(), machine.exit().clone(), prologue)?;
     host.sandbox.enter_vmm()?;
-    Ok(parked.run())
+    Ok(if paused {
+        parked.run_paused()
+    } else {
+        parked.run()
+    })
 }
 
 /// A vCPU's exits by kind as a metrics group.

@@ -1175,3 +1175,140 @@ fn the_firecracker_python_client_boots_and_ends_the_linux_guest() {
     assert!(serial.contains("VMKIT-RESULT rng ok"), "{serial}");
     assert!(serial.contains("VMKIT-CTRL-ALT-DEL"), "{serial}");
 }
+
+/// Clones restored at once from the Linux guest's snapshot.
+const CLONES: usize = 10;
+
+/// Checks a clone's run: released, every device test passed, reset at the end; its own disk
+/// holds the guest's write; its console file the token.
+fn check_clone(i: usize, dir: &common::api::Dir, s: &Scratch, token: &str, code: Option<i32>) {
+    let serial = vm_serial(dir);
+    assert_eq!(code, Some(GUEST_RESET), "clone {i}:\n{serial}");
+    assert!(serial.contains("VMKIT-RELEASED"), "clone {i}:\n{serial}");
+    assert!(
+        !serial.contains("VMKIT-LINUX-READY"),
+        "clone {i} booted again:\n{serial}"
+    );
+    for dev in ["blk", "rng", "console"] {
+        assert!(
+            serial.contains(&format!("VMKIT-RESULT {dev} ok")),
+            "clone {i}: {dev}\n{serial}"
+        );
+    }
+    let image = fs::read(dir.file("disk.img")).unwrap();
+    assert_eq!(
+        &image[WRITE_OFFSET..WRITE_OFFSET + 8192],
+        &s.pattern[..8192],
+        "clone {i}: the guest's write reached its own image"
+    );
+    let hvc = fs::read_to_string(dir.file("hvc0")).unwrap_or_default();
+    assert!(
+        hvc.contains(&format!("VMKIT-HVC0 token={token}")),
+        "clone {i}: {hvc:?}"
+    );
+}
+
+/// The Linux guest snapshotted at /init (before its device tests), then restored in
+/// [`CLONES`] new processes at once, each with its own copy of the disk: every clone runs
+/// the blk, rng and console tests and passes, and the original image is untouched.
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn clones_of_the_linux_guest_snapshotted_at_init_pass_the_device_tests() {
+    use common::api::{Dir, Vmkit};
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let a = artifacts();
+    let s = Scratch::new("snapshot");
+    let token = format!("snap-{}", std::process::id());
+    let cmdline = format!(
+        "{CMDLINE} reboot=k vmkit_test=blk,rng,console vmkit_blk_sha={} vmkit_token={token} vmkit_hold=1",
+        s.pattern_sha256()
+    );
+    let dir = Dir::new("linux-snap");
+    let disk = format!("path={}", s.disk.display());
+    let console = format!("file={}", dir.file("hvc0").display());
+    let booted = Instant::now();
+    let vm = Vmkit::start(
+        &dir,
+        &[
+            "--kernel",
+            &a.kernel_mmio,
+            "--initramfs",
+            &a.initramfs,
+            "--cpu-template",
+            "pvm",
+            "--memory",
+            "128M",
+            "--rng",
+            "--console",
+            &console,
+            "--disk",
+            &disk,
+            "--cmdline",
+            &cmdline,
+        ],
+    );
+    vm.wait_serial("VMKIT-HOLD", Duration::from_secs(300));
+    eprintln!(
+        "linux-snapshot: boot to /init's hold: {:?}",
+        booted.elapsed()
+    );
+    vm.set_state("Paused");
+    let snap = Dir::new("linux-snap-files");
+    let body = serde_json::json!({
+        "snapshot_path": snap.file("vmstate"), "mem_file_path": snap.file("memory"),
+    });
+    let taken = Instant::now();
+    vm.expect(204, "PUT", "/snapshot/create", Some(&body.to_string()));
+    eprintln!("linux-snapshot: snapshot created in {:?}", taken.elapsed());
+    vm.signal(libc::SIGKILL);
+    let _ = vm.wait(Duration::from_secs(30));
+    let original = fs::read(&s.disk).unwrap();
+
+    let dirs: Vec<Dir> = (0..CLONES)
+        .map(|i| Dir::new(&format!("linux-clone{i}")))
+        .collect();
+    let started = Instant::now();
+    let clones: Vec<Vmkit> = dirs
+        .iter()
+        .map(|d| {
+            fs::copy(&s.disk, d.file("disk.img")).unwrap();
+            let drive = format!("block0={}", d.file("disk.img").display());
+            let console = format!("file={}", d.file("hvc0").display());
+            let snap_dir = snap.file("");
+            Vmkit::start(
+                d,
+                &[
+                    "--restore",
+                    snap_dir.to_str().unwrap(),
+                    "--restore-drive",
+                    &drive,
+                    "--console",
+                    &console,
+                ],
+            )
+        })
+        .collect();
+    for c in &clones {
+        c.action("SendCtrlAltDel");
+    }
+    let codes: Vec<_> = clones
+        .into_iter()
+        .map(|c| c.wait(Duration::from_secs(600)))
+        .collect();
+    eprintln!(
+        "linux-snapshot: {CLONES} clones restored, released and through the device tests in {:?}",
+        started.elapsed()
+    );
+    for (i, (d, (code, stderr))) in dirs.iter().zip(codes).enumerate() {
+        assert!(
+            stderr.is_empty() || code == Some(GUEST_RESET),
+            "clone {i}: {stderr}"
+        );
+        check_clone(i, d, &s, &token, code);
+    }
+    assert_eq!(
+        fs::read(&s.disk).unwrap(),
+        original,
+        "the snapshot's own image was not written"
+    );
+}

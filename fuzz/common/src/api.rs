@@ -279,6 +279,8 @@ pub fn model_json(api: &ApiRequest) -> Option<String> {
         ApiRequest::PatchVm(s) => serde_json::to_string(&VmStateChange { state: *s }),
         ApiRequest::PutLogger(v) => serde_json::to_string(v),
         ApiRequest::PutMetrics(v) => serde_json::to_string(v),
+        ApiRequest::CreateSnapshot(v) => serde_json::to_string(v),
+        ApiRequest::LoadSnapshot(v) => serde_json::to_string(v),
     };
     Some(json.unwrap_or_else(|e| panic!("{api:?} does not serialise: {e}")))
 }
@@ -405,12 +407,23 @@ pub const ENDPOINTS: &[(&str, &str, &str)] = &[
     ("PATCH", "/vm", r#"{"state":"Resumed"}"#),
     ("PUT", "/logger", r#"{"log_path":"/l","level":"Debug"}"#),
     ("PUT", "/metrics", r#"{"metrics_path":"/m"}"#),
+    (
+        "PUT",
+        "/snapshot/create",
+        r#"{"snapshot_path":"/s/vmstate","mem_file_path":"/s/memory","snapshot_type":"Diff"}"#,
+    ),
+    (
+        "PUT",
+        "/snapshot/load",
+        r#"{"snapshot_path":"/s/vmstate","mem_backend":{"backend_type":"File","backend_path":"/s/memory"},"track_dirty_pages":true,"resume_vm":true,"network_overrides":[{"iface_id":"eth0","host_dev_name":"tap1"}],"drive_overrides":[{"drive_id":"root","path_on_host":"/r"}],"vsock_override":{"uds_path":"/v"}}"#,
+    ),
 ];
 
 /// A config file in Firecracker's layout, with every section.
 pub const CONFIG_FILE: &str = r#"{
   "boot-source": {"kernel_image_path": "/k", "boot_args": "console=ttyS0", "initrd_path": "/i"},
-  "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "huge_pages": "2M"},
+  "machine-config": {"vcpu_count": 2, "mem_size_mib": 256, "smt": false, "huge_pages": "2M",
+                     "track_dirty_pages": true},
   "drives": [{"drive_id": "rootfs", "path_on_host": "/d", "is_root_device": true,
               "is_read_only": false,
               "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}],

@@ -39,6 +39,8 @@ pub mod replay;
 pub mod ring;
 pub mod rng;
 pub mod seeds;
+pub mod snapshot_state;
+pub mod transport_restore;
 pub mod virtio_mmio;
 pub mod virtio_pci;
 pub mod virtqueue;
@@ -60,6 +62,8 @@ pub const TARGETS: &[Target] = &[
     ("net_queues", net_queues::fuzz),
     ("pci_config", pci_config::fuzz),
     ("rng", rng::fuzz),
+    ("snapshot_state", snapshot_state::fuzz),
+    ("transport_restore", transport_restore::fuzz),
     ("virtio_mmio", virtio_mmio::fuzz),
     ("virtio_pci", virtio_pci::fuzz),
     ("virtqueue", virtqueue::fuzz),

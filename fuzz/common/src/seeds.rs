@@ -108,6 +108,7 @@ fn generate(target: &str) -> Vec<Vec<u8>> {
         "virtio_pci" => Some(crate::virtio_pci::reaches_goal),
         "console" => Some(crate::console::reaches_goal),
         "rng" => Some(crate::rng::reaches_goal),
+        "transport_restore" => Some(crate::transport_restore::reaches_goal),
         _ => None,
     };
     if let Some(goal) = goal {
@@ -116,6 +117,10 @@ fn generate(target: &str) -> Vec<Vec<u8>> {
     if target == "api" {
         // Random bytes rarely make an HTTP request: well-formed traffic instead.
         seeds.extend(crate::api::seeds());
+    }
+    if target == "snapshot_state" {
+        // Random bytes never pass the checksum: valid state files and sealed payloads.
+        seeds.extend(crate::snapshot_state::seeds());
     }
     seeds
 }

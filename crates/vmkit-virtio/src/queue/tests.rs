@@ -429,6 +429,28 @@ fn undo_pop_gives_the_last_chain_back_once() {
 }
 
 #[test]
+fn give_back_returns_the_chains_taken_last_and_the_snapshot_position_with_them() {
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, 16);
+    let mut r = rig(&m, &vq, false);
+    add_simple_chains(&vq, 4, 0);
+    // Chain 0 served, chains 1..=3 taken and held (receive buffers waiting for a frame).
+    let head = r.q().pop().unwrap().unwrap().head();
+    r.q().complete(head, 0).unwrap();
+    for want in 1..=3 {
+        assert_eq!(r.q().pop().unwrap().unwrap().head(), want);
+    }
+    assert_eq!(r.watch.positions(), (4, 1));
+    // Capped at what is outstanding.
+    assert_eq!(r.q().give_back(10), 3);
+    assert_eq!(r.watch.positions(), (1, 1));
+    assert_eq!(r.q().state().next_avail, 1);
+    assert_eq!(r.q().give_back(1), 0, "nothing outstanding");
+    assert_eq!(serve_all(r.q(), 0), [1, 2, 3]);
+    assert_eq!(used_idx(&m), 4);
+}
+
+#[test]
 fn metrics_count_malformed_chains_once_and_interrupts_sent() {
     use crate::metrics::{AtomicMetrics, Counter};
     let m = mem();

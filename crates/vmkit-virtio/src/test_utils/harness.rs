@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::mem::size_of;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventManager, SubscriberOps};
@@ -16,7 +17,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 use super::guest_memory;
 use super::hal::GuestHal;
 use crate::mmio::{regs, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE, MMIO_SIZE, MMIO_VERSION};
-use crate::{MmioTransport, QueueEventHandler, VirtioDevice};
+use crate::{MmioTransport, MmioTransportState, QueueEventHandler, VirtioDevice};
 
 /// Where the harness pretends the device's registers are (only passed as `base`).
 pub const HARNESS_MMIO_BASE: u64 = 0xD000_0000;
@@ -51,6 +52,8 @@ pub struct Harness {
     memory: GuestMemoryMmap,
     mmio: Arc<Mutex<MmioTransport>>,
     line: Arc<CountingLine>,
+    /// Bumped when [`restore_transport`](Self::restore_transport) puts a new transport in.
+    epoch: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for Harness {
@@ -88,7 +91,29 @@ impl Harness {
             memory,
             mmio: Arc::new(Mutex::new(mmio)),
             line,
+            epoch: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// A snapshot restore in-process: builds a new transport for `device` over the same
+    /// guest memory and interrupt line, restores `state` into it (see
+    /// [`MmioTransport::restore`]) and puts it in place of the current one, which is dropped.
+    /// A driver on a [`HarnessTransport`] carries on with the new transport (its next
+    /// notification watches the new queue eventfds).
+    ///
+    /// # Errors
+    ///
+    /// What `MmioTransport::new` or `restore` returns; the current transport then stays.
+    pub fn restore_transport(
+        &self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        state: &MmioTransportState,
+    ) -> crate::Result<()> {
+        let mut mmio = MmioTransport::new(device, self.memory.clone(), self.line.clone())?;
+        mmio.restore(state)?;
+        *self.mmio() = mmio;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// A virtio-drivers transport over the device's registers, for a driver's `new`.
@@ -97,7 +122,7 @@ impl Harness {
     ///
     /// If the event manager or the eventfd clones cannot be created.
     pub fn transport(&self) -> HarnessTransport {
-        HarnessTransport::new(self.mmio.clone())
+        HarnessTransport::new(self.mmio.clone(), self.epoch.clone())
     }
 
     /// Our transport.
@@ -145,6 +170,9 @@ impl Drop for Harness {
 /// register sequences mirroring virtio-drivers' own MMIO transport (modern layout).
 pub struct HarnessTransport {
     mmio: Arc<Mutex<MmioTransport>>,
+    epoch: Arc<AtomicUsize>,
+    /// The epoch `events` watches the transport of.
+    seen: usize,
     events: EventManager<QueueEventHandler>,
     device_type: DeviceType,
     notifications: u64,
@@ -160,16 +188,13 @@ impl fmt::Debug for HarnessTransport {
 }
 
 impl HarnessTransport {
-    fn new(mmio: Arc<Mutex<MmioTransport>>) -> Self {
-        let handler = mmio
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .queue_event_handler()
-            .expect("failed to clone the queue notifiers");
-        let mut events = EventManager::new().expect("failed to create an event manager");
-        events.add_subscriber(handler);
+    fn new(mmio: Arc<Mutex<MmioTransport>>, epoch: Arc<AtomicUsize>) -> Self {
+        let seen = epoch.load(Ordering::SeqCst);
+        let events = Self::events_for(&mmio);
         let mut t = Self {
             mmio,
+            epoch,
+            seen,
             events,
             device_type: DeviceType::EntropySource,
             notifications: 0,
@@ -184,6 +209,17 @@ impl HarnessTransport {
         t.device_type =
             DeviceType::try_from(t.read32(regs::DEVICE_ID)).expect("unknown device type");
         t
+    }
+
+    fn events_for(mmio: &Arc<Mutex<MmioTransport>>) -> EventManager<QueueEventHandler> {
+        let handler = mmio
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_event_handler()
+            .expect("failed to clone the queue notifiers");
+        let mut events = EventManager::new().expect("failed to create an event manager");
+        events.add_subscriber(handler);
+        events
     }
 
     /// Queue notifications the driver sent.
@@ -262,6 +298,12 @@ impl Transport for HarnessTransport {
 
     fn notify(&mut self, queue: u16) {
         self.notifications += 1;
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        if epoch != self.seen {
+            // The harness restored a new transport: watch its queue eventfds.
+            self.events = Self::events_for(&self.mmio);
+            self.seen = epoch;
+        }
         self.write32(regs::QUEUE_NOTIFY, queue.into());
         // What the VMM's event loop does when the ioeventfd fires.
         let _ = self.events.run_with_timeout(0);

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::mem::size_of;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventManager, SubscriberOps};
@@ -25,7 +26,7 @@ use super::guest_memory;
 use super::hal::GuestHal;
 use super::harness::HARNESS_DMA_BASE;
 use crate::pci::{common_cfg as cc, PciTransport};
-use crate::{QueueEventHandler, VirtioDevice};
+use crate::{PciTransportState, QueueEventHandler, VirtioDevice};
 
 /// Where the harness's ECAM window would be (only passed as `base`).
 pub const HARNESS_ECAM_BASE: u64 = 0xE000_0000;
@@ -131,6 +132,8 @@ impl ConfigurationAccess for HarnessCam {
 /// those accesses the way a vCPU's MMIO exit does, so `PciHarnessTransport` makes the
 /// same register accesses through our BAR window instead.
 pub struct PciHarness {
+    /// Bumped when [`restore_transport`](Self::restore_transport) puts a new transport in.
+    epoch: Arc<AtomicUsize>,
     memory: GuestMemoryMmap,
     vm_bus: Arc<IoBus>,
     bus: Arc<PciBus>,
@@ -175,6 +178,7 @@ impl PciHarness {
         let pages = (DEFAULT_MEMORY - HARNESS_DMA_BASE as usize) / PAGE_SIZE;
         GuestHal::install(memory.clone(), HARNESS_DMA_BASE, pages);
         Self {
+            epoch: Arc::new(AtomicUsize::new(0)),
             memory,
             io: Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))),
             ecam: Arc::new(Mutex::new(PciConfigMmio::new(bus.clone()))),
@@ -226,12 +230,41 @@ impl PciHarness {
             device_type,
             self.vm_bus.clone(),
             self.device.clone(),
+            self.epoch.clone(),
         )
     }
 
     /// Our device.
     pub fn device(&self) -> MutexGuard<'_, PciTransport> {
         self.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A snapshot restore in-process: builds a new transport for `device` over the same
+    /// guest memory, MSI sink and INTx line, restores `state` into it (see
+    /// [`PciTransport::restore`]), puts it in the bus slot in place of the current one and
+    /// has the bus map its BARs where the state says. A driver on a
+    /// [`PciHarnessTransport`] carries on with it.
+    ///
+    /// # Errors
+    ///
+    /// What `PciTransport::new` or `restore` returns; the current transport then stays.
+    pub fn restore_transport(
+        &self,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        state: &PciTransportState,
+    ) -> crate::Result<()> {
+        let mut pci = PciTransport::new(
+            device,
+            self.memory.clone(),
+            self.sink.clone(),
+            *HARNESS_PCI_WINDOW.start(),
+        )?
+        .with_intx(self.intx.clone());
+        pci.restore(state)?;
+        *self.device() = pci;
+        self.bus.refresh_mappings(HARNESS_PCI_SLOT);
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Our PCI bus.
@@ -286,6 +319,9 @@ pub struct PciHarnessTransport {
     device_type: DeviceType,
     vm_bus: Arc<IoBus>,
     device: Arc<Mutex<PciTransport>>,
+    epoch: Arc<AtomicUsize>,
+    /// The epoch `events` watches the transport of.
+    seen: usize,
     events: EventManager<QueueEventHandler>,
     regions: Regions,
     notifications: u64,
@@ -308,14 +344,10 @@ impl PciHarnessTransport {
         device_type: DeviceType,
         vm_bus: Arc<IoBus>,
         device: Arc<Mutex<PciTransport>>,
+        epoch: Arc<AtomicUsize>,
     ) -> Self {
-        let handler = device
-            .lock()
-            .unwrap()
-            .queue_event_handler()
-            .expect("failed to clone the queue notifiers");
-        let mut events = EventManager::new().expect("failed to create an event manager");
-        events.add_subscriber(handler);
+        let seen = epoch.load(Ordering::SeqCst);
+        let events = Self::events_for(&device);
         let mut t = Self {
             root,
             cam,
@@ -323,12 +355,25 @@ impl PciHarnessTransport {
             device_type,
             vm_bus,
             device,
+            epoch,
+            seen,
             events,
             regions: Regions::default(),
             notifications: 0,
         };
         t.regions = t.find_regions();
         t
+    }
+
+    fn events_for(device: &Arc<Mutex<PciTransport>>) -> EventManager<QueueEventHandler> {
+        let handler = device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .queue_event_handler()
+            .expect("failed to clone the queue notifiers");
+        let mut events = EventManager::new().expect("failed to create an event manager");
+        events.add_subscriber(handler);
+        events
     }
 
     /// The capability walk of virtio-drivers' `PciTransport::new`, resolved to guest
@@ -483,6 +528,12 @@ impl Transport for PciHarnessTransport {
 
     fn notify(&mut self, queue: u16) {
         self.notifications += 1;
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        if epoch != self.seen {
+            // The harness restored a new transport: watch its queue eventfds.
+            self.events = Self::events_for(&self.device);
+            self.seen = epoch;
+        }
         self.w16(cc::QUEUE_SELECT, queue);
         let off = u64::from(self.r16(cc::QUEUE_NOTIFY_OFF));
         let addr = self.regions.notify + off * u64::from(self.regions.notify_multiplier);

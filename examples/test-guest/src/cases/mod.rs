@@ -17,6 +17,7 @@ pub mod blk_write_flush;
 pub mod pci;
 pub mod serial_irq;
 pub mod smp;
+pub mod soak;
 pub mod support;
 pub mod timer;
 pub mod virtio_console;
@@ -103,7 +104,7 @@ const fn case(name: &'static str, needs: Needs, run: Run) -> Case {
 }
 
 /// Every test, in the order they run.
-pub const CASES: [Case; 14] = [
+pub const CASES: [Case; 15] = [
     case("timer", Needs::Nothing, Run::Once(timer::run)),
     case("serial-irq", Needs::Nothing, Run::Once(serial_irq::run)),
     case("smp", Needs::Nothing, Run::Once(smp::run)),
@@ -133,6 +134,7 @@ pub const CASES: [Case; 14] = [
         Needs::Device(DeviceType::Socket),
         Run::Once(virtio_vsock::run),
     ),
+    case("soak", Needs::Naming, Run::Once(soak::run)),
     case(
         "blk-serial",
         Needs::Disk(DiskKind::Any),

@@ -29,6 +29,8 @@ pub struct Ctx<'a> {
     pub net: NetParams,
     /// The `vsock_*=` parameters (`test=virtio-vsock`).
     pub vsock: VsockParams,
+    /// `soak_rounds=` (`test=soak`).
+    pub soak_rounds: u32,
 }
 
 /// How a case was selected.

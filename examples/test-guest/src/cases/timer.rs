@@ -19,7 +19,7 @@ pub fn run(ctx: &Ctx, _: Want) {
 }
 
 /// LAPIC timer ticks in 1 ms (divide by 16, one-shot, masked).
-fn calibrate(lapic: &Lapic) -> u32 {
+pub fn calibrate(lapic: &Lapic) -> u32 {
     lapic.write(reg::TIMER_DIVIDE, 0x3); // divide by 16
     lapic.write(reg::LVT_TIMER, LVT_MASKED | u32::from(VECTOR_TIMER));
     lapic.write(reg::TIMER_INITIAL, u32::MAX);

@@ -30,6 +30,12 @@ pub const VECTOR_VIRTIO: u8 = 0x25;
 pub const VECTOR_MSIX: u8 = 0x26;
 /// Number of MSI-X vectors with a handler (`VECTOR_MSIX..VECTOR_MSIX + 4`).
 pub const MSIX_VECTORS: usize = 4;
+/// Per-CPU LAPIC timer (`test=soak`): counts per APIC ID, EOIs.
+pub const VECTOR_CPU_TIMER: u8 = 0x2a;
+/// IPI that makes the CPU taking it program its own LAPIC timer from
+/// `cpu_timer_lvt` and `cpu_timer_initial` (`test=soak`; an AP parked at
+/// CPL0 cannot be reached otherwise).
+pub const VECTOR_TIMER_SETUP: u8 = 0x2b;
 /// LAPIC spurious-interrupt vector.
 pub const VECTOR_SPURIOUS: u8 = 0xff;
 
@@ -47,6 +53,11 @@ mod raw {
         pub static msix_irqs: [AtomicU64; super::MSIX_VECTORS];
         pub static msix_cpu_irqs: [AtomicU64; MAX_CPUS];
         pub fn irq_spurious();
+        pub fn irq_cpu_timer();
+        pub fn irq_timer_setup();
+        pub static cpu_timer_ticks: [AtomicU64; MAX_CPUS];
+        pub static cpu_timer_lvt: AtomicU32;
+        pub static cpu_timer_initial: AtomicU32;
         pub fn cpl3_halt() -> !;
         pub static mut idt: [[u64; 2]; 256];
         pub static timer_ticks: AtomicU64;
@@ -103,6 +114,27 @@ pub fn msix_cpu_irqs() -> &'static [AtomicU64; MAX_CPUS] {
 /// Spurious-interrupt stub (no EOI).
 pub fn irq_spurious() -> u64 {
     raw::irq_spurious as *const () as u64
+}
+/// Per-CPU timer stub (`VECTOR_CPU_TIMER`).
+pub fn irq_cpu_timer() -> u64 {
+    raw::irq_cpu_timer as *const () as u64
+}
+/// Timer set-up stub (`VECTOR_TIMER_SETUP`).
+pub fn irq_timer_setup() -> u64 {
+    raw::irq_timer_setup as *const () as u64
+}
+/// `VECTOR_CPU_TIMER` interrupts seen, per APIC ID of the CPU that took
+/// them (ID & 63).
+pub fn cpu_timer_ticks() -> &'static [AtomicU64; MAX_CPUS] {
+    // SAFETY: an 8-aligned array in .data, only accessed atomically.
+    unsafe { &raw::cpu_timer_ticks }
+}
+/// What `VECTOR_TIMER_SETUP` writes to the LVT timer register and the
+/// initial count of the CPU that takes it.
+pub fn cpu_timer_setup() -> (&'static AtomicU32, &'static AtomicU32) {
+    // SAFETY: two 4-aligned longs in .data, only accessed atomically (the
+    // stub's plain aligned loads are atomic on x86).
+    unsafe { (&raw::cpu_timer_lvt, &raw::cpu_timer_initial) }
 }
 /// Halts this CPU for good, from CPL3: `ud2` at a known address, which the
 /// #UD handler turns into a `cli; hlt` loop at CPL0.
@@ -424,6 +456,37 @@ irq_msix_\n:
     .global irq_spurious
 irq_spurious:
     iretq
+/* Per-CPU LAPIC timer (test=soak): count per APIC ID, EOI. */
+    .global irq_cpu_timer
+irq_cpu_timer:
+    push %rax
+    push %rcx
+    mov lapic_eoi_addr, %rax
+    mov -0x90(%rax), %ecx
+    shr $24, %ecx
+    and $(MAX_CPUS - 1), %ecx
+    lock incq cpu_timer_ticks(,%rcx,8)
+    movl $0, (%rax)
+    pop %rcx
+    pop %rax
+    iretq
+/* Timer set-up IPI (test=soak): this CPU's LAPIC timer divides by 16, its
+ * LVT and initial count become cpu_timer_lvt and cpu_timer_initial
+ * (offsets from EOI at 0xB0: divide 0x3E0, LVT 0x320, initial 0x380). */
+    .global irq_timer_setup
+irq_timer_setup:
+    push %rax
+    push %rcx
+    mov lapic_eoi_addr, %rax
+    movl $3, 0x330(%rax)
+    mov cpu_timer_lvt, %ecx
+    mov %ecx, 0x270(%rax)
+    mov cpu_timer_initial, %ecx
+    mov %ecx, 0x2d0(%rax)
+    movl $0, (%rax)
+    pop %rcx
+    pop %rax
+    iretq
 
 /* ---- AP start-up: copied to 0x8000, entered in real mode at 0800:0000 ---- */
     .section .text.ap_trampoline, "ax", @progbits
@@ -579,6 +642,12 @@ virtio_irqs:        .quad 0
 msix_irqs:          .fill 4, 8, 0
     .global msix_cpu_irqs
 msix_cpu_irqs:      .fill MAX_CPUS, 8, 0
+    .global cpu_timer_ticks
+cpu_timer_ticks:    .fill MAX_CPUS, 8, 0
+    .global cpu_timer_lvt
+cpu_timer_lvt:      .long 0x10000
+    .global cpu_timer_initial
+cpu_timer_initial:  .long 0
 exc_nesting:        .long 0
 ap_next_index:      .long 1
     .global ap_online

@@ -6,7 +6,8 @@
 //! line.
 
 use crate::platform::boot::{
-    self, MSIX_VECTORS, VECTOR_MSIX, VECTOR_SERIAL, VECTOR_SPURIOUS, VECTOR_TIMER, VECTOR_VIRTIO,
+    self, MSIX_VECTORS, VECTOR_CPU_TIMER, VECTOR_MSIX, VECTOR_SERIAL, VECTOR_SPURIOUS,
+    VECTOR_TIMER, VECTOR_TIMER_SETUP, VECTOR_VIRTIO,
 };
 
 const KERNEL_CS: u64 = 0x08;
@@ -36,5 +37,7 @@ pub fn init() {
     for n in 0..MSIX_VECTORS {
         set(VECTOR_MSIX + n as u8, boot::irq_msix(n), GATE_KERNEL);
     }
+    set(VECTOR_CPU_TIMER, boot::irq_cpu_timer(), GATE_KERNEL);
+    set(VECTOR_TIMER_SETUP, boot::irq_timer_setup(), GATE_KERNEL);
     set(VECTOR_SPURIOUS, boot::irq_spurious(), GATE_KERNEL);
 }

@@ -13,6 +13,7 @@ use vmkit_legacy::{
     AcpiSleep, AcpiSleepConfig, Serial, ACPI_SLEEP_PORT, ACPI_SLEEP_PORT_COUNT, COM1_GSI,
     COM1_PORT, I8042, I8042_GSI, I8042_PORT, I8042_PORT_COUNT, SERIAL_PORT_COUNT,
 };
+use vmkit_memory::GuestRam;
 use vmkit_virtio_rng::{Rng, RngConfig};
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -39,7 +40,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // 4. A virtio-rng on PCI bus 0: BAR, MSI-X as KVM MSI routes, ioeventfds.
     let mut pci = PciPlatform::new(&machine)?;
-    let rng = Arc::new(Mutex::new(Rng::new(RngConfig::default())?));
+    let rng = Arc::new(Mutex::new(Rng::<GuestRam>::for_memory(
+        RngConfig::default(),
+    )?));
     let (_, rng_events) = pci.attach(machine.memory().clone(), rng)?;
 
     // 5. Firmware tables (the host bridge in the DSDT and MCFG) and the kernel.
@@ -84,7 +87,7 @@ fn add_legacy(machine: &Machine) -> Result<(), Box<dyn std::error::Error>> {
 fn run(
     machine: &Machine,
     vcpus: Vcpus,
-    rng_events: vmkit_virtio::QueueEventHandler,
+    rng_events: vmkit_virtio::QueueEventHandler<GuestRam>,
 ) -> Result<vmkit_legacy::ExitReason, Box<dyn std::error::Error>> {
     let mut events = EventManager::<Subscriber>::new()?;
     events.add_subscriber(Arc::new(Mutex::new(rng_events)));

@@ -1,0 +1,340 @@
+//! `test=soak` (only when named; `soak_rounds=N` rounds, default 10): a
+//! long, steady workload to snapshot in the middle of. Every online CPU
+//! runs its LAPIC timer (periodic, 2 ms, vector `VECTOR_CPU_TIMER`, counted
+//! per APIC ID; the APs program theirs when the `VECTOR_TIMER_SETUP` IPI
+//! reaches them where they are parked). Each round, on the first writable
+//! blk device and the first rng device (kept open across rounds):
+//! - 256 bytes of entropy, zeroed first, must hold at least 64 distinct
+//!   values;
+//! - 8 writes of 4 KiB in flight at once (at least 2, or it fails) of the
+//!   round's deterministic pattern (`blk_data` with the tag `SOAK_TAG +
+//!   round`) to odd blocks of the round's 64 KiB region, completed, read
+//!   back the same way and checked;
+//! - then it waits for 50 more BSP timer ticks (about 100 ms; 2 s at most),
+//!   and every online CPU's count must have grown during the round;
+//!
+//! and prints `soak: round I ok`. After the last round the timers stop and
+//! it prints `soak: N rounds ok` and `test soak: ok`. Tick counts are on
+//! `soak: ticks` lines of their own, so that the summary is the same on
+//! every run (and after a restore).
+
+use crate::cases::blk_data::{check, fill};
+use crate::cases::support::{report, Ctx, Want};
+use crate::cases::timer::calibrate;
+use crate::drivers::blk::{drain, status_name, Blk};
+use crate::drivers::hal::GuestHal;
+use crate::drivers::transport::{Health, StrictTransport};
+use crate::platform::apic::{reg, Lapic, LVT_MASKED, LVT_PERIODIC};
+use crate::platform::arch::{cli, sti};
+use crate::platform::boot::{self, MAX_CPUS, VECTOR_CPU_TIMER, VECTOR_TIMER_SETUP};
+use crate::platform::ram::Arena;
+use crate::platform::time::{delay_us, wait_until};
+use crate::println;
+use alloc::format;
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+use virtio_drivers::device::blk::{BlkReq, BlkResp, SECTOR_SIZE};
+use virtio_drivers::device::rng::VirtIORng;
+use virtio_drivers::transport::DeviceType;
+use virtio_drivers::Error;
+
+/// Rounds without `soak_rounds=`.
+pub const DEFAULT_ROUNDS: u32 = 10;
+/// Largest `soak_rounds=`.
+pub const MAX_ROUNDS: u32 = 100_000;
+/// Writes (and reads) a round tries to have in flight.
+const SLOTS: usize = 8;
+const BLOCK: usize = 4096;
+const BLOCK_SECTORS: u64 = (BLOCK / SECTOR_SIZE) as u64;
+/// A round's disk region: `SLOTS` odd blocks and the even ones between.
+const REGION_SECTORS: u64 = 2 * SLOTS as u64 * BLOCK_SECTORS;
+/// At most this many regions are cycled through (4 MiB).
+const MAX_REGIONS: u64 = 64;
+/// The pattern's tag of round 0 ("soak" in its high bytes).
+const SOAK_TAG: u64 = 0x736f_616b_0000_0000;
+/// BSP timer ticks a round waits for after its I/O.
+const ROUND_TICKS: u64 = 50;
+/// Entropy bytes a round reads, and how many distinct values they need.
+const RNG_BYTES: usize = 256;
+const RNG_DISTINCT: usize = 64;
+
+type Rng = VirtIORng<GuestHal, StrictTransport>;
+
+pub fn run(ctx: &Ctx, _: Want) {
+    report("soak", "", soak(ctx));
+}
+
+/// The online CPUs' APIC IDs (the BSP first), below 255.
+fn cpu_ids(ctx: &Ctx) -> Vec<u32> {
+    let mut ids = alloc::vec![ctx.bsp_apic_id];
+    for slot in boot::ap_apic_ids().iter().skip(1) {
+        let v = slot.load(Ordering::Acquire);
+        let id = v & 0x7fff_ffff;
+        if v & 0x8000_0000 != 0 && id < 0xff && id != ctx.bsp_apic_id {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+fn ticks(id: u32) -> u64 {
+    boot::cpu_timer_ticks()[id as usize % MAX_CPUS].load(Ordering::Relaxed)
+}
+
+/// Programs every online CPU's timer: `initial` ticks of the divided
+/// clock, periodic, or stopped (masked) when `initial` is 0.
+fn set_timers(lapic: &Lapic, ids: &[u32], initial: u32) {
+    let lvt = u32::from(VECTOR_CPU_TIMER)
+        | if initial == 0 {
+            LVT_MASKED
+        } else {
+            LVT_PERIODIC
+        };
+    let (lvt_cell, initial_cell) = boot::cpu_timer_setup();
+    lvt_cell.store(lvt, Ordering::SeqCst);
+    initial_cell.store(initial, Ordering::SeqCst);
+    lapic.write(reg::TIMER_DIVIDE, 0x3);
+    lapic.write(reg::LVT_TIMER, lvt);
+    lapic.write(reg::TIMER_INITIAL, initial);
+    for &id in ids.iter().skip(1) {
+        // Fixed delivery, level assert.
+        lapic.send_ipi(id, 0x4000 | u32::from(VECTOR_TIMER_SETUP));
+    }
+    // Let the APs take the IPI before the values change again.
+    delay_us(1000);
+}
+
+fn soak(ctx: &Ctx) -> Result<String, String> {
+    let rounds = ctx.soak_rounds;
+    let disk = ctx
+        .disks
+        .iter()
+        .find(|d| !d.ro)
+        .ok_or_else(|| String::from("no writable blk device"))?;
+    let regions = (disk.capacity / REGION_SECTORS).min(MAX_REGIONS);
+    if regions == 0 {
+        return Err(String::from("disk too small"));
+    }
+    // SAFETY: the only arena while this test runs.
+    let arena = unsafe { Arena::new(ctx.ram) }?;
+    let mut slots = Slots {
+        bufs: arena.take_many(SLOTS, BLOCK)?,
+        reqs: (0..SLOTS).map(|_| BlkReq::default()).collect(),
+        resps: (0..SLOTS).map(|_| BlkResp::default()).collect(),
+        tokens: [None; SLOTS],
+        base: 0,
+    };
+    // Declared after the buffers: dropped (device reset) before them.
+    let (mut blk, blk_health) = disk.open(ctx.devices)?;
+    let (mut rng, rng_health) = open_rng(ctx)?;
+    let ids = cpu_ids(ctx);
+    println!("soak: {} rounds on {} cpus", rounds, ids.len());
+    let per_ms = calibrate(ctx.lapic);
+    if per_ms == 0 {
+        return Err(String::from("lapic timer does not count"));
+    }
+    set_timers(ctx.lapic, &ids, per_ms.saturating_mul(2).max(1));
+    sti();
+    let mut result = Ok(());
+    for round in 1..=u64::from(rounds) {
+        slots.base = (round % regions) * REGION_SECTORS;
+        let work = Work {
+            blk: &mut blk,
+            blk_health: &blk_health,
+            rng: &mut rng,
+            rng_health: &rng_health,
+        };
+        result = one_round(round, &mut slots, work, &ids);
+        if result.is_err() {
+            break;
+        }
+        println!("soak: round {} ok", round);
+    }
+    cli();
+    set_timers(ctx.lapic, &ids, 0);
+    result?;
+    println!("soak: {} rounds ok", rounds);
+    Ok(String::new())
+}
+
+/// The first rng device (either transport), on a fresh transport.
+fn open_rng(ctx: &Ctx) -> Result<(Rng, Rc<Health>), String> {
+    let dev = ctx
+        .devices
+        .iter()
+        .find(|d| d.kind == DeviceType::EntropySource)
+        .ok_or_else(|| String::from("no rng device"))?;
+    let transport = ctx.devices.open(dev)?;
+    let health = transport.health();
+    let rng = Rng::new(transport).map_err(|e| health.explain(format!("rng init: {}", e)))?;
+    health.check()?;
+    Ok((rng, health))
+}
+
+/// The devices a round uses.
+struct Work<'a> {
+    blk: &'a mut Blk,
+    blk_health: &'a Health,
+    rng: &'a mut Rng,
+    rng_health: &'a Health,
+}
+
+fn one_round(round: u64, slots: &mut Slots, work: Work, ids: &[u32]) -> Result<(), String> {
+    let start: Vec<u64> = ids.iter().map(|&id| ticks(id)).collect();
+    let fail = |what: String| format!("round {}: {}", round, what);
+    entropy(work.rng, work.rng_health).map_err(fail)?;
+    let tag = SOAK_TAG | round;
+    for (i, b) in slots.bufs.iter_mut().enumerate() {
+        fill(b, slots.base + sector(i), tag);
+    }
+    let writes = slots
+        .round_trip(work.blk, Dir::Write, SLOTS)
+        .map_err(fail)?;
+    for b in slots.bufs.iter_mut() {
+        b.fill(0);
+    }
+    let reads = slots
+        .round_trip(work.blk, Dir::Read, writes)
+        .map_err(fail)?;
+    for (i, b) in slots.bufs.iter_mut().enumerate().take(reads) {
+        check(b, slots.base + sector(i), tag).map_err(fail)?;
+    }
+    if writes.min(reads) < 2 {
+        return Err(fail(format!(
+            "only {} request in flight",
+            writes.min(reads)
+        )));
+    }
+    work.blk_health.check().map_err(fail)?;
+    let bsp = ids.first().copied().unwrap_or(0);
+    let bsp_start = start.first().copied().unwrap_or(0);
+    wait_until(2_000_000, || {
+        ticks(bsp).wrapping_sub(bsp_start) >= ROUND_TICKS
+    });
+    let grown: Vec<u64> = ids
+        .iter()
+        .zip(&start)
+        .map(|(&id, &s)| ticks(id).wrapping_sub(s))
+        .collect();
+    println!("soak: ticks {:?} in round {}", grown, round);
+    if let Some((id, _)) = ids.iter().zip(&grown).find(|(_, &n)| n == 0) {
+        return Err(fail(format!("no timer tick on apic {}", id)));
+    }
+    let bsp_ticks = grown.first().copied().unwrap_or(0);
+    if bsp_ticks < ROUND_TICKS {
+        return Err(fail(format!(
+            "{} of {} bsp ticks in 2 s",
+            bsp_ticks, ROUND_TICKS
+        )));
+    }
+    Ok(())
+}
+
+/// `RNG_BYTES` from the rng, zeroed first: at least `RNG_DISTINCT` values.
+fn entropy(rng: &mut Rng, health: &Health) -> Result<(), String> {
+    let mut buf = [0u8; RNG_BYTES];
+    let mut got = 0;
+    for _ in 0..16 {
+        if got == buf.len() {
+            break;
+        }
+        let n = health
+            .blocking(|| rng.request_entropy(&mut buf[got..]))
+            .and_then(|r| r.map_err(|e| format!("{}", e)))
+            .map_err(|e| format!("rng request: {}", e))?;
+        got += n.min(buf.len() - got);
+    }
+    let mut seen = [false; 256];
+    for &b in &buf[..got] {
+        seen[usize::from(b)] = true;
+    }
+    let distinct = seen.iter().filter(|&&s| s).count();
+    if distinct < RNG_DISTINCT {
+        return Err(format!(
+            "{} distinct values in {} entropy bytes",
+            distinct, got
+        ));
+    }
+    health.check()
+}
+
+/// Odd 4 KiB blocks of a region: distinct, never adjacent (no merging).
+fn sector(i: usize) -> u64 {
+    (2 * i as u64 + 1) * BLOCK_SECTORS
+}
+
+/// Which way the requests go.
+#[derive(Clone, Copy)]
+enum Dir {
+    Write,
+    Read,
+}
+
+impl Dir {
+    fn name(self) -> &'static str {
+        match self {
+            Dir::Write => "write",
+            Dir::Read => "read",
+        }
+    }
+}
+
+/// The requests' memory: per slot a header, a data block and a response;
+/// `base` is the round's region.
+struct Slots<'a> {
+    bufs: Vec<&'a mut [u8]>,
+    reqs: Vec<BlkReq>,
+    resps: Vec<BlkResp>,
+    tokens: [Option<u16>; SLOTS],
+    base: u64,
+}
+
+impl Slots<'_> {
+    /// Submits the first `count` slots in direction `dir` until the queue is
+    /// full, then completes them in used-ring order; returns how many went.
+    fn round_trip(&mut self, blk: &mut Blk, dir: Dir, count: usize) -> Result<usize, String> {
+        let mut sent_n = 0;
+        for i in 0..count {
+            let (req, buf, resp) = (&mut self.reqs[i], &mut *self.bufs[i], &mut self.resps[i]);
+            let at = (self.base + sector(i)) as usize;
+            // SAFETY: reqs[i], bufs[i], resps[i] are not touched until the
+            // matching `complete_*_blocks` returns them (or the device is reset).
+            let sent = unsafe {
+                match dir {
+                    Dir::Write => blk.write_blocks_nb(at, req, buf, resp),
+                    Dir::Read => blk.read_blocks_nb(at, req, buf, resp),
+                }
+            };
+            match sent {
+                Ok(t) => {
+                    self.tokens[i] = Some(t);
+                    sent_n += 1;
+                }
+                Err(Error::QueueFull) => break,
+                Err(e) => return Err(format!("{} {}: {}", dir.name(), i, e)),
+            }
+        }
+        let Slots {
+            bufs,
+            reqs,
+            resps,
+            tokens,
+            ..
+        } = self;
+        drain(blk, tokens, |blk, i, t| {
+            let (req, buf, resp) = (&reqs[i], &mut *bufs[i], &mut resps[i]);
+            // SAFETY: the buffers given to `*_blocks_nb` for this token.
+            let done = unsafe {
+                match dir {
+                    Dir::Write => blk.complete_write_blocks(t, req, buf, resp),
+                    Dir::Read => blk.complete_read_blocks(t, req, buf, resp),
+                }
+            };
+            let status = status_name(resps[i].status());
+            done.map_err(|e| format!("{} {}: {} (status {})", dir.name(), i, e, status))
+        })?;
+        Ok(sent_n)
+    }
+}
