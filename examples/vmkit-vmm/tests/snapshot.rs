@@ -24,6 +24,11 @@ fn disk(dir: &Dir, name: &str) -> PathBuf {
 
 /// The test guest running `test=soak` on 2 vCPUs with a disk and entropy, under the API.
 fn soak(dir: &Dir, extra: &[&str]) -> Vmkit {
+    soak_with(dir, "", extra)
+}
+
+/// As [`soak`], with `disk_options` (`,engine=io_uring`…) after the disk's path.
+fn soak_with(dir: &Dir, disk_options: &str, extra: &[&str]) -> Vmkit {
     let guest = test_guest();
     let disk = disk(dir, "disk.img");
     let cmdline = format!("test=soak soak_rounds={ROUNDS} exit=poweroff");
@@ -36,7 +41,7 @@ fn soak(dir: &Dir, extra: &[&str]) -> Vmkit {
         "128M".into(),
         "--rng".into(),
         "--disk".into(),
-        format!("path={}", disk.display()),
+        format!("path={}{disk_options}", disk.display()),
         "--cmdline".into(),
         cmdline,
     ];
@@ -189,7 +194,9 @@ fn allocated(path: &Path) -> u64 {
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_diff_snapshot_holds_the_dirtied_pages_and_restores_on_the_full_one() {
     let dir = Dir::new("snap-diff");
-    let vm = soak(&dir, &["--track-dirty-pages"]);
+    // io_uring: the disk's reads land in guest memory from the kernel, marked dirty by the
+    // device (KVM's dirty log does not see them).
+    let vm = soak_with(&dir, ",engine=io_uring", &["--track-dirty-pages"]);
     vm.wait_serial("soak: round 1 ok", TIMEOUT);
     vm.set_state("Paused");
     let full = Dir::new("snap-diff-full");
@@ -330,6 +337,14 @@ fn damaged_and_hostile_state_files_are_one_line_errors() {
     refused(&t, "vendor", &changed(&t, vendor), "CPU");
     let too_many = |s: &mut VmState| s.vcpus = vec![s.vcpus[0].clone(); 300];
     refused(&t, "vcpu-count", &changed(&t, too_many), "vCPUs");
+    // A FIFO where the state file should be: refused at once, not waited on.
+    let fifo = Dir::new("snap-bad-fifo");
+    let c = std::ffi::CString::new(fifo.file("vmstate").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (code, stderr) = restore_fails(&fifo, &t.image);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
     // The memory file gone: named.
     let snap = Dir::new("snap-bad-nomem");
     std::fs::write(snap.file("vmstate"), b).unwrap();
@@ -404,4 +419,70 @@ fn the_api_refuses_snapshots_out_of_order_and_a_load_can_wait_paused() {
         serial.contains(&format!("soak: {ROUNDS} rounds ok")),
         "{serial}"
     );
+}
+
+/// `path` relative to this process's current directory.
+fn relative(path: &Path) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    let up = cwd.components().count() - 1;
+    let mut rel = PathBuf::new();
+    for _ in 0..up {
+        rel.push("..");
+    }
+    rel.join(path.strip_prefix("/").unwrap())
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn snapshot_paths_are_checked_and_recorded_absolute() {
+    let dir = Dir::new("snap-paths");
+    let vm = soak(&dir, &["--track-dirty-pages"]);
+    vm.wait_serial("soak: round 1 ok", TIMEOUT);
+    vm.set_state("Paused");
+    // Relative paths (the test's directory is vmkit's): taken against vmkit's directory,
+    // recorded absolute; under the default seccomp filter (no getcwd at run time).
+    let (state, memory) = (dir.file("vmstate"), dir.file("memory"));
+    let body = serde_json::json!({
+        "snapshot_path": relative(&state), "mem_file_path": relative(&memory),
+    });
+    vm.expect(204, "PUT", "/snapshot/create", Some(&body.to_string()));
+    let (_, saved): (_, VmState) =
+        vmkit_snapshot::decode_state(&std::fs::read(&state).unwrap()).unwrap();
+    let recorded = &saved.memory.layers[0].path;
+    assert!(recorded.is_absolute(), "{recorded:?}");
+    assert_eq!(std::fs::canonicalize(recorded).unwrap(), memory);
+    // No temporary file is left beside it.
+    let names: Vec<_> = std::fs::read_dir(dir.file(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.to_string_lossy().ends_with(".tmp")),
+        "{names:?}"
+    );
+    // A diff over the memory file it builds on, or into the state file: refused, and the
+    // full snapshot is intact.
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let (before, before_inode) = (std::fs::read(&memory).unwrap(), inode(&memory));
+    for (s, m, says) in [
+        (dir.file("diff"), memory.clone(), "builds on"),
+        (dir.file("same"), dir.file("same"), "same file"),
+    ] {
+        let diff = serde_json::json!({
+            "snapshot_path": s, "mem_file_path": m, "snapshot_type": "Diff",
+        });
+        let e = vm.expect(400, "PUT", "/snapshot/create", Some(&diff.to_string()));
+        assert!(e.contains(says), "{e}");
+    }
+    assert_eq!(std::fs::read(&memory).unwrap(), before);
+    assert_eq!(inode(&memory), before_inode);
+    // A state file that cannot be written: nothing replaces the earlier snapshot's memory.
+    let nowhere = serde_json::json!({
+        "snapshot_path": dir.file("missing/vmstate"), "mem_file_path": memory,
+    });
+    vm.expect(400, "PUT", "/snapshot/create", Some(&nowhere.to_string()));
+    assert_eq!(inode(&memory), before_inode, "the memory file was replaced");
+    vm.signal(libc::SIGKILL);
+    let _ = vm.wait(TIMEOUT);
 }

@@ -51,6 +51,8 @@ const MAX_REGIONS: u64 = 64;
 const SOAK_TAG: u64 = 0x736f_616b_0000_0000;
 /// BSP timer ticks a round waits for after its I/O.
 const ROUND_TICKS: u64 = 50;
+/// How long (vCPU time) a round waits for its ticks before it fails.
+const ROUND_TICKS_TIMEOUT_US: u64 = 20_000_000;
 /// Entropy bytes a round reads, and how many distinct values they need.
 const RNG_BYTES: usize = 256;
 const RNG_DISTINCT: usize = 64;
@@ -202,7 +204,9 @@ fn one_round(round: u64, slots: &mut Slots, work: Work, ids: &[u32]) -> Result<(
     work.blk_health.check().map_err(fail)?;
     let bsp = ids.first().copied().unwrap_or(0);
     let bsp_start = start.first().copied().unwrap_or(0);
-    wait_until(2_000_000, || {
+    // 100 ms when the vCPU runs undisturbed; a host short of CPU coalesces ticks, so the
+    // bound only catches a timer that stopped.
+    wait_until(ROUND_TICKS_TIMEOUT_US, || {
         ticks(bsp).wrapping_sub(bsp_start) >= ROUND_TICKS
     });
     let grown: Vec<u64> = ids
@@ -217,8 +221,10 @@ fn one_round(round: u64, slots: &mut Slots, work: Work, ids: &[u32]) -> Result<(
     let bsp_ticks = grown.first().copied().unwrap_or(0);
     if bsp_ticks < ROUND_TICKS {
         return Err(fail(format!(
-            "{} of {} bsp ticks in 2 s",
-            bsp_ticks, ROUND_TICKS
+            "{} of {} bsp ticks in {} s",
+            bsp_ticks,
+            ROUND_TICKS,
+            ROUND_TICKS_TIMEOUT_US / 1_000_000
         )));
     }
     Ok(())
