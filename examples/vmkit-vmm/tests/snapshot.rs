@@ -16,6 +16,14 @@ const ROUNDS: u32 = 8;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One test at a time: each runs two 2-vCPU guests whose rounds wait on timer ticks, and a
+/// host short of CPU stretches them.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn disk(dir: &Dir, name: &str) -> PathBuf {
     let p = dir.file(name);
     std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
@@ -135,6 +143,7 @@ fn mid_test(transport: &str) {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
+    let _one = one_at_a_time();
     mid_test("mmio");
 }
 
@@ -142,6 +151,7 @@ fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_test_guest_on_virtio_pci_snapshotted_mid_test_passes_in_a_new_process() {
+    let _one = one_at_a_time();
     mid_test("pci");
 }
 
@@ -193,6 +203,7 @@ fn allocated(path: &Path) -> u64 {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_diff_snapshot_holds_the_dirtied_pages_and_restores_on_the_full_one() {
+    let _one = one_at_a_time();
     let dir = Dir::new("snap-diff");
     // io_uring: the disk's reads land in guest memory from the kernel, marked dirty by the
     // device (KVM's dirty log does not see them).
@@ -294,6 +305,7 @@ fn changed(taken: &Taken, change: impl FnOnce(&mut VmState)) -> Vec<u8> {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn damaged_and_hostile_state_files_are_one_line_errors() {
+    let _one = one_at_a_time();
     let t = take("snap-bad");
     let b = &t.bytes;
     refused(&t, "empty", &[], "truncated");
@@ -363,6 +375,7 @@ fn vmkit_memory_range(offset: u64, len: u64) -> vmkit_snapshot::vm::FileRange {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_api_refuses_snapshots_out_of_order_and_a_load_can_wait_paused() {
+    let _one = one_at_a_time();
     let dir = Dir::new("snap-order");
     let vm = soak(&dir, &[]);
     vm.wait_serial("soak: round 1 ok", TIMEOUT);
@@ -435,6 +448,7 @@ fn relative(path: &Path) -> PathBuf {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn snapshot_paths_are_checked_and_recorded_absolute() {
+    let _one = one_at_a_time();
     let dir = Dir::new("snap-paths");
     let vm = soak(&dir, &["--track-dirty-pages"]);
     vm.wait_serial("soak: round 1 ok", TIMEOUT);
