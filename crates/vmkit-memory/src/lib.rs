@@ -37,6 +37,7 @@
 
 use std::fs::File;
 use std::num::NonZeroUsize;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use vm_memory::bitmap::AtomicBitmap;
@@ -395,7 +396,12 @@ fn open_memory_file(config: &MemoryConfig, layout: &MemoryLayout) -> Result<Opti
     let Some(path) = &config.file else {
         return Ok(None);
     };
-    let file = File::open(path).map_err(|source| memory_file_error(config, source))?;
+    // Non-blocking: a FIFO named as a memory file is not waited on (and then refused).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| memory_file_error(config, source))?;
     let meta = file
         .metadata()
         .map_err(|source| memory_file_error(config, source))?;

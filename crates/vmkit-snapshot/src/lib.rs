@@ -48,6 +48,7 @@ pub mod vm;
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -141,6 +142,9 @@ pub enum Error {
     /// The payload decoded but bytes of it were left over.
     #[error("state file payload has {0} undecoded bytes at its end")]
     TrailingPayload(usize),
+    /// The path is not a regular file (a FIFO, a device, a directory).
+    #[error("state file {0}: not a regular file")]
+    NotAFile(PathBuf),
     /// The state decoded but a value is out of range (feature `vm`).
     #[error("invalid snapshot state: {0}")]
     Invalid(String),
@@ -349,8 +353,17 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<(Header, T)> {
             source,
         }
     };
-    let file = File::open(path).map_err(io("open"))?;
-    let size = file.metadata().map_err(io("stat"))?.len();
+    // Non-blocking: a FIFO named as a state file is not waited on (and then refused).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io("open"))?;
+    let meta = file.metadata().map_err(io("stat"))?;
+    if !meta.is_file() {
+        return Err(Error::NotAFile(path.to_path_buf()));
+    }
+    let size = meta.len();
     if size > MAX_STATE_SIZE {
         return Err(Error::TooLarge {
             size,

@@ -294,6 +294,11 @@ impl Running {
             let now = disk.rate_limiter().config();
             log::info!("drive {id}: rate limiter {now:?}");
         }
+        // What a snapshot taken from now on records.
+        let snapshots = &mut self.parts.sources.snapshots;
+        let image = update.path_on_host.as_ref().map(|p| snapshots.cwd.join(p));
+        let limiter = disk.rate_limiter().config();
+        snapshots.spec.patch_drive(id, image, limiter);
         Ok(())
     }
 
@@ -322,6 +327,7 @@ impl Running {
             net.tx_rate_limiter().config(),
         );
         log::info!("interface {id}: rate limiters rx {rx:?} tx {tx:?}");
+        self.parts.sources.snapshots.spec.patch_net(id, rx, tx);
         Ok(())
     }
 

@@ -115,7 +115,7 @@ fn create_machine(args: &Args, loaded: Option<&Loaded>) -> Result<Machine> {
     config.track_dirty_pages = args.track_dirty_pages;
     let machine = Machine::new(&config)?;
     if let Some(loaded) = loaded {
-        crate::snapshot::overlay_diffs(&machine, &loaded.layers).map_err(Error::Restore)?;
+        crate::snapshot::memory::overlay_diffs(&machine, &loaded.layers).map_err(Error::Restore)?;
         if args.track_dirty_pages {
             // The overlay's writes are the snapshot's pages, not the guest's: a diff starts
             // from here.

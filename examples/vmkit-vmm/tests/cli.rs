@@ -394,3 +394,43 @@ fn config_file_with_a_key_given_twice() {
     }
     let _ = std::fs::remove_file(&f);
 }
+
+#[test]
+fn restore_flags_that_do_not_fit_are_usage_errors() {
+    for (args, says) in [
+        (
+            &["--restore", "/s", "--kernel", "k"][..],
+            "cannot be used with",
+        ),
+        (
+            &["--restore", "/s", "--disk", "path=d"],
+            "cannot be used with",
+        ),
+        (&["--restore", "/s", "--cpus", "2"], "cannot be used with"),
+        (&["--restore-drive", "root=/d"], "--restore <DIR>"),
+        (&["--restore", "/s", "--restore-paused"], "--api-sock"),
+        (
+            &[
+                "--restore",
+                "/s",
+                "--restore-net",
+                "e=t1",
+                "--restore-net",
+                "e=t2",
+            ],
+            "--restore-net e= is given twice",
+        ),
+        (
+            &["--restore", "/s", "--restore-net", "e=t/1"],
+            "not an interface name",
+        ),
+        (
+            &["--restore", "/s", "--restore-drive", "root"],
+            "is not ID=PATH",
+        ),
+    ] {
+        fails_with(args, says);
+        let out = vmkit(args, Duration::from_secs(30));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}

@@ -16,6 +16,14 @@ const ROUNDS: u32 = 8;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// One test at a time: each runs two 2-vCPU guests whose rounds wait on timer ticks, and a
+/// host short of CPU stretches them.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn disk(dir: &Dir, name: &str) -> PathBuf {
     let p = dir.file(name);
     std::fs::File::create(&p).unwrap().set_len(8 << 20).unwrap();
@@ -24,6 +32,11 @@ fn disk(dir: &Dir, name: &str) -> PathBuf {
 
 /// The test guest running `test=soak` on 2 vCPUs with a disk and entropy, under the API.
 fn soak(dir: &Dir, extra: &[&str]) -> Vmkit {
+    soak_with(dir, "", extra)
+}
+
+/// As [`soak`], with `disk_options` (`,engine=io_uring`…) after the disk's path.
+fn soak_with(dir: &Dir, disk_options: &str, extra: &[&str]) -> Vmkit {
     let guest = test_guest();
     let disk = disk(dir, "disk.img");
     let cmdline = format!("test=soak soak_rounds={ROUNDS} exit=poweroff");
@@ -36,7 +49,7 @@ fn soak(dir: &Dir, extra: &[&str]) -> Vmkit {
         "128M".into(),
         "--rng".into(),
         "--disk".into(),
-        format!("path={}", disk.display()),
+        format!("path={}{disk_options}", disk.display()),
         "--cmdline".into(),
         cmdline,
     ];
@@ -130,6 +143,7 @@ fn mid_test(transport: &str) {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
+    let _one = one_at_a_time();
     mid_test("mmio");
 }
 
@@ -137,6 +151,7 @@ fn the_test_guest_snapshotted_mid_test_passes_in_a_new_process() {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_test_guest_on_virtio_pci_snapshotted_mid_test_passes_in_a_new_process() {
+    let _one = one_at_a_time();
     mid_test("pci");
 }
 
@@ -188,8 +203,11 @@ fn allocated(path: &Path) -> u64 {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn a_diff_snapshot_holds_the_dirtied_pages_and_restores_on_the_full_one() {
+    let _one = one_at_a_time();
     let dir = Dir::new("snap-diff");
-    let vm = soak(&dir, &["--track-dirty-pages"]);
+    // io_uring: the disk's reads land in guest memory from the kernel, marked dirty by the
+    // device (KVM's dirty log does not see them).
+    let vm = soak_with(&dir, ",engine=io_uring", &["--track-dirty-pages"]);
     vm.wait_serial("soak: round 1 ok", TIMEOUT);
     vm.set_state("Paused");
     let full = Dir::new("snap-diff-full");
@@ -287,6 +305,7 @@ fn changed(taken: &Taken, change: impl FnOnce(&mut VmState)) -> Vec<u8> {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn damaged_and_hostile_state_files_are_one_line_errors() {
+    let _one = one_at_a_time();
     let t = take("snap-bad");
     let b = &t.bytes;
     refused(&t, "empty", &[], "truncated");
@@ -330,6 +349,14 @@ fn damaged_and_hostile_state_files_are_one_line_errors() {
     refused(&t, "vendor", &changed(&t, vendor), "CPU");
     let too_many = |s: &mut VmState| s.vcpus = vec![s.vcpus[0].clone(); 300];
     refused(&t, "vcpu-count", &changed(&t, too_many), "vCPUs");
+    // A FIFO where the state file should be: refused at once, not waited on.
+    let fifo = Dir::new("snap-bad-fifo");
+    let c = std::ffi::CString::new(fifo.file("vmstate").to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let (code, stderr) = restore_fails(&fifo, &t.image);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("not a regular file"), "{stderr}");
     // The memory file gone: named.
     let snap = Dir::new("snap-bad-nomem");
     std::fs::write(snap.file("vmstate"), b).unwrap();
@@ -348,6 +375,7 @@ fn vmkit_memory_range(offset: u64, len: u64) -> vmkit_snapshot::vm::FileRange {
 #[test]
 #[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
 fn the_api_refuses_snapshots_out_of_order_and_a_load_can_wait_paused() {
+    let _one = one_at_a_time();
     let dir = Dir::new("snap-order");
     let vm = soak(&dir, &[]);
     vm.wait_serial("soak: round 1 ok", TIMEOUT);
@@ -404,4 +432,71 @@ fn the_api_refuses_snapshots_out_of_order_and_a_load_can_wait_paused() {
         serial.contains(&format!("soak: {ROUNDS} rounds ok")),
         "{serial}"
     );
+}
+
+/// `path` relative to this process's current directory.
+fn relative(path: &Path) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    let up = cwd.components().count() - 1;
+    let mut rel = PathBuf::new();
+    for _ in 0..up {
+        rel.push("..");
+    }
+    rel.join(path.strip_prefix("/").unwrap())
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn snapshot_paths_are_checked_and_recorded_absolute() {
+    let _one = one_at_a_time();
+    let dir = Dir::new("snap-paths");
+    let vm = soak(&dir, &["--track-dirty-pages"]);
+    vm.wait_serial("soak: round 1 ok", TIMEOUT);
+    vm.set_state("Paused");
+    // Relative paths (the test's directory is vmkit's): taken against vmkit's directory,
+    // recorded absolute; under the default seccomp filter (no getcwd at run time).
+    let (state, memory) = (dir.file("vmstate"), dir.file("memory"));
+    let body = serde_json::json!({
+        "snapshot_path": relative(&state), "mem_file_path": relative(&memory),
+    });
+    vm.expect(204, "PUT", "/snapshot/create", Some(&body.to_string()));
+    let (_, saved): (_, VmState) =
+        vmkit_snapshot::decode_state(&std::fs::read(&state).unwrap()).unwrap();
+    let recorded = &saved.memory.layers[0].path;
+    assert!(recorded.is_absolute(), "{recorded:?}");
+    assert_eq!(std::fs::canonicalize(recorded).unwrap(), memory);
+    // No temporary file is left beside it.
+    let names: Vec<_> = std::fs::read_dir(dir.file(""))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        !names.iter().any(|n| n.to_string_lossy().ends_with(".tmp")),
+        "{names:?}"
+    );
+    // A diff over the memory file it builds on, or into the state file: refused, and the
+    // full snapshot is intact.
+    use std::os::unix::fs::MetadataExt;
+    let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let (before, before_inode) = (std::fs::read(&memory).unwrap(), inode(&memory));
+    for (s, m, says) in [
+        (dir.file("diff"), memory.clone(), "builds on"),
+        (dir.file("same"), dir.file("same"), "same file"),
+    ] {
+        let diff = serde_json::json!({
+            "snapshot_path": s, "mem_file_path": m, "snapshot_type": "Diff",
+        });
+        let e = vm.expect(400, "PUT", "/snapshot/create", Some(&diff.to_string()));
+        assert!(e.contains(says), "{e}");
+    }
+    assert_eq!(std::fs::read(&memory).unwrap(), before);
+    assert_eq!(inode(&memory), before_inode);
+    // A state file that cannot be written: nothing replaces the earlier snapshot's memory.
+    let nowhere = serde_json::json!({
+        "snapshot_path": dir.file("missing/vmstate"), "mem_file_path": memory,
+    });
+    vm.expect(400, "PUT", "/snapshot/create", Some(&nowhere.to_string()));
+    assert_eq!(inode(&memory), before_inode, "the memory file was replaced");
+    vm.signal(libc::SIGKILL);
+    let _ = vm.wait(TIMEOUT);
 }

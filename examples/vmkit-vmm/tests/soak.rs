@@ -1,12 +1,16 @@
-//! The test guest's `test=soak` run unbroken (the workload the snapshot tests take a snapshot
-//! in the middle of): two vCPUs' LAPIC timers, rng reads and blk writes in flight, round
-//! after round, every line in order, and the last round's pattern in the host's image.
+//! The test guest's `test=soak` (the workload the snapshot tests take a snapshot in the middle
+//! of): run unbroken, two vCPUs' LAPIC timers, rng reads and blk writes in flight, round after
+//! round, every line in order, and the last round's pattern in the host's image; and paused for
+//! longer than any of the guest's timeouts in the middle, which it must not mistake for a dead
+//! device or timer.
 
 mod common;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use common::Run;
+use common::api::{Dir, Vmkit};
+use common::{test_guest, Run};
 
 /// A sparse image in the temp dir, removed on drop.
 struct Image(PathBuf);
@@ -75,4 +79,43 @@ fn soak_runs_every_round_on_both_vcpus() {
     let word = |i: usize| u64::from_le_bytes(data[at + 8 * i..at + 8 * i + 8].try_into().unwrap());
     assert_eq!(word(0), first_sector_of_round(5));
     assert_eq!(word(1), 0x736f_616b_0000_0005);
+}
+
+#[test]
+#[cfg_attr(no_kvm, ignore = "needs /dev/kvm")]
+fn soak_survives_a_pause_longer_than_its_timeouts() {
+    let dir = Dir::new("soak-pause");
+    let img = dir.file("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let guest = test_guest();
+    let disk = format!("path={}", img.display());
+    let vm = Vmkit::start(
+        &dir,
+        &[
+            "--kernel",
+            guest.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--rng",
+            "--disk",
+            &disk,
+            "--cmdline",
+            "test=soak soak_rounds=8",
+        ],
+    );
+    vm.wait_serial("soak: round 2 ok", Duration::from_secs(60));
+    vm.set_state("Paused");
+    // Longer than a round's 2 s bound on its timer ticks: the guest's TSC runs on while
+    // paused, and the guest must count only the time it ran.
+    std::thread::sleep(Duration::from_secs(3));
+    vm.set_state("Resumed");
+    vm.wait_serial("test soak: ", Duration::from_secs(60));
+    let serial = vm.serial();
+    let (code, stderr) = vm.wait(Duration::from_secs(30));
+    assert_eq!(code, Some(0), "{stderr}\n{serial}");
+    assert!(serial.contains("soak: 8 rounds ok"), "{serial}");
+    assert!(serial.contains("test soak: ok"), "{serial}");
 }

@@ -4,7 +4,8 @@
 //! once, then per blk device the cases that run on a disk.
 //!
 //! (`support` holds what the cases share: their context, how they were
-//! selected, the result line; `blk_data` the blk tests' data patterns;
+//! selected, the result line; `blk_data` the blk tests' data patterns,
+//! `blk_slots` their requests in flight;
 //! `blk_write_flush` is a command-line item of its own, not a case.)
 
 pub mod blk_data;
@@ -12,6 +13,7 @@ pub mod blk_discard;
 pub mod blk_inflight;
 pub mod blk_ro;
 pub mod blk_serial;
+pub mod blk_slots;
 pub mod blk_verify;
 pub mod blk_write_flush;
 pub mod pci;

@@ -6,8 +6,8 @@ use crate::drivers::hal::GuestHal;
 use crate::drivers::spec::{blk_config, blk_feature};
 use crate::drivers::transport::{Health, StrictTransport};
 use crate::drivers::virtio::{Device, Devices};
-use crate::platform::arch::{pause, rdtsc};
-use crate::platform::time::us_to_cycles;
+use crate::platform::arch::pause;
+use crate::platform::time::Deadline;
 use crate::println;
 use alloc::format;
 use alloc::rc::Rc;
@@ -168,7 +168,7 @@ pub fn drain(
     tokens: &mut [Option<u16>],
     mut complete: impl FnMut(&mut Blk, usize, u16) -> Result<(), String>,
 ) -> Result<(), String> {
-    let mut deadline = rdtsc() + us_to_cycles(TIMEOUT_US);
+    let mut deadline = Deadline::new(TIMEOUT_US);
     while tokens.iter().any(Option::is_some) {
         match blk.peek_used() {
             Some(token) => {
@@ -178,9 +178,9 @@ pub fn drain(
                     .ok_or_else(|| format!("device used unknown token {}", token))?;
                 complete(blk, slot, token)?;
                 tokens[slot] = None;
-                deadline = rdtsc() + us_to_cycles(TIMEOUT_US);
+                deadline = Deadline::new(TIMEOUT_US);
             }
-            None if rdtsc() > deadline => {
+            None if deadline.expired() => {
                 let left = tokens.iter().filter(|t| t.is_some()).count();
                 return Err(format!("{} requests not completed in 5 s", left));
             }

@@ -111,14 +111,55 @@ pub fn delay_us(us: u64) {
     }
 }
 
-/// Spins (at CPL3) until `done()` or `timeout_us` elapse; returns `done()`.
+/// Two looks at the clock further apart than this were a pause of the VM
+/// (for a snapshot, say) or of this vCPU by the host: a [`Deadline`] does
+/// not count the time between them.
+const PAUSE_GAP_US: u64 = 50_000;
+
+/// A timeout in time this vCPU was seen running. Each [`expired`] call
+/// counts the TSC cycles since the previous one, unless there were more
+/// than 50 ms of them (or the TSC went back): so a guest paused, or
+/// snapshotted and restored, in the middle of a wait does not time out the
+/// moment it runs again, while a device that never answers still does.
+///
+/// [`expired`]: Deadline::expired
+pub struct Deadline {
+    left: u64,
+    last: u64,
+    gap: u64,
+}
+
+impl Deadline {
+    /// `us` microseconds from now.
+    pub fn new(us: u64) -> Deadline {
+        Deadline {
+            left: us_to_cycles(us),
+            last: rdtsc(),
+            gap: us_to_cycles(PAUSE_GAP_US),
+        }
+    }
+
+    /// Whether the time is up.
+    pub fn expired(&mut self) -> bool {
+        let now = rdtsc();
+        let step = now.wrapping_sub(self.last);
+        self.last = now;
+        if step <= self.gap {
+            self.left = self.left.saturating_sub(step);
+        }
+        self.left == 0
+    }
+}
+
+/// Spins (at CPL3) until `done()` or `timeout_us` of running time (see
+/// [`Deadline`]) elapse; returns `done()`.
 pub fn wait_until(timeout_us: u64, mut done: impl FnMut() -> bool) -> bool {
-    let end = rdtsc() + us_to_cycles(timeout_us);
+    let mut deadline = Deadline::new(timeout_us);
     loop {
         if done() {
             return true;
         }
-        if rdtsc() >= end {
+        if deadline.expired() {
             return done();
         }
         pause();

@@ -8,17 +8,16 @@
 //! page is zero (full) or was not written since the last snapshot (diff). A diff's memory
 //! is the layers below it plus its own pages: the state file lists them.
 
+pub mod memory;
 pub mod spec;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use vmkit_api::model::{SnapshotCreate, SnapshotType};
+use vmkit_api::model::SnapshotCreate;
 use vmkit_kvm::{Machine, MmioPlatform, PciPlatform, VcpuThreads};
 use vmkit_legacy::{Ged, I8042};
-use vmkit_snapshot::vm::PAGE_SIZE;
 use vmkit_snapshot::vm::{DeviceState, MemoryLayer, MemoryRecord, TransportStates, VmState};
 use vmkit_snapshot::SnapshotKind;
 
@@ -45,9 +44,13 @@ pub struct Created {
     pub micros: u128,
 }
 
-/// A path made absolute (against the current directory), as a diff's layers are recorded.
-pub fn absolute(path: &Path) -> std::io::Result<PathBuf> {
-    std::path::absolute(path)
+/// `e`, prefixed with `path` unless it names it already.
+fn with_path(path: &Path, e: &dyn std::fmt::Display) -> String {
+    let (path, e) = (path.display().to_string(), e.to_string());
+    match e.contains(&path) {
+        true => e,
+        false => format!("{path}: {e}"),
+    }
 }
 
 /// Reads the state file at `path` and checks it (counts, sizes, memory layers, each vCPU's
@@ -55,7 +58,7 @@ pub fn absolute(path: &Path) -> std::io::Result<PathBuf> {
 /// file (the load's `mem_file_path`).
 pub fn load(path: &Path, memory: Option<&Path>) -> Result<Loaded, String> {
     let (_, state): (_, VmState) =
-        vmkit_snapshot::read_state(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        vmkit_snapshot::read_state(path).map_err(|e| with_path(path, &e))?;
     let spec: VmSpec = serde_json::from_str(&state.spec)
         .map_err(|e| format!("{}: the VM description: {e}", path.display()))?;
     // The CPU is checked once the vCPUs exist (`check_cpu`).
@@ -72,7 +75,8 @@ pub fn load(path: &Path, memory: Option<&Path>) -> Result<Loaded, String> {
     }
     let mut layers = state.memory.layers.clone();
     if let (Some(top), Some(file)) = (layers.last_mut(), memory) {
-        top.path = file.to_path_buf();
+        // Recorded as given, absolute: a diff taken later names its base by it.
+        top.path = std::path::absolute(file).map_err(|e| format!("{}: {e}", file.display()))?;
     }
     Ok(Loaded {
         state,
@@ -90,19 +94,6 @@ pub fn check_cpu(vcpus: &vmkit_kvm::Vcpus, loaded: &Loaded) -> Result<(), String
     loaded.state.check_cpu(&host).map_err(|e| e.to_string())
 }
 
-/// Reads the diffs above the base layer (mapped by the machine) into `machine`'s memory,
-/// in order.
-pub fn overlay_diffs(machine: &Machine, layers: &[MemoryLayer]) -> Result<(), String> {
-    for layer in layers.iter().skip(1) {
-        let path = layer.path.display();
-        let file = File::open(&layer.path).map_err(|e| format!("memory file {path}: {e}"))?;
-        let ranges = layer.ranges.as_deref().unwrap_or_default();
-        vmkit_memory::snapshot::overlay(machine.memory(), &file, ranges)
-            .map_err(|e| format!("memory file {path}: {e}"))?;
-    }
-    Ok(())
-}
-
 /// What a snapshot of the VM needs beyond its parts.
 pub struct Snapshots {
     /// The VM's shape.
@@ -114,6 +105,9 @@ pub struct Snapshots {
     pub track_dirty: bool,
     /// The vCPUs start parked (a load with `resume_vm: false`).
     pub start_paused: bool,
+    /// The directory relative paths of `PUT /snapshot/create` are taken from (read at
+    /// start: the running VMM's seccomp filter has no `getcwd`).
+    pub cwd: PathBuf,
 }
 
 impl Snapshots {
@@ -124,6 +118,7 @@ impl Snapshots {
             layers,
             track_dirty: args.track_dirty_pages,
             start_paused: false,
+            cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         }
     }
 }
@@ -273,86 +268,9 @@ fn vm_state(src: &Sources, vcpus: Vec<vmkit_vcpu::VcpuState>) -> Result<VmState,
     })
 }
 
-/// Writes guest memory for `request` and returns its record (the layers it is made of) and
-/// the bytes written.
-fn write_memory(src: &Sources, request: &SnapshotCreate) -> Result<(MemoryRecord, u64), String> {
-    let snapshots = &src.snapshots;
-    let path = absolute(Path::new(&request.mem_file_path))
-        .map_err(|e| format!("{}: {e}", request.mem_file_path))?;
-    let bad = |e: &dyn std::fmt::Display| format!("memory file {}: {e}", path.display());
-    let diff = request.snapshot_type == SnapshotType::Diff;
-    if diff && !snapshots.track_dirty {
-        return Err("a diff snapshot needs dirty page tracking (track_dirty_pages)".into());
-    }
-    if diff && snapshots.layers.is_empty() {
-        return Err("a diff snapshot needs a snapshot before it: take a full one first".into());
-    }
-    // Cleared at every snapshot: a diff holds what changed since the last one.
-    let dirty = snapshots
-        .track_dirty
-        .then(|| src.machine.take_dirty_pages())
-        .transpose()
-        .map_err(|e| format!("dirty pages: {e}"))?;
-    // Written under a temporary name and renamed over `path`: the file this VM's memory is
-    // mapped from (a restored VM's) may be `path`, and writing into it would change the
-    // guest's pages that were never copied.
-    let temporary = temporary_name(&path);
-    let file = create_file(&temporary).map_err(|e| bad(&e))?;
-    let memory = src.machine.memory();
-    let (layer, written) = match (diff, dirty) {
-        (true, Some(dirty)) => {
-            let w =
-                vmkit_memory::snapshot::write_dirty(memory, &file, &dirty).map_err(|e| bad(&e))?;
-            let bytes = w.pages_written * PAGE_SIZE;
-            let layer = MemoryLayer {
-                path: path.clone(),
-                ranges: Some(w.ranges),
-            };
-            (layer, bytes)
-        }
-        _ => {
-            let w = vmkit_memory::snapshot::write_full(memory, &file).map_err(|e| bad(&e))?;
-            let layer = MemoryLayer {
-                path: path.clone(),
-                ranges: None,
-            };
-            (layer, w.pages_written * PAGE_SIZE)
-        }
-    };
-    std::fs::rename(&temporary, &path).map_err(|e| bad(&e))?;
-    let mut layers = if diff {
-        snapshots.layers.clone()
-    } else {
-        Vec::new()
-    };
-    layers.push(layer);
-    let record = MemoryRecord {
-        size: vmkit_memory::snapshot::file_size(memory),
-        layers,
-    };
-    Ok((record, written))
-}
-
-/// `path` with `.tmp` appended.
-fn temporary_name(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".tmp");
-    PathBuf::from(name)
-}
-
-/// Creates (or truncates) a memory file: a regular file, never through a symbolic link.
-fn create_file(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-}
-
-/// `PUT /snapshot/create` on the paused VM: memory first, then the state file that names
-/// it (a state file never points at memory that was not written).
+/// `PUT /snapshot/create` on the paused VM: the state read, the memory file written under
+/// a temporary name, the state file written, then the memory file renamed into place (a
+/// failure anywhere leaves an earlier snapshot at those paths as it was).
 pub fn create(
     src: &mut Sources,
     threads: &VcpuThreads,
@@ -364,32 +282,29 @@ pub fn create(
     // devices right after, close to the LAPICs (the in-kernel PIT keeps counting).
     let vcpus = threads.save_states().map_err(|e| format!("vCPUs: {e}"))?;
     let mut state = vm_state(src, vcpus)?;
-    let written = write_memory(src, request).map(|(memory, written)| {
-        state.memory = memory;
-        written
-    });
-    let path = Path::new(&request.snapshot_path);
+    let written = memory::write(src, request).inspect_err(|_| {
+        // The dirty pages may have been taken: a later diff would miss them. The next
+        // snapshot must be a full one.
+        src.snapshots.layers.clear();
+    })?;
+    state.memory = written.record.clone();
     let kind = match state.memory.layers.len() {
         1 => SnapshotKind::Full,
         _ => SnapshotKind::Diff,
     };
-    let done = written.and_then(|written| {
-        vmkit_snapshot::write_state(path, kind, &state)
-            .map(|()| written)
-            .map_err(|e| format!("{}: {e}", path.display()))
-    });
-    let written = match done {
-        Ok(written) => written,
-        Err(e) => {
-            // The dirty pages were taken: a later diff would miss them. The next snapshot
-            // must be a full one.
-            src.snapshots.layers.clear();
-            return Err(e);
-        }
-    };
-    src.snapshots.layers = state.memory.layers;
+    let path = Path::new(&request.snapshot_path);
+    if let Err(e) = vmkit_snapshot::write_state(path, kind, &state) {
+        written.discard();
+        src.snapshots.layers.clear();
+        return Err(format!("{}: {e}", path.display()));
+    }
+    let bytes = written.bytes;
+    src.snapshots.layers = written
+        .publish()
+        .inspect_err(|_| src.snapshots.layers.clear())?
+        .layers;
     Ok(Created {
-        memory_bytes: written,
+        memory_bytes: bytes,
         micros: start.elapsed().as_micros(),
     })
 }

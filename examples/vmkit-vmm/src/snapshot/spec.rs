@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use vmkit_api::model;
+use vmkit_virtio::RateLimiterConfig;
 use vmkit_virtio_blk::{BlockConfig, DiskSource, EngineKind};
 
 use crate::config::{Args, ConsoleOutput, DiskSpec, NetBackendSpec, NetSpec, Transport, VsockSpec};
@@ -294,6 +295,27 @@ impl VmSpec {
     }
 }
 
+impl VmSpec {
+    /// `PATCH /drives/{id}` gave the drive `id` another image and rate limiter: a later
+    /// snapshot records them.
+    pub fn patch_drive(&mut self, id: &str, path: Option<PathBuf>, limiter: RateLimiterConfig) {
+        if let Some(d) = self.disks.iter_mut().find(|d| d.id.as_deref() == Some(id)) {
+            if path.is_some() {
+                d.path = path;
+            }
+            d.rate_limiter = limits::to_api(limiter);
+        }
+    }
+
+    /// `PATCH /network-interfaces/{id}` gave the card `id` other rate limiters.
+    pub fn patch_net(&mut self, id: &str, rx: RateLimiterConfig, tx: RateLimiterConfig) {
+        if let Some(n) = self.nets.iter_mut().find(|n| n.id.as_deref() == Some(id)) {
+            n.rx_rate_limiter = limits::to_api(rx);
+            n.tx_rate_limiter = limits::to_api(tx);
+        }
+    }
+}
+
 /// What a restore changes in the saved shape: each clone needs its own disk images, TAPs
 /// and vsock socket. Drives and cards are named by their API id, or by their place
 /// (`block0`, `net1`, …: their metrics' names) when they have none.
@@ -436,6 +458,29 @@ mod tests {
             ..Overrides::default()
         };
         assert!(no_vsock.clone().apply(&o).unwrap_err().contains("no vsock"));
+    }
+
+    #[test]
+    fn patches_reach_the_recorded_shape() {
+        let mut spec = VmSpec::of(&args(&["--kernel", "k", "--disk", "path=/d/a.img"]));
+        spec.disks[0].id = Some("root".into());
+        let limiter = crate::limits::parse_rng_bw("1M").unwrap();
+        spec.patch_drive("root", Some("/d/b.img".into()), limiter);
+        assert_eq!(
+            spec.disks[0].path.as_deref(),
+            Some(std::path::Path::new("/d/b.img"))
+        );
+        assert_eq!(
+            limits::from_api(spec.disks[0].rate_limiter.as_ref()),
+            limiter
+        );
+        // Only the limiter: the image stays.
+        spec.patch_drive("root", None, RateLimiterConfig::default());
+        assert_eq!(
+            spec.disks[0].path.as_deref(),
+            Some(std::path::Path::new("/d/b.img"))
+        );
+        assert_eq!(spec.disks[0].rate_limiter, None);
     }
 
     #[test]
