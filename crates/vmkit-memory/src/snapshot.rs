@@ -292,6 +292,28 @@ fn locate<B: Bitmap>(mem: &GuestMemoryMmap<B>, offset: u64) -> Option<(GuestAddr
     None
 }
 
+/// Calls `f` for each piece of the file range `offset..offset + len` that lies in one
+/// region: its guest address and its place in the range.
+fn for_each_piece(
+    offset: u64,
+    len: usize,
+    mut locate_at: impl FnMut(u64) -> Option<(GuestAddress, u64)>,
+    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<()>,
+) -> Result<()> {
+    let mut done = 0usize;
+    while done < len {
+        let at = offset + done as u64;
+        let (addr, room) = locate_at(at).ok_or(Error::OutsideRam {
+            addr: at,
+            len: (len - done) as u64,
+        })?;
+        let n = room.min((len - done) as u64) as usize;
+        f(addr, done..done + n)?;
+        done += n;
+    }
+    Ok(())
+}
+
 /// Copies guest RAM at file offset `offset` into `buf` (across regions if need be).
 fn read_file_offset<B: Bitmap>(
     mem: &GuestMemoryMmap<B>,
@@ -299,43 +321,38 @@ fn read_file_offset<B: Bitmap>(
     buf: &mut [u8],
 ) -> Result<()> {
     use vm_memory::Bytes;
-    let mut done = 0usize;
-    while done < buf.len() {
-        let at = offset + done as u64;
-        let (addr, room) = locate(mem, at).ok_or(Error::OutsideRam {
-            addr: at,
-            len: (buf.len() - done) as u64,
-        })?;
-        let n = room.min((buf.len() - done) as u64) as usize;
-        mem.read_slice(&mut buf[done..done + n], addr)
-            .map_err(|_| Error::OutsideRam {
-                addr: addr.0,
-                len: n as u64,
-            })?;
-        done += n;
-    }
-    Ok(())
+    let len = buf.len();
+    for_each_piece(
+        offset,
+        len,
+        |at| locate(mem, at),
+        |addr, piece| {
+            let n = piece.len() as u64;
+            mem.read_slice(&mut buf[piece], addr)
+                .map_err(|_| Error::OutsideRam {
+                    addr: addr.0,
+                    len: n,
+                })
+        },
+    )
 }
 
 /// Copies `buf` into guest RAM at file offset `offset` (across regions if need be).
 fn write_file_offset<B: Bitmap>(mem: &GuestMemoryMmap<B>, offset: u64, buf: &[u8]) -> Result<()> {
     use vm_memory::Bytes;
-    let mut done = 0usize;
-    while done < buf.len() {
-        let at = offset + done as u64;
-        let (addr, room) = locate(mem, at).ok_or(Error::OutsideRam {
-            addr: at,
-            len: (buf.len() - done) as u64,
-        })?;
-        let n = room.min((buf.len() - done) as u64) as usize;
-        mem.write_slice(&buf[done..done + n], addr)
-            .map_err(|_| Error::OutsideRam {
-                addr: addr.0,
-                len: n as u64,
-            })?;
-        done += n;
-    }
-    Ok(())
+    for_each_piece(
+        offset,
+        buf.len(),
+        |at| locate(mem, at),
+        |addr, piece| {
+            let n = piece.len() as u64;
+            mem.write_slice(&buf[piece], addr)
+                .map_err(|_| Error::OutsideRam {
+                    addr: addr.0,
+                    len: n,
+                })
+        },
+    )
 }
 
 /// `/proc/self/pagemap`: which pages of this process's anonymous memory were ever touched.
