@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use std::fs::File;
-use std::path::PathBuf;
+use vmm_sys_util::tempfile::TempFile;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmkit_boot::EntryPoint;
@@ -52,28 +52,13 @@ fn one_vcpu_running(m: &Machine, code: &[u8]) -> Vcpus {
     vcpus
 }
 
-/// A file in the temporary directory, removed when dropped.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> (Self, File) {
-        let path =
-            std::env::temp_dir().join(format!("vmkit-kvm-dirty-{}-{name}", std::process::id()));
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        (Self(path), file)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// A new file in the temporary directory (vmm-sys-util's `TempFile`, removed when dropped)
+/// and a handle on it.
+fn temp_file(name: &str) -> (TempFile, File) {
+    let prefix = std::env::temp_dir().join(format!("vmkit-kvm-dirty-{name}-"));
+    let tmp = TempFile::new_with_prefix(prefix).unwrap();
+    let file = tmp.as_file().try_clone().unwrap();
+    (tmp, file)
 }
 
 /// Every byte of `mem`, regions concatenated (as a memory file lays them out).
@@ -120,7 +105,7 @@ fn guest_and_device_writes_are_the_dirty_pages_and_are_taken_once() {
     assert_eq!(m.take_dirty_pages().unwrap().count(), 0, "cleared");
 
     // A full memory file of the state before the run.
-    let (base_path, base) = TempFile::new("base");
+    let (base_path, base) = temp_file("base");
     write_full(m.memory(), &base).unwrap();
     run_to_reset(&m, vcpus);
     // A device-style write through vm-memory.
@@ -143,11 +128,11 @@ fn guest_and_device_writes_are_the_dirty_pages_and_are_taken_once() {
     );
 
     // The base file plus a diff of exactly those pages is the RAM as it is now.
-    let (_diff_path, diff) = TempFile::new("diff");
+    let (_diff_path, diff) = temp_file("diff");
     let stats = write_dirty(m.memory(), &diff, &dirty).unwrap();
     assert_eq!(stats.pages_written, 4);
     let restored = vmkit_memory::create_guest_memory(&vmkit_memory::MemoryConfig {
-        file: Some(base_path.0.clone()),
+        file: Some(base_path.as_path().to_path_buf()),
         ..vmkit_memory::MemoryConfig::new(64 << 20)
     })
     .unwrap();
@@ -183,12 +168,12 @@ fn a_machine_on_a_memory_file_runs_its_guest_privately() {
         .memory()
         .write_obj(41u32, GuestAddress(0x20_0000))
         .unwrap();
-    let (path, file) = TempFile::new("machine");
+    let (path, file) = temp_file("machine");
     write_full(first.memory(), &file).unwrap();
     drop(first);
 
     let mut config = MachineConfig::new(64 << 20);
-    config.memory.file = Some(path.0.clone());
+    config.memory.file = Some(path.as_path().to_path_buf());
     let m = Machine::new(&config).unwrap();
     assert_eq!(
         m.memory().read_obj::<u32>(GuestAddress(0x20_0000)).unwrap(),

@@ -386,7 +386,7 @@ impl Pagemap {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
+    use vmm_sys_util::tempfile::TempFile;
 
     use vm_memory::Bytes;
 
@@ -394,28 +394,13 @@ mod tests {
     use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
     use crate::{create_guest_memory, Backing, MemoryConfig};
 
-    /// A file in the temporary directory, removed when dropped.
-    struct TempFile(PathBuf);
-
-    impl TempFile {
-        fn new(name: &str) -> (Self, File) {
-            let path = std::env::temp_dir()
-                .join(format!("vmkit-memory-test-{}-{name}", std::process::id()));
-            let file = File::options()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap();
-            (Self(path), file)
-        }
-    }
-
-    impl Drop for TempFile {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
+    /// A new file in the temporary directory (vmm-sys-util's `TempFile`, removed when
+    /// dropped) and a handle on it.
+    fn temp_file(name: &str) -> (TempFile, File) {
+        let prefix = std::env::temp_dir().join(format!("vmkit-memory-test-{name}-"));
+        let tmp = TempFile::new_with_prefix(prefix).unwrap();
+        let file = tmp.as_file().try_clone().unwrap();
+        (tmp, file)
     }
 
     /// Blocks the file really holds (holes hold none).
@@ -450,7 +435,7 @@ mod tests {
             .unwrap();
         // Touched but zero: read, and left a hole.
         mem.write_obj(0u8, GuestAddress(0x20_0000)).unwrap();
-        let (tmp, file) = TempFile::new("full");
+        let (tmp, file) = temp_file("full");
         let stats = write_full(&mem, &file).unwrap();
         assert_eq!(file.metadata().unwrap().len(), HIGH);
         assert_eq!(stats.pages_written, 4);
@@ -479,7 +464,7 @@ mod tests {
         );
         assert!(allocated_bytes(&file) < 1 << 20, "holes elsewhere");
 
-        let restored = create_guest_memory(&from_file(HIGH, &tmp.0)).unwrap();
+        let restored = create_guest_memory(&from_file(HIGH, tmp.as_path())).unwrap();
         assert_eq!(restored.num_regions(), 2);
         assert_eq!(
             restored.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
@@ -508,7 +493,7 @@ mod tests {
         file.read_exact_at(&mut word, 0x1000).unwrap();
         assert_eq!(u32::from_le_bytes(word), 0x1122_3344);
         // A second VM from the same file sees the file, not the first one's writes.
-        let second = create_guest_memory(&from_file(HIGH, &tmp.0)).unwrap();
+        let second = create_guest_memory(&from_file(HIGH, tmp.as_path())).unwrap();
         assert_eq!(
             second.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0x1122_3344
@@ -519,13 +504,13 @@ mod tests {
     fn a_full_snapshot_of_restored_memory_reads_every_page() {
         let mem = create_guest_memory(&anonymous(4 << 20)).unwrap();
         mem.write_obj(7u8, GuestAddress(0x3000)).unwrap();
-        let (tmp, file) = TempFile::new("refull-a");
+        let (tmp, file) = temp_file("refull-a");
         write_full(&mem, &file).unwrap();
-        let restored = create_guest_memory(&from_file(4 << 20, &tmp.0)).unwrap();
+        let restored = create_guest_memory(&from_file(4 << 20, tmp.as_path())).unwrap();
         restored.write_obj(9u8, GuestAddress(0x5000)).unwrap();
         // Pages from the file are not in the page table until touched: they must still be
         // written (not taken for untouched anonymous zeros).
-        let (_tmp2, file2) = TempFile::new("refull-b");
+        let (_tmp2, file2) = temp_file("refull-b");
         let stats = write_full(&restored, &file2).unwrap();
         assert_eq!(stats.pages_untouched, 0);
         assert_eq!(
@@ -548,7 +533,7 @@ mod tests {
         let mem = create_guest_memory(&anonymous(HIGH)).unwrap();
         mem.write_obj(1u64, GuestAddress(0x1000)).unwrap();
         mem.write_obj(2u64, GuestAddress(0x8000)).unwrap();
-        let (base_path, base) = TempFile::new("base");
+        let (base_path, base) = temp_file("base");
         write_full(&mem, &base).unwrap();
         // After the base: a change, a page zeroed, a page in the high region.
         mem.write_obj(3u64, GuestAddress(0x1000)).unwrap();
@@ -558,7 +543,7 @@ mod tests {
         dirty.mark(GuestAddress(0x1000), 8).unwrap();
         dirty.mark(GuestAddress(0x8000), 8).unwrap();
         dirty.mark(GuestAddress(MMIO_GAP_END), 8).unwrap();
-        let (_diff_path, diff) = TempFile::new("diff");
+        let (_diff_path, diff) = temp_file("diff");
         let stats = write_dirty(&mem, &diff, &dirty).unwrap();
         assert_eq!(stats.pages_written, 3);
         assert_eq!(
@@ -581,7 +566,7 @@ mod tests {
         assert_eq!(diff.metadata().unwrap().len(), HIGH);
         assert!(allocated_bytes(&diff) <= 64 << 10, "sparse");
 
-        let restored = create_guest_memory(&from_file(HIGH, &base_path.0)).unwrap();
+        let restored = create_guest_memory(&from_file(HIGH, base_path.as_path())).unwrap();
         assert_eq!(restored.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 1);
         overlay(&restored, &diff, &stats.ranges).unwrap();
         assert_eq!(restored.read_obj::<u64>(GuestAddress(0x1000)).unwrap(), 3);
@@ -597,7 +582,7 @@ mod tests {
     #[test]
     fn hostile_ranges_and_files_are_errors() {
         let mem = create_guest_memory(&anonymous(4 << 20)).unwrap();
-        let (tmp, file) = TempFile::new("hostile");
+        let (tmp, file) = temp_file("hostile");
         write_full(&mem, &file).unwrap();
         for (offset, len) in [
             (4 << 20, 1),
@@ -636,7 +621,7 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, Error::BadRange { .. }), "{e}");
         // A memory file of another size than the RAM.
-        let e = create_guest_memory(&from_file(4 << 20, &tmp.0)).unwrap_err();
+        let e = create_guest_memory(&from_file(4 << 20, tmp.as_path())).unwrap_err();
         assert!(
             matches!(e, Error::MemoryFileSize { actual: 0x1000, .. }),
             "{e}"
@@ -647,7 +632,7 @@ mod tests {
         assert!(matches!(e, Error::MemoryFile { .. }), "{e}");
         let huge = MemoryConfig {
             backing: Backing::HugePages,
-            ..from_file(4 << 20, &tmp.0)
+            ..from_file(4 << 20, tmp.as_path())
         };
         assert!(matches!(
             create_guest_memory(&huge),

@@ -238,33 +238,28 @@ pub fn through_api(base: &Args, host: &mut Host) -> Result<Option<Started>> {
                 host.respond(call, answer);
                 continue;
             }
-            match call.request {
+            let started = match call.request {
                 ApiRequest::GetInstanceInfo => {
                     let info = host.info(InstanceState::NotStarted);
                     host.respond(call, info);
+                    continue;
                 }
-                ApiRequest::LoadSnapshot(ref load) if resources.is_empty() => {
-                    match Restore::of_api(load)
-                        .and_then(|r| from_snapshot(base, &r).map_err(|e| e.to_string()))
-                    {
-                        Ok(started) => {
-                            host.respond(call, ApiResponse::no_content());
-                            return Ok(Some(started));
-                        }
-                        Err(e) => host.respond(call, ApiResponse::error(400, e)),
-                    }
-                }
-                ApiRequest::Action(ActionType::InstanceStart) => match start(base, &resources) {
-                    Ok(started) => {
-                        host.respond(call, ApiResponse::no_content());
-                        return Ok(Some(started));
-                    }
-                    Err(e) => host.respond(call, ApiResponse::error(400, e)),
-                },
+                ApiRequest::LoadSnapshot(ref load) if resources.is_empty() => Restore::of_api(load)
+                    .and_then(|r| from_snapshot(base, &r).map_err(|e| e.to_string())),
+                ApiRequest::Action(ActionType::InstanceStart) => start(base, &resources),
                 ref request => {
                     let answer = configure(&mut resources, request.clone());
                     host.respond(call, answer);
+                    continue;
                 }
+            };
+            // InstanceStart or a snapshot load: the VM is built, or the request refused.
+            match started {
+                Ok(started) => {
+                    host.respond(call, ApiResponse::no_content());
+                    return Ok(Some(started));
+                }
+                Err(e) => host.respond(call, ApiResponse::error(400, e)),
             }
         }
     }
